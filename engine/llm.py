@@ -1,0 +1,134 @@
+"""Offline inference, vLLM-shaped: `LLM(model).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, TokenLogprobs
+
+Prompt = str | dict
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        load_format: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        kv_cache_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_blocks=kv_cache_blocks,
+            kv_cache_memory=kv_cache_memory,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = count()
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(
+                f"{len(sampling_params)} sampling params given for {len(prompts)} prompts"
+            )
+        # Tokenize and validate everything before the first request enters the engine.
+        encoded = [self._encode(p) for p in prompts]
+        for ids, _ in encoded:
+            self.engine._validate_prompt(ids)
+        requests: list[tuple[RequestOutput, list[Sequence]]] = []
+        for (ids, text), params in zip(encoded, sampling_params):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, ids, params)
+            output = RequestOutput(request_id, text, ids)
+            requests.append((output, self.engine.sequences(request_id)))
+        self._run(sum(p.n for p in sampling_params), use_tqdm)
+        return [self._finish(output, seqs) for output, seqs in requests]
+
+    def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids, prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+
+    def _run(self, total: int, use_tqdm: bool) -> None:
+        with tqdm(total=total, desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                deltas = self.engine.step()
+                bar.update(sum(d.finish_reason is not None for d in deltas))
+
+    def _finish(self, output: RequestOutput, seqs: list[Sequence]) -> RequestOutput:
+        for seq in seqs:
+            output.outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=self.tokenizer.decode(
+                        seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+                    ),
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                )
+            )
+        output.num_cached_tokens = seqs[0].num_cached_tokens if seqs else 0
+        return output

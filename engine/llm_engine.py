@@ -1,0 +1,184 @@
+"""The step API: add requests, abort them, and step; each step returns what it produced."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine import loader
+from engine.block_manager import BlockManager
+from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceDelta
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        source = loader.resolve_source(config.model)
+        self.hf_config = loader.load_config(source)
+        self.tokenizer = loader.load_tokenizer(source, config.tokenizer)
+        self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+        self.max_model_len = self._resolve_max_model_len()
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
+        model = loader.build_model(
+            self.hf_config, source, config, self.device, self.dtype, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks(model)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, self.device, self.dtype, config.seed
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.resolve_max_num_batched_tokens(self.device),
+        )
+        self._requests: dict[str, list[Sequence]] = {}
+        logger.info(
+            "loaded %s (%s) on %s in %s: max_model_len %d, KV cache %d blocks of %d tokens",
+            config.model,
+            type(model).__name__,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            num_blocks,
+            config.block_size,
+        )
+
+    def _resolve_max_model_len(self) -> int:
+        limit = self.hf_config.max_position_embeddings
+        window = _sliding_window(self.hf_config)
+        if window is not None and window < limit:
+            # Within the window, sliding-window attention is plain causal attention.
+            logger.warning("sliding window of %d tokens: max_model_len capped to it", window)
+            limit = window
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len {wanted} exceeds what the model supports ({limit})")
+        return wanted
+
+    def _num_kv_blocks(self, model: torch.nn.Module) -> int:
+        size = self.config.block_size
+        per_seq = -(-self.max_model_len // size)
+        if self.config.kv_cache_blocks is not None:
+            num_blocks = self.config.kv_cache_blocks
+        else:
+            per_block = ModelRunner.kv_bytes_per_block(model, size, self.dtype)
+            num_blocks = self._kv_cache_memory() // per_block
+            num_blocks = min(num_blocks, per_seq * self.config.max_num_seqs)
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"a KV cache of {num_blocks} blocks of {size} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}: give more KV cache memory or a smaller "
+                "max_model_len"
+            )
+        return num_blocks
+
+    def _kv_cache_memory(self) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_KV_CACHE_MEMORY
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        # leave room for activations of the largest batch
+        return max(0, int(total * self.config.gpu_memory_utilization) - used - (1 << 30))
+
+    # -- the step API -----------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(
+                request_id=request_id,
+                index=index,
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=len(prompt_token_ids),
+                params=params,
+                max_tokens=max_tokens,
+                eos_token_ids=self.eos_token_ids,
+                generator=_child_generator(params.seed, index, self.device),
+                shares_prompt_with=seqs[0] if seqs and self.config.enable_prefix_caching else None,
+            )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = seqs
+
+    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room to generate "
+                f"within max_model_len={self.max_model_len}"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0-{self.vocab_size - 1})")
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[SequenceDelta]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        sampled = self.runner.run(batch)
+        self.scheduler.update(batch, sampled)
+        deltas = []
+        for i in sampled:
+            seq = batch.seqs[i]
+            deltas.append(
+                SequenceDelta(
+                    request_id=seq.request_id,
+                    index=seq.index,
+                    new_token_ids=seq.token_ids[-1:],
+                    new_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else [],
+                    finish_reason=seq.finish_reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_tokens,
+                )
+            )
+            if seq.is_finished and all(s.is_finished for s in self._requests[seq.request_id]):
+                del self._requests[seq.request_id]
+        return deltas
+
+    def sequences(self, request_id: str) -> list[Sequence]:
+        return self._requests.get(request_id, [])
+
+
+def _sliding_window(config) -> int | None:
+    if hasattr(config, "use_sliding_window") and not config.use_sliding_window:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _child_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    # Choice 0 draws as an n=1 request with the same seed would; the others get their own.
+    child_seed = seed if index == 0 else hash((seed, index)) % (1 << 63)
+    return torch.Generator(device=device).manual_seed(child_seed)

@@ -1,0 +1,153 @@
+"""Finding a model (hub id, folder or .gguf file) and loading its config, tokenizer and weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+from engine.config import EngineConfig
+from engine.gguf_weights import gguf_config, iter_gguf_weights
+from engine.models import model_class
+
+logger = logging.getLogger(__name__)
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass
+class ModelSource:
+    folder: Path
+    gguf_file: str | None = None  # file name inside `folder`
+
+    @property
+    def gguf_path(self) -> str:
+        return str(self.folder / self.gguf_file)
+
+
+def resolve_source(model: str) -> ModelSource:
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {model!r} is not a .gguf file")
+        return ModelSource(path.parent, path.name)
+    if path.is_dir():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource(path, ggufs[0])
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {model!r} has no config.json (nor a single .gguf file)")
+        return ModelSource(path)
+    return ModelSource(Path(_download(model)))
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # offline, unknown repo, gated repo, ...
+        raise ValueError(
+            f"model {repo_id!r} is neither a local path nor a downloadable hub id: {exc}"
+        ) from exc
+
+
+def load_config(source: ModelSource) -> PretrainedConfig:
+    if source.gguf_file:
+        return gguf_config(source.gguf_path)
+    return AutoConfig.from_pretrained(source.folder)
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    if source.gguf_file:
+        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    return AutoTokenizer.from_pretrained(source.folder)
+
+
+def eos_token_ids(source: ModelSource, config: PretrainedConfig, tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json, else the model config, else the tokenizer."""
+    candidates = []
+    if not source.gguf_file and (source.folder / "generation_config.json").exists():
+        candidates.append(GenerationConfig.from_pretrained(source.folder).eos_token_id)
+    candidates += [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    for ids in candidates:
+        if ids is not None:
+            return frozenset([ids] if isinstance(ids, int) else ids)
+    return frozenset()
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def build_model(
+    config: PretrainedConfig,
+    source: ModelSource,
+    engine_config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+) -> nn.Module:
+    cls = model_class(getattr(config, "architectures", None))
+    with torch.device("meta"):
+        model = cls(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    if engine_config.load_format == "dummy":
+        _fill_dummy(model, engine_config.seed)
+    else:
+        model.load_weights(_progress(_iter_weights(source, engine_config.load_format)))
+    model.init_rotary(device, max_model_len)
+    return model.eval()
+
+
+def _iter_weights(source: ModelSource, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.gguf_file or load_format == "gguf":
+        if not source.gguf_file:
+            raise ValueError(f"load_format='gguf' but {source.folder} holds no .gguf file")
+        yield from iter_gguf_weights(source.gguf_path)
+        return
+    files = _safetensors_files(source.folder)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors weights in {folder}")
+    return files
+
+
+def _progress(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    return tqdm(weights, desc="Loading weights", unit=" tensors", leave=False, mininterval=1.0)
+
+
+def _fill_dummy(model: nn.Module, seed: int) -> None:
+    """Random weights from the config alone: the values do not matter for speed."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.uniform_(-0.05, 0.05, generator=generator)

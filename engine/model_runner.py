@@ -1,0 +1,97 @@
+"""Turns a scheduled batch into one forward pass over a flat token batch, then samples."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.sampler import sample
+from engine.scheduler import ScheduledBatch
+from engine.sequence import TokenLogprobs
+from kernels import AttentionMetadata
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        attn = model.layers[0].self_attn
+        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        # Zeroed, not empty: masked-out cache slots must hold finite values (0 * NaN = NaN).
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in model.layers
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        attn = model.layers[0].self_attn
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * dtype.itemsize
+        return per_token * block_size * len(model.layers)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, TokenLogprobs | None]]:
+        """Compute the batch's new tokens; return the sampled token of each entry that
+        reached its last token, keyed by its index in the batch."""
+        input_ids, positions, meta, sample_rows, logit_positions = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[logit_positions]).float()
+        seqs = [batch.seqs[i] for i in sample_rows]
+        return dict(zip(sample_rows, sample(logits, seqs, self.generator)))
+
+    def _prepare(self, batch: ScheduledBatch):
+        size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        sample_rows: list[int] = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // size] * size + p % size for p in range(start, end)]
+            seq_lens.append(end)
+            query_start.append(query_start[-1] + num_new)
+            if batch.samples(i):
+                sample_rows.append(i)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        query_lens = list(batch.num_new_tokens)
+
+        def tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            query_start_loc=tensor(query_start),
+            seq_lens=tensor(seq_lens),
+            block_tables=tensor(tables),
+            slot_mapping=tensor(slots, torch.int64),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        logit_positions = tensor([query_start[i + 1] - 1 for i in sample_rows], torch.int64)
+        return (
+            tensor(input_ids, torch.int64),
+            tensor(positions, torch.int64),
+            meta,
+            sample_rows,
+            logit_positions,
+        )

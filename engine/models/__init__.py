@@ -1,0 +1,25 @@
+"""Model implementations, picked by the `architectures` field of a Hugging Face config."""
+
+from torch import nn
+
+from engine.models.llama import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+}
+
+
+def model_class(architectures: list[str] | None) -> type[nn.Module]:
+    for arch in architectures or []:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(
+        f"unsupported model architecture {architectures}; "
+        f"supported: {', '.join(sorted(MODEL_REGISTRY))}"
+    )

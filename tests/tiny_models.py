@@ -1,0 +1,95 @@
+"""Tiny random causal LMs with a locally trained tokenizer, built offline for the parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+EOS_ID = 2
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paged attention stores keys and values in fixed-size blocks of memory.",
+    "A scheduler hands out a token budget to running and waiting requests.",
+    "Continuous batching mixes prefill chunks with decode steps of other sequences.",
+    "Numbers like 12345 and 67890 appear in text, as do symbols: {}, [], (), <>.",
+    "Le renard brun saute par-dessus le chien paresseux. Der schnelle braune Fuchs.",
+] * 20
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    initializer_range=0.2,  # with the default 0.02 greedy output repeats one token
+    bos_token_id=1,
+    eos_token_id=EOS_ID,
+)
+
+_CONFIGS = {
+    # Llama 3.1's rope scaling, with a short original context so that it changes the result
+    "llama": lambda: transformers.LlamaConfig(
+        **_COMMON,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
+    # head_dim set apart from hidden_size / num_heads, as in the real Qwen3 models
+    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=64, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(
+        **_COMMON, tie_word_embeddings=False, sliding_window=4096
+    ),
+}
+
+_MODEL_CLASSES = {
+    "llama": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+    "mistral": transformers.MistralForCausalLM,
+}
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def build_tiny_model(arch: str, folder: Path, *, seed: int = 0, shard_size: str | None = None) -> Path:
+    """Write a random `arch` model with its tokenizer to `folder` (safetensors, fp32)."""
+    torch.manual_seed(seed)
+    config = _CONFIGS[arch]()
+    model = _MODEL_CLASSES[arch](config).eval()
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    GenerationConfig(bos_token_id=1, eos_token_id=EOS_ID).save_pretrained(folder)
+    train_tokenizer().save_pretrained(folder)
+    return folder

@@ -54,14 +54,18 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def resolve_dtype(self, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    def resolve_dtype(
+        self, device: torch.device, checkpoint_dtype: torch.dtype | None
+    ) -> torch.dtype:
         """`auto`: the checkpoint's half-precision dtype on a GPU, fp32 on CPU (the reference
         path, and the precision the parity tests demand)."""
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
         if self.dtype != "auto":
             if self.dtype not in DTYPES:
-                raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+                raise ValueError(
+                    f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
+                )
             return DTYPES[self.dtype]
         if device.type == "cpu":
             return torch.float32

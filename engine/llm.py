@@ -94,7 +94,7 @@ class LLM:
         # Tokenize and validate everything before the first request enters the engine.
         encoded = [self._encode(p) for p in prompts]
         for ids, _ in encoded:
-            self.engine._validate_prompt(ids)
+            self.engine.validate_prompt(ids)
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
         for (ids, text), params in zip(encoded, sampling_params):
             request_id = str(next(self._ids))

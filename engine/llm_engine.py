@@ -35,7 +35,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, self.device, self.dtype, config.seed
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -101,7 +103,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._validate_prompt(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = []
@@ -121,7 +123,7 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
 
-    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -131,7 +133,9 @@ class LLMEngine:
             )
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0-{self.vocab_size - 1})")
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (0-{self.vocab_size - 1})"
+            )
 
     def abort_request(self, request_id: str) -> None:
         for seq in self._requests.pop(request_id, []):
@@ -162,8 +166,9 @@ class LLMEngine:
                     num_cached_tokens=seq.num_cached_tokens,
                 )
             )
-            if seq.is_finished and all(s.is_finished for s in self._requests[seq.request_id]):
-                del self._requests[seq.request_id]
+        for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:
+            if all(s.is_finished for s in self._requests[request_id]):
+                del self._requests[request_id]
         return deltas
 
     def sequences(self, request_id: str) -> list[Sequence]:

@@ -30,7 +30,10 @@ class ModelRunner:
         shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
         # Zeroed, not empty: masked-out cache slots must hold finite values (0 * NaN = NaN).
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in model.layers
         ]
 

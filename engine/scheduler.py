@@ -81,10 +81,8 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            sibling = seq.shares_prompt_with
-            if sibling is not None and not sibling.is_finished:
-                if sibling.num_computed_tokens < sibling.num_prompt_tokens:
-                    break  # its prompt blocks will be cached after this step
+            if _prompt_pending(seq.shares_prompt_with):
+                break  # wait one step: the sibling's prompt blocks are cached after it
             if seq.num_computed_tokens == 0:
                 manager.take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -127,3 +125,11 @@ class Scheduler:
     def _reset(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+
+
+def _prompt_pending(sibling: Sequence | None) -> bool:
+    return (
+        sibling is not None
+        and not sibling.is_finished
+        and sibling.num_computed_tokens < sibling.num_prompt_tokens
+    )

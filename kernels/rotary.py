@@ -33,9 +33,8 @@ def rotary_cos_sin_cache(
     """fp32 tables of shape [max_positions, head_dim] for cos and sin."""
     rope_type = rope_parameters.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        supported = ", ".join(SUPPORTED_ROPE_TYPES)
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {supported}")
     inv_freq = _default_inv_freq(head_dim, rope_parameters.get("rope_theta", 10000.0))
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]

@@ -83,7 +83,9 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(arch: str, folder: Path, *, seed: int = 0, shard_size: str | None = None) -> Path:
+def build_tiny_model(
+    arch: str, folder: Path, *, seed: int = 0, shard_size: str | None = None
+) -> Path:
     """Write a random `arch` model with its tokenizer to `folder` (safetensors, fp32)."""
     torch.manual_seed(seed)
     config = _CONFIGS[arch]()

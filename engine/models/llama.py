@@ -173,7 +173,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             target, shard = _fused_target(name)
             if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
             param = params[target]
             with torch.no_grad():
                 if shard is None:

@@ -1,0 +1,181 @@
+"""Read a llama.cpp GGUF file as a Hugging Face style config and float32 weights.
+
+Supports the Llama family: llama (and Mistral, which llama.cpp stores as
+"llama"), qwen2 and qwen3.
+"""
+
+import functools
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf.quants import dequantize
+from transformers import AutoConfig, PretrainedConfig
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# Architectures whose converter interleaves q/k rows (HF rotate-half -> GGML
+# adjacent-pair rotary); qwen2/qwen3 are written unpermuted.
+_PERMUTED_QK = {"llama"}
+
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_config(path: str) -> PretrainedConfig:
+    """Build the transformers config of the model stored in a GGUF file."""
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    model_type = _model_type(reader, arch)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    hidden_size = meta("embedding_length")
+    num_heads = meta("attention.head_count")
+    config = AutoConfig.for_model(
+        model_type,
+        architectures=[_ARCHITECTURES[model_type]],
+        hidden_size=hidden_size,
+        intermediate_size=meta("feed_forward_length"),
+        num_hidden_layers=meta("block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=meta("attention.head_count_kv", num_heads),
+        head_dim=meta("attention.key_length", hidden_size // num_heads),
+        rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
+        max_position_embeddings=meta("context_length"),
+        # The embedding matrix is authoritative; metadata vocab_size is optional.
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+        rope_parameters=_rope_parameters(reader, arch, tensors),
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    if model_type == "mistral":
+        # llama.cpp runs "llama" files with full attention, so do the same.
+        config.sliding_window = None
+    config.dtype = torch.float32
+    return config
+
+
+def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (transformers parameter name, float32 tensor) for every tensor."""
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    num_heads = _field(reader, f"{arch}.attention.head_count")
+    num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        weight = _dequantize(tensor)
+        if arch in _PERMUTED_QK and ".q_proj." in name:
+            weight = _unpermute_rows(weight, num_heads)
+        elif arch in _PERMUTED_QK and ".k_proj." in name:
+            weight = _unpermute_rows(weight, num_kv_heads)
+        yield name, torch.from_numpy(weight)
+
+
+def _open(path: str) -> gguf.GGUFReader:
+    stat = os.stat(path)
+    return _open_cached(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_cached(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    # Parsing the metadata (tokenizer vocab) takes seconds, and gguf_config and
+    # iter_gguf_weights are normally called back to back on the same file.
+    # mtime_ns and size are only cache keys, so a rewritten file is reread.
+    return gguf.GGUFReader(path)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _model_type(reader: gguf.GGUFReader, arch: str) -> str:
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+    name = str(_field(reader, "general.name", "")).lower()
+    return "mistral" if arch == "llama" and "mistral" in name else arch
+
+
+def _rope_parameters(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1+ stores its rope scaling only as precomputed frequency
+        # factors, from which the HF rope_parameters cannot be recovered.
+        raise NotImplementedError("GGUF rope_freqs (llama3 rope scaling)")
+    params: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling == "none":
+        return params
+    if scaling not in ("linear", "yarn"):
+        raise NotImplementedError(f"GGUF rope scaling {scaling!r}")
+    params["rope_type"] = scaling
+    params["factor"] = float(_field(reader, f"{arch}.rope.scaling.factor"))
+    if scaling == "yarn":
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        params["original_max_position_embeddings"] = int(original)
+    return params
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _TOP_LEVEL_NAMES:
+        return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is None or match[2] not in _LAYER_NAMES:
+        raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+    layer, part, suffix = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+
+
+def _dequantize(tensor: gguf.gguf_reader.ReaderTensor) -> np.ndarray:
+    # GGUF lists dimensions innermost first, numpy outermost first.
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    # Unquantized tensors come back as read-only views of the memory map.
+    if weight.dtype != np.float32 or not weight.flags.writeable:
+        weight = weight.astype(np.float32)
+    return weight
+
+
+def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Invert llama.cpp's per-head row interleaving of q/k projections."""
+    head_dim = weight.shape[0] // num_heads
+    rest = weight.shape[1:]
+    split = weight.reshape(num_heads, head_dim // 2, 2, *rest)
+    return split.swapaxes(1, 2).reshape(weight.shape)

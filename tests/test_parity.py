@@ -1,0 +1,123 @@
+"""Greedy output and logprobs of LLM.generate equal transformers' on the same weights (fp32)."""
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+
+NEW_TOKENS = 64
+# different lengths, several longer than a few 16-token blocks
+PROMPT_LENGTHS = (3, 16, 37, 100, 150)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+def arch_case(request, tiny_models):
+    """(folder, transformers model, its greedy continuations of `prompts()`)."""
+    folder = tiny_models[request.param]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = []
+    for p in prompts():
+        out = hf.generate(
+            torch.tensor([p]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+        expected.append(out[0, len(p) :].tolist())
+    return folder, hf, expected
+
+
+def generate(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_matches_transformers(arch_case):
+    folder, _, expected = arch_case
+    llm = LLM(str(folder), dtype="float32")
+    assert generate(llm) == expected
+
+
+def test_chunked_prefill_matches(arch_case):
+    folder, _, expected = arch_case
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=24)
+    assert generate(llm) == expected
+
+
+def test_prefix_cache_hits_match(arch_case):
+    folder, _, expected = arch_case
+    llm = LLM(str(folder), dtype="float32")
+    assert generate(llm) == expected
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    # every full block but the one holding the last prompt token came from the cache
+    for o in outs:
+        assert o.num_cached_tokens == (len(o.prompt_token_ids) - 1) // 16 * 16
+    assert sum(o.num_cached_tokens for o in outs) > 0
+
+
+def test_preemption_matches(arch_case):
+    folder, _, expected = arch_case
+    # 16 blocks of 16 tokens: one sequence of 150 + 64 tokens fits, the batch does not.
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, kv_cache_blocks=16)
+    assert generate(llm) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == 16
+
+
+def test_logprobs_match_transformers(arch_case):
+    folder, hf, expected = arch_case
+    llm = LLM(str(folder), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
+    for prompt, out, want in zip(prompts(), outs, expected):
+        completion = out.outputs[0]
+        assert completion.token_ids == want
+        ids = torch.tensor([prompt + want])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, len(prompt) - 1 : -1]
+        ref = logits.float().log_softmax(-1)
+        for step, (token, entry) in enumerate(zip(want, completion.logprobs)):
+            row = ref[step]
+            assert token in entry
+            assert len(entry) in (5, 6)  # the top 5, plus the chosen token if not among them
+            top5_floor = row.topk(5).values[-1].item()
+            for tid, lp in entry.items():
+                want_lp = row[tid].item()
+                assert lp.logprob == pytest.approx(want_lp, abs=1e-4)
+                # the rank agrees with transformers' ordering, up to near-ties
+                assert (row > want_lp + 1e-4).sum().item() + 1 <= lp.rank
+                assert lp.rank <= (row >= want_lp - 1e-4).sum().item()
+                if tid != token:
+                    assert want_lp >= top5_floor - 1e-4
+
+
+def test_repetition_penalty_matches_transformers(arch_case):
+    folder, hf, _ = arch_case
+    llm = LLM(str(folder), dtype="float32")
+    prompt = prompts()[2]
+    got = (
+        llm.generate(
+            {"prompt_token_ids": prompt},
+            SamplingParams(temperature=0, max_tokens=32, min_tokens=32, repetition_penalty=1.3),
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+    want = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=32,
+        min_new_tokens=32,
+        do_sample=False,
+        repetition_penalty=1.3,
+    )[0, len(prompt) :].tolist()
+    assert got == want

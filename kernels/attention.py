@@ -30,6 +30,7 @@ class AttentionMetadata:
     # Host copies the torch path loops over (no device sync needed to read them).
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    decode_plan: DecodePlan | None = None  # the torch path's gather plan, built on first use
 
 
 def write_kv_cache(
@@ -58,34 +59,63 @@ def paged_attention(
     gathered and attended in one batched call; longer queries (prefill chunks) one by one,
     since padding them together would waste most of the work.
     """
+    if meta.max_query_len == 1:
+        return _decode_attention(q, k_cache, v_cache, _decode_plan(meta, k_cache.shape[1]), scale)
     out = torch.empty_like(q)
-    decode_rows: list[int] = []
-    starts = meta.query_start_loc.tolist() if meta.max_query_len > 1 else None
+    starts = meta.query_start_loc.tolist()
     for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-        if q_len == 1:
-            decode_rows.append(s)
-            continue
-        start = starts[s]
-        out[start : start + q_len] = _extend_attention(
-            q[start : start + q_len], k_cache, v_cache, meta.block_tables[s], seq_len, scale
-        )
-    if decode_rows:
-        if len(decode_rows) == len(meta.seq_lens_host):
-            rows = slice(None)
-            token_rows = slice(None)
-        else:
-            rows = torch.tensor(decode_rows, device=q.device)
-            token_rows = meta.query_start_loc[rows]
-        out[token_rows] = _decode_attention(
-            q[token_rows], k_cache, v_cache, meta.block_tables[rows], meta.seq_lens[rows], scale
-        )
+        if q_len > 1:
+            rows = slice(starts[s], starts[s] + q_len)
+            out[rows] = _extend_attention(
+                q[rows], k_cache, v_cache, meta.block_tables[s], seq_len, scale
+            )
+    plan = _decode_plan(meta, k_cache.shape[1])
+    if plan is not None:
+        out[plan.token_rows] = _decode_attention(q[plan.token_rows], k_cache, v_cache, plan, scale)
     return out
 
 
+@dataclass(slots=True)
+class DecodePlan:
+    """Where the single-query sequences of a step read their context: the same for every
+    layer, so it is built once per step and kept on the metadata."""
+
+    token_rows: torch.Tensor | slice  # rows of q that are single-token queries
+    slots: torch.Tensor  # [b * L] flat cache slots of each sequence's first L positions
+    mask: torch.Tensor | None  # [b, 1, 1, L], None when no position is padding
+    batch: int
+    length: int
+
+
+def _decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
+    if meta.decode_plan is not None:
+        return meta.decode_plan
+    seqs = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+    if not seqs:
+        return None
+    device = meta.seq_lens.device
+    if len(seqs) == len(meta.query_lens_host):
+        token_rows, tables, seq_lens = slice(None), meta.block_tables, meta.seq_lens
+        lens_host = meta.seq_lens_host
+    else:
+        index = torch.tensor(seqs, device=device)
+        token_rows = meta.query_start_loc[index]
+        tables, seq_lens = meta.block_tables[index], meta.seq_lens[index]
+        lens_host = [meta.seq_lens_host[i] for i in seqs]
+    length = max(lens_host)
+    positions = torch.arange(length, device=device)
+    blocks = tables.long().gather(1, (positions // block_size).expand(len(seqs), -1))
+    slots = (blocks * block_size + positions % block_size).flatten()
+    mask = None
+    if min(lens_host) != length:
+        mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+    meta.decode_plan = DecodePlan(token_rows, slots, mask, len(seqs), length)
+    return meta.decode_plan
+
+
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Contiguous [..., num_blocks * block_size, Hkv, D] view of a sequence's cached tokens."""
-    blocks = cache[block_table[..., :num_blocks]]
-    return blocks.flatten(-4, -3)
+    """Contiguous [num_blocks * block_size, Hkv, D] copy of a sequence's cached tokens."""
+    return cache[block_table[:num_blocks]].flatten(0, 1)
 
 
 def _extend_attention(
@@ -117,21 +147,19 @@ def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    plan: DecodePlan,
     scale: float,
 ) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    num_blocks = -(-max_len // block_size)
-    k = _gather(k_cache, block_tables, num_blocks).transpose(1, 2)  # [B, Hkv, L, D]
-    v = _gather(v_cache, block_tables, num_blocks).transpose(1, 2)
+    num_kv_heads = k_cache.shape[2]
+    shape = (batch, plan.length, num_kv_heads, head_dim)
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, plan.slots).view(shape)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, plan.slots).view(shape)
     # GQA packing: the query heads sharing a KV head become that head's query rows, so each
     # KV head is read once and no repeat of K/V is needed.
     group = num_heads // num_kv_heads
     q4 = q.view(batch, num_kv_heads, group, head_dim)
-    positions = torch.arange(k.shape[2], device=q.device)
-    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(
+        q4, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.mask, scale=scale
+    )
     return o.reshape(batch, num_heads, head_dim)

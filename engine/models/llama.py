@@ -63,20 +63,20 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)[0]
-            k = self.k_norm(k)[0]
-        q, k = apply_rotary(q, k, positions, *rotary)
+        qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is None:
+            # q and k heads are adjacent in the fused output: rotate them in one go
+            qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *rotary)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = apply_rotary(self.q_norm(q)[0], *rotary)
+            k = apply_rotary(self.k_norm(k)[0], *rotary)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
@@ -106,13 +106,12 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        positions: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        h = self.self_attn(h, rotary, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -154,9 +153,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] of a flat batch of T tokens (before the final norm)."""
         x = self.embed_tokens(input_ids)
         residual = None
-        rotary = (self.rotary_cos, self.rotary_sin)
+        rotary = (self.rotary_cos[positions].to(x.dtype), self.rotary_sin[positions].to(x.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, rotary, kv_cache, meta)
+            x, residual = layer(x, residual, rotary, kv_cache, meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

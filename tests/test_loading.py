@@ -1,0 +1,43 @@
+"""Weight formats: sharded safetensors, dummy weights; a hub id that cannot be had."""
+
+import torch
+
+from engine import LLM, SamplingParams
+from tests.tiny_models import build_tiny_model
+
+PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40)]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def test_sharded_safetensors_equal_single_file(tiny_models, tmp_path):
+    sharded = build_tiny_model("qwen2", tmp_path / "sharded", shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    single = LLM(str(tiny_models["qwen2"]), dtype="float32").generate(PROMPTS, GREEDY)
+    split = LLM(str(sharded), dtype="float32").generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in split] == [o.outputs[0].token_ids for o in single]
+
+
+def test_dummy_weights_from_the_config_alone(tiny_models, tmp_path):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_models["mistral"] / name).read_bytes())
+    llm = LLM(str(folder), dtype="float32", load_format="dummy")
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    weight = llm.engine.runner.model.layers[0].mlp.down_proj.weight
+    assert torch.isfinite(weight).all() and weight.abs().max() > 0
+
+
+def test_bfloat16_runs_close_to_float32(tiny_models):
+    llm32 = LLM(str(tiny_models["llama"]), dtype="float32")
+    llm16 = LLM(str(tiny_models["llama"]), dtype="bfloat16")
+    assert llm16.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    lp32 = llm32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=0))
+    lp16 = llm16.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
+    for a, b in zip(lp32, lp16):
+        ((token, entry32),) = a.outputs[0].logprobs[0].items()
+        entry16 = b.outputs[0].logprobs[0]
+        assert token in entry16
+        assert abs(entry16[token].logprob - entry32.logprob) < 0.1

@@ -62,13 +62,14 @@ def paged_attention(
     if meta.max_query_len == 1:
         return _decode_attention(q, k_cache, v_cache, _decode_plan(meta, k_cache.shape[1]), scale)
     out = torch.empty_like(q)
-    starts = meta.query_start_loc.tolist()
+    start = 0
     for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
         if q_len > 1:
-            rows = slice(starts[s], starts[s] + q_len)
+            rows = slice(start, start + q_len)
             out[rows] = _extend_attention(
                 q[rows], k_cache, v_cache, meta.block_tables[s], seq_len, scale
             )
+        start += q_len
     plan = _decode_plan(meta, k_cache.shape[1])
     if plan is not None:
         out[plan.token_rows] = _decode_attention(q[plan.token_rows], k_cache, v_cache, plan, scale)

@@ -1,5 +1,6 @@
 """Weight formats: sharded safetensors, dummy weights; a hub id that cannot be had."""
 
+import pytest
 import torch
 
 from engine import LLM, SamplingParams
@@ -41,3 +42,17 @@ def test_bfloat16_runs_close_to_float32(tiny_models):
         entry16 = b.outputs[0].logprobs[0]
         assert token in entry16
         assert abs(entry16[token].logprob - entry32.logprob) < 0.1
+
+
+def test_incomplete_checkpoint_is_refused(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "incomplete"
+    folder.mkdir()
+    for path in tiny_models["llama"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights for: layers\.1\.self_attn\.qkv_proj"):
+        LLM(str(folder), dtype="float32")

@@ -165,7 +165,8 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        expected = {(name, shard) for name in params for shard in self._shards_of(name)}
+        loaded: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
@@ -175,19 +176,29 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(
                     f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
                 )
-            param = params[target]
+            destination = params[target]
+            if shard is not None:
+                sizes = self._shard_sizes(target)
+                offset = sum(sizes[:shard])
+                destination = destination[offset : offset + sizes[shard]]
+            if destination.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(destination.shape)}"
+                )
             with torch.no_grad():
-                if shard is None:
-                    param.copy_(tensor)
-                else:
-                    module = self.get_submodule(target.rsplit(".", 1)[0])
-                    sizes = module.shard_sizes
-                    offset = sum(sizes[:shard])
-                    param[offset : offset + sizes[shard]].copy_(tensor)
-            loaded.add(f"{target}#{shard}")
-        missing = [n for n in params if not any(k.startswith(f"{n}#") for k in loaded)]
+                destination.copy_(tensor)
+            loaded.add((target, shard))
+        missing = sorted(f"{name}[{shard}]" for name, shard in expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+
+    def _shard_sizes(self, param_name: str) -> tuple[int, ...] | None:
+        return getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_sizes", None)
+
+    def _shards_of(self, param_name: str) -> list[int | None]:
+        sizes = self._shard_sizes(param_name)
+        return [None] if sizes is None else list(range(len(sizes)))
 
 
 def _fused_target(name: str) -> tuple[str, int | None]:

@@ -70,8 +70,9 @@ class BlockManager:
         """Give a new sequence the cached blocks of its longest known prefix.
 
         At least one token is always left to compute: its logits are what we sample from.
+        A sequence that wants prompt logprobs computes its whole prompt.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return
         self._hash_full_blocks(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size

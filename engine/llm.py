@@ -32,6 +32,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -130,5 +131,7 @@ class LLM:
                     logprobs=seq.logprobs if seq.params.logprobs is not None else None,
                 )
             )
-        output.num_cached_tokens = seqs[0].num_cached_tokens if seqs else 0
+        output.num_cached_tokens = seqs[0].num_cached_tokens
+        if seqs[0].params.prompt_logprobs is not None:
+            output.prompt_logprobs = seqs[0].prompt_logprobs
         return output

@@ -164,6 +164,9 @@ class LLMEngine:
                     finish_reason=seq.finish_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_cached_tokens=seq.num_cached_tokens,
+                    prompt_logprobs=seq.prompt_logprobs
+                    if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1
+                    else None,
                 )
             )
         for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.sampler import sample
+from engine.sampler import sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import TokenLogprobs
 from kernels import AttentionMetadata
@@ -46,14 +46,35 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, TokenLogprobs | None]]:
         """Compute the batch's new tokens; return the sampled token of each entry that
-        reached its last token, keyed by its index in the batch."""
+        reached its last token, keyed by its index in the batch. Prompt logprobs, where
+        asked for, are appended to their sequences."""
         input_ids, positions, meta, sample_rows, logit_positions = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[logit_positions]).float()
         seqs = [batch.seqs[i] for i in sample_rows]
         return dict(zip(sample_rows, sample(logits, seqs, self.generator)))
+
+    def _record_prompt_logprobs(
+        self, batch: ScheduledBatch, hidden: torch.Tensor, query_lens: list[int]
+    ) -> None:
+        start = 0
+        for seq, num_new in zip(batch.seqs, query_lens):
+            k = seq.params.prompt_logprobs
+            first = seq.num_computed_tokens
+            # positions whose next token is still a prompt token
+            count = min(first + num_new, seq.num_prompt_tokens - 1) - first
+            if k is not None and count > 0:
+                logits = self.model.compute_logits(hidden[start : start + count])
+                targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count])
+                if first == 0:
+                    seq.prompt_logprobs.append(None)
+                seq.prompt_logprobs += token_logprobs(logits, targets.to(self.device), [k] * count)
+            elif k is not None and first == 0:
+                seq.prompt_logprobs.append(None)
+            start += num_new
 
     def _prepare(self, batch: ScheduledBatch):
         size = self.block_size

@@ -35,9 +35,30 @@ def sample(
     logprob_list: list[TokenLogprobs | None] = [None] * len(seqs)
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:
-        for i, entry in zip(wanted, _logprobs(raw[wanted], token_ids[wanted], seqs, wanted)):
+        ks = [params[i].logprobs for i in wanted]
+        for i, entry in zip(wanted, token_logprobs(raw[wanted], token_ids[wanted], ks)):
             logprob_list[i] = entry
     return list(zip(token_list, logprob_list))
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, ks: list[int]
+) -> list[TokenLogprobs]:
+    """Per row of `logits`: the logprob and rank of `chosen`, plus the top `ks[row]` tokens."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    ranks = ((logprobs > chosen_lp.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    max_k = max(ks)
+    top_lp, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+    top_lp_rows = top_lp.tolist() if max_k else None
+    top_id_rows = top_ids.tolist() if max_k else None
+    entries: list[TokenLogprobs] = []
+    for row, (token, lp, k) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), ks)):
+        entry = {token: Logprob(lp, ranks[row])}
+        for rank in range(k):
+            entry.setdefault(top_id_rows[row][rank], Logprob(top_lp_rows[row][rank], rank + 1))
+        entries.append(entry)
+    return entries
 
 
 def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -123,22 +144,3 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
             noise[row].exponential_(generator=seq.generator)
     drawn = (probs / noise).argmax(dim=-1)
     return torch.where(greedy_rows, logits.argmax(dim=-1), drawn)
-
-
-def _logprobs(
-    raw: torch.Tensor, chosen: torch.Tensor, seqs: list[Sequence], rows: list[int]
-) -> list[TokenLogprobs]:
-    logprobs = raw.float().log_softmax(dim=-1)
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
-    ranks = ((logprobs > chosen_lp).sum(dim=-1) + 1).tolist()
-    max_k = max(seqs[r].params.logprobs for r in rows)
-    top_lp, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    entries: list[TokenLogprobs] = []
-    for j, r in enumerate(rows):
-        token = int(chosen[j])
-        entry = {token: Logprob(float(chosen_lp[j]), ranks[j])}
-        for rank in range(seqs[r].params.logprobs):
-            token_id = int(top_ids[j, rank])
-            entry.setdefault(token_id, Logprob(float(top_lp[j, rank]), rank + 1))
-        entries.append(entry)
-    return entries

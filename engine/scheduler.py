@@ -125,6 +125,7 @@ class Scheduler:
     def _reset(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.prompt_logprobs.clear()  # recomputed with the prompt
 
 
 def _prompt_pending(sibling: Sequence | None) -> bool:

@@ -52,6 +52,8 @@ class Sequence:
     num_hashed_blocks: int = 0  # of block_table, registered in the prefix cache
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # One entry per prompt token once computed (the first is None: nothing precedes it).
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +96,7 @@ class SequenceDelta:
     index: int
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]
+    prompt_logprobs: list[TokenLogprobs | None] | None  # on a sequence's first delta, if asked
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int

@@ -121,3 +121,19 @@ def test_repetition_penalty_matches_transformers(arch_case):
         repetition_penalty=1.3,
     )[0, len(prompt) :].tolist()
     assert got == want
+
+
+@pytest.mark.parametrize("chunk", [None, 24])
+def test_prompt_logprobs_match_transformers(arch_case, chunk):
+    folder, hf, _ = arch_case
+    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=chunk, max_model_len=512)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
+    for prompt, out in zip(prompts(), outs):
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        for pos, entry in enumerate(out.prompt_logprobs[1:]):
+            token = prompt[pos + 1]
+            assert entry[token].logprob == pytest.approx(ref[pos, token].item(), abs=1e-4)
+            assert 3 <= len(entry) <= 4

@@ -1,0 +1,175 @@
+"""The Starlette application: routes, bearer auth, body limits and the OpenAI error shape."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.chat import chat_completion
+from server.completions import completion
+from server.engine_client import EngineDeadError
+from server.errors import APIError, invalid
+from server.generation import ServedModel
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
+class BearerAuth:
+    """RFC 6750 bearer keys on /v1/*; /health and /metrics stay open."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])
+            if not self._authorized(headers.get(b"authorization", b"")):
+                error = APIError(
+                    401,
+                    "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="pagoda"'},
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # every key is compared, in constant time, so timing tells nothing about them
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return any(matches)
+
+
+def build_app(
+    models: dict[str, ServedModel],
+    metrics: Metrics,
+    *,
+    api_keys: list[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_shutdown=None,
+) -> Starlette:
+    async def read_body(request: Request) -> bytes:
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise invalid(f"Content-Type must be application/json, got {content_type!r}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large(max_body_bytes)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > max_body_bytes:
+                raise _too_large(max_body_bytes)
+        return bytes(body)
+
+    def served(model_id: str) -> ServedModel:
+        model = models.get(model_id)
+        if model is None:
+            raise APIError(
+                404,
+                f"The model '{model_id}' does not exist or is not served here.",
+                param="model",
+                code="model_not_found",
+            )
+        if not model.client.healthy:
+            raise APIError(503, f"The engine serving '{model_id}' is not running.")
+        return model
+
+    async def chat(request: Request) -> Response:
+        req = parse_body(ChatCompletionRequest, await read_body(request))
+        return await chat_completion(served(req.model), req, metrics)
+
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await read_body(request))
+        return await completion(served(req.model), req, metrics)
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(m) for m in models.values()]})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id not in models:
+            raise APIError(
+                404,
+                f"The model '{model_id}' does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(_model_card(models[model_id]))
+
+    async def health(request: Request) -> Response:
+        sick = [m.id for m in models.values() if not m.client.healthy]
+        if sick:
+            return JSONResponse({"status": "unhealthy", "engines_down": sick}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={
+            APIError: lambda request, exc: exc.response(),
+            HTTPException: _http_error,
+            EngineDeadError: lambda request, exc: APIError(503, str(exc)).response(),
+            ValueError: lambda request, exc: invalid(str(exc)).response(),
+            Exception: _server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth, keys=list(api_keys))
+    return app
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than the limit of {limit} bytes.")
+
+
+def _model_card(model: ServedModel) -> dict:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": model.owned_by,
+        "max_model_len": model.max_model_len,
+    }
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = {404: f"Unknown route {request.url.path}", 405: "Method not allowed"}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return APIError(exc.status_code, message).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s", request.url.path)
+    return APIError(500, "The server had an error while processing your request.").response()

@@ -1,0 +1,377 @@
+"""The model catalog (models.yaml): which models `pagoda serve` serves, and how.
+
+Every error names the file, the line, the entry and the field, so that a typo in the catalog
+fails at startup with a message the user can act on, e.g.
+`models.yaml:17: entry 2 (id 'foo'): engine.block_size: must be a power of two`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "models.yaml"
+PACKAGE_SCHEME = "package://"
+
+# The names engine.config.DTYPES accepts, repeated here because the server must not import
+# torch just to read its catalog; tests/test_catalog.py checks that the two agree.
+DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_PACKAGE_SOURCE = re.compile(r"package://([A-Za-z_]\w*)/(.+)")
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be read, or an entry that is invalid or cannot be resolved."""
+
+
+def parse_bytes(value: Any) -> Any:
+    """`"2GiB"` -> 2147483648; `"1GB"` -> 10**9; integers pass through unchanged."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.fullmatch(value)
+    unit = match and _BYTE_UNITS.get(match.group(2).lower())
+    if not unit:
+        raise ValueError(
+            f"expected a number of bytes or a size such as '2GiB', '512MiB' or '1GB', got {value!r}"
+        )
+    return int(float(match.group(1)) * unit)
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1)]
+
+
+class _Strict(BaseModel):
+    # strict: YAML already types its scalars; "2048" or `true` where a number belongs is a
+    # mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class EngineSettings(_Strict):
+    """The engine.EngineConfig fields a catalog entry may set; unset ones keep their defaults."""
+
+    dtype: Literal[DTYPE_NAMES] = "auto"  # type: ignore[valid-type]
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    kv_cache_memory: Bytes | None = None
+    kv_cache_blocks: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    block_size: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None
+    seed: int | None = Field(None, ge=0)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError("must be a power of two")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kv_cache_size(self) -> EngineSettings:
+        # The engine would silently let kv_cache_blocks win.
+        if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
+            raise ValueError("give kv_cache_blocks or kv_cache_memory, not both")
+        return self
+
+
+class Capabilities(_Strict):
+    tools: bool = False
+    json_: bool = Field(False, alias="json")  # `json` would shadow BaseModel.json
+    vision: bool = False
+
+
+class Pricing(_Strict):
+    """USD per million tokens."""
+
+    input_per_1m: float = Field(ge=0)
+    output_per_1m: float = Field(ge=0)
+
+
+class CatalogEntry(_Strict):
+    id: str = Field(pattern=r"^\S+$")
+    kind: Literal["chat", "embedding", "image"]
+    source: str = Field(min_length=1)
+    enabled: bool = True
+    engine: EngineSettings | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    capabilities: Capabilities = Capabilities()
+    pricing: Pricing | None = None
+    description: str | None = None
+    owned_by: str = "pagoda"
+
+    # Where the entry came from: "file:line: entry N (id 'x')", and the file's folder.
+    _where: str = PrivateAttr("")
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("source")
+    @classmethod
+    def _package_source_form(cls, value: str) -> str:
+        if value.startswith(PACKAGE_SCHEME):
+            _split_package_source(value)
+        return value
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities_for_chat(cls, value: Capabilities, info: ValidationInfo) -> Capabilities:
+        if info.data.get("kind", "chat") != "chat" and value != Capabilities():
+            raise ValueError("only chat models have capabilities")
+        return value
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for engine.EngineConfig besides `model`: only those given."""
+        if self.engine is None:
+            kwargs: dict[str, Any] = {}
+        else:
+            kwargs = self.engine.model_dump(exclude_unset=True, exclude_none=True)
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        return kwargs
+
+
+def _split_package_source(source: str) -> tuple[str, str]:
+    match = _PACKAGE_SOURCE.fullmatch(source)
+    parts = match.group(2).split("/") if match else []
+    if not match or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"expected package://<python_package>/<relative/path> inside the package, "
+            f"got {source!r}"
+        )
+    return match.group(1), match.group(2)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate keys, which PyYAML would silently overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def load_catalog(path: str | Path) -> list[CatalogEntry]:
+    """All entries of the catalog at `path`, validated (disabled ones included)."""
+    path = Path(path)
+    data, root = _read_yaml(path)
+    items, item_nodes = _models_list(path, data, root)
+    entries: list[CatalogEntry] = []
+    errors: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, (item, node) in enumerate(zip(items, item_nodes)):
+        entry, entry_errors = _validate_entry(path, index, item, node)
+        errors += entry_errors
+        if entry is None:
+            continue
+        if entry.id in first_index:
+            errors.append(f"{entry._where}: id: duplicate of entry {first_index[entry.id] + 1}")
+        first_index.setdefault(entry.id, index)
+        entries.append(entry)
+    if errors:
+        raise CatalogError("\n".join(errors))
+    return entries
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: no such catalog file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read the catalog: {exc}") from None
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise CatalogError(f"{path}: empty catalog: expected a 'models' list")
+        return loader.construct_document(root), root
+    except yaml.MarkedYAMLError as exc:
+        raise CatalogError(_describe_yaml_error(path, exc)) from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _describe_yaml_error(path: Path, exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    text = f"{path}:{mark.line + 1}" if mark else str(path)
+    text += f": invalid YAML: {exc.problem or exc}"
+    if exc.context and exc.context_mark and exc.context_mark is not mark:
+        text += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return text
+
+
+def _models_list(path: Path, data: Any, root: yaml.Node) -> tuple[list, list[yaml.Node]]:
+    """The `models` list and the YAML node of each of its items (for line numbers)."""
+    if not isinstance(data, dict) or "models" not in data:
+        keys = f" (found {', '.join(map(repr, data))})" if isinstance(data, dict) and data else ""
+        raise CatalogError(f"{path}: expected a top-level mapping with a 'models' list{keys}")
+    unknown = sorted(set(data) - {"models"}, key=str)
+    if unknown:
+        raise CatalogError(f"{path}: unknown top-level key {unknown[0]!r} (only 'models')")
+    if not isinstance(data["models"], list):
+        got = type(data["models"]).__name__
+        raise CatalogError(f"{path}: models: expected a list of entries, got {got}")
+    _, models_node = _find_key(root, "models")
+    assert isinstance(models_node, yaml.SequenceNode)  # a list in `data`, so a sequence here
+    return data["models"], models_node.value
+
+
+def _validate_entry(
+    path: Path, index: int, item: Any, node: yaml.Node
+) -> tuple[CatalogEntry | None, list[str]]:
+    entry_id = item.get("id") if isinstance(item, dict) else None
+    label = f"entry {index + 1}" + (f" (id {entry_id!r})" if isinstance(entry_id, str) else "")
+    if not isinstance(item, dict):
+        return None, [f"{path}:{_line_of(node, ())}: {label}: expected a mapping"]
+    try:
+        entry = CatalogEntry.model_validate(item)
+    except ValidationError as exc:
+        errors = [_describe_error(err) for err in exc.errors(include_url=False)]
+        errors.sort(key=lambda error: _line_of(node, error[0]))
+        return None, [f"{path}:{_line_of(node, loc)}: {label}: {text}" for loc, text in errors]
+    entry._where = f"{path}:{_line_of(node, ())}: {label}"
+    entry._base_dir = path.resolve().parent
+    return entry, []
+
+
+def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
+    """The error's location in the entry, and "field.path: message"."""
+    loc = tuple(part for part in err["loc"] if isinstance(part, str))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = "unknown field" + _suggestion(loc)
+    elif kind == "missing":
+        message = "required"
+    elif kind == "value_error":
+        message = str(err["ctx"]["error"])
+    else:
+        message = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}"
+    return loc, f"{'.'.join(loc)}: {message}" if loc else message
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "engine": EngineSettings,
+    "capabilities": Capabilities,
+    "pricing": Pricing,
+}
+
+
+def _suggestion(loc: tuple[str, ...]) -> str:
+    model = CatalogEntry if len(loc) == 1 else _SECTIONS.get(loc[0])
+    if model is None:
+        return ""
+    names = [info.alias or name for name, info in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _find_key(node: yaml.Node, key: str) -> tuple[yaml.Node | None, yaml.Node | None]:
+    """The key node and value node of `key` in a mapping node, or (None, None)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return key_node, value_node
+    return None, None
+
+
+def _line_of(node: yaml.Node, loc: tuple[str, ...]) -> int:
+    """The 1-based line of the deepest key along `loc` present in the YAML (else of `node`)."""
+    line = node.start_mark.line + 1
+    for key in loc:
+        key_node, node = _find_key(node, key)
+        if key_node is None or node is None:
+            break
+        line = key_node.start_mark.line + 1
+    return line
+
+
+# --- sources -----------------------------------------------------------------------------
+
+
+def resolve_source(entry: CatalogEntry, base_dir: Path | None = None) -> str:
+    """The path or hub id that engine.LLM / EngineConfig(model=...) accepts for `entry`.
+
+    `package://pkg/rel` -> the absolute path of `rel` inside the installed package `pkg`
+    (found without importing it); a path -> an absolute path (relative ones are taken from
+    `base_dir`, by default the folder of the catalog the entry came from); anything else of
+    the form `org/name` is a hub id, returned as is.
+    """
+    base_dir = Path(base_dir) if base_dir is not None else entry._base_dir
+    source = entry.source
+    if source.startswith(PACKAGE_SCHEME):
+        return str(_package_path(entry, *_split_package_source(source)))
+    path = (base_dir / Path(source).expanduser()).resolve()
+    if path.exists():
+        return str(path)
+    if _looks_like_hub_id(source):
+        return source
+    raise _source_error(entry, f"{path} does not exist")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    explicit_path = source.startswith((".", "/", "~")) or source.endswith(".gguf")
+    return not explicit_path and _HUB_ID.fullmatch(source) is not None
+
+
+def _package_path(entry: CatalogEntry, package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise _source_error(
+            entry,
+            f"Python package {package!r} is not installed "
+            f"(pip install the distribution that provides it)",
+        )
+    if spec.submodule_search_locations is None:
+        raise _source_error(entry, f"{package!r} is a module, not a package")
+    folders = [Path(folder) for folder in spec.submodule_search_locations]
+    for folder in folders:
+        if (folder / relative).exists():
+            return (folder / relative).resolve()
+    raise _source_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
+
+
+def _source_error(entry: CatalogEntry, message: str) -> CatalogError:
+    where = entry._where or f"id {entry.id!r}"
+    return CatalogError(f"{where}: source: {message}")

@@ -1,0 +1,165 @@
+"""`pagoda serve`: start the engines of the catalog (or of one --model), then serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import uvicorn
+
+from engine import loader
+from engine.config import EngineConfig
+from server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, parse_bytes, resolve_source
+from server.engine_client import EngineClient
+from server.generation import ServedModel
+from server.metrics import Metrics
+
+logger = logging.getLogger("pagoda")
+
+# flags that mean what they mean for `vllm serve`, and override the catalog's settings
+ENGINE_FLAGS = (
+    "max_model_len",
+    "dtype",
+    "device",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "kv_cache_memory",
+)
+
+
+@dataclass
+class ModelToServe:
+    id: str
+    config: EngineConfig
+    owned_by: str = "pagoda"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pagoda", description="OpenAI-compatible LLM server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the catalog, or one model")
+    serve.add_argument("--model", help="serve this one model (hub id, folder or .gguf)")
+    serve.add_argument("--served-model-name", help="the id clients use for --model")
+    serve.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to serve")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted bearer key (repeatable; also PAGODA_API_KEYS, comma-separated)",
+    )
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--dtype")
+    serve.add_argument("--device")
+    serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-num-batched-tokens", type=int)
+    serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
+    )
+    serve.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
+    overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    if args.model:
+        name = args.served_model_name or args.model
+        return [ModelToServe(name, EngineConfig(model=args.model, **overrides))]
+    entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
+    if not entries:
+        raise CatalogError(f"{args.catalog}: no enabled chat model to serve")
+    return [
+        ModelToServe(
+            e.id,
+            EngineConfig(model=resolve_source(e), **{**e.engine_kwargs(), **overrides}),
+            e.owned_by,
+        )
+        for e in entries
+    ]
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    from_env = [k.strip() for k in os.environ.get("PAGODA_API_KEYS", "").split(",")]
+    return [k for k in [*args.api_key, *from_env] if k]
+
+
+async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
+    clients = [EngineClient(m.config, m.id) for m in models]
+    tokenizers = [
+        asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
+        for m in models
+    ]
+    try:
+        started = await asyncio.gather(*(c.start() for c in clients), *tokenizers)
+    except BaseException:
+        await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        raise
+    served = {}
+    for model, client, tokenizer in zip(models, clients, started[len(clients) :]):
+        served[model.id] = ServedModel(
+            model.id, client, tokenizer, owned_by=model.owned_by, max_model_len=client.max_model_len
+        )
+        info = client.info
+        kv_tokens = info["num_kv_blocks"] * info["block_size"]
+        logger.info(
+            "serving %s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens",
+            model.id,
+            info["device"],
+            info["dtype"],
+            info["max_model_len"],
+            info["num_kv_blocks"],
+            kv_tokens,
+        )
+    return served
+
+
+async def serve(args: argparse.Namespace) -> None:
+    keys = api_keys(args)
+    if not keys:
+        logger.warning("no API key configured: anyone who can reach this port can use it")
+    served = await start_models(models_to_serve(args))
+
+    async def stop_engines() -> None:
+        logger.info("stopping the engines")
+        await asyncio.gather(*(m.client.shutdown() for m in served.values()))
+
+    metrics = Metrics(lambda: {name: m.client.stats for name, m in served.items()})
+    app = build_app(
+        served,
+        metrics,
+        api_keys=keys,
+        max_body_bytes=args.max_request_bytes,
+        on_shutdown=stop_engines,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    logger.info(
+        "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
+    )
+    await uvicorn.Server(config).serve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(args))
+    except (CatalogError, RuntimeError, ValueError) as exc:
+        logger.error("%s", exc)
+        sys.exit(1)

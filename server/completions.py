@@ -1,0 +1,203 @@
+"""POST /v1/completions (the legacy endpoint): batches of prompts, echo, legacy logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.responses import JSONResponse
+
+from engine.sequence import TokenLogprobs
+from server.chat import usage
+from server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from server.metrics import Metrics
+from server.protocol import CompletionRequest
+
+
+async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics):
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    prompts = [_token_ids(model, p) for p in req.prompts()]
+    generations = []
+    for i, prompt in enumerate(prompts):
+        model.check_prompt(prompt, param="prompt")
+        params = model.sampling_params(len(prompt), req.sampling_kwargs(), param="prompt")
+        generations.append(
+            Generation(model, f"{request_id}-{i}", prompt, params, req.stop_strings(), metrics)
+        )
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        stream = _stream(request_id, generations, req, include_usage)
+        return event_stream(stream)
+    return JSONResponse(await _complete(request_id, generations, req))
+
+
+def _token_ids(model: ServedModel, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return model.tokenizer.encode(prompt)
+    return list(prompt)
+
+
+class _Choice:
+    """What one choice accumulates: text, tokens, logprobs (echoed prompt first)."""
+
+    def __init__(self, model: ServedModel, generation: Generation, req: CompletionRequest) -> None:
+        self.model = model
+        self.req = req
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.generation = generation
+
+    def echo(self) -> str:
+        """The prompt's text and logprobs, placed before the generated ones."""
+        prompt = self.generation.prompt_token_ids
+        text = self.model.tokenizer.decode(prompt)
+        if self.req.logprobs is not None:
+            entries = self.generation.prompt_logprobs or [None] * len(prompt)
+            self._add_logprobs(prompt, entries)
+        self.text += text
+        return text
+
+    def add(self, delta: ChoiceDelta) -> str:
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        if self.req.echo_only:
+            return ""
+        if self.req.logprobs is not None:
+            self._add_logprobs(delta.token_ids, delta.logprobs)
+        self.text += delta.text
+        return delta.text
+
+    def _add_logprobs(self, tokens: list[int], entries: list[TokenLogprobs | None]) -> None:
+        offset = len(self.text)
+        for token, entry in zip(tokens, entries):
+            token_text = self.model.token_text(token)
+            self.logprobs["tokens"].append(token_text)
+            self.logprobs["text_offset"].append(offset)
+            offset += len(token_text)
+            if entry is None:
+                self.logprobs["token_logprobs"].append(None)
+                self.logprobs["top_logprobs"].append(None)
+                continue
+            self.logprobs["token_logprobs"].append(entry[token].logprob)
+            top = sorted(entry.items(), key=lambda item: item[1].rank)[: self.req.logprobs]
+            self.logprobs["top_logprobs"].append(
+                {self.model.token_text(t): lp.logprob for t, lp in top}
+            )
+
+    def body(self, index: int, text: str | None = None) -> dict:
+        return {
+            "index": index,
+            "text": self.text if text is None else text,
+            "logprobs": self.logprobs if self.req.logprobs is not None else None,
+            "finish_reason": self.finish_reason,
+        }
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    """The deltas of several generations as they come, tagged with the generation's index."""
+    if len(generations) == 1:
+        async for delta in generations[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, generation: Generation) -> None:
+        try:
+            async for delta in generation:
+                await queue.put((i, delta))
+        except Exception as exc:
+            await queue.put((i, exc))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _choice_index(req: CompletionRequest, prompt_index: int, delta: ChoiceDelta) -> int:
+    return prompt_index * req.n + delta.index
+
+
+async def _complete(request_id: str, generations: list[Generation], req: CompletionRequest):
+    choices: dict[int, _Choice] = {}
+    async for i, delta in _merged(generations):
+        index = _choice_index(req, i, delta)
+        if index not in choices:
+            choices[index] = _Choice(generations[i].model, generations[i], req)
+            if req.echo:
+                choices[index].echo()
+        choices[index].add(delta)
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": [choices[i].body(i) for i in sorted(choices)],
+        "usage": _total_usage(generations),
+        "system_fingerprint": None,
+    }
+
+
+async def _stream(
+    request_id: str, generations: list[Generation], req: CompletionRequest, include_usage: bool
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    choices: dict[int, _Choice] = {}
+
+    def chunk(body_choices: list[dict], **extra) -> str:
+        body = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": None,
+            "choices": body_choices,
+            **({"usage": None} if include_usage else {}),
+            **extra,
+        }
+        return json.dumps(body, ensure_ascii=False)
+
+    async for i, delta in _merged(generations):
+        index = _choice_index(req, i, delta)
+        text = ""
+        choice = choices.get(index)
+        seen = len(choice.logprobs["tokens"]) if choice else 0
+        if choice is None:
+            choice = choices[index] = _Choice(generations[i].model, generations[i], req)
+            if req.echo:
+                text = choice.echo()
+        text += choice.add(delta)
+        body = choice.body(index, text)
+        if body["logprobs"] is not None:  # only this chunk's entries
+            body["logprobs"] = {key: value[seen:] for key, value in choice.logprobs.items()}
+        yield chunk([body])
+    if include_usage:
+        yield chunk([], usage=_total_usage(generations))
+    yield "[DONE]"
+
+
+def _total_usage(generations: list[Generation]) -> dict:
+    parts = [usage(g) for g in generations]
+    prompt = sum(p["prompt_tokens"] for p in parts)
+    completion = sum(p["completion_tokens"] for p in parts)
+    cached = sum(p["prompt_tokens_details"]["cached_tokens"] for p in parts)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

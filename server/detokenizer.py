@@ -1,0 +1,159 @@
+"""Incremental detokenization of a generated token stream, with OpenAI-style stop strings.
+
+Token ids go through `tokenizers.decoders.DecodeStream`, which withholds a token's text until it
+ends on a whole character, so byte-level BPE and byte-fallback tokens never show half a UTF-8
+character as U+FFFD mid-stream. On top of that, text that may be the start of a stop string is
+held back until it either completes the stop string (then it and everything after is dropped) or
+diverges (then it is released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+# Prompt tokens fed to the stream as context for the first generated token.
+PROMPT_CONTEXT_TOKENS = 5
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas that are safe to show to the client.
+
+    Concatenating every `add()` result and the final `flush()` gives the complete output text,
+    which is also available as `text`.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        stop: str | Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        prompt_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self._backend = _backend_of(tokenizer)
+        self._skip_special_tokens = skip_special_tokens
+        stops = [stop] if isinstance(stop, str) else stop
+        self._stops = [s for s in stops if s]
+        context = self._prompt_context(prompt_token_ids or [])
+        self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+        # ids behind the stream's last chunk, and ids it has not turned into text yet
+        self._last_chunk_ids: list[int] = context
+        self._pending_ids: list[int] = []
+        self._held = ""  # decoded text not emitted yet: a possible start of a stop string
+        self._pieces: list[str] = []
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was found; nothing more will be emitted."""
+        return self._stopped
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Feed newly generated ids; return the text that may be shown now."""
+        if self._stopped:
+            return ""
+        chunks = [chunk for token_id in token_ids if (chunk := self._step(token_id))]
+        return self._release("".join(chunks))
+
+    def flush(self) -> str:
+        """At the end of generation, return the text still held back.
+
+        That is a possible stop-string prefix that never completed, and the text of trailing
+        tokens that do not end on a whole character (decoded with U+FFFD, as `decode` would).
+        """
+        if self._stopped:
+            return ""
+        tail = self._pending_text()
+        self._pending_ids = []
+        delta = self._release(tail)
+        if not self._stopped:
+            delta += self._held
+            self._emit(self._held)
+            self._held = ""
+        return delta
+
+    def _step(self, token_id: int) -> str | None:
+        chunk = self._stream.step(self._backend, token_id)
+        self._pending_ids.append(token_id)
+        if chunk is not None:
+            self._last_chunk_ids, self._pending_ids = self._pending_ids, []
+        return chunk
+
+    def _pending_text(self) -> str:
+        """Text of the ids the stream still withholds, decoded after the last chunk's ids."""
+        if not self._pending_ids:
+            return ""
+        context = self._decode(self._last_chunk_ids)
+        text = self._decode(self._last_chunk_ids + self._pending_ids)
+        return text[len(context) :] if text.startswith(context) else self._decode(self._pending_ids)
+
+    def _release(self, new_text: str) -> str:
+        """Apply stop strings to held + new text; emit what is settled, hold the rest."""
+        if not new_text:
+            return ""
+        buffer = self._held + new_text
+        cut = _first_stop(buffer, self._stops)
+        if cut is not None:
+            self._stopped = True
+            self._held = ""
+            return self._emit(buffer[:cut])
+        keep = _stop_prefix_length(buffer, self._stops)
+        self._held = buffer[len(buffer) - keep :]
+        return self._emit(buffer[: len(buffer) - keep])
+
+    def _emit(self, delta: str) -> str:
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        # A prompt ending inside a character would make the stream emit the whole context once
+        # the character completes; such tokens are dropped from the context.
+        while context and self._decode(context).endswith(REPLACEMENT_CHAR):
+            context.pop()
+        return context
+
+
+def _backend_of(tokenizer) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise TypeError(f"{type(tokenizer).__name__} has no `tokenizers` backend (not a fast one)")
+    return backend
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Start of the stop string that is complete first in `text` (by end, then by start)."""
+    best: tuple[int, int] | None = None
+    for stop in stops:
+        start = text.find(stop)
+        if start >= 0 and (best is None or (start + len(stop), start) < best):
+            best = (start + len(stop), start)
+    return None if best is None else best[1]
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of some stop string."""
+    longest = max((len(stop) for stop in stops), default=0)
+    for start in range(max(0, len(text) - longest + 1), len(text)):
+        tail = text[start:]
+        if any(stop.startswith(tail) for stop in stops):
+            return len(text) - start
+    return 0

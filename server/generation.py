@@ -1,0 +1,177 @@
+"""One engine request seen as text: per-choice deltas with stop strings applied, and timing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from sse_starlette import EventSourceResponse
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprobs
+from server.detokenizer import IncrementalDetokenizer
+from server.engine_client import EngineClient, EngineDeadError
+from server.errors import APIError, invalid
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
+    """SSE response for a stream of JSON chunks. Validation happened before: once the 200 is
+    sent, a failure can only be told in the stream itself, as an OpenAI error event."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except (EngineDeadError, ValueError) as exc:
+            status = 503 if isinstance(exc, EngineDeadError) else 400
+            logger.warning("stream ended by an error: %s", exc)
+            yield json.dumps(APIError(status, str(exc)).body())
+            yield "[DONE]"
+
+    return EventSourceResponse(guarded(), ping=15)
+
+
+@dataclass
+class ServedModel:
+    """A chat model the server exposes: its engine process and its tokenizer."""
+
+    id: str
+    client: EngineClient
+    tokenizer: object
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagoda"
+    max_model_len: int = 0
+
+    def token_text(self, token_id: int) -> str:
+        return _token_text(self.tokenizer, token_id)
+
+    def check_prompt(self, prompt_token_ids: list[int], param: str) -> None:
+        if not prompt_token_ids:
+            raise invalid("the prompt is empty", param=param)
+        vocab = self.client.info["vocab_size"]
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise invalid(f"token ids must be in [0, {vocab})", param=param)
+
+    def sampling_params(self, prompt_len: int, kwargs: dict, param: str) -> SamplingParams:
+        """Engine parameters for a prompt of `prompt_len` tokens, its context checked."""
+        room = self.max_model_len - prompt_len
+        max_tokens = kwargs.get("max_tokens")
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            wanted = "no tokens" if max_tokens is None else f"{max_tokens} tokens"
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_len + (max_tokens or 0)} tokens ({prompt_len} in the "
+                f"messages, {wanted} for the completion). Please reduce the length of the "
+                "messages or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            return SamplingParams(**{**kwargs, "max_tokens": max_tokens or room})
+        except ValueError as exc:
+            raise invalid(str(exc)) from exc
+
+
+@lru_cache(maxsize=1 << 16)
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None
+
+
+@dataclass
+class Generation:
+    """Streams the choices of one engine request. Usage figures are complete once the
+    iteration ends."""
+
+    model: ServedModel
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+    metrics: Metrics
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
+        n = self.params.n
+        detokenizers = [
+            IncrementalDetokenizer(
+                self.model.tokenizer,
+                stop=self.stop,
+                skip_special_tokens=self.params.skip_special_tokens,
+                prompt_token_ids=self.prompt_token_ids,
+            )
+            for _ in range(n)
+        ]
+        done = [False] * n
+        clock = _Clock(self.metrics, self.model.id)
+        stream = self.model.client.generate(self.request_id, self.prompt_token_ids, self.params)
+        async with aclosing(stream) as deltas:
+            async for delta in deltas:
+                clock.tick(len(delta.new_token_ids))
+                self.cached_tokens = delta.num_cached_tokens
+                if delta.prompt_logprobs is not None:
+                    self.prompt_logprobs = delta.prompt_logprobs
+                if done[delta.index]:
+                    continue
+                detokenizer = detokenizers[delta.index]
+                text = detokenizer.add(delta.new_token_ids)
+                finish = "stop" if detokenizer.stopped else delta.finish_reason
+                if finish is not None and not detokenizer.stopped:
+                    text += detokenizer.flush()
+                self.completion_tokens += len(delta.new_token_ids)
+                done[delta.index] = finish is not None
+                yield ChoiceDelta(
+                    delta.index, text, delta.new_token_ids, delta.new_logprobs, finish
+                )
+                if finish is not None:
+                    self.metrics.requests.labels(self.model.id, finish).inc()
+                if all(done):
+                    break
+        clock.finish(len(self.prompt_token_ids))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class _Clock:
+    """TTFT, inter-token latency and end-to-end latency of one request."""
+
+    def __init__(self, metrics: Metrics, model_id: str) -> None:
+        self.metrics = metrics
+        self.model_id = model_id
+        self.start = self.last = time.monotonic()
+        self.tokens = 0
+
+    def tick(self, new_tokens: int) -> None:
+        now = time.monotonic()
+        if self.tokens == 0:
+            self.metrics.ttft.labels(self.model_id).observe(now - self.start)
+        else:
+            self.metrics.itl.labels(self.model_id).observe(now - self.last)
+        self.last = now
+        self.tokens += new_tokens
+
+    def finish(self, prompt_tokens: int) -> None:
+        self.metrics.e2e.labels(self.model_id).observe(time.monotonic() - self.start)
+        self.metrics.prompt_tokens.labels(self.model_id).inc(prompt_tokens)
+        self.metrics.generation_tokens.labels(self.model_id).inc(self.tokens)

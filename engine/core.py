@@ -110,8 +110,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         return
     outbox.send(pack(["ready", _ready_info(engine)]))
     _busy_loop(engine, inbox, outbox)
-    outbox.close(linger=1000)
-    context.term()
+    context.destroy(linger=1000)
 
 
 def _ready_info(engine: LLMEngine) -> dict:

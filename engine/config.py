@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import BACKENDS
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -36,6 +38,8 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     seed: int = 0
+    kernel_backend: str = "auto"  # auto: Triton on CUDA, the torch reference elsewhere
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -48,6 +52,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError("kv_cache_blocks must be at least 1")
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(
+                f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}"
+            )
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -56,6 +56,8 @@ class LLM:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        kernel_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -71,6 +73,8 @@ class LLM:
             block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            kernel_backend=kernel_backend,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
+import kernels
 from engine.config import EngineConfig
 from engine.gguf_weights import gguf_config, iter_gguf_weights
 from engine.models import model_class
@@ -102,8 +103,9 @@ def build_model(
     max_model_len: int,
 ) -> nn.Module:
     cls = model_class(getattr(config, "architectures", None))
+    ops = kernels.select(engine_config.kernel_backend, device)
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, ops)
     model.to_empty(device=device)
     model.to(dtype)
     if engine_config.load_format == "dummy":

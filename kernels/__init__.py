@@ -1,16 +1,58 @@
-"""Device code. Each op has a plain torch reference; Triton versions will sit beside them."""
+"""Device code. Each op has a plain torch reference (`kernels/<op>.py`) and a Triton version
+with the same signature (`kernels/<op>_triton.py`); a model gets one set through `select`."""
 
-from kernels.activation import silu_and_mul
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
-from kernels.norm import rms_norm
-from kernels.rotary import apply_rotary, rotary_cos_sin_cache
+from __future__ import annotations
 
-__all__ = [
-    "AttentionMetadata",
-    "apply_rotary",
-    "paged_attention",
-    "rms_norm",
-    "rotary_cos_sin_cache",
-    "silu_and_mul",
-    "write_kv_cache",
-]
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import activation, attention, norm, rotary
+from kernels.attention import AttentionMetadata
+from kernels.rotary import rotary_cos_sin_cache
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    name: str
+    rms_norm: Callable
+    apply_rotary: Callable
+    silu_and_mul: Callable
+    write_kv_cache: Callable
+    paged_attention: Callable
+
+
+TORCH = Kernels(
+    "torch",
+    norm.rms_norm,
+    rotary.apply_rotary,
+    activation.silu_and_mul,
+    attention.write_kv_cache,
+    attention.paged_attention,
+)
+
+
+def select(backend: str, device: torch.device) -> Kernels:
+    """`auto`: Triton on CUDA, the torch reference elsewhere. `triton` on a CPU works only
+    under TRITON_INTERPRET=1 (the tests use it so)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TORCH
+    # imported here: triton is needed only where it runs
+    from kernels import activation_triton, attention_triton, norm_triton, rotary_triton
+
+    return Kernels(
+        "triton",
+        norm_triton.rms_norm,
+        rotary_triton.apply_rotary,
+        activation_triton.silu_and_mul,
+        attention_triton.write_kv_cache,
+        attention_triton.paged_attention,
+    )
+
+
+__all__ = ["BACKENDS", "TORCH", "AttentionMetadata", "Kernels", "rotary_cos_sin_cache", "select"]

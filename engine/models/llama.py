@@ -13,15 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import (
-    AttentionMetadata,
-    apply_rotary,
-    paged_attention,
-    rms_norm,
-    rotary_cos_sin_cache,
-    silu_and_mul,
-    write_kv_cache,
-)
+from kernels import TORCH, AttentionMetadata, Kernels, rotary_cos_sin_cache
 
 # checkpoint name fragment -> (fused parameter fragment, shard index)
 STACKED_PARAMS = {
@@ -34,20 +26,24 @@ STACKED_PARAMS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: Kernels) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels
+    ) -> None:
         super().__init__()
+        self.ops = ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -57,8 +53,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.qkv_proj.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
 
     def forward(
         self,
@@ -72,35 +68,39 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is None:
             # q and k heads are adjacent in the fused output: rotate them in one go
-            qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *rotary)
+            qk = self.ops.apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *rotary)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         else:
-            q = apply_rotary(self.q_norm(q)[0], *rotary)
-            k = apply_rotary(self.k_norm(k)[0], *rotary)
+            q = self.ops.apply_rotary(self.q_norm(q)[0], *rotary)
+            k = self.ops.apply_rotary(self.k_norm(k)[0], *rotary)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: Kernels) -> None:
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.gate_up_proj.shard_sizes = (intermediate_size, intermediate_size)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, qkv_bias, qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops)
+        self.self_attn = Attention(config, qkv_bias, qk_norm, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops)
 
     def forward(
         self,
@@ -120,15 +120,16 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, ops: Kernels = TORCH) -> None:
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, qkv_bias, self.qk_norm) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, qkv_bias, self.qk_norm, ops)
+            for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = None

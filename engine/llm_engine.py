@@ -32,8 +32,20 @@ class LLMEngine:
             self.hf_config, source, config, self.device, self.dtype, self.max_model_len
         )
         num_blocks = self._num_kv_blocks(model)
+        # the torch attention path reads host-side lengths, which a graph would freeze
+        use_graphs = (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and config.kernel_backend != "torch"
+        )
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, self.device, self.dtype, config.seed
+            model,
+            num_blocks,
+            config.block_size,
+            self.device,
+            self.dtype,
+            config.seed,
+            cuda_graphs=(self.max_model_len, config.max_num_seqs) if use_graphs else None,
         )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.sampler import sample, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import TokenLogprobs
 from kernels import AttentionMetadata
+
+DecodeGraphLimits = tuple[int, int]  # (max_model_len, max_num_seqs) for the captured sizes
 
 
 class ModelRunner:
@@ -20,6 +23,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int,
+        cuda_graphs: DecodeGraphLimits | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -27,7 +31,9 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         attn = model.layers[0].self_attn
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        # one spare block past those the block manager owns: the graphs' padding rows
+        spare = 1 if cuda_graphs is not None else 0
+        shape = (num_blocks + spare, block_size, attn.num_kv_heads, attn.head_dim)
         # Zeroed, not empty: masked-out cache slots must hold finite values (0 * NaN = NaN).
         self.kv_caches = [
             (
@@ -36,6 +42,10 @@ class ModelRunner:
             )
             for _ in model.layers
         ]
+        self.graphs = None
+        if cuda_graphs is not None:
+            self.graphs = DecodeGraphs(model, self.kv_caches, num_blocks, block_size, *cuda_graphs)
+            self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -49,7 +59,10 @@ class ModelRunner:
         reached its last token, keyed by its index in the batch. Prompt logprobs, where
         asked for, are appended to their sequences."""
         input_ids, positions, meta, sample_rows, logit_positions = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.graphs and meta.max_query_len == 1 and len(batch.seqs) <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
         if not sample_rows:
             return {}

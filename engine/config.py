@@ -40,6 +40,7 @@ class EngineConfig:
     seed: int = 0
     kernel_backend: str = "auto"  # auto: Triton on CUDA, the torch reference elsewhere
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    skip_tokenizer_init: bool = False  # token ids in and out only (no tokenizer files needed)
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

@@ -58,6 +58,7 @@ class LLM:
         seed: int = 0,
         kernel_backend: str = "auto",
         enforce_eager: bool = False,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -75,6 +76,7 @@ class LLM:
             seed=seed,
             kernel_backend=kernel_backend,
             enforce_eager=enforce_eager,
+            skip_tokenizer_init=skip_tokenizer_init,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
@@ -111,6 +113,8 @@ class LLM:
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
             return self.tokenizer(prompt).input_ids, prompt
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
@@ -122,14 +126,19 @@ class LLM:
                 deltas = self.engine.step()
                 bar.update(sum(d.finish_reason is not None for d in deltas))
 
+    def _decode(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(
+            seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+        )
+
     def _finish(self, output: RequestOutput, seqs: list[Sequence]) -> RequestOutput:
         for seq in seqs:
             output.outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=self.tokenizer.decode(
-                        seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
-                    ),
+                    text=self._decode(seq),
                     token_ids=seq.output_token_ids,
                     finish_reason=seq.finish_reason,
                     logprobs=seq.logprobs if seq.params.logprobs is not None else None,

@@ -22,7 +22,9 @@ class LLMEngine:
         self.config = config
         source = loader.resolve_source(config.model)
         self.hf_config = loader.load_config(source)
-        self.tokenizer = loader.load_tokenizer(source, config.tokenizer)
+        self.tokenizer = (
+            None if config.skip_tokenizer_init else loader.load_tokenizer(source, config.tokenizer)
+        )
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()

@@ -56,3 +56,15 @@ def test_incomplete_checkpoint_is_refused(tiny_models, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks weights for: layers\.1\.self_attn\.qkv_proj"):
         LLM(str(folder), dtype="float32")
+
+
+def test_config_alone_with_skip_tokenizer_init(tiny_models, tmp_path):
+    folder = tmp_path / "just-config"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny_models["qwen3"] / "config.json").read_bytes())
+    llm = LLM(str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="float32")
+    out = llm.generate(PROMPTS, GREEDY)
+    assert [len(o.outputs[0].token_ids) for o in out] == [24, 24]
+    assert out[0].outputs[0].text == ""
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("text needs a tokenizer")

@@ -31,6 +31,7 @@ ENGINE_FLAGS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "kv_cache_memory",
+    "enforce_eager",
 )
 
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--max-num-seqs", type=int)
     serve.add_argument("--max-num-batched-tokens", type=int)
     serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
+    serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"

@@ -1,6 +1,15 @@
-import pytest
+import os
 
-from tests.tiny_models import ARCHITECTURES, build_tiny_model
+import torch
+
+# Triton kernels run under the interpreter on a machine without a GPU. The variable must be
+# set before anything imports triton (transformers does, through tests.tiny_models).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import ARCHITECTURES, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

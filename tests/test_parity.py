@@ -137,3 +137,20 @@ def test_prompt_logprobs_match_transformers(arch_case, chunk):
             token = prompt[pos + 1]
             assert entry[token].logprob == pytest.approx(ref[pos, token].item(), abs=1e-4)
             assert 3 <= len(entry) <= 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_kernels_match_transformers(tiny_models, arch):
+    """The engine with its Triton kernels (under TRITON_INTERPRET=1 on a CPU) against
+    transformers: prefill in chunks, then decode."""
+    folder = tiny_models[arch]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    short = [p[:n] for p, n in zip(prompts()[:3], (3, 16, 37))]
+    llm = LLM(str(folder), dtype="float32", kernel_backend="triton", max_num_batched_tokens=20)
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12)
+    outs = llm.generate([{"prompt_token_ids": p} for p in short], params)
+    for p, out in zip(short, outs):
+        want = hf.generate(
+            torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )[0, len(p) :].tolist()
+        assert out.outputs[0].token_ids == want

@@ -1,0 +1,443 @@
+"""Paged attention in Triton: the CUDA path beside the torch reference in `kernels.attention`.
+
+Same signatures, cache layout and semantics as the reference (read its docstring):
+`cache[num_blocks, block_size, num_kv_heads, head_dim]`, a flat varlen batch, causal queries
+at the last positions of each sequence, block-table entries past a sequence's end never read.
+
+Four kernels; a step launches one (write, extend) or two (decode):
+
+- `_write_kv_kernel`: one program per new token scatters its K and V rows into the cache slot
+  `slot_mapping[t]`; a negative slot means "padding token, store nothing".
+- decode (every query length 1): flash-decoding. `_decode_split_kernel` runs on a grid of
+  (sequence, kv head, split); each program takes all query heads of its KV head as the rows of
+  one tile (GQA packing: each KV tile is read once per group, the group padded to 16 rows for
+  `tl.dot`), walks its split's share of the context with an online softmax and writes an
+  unnormalised partial (acc, max, sum). `_decode_reduce_kernel` merges the splits.
+- prefill / extend / mixed batches: `_extend_kernel` on a grid of (sequence, kv head, query
+  tile). A tile's rows are (query token, head of the group) pairs, so GQA packing holds here
+  too and a decode row in a mixed batch costs one small tile. It attends to the cached prefix
+  and the new tokens through the block table with the causal offset seq_len - query_len.
+
+KV tiles of `TILE_N` positions are gathered position by position (block id from the table,
+offset within the block), so the tile size does not depend on the cache's block size, and every
+table or cache read past the sequence's length is masked off.
+
+Precision: scores, softmax and accumulators are fp32. fp16/bf16 operands go to `tl.dot`
+natively on a GPU; fp32 operands use `input_precision="ieee"` (no tf32). Under the Triton
+interpreter (CPU tensors, TRITON_INTERPRET=1) bf16 is only raw bits, so loads are converted
+to fp32 before any math (`COMPUTE_DTYPE`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 16
+_MIN_TILES_PER_SPLIT = 4  # a decode split covers at least this many KV tiles
+_TARGET_PROGRAMS = 512  # enough decode programs to fill a big GPU; past that, no split
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    heads = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, D)
+    mask = (heads < num_kv_heads)[:, None] & (slot >= 0)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    dst = block * stride_cb + offset * stride_ct + heads[:, None] * stride_ch + d[None, :]
+    k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    part_acc_ptr,  # [B, Hq, num_splits, D] fp32, unnormalised
+    part_max_ptr,  # [B, Hq, num_splits] fp32, running max of log2-scaled scores
+    part_sum_ptr,  # [B, Hq, num_splits] fp32
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    num_heads,
+    num_splits,
+    tokens_per_split,  # a multiple of TILE_N
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    row = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - row
+    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    n = tl.arange(0, TILE_N)
+    heads = kv_head * GROUP + g
+    q = tl.load(
+        q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=(g < GROUP)[:, None],
+        other=0.0,
+    ).to(COMPUTE_DTYPE)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    for tile_start in range(start, end, TILE_N):
+        pos = tile_start + n
+        valid = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = (
+            block[:, None] * stride_cb
+            + (pos % BLOCK_SIZE)[:, None] * stride_ct
+            + kv_head * stride_ch
+            + d[None, :]
+        )
+        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision="ieee")
+        m_i = m_new
+
+    part = (seq * num_heads + heads) * num_splits + split
+    head_mask = g < GROUP
+    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=head_mask[:, None])
+    tl.store(part_max_ptr + part, m_i, mask=head_mask)
+    tl.store(part_sum_ptr + part, l_i, mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    query_start_loc_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == row:
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    part = (seq * num_heads + head) * num_splits + splits
+    in_range = splits < num_splits
+    m = tl.load(part_max_ptr + part, mask=in_range, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + part, mask=in_range, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=in_range[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: output 0, not NaN
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(sums * w, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    o = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per tile; the tile has BLOCK_Q * GROUP_PAD rows
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len  # tokens cached before this step's queries
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    r = tl.arange(0, BLOCK_M)
+    i = q_tile * BLOCK_Q + r // GROUP_PAD  # query token within the sequence's new tokens
+    g = r % GROUP_PAD
+    heads = kv_head * GROUP + g
+    row_mask = (i < q_len) & (g < GROUP)
+    d = tl.arange(0, D)
+    n = tl.arange(0, TILE_N)
+    q = tl.load(
+        q_ptr + (q_start + i)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    ).to(COMPUTE_DTYPE)
+    # Rows past q_len (or past the group) see a longer causal window; their results are
+    # dropped, and every row sees position 0, so no row's max stays -inf.
+    q_pos = context + i
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    kv_end = tl.minimum(context + (q_tile + 1) * BLOCK_Q, seq_len)  # causal bound of the tile
+    for tile_start in range(0, kv_end, TILE_N):
+        pos = tile_start + n
+        valid = pos < kv_end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = (
+            block[:, None] * stride_cb
+            + (pos % BLOCK_SIZE)[:, None] * stride_ct
+            + kv_head * stride_ch
+            + d[None, :]
+        )
+        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision="ieee")
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    out = out_ptr + (q_start + i)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def _compute_dtype(dtype: torch.dtype, on_gpu: bool):
+    """fp32 math for fp32 caches, and for bf16 under the interpreter (bf16 is raw bits there)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and not on_gpu):
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _tile_n(dtype: torch.dtype) -> int:
+    """KV positions per step. fp32 operands take the FMA path, whose operand layouts live in
+    shared memory: 64-wide fp32 tiles need over 100 KB of it at head_dim 128."""
+    return 64 if dtype.itemsize == 2 else 32
+
+
+# Launch configurations: constexprs plus num_warps, shared with the ahead-of-time test.
+
+
+def _write_kv_config(num_kv_heads: int, head_dim: int, block_size: int) -> dict:
+    heads_pad = triton.next_power_of_2(num_kv_heads)
+    return {"BLOCK_SIZE": block_size, "HEADS_PAD": heads_pad, "D": head_dim, "num_warps": 4}
+
+
+def _decode_config(
+    group: int, head_dim: int, block_size: int, dtype: torch.dtype, on_gpu: bool
+) -> dict:
+    return {
+        "GROUP": group,
+        "GROUP_PAD": max(16, triton.next_power_of_2(group)),
+        "D": head_dim,
+        "BLOCK_SIZE": block_size,
+        "TILE_N": _tile_n(dtype),
+        "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
+        "num_warps": 4,
+    }
+
+
+def _reduce_config(num_splits: int, head_dim: int) -> dict:
+    splits_pad = triton.next_power_of_2(num_splits)
+    return {"SPLITS_PAD": splits_pad, "D": head_dim, "num_warps": 1 if head_dim <= 64 else 2}
+
+
+def _extend_config(
+    group: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    on_gpu: bool,
+    max_query_len: int,
+) -> dict:
+    group_pad = triton.next_power_of_2(group)
+    # Tile rows are (query token, head of the group) pairs: 64 of them for real prefill
+    # chunks (32 in fp32, see _tile_n), 16 when every query of the batch is short.
+    block_m = 64 if dtype.itemsize == 2 else 32
+    if max_query_len * group_pad <= 16:
+        block_m = 16
+    block_m = max(block_m, group_pad)
+    return {
+        "GROUP": group,
+        "GROUP_PAD": group_pad,
+        "BLOCK_Q": block_m // group_pad,
+        "D": head_dim,
+        "BLOCK_SIZE": block_size,
+        "TILE_N": _tile_n(dtype),
+        "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
+        "num_warps": 8 if block_m * head_dim >= 64 * 128 else 4,
+    }
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(3) == 1, "cache rows must be contiguous in head_dim"
+    head_dim = k_cache.shape[3]
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim: a power of two >= 16"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] with unit stride in D (a slice of a fused qkv output is fine as it is)."""
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store k, v [T, Hkv, D] into the paged caches at `slot_mapping` [T] (negative: skip)."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    k, v = _rows(k), _rows(v)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        num_kv_heads,
+        **_write_kv_config(num_kv_heads, head_dim, k_cache.shape[1]),
+    )  # fmt: skip
+
+
+def _num_splits(max_seq_len: int, batch: int, num_kv_heads: int, tile_n: int) -> int:
+    """Split the context only when (sequence, kv head) programs alone leave the GPU idle."""
+    by_length = max(1, triton.cdiv(max_seq_len, tile_n) // _MIN_TILES_PER_SPLIT)
+    by_occupancy = max(1, _TARGET_PROGRAMS // (batch * num_kv_heads))
+    return min(by_length, by_occupancy, _MAX_SPLITS)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] over the cached context; returns [T, Hq, D].
+
+    The new tokens' K/V must already be in the cache. Decode-only batches take the split-KV
+    kernel; anything with a longer query takes the extend kernel for every row.
+    """
+    _check_cache(k_cache, v_cache)
+    q = _rows(q)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    group = num_heads // num_kv_heads
+    batch = meta.seq_lens.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    on_gpu = q.device.type == "cuda"
+    scale_log2 = scale * _LOG2E
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    table_stride = meta.block_tables.stride(0)
+
+    if meta.max_query_len == 1:
+        config = _decode_config(group, head_dim, block_size, k_cache.dtype, on_gpu)
+        tile_n = config["TILE_N"]
+        num_splits = _num_splits(meta.max_seq_len, batch, num_kv_heads, tile_n)
+        tokens_per_split = triton.cdiv(triton.cdiv(meta.max_seq_len, num_splits), tile_n) * tile_n
+        part_acc = q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
+        part_max = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            part_acc, part_max, part_sum, scale_log2,
+            q.stride(0), q.stride(1), *cache_strides, table_stride,
+            num_heads, num_splits, tokens_per_split,
+            **config,
+        )  # fmt: skip
+        _decode_reduce_kernel[(batch, num_heads)](
+            out, part_acc, part_max, part_sum, meta.query_start_loc,
+            out.stride(0), out.stride(1), num_heads, num_splits,
+            **_reduce_config(num_splits, head_dim),
+        )  # fmt: skip
+        return out
+
+    config = _extend_config(group, head_dim, block_size, k_cache.dtype, on_gpu, meta.max_query_len)
+    grid = (batch, num_kv_heads, triton.cdiv(meta.max_query_len, config["BLOCK_Q"]))
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        scale_log2,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, table_stride,
+        **config,
+    )  # fmt: skip
+    return out

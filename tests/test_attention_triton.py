@@ -1,7 +1,7 @@
 """The Triton paged-attention kernels against the torch reference in `kernels.attention`.
 
-Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below
-before triton is imported) on CPU tensors; on a CUDA machine they run on the GPU. The
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+conftest.py before triton is imported) on CPU tensors; on a CUDA machine they run on the GPU. The
 ahead-of-time test builds real sm_80/sm_90 cubins either way (ptxas ships in the wheel).
 
 Inputs are random and fresh each run; a failing case prints its seed. Caches are poisoned with
@@ -9,37 +9,16 @@ NaN everywhere no token was written (unused blocks, the tail of each last block)
 block-table entries point at such blocks, so any unmasked read shows up as NaN.
 """
 
-import os
-import sys
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] == "1" and "triton" in sys.modules:
-        # Something imported triton before this line (transformers does, through conftest):
-        # its language was then built for the compiler, and the interpreter cannot run it.
-        # Import triton (its native extension stays loaded) and the kernels afresh, now in
-        # interpreter mode.
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(sys.modules["triton"].language.standard.zeros, InterpretedFunction):
-            for name in list(sys.modules):
-                stale_kernels = name.startswith("kernels.") and name.endswith("_triton")
-                if stale_kernels or (name.split(".")[0] == "triton" and name[:9] != "triton._C"):
-                    del sys.modules[name]
-                if stale_kernels and hasattr(sys.modules["kernels"], name[8:]):
-                    delattr(sys.modules["kernels"], name[8:])
-
 import json  # noqa: E402
+import os
 import random  # noqa: E402
 import subprocess  # noqa: E402
+import sys
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
+import torch
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 

@@ -1,36 +1,18 @@
 """Triton RMSNorm / rotary / SiLU-and-mul kernels against their torch references.
 
-Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before triton
-is imported), and the ahead-of-time test still compiles every kernel variant to sm_80/sm_90
-cubins with the ptxas bundled in the triton wheel.
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py before triton is imported), and the ahead-of-time test still compiles every kernel
+variant to sm_80/sm_90 cubins with the ptxas bundled in the triton wheel.
 """
 
-import os
-import sys
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    _std = sys.modules.get("triton.language.standard")
-    if os.environ["TRITON_INTERPRET"] == "1" and _std and type(_std.sum).__name__ == "JITFunction":
-        # triton was imported before the variable was set (conftest imports transformers, which
-        # imports triton): its library functions were built for the compiler and the interpreter
-        # cannot call them. Import triton (its native extension stays loaded) and the kernels
-        # afresh, now in interpreter mode.
-        for _name in list(sys.modules):
-            stale_kernels = _name.startswith("kernels.") and _name.endswith("_triton")
-            stale_triton = _name.split(".")[0] == "triton" and not _name.startswith("triton._C")
-            if stale_kernels or stale_triton:
-                del sys.modules[_name]
-                if stale_kernels and hasattr(sys.modules["kernels"], _name[8:]):
-                    delattr(sys.modules["kernels"], _name[8:])
-
 import json  # noqa: E402
+import os
 import subprocess  # noqa: E402
+import sys
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402

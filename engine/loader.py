@@ -103,7 +103,7 @@ def build_model(
     max_model_len: int,
 ) -> nn.Module:
     cls = model_class(getattr(config, "architectures", None))
-    ops = kernels.select(engine_config.kernel_backend, device)
+    ops = kernels.select(engine_config.kernel_backend, device, engine_config.block_size)
     with torch.device("meta"):
         model = cls(config, ops)
     model.to_empty(device=device)

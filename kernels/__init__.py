@@ -35,23 +35,31 @@ TORCH = Kernels(
 )
 
 
-def select(backend: str, device: torch.device) -> Kernels:
-    """`auto`: Triton on CUDA, the torch reference elsewhere. `triton` on a CPU works only
-    under TRITON_INTERPRET=1 (the tests use it so)."""
+def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
+    """`auto`: Triton on CUDA (attention through flash-attn where it is installed and the
+    cache pages suit it), the torch reference elsewhere. `triton` on a CPU works only under
+    TRITON_INTERPRET=1 (the tests use it so)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TORCH
     # imported here: triton is needed only where it runs
-    from kernels import activation_triton, attention_triton, norm_triton, rotary_triton
+    from kernels import (
+        activation_triton,
+        attention_flash,
+        attention_triton,
+        norm_triton,
+        rotary_triton,
+    )
 
+    flash = backend == "auto" and attention_flash.usable(block_size)
     return Kernels(
-        "triton",
+        "triton+flash-attn" if flash else "triton",
         norm_triton.rms_norm,
         rotary_triton.apply_rotary,
         activation_triton.silu_and_mul,
         attention_triton.write_kv_cache,
-        attention_triton.paged_attention,
+        attention_flash.paged_attention if flash else attention_triton.paged_attention,
     )
 
 

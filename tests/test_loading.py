@@ -68,3 +68,14 @@ def test_config_alone_with_skip_tokenizer_init(tiny_models, tmp_path):
     assert out[0].outputs[0].text == ""
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("text needs a tokenizer")
+
+
+def test_kernel_selection():
+    import kernels
+
+    assert kernels.select("auto", torch.device("cpu")) is kernels.TORCH
+    assert kernels.select("triton", torch.device("cpu")).name == "triton"
+    # flash-attn needs pages of 256 tokens: with the default 16 the Triton kernels serve
+    assert kernels.select("auto", torch.device("cuda"), block_size=16).name == "triton"
+    with pytest.raises(ValueError, match="kernel backend"):
+        kernels.select("cudnn", torch.device("cpu"))

@@ -61,6 +61,7 @@ def build_app(
     *,
     api_keys: list[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_concurrent_requests: int | None = None,
     on_shutdown=None,
 ) -> Starlette:
     async def read_body(request: Request) -> bytes:
@@ -88,6 +89,14 @@ def build_app(
             )
         if not model.client.healthy:
             raise APIError(503, f"The engine serving '{model_id}' is not running.")
+        limit = max_concurrent_requests
+        if limit is not None and model.client.num_in_flight >= limit:
+            raise APIError(
+                429,
+                f"'{model_id}' is serving its limit of {limit} concurrent requests: retry later.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         return model
 
     async def chat(request: Request) -> Response:

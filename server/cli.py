@@ -66,6 +66,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        help="per model; requests beyond it get 429 (default: no limit)",
+    )
+    serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument("--log-level", default="info")
@@ -141,6 +146,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics,
         api_keys=keys,
         max_body_bytes=args.max_request_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
         on_shutdown=stop_engines,
     )
     config = uvicorn.Config(

@@ -43,6 +43,10 @@ class EngineClient:
         return not self.dead and self._process is not None and self._process.is_alive()
 
     @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    @property
     def max_model_len(self) -> int:
         return self.info["max_model_len"]
 

@@ -104,3 +104,37 @@ def test_signal_drains_in_flight_streams_and_exits_zero(tiny_models, sig):
     assert server.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health")
+
+
+def test_requests_beyond_the_limit_get_429(tiny_models):
+    model = str(tiny_models["mistral"])
+    server = Server(["--model", model, "--dtype", "float32", "--max-concurrent-requests", "1"])
+    server.wait_ready()
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():  # (a closed line iterator would close the stream)
+                if line.startswith("data: "):
+                    busy = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+                    break
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+        # the first stream hung up: its slot is free again
+        for _ in range(50):
+            ok = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={**body, "stream": False, "max_tokens": 3},
+                timeout=60,
+            )
+            if ok.status_code != 429:
+                break
+            time.sleep(0.1)
+        assert ok.status_code == 200
+    finally:
+        assert server.stop() == 0

@@ -13,27 +13,34 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.chat import chat_completion
+from server.chat import chat_completion, chat_prompt
 from server.completions import completion
 from server.engine_client import EngineDeadError
 from server.errors import APIError, invalid
 from server.generation import ServedModel
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_body,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+PROTECTED = ("/v1", "/tokenize", "/detokenize")
 
 
 class BearerAuth:
-    """RFC 6750 bearer keys on /v1/*; /health and /metrics stay open."""
+    """RFC 6750 bearer keys on /v1/* and the tokenizer routes; /health and /metrics stay open."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED):
             headers = dict(scope["headers"])
             if not self._authorized(headers.get(b"authorization", b"")):
                 error = APIError(
@@ -107,6 +114,23 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
+    async def tokenize(request: Request) -> Response:
+        req = parse_body(TokenizeRequest, await read_body(request))
+        model = served(req.model)
+        if req.messages is not None:
+            ids = chat_prompt(model, req, req.add_generation_prompt)
+        else:
+            ids = model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids}
+        )
+
+    async def detokenize(request: Request) -> Response:
+        req = parse_body(DetokenizeRequest, await read_body(request))
+        model = served(req.model)
+        model.check_prompt(req.tokens, param="tokens")
+        return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
+
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_card(m) for m in models.values()]})
 
@@ -144,6 +168,8 @@ def build_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
         ],
         exception_handlers={
             APIError: lambda request, exc: exc.response(),

@@ -13,13 +13,15 @@ from engine.sequence import TokenLogprobs
 from server.errors import invalid
 from server.generation import ChoiceDelta, Generation, ServedModel, event_stream
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, messages_for_template
+from server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
 
 
-def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(
+    model: ServedModel, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt=True
+) -> list[int]:
     try:
         text = model.tokenizer.apply_chat_template(
-            messages_for_template(req), tokenize=False, add_generation_prompt=True
+            messages_for_template(req), tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:  # a template that rejects the conversation (roles, order)
         raise invalid(f"the chat template rejected the messages: {exc}", param="messages") from exc

@@ -323,7 +323,7 @@ class ChatCompletionRequest(_SamplingRequest):
         }
 
 
-def messages_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def messages_for_template(req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, Any]]:
     """The messages as plain dicts for transformers' `apply_chat_template`."""
     return [_template_message(message) for message in req.messages]
 
@@ -437,3 +437,30 @@ class CompletionRequest(_SamplingRequest):
             "logprobs": self.logprobs,
             "prompt_logprobs": self.logprobs if self.echo else None,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (lm-eval and other clients use them to count tokens remotely)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for `prompt`
+    add_generation_prompt: bool = True  # for `messages`
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _FieldError("prompt", "give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    tokens: list[TokenId]

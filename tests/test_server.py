@@ -453,3 +453,23 @@ def test_bad_completion_inputs(http):
         r = http.post("/v1/completions", json={**base, **change})
         assert r.status_code == 400, (change, r.text)
         assert r.json()["error"]["param"] == param
+
+
+def test_tokenize_and_detokenize(server, http, tiny_models):
+    llm_tokenizer = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512).tokenizer
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello there"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == llm_tokenizer.encode("Hello there")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 512
+    chat_ids = http.post(
+        "/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    ).json()["tokens"]
+    assert len(chat_ids) > 2
+    back = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert back.json() == {"prompt": llm_tokenizer.decode(body["tokens"])}
+    assert http.post("/tokenize", json={"model": MODEL}).status_code == 400
+    bad = http.post("/detokenize", json={"model": MODEL, "tokens": [10**7]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    anonymous = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "x"})
+    assert anonymous.status_code == 401

@@ -63,7 +63,8 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
+        if any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
+            self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[logit_positions]).float()

@@ -120,6 +120,7 @@ def _ready_info(engine: LLMEngine) -> dict:
         "eos_token_ids": sorted(engine.eos_token_ids),
         "num_kv_blocks": engine.block_manager.num_blocks,
         "block_size": engine.config.block_size,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
     }

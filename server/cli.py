@@ -81,14 +81,16 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     if args.model:
         name = args.served_model_name or args.model
-        return [ModelToServe(name, EngineConfig(model=args.model, **overrides))]
+        return [ModelToServe(name, EngineConfig(model=args.model, serving=True, **overrides))]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     if not entries:
         raise CatalogError(f"{args.catalog}: no enabled chat model to serve")
     return [
         ModelToServe(
             e.id,
-            EngineConfig(model=resolve_source(e), **{**e.engine_kwargs(), **overrides}),
+            EngineConfig(
+                model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
+            ),
             e.owned_by,
         )
         for e in entries
@@ -119,13 +121,15 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
         info = client.info
         kv_tokens = info["num_kv_blocks"] * info["block_size"]
         logger.info(
-            "serving %s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens",
+            "serving %s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens, "
+            "up to %d tokens per step",
             model.id,
             info["device"],
             info["dtype"],
             info["max_model_len"],
             info["num_kv_blocks"],
             kv_tokens,
+            info["max_num_batched_tokens"],
         )
     return served
 

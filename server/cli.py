@@ -61,7 +61,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--dtype")
     serve.add_argument("--device")
     serve.add_argument("--max-num-seqs", type=int)
-    serve.add_argument("--max-num-batched-tokens", type=int)
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens per engine step (default: 8192 on a GPU, 512 on a CPU)",
+    )
     serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)

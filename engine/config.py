@@ -42,6 +42,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     skip_tokenizer_init: bool = False  # token ids in and out only (no tokenizer files needed)
     serving: bool = False  # an online server: favour time to first token over batch throughput
+    # CPU threads for the model; None: torch's default, and a server's engine gives threads
+    # back while other processes keep cores busy (engine/cpu_threads.py)
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -52,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError("kv_cache_blocks must be at least 1")
         if self.kernel_backend not in BACKENDS:

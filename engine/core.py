@@ -21,9 +21,11 @@ import signal
 import time
 
 import msgpack
+import torch
 import zmq
 
 from engine.config import EngineConfig
+from engine.cpu_threads import ThreadGovernor
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import Logprob, SequenceDelta, TokenLogprobs
@@ -128,7 +130,12 @@ def _ready_info(engine: LLMEngine) -> dict:
 
 def _busy_loop(engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     last_stats = 0.0
+    governor = None
+    if engine.device.type == "cpu" and engine.config.cpu_threads is None:
+        governor = ThreadGovernor(torch.get_num_threads())
     while True:
+        if governor is not None:
+            governor.tick()
         busy = engine.has_unfinished_requests()
         timeout_ms = 0 if busy else int(STATS_INTERVAL_S * 1000)
         while inbox.poll(timeout_ms):

@@ -29,6 +29,8 @@ class LLMEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
         self.device = config.resolve_device()
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
         model = loader.build_model(
             self.hf_config, source, config, self.device, self.dtype, self.max_model_len

@@ -32,6 +32,7 @@ ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "kv_cache_memory",
     "enforce_eager",
+    "cpu_threads",
 )
 
 
@@ -67,6 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="tokens per engine step (default: 8192 on a GPU, 512 on a CPU)",
     )
     serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
+    serve.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="fixed CPU threads per engine (default: all cores, fewer while others use them)",
+    )
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument(

@@ -131,8 +131,9 @@ def _ready_info(engine: LLMEngine) -> dict:
 def _busy_loop(engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     last_stats = 0.0
     governor = None
-    if engine.device.type == "cpu" and engine.config.cpu_threads is None:
-        governor = ThreadGovernor(torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if engine.device.type == "cpu" and engine.config.cpu_threads is None and threads > 1:
+        governor = ThreadGovernor(threads)
     while True:
         if governor is not None:
             governor.tick()

@@ -59,10 +59,10 @@ class ThreadGovernor:
     windows: int = 3
     sample: Callable[[], Sample] = take_sample
     set_threads: Callable[[int], None] = torch.set_num_threads
-    threads: int = 0
-    _last: Sample | None = None
-    _verdict: int = 0
-    _streak: int = 0
+    threads: int = field(init=False)
+    _last: Sample | None = field(default=None, init=False)
+    _verdict: int = field(default=0, init=False)  # the latest window's thread count
+    _streak: int = field(default=0, init=False)  # windows in a row that gave it
 
     def __post_init__(self) -> None:
         self.threads = self.max_threads

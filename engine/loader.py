@@ -18,6 +18,7 @@ import kernels
 from engine.config import EngineConfig
 from engine.gguf_weights import gguf_config, iter_gguf_weights
 from engine.models import model_class
+from kernels import linear_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ def build_model(
     else:
         model.load_weights(_progress(_iter_weights(source, engine_config.load_format)))
     model.init_rotary(device, max_model_len)
+    if device.type == "cpu" and dtype == torch.float32 and engine_config.kernel_backend == "auto":
+        packed = linear_cpu.pack_linears(model)
+        if packed:
+            logger.info("CPU linear kernel: %d fp32 layers packed", packed)
     return model.eval()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import activation, attention, norm, rotary
+from kernels import activation, attention, attention_cpu, elementwise_cpu, norm, rotary
 from kernels.attention import AttentionMetadata
 from kernels.rotary import rotary_cos_sin_cache
 
@@ -35,12 +35,28 @@ TORCH = Kernels(
 )
 
 
+# fp32 on AVX-512 CPUs: kernels in C++ (`csrc/`) that fall back to the torch references for
+# other dtypes and layouts; the loader gives the model's linear layers the CPU GEMM there too
+# (`linear_cpu`).
+CPU = Kernels(
+    "cpu",
+    elementwise_cpu.rms_norm,
+    elementwise_cpu.apply_rotary,
+    elementwise_cpu.silu_and_mul,
+    attention.write_kv_cache,
+    attention_cpu.paged_attention,
+)
+
+
 def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
     """`auto`: Triton on CUDA (attention through flash-attn where it is installed and the
-    cache pages suit it), the torch reference elsewhere. `triton` on a CPU works only under
-    TRITON_INTERPRET=1 (the tests use it so)."""
+    cache pages suit it), `CPU` on a CPU that can build it, the torch reference elsewhere.
+    `triton` on a CPU works only under TRITON_INTERPRET=1 (the tests use it so)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    on_cpu = backend == "auto" and device.type == "cpu"
+    if on_cpu and attention_cpu.available() and elementwise_cpu.available():
+        return CPU
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TORCH
     # imported here: triton is needed only where it runs
@@ -63,4 +79,12 @@ def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
     )
 
 
-__all__ = ["BACKENDS", "TORCH", "AttentionMetadata", "Kernels", "rotary_cos_sin_cache", "select"]
+__all__ = [
+    "BACKENDS",
+    "CPU",
+    "TORCH",
+    "AttentionMetadata",
+    "Kernels",
+    "rotary_cos_sin_cache",
+    "select",
+]

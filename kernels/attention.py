@@ -61,6 +61,22 @@ def paged_attention(
     """
     if meta.max_query_len == 1:
         return _decode_attention(q, k_cache, v_cache, _decode_plan(meta, k_cache.shape[1]), scale)
+    out = extend_attention(q, k_cache, v_cache, meta, scale)
+    plan = _decode_plan(meta, k_cache.shape[1])
+    if plan is not None:
+        out[plan.token_rows] = _decode_attention(q[plan.token_rows], k_cache, v_cache, plan, scale)
+    return out
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """[T, Hq, D] with the rows of multi-token queries attended; single-token rows are left
+    unset for the caller's decode path."""
     out = torch.empty_like(q)
     start = 0
     for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
@@ -70,9 +86,6 @@ def paged_attention(
                 q[rows], k_cache, v_cache, meta.block_tables[s], seq_len, scale
             )
         start += q_len
-    plan = _decode_plan(meta, k_cache.shape[1])
-    if plan is not None:
-        out[plan.token_rows] = _decode_attention(q[plan.token_rows], k_cache, v_cache, plan, scale)
     return out
 
 

@@ -1,0 +1,86 @@
+"""Builds and loads the AVX-512 CPU kernels in `kernels/csrc/` (plain C++ with OpenMP).
+
+Each source is compiled on first use with the system's C++ compiler (about a second) into the
+user's cache folder, named by a hash of source and flags, and loaded with ctypes. Where the
+CPU lacks AVX-512 or no compiler is installed, `load` returns None and says why once; the
+callers keep torch's ops then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+_loaded: dict[str, ctypes.CDLL | str] = {}  # name -> library, or why it cannot be had
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "pagoda"
+
+
+def _compile(compiler: str, source: Path) -> Path:
+    """Concurrent builders (one engine process per model) each write a temporary file and
+    rename it into place."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _build(name: str) -> ctypes.CDLL | str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX512", "AMX"):
+        return f"the CPU has no AVX-512 (torch reports {capability})"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return "no C++ compiler (c++, g++ or $CXX) to build it"
+    try:
+        # torch's libgomp is loaded already, so the kernels' OpenMP shares its thread pool
+        return ctypes.CDLL(str(_compile(compiler, SOURCES / f"{name}.cpp")))
+    except subprocess.CalledProcessError as e:
+        return f"building {name}.cpp failed: {e.stderr.strip()[:500]}"
+    except OSError as e:
+        return f"loading {name}.cpp failed: {e}"
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The library built from `csrc/<name>.cpp`, or None (logged once) where it cannot run."""
+    if name not in _loaded:
+        _loaded[name] = _build(name)
+        if isinstance(_loaded[name], str):
+            logger.warning("CPU kernel %s unavailable, using torch: %s", name, _loaded[name])
+    library = _loaded[name]
+    return library if isinstance(library, ctypes.CDLL) else None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why `load(name)` gives None, or None when it gives the library."""
+    load(name)
+    library = _loaded[name]
+    return library if isinstance(library, str) else None

@@ -1,0 +1,114 @@
+// The per-token elementwise ops of a decoder layer, fp32, AVX-512. At decode batch sizes torch
+// spends most of their time dispatching its 3-8 small ops each; one pass here does the same
+// arithmetic in a few microseconds.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// Rows are split between threads only when there is enough work to pay for waking them.
+constexpr int64_t kParallelFloats = 1 << 16;
+
+__mmask16 tail_mask(int remaining) {
+  return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+// e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (remainder below 2e-7 relative), then scaled by 2^n.
+__m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace
+
+extern "C" {
+
+// new_residual = x + residual (x alone when residual is null), out = weight * new_residual /
+// rms(new_residual). x rows have stride x_stride; the rest is contiguous [T, H].
+void pagoda_rms_norm(const float* x, int64_t x_stride, const float* residual, const float* weight,
+                     float* out, float* new_residual, int T, int H, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) if ((int64_t)T * H >= kParallelFloats)
+  for (int t = 0; t < T; ++t) {
+    const float* xt = x + t * x_stride;
+    const float* rt = residual ? residual + (int64_t)t * H : nullptr;
+    float* nt = new_residual ? new_residual + (int64_t)t * H : nullptr;
+    __m512 squares = _mm512_setzero_ps();
+    for (int i = 0; i < H; i += kLanes) {
+      const __mmask16 m = tail_mask(H - i);
+      __m512 v = _mm512_maskz_loadu_ps(m, xt + i);
+      if (rt) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rt + i));
+      if (nt) _mm512_mask_storeu_ps(nt + i, m, v);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / H + eps));
+    const float* src = nt ? nt : xt;
+    float* ot = out + (int64_t)t * H;
+    for (int i = 0; i < H; i += kLanes) {
+      const __mmask16 m = tail_mask(H - i);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + i), inv);
+      _mm512_mask_storeu_ps(ot + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + i), v));
+    }
+  }
+}
+
+// out [T, I] = silu(gate) * up where each row of x (stride x_stride) is [gate (I) | up (I)].
+void pagoda_silu_and_mul(const float* x, int64_t x_stride, float* out, int T, int I,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) if ((int64_t)T * I >= kParallelFloats)
+  for (int t = 0; t < T; ++t) {
+    const float* gate = x + t * x_stride;
+    const float* up = gate + I;
+    float* ot = out + (int64_t)t * I;
+    for (int i = 0; i < I; i += kLanes) {
+      const __mmask16 m = tail_mask(I - i);
+      const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+      const __m512 sig = _mm512_div_ps(
+          _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_mask_storeu_ps(ot + i, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, up + i)));
+    }
+  }
+}
+
+// NeoX rotary: out [T, H, D] contiguous from x [T, H, D] (strides x_stride_t, x_stride_h, 1),
+// cos/sin [T, D] contiguous: out = x * cos + concat(-x[D/2:], x[:D/2]) * sin.
+void pagoda_rotary(const float* x, int64_t x_stride_t, int64_t x_stride_h, const float* cos_t,
+                   const float* sin_t, float* out, int T, int H, int D, int threads) {
+  const int half = D / 2;
+#pragma omp parallel for num_threads(threads) if ((int64_t)T * H * D >= kParallelFloats)
+  for (int t = 0; t < T; ++t) {
+    const float* c = cos_t + (int64_t)t * D;
+    const float* s = sin_t + (int64_t)t * D;
+    for (int h = 0; h < H; ++h) {
+      const float* xh = x + t * x_stride_t + h * x_stride_h;
+      float* oh = out + ((int64_t)t * H + h) * D;
+      for (int i = 0; i < half; i += kLanes) {
+        const __mmask16 m = tail_mask(half - i);
+        const __m512 lo = _mm512_maskz_loadu_ps(m, xh + i);
+        const __m512 hi = _mm512_maskz_loadu_ps(m, xh + half + i);
+        const __m512 lo_out = _mm512_fnmadd_ps(hi, _mm512_maskz_loadu_ps(m, s + i),
+                                               _mm512_mul_ps(lo, _mm512_maskz_loadu_ps(m, c + i)));
+        const __m512 hi_out = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(m, s + half + i),
+                                              _mm512_mul_ps(hi, _mm512_maskz_loadu_ps(m, c + half + i)));
+        _mm512_mask_storeu_ps(oh + i, m, lo_out);
+        _mm512_mask_storeu_ps(oh + half + i, m, hi_out);
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,47 @@
+"""The CPU decode-attention kernel against the torch reference in `kernels.attention`.
+
+Batches come from the Triton tests' builder: caches NaN wherever no token was written and
+junk block-table entries past each sequence's end, so any read outside the context shows."""
+
+import pytest
+import torch
+
+from kernels import attention_cpu, cpu_native
+from tests.test_attention_triton import DECODE, MIXED, _make_batch, _qkv_views, _reference, seed
+
+pytestmark = pytest.mark.skipif(
+    cpu_native.unavailable_reason("attention_cpu") is not None,
+    reason=f"CPU attention kernel: {cpu_native.unavailable_reason('attention_cpu')}",
+)
+
+__all__ = ["seed"]  # the fixture, imported for pytest
+
+
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 32), (9, 3, 64)]
+)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_matches_reference(seqs, num_heads, num_kv_heads, head_dim, block_size, seed):
+    k_cache, v_cache, meta = _make_batch(seqs, num_kv_heads, head_dim, torch.float32, block_size)
+    q, _, _ = _qkv_views(sum(n for _, n in seqs), num_heads, num_kv_heads, head_dim, torch.float32)
+    scale = head_dim**-0.5
+    out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, scale)
+    expected = _reference(q, k_cache, v_cache, meta, scale)
+    assert out.shape == q.shape
+    assert torch.isfinite(out).all(), f"seed {seed}: read outside a sequence's context"
+    torch.testing.assert_close(
+        out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}"
+    )
+
+
+def test_unsupported_shapes_take_the_torch_path(seed):
+    assert attention_cpu.supports(torch.float32, 8, 2, 64)
+    assert not attention_cpu.supports(torch.float32, 8, 2, 40)  # not whole 16-lane chunks
+    assert not attention_cpu.supports(torch.bfloat16, 8, 2, 64)
+    seqs = [(20, 1), (5, 1)]
+    k_cache, v_cache, meta = _make_batch(seqs, 2, 40, torch.float32, 16)
+    q, _, _ = _qkv_views(2, 8, 2, 40, torch.float32)
+    k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, meta, 0.2))

@@ -1,0 +1,65 @@
+"""The CPU elementwise kernels against the torch references (norm, activation, rotary)."""
+
+import pytest
+import torch
+
+from kernels import activation, cpu_native, elementwise_cpu, norm, rotary
+
+pytestmark = pytest.mark.skipif(
+    cpu_native.unavailable_reason("elementwise_cpu") is not None,
+    reason=f"CPU elementwise kernels: {cpu_native.unavailable_reason('elementwise_cpu')}",
+)
+
+TOL = {"rtol": 2e-6, "atol": 2e-6}
+
+
+# widths: whole 16-lane vectors and ragged tails; rows: decode-sized and past the threshold
+# where the rows are split between threads
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("width", [64, 576, 100, 5])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(rows, width, with_residual):
+    g = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, width, generator=g) * 3
+    residual = torch.randn(rows, width, generator=g) if with_residual else None
+    weight = torch.randn(width, generator=g)
+    out, new_residual = elementwise_cpu.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_residual = norm.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(new_residual, ref_residual, **TOL)
+    if residual is None:
+        assert new_residual is x  # as the reference: the input is the next residual
+
+
+def test_rms_norm_strided_rows_and_other_dtypes():
+    x = torch.randn(6, 2, 48)[:, 0]  # row stride 96
+    weight = torch.randn(48)
+    out, _ = elementwise_cpu.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(out, norm.rms_norm(x, weight, 1e-6)[0], **TOL)
+    x16, w16 = x.bfloat16(), weight.bfloat16()  # the reference's path
+    assert torch.equal(
+        elementwise_cpu.rms_norm(x16, w16, 1e-6)[0], norm.rms_norm(x16, w16, 1e-6)[0]
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 32, 200])
+@pytest.mark.parametrize("inner", [1536, 24, 7])
+def test_silu_and_mul(rows, inner):
+    g = torch.Generator().manual_seed(inner)
+    gate_up = torch.randn(rows, 2 * inner, generator=g) * 6  # far into both tails of silu
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    torch.testing.assert_close(
+        elementwise_cpu.silu_and_mul(gate_up), activation.silu_and_mul(gate_up), **TOL
+    )
+
+
+@pytest.mark.parametrize(("heads", "head_dim"), [(12, 64), (4, 128), (3, 40)])
+@pytest.mark.parametrize("tokens", [1, 33, 400])
+def test_rotary_on_strided_head_views(tokens, heads, head_dim):
+    cos, sin = rotary.rotary_cos_sin_cache(head_dim, 512, {"rope_theta": 10000.0})
+    positions = torch.randint(0, 512, (tokens,))
+    # q and k heads as a slice of the fused qkv output, as the model passes them
+    qkv = torch.randn(tokens, heads + 2, head_dim)
+    x = qkv[:, :heads]
+    got = elementwise_cpu.apply_rotary(x, cos[positions], sin[positions])
+    torch.testing.assert_close(got, rotary.apply_rotary(x, cos[positions], sin[positions]), **TOL)

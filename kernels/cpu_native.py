@@ -35,7 +35,9 @@ def _cache_dir() -> Path:
 def _compile(compiler: str, source: Path) -> Path:
     """Concurrent builders (one engine process per model) each write a temporary file and
     rename it into place."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode())
+    digest = digest.hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target

@@ -10,6 +10,8 @@
 
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int kLanes = 16;
@@ -18,6 +20,19 @@ float dot(const float* a, const float* b, int d) {
   __m512 s = _mm512_setzero_ps();
   for (int i = 0; i < d; i += kLanes) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
   return _mm512_reduce_add_ps(s);
+}
+
+#ifndef AHEAD
+#define AHEAD 4
+#endif
+constexpr int kAhead = AHEAD;
+
+void prefetch_token(const float* cache, const int32_t* table, int t, int len, int block_size,
+                    int64_t token_stride) {
+  if (t >= len) return;
+  const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+  const char* row = (const char*)(cache + slot * token_stride);
+  for (int64_t byte = 0; byte < token_stride * 4; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
 }
 
 }  // namespace
@@ -49,6 +64,7 @@ void pagoda_paged_decode(const float* q, int64_t q_stride, const int64_t* rows,
       for (int t = 0; t < len; ++t) {
         const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
         const float* k = k_cache + slot * token_stride;
+        prefetch_token(k_cache, table, t + kAhead, len, block_size, token_stride);
         for (int head = 0; head < num_heads; ++head) {
           const float s = dot(qb + head * head_dim, k + (head / group) * head_dim, head_dim) * scale;
           scores[(size_t)head * len + t] = s;
@@ -57,18 +73,25 @@ void pagoda_paged_decode(const float* q, int64_t q_stride, const int64_t* rows,
       }
       for (int head = 0; head < num_heads; ++head) {
         float* sh = scores.data() + (size_t)head * len;
-        float sum = 0.0f;
-        for (int t = 0; t < len; ++t) {
-          sh[t] = expf(sh[t] - top[head]);
-          sum += sh[t];
+        const __m512 shift = _mm512_set1_ps(top[head]);
+        __m512 sums = _mm512_setzero_ps();
+        for (int t = 0; t < len; t += kLanes) {
+          const __mmask16 m = len - t >= kLanes ? 0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+          const __m512 p = pagoda::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + t), shift));
+          _mm512_mask_storeu_ps(sh + t, m, p);
+          sums = _mm512_mask_add_ps(sums, m, sums, p);
         }
-        const float inv = 1.0f / sum;
-        for (int t = 0; t < len; ++t) sh[t] *= inv;
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sums));
+        for (int t = 0; t < len; t += kLanes) {
+          const __mmask16 m = len - t >= kLanes ? 0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+          _mm512_mask_storeu_ps(sh + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sh + t), inv));
+        }
       }
       for (size_t i = 0; i < acc.size(); ++i) acc[i] = 0.0f;
       for (int t = 0; t < len; ++t) {
         const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
         const float* v = v_cache + slot * token_stride;
+        prefetch_token(v_cache, table, t + kAhead, len, block_size, token_stride);
         for (int head = 0; head < num_heads; ++head) {
           const __m512 p = _mm512_set1_ps(scores[(size_t)head * len + t]);
           const float* vh = v + (head / group) * head_dim;

@@ -5,6 +5,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int kLanes = 16;
@@ -14,24 +16,6 @@ constexpr int64_t kParallelFloats = 1 << 16;
 
 __mmask16 tail_mask(int remaining) {
   return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
-}
-
-// e^x to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (remainder below 2e-7 relative), then scaled by 2^n.
-__m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 }  // namespace
@@ -78,7 +62,7 @@ void pagoda_silu_and_mul(const float* x, int64_t x_stride, float* out, int T, in
       const __mmask16 m = tail_mask(I - i);
       const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
       const __m512 sig = _mm512_div_ps(
-          _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+          _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), pagoda::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       _mm512_mask_storeu_ps(ot + i, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, up + i)));
     }
   }

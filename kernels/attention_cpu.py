@@ -39,7 +39,7 @@ def available() -> bool:
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes this layer (the caller keeps the torch path otherwise)."""
-    return dtype == torch.float32 and head_dim % 16 == 0 and _library() is not None
+    return dtype == torch.float32 and head_dim in (32, 64, 128) and _library() is not None
 
 
 def paged_attention(

@@ -38,6 +38,7 @@ def test_matches_reference(seqs, num_heads, num_kv_heads, head_dim, block_size, 
 def test_unsupported_shapes_take_the_torch_path(seed):
     assert attention_cpu.supports(torch.float32, 8, 2, 64)
     assert not attention_cpu.supports(torch.float32, 8, 2, 40)  # not whole 16-lane chunks
+    assert not attention_cpu.supports(torch.float32, 8, 2, 96)  # no instance for 6 chunks
     assert not attention_cpu.supports(torch.bfloat16, 8, 2, 64)
     seqs = [(20, 1), (5, 1)]
     k_cache, v_cache, meta = _make_batch(seqs, 2, 40, torch.float32, 16)

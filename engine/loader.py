@@ -114,7 +114,7 @@ def build_model(
     else:
         model.load_weights(_progress(_iter_weights(source, engine_config.load_format)))
     model.init_rotary(device, max_model_len)
-    if device.type == "cpu" and dtype == torch.float32 and engine_config.kernel_backend == "auto":
+    if ops is kernels.CPU:
         packed = linear_cpu.pack_linears(model)
         if packed:
             logger.info("CPU linear kernel: %d fp32 layers packed", packed)

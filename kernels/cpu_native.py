@@ -24,7 +24,12 @@ logger = logging.getLogger(__name__)
 SOURCES = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
+# ctypes types for the kernels' C signatures: {function: (result, [arguments])}
+I32, I64, F32, PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+Signatures = dict[str, tuple[type | None, list[type]]]
+
 _loaded: dict[str, ctypes.CDLL | str] = {}  # name -> library, or why it cannot be had
+_declared: set[str] = set()  # libraries whose signatures are set
 
 
 def _cache_dir() -> Path:
@@ -71,14 +76,24 @@ def _build(name: str) -> ctypes.CDLL | str:
         return f"loading {name}.cpp failed: {e}"
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The library built from `csrc/<name>.cpp`, or None (logged once) where it cannot run."""
+def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
+    """The library built from `csrc/<name>.cpp` with its functions' `signatures` declared, or
+    None (logged once) where it cannot run."""
     if name not in _loaded:
         _loaded[name] = _build(name)
         if isinstance(_loaded[name], str):
             logger.warning("CPU kernel %s unavailable, using torch: %s", name, _loaded[name])
     library = _loaded[name]
-    return library if isinstance(library, ctypes.CDLL) else None
+    if not isinstance(library, ctypes.CDLL):
+        return None
+    if signatures and name not in _declared:
+        # a library first loaded without them (unavailable_reason) gets them on the first call
+        # that has them; until then ctypes would pass pointers as 32-bit ints
+        for function, (result, arguments) in signatures.items():
+            getattr(library, function).restype = result
+            getattr(library, function).argtypes = arguments
+        _declared.add(name)
+    return library
 
 
 def unavailable_reason(name: str) -> str | None:

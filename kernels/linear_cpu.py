@@ -10,7 +10,6 @@ after loading, into the kernel's panel layout (same size as the original).
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 from torch import nn
@@ -20,18 +19,16 @@ from kernels import cpu_native
 NAME = "linear_cpu"
 
 
-@functools.cache
+I32, I64, PTR = cpu_native.I32, cpu_native.I64, cpu_native.PTR
+SIGNATURES: cpu_native.Signatures = {
+    "pagoda_packed_size": (I64, [I32, I32]),
+    "pagoda_pack_weight": (None, [PTR, PTR, I32, I32]),
+    "pagoda_linear": (None, [PTR, I64, PTR, PTR, PTR, I64, I32, I32, I32, I32]),
+}
+
+
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_native.load(NAME)
-    if lib is not None:
-        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-        lib.pagoda_packed_size.argtypes = [i32, i32]
-        lib.pagoda_packed_size.restype = i64
-        lib.pagoda_pack_weight.argtypes = [ptr, ptr, i32, i32]
-        lib.pagoda_pack_weight.restype = None
-        lib.pagoda_linear.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32]
-        lib.pagoda_linear.restype = None
-    return lib
+    return cpu_native.load(NAME, SIGNATURES)
 
 
 class PackedLinear(nn.Module):
@@ -94,7 +91,8 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child.weight, child.bias))
     count = len(swaps)
-    if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
+    tied = getattr(model, "tie_word_embeddings", False) and model.lm_head is None
+    if tied and model.embed_tokens.weight.dtype == torch.float32:
         model.lm_head = PackedLinear(model.embed_tokens.weight)
         count += 1
     return count

@@ -1,4 +1,5 @@
-"""The CPU decode-attention kernel against the torch reference in `kernels.attention`.
+"""The CPU paged-attention kernel (decode rows and prefill chunks) against the torch reference
+in `kernels.attention`.
 
 Batches come from the Triton tests' builder: caches NaN wherever no token was written and
 junk block-table entries past each sequence's end, so any read outside the context shows."""
@@ -17,7 +18,13 @@ pytestmark = pytest.mark.skipif(
 __all__ = ["seed"]  # the fixture, imported for pytest
 
 
-@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+# Prefill chunks of several 16-token tiles with ragged ends, fresh and on a cached prefix.
+LONG_PREFILL = [(0, 130), (37, 45), (200, 1), (5, 17), (0, 2)]
+
+
+@pytest.mark.parametrize(
+    "seqs", [DECODE, MIXED, LONG_PREFILL], ids=["decode", "mixed", "long_prefill"]
+)
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 32), (9, 3, 64)]
 )

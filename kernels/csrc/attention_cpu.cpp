@@ -1,10 +1,10 @@
-// Decode attention on AVX-512 CPUs: one query token per sequence against its paged K/V,
-// read in place through the block table (no gathered copy of the context).
+// Paged attention on AVX-512 CPUs over a flat batch of decode tokens and prefill chunks, reading
+// K/V in place through the block tables (no gathered copy of the context).
 //
 // Cache layout (K and V alike): cache[num_blocks][block_size][num_kv_heads][head_dim]; token t
 // of sequence b sits in block block_tables[b][t / block_size] at offset t % block_size.
-// One task per sequence: a token's K (then V) row of all KV heads is one contiguous run, read
-// once for every query head of the group that shares it (GQA).
+// Decode: one task per sequence, so a token's K (then V) row of all KV heads is one contiguous
+// run, read once for every query head of the group that shares it (GQA).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +26,14 @@ const float* token_row(const float* cache, const int32_t* table, int t, int bloc
   return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride;
 }
 
+// Cache rows of tokens this far ahead are requested before they are needed: a sequence's
+// blocks are scattered, so the hardware prefetcher loses the stream at every block boundary.
+constexpr int kAhead = 16;
+
+void prefetch(const float* start, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch((const char*)(start + i), _MM_HINT_T0);
+}
+
 // scores[head][t] = q[head] . k[t] * scale; returns nothing, leaves the row maxima in top.
 template <int C>  // C = head_dim / 16
 void scores_of(const float* q, const float* k_cache, const int32_t* table, int len,
@@ -34,6 +42,7 @@ void scores_of(const float* q, const float* k_cache, const int32_t* table, int l
   for (int head = 0; head < num_heads; ++head) top[head] = -INFINITY;
   for (int t = 0; t < len; ++t) {
     const float* k = token_row(k_cache, table, t, block_size, token_stride);
+    if (t + kAhead < len) prefetch(token_row(k_cache, table, t + kAhead, block_size, token_stride), token_stride);
     for (int h = 0; h < num_heads / group; ++h) {
       __m512 kr[C];
       for (int c = 0; c < C; ++c) kr[c] = _mm512_loadu_ps(k + (h * C + c) * kLanes);
@@ -81,6 +90,8 @@ void weighted_values(const float* probs, const float* v_cache, const int32_t* ta
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int t = 0; t < len; ++t) {
       const float* v = token_row(v_cache, table, t, block_size, token_stride) + h * C * kLanes;
+      if (head % group == 0 && t + kAhead < len)
+        prefetch(token_row(v_cache, table, t + kAhead, block_size, token_stride) + h * C * kLanes, C * kLanes);
       const __m512 pt = _mm512_set1_ps(p[t]);
       for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + c * kLanes), acc[c]);
     }
@@ -88,26 +99,143 @@ void weighted_values(const float* probs, const float* v_cache, const int32_t* ta
   }
 }
 
+// Attention of one decode token (all heads) of one sequence.
 template <int C>
-void decode(const float* q, int64_t q_stride, const int64_t* rows, const float* k_cache,
-            const float* v_cache, const int32_t* block_tables, int64_t table_stride,
+void decode_row(const float* q, const float* k_cache, const float* v_cache,
+                const int32_t* table, int len, int num_heads, int group, int block_size,
+                int64_t token_stride, float scale, float* out, std::vector<float>& scores,
+                std::vector<float>& top) {
+  scores.resize((size_t)num_heads * len);
+  top.resize(num_heads);
+  scores_of<C>(q, k_cache, table, len, num_heads, group, block_size, token_stride, scale,
+               scores.data(), top.data());
+  softmax_rows(scores.data(), top.data(), num_heads, len);
+  weighted_values<C>(scores.data(), v_cache, table, len, num_heads, group, block_size,
+                     token_stride, out);
+}
+
+// Prefill: up to 16 consecutive query tokens of one sequence and one head, one per lane.
+// Lane i is the token at position base + i and sees keys t <= base + i. The query rows are
+// transposed once (qt[d] holds dimension d of every row), so a key's score for all rows is a
+// chain of broadcast FMAs, and the scores are kept as s[t][lane]: the softmax runs down
+// columns with no horizontal sums.
+//
+//   qt[d][lane] = q[lane][d] * scale      s[t][lane] = sum_d qt[d][lane] * k[t][d]
+//   o[d][lane]  = sum_t p[t][lane] * v[t][d], written back as out[lane][d]
+template <int C, int J>
+void score_keys(const float (*qt)[kLanes], const float* k_cache, const int64_t* rows, int t,
+                int base, float* s, __m512& top) {
+  __m512 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  for (int d = 0; d < C * kLanes; ++d) {
+    const __m512 qd = _mm512_load_ps(qt[d]);
+    for (int j = 0; j < J; ++j)
+      acc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k_cache[rows[t + j] + d]), acc[j]);
+  }
+  for (int j = 0; j < J; ++j) {
+    const int hidden = t + j - base;  // lanes below this one may not see key t + j yet
+    if (hidden > 0)
+      acc[j] = _mm512_mask_mov_ps(acc[j], (__mmask16)((1u << hidden) - 1),
+                                  _mm512_set1_ps(-INFINITY));
+    top = _mm512_max_ps(top, acc[j]);
+    _mm512_store_ps(s + (size_t)(t + j) * kLanes, acc[j]);
+  }
+}
+
+template <int C>
+void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stride, int count,
+                  int base, const float* k_cache, const float* v_cache, const int32_t* table,
+                  int block_size, int64_t token_stride, int64_t kv_offset, float scale,
+                  std::vector<float>& s_buf, std::vector<int64_t>& rows) {
+  constexpr int D = C * kLanes;
+  alignas(64) float qt[D][kLanes];
+  for (int d = 0; d < D; ++d)
+    for (int i = 0; i < kLanes; ++i) qt[d][i] = i < count ? q[i * q_stride + d] * scale : 0.0f;
+  const int len = base + count;
+  rows.resize(len);
+  for (int t = 0; t < len; ++t)
+    rows[t] = ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride +
+              kv_offset;
+  s_buf.resize((size_t)len * kLanes + kLanes);
+  float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
+
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int t = 0;
+  for (; t + 8 <= len; t += 8) score_keys<C, 8>(qt, k_cache, rows.data(), t, base, s, top);
+  for (; t < len; ++t) score_keys<C, 1>(qt, k_cache, rows.data(), t, base, s, top);
+
+  __m512 sums = _mm512_setzero_ps();
+  for (t = 0; t < len; ++t) {
+    __m512 p = pagoda::exp_ps(_mm512_sub_ps(_mm512_load_ps(s + (size_t)t * kLanes), top));
+    const int hidden = t - base;
+    if (hidden > 0) p = _mm512_maskz_mov_ps((__mmask16)~((1u << hidden) - 1), p);
+    sums = _mm512_add_ps(sums, p);
+    _mm512_store_ps(s + (size_t)t * kLanes, p);
+  }
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sums);
+
+  alignas(64) float o[kLanes][kLanes];  // o[j][lane]: dimension c * 16 + j of each row
+  for (int c = 0; c < C; ++c) {
+    __m512 acc[kLanes];
+    for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
+    for (t = 0; t < len; ++t) {
+      const __m512 p = _mm512_load_ps(s + (size_t)t * kLanes);
+      const float* v = v_cache + rows[t] + c * kLanes;
+      for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_fmadd_ps(p, _mm512_set1_ps(v[j]), acc[j]);
+    }
+    for (int j = 0; j < kLanes; ++j) _mm512_store_ps(o[j], _mm512_mul_ps(acc[j], inv));
+    for (int i = 0; i < count; ++i)
+      for (int j = 0; j < kLanes; ++j) out[i * out_stride + c * kLanes + j] = o[j][i];
+  }
+}
+
+// A unit of work: one decode sequence (tile < 0), or one head of one 16-token query tile.
+struct Task {
+  int seq, tile, head;
+};
+
+template <int C>
+void attend(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+            const int32_t* block_tables, int64_t table_stride, const int32_t* query_start,
             const int32_t* seq_lens, float* out, int B, int num_heads, int num_kv_heads,
             int block_size, float scale, int threads) {
+  constexpr int D = C * kLanes;
   const int group = num_heads / num_kv_heads;
-  const int64_t token_stride = (int64_t)num_kv_heads * C * kLanes;
+  const int64_t token_stride = (int64_t)num_kv_heads * D;
+  const int64_t out_stride = (int64_t)num_heads * D;
+  std::vector<Task> tasks;
+  for (int b = 0; b < B; ++b) {  // prefill tiles first, the longest of each sequence first
+    const int count = query_start[b + 1] - query_start[b];
+    if (count > 1)
+      for (int tile = (count - 1) / kLanes; tile >= 0; --tile)
+        for (int head = 0; head < num_heads; ++head) tasks.push_back({b, tile, head});
+  }
+  for (int b = 0; b < B; ++b)
+    if (query_start[b + 1] - query_start[b] == 1) tasks.push_back({b, -1, 0});
+  const int num_tasks = (int)tasks.size();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scores, top(num_heads);
+    std::vector<float> scores, top;
+    std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b) {
-      const int len = seq_lens[b];
-      const int32_t* table = block_tables + (int64_t)b * table_stride;
-      scores.resize((size_t)num_heads * len);
-      scores_of<C>(q + (rows ? rows[b] : b) * q_stride, k_cache, table, len, num_heads, group,
-                   block_size, token_stride, scale, scores.data(), top.data());
-      softmax_rows(scores.data(), top.data(), num_heads, len);
-      weighted_values<C>(scores.data(), v_cache, table, len, num_heads, group, block_size,
-                         token_stride, out + (int64_t)b * num_heads * C * kLanes);
+    for (int n = 0; n < num_tasks; ++n) {
+      const Task task = tasks[n];
+      const int32_t* table = block_tables + (int64_t)task.seq * table_stride;
+      const int first = query_start[task.seq];
+      const int len = seq_lens[task.seq];
+      if (task.tile < 0) {
+        decode_row<C>(q + first * q_stride, k_cache, v_cache, table, len, num_heads, group,
+                      block_size, token_stride, scale, out + first * out_stride, scores, top);
+        continue;
+      }
+      const int count = query_start[task.seq + 1] - first;
+      const int start = task.tile * kLanes;
+      const int rows_here = count - start < kLanes ? count - start : kLanes;
+      const int64_t row0 = first + start;
+      prefill_tile<C>(q + row0 * q_stride + task.head * D, q_stride,
+                      out + row0 * out_stride + task.head * D, out_stride, rows_here,
+                      len - count + start, k_cache, v_cache, table, block_size, token_stride,
+                      (int64_t)(task.head / group) * D, scale, scores, rows);
     }
   }
 }
@@ -116,25 +244,28 @@ void decode(const float* q, int64_t q_stride, const int64_t* rows, const float* 
 
 extern "C" {
 
-// q: row rows[i] (or i when rows is null) of a [T, num_heads * head_dim] buffer with row
-// stride q_stride; out: [B, num_heads * head_dim] contiguous. head_dim 32, 64 or 128 (the
-// caller checks; returns without writing otherwise).
-void pagoda_paged_decode(const float* q, int64_t q_stride, const int64_t* rows,
-                         const float* k_cache, const float* v_cache, const int32_t* block_tables,
-                         int64_t table_stride, const int32_t* seq_lens, float* out, int B,
-                         int num_heads, int num_kv_heads, int head_dim, int block_size,
-                         float scale, int threads) {
+// q: [T, num_heads * head_dim] rows with row stride q_stride; sequence b owns rows
+// query_start[b] .. query_start[b + 1] - 1, the last tokens of its seq_lens[b]; out: [T,
+// num_heads * head_dim] contiguous. head_dim 32, 64 or 128 (the caller checks; returns without
+// writing otherwise).
+void pagoda_paged_attention(const float* q, int64_t q_stride, const float* k_cache,
+                            const float* v_cache, const int32_t* block_tables,
+                            int64_t table_stride, const int32_t* query_start,
+                            const int32_t* seq_lens, float* out, int B, int num_heads,
+                            int num_kv_heads, int head_dim, int block_size, float scale,
+                            int threads) {
+#define PAGODA_ATTEND(C)                                                                   \
+  attend<C>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start, seq_lens, \
+            out, B, num_heads, num_kv_heads, block_size, scale, threads)
   switch (head_dim) {
     case 32:
-      return decode<2>(q, q_stride, rows, k_cache, v_cache, block_tables, table_stride, seq_lens,
-                       out, B, num_heads, num_kv_heads, block_size, scale, threads);
+      return PAGODA_ATTEND(2);
     case 64:
-      return decode<4>(q, q_stride, rows, k_cache, v_cache, block_tables, table_stride, seq_lens,
-                       out, B, num_heads, num_kv_heads, block_size, scale, threads);
+      return PAGODA_ATTEND(4);
     case 128:
-      return decode<8>(q, q_stride, rows, k_cache, v_cache, block_tables, table_stride, seq_lens,
-                       out, B, num_heads, num_kv_heads, block_size, scale, threads);
+      return PAGODA_ATTEND(8);
   }
+#undef PAGODA_ATTEND
 }
 
 }  // extern "C"

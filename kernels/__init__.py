@@ -43,7 +43,7 @@ CPU = Kernels(
     elementwise_cpu.rms_norm,
     elementwise_cpu.apply_rotary,
     elementwise_cpu.silu_and_mul,
-    attention.write_kv_cache,
+    attention_cpu.write_kv_cache,
     attention_cpu.paged_attention,
 )
 

@@ -20,6 +20,7 @@ NAME = "attention_cpu"
 
 I32, I64, F32, PTR = cpu_native.I32, cpu_native.I64, cpu_native.F32, cpu_native.PTR
 SIGNATURES: cpu_native.Signatures = {
+    "pagoda_write_kv_cache": (None, [PTR, I64, PTR, I64, PTR, PTR, PTR, I32, I32]),
     "pagoda_paged_attention": (
         None,
         [PTR, I64, PTR, PTR, PTR, I64, PTR, PTR, PTR, I32, I32, I32, I32, I32, F32, I32],
@@ -38,6 +39,34 @@ def available() -> bool:
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes this layer (the caller keeps the torch path otherwise)."""
     return dtype == torch.float32 and head_dim in (32, 64, 128) and _library() is not None
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same contract as `kernels.attention.write_kv_cache`: one memcpy per token and cache
+    instead of index_copy_'s dispatch, 60 times a decode step."""
+    tokens, heads, head_dim = k.shape
+    rows_ok = all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (k, v))
+    if not (rows_ok and k.dtype == v.dtype == k_cache.dtype == torch.float32 and available()):
+        return attention.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _library().pagoda_write_kv_cache(
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        tokens,
+        heads * head_dim,
+    )
 
 
 def paged_attention(

@@ -7,6 +7,7 @@ junk block-table entries past each sequence's end, so any read outside the conte
 import pytest
 import torch
 
+from kernels import attention as ref
 from kernels import attention_cpu, cpu_native
 from tests.test_attention_triton import DECODE, MIXED, _make_batch, _qkv_views, _reference, seed
 
@@ -53,3 +54,27 @@ def test_unsupported_shapes_take_the_torch_path(seed):
     k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
     out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, 0.2)
     torch.testing.assert_close(out, _reference(q, k_cache, v_cache, meta, 0.2))
+
+
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128), (2, 32)])
+def test_write_kv_cache(num_kv_heads, head_dim, seed):
+    _, k, v = _qkv_views(40, 2 * num_kv_heads, num_kv_heads, head_dim, torch.float32)
+    assert not k.is_contiguous()  # strided views of the fused projection, as the model passes
+    slots = torch.randperm(6 * 16)[:40]
+    k_cache = torch.randn(6, 16, num_kv_heads, head_dim)
+    v_cache = torch.randn(6, 16, num_kv_heads, head_dim)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    attention_cpu.write_kv_cache(k, v, k_cache, v_cache, slots)
+    ref.write_kv_cache(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref), f"seed {seed}"
+    assert torch.equal(v_cache, v_ref), f"seed {seed}"
+
+
+def test_write_kv_cache_skips_negative_slots():
+    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    k_cache, v_cache = torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64)
+    attention_cpu.write_kv_cache(k, v, k_cache, v_cache, torch.tensor([5, -1, 20]))
+    flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
+    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[20], k[2])
+    assert torch.equal(flat_v[5], v[0]) and torch.equal(flat_v[20], v[2])
+    assert int((flat_k != 0).any(-1).any(-1).sum()) == 2

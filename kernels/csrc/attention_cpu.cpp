@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
@@ -243,6 +244,17 @@ void attend(const float* q, int64_t q_stride, const float* k_cache, const float*
 }  // namespace
 
 extern "C" {
+
+// Rows t of k and v ([T, row] with row strides k_stride, v_stride) into cache slots slots[t]
+// of the caches ([num_slots, row] contiguous); a negative slot (padding row) is skipped.
+void pagoda_write_kv_cache(const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                           float* k_cache, float* v_cache, const int64_t* slots, int T, int row) {
+  for (int t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
+    memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+  }
+}
 
 // q: [T, num_heads * head_dim] rows with row stride q_stride; sequence b owns rows
 // query_start[b] .. query_start[b + 1] - 1, the last tokens of its seq_lens[b]; out: [T,

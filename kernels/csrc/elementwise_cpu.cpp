@@ -12,7 +12,7 @@ namespace {
 constexpr int kLanes = 16;
 
 // Rows are split between threads only when there is enough work to pay for waking them.
-constexpr int64_t kParallelFloats = 1 << 16;
+constexpr int64_t kParallelFloats = 1 << 14;
 
 __mmask16 tail_mask(int remaining) {
   return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);

@@ -35,18 +35,23 @@ void rows_times_panel(const float* x, int64_t ldx, const float* panel, const flo
     lo[i] = bias_lo;
     hi[i] = bias_hi;
   }
-  for (int k = 0; k < K; ++k) {
-    if (prefetch && k % prefetch_every == 0) {
-      const float* line = prefetch + (int64_t)(k / prefetch_every) * kPanel;
+  // k runs in groups of prefetch_every steps, one prefetched line pair per group: no division
+  // or branch in the FMA loop
+  for (int k0 = 0, group = 0; k0 < K; k0 += prefetch_every, ++group) {
+    if (prefetch) {
+      const float* line = prefetch + (int64_t)group * kPanel;
       _mm_prefetch((const char*)line, _MM_HINT_T1);
       _mm_prefetch((const char*)(line + 16), _MM_HINT_T1);
     }
-    const __m512 w_lo = _mm512_loadu_ps(panel + (int64_t)k * kPanel);
-    const __m512 w_hi = _mm512_loadu_ps(panel + (int64_t)k * kPanel + 16);
-    for (int i = 0; i < R; ++i) {
-      const __m512 a = _mm512_set1_ps(x[i * ldx + k]);
-      lo[i] = _mm512_fmadd_ps(a, w_lo, lo[i]);
-      hi[i] = _mm512_fmadd_ps(a, w_hi, hi[i]);
+    const int k1 = k0 + prefetch_every < K ? k0 + prefetch_every : K;
+    for (int k = k0; k < k1; ++k) {
+      const __m512 w_lo = _mm512_loadu_ps(panel + (int64_t)k * kPanel);
+      const __m512 w_hi = _mm512_loadu_ps(panel + (int64_t)k * kPanel + 16);
+      for (int i = 0; i < R; ++i) {
+        const __m512 a = _mm512_set1_ps(x[i * ldx + k]);
+        lo[i] = _mm512_fmadd_ps(a, w_lo, lo[i]);
+        hi[i] = _mm512_fmadd_ps(a, w_hi, hi[i]);
+      }
     }
   }
   for (int i = 0; i < R; ++i) {

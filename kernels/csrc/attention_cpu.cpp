@@ -22,9 +22,16 @@ __mmask16 tail_mask(int remaining) {
   return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
 }
 
-const float* token_row(const float* cache, const int32_t* table, int t, int block_size,
-                       int64_t token_stride) {
-  return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride;
+// rows[t] = offset of token t's cache row, for t < len (computed once per task, so the loops
+// over tokens do no division).
+void token_rows(const int32_t* table, int len, int block_size, int64_t token_stride,
+                int64_t offset, std::vector<int64_t>& rows) {
+  rows.resize(len);
+  for (int t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+    const int64_t first = (int64_t)table[b] * block_size * token_stride + offset;
+    const int end = t0 + block_size < len ? t0 + block_size : len;
+    for (int t = t0; t < end; ++t) rows[t] = first + (t - t0) * token_stride;
+  }
 }
 
 // Cache rows of tokens this far ahead are requested before they are needed: a sequence's
@@ -37,13 +44,13 @@ void prefetch(const float* start, int64_t floats) {
 
 // scores[head][t] = q[head] . k[t] * scale; returns nothing, leaves the row maxima in top.
 template <int C>  // C = head_dim / 16
-void scores_of(const float* q, const float* k_cache, const int32_t* table, int len,
-               int num_heads, int group, int block_size, int64_t token_stride, float scale,
-               float* scores, float* top) {
+void scores_of(const float* q, const float* k_cache, const int64_t* rows, int len,
+               int num_heads, int group, int64_t token_stride, float scale, float* scores,
+               float* top) {
   for (int head = 0; head < num_heads; ++head) top[head] = -INFINITY;
   for (int t = 0; t < len; ++t) {
-    const float* k = token_row(k_cache, table, t, block_size, token_stride);
-    if (t + kAhead < len) prefetch(token_row(k_cache, table, t + kAhead, block_size, token_stride), token_stride);
+    const float* k = k_cache + rows[t];
+    if (t + kAhead < len) prefetch(k_cache + rows[t + kAhead], token_stride);
     for (int h = 0; h < num_heads / group; ++h) {
       __m512 kr[C];
       for (int c = 0; c < C; ++c) kr[c] = _mm512_loadu_ps(k + (h * C + c) * kLanes);
@@ -82,17 +89,17 @@ void softmax_rows(float* scores, const float* top, int num_heads, int len) {
 
 // out[head] = sum_t p[head][t] v[t]; each head's accumulator stays in registers.
 template <int C>
-void weighted_values(const float* probs, const float* v_cache, const int32_t* table, int len,
-                     int num_heads, int group, int block_size, int64_t token_stride, float* out) {
+void weighted_values(const float* probs, const float* v_cache, const int64_t* rows, int len,
+                     int num_heads, int group, float* out) {
   for (int head = 0; head < num_heads; ++head) {
     const int h = head / group;
     const float* p = probs + (size_t)head * len;
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int t = 0; t < len; ++t) {
-      const float* v = token_row(v_cache, table, t, block_size, token_stride) + h * C * kLanes;
+      const float* v = v_cache + rows[t] + h * C * kLanes;
       if (head % group == 0 && t + kAhead < len)
-        prefetch(token_row(v_cache, table, t + kAhead, block_size, token_stride) + h * C * kLanes, C * kLanes);
+        prefetch(v_cache + rows[t + kAhead] + h * C * kLanes, C * kLanes);
       const __m512 pt = _mm512_set1_ps(p[t]);
       for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + c * kLanes), acc[c]);
     }
@@ -105,14 +112,14 @@ template <int C>
 void decode_row(const float* q, const float* k_cache, const float* v_cache,
                 const int32_t* table, int len, int num_heads, int group, int block_size,
                 int64_t token_stride, float scale, float* out, std::vector<float>& scores,
-                std::vector<float>& top) {
+                std::vector<float>& top, std::vector<int64_t>& rows) {
   scores.resize((size_t)num_heads * len);
   top.resize(num_heads);
-  scores_of<C>(q, k_cache, table, len, num_heads, group, block_size, token_stride, scale,
+  token_rows(table, len, block_size, token_stride, 0, rows);
+  scores_of<C>(q, k_cache, rows.data(), len, num_heads, group, token_stride, scale,
                scores.data(), top.data());
   softmax_rows(scores.data(), top.data(), num_heads, len);
-  weighted_values<C>(scores.data(), v_cache, table, len, num_heads, group, block_size,
-                     token_stride, out);
+  weighted_values<C>(scores.data(), v_cache, rows.data(), len, num_heads, group, out);
 }
 
 // Prefill: up to 16 consecutive query tokens of one sequence and one head, one per lane.
@@ -153,10 +160,7 @@ void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stri
   for (int d = 0; d < D; ++d)
     for (int i = 0; i < kLanes; ++i) qt[d][i] = i < count ? q[i * q_stride + d] * scale : 0.0f;
   const int len = base + count;
-  rows.resize(len);
-  for (int t = 0; t < len; ++t)
-    rows[t] = ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride +
-              kv_offset;
+  token_rows(table, len, block_size, token_stride, kv_offset, rows);
   s_buf.resize((size_t)len * kLanes + kLanes);
   float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
 
@@ -226,7 +230,8 @@ void attend(const float* q, int64_t q_stride, const float* k_cache, const float*
       const int len = seq_lens[task.seq];
       if (task.tile < 0) {
         decode_row<C>(q + first * q_stride, k_cache, v_cache, table, len, num_heads, group,
-                      block_size, token_stride, scale, out + first * out_stride, scores, top);
+                      block_size, token_stride, scale, out + first * out_stride, scores, top,
+                      rows);
         continue;
       }
       const int count = query_start[task.seq + 1] - first;

@@ -7,9 +7,17 @@ junk block-table entries past each sequence's end, so any read outside the conte
 import pytest
 import torch
 
-from kernels import attention as ref
 from kernels import attention_cpu, cpu_native
-from tests.test_attention_triton import DECODE, MIXED, _make_batch, _qkv_views, _reference, seed
+from tests.test_attention_triton import (
+    DECODE,
+    MIXED,
+    _check_skips_negative_slots,
+    _check_write_kv_cache,
+    _make_batch,
+    _qkv_views,
+    _reference,
+    seed,
+)
 
 pytestmark = pytest.mark.skipif(
     cpu_native.unavailable_reason("attention_cpu") is not None,
@@ -58,23 +66,8 @@ def test_unsupported_shapes_take_the_torch_path(seed):
 
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128), (2, 32)])
 def test_write_kv_cache(num_kv_heads, head_dim, seed):
-    _, k, v = _qkv_views(40, 2 * num_kv_heads, num_kv_heads, head_dim, torch.float32)
-    assert not k.is_contiguous()  # strided views of the fused projection, as the model passes
-    slots = torch.randperm(6 * 16)[:40]
-    k_cache = torch.randn(6, 16, num_kv_heads, head_dim)
-    v_cache = torch.randn(6, 16, num_kv_heads, head_dim)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    attention_cpu.write_kv_cache(k, v, k_cache, v_cache, slots)
-    ref.write_kv_cache(k, v, k_ref, v_ref, slots)
-    assert torch.equal(k_cache, k_ref), f"seed {seed}"
-    assert torch.equal(v_cache, v_ref), f"seed {seed}"
+    _check_write_kv_cache(attention_cpu.write_kv_cache, torch.float32, num_kv_heads, head_dim, seed)
 
 
 def test_write_kv_cache_skips_negative_slots():
-    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
-    k_cache, v_cache = torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64)
-    attention_cpu.write_kv_cache(k, v, k_cache, v_cache, torch.tensor([5, -1, 20]))
-    flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
-    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[20], k[2])
-    assert torch.equal(flat_v[5], v[0]) and torch.equal(flat_v[20], v[2])
-    assert int((flat_k != 0).any(-1).any(-1).sum()) == 2
+    _check_skips_negative_slots(attention_cpu.write_kv_cache)

@@ -175,6 +175,15 @@ def test_decode_long_context_splits_by_itself(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128), (2, 32)])
 def test_write_kv_cache(dtype, num_kv_heads, head_dim, seed):
+    _check_write_kv_cache(tri.write_kv_cache, dtype, num_kv_heads, head_dim, seed)
+
+
+def test_write_kv_cache_skips_negative_slots():
+    _check_skips_negative_slots(tri.write_kv_cache)
+
+
+def _check_write_kv_cache(write, dtype, num_kv_heads, head_dim, seed):
+    """`write` stores the strided k, v views of a fused projection as the reference does."""
     num_blocks, block_size, num_tokens = 6, 16, 40
     _, k, v = _qkv_views(num_tokens, 2 * num_kv_heads, num_kv_heads, head_dim, dtype)
     assert not k.is_contiguous()
@@ -183,19 +192,20 @@ def test_write_kv_cache(dtype, num_kv_heads, head_dim, seed):
     k_cache = torch.randn(shape, device=DEVICE).to(dtype)
     v_cache = torch.randn(shape, device=DEVICE).to(dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    tri.write_kv_cache(k, v, k_cache, v_cache, slots)
+    write(k, v, k_cache, v_cache, slots)
     ref.write_kv_cache(k, v, k_ref, v_ref, slots)
     assert torch.equal(k_cache, k_ref), f"seed {seed}"
     assert torch.equal(v_cache, v_ref), f"seed {seed}"
 
 
-def test_write_kv_cache_skips_negative_slots():
+def _check_skips_negative_slots(write):
+    """A negative slot (a padding row) is not written."""
     k = torch.randn(3, 2, 64, device=DEVICE)
     v = torch.randn(3, 2, 64, device=DEVICE)
     k_cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
     v_cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
     slots = torch.tensor([5, -1, 20], device=DEVICE)
-    tri.write_kv_cache(k, v, k_cache, v_cache, slots)
+    write(k, v, k_cache, v_cache, slots)
     flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
     assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[20], k[2])
     assert torch.equal(flat_v[5], v[0]) and torch.equal(flat_v[20], v[2])

@@ -74,13 +74,15 @@ def extend_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,
+    min_context: int = 0,
 ) -> torch.Tensor:
-    """[T, Hq, D] with the rows of multi-token queries attended; single-token rows are left
-    unset for the caller's decode path."""
-    out = torch.empty_like(q)
+    """[T, Hq, D] (`out` when given) with the rows of multi-token queries whose context exceeds
+    `min_context` tokens attended; the other rows are left as they are for the caller."""
+    out = torch.empty_like(q) if out is None else out
     start = 0
     for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-        if q_len > 1:
+        if q_len > 1 and seq_len > min_context:
             rows = slice(start, start + q_len)
             out[rows] = _extend_attention(
                 q[rows], k_cache, v_cache, meta.block_tables[s], seq_len, scale

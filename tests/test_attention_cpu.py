@@ -51,6 +51,21 @@ def test_matches_reference(seqs, num_heads, num_kv_heads, head_dim, block_size, 
     )
 
 
+@pytest.mark.parametrize("limit", [0, 100], ids=["all_prefill_torch", "some_prefill_torch"])
+def test_long_prefills_take_the_torch_path(limit, monkeypatch, seed):
+    """Prefill chunks with more context than LONG_PREFILL are attended by torch, the rest of the
+    batch by the kernel, in one call."""
+    monkeypatch.setattr(attention_cpu, "LONG_PREFILL", limit)
+    k_cache, v_cache, meta = _make_batch(LONG_PREFILL, 3, 64, torch.float32, 16)
+    q, _, _ = _qkv_views(sum(n for _, n in LONG_PREFILL), 9, 3, 64, torch.float32)
+    k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    expected = _reference(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(
+        out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}"
+    )
+
+
 def test_unsupported_shapes_take_the_torch_path(seed):
     assert attention_cpu.supports(torch.float32, 8, 2, 64)
     assert not attention_cpu.supports(torch.float32, 8, 2, 40)  # not whole 16-lane chunks

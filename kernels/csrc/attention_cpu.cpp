@@ -203,7 +203,7 @@ template <int C>
 void attend(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
             const int32_t* block_tables, int64_t table_stride, const int32_t* query_start,
             const int32_t* seq_lens, float* out, int B, int num_heads, int num_kv_heads,
-            int block_size, float scale, int threads) {
+            int block_size, float scale, int max_prefill_context, int threads) {
   constexpr int D = C * kLanes;
   const int group = num_heads / num_kv_heads;
   const int64_t token_stride = (int64_t)num_kv_heads * D;
@@ -211,7 +211,7 @@ void attend(const float* q, int64_t q_stride, const float* k_cache, const float*
   std::vector<Task> tasks;
   for (int b = 0; b < B; ++b) {  // prefill tiles first, the longest of each sequence first
     const int count = query_start[b + 1] - query_start[b];
-    if (count > 1)
+    if (count > 1 && seq_lens[b] <= max_prefill_context)
       for (int tile = (count - 1) / kLanes; tile >= 0; --tile)
         for (int head = 0; head < num_heads; ++head) tasks.push_back({b, tile, head});
   }
@@ -263,17 +263,18 @@ void pagoda_write_kv_cache(const float* k, int64_t k_stride, const float* v, int
 
 // q: [T, num_heads * head_dim] rows with row stride q_stride; sequence b owns rows
 // query_start[b] .. query_start[b + 1] - 1, the last tokens of its seq_lens[b]; out: [T,
-// num_heads * head_dim] contiguous. head_dim 32, 64 or 128 (the caller checks; returns without
-// writing otherwise).
+// num_heads * head_dim] contiguous. Prefill chunks with more than max_prefill_context tokens of
+// context are left unwritten for the caller. head_dim 32, 64 or 128 (the caller checks; returns
+// without writing otherwise).
 void pagoda_paged_attention(const float* q, int64_t q_stride, const float* k_cache,
                             const float* v_cache, const int32_t* block_tables,
                             int64_t table_stride, const int32_t* query_start,
                             const int32_t* seq_lens, float* out, int B, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, float scale,
-                            int threads) {
+                            int max_prefill_context, int threads) {
 #define PAGODA_ATTEND(C)                                                                   \
   attend<C>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start, seq_lens, \
-            out, B, num_heads, num_kv_heads, block_size, scale, threads)
+            out, B, num_heads, num_kv_heads, block_size, scale, max_prefill_context, threads)
   switch (head_dim) {
     case 32:
       return PAGODA_ATTEND(2);

@@ -28,7 +28,7 @@ SIGNATURES: cpu_native.Signatures = {
     "pagoda_write_kv_cache": (None, [PTR, I64, PTR, I64, PTR, PTR, PTR, I32, I32]),
     "pagoda_paged_attention": (
         None,
-        [PTR, I64, PTR, PTR, PTR, I64, PTR, PTR, PTR, I32, I32, I32, I32, I32, F32, I32],
+        [PTR, I64, PTR, PTR, PTR, I64, PTR, PTR, PTR, I32, I32, I32, I32, I32, F32, I32, I32],
     ),
 }
 

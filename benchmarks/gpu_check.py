@@ -55,9 +55,9 @@ if not torch.cuda.is_available():
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
-from kernels import attention as torch_attention  # noqa: E402
-from kernels.attention import AttentionMetadata  # noqa: E402
+from pagoda.engine import LLM, SamplingParams  # noqa: E402
+from pagoda.kernels import attention as torch_attention  # noqa: E402
+from pagoda.kernels.attention import AttentionMetadata  # noqa: E402
 
 PARTS = ("copy", "paged", "hf", "decode", "ttft", "throughput")
 MAX_REL_ERR = 2e-2  # paged decode vs the fp32 reference; bf16 output rounding alone is ~3e-3
@@ -316,7 +316,7 @@ def measure_copy(plan: Plan, device: torch.device) -> dict:
 
 
 def paged_kernel() -> Callable:
-    from kernels import attention_triton  # imported late: needs triton (interpreted on CPU)
+    from pagoda.kernels import attention_triton  # imported late: needs triton (interpreted on CPU)
 
     return attention_triton.paged_attention
 

@@ -39,9 +39,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from engine import LLM, SamplingParams
-from engine.config import DTYPES, LOAD_FORMATS
-from engine.loader import ModelSource, load_config, resolve_source
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.config import DTYPES, LOAD_FORMATS
+from pagoda.engine.loader import ModelSource, load_config, resolve_source
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

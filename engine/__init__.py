@@ -1,10 +1,10 @@
 """pagoda's engine: token ids in, token ids out, over a paged KV cache."""
 
-from engine.config import EngineConfig
-from engine.llm import LLM, CompletionOutput, RequestOutput
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import Logprob, SequenceDelta
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm import LLM, CompletionOutput, RequestOutput
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import Logprob, SequenceDelta
 
 __all__ = [
     "LLM",

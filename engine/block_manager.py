@@ -13,7 +13,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.sequence import Sequence
+from pagoda.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

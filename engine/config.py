@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BACKENDS
+from pagoda.kernels import BACKENDS
 
 DTYPES = {
     "float32": torch.float32,

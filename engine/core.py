@@ -24,11 +24,11 @@ import msgpack
 import torch
 import zmq
 
-from engine.config import EngineConfig
-from engine.cpu_threads import ThreadGovernor
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import Logprob, SequenceDelta, TokenLogprobs
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.cpu_threads import ThreadGovernor
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import Logprob, SequenceDelta, TokenLogprobs
 
 STATS_INTERVAL_S = 1.0
 logger = logging.getLogger(__name__)

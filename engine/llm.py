@@ -8,10 +8,10 @@ from itertools import count
 import torch
 from tqdm import tqdm
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence, TokenLogprobs
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import Sequence, TokenLogprobs
 
 Prompt = str | dict
 

@@ -6,13 +6,13 @@ import logging
 
 import torch
 
-from engine import loader
-from engine.block_manager import BlockManager
-from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
-from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceDelta
+from pagoda.engine import loader
+from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.sequence import Sequence, SequenceDelta
 
 logger = logging.getLogger(__name__)
 

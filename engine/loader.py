@@ -14,11 +14,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-import kernels
-from engine.config import EngineConfig
-from engine.gguf_weights import gguf_config, iter_gguf_weights
-from engine.models import model_class
-from kernels import linear_cpu
+from pagoda import kernels
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
+from pagoda.engine.models import model_class
+from pagoda.kernels import linear_cpu
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.cuda_graphs import DecodeGraphs
-from engine.sampler import sample, token_logprobs
-from engine.scheduler import ScheduledBatch
-from engine.sequence import TokenLogprobs
-from kernels import AttentionMetadata
+from pagoda.engine.cuda_graphs import DecodeGraphs
+from pagoda.engine.sampler import sample, token_logprobs
+from pagoda.engine.scheduler import ScheduledBatch
+from pagoda.engine.sequence import TokenLogprobs
+from pagoda.kernels import AttentionMetadata
 
 DecodeGraphLimits = tuple[int, int]  # (max_model_len, max_num_seqs) for the captured sizes
 

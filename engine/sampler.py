@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sequence import Logprob, Sequence, TokenLogprobs
+from pagoda.engine.sequence import Logprob, Sequence, TokenLogprobs
 
 
 def sample(

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

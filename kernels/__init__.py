@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import activation, attention, attention_cpu, elementwise_cpu, norm, rotary
-from kernels.attention import AttentionMetadata
-from kernels.rotary import rotary_cos_sin_cache
+from pagoda.kernels import activation, attention, attention_cpu, elementwise_cpu, norm, rotary
+from pagoda.kernels.attention import AttentionMetadata
+from pagoda.kernels.rotary import rotary_cos_sin_cache
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -60,7 +60,7 @@ def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TORCH
     # imported here: triton is needed only where it runs
-    from kernels import (
+    from pagoda.kernels import (
         activation_triton,
         attention_flash,
         attention_triton,

@@ -16,8 +16,8 @@ import ctypes
 
 import torch
 
-from kernels import attention, cpu_native
-from kernels.attention import AttentionMetadata
+from pagoda.kernels import attention, cpu_native
+from pagoda.kernels.attention import AttentionMetadata
 
 NAME = "attention_cpu"
 LONG_PREFILL = 1536

@@ -11,8 +11,8 @@ import importlib.util
 
 import torch
 
-from kernels.attention import AttentionMetadata
-from kernels.attention_triton import write_kv_cache
+from pagoda.kernels.attention import AttentionMetadata
+from pagoda.kernels.attention_triton import write_kv_cache
 
 PAGE_MULTIPLE = 256
 

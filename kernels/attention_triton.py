@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata
+from pagoda.kernels.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 16

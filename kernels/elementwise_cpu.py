@@ -9,7 +9,7 @@ import ctypes
 
 import torch
 
-from kernels import activation, cpu_native, norm, rotary
+from pagoda.kernels import activation, cpu_native, norm, rotary
 
 NAME = "elementwise_cpu"
 

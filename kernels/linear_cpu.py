@@ -14,7 +14,7 @@ import ctypes
 import torch
 from torch import nn
 
-from kernels import cpu_native
+from pagoda.kernels import cpu_native
 
 NAME = "linear_cpu"
 

@@ -13,13 +13,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.chat import chat_completion, chat_prompt
-from server.completions import completion
-from server.engine_client import EngineDeadError
-from server.errors import APIError, invalid
-from server.generation import ServedModel
-from server.metrics import Metrics
-from server.protocol import (
+from pagoda.server.chat import chat_completion, chat_prompt
+from pagoda.server.completions import completion
+from pagoda.server.engine_client import EngineDeadError
+from pagoda.server.errors import APIError, invalid
+from pagoda.server.generation import ServedModel
+from pagoda.server.metrics import Metrics
+from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,

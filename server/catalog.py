@@ -8,6 +8,7 @@ fails at startup with a message the user can act on, e.g.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import importlib.util
 import re
 from pathlib import Path
@@ -27,7 +28,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "models.yaml"
+# shipped inside the package (pagoda/models.yaml, a link to the repository's models.yaml)
+DEFAULT_CATALOG = Path(str(importlib.resources.files("pagoda").joinpath("models.yaml")))
 PACKAGE_SCHEME = "package://"
 
 # The names engine.config.DTYPES accepts, repeated here because the server must not import

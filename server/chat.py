@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse
 
-from engine.sequence import TokenLogprobs
-from server.errors import invalid
-from server.generation import ChoiceDelta, Generation, ServedModel, event_stream
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
+from pagoda.engine.sequence import TokenLogprobs
+from pagoda.server.errors import invalid
+from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.metrics import Metrics
+from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
 
 
 def chat_prompt(

@@ -13,13 +13,19 @@ from dataclasses import dataclass
 import uvicorn
 from sse_starlette.sse import AppStatus
 
-from engine import loader
-from engine.config import EngineConfig
-from server.app import DEFAULT_MAX_BODY_BYTES, build_app
-from server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, parse_bytes, resolve_source
-from server.engine_client import EngineClient
-from server.generation import ServedModel
-from server.metrics import Metrics
+from pagoda.engine import loader
+from pagoda.engine.config import EngineConfig
+from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from pagoda.server.catalog import (
+    DEFAULT_CATALOG,
+    CatalogError,
+    load_catalog,
+    parse_bytes,
+    resolve_source,
+)
+from pagoda.server.engine_client import EngineClient
+from pagoda.server.generation import ServedModel
+from pagoda.server.metrics import Metrics
 
 logger = logging.getLogger("pagoda")
 

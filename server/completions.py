@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse
 
-from engine.sequence import TokenLogprobs
-from server.chat import usage
-from server.generation import ChoiceDelta, Generation, ServedModel, event_stream
-from server.metrics import Metrics
-from server.protocol import CompletionRequest
+from pagoda.engine.sequence import TokenLogprobs
+from pagoda.server.chat import usage
+from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.metrics import Metrics
+from pagoda.server.protocol import CompletionRequest
 
 
 async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics):

@@ -12,10 +12,10 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from engine.config import EngineConfig
-from engine.core import decode_delta, encode_params, pack, run_engine_core, unpack
-from engine.sampling_params import SamplingParams
-from engine.sequence import SequenceDelta
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.core import decode_delta, encode_params, pack, run_engine_core, unpack
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import SequenceDelta
 
 logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.5

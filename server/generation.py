@@ -12,12 +12,12 @@ from functools import lru_cache
 
 from sse_starlette import EventSourceResponse
 
-from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprobs
-from server.detokenizer import IncrementalDetokenizer
-from server.engine_client import EngineClient, EngineDeadError
-from server.errors import APIError, invalid
-from server.metrics import Metrics
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import TokenLogprobs
+from pagoda.server.detokenizer import IncrementalDetokenizer
+from pagoda.server.engine_client import EngineClient, EngineDeadError
+from pagoda.server.errors import APIError, invalid
+from pagoda.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

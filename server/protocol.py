@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.errors import APIError, invalid
+from pagoda.server.errors import APIError, invalid
 
 __all__ = [
     "MAX_COMPLETION_LOGPROBS",

@@ -20,14 +20,21 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-test-{self.port}.log"
         self._log = self.log_path.open("w")
-        command = [sys.executable, "-m", "server", "serve", "--port", str(self.port), *args]
+        command = command or [sys.executable, "-m", "pagoda"]
         self.process = subprocess.Popen(
-            command,
+            [*command, "serve", "--port", str(self.port), *args],
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},

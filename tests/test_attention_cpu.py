@@ -7,7 +7,7 @@ junk block-table entries past each sequence's end, so any read outside the conte
 import pytest
 import torch
 
-from kernels import attention_cpu, cpu_native
+from pagoda.kernels import attention_cpu, cpu_native
 from tests.test_attention_triton import (
     DECODE,
     MIXED,

@@ -22,9 +22,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import attention as ref  # noqa: E402
-from kernels import attention_triton as tri  # noqa: E402
-from kernels.attention import AttentionMetadata  # noqa: E402
+from pagoda.kernels import attention as ref  # noqa: E402
+from pagoda.kernels import attention_triton as tri  # noqa: E402
+from pagoda.kernels.attention import AttentionMetadata  # noqa: E402
 
 # The 3.6 interpreter turns loop bounds into ints through a numpy deprecation, once per step.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")

@@ -1,8 +1,8 @@
 """KV block bookkeeping: reference counts, prefix hits, LRU eviction of cached free blocks."""
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sequence import Sequence
 
 BLOCK = 4
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.catalog import (
+from pagoda.server.catalog import (
     DEFAULT_CATALOG,
     DTYPE_NAMES,
     CatalogEntry,
@@ -64,7 +64,7 @@ def test_default_catalog_lists_the_gpu_models_disabled() -> None:
 
 
 def test_engine_kwargs_build_an_engine_config() -> None:
-    from engine.config import DTYPES, EngineConfig
+    from pagoda.engine.config import DTYPES, EngineConfig
 
     assert set(DTYPE_NAMES) == {"auto", *DTYPES}
     for entry in load_catalog(DEFAULT_CATALOG):

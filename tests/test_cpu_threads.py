@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from engine.config import EngineConfig
-from engine.cpu_threads import Sample, ThreadGovernor, take_sample, threads_for
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.cpu_threads import Sample, ThreadGovernor, take_sample, threads_for
 
 
 @pytest.mark.parametrize(

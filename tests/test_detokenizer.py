@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from server.detokenizer import IncrementalDetokenizer
+from pagoda.server.detokenizer import IncrementalDetokenizer
 from tests.tiny_models import CORPUS, train_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

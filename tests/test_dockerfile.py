@@ -20,5 +20,5 @@ def test_image_serves_the_project():
     text = DOCKERFILE.read_text()
     for needed in ("EXPOSE 8000", "HEALTHCHECK", '/health"]', 'ENTRYPOINT ["pagoda", "serve"]'):
         assert needed in text
-    for folder in ("engine", "kernels", "server"):
+    for folder in ("pagoda", "engine", "kernels", "server"):
         assert f"COPY {folder} ./{folder}" in text

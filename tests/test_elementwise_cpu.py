@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import activation, cpu_native, elementwise_cpu, norm, rotary
+from pagoda.kernels import activation, cpu_native, elementwise_cpu, norm, rotary
 
 pytestmark = pytest.mark.skipif(
     cpu_native.unavailable_reason("elementwise_cpu") is not None,

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from kernels import (  # noqa: E402
+from pagoda.kernels import (  # noqa: E402
     activation,
     activation_triton,
     norm,

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")

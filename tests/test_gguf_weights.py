@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from engine.gguf_weights import _hf_name, _unpermute_rows, gguf_config, iter_gguf_weights
+from pagoda.engine.gguf_weights import _hf_name, _unpermute_rows, gguf_config, iter_gguf_weights
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

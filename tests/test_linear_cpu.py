@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_native, linear_cpu
+from pagoda.kernels import cpu_native, linear_cpu
 
 pytestmark = pytest.mark.skipif(
     cpu_native.unavailable_reason("linear_cpu") is not None,
@@ -92,7 +92,7 @@ def test_pack_linears_swaps_every_fp32_linear_and_ties_the_lm_head():
 
 
 def test_engine_packs_on_cpu_and_keeps_greedy_output(tiny_models):
-    from engine import LLM, SamplingParams
+    from pagoda.engine import LLM, SamplingParams
 
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 40, 90)]
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams
 from tests.tiny_models import build_tiny_model
 
 PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40)]
@@ -72,8 +72,8 @@ def test_config_alone_with_skip_tokenizer_init(tiny_models, tmp_path):
 
 
 def test_kernel_selection():
-    import kernels
-    from kernels import attention_cpu, elementwise_cpu
+    from pagoda import kernels
+    from pagoda.kernels import attention_cpu, elementwise_cpu
 
     cpu_kernels = attention_cpu.available() and elementwise_cpu.available()
     auto_cpu = kernels.select("auto", torch.device("cpu"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams
 
 NEW_TOKENS = 64
 # different lengths, several longer than a few 16-token blocks

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from engine import SamplingParams
-from server.errors import APIError
-from server.protocol import (
+from pagoda.engine import SamplingParams
+from pagoda.server.errors import APIError
+from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     messages_for_template,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampler import sample
-from engine.sequence import Sequence
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.sampler import sample
+from pagoda.engine.sequence import Sequence
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_frequency_and_presence_penalties():
 
 
 def test_penalties_shift_logits_by_the_openai_formula():
-    from engine.sampler import _apply_penalties
+    from pagoda.engine.sampler import _apply_penalties
 
     logits = torch.zeros(2, 8)
     seqs = [

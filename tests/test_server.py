@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams
 from tests.serving import Server
 
 MODEL = "test-org/tiny-llama"  # has a "/" like hub ids

@@ -42,7 +42,7 @@ def test_malformed_catalog_fails_at_start(tmp_path):
         "models:\n  - id: a\n    kind: chat\n    source: x/y\n    engine:\n      block_size: 3\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--catalog", str(catalog)],
+        [sys.executable, "-m", "pagoda", "serve", "--catalog", str(catalog)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams
 
 
 def smollm2_gguf() -> Path:

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from engine.models.llama import (
+from pagoda.engine.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,

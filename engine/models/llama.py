@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import TORCH, AttentionMetadata, Kernels, rotary_cos_sin_cache
+from pagoda.kernels import TORCH, AttentionMetadata, Kernels, rotary_cos_sin_cache
 
 # checkpoint name fragment -> (fused parameter fragment, shard index)
 STACKED_PARAMS = {

@@ -1,0 +1,30 @@
+"""pagoda: an inference server that speaks the OpenAI HTTP contract.
+
+Installed, the repository's top-level folders are subpackages of this one (pyproject.toml maps
+them): `pagoda.server` (HTTP, text), `pagoda.engine` (tokens, scheduling, models) and
+`pagoda.kernels` (device code). The offline API is re-exported here, imported on first use so
+that `import pagoda.server` does not load torch.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("pagoda")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
+
+if TYPE_CHECKING:
+    from pagoda.engine import LLM, SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("LLM", "SamplingParams"):
+        from pagoda import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'pagoda' has no attribute {name!r}")

@@ -96,8 +96,8 @@ if [[ "${GPU_CHECK_INSTALL:-1}" != 0 ]]; then
             echo "editable install failed: PYTHONPATH=$PWD serves instead"
     } >"$OUT/install.log" 2>&1 || log "installing the wheels failed: see install.log"
 fi
-if ! "$PY" -c "import engine, kernels" >>"$OUT/install.log" 2>&1; then
-    log "import engine, kernels FAILED (missing wheel?): see install.log"
+if ! "$PY" -c "import pagoda.engine, pagoda.kernels" >>"$OUT/install.log" 2>&1; then
+    log "import pagoda.engine, pagoda.kernels FAILED (missing wheel?): see install.log"
 fi
 
 # -- 2. kernel tests on the GPU ---------------------------------------------------------------

@@ -5,7 +5,10 @@ not recognize."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -295,3 +298,26 @@ def test_unrecognized_names_the_path_of_each_field():
         ("chat_template_kwargs", "chat_template_kwargs"),
     ]
     assert list(unrecognized(CompletionRequest, {"model": "m", "prompt": "p", "echo": 1})) == []
+
+
+TRITON_COMPILE = """
+import logging, torch
+from pagoda import kernels
+from pagoda.logs import LogSettings, setup_logging
+setup_logging(LogSettings())
+ops = kernels.select("triton", torch.device("cuda"))
+x = torch.randn(5, 96, device="cuda", dtype=torch.float16)
+ops.rms_norm(x, torch.ones(96, device="cuda", dtype=torch.float16), 1e-6)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on a GPU")
+def test_triton_compilations_are_logged(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compilation, not a load from the cache
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_COMPILE], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"Triton kernel _rms_norm_kernel: compiled in [\d.]+ s", done.stderr)

@@ -11,6 +11,11 @@ are msgpack-encoded lists whose first element names them:
                        ["outputs", [delta, ...], stats]   after every step
                        ["rejected", request_id, message]  an add that failed validation
                        ["stats", stats]         while idle, every STATS_INTERVAL_S
+
+`stats` is a dict: "running", "waiting" (sequences now), "kv_cache_usage" (fraction of the
+blocks in use), "num_preemptions" (cumulative) and "queue_time", the cumulative histogram of
+the seconds from a request's arrival here to its first step, as [bounds, counts per bucket
+(the last one above every bound), sum] (`engine.stats.Histogram.encode`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pagoda.engine.cpu_threads import ThreadGovernor
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import Logprob, SequenceDelta, TokenLogprobs
+from pagoda.logs import LogSettings, setup_logging
 
 STATS_INTERVAL_S = 1.0
 logger = logging.getLogger(__name__)
@@ -93,13 +99,16 @@ def engine_stats(engine: LLMEngine) -> dict:
         "waiting": len(scheduler.waiting),
         "kv_cache_usage": engine.block_manager.usage,
         "num_preemptions": scheduler.num_preemptions,
+        "queue_time": scheduler.queue_time.encode(),
     }
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+def run_engine_core(
+    config: EngineConfig, input_addr: str, output_addr: str, log_settings: LogSettings
+) -> None:
     """Process entry point. Ctrl-C goes to the frontend, which drains and says shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine: %(message)s")
+    setup_logging(log_settings)
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_addr)

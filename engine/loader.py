@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from pagoda import kernels
@@ -19,6 +18,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
 from pagoda.engine.models import model_class
 from pagoda.kernels import linear_cpu
+from pagoda.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ def build_model(
     if engine_config.load_format == "dummy":
         _fill_dummy(model, engine_config.seed)
     else:
-        model.load_weights(_progress(_iter_weights(source, engine_config.load_format)))
+        weights = _iter_weights(source, engine_config.load_format)
+        model.load_weights(progress(weights, "Loading weights", "tensors"))
     model.init_rotary(device, max_model_len)
     if ops is kernels.CPU:
         packed = linear_cpu.pack_linears(model)
@@ -143,10 +144,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"no .safetensors weights in {folder}")
     return files
-
-
-def _progress(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    return tqdm(weights, desc="Loading weights", unit=" tensors", leave=False, mininterval=1.0)
 
 
 def _fill_dummy(model: nn.Module, seed: int) -> None:

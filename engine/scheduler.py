@@ -9,11 +9,13 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.sequence import Sequence, SequenceStatus
+from pagoda.engine.stats import QUEUE_TIME_BUCKETS, Histogram
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.queue_time = Histogram(QUEUE_TIME_BUCKETS)  # arrival to first step, per request
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,6 +96,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.first_scheduled_time is None:
+                self._first_scheduled(seq)
             batch.add(seq, num_new)
             budget -= num_new
 
@@ -115,6 +120,11 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
+
+    def _first_scheduled(self, seq: Sequence) -> None:
+        seq.first_scheduled_time = time.monotonic()
+        if seq.index == 0:  # once per request, whatever its n
+            self.queue_time.observe(seq.first_scheduled_time - seq.arrival_time)
 
     def _preempt(self, seq: Sequence) -> None:
         self._reset(seq)

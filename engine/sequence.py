@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, in order
     num_hashed_blocks: int = 0  # of block_table, registered in the prefix cache
     finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # One entry per prompt token once computed (the first is None: nothing precedes it).
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -66,8 +66,10 @@ def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
         attention_triton,
         norm_triton,
         rotary_triton,
+        triton_compile_log,
     )
 
+    triton_compile_log.log_compilations()
     flash = backend == "auto" and attention_flash.usable(block_size)
     return Kernels(
         "triton+flash-attn" if flash else "triton",

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,10 +46,12 @@ def _compile(compiler: str, source: Path) -> Path:
     digest = digest.hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
+        logger.info("CPU kernel %s: loaded cached %s", source.stem, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    start = time.monotonic()
     try:
         subprocess.run(
             [compiler, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True
@@ -57,6 +60,7 @@ def _compile(compiler: str, source: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    logger.info("CPU kernel %s: built %s in %.1f s", source.stem, target, time.monotonic() - start)
     return target
 
 

@@ -18,7 +18,7 @@ from pagoda.server.completions import completion
 from pagoda.server.engine_client import EngineDeadError
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.generation import ServedModel
-from pagoda.server.metrics import Metrics
+from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -181,6 +181,8 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(BearerAuth, keys=list(api_keys))
+    # outermost, so that auth rejections and handled errors are counted too
+    app.add_middleware(HTTPResponseCounter, counter=metrics.http_responses, routes=app.routes)
     return app
 
 

@@ -15,6 +15,7 @@ from sse_starlette.sse import AppStatus
 
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
+from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
@@ -26,6 +27,7 @@ from pagoda.server.catalog import (
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
 from pagoda.server.metrics import Metrics
+from pagoda.server.request_fields import set_strict_request_fields
 
 logger = logging.getLogger("pagoda")
 
@@ -90,6 +92,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="json: one object a line"
+    )
+    serve.add_argument(
+        "--log-probe-requests",
+        action="store_true",
+        help="keep GET /health and /metrics in the access log (left out by default)",
+    )
+    serve.add_argument(
+        "--strict-request-fields",
+        action="store_true",
+        help="refuse request fields the server does not know with a 400 (default: warn once)",
+    )
     return parser.parse_args(argv)
 
 
@@ -152,6 +167,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
 
 async def serve(args: argparse.Namespace) -> None:
     keys = api_keys(args)
+    set_strict_request_fields(args.strict_request_fields)
     if not keys:
         logger.warning("no API key configured: anyone who can reach this port can use it")
     served = await start_models(models_to_serve(args))
@@ -174,6 +190,7 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's records go through setup_logging's handler
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     logger.info(
@@ -192,9 +209,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
     try:
         asyncio.run(serve(args))
     except (CatalogError, RuntimeError, ValueError) as exc:

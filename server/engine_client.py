@@ -16,6 +16,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.core import decode_delta, encode_params, pack, run_engine_core, unpack
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import SequenceDelta
+from pagoda.logs import current_settings
 
 logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.5
@@ -60,7 +61,7 @@ class EngineClient:
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
             target=run_engine_core,
-            args=(self.config, input_addr, output_addr),
+            args=(self.config, input_addr, output_addr, current_settings()),
             name=f"pagoda-engine-{self.name}",
             daemon=True,
         )

@@ -1,12 +1,25 @@
-"""Prometheus metrics, named like vLLM's so that existing dashboards carry over."""
+"""Prometheus metrics, named like vLLM's so that existing dashboards carry over (the list with
+their meaning: docs/metrics.md)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# The `_created` series (a timestamp per series) doubles the exposition and no PromQL needs it.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -18,7 +31,7 @@ class EngineStatsCollector(Collector):
     def __init__(self, stats_by_model: Callable[[], dict[str, dict]]) -> None:
         self._stats_by_model = stats_by_model
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         gauges = {
             "running": GaugeMetricFamily(
                 "pagoda:num_requests_running",
@@ -35,14 +48,26 @@ class EngineStatsCollector(Collector):
                 "Fraction of KV cache blocks in use",
                 labels=["model_name"],
             ),
-            "num_preemptions": GaugeMetricFamily(
-                "pagoda:num_preemptions", "Preemptions since start", labels=["model_name"]
-            ),
         }
+        preemptions = CounterMetricFamily(
+            "pagoda:num_preemptions",
+            "Sequences preempted (KV blocks freed, to be recomputed) since start",
+            labels=["model_name"],
+        )
+        queue_time = HistogramMetricFamily(
+            "pagoda:request_queue_time_seconds",
+            "Time from a request's arrival in the engine to its first scheduled step",
+            labels=["model_name"],
+        )
         for model, stats in self._stats_by_model().items():
             for key, gauge in gauges.items():
                 gauge.add_metric([model], float(stats.get(key, 0)))
-        yield from gauges.values()
+            preemptions.add_metric([model], float(stats.get("num_preemptions", 0)))
+            if "queue_time" in stats:
+                bounds, counts, total = stats["queue_time"]
+                buckets = zip([*map(str, map(float, bounds)), "+Inf"], itertools.accumulate(counts))
+                queue_time.add_metric([model], list(buckets), total)
+        yield from (*gauges.values(), preemptions, queue_time)
 
 
 class Metrics:
@@ -76,6 +101,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.http_responses = Counter(
+            "pagoda:http_responses",
+            "HTTP responses by route template and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
         self.e2e = Histogram(
             "pagoda:e2e_request_latency_seconds",
             "Request latency from arrival to last token",
@@ -86,3 +117,42 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HTTPResponseCounter:
+    """ASGI middleware around the whole app (auth and exception handlers included) that counts
+    every response by route template and status. The template, not the raw path, keeps the
+    number of series bounded; a path no route matches counts as "unmatched"."""
+
+    def __init__(self, app: ASGIApp, counter: Counter, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.counter = counter
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._template(scope)
+        started = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.counter.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:  # Starlette's outermost middleware answers it with a 500
+                self.counter.labels(route, "500").inc()
+            raise
+
+    def _template(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:  # PARTIAL: the path matches, the method does not
+                return getattr(route, "path", "unmatched")
+        return "unmatched"

@@ -8,7 +8,7 @@ blame ("temperature", "messages.0.role"); no pydantic error reaches the caller.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from pagoda.server.errors import APIError, invalid
+from pagoda.server.request_fields import check_request_fields
 
 __all__ = [
     "MAX_COMPLETION_LOGPROBS",
@@ -53,14 +54,17 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
-    """Decode a JSON request body and validate it as `model_cls`, or raise `APIError` 400."""
+    """Decode a JSON request body and validate it as `model_cls`, or raise `APIError` 400.
+    Fields the model does not know are warned about, or refused (`request_fields`)."""
     data = _load_json(body)
     if not isinstance(data, dict):
         raise invalid(f"The request body must be a JSON object, not {_json_kind(data)}.")
     try:
-        return model_cls.model_validate(data)
+        request = model_cls.model_validate(data)
     except ValidationError as exc:
         raise _api_error(exc) from None
+    check_request_fields(model_cls, data)
+    return request
 
 
 def _load_json(body: bytes) -> Any:
@@ -145,6 +149,8 @@ def _check_logit_bias(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
+    ignored_fields: ClassVar = frozenset({"include_obfuscation"})  # nothing is obfuscated
+
     include_usage: bool = False
 
 
@@ -243,6 +249,8 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class TextPart(BaseModel):
+    ignored_fields: ClassVar = frozenset({"prompt_cache_breakpoint"})
+
     type: Literal["text"]
     text: str
 
@@ -264,6 +272,9 @@ def _check_content(value: Any) -> Any:
 
 
 class ChatMessage(BaseModel):
+    # what an assistant message of a response carries when a client sends it back
+    ignored_fields: ClassVar = frozenset({"refusal", "annotations", "audio", "function_call"})
+
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -291,6 +302,21 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    # OpenAI fields with no effect here: storage, billing, caching and safety hints
+    ignored_fields: ClassVar = frozenset(
+        {
+            "metadata",
+            "store",
+            "service_tier",
+            "prompt_cache_key",
+            "prompt_cache_options",
+            "prompt_cache_retention",
+            "safety_identifier",
+            "reasoning_effort",
+            "verbosity",
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for the one below
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -15,6 +15,7 @@ from sse_starlette.sse import AppStatus
 
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
+from pagoda.server import tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
@@ -90,6 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument("--log-level", default="info")
+    tokenizer_export.add_parser(commands)
     return parser.parse_args(argv)
 
 
@@ -192,6 +194,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.command == "tokenizer":
+        sys.exit(tokenizer_export.run(args))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

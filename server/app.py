@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,9 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
-from pagoda.server.engine_client import EngineDeadError
 from pagoda.server.errors import APIError, invalid
-from pagoda.server.generation import ServedModel
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -26,10 +25,28 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
+from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 PROTECTED = ("/v1", "/tokenize", "/detokenize")
+# what each kind of catalog entry serves, for the error that sends a client to the right one
+ENDPOINTS = {
+    "chat": "/v1/chat/completions and /v1/completions",
+    "embedding": "/v1/embeddings",
+    "image": "/v1/images/generations",
+}
+
+
+class Served(Protocol):
+    """A served model of any kind (chat: generation.ServedModel) and its worker process."""
+
+    id: str
+    kind: str
+    client: Any  # a WorkerClient
+    created: int
+    owned_by: str
+    max_model_len: int
 
 
 class BearerAuth:
@@ -63,7 +80,7 @@ class BearerAuth:
 
 
 def build_app(
-    models: dict[str, ServedModel],
+    models: dict[str, Served],
     metrics: Metrics,
     *,
     api_keys: list[str] = (),
@@ -85,7 +102,7 @@ def build_app(
                 raise _too_large(max_body_bytes)
         return bytes(body)
 
-    def served(model_id: str) -> ServedModel:
+    def served(model_id: str, kind: str = "chat") -> Any:
         model = models.get(model_id)
         if model is None:
             raise APIError(
@@ -93,6 +110,12 @@ def build_app(
                 f"The model '{model_id}' does not exist or is not served here.",
                 param="model",
                 code="model_not_found",
+            )
+        if model.kind != kind:
+            raise invalid(
+                f"'{model_id}' is {'an' if model.kind[0] in 'aeiou' else 'a'} {model.kind} model: "
+                f"it serves {ENDPOINTS[model.kind]}, not {ENDPOINTS[kind]}.",
+                param="model",
             )
         if not model.client.healthy:
             raise APIError(503, f"The engine serving '{model_id}' is not running.")
@@ -174,8 +197,9 @@ def build_app(
         exception_handlers={
             APIError: lambda request, exc: exc.response(),
             HTTPException: _http_error,
-            EngineDeadError: lambda request, exc: APIError(503, str(exc)).response(),
+            WorkerDeadError: lambda request, exc: APIError(503, str(exc)).response(),
             ValueError: lambda request, exc: invalid(str(exc)).response(),
+            RequestRejected: lambda request, exc: invalid(str(exc), exc.param, exc.code).response(),
             Exception: _server_error,
         },
         lifespan=lifespan,
@@ -188,7 +212,7 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than the limit of {limit} bytes.")
 
 
-def _model_card(model: ServedModel) -> dict:
+def _model_card(model: Served) -> dict:
     return {
         "id": model.id,
         "object": "model",

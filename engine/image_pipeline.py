@@ -7,12 +7,15 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FluxPipeline
 from PIL.Image import Image
 
 from pagoda.engine.config import DTYPES
+from pagoda.engine.worker import Rejected
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class ImagePipeline:
         self.dtype = config.resolve_dtype(self.device)
         pipeline_class = _pipeline_class(config.model)
         self.pipe = pipeline_class.from_pretrained(config.model, dtype=self.dtype)
+        if self.device.type == "cpu":
+            make_batch_invariant(self.pipe)
         if config.cpu_offload and self.device.type != "cpu":
             self.pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -100,15 +105,17 @@ class ImagePipeline:
             ),
         }
 
-    def check_prompt(self, prompt: str) -> None:
-        """Raise ValueError for a prompt FLUX's T5 encoder would have to cut."""
+    def check_prompt(self, prompt: str, param: str) -> None:
+        """Refuse a prompt FLUX's T5 encoder would have to cut (other pipelines truncate)."""
         if not self.is_flux:
             return
         count = len(self.pipe.tokenizer_2(prompt).input_ids)
         if count > self.max_sequence_length:
-            raise ValueError(
-                f"the prompt is {count} tokens long; this model takes at most "
-                f"{self.max_sequence_length}"
+            raise Rejected(
+                f"{param}: {count} tokens long; this model takes at most "
+                f"{self.max_sequence_length}",
+                code="prompt_too_long",
+                param=param,
             )
 
     def run(self, shape: BatchShape, jobs: list[ImageJob], stop: StepCallback) -> list[Image]:
@@ -134,6 +141,31 @@ class ImagePipeline:
             kwargs["callback_on_step_end"] = _stopper(stop)
         with torch.inference_mode():
             return self.pipe(**kwargs).images
+
+
+def make_batch_invariant(pipe: DiffusionPipeline) -> None:
+    """Make every image of a batch come out as it would alone, bit for bit (on CPU, fp32).
+
+    Batched, two computations differ in the last bits from a batch of one: the linears on
+    per-image vectors (timestep, guidance and pooled-text embeddings, AdaLN modulations),
+    where one row takes BLAS's matrix-vector path and several its matrix-matrix one; and the
+    VAE's convolutions, whose kernels depend on the batch. Rounded to 8 bits a pixel then
+    flips now and then. Those linears are tiny (one row per image), so running them row by
+    row costs nothing; the VAE decodes one image at a time (its slicing mode)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for module in component.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.forward = MethodType(_row_by_row_linear, module)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+
+
+def _row_by_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[0] > 1:
+        return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
+    return F.linear(x, self.weight, self.bias)
 
 
 def _pipeline_class(model: str) -> type[DiffusionPipeline]:

@@ -17,6 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
 from pagoda.server.errors import APIError, invalid
+from pagoda.server.image_request import ImageGenerationRequest
+from pagoda.server.image_store import URL_PATH, ImageStore
+from pagoda.server.images import generate_images, image_file
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -30,6 +33,8 @@ from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 PROTECTED = ("/v1", "/tokenize", "/detokenize")
+# image URLs are unguessable and expire: open to whoever holds one, as OpenAI's signed URLs are
+PUBLIC = (URL_PATH,)
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
     "chat": "/v1/chat/completions and /v1/completions",
@@ -57,7 +62,9 @@ class BearerAuth:
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED):
+        path = scope.get("path", "")
+        protected = path.startswith(PROTECTED) and not path.startswith(PUBLIC)
+        if scope["type"] == "http" and self.keys and protected:
             headers = dict(scope["headers"])
             if not self._authorized(headers.get(b"authorization", b"")):
                 error = APIError(
@@ -87,6 +94,8 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
+    image_store: ImageStore | None = None,
+    public_url: str | None = None,
 ) -> Starlette:
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "")
@@ -137,6 +146,15 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
+    async def images(request: Request) -> Response:
+        req = parse_body(ImageGenerationRequest, await read_body(request))
+        model_id = req.model or next((m.id for m in models.values() if m.kind == "image"), "")
+        model = served(model_id, kind="image")
+        return await generate_images(model, req, request, metrics.images, store, public_url)
+
+    async def image_files(request: Request) -> Response:
+        return await image_file(request, store)
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
         model = served(req.model)
@@ -177,6 +195,10 @@ def build_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    store = image_store
+    if store is None and any(model.kind == "image" for model in models.values()):
+        store = ImageStore()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
@@ -191,6 +213,8 @@ def build_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/images/generations", images, methods=["POST"]),
+            Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
         ],

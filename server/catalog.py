@@ -145,7 +145,8 @@ class ImageSettings(_Strict):
     default_guidance: float = Field(3.5, ge=0)
     max_sequence_length: int | None = Field(None, ge=1, le=512)  # FLUX's T5 prompt tokens
     max_batch_size: int = Field(4, ge=1)  # images per pipeline call
-    max_queue: int = Field(32, ge=1)  # images queued or running; more get 429
+    # images queued or running; more get 429 (at least n's limit: any one request fits)
+    max_queue: int = Field(32, ge=10)
     cpu_offload: bool = False  # diffusers' enable_model_cpu_offload (GPUs with little memory)
     vae_tiling: bool = False  # decode large images tile by tile
 

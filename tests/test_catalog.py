@@ -258,6 +258,7 @@ def test_image_settings_defaults_and_limits(tmp_path: Path) -> None:
         ("      default_steps: 60\n", 5, "image: default_steps must not exceed max_steps"),
         ("      max_sequence_length: 1024\n", 6, "image.max_sequence_length: input should be"),
         ("      steps: 4\n", 6, "image.steps: unknown field (did you mean 'max_steps'?)"),
+        ("      max_queue: 4\n", 6, "image.max_queue: input should be greater than or equal to 10"),
     ],
 )
 def test_bad_image_settings(tmp_path: Path, image: str, line: int, expected: str) -> None:

@@ -178,8 +178,9 @@ def test_url_is_served_without_the_key_and_decodes(server, client):
     assert np.array_equal(image, b64_images(b64)[0])
 
 
-def test_default_response_format_is_url(client):
-    assert generate(client, seed=1).data[0].url is not None
+def test_defaults_url_and_the_first_image_model(client):
+    response = client.images.generate(prompt="no model named")  # as DALL-E clients send it
+    assert response.data[0].url is not None and response.size == "64x64"
 
 
 def test_unknown_or_forged_file_names_are_404(server):

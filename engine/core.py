@@ -1,18 +1,8 @@
-"""The engine core in its own process: a busy loop around LLMEngine, fed over ZeroMQ.
+"""The engine core in its own process: LLMEngine driven by the shared worker loop
+(engine/worker.py). An add's payload is `prompt_token_ids, sampling_params_dict`; an output is
+an encoded SequenceDelta.
 
-The frontend PUSHes requests to `input_addr`; the core PUSHes to `output_addr`. Messages
-are msgpack-encoded lists whose first element names them:
-
-    frontend -> core   ["add", request_id, prompt_token_ids, sampling_params_dict]
-                       ["abort", [request_id, ...]]
-                       ["shutdown"]
-    core -> frontend   ["ready", info]          once the model is loaded
-                       ["failed", message]      the model could not be loaded
-                       ["outputs", [delta, ...], stats]   after every step
-                       ["rejected", request_id, message]  an add that failed validation
-                       ["stats", stats]         while idle, every STATS_INTERVAL_S
-
-`stats` is a dict: "running", "waiting" (sequences now), "kv_cache_usage" (fraction of the
+Its `stats` are a dict: "running", "waiting" (sequences now), "kv_cache_usage" (fraction of the
 blocks in use), "num_preemptions" (cumulative) and "queue_time", the cumulative histogram of
 the seconds from a request's arrival here to its first step, as [bounds, counts per bucket
 (the last one above every bound), sum] (`engine.stats.Histogram.encode`).
@@ -21,31 +11,15 @@ the seconds from a request's arrival here to its first step, as [bounds, counts 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import signal
-import time
-
-import msgpack
-import torch
-import zmq
+from functools import partial
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.cpu_threads import ThreadGovernor
+from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import Logprob, SequenceDelta, TokenLogprobs
-from pagoda.logs import LogSettings, setup_logging
-
-STATS_INTERVAL_S = 1.0
-logger = logging.getLogger(__name__)
-
-
-def pack(message: list) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def unpack(data: bytes) -> list:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+from pagoda.engine.worker import run_worker
+from pagoda.logs import LogSettings
 
 
 def encode_params(params: SamplingParams) -> dict:
@@ -92,85 +66,52 @@ def decode_delta(fields: list) -> SequenceDelta:
     )
 
 
-def engine_stats(engine: LLMEngine) -> dict:
-    scheduler = engine.scheduler
-    return {
-        "running": len(scheduler.running),
-        "waiting": len(scheduler.waiting),
-        "kv_cache_usage": engine.block_manager.usage,
-        "num_preemptions": scheduler.num_preemptions,
-        "queue_time": scheduler.queue_time.encode(),
-    }
+class EngineCore:
+    """LLMEngine as a worker of the shared loop."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.governor: ThreadGovernor | None = governor_for(self.engine.device, config.cpu_threads)
+
+    def info(self) -> dict:
+        engine = self.engine
+        return {
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "eos_token_ids": sorted(engine.eos_token_ids),
+            "num_kv_blocks": engine.block_manager.num_blocks,
+            "block_size": engine.config.block_size,
+            "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+        }
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, SamplingParams(**params))
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> list[list]:
+        return [encode_delta(d) for d in self.engine.step()]
+
+    def stats(self) -> dict:
+        scheduler = self.engine.scheduler
+        return {
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "kv_cache_usage": self.engine.block_manager.usage,
+            "num_preemptions": scheduler.num_preemptions,
+            "queue_time": scheduler.queue_time.encode(),
+        }
 
 
 def run_engine_core(
     config: EngineConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
-    """Process entry point. Ctrl-C goes to the frontend, which drains and says shutdown."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    setup_logging(log_settings)
-    context = zmq.Context()
-    inbox = context.socket(zmq.PULL)
-    inbox.connect(input_addr)
-    outbox = context.socket(zmq.PUSH)
-    outbox.connect(output_addr)
-    try:
-        engine = LLMEngine(config)
-    except Exception as exc:  # reported to the frontend, which fails its start-up with it
-        outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
-        return
-    outbox.send(pack(["ready", _ready_info(engine)]))
-    _busy_loop(engine, inbox, outbox)
-    context.destroy(linger=1000)
-
-
-def _ready_info(engine: LLMEngine) -> dict:
-    return {
-        "max_model_len": engine.max_model_len,
-        "vocab_size": engine.vocab_size,
-        "eos_token_ids": sorted(engine.eos_token_ids),
-        "num_kv_blocks": engine.block_manager.num_blocks,
-        "block_size": engine.config.block_size,
-        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
-        "device": str(engine.device),
-        "dtype": str(engine.dtype).removeprefix("torch."),
-    }
-
-
-def _busy_loop(engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
-    last_stats = 0.0
-    governor = None
-    threads = torch.get_num_threads()
-    if engine.device.type == "cpu" and engine.config.cpu_threads is None and threads > 1:
-        governor = ThreadGovernor(threads)
-    while True:
-        if governor is not None:
-            governor.tick()
-        busy = engine.has_unfinished_requests()
-        timeout_ms = 0 if busy else int(STATS_INTERVAL_S * 1000)
-        while inbox.poll(timeout_ms):
-            if not _handle(engine, unpack(inbox.recv()), outbox):
-                return
-            timeout_ms = 0
-        if engine.has_unfinished_requests():
-            deltas = engine.step()
-            outbox.send(pack(["outputs", [encode_delta(d) for d in deltas], engine_stats(engine)]))
-        elif time.monotonic() - last_stats >= STATS_INTERVAL_S:
-            outbox.send(pack(["stats", engine_stats(engine)]))
-            last_stats = time.monotonic()
-
-
-def _handle(engine: LLMEngine, message: list, outbox: zmq.Socket) -> bool:
-    kind = message[0]
-    if kind == "add":
-        _, request_id, prompt_token_ids, params = message
-        try:
-            engine.add_request(request_id, prompt_token_ids, SamplingParams(**params))
-        except ValueError as exc:
-            outbox.send(pack(["rejected", request_id, str(exc)]))
-    elif kind == "abort":
-        for request_id in message[1]:
-            engine.abort_request(request_id)
-    elif kind == "shutdown":
-        return False
-    return True
+    """Process entry point (a spawn target: module level, picklable arguments)."""
+    run_worker(partial(EngineCore, config), input_addr, output_addr, log_settings)

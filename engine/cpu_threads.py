@@ -88,3 +88,12 @@ class ThreadGovernor:
             )
             self.threads = wanted
             self.set_threads(wanted)
+
+
+def governor_for(device: torch.device, fixed_threads: int | None) -> ThreadGovernor | None:
+    """A governor for a worker on `device`, unless it runs on a GPU, was given a fixed thread
+    count, or has one thread anyway."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or fixed_threads is not None or threads <= 1:
+        return None
+    return ThreadGovernor(threads)

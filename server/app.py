@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,9 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
-from pagoda.server.engine_client import EngineDeadError
 from pagoda.server.errors import APIError, invalid
-from pagoda.server.generation import ServedModel
+from pagoda.server.image_request import ImageGenerationRequest
+from pagoda.server.image_store import URL_PATH, ImageStore
+from pagoda.server.images import generate_images, image_file
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -27,10 +29,30 @@ from pagoda.server.protocol import (
     parse_body,
 )
 from pagoda.server.tokenizer_info import tokenizer_info
+from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
+# image URLs are unguessable and expire: open to whoever holds one, as OpenAI's signed URLs are
+PUBLIC = (URL_PATH,)
+# what each kind of catalog entry serves, for the error that sends a client to the right one
+ENDPOINTS = {
+    "chat": "/v1/chat/completions and /v1/completions",
+    "embedding": "/v1/embeddings",
+    "image": "/v1/images/generations",
+}
+
+
+class Served(Protocol):
+    """A served model of any kind (chat: generation.ServedModel) and its worker process."""
+
+    id: str
+    kind: str
+    client: Any  # a WorkerClient
+    created: int
+    owned_by: str
+    max_model_len: int
 
 
 class BearerAuth:
@@ -41,7 +63,9 @@ class BearerAuth:
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED):
+        path = scope.get("path", "")
+        protected = path.startswith(PROTECTED) and not path.startswith(PUBLIC)
+        if scope["type"] == "http" and self.keys and protected:
             headers = dict(scope["headers"])
             if not self._authorized(headers.get(b"authorization", b"")):
                 error = APIError(
@@ -64,13 +88,15 @@ class BearerAuth:
 
 
 def build_app(
-    models: dict[str, ServedModel],
+    models: dict[str, Served],
     metrics: Metrics,
     *,
     api_keys: list[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
+    image_store: ImageStore | None = None,
+    public_url: str | None = None,
 ) -> Starlette:
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "")
@@ -86,7 +112,7 @@ def build_app(
                 raise _too_large(max_body_bytes)
         return bytes(body)
 
-    def served(model_id: str) -> ServedModel:
+    def served(model_id: str, kind: str = "chat") -> Any:
         model = models.get(model_id)
         if model is None:
             raise APIError(
@@ -94,6 +120,12 @@ def build_app(
                 f"The model '{model_id}' does not exist or is not served here.",
                 param="model",
                 code="model_not_found",
+            )
+        if model.kind != kind:
+            raise invalid(
+                f"'{model_id}' is {'an' if model.kind[0] in 'aeiou' else 'a'} {model.kind} model: "
+                f"it serves {ENDPOINTS[model.kind]}, not {ENDPOINTS[kind]}.",
+                param="model",
             )
         if not model.client.healthy:
             raise APIError(503, f"The engine serving '{model_id}' is not running.")
@@ -115,8 +147,17 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
-    def first_model() -> str:
-        return next(iter(models), "")
+    def first_model(kind: str = "chat") -> str:
+        """The model a request without `model` gets (vLLM serves one; here the first)."""
+        return next((m.id for m in models.values() if m.kind == kind), "")
+
+    async def images(request: Request) -> Response:
+        req = parse_body(ImageGenerationRequest, await read_body(request))
+        model = served(req.model or first_model("image"), kind="image")
+        return await generate_images(model, req, request, metrics.images, store, public_url)
+
+    async def image_files(request: Request) -> Response:
+        return await image_file(request, store)
 
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
@@ -145,11 +186,7 @@ def build_app(
         return JSONResponse(_model_card(models[model_id]))
 
     async def get_tokenizer_info(request: Request) -> Response:
-        # vLLM serves one model; here `?model=` picks one, by default the first
-        model_id = request.query_params.get("model") or first_model()
-        if model_id not in models:
-            raise _unknown_model(model_id)
-        model = models[model_id]
+        model = served(request.query_params.get("model") or first_model())
         return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:
@@ -160,6 +197,10 @@ def build_app(
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    store = image_store
+    if store is None and any(model.kind == "image" for model in models.values()):
+        store = ImageStore()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -175,6 +216,8 @@ def build_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/images/generations", images, methods=["POST"]),
+            Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
@@ -182,8 +225,9 @@ def build_app(
         exception_handlers={
             APIError: lambda request, exc: exc.response(),
             HTTPException: _http_error,
-            EngineDeadError: lambda request, exc: APIError(503, str(exc)).response(),
+            WorkerDeadError: lambda request, exc: APIError(503, str(exc)).response(),
             ValueError: lambda request, exc: invalid(str(exc)).response(),
+            RequestRejected: lambda request, exc: invalid(str(exc), exc.param, exc.code).response(),
             Exception: _server_error,
         },
         lifespan=lifespan,
@@ -204,7 +248,7 @@ def _unknown_model(model_id: str) -> APIError:
     )
 
 
-def _model_card(model: ServedModel) -> dict:
+def _model_card(model: Served) -> dict:
     return {
         "id": model.id,
         "object": "model",

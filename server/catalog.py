@@ -51,6 +51,7 @@ _BYTE_UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _PACKAGE_SOURCE = re.compile(r"package://([A-Za-z_]\w*)/(.+)")
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_IMAGE_SIZE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 
 
 class CatalogError(ValueError):
@@ -122,6 +123,59 @@ class Pricing(_Strict):
     output_per_1m: float = Field(ge=0)
 
 
+def parse_image_size(value: str) -> tuple[int, int]:
+    """`"1024x768"` -> (1024, 768): width by height, each a multiple of 16."""
+    match = _IMAGE_SIZE.fullmatch(value)
+    if not match:
+        raise ValueError(f"expected WIDTHxHEIGHT such as '1024x1024', got {value!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 16 or height % 16:
+        raise ValueError(f"width and height must be multiples of 16, got {value!r}")
+    return width, height
+
+
+class ImageSettings(_Strict):
+    """Image models only: sizes and steps clients may ask for, and how the pipeline runs."""
+
+    default_size: str = "1024x1024"
+    max_size: str = "2048x2048"  # the largest width and the largest height
+    max_pixels: int | None = Field(None, ge=256)  # width * height (default: max_size's)
+    default_steps: int = Field(28, ge=1)
+    max_steps: int = Field(50, ge=1)
+    default_guidance: float = Field(3.5, ge=0)
+    max_sequence_length: int | None = Field(None, ge=1, le=512)  # FLUX's T5 prompt tokens
+    max_batch_size: int = Field(4, ge=1)  # images per pipeline call
+    # images queued or running; more get 429 (at least n's limit: any one request fits)
+    max_queue: int = Field(32, ge=10)
+    cpu_offload: bool = False  # diffusers' enable_model_cpu_offload (GPUs with little memory)
+    vae_tiling: bool = False  # decode large images tile by tile
+
+    @field_validator("default_size", "max_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_image_size(value)
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ImageSettings:
+        width, height = parse_image_size(self.default_size)
+        if not self.allows_size(width, height):
+            raise ValueError(f"default_size {self.default_size} is beyond max_size or max_pixels")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        return self
+
+    def pixel_limit(self) -> int:
+        if self.max_pixels is not None:
+            return self.max_pixels
+        width, height = parse_image_size(self.max_size)
+        return width * height
+
+    def allows_size(self, width: int, height: int) -> bool:
+        max_width, max_height = parse_image_size(self.max_size)
+        return width <= max_width and height <= max_height and width * height <= self.pixel_limit()
+
+
 class CatalogEntry(_Strict):
     id: str = Field(pattern=r"^\S+$")
     kind: Literal["chat", "embedding", "image"]
@@ -130,6 +184,7 @@ class CatalogEntry(_Strict):
     engine: EngineSettings | None = None
     max_model_len: int | None = Field(None, ge=1)
     capabilities: Capabilities = Capabilities()
+    image: ImageSettings | None = None
     pricing: Pricing | None = None
     description: str | None = None
     owned_by: str = "pagoda"
@@ -151,6 +206,25 @@ class CatalogEntry(_Strict):
         if info.data.get("kind", "chat") != "chat" and value != Capabilities():
             raise ValueError("only chat models have capabilities")
         return value
+
+    @field_validator("engine")
+    @classmethod
+    def _image_engine(cls, value: EngineSettings | None, info: ValidationInfo) -> Any:
+        extra = value.model_fields_set - {"dtype", "device"} if value is not None else set()
+        if info.data.get("kind") == "image" and extra:
+            raise ValueError("an image model takes only dtype and device")
+        return value
+
+    @field_validator("max_model_len", "image")
+    @classmethod
+    def _image_only(cls, value: Any, info: ValidationInfo) -> Any:
+        is_image = info.data.get("kind") == "image"
+        if value is not None and is_image != (info.field_name == "image"):
+            raise ValueError(f"not for {info.data.get('kind')} models")
+        return value
+
+    def image_settings(self) -> ImageSettings:
+        return self.image if self.image is not None else ImageSettings()
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for engine.EngineConfig besides `model`: only those given."""
@@ -296,6 +370,7 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
 _SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineSettings,
     "capabilities": Capabilities,
+    "image": ImageSettings,
     "pricing": Pricing,
 }
 

@@ -20,6 +20,7 @@ from pagoda.server import tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
+    CatalogEntry,
     CatalogError,
     load_catalog,
     parse_bytes,
@@ -27,6 +28,8 @@ from pagoda.server.catalog import (
 )
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
+from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
+from pagoda.server.images import start_image_models
 from pagoda.server.metrics import Metrics
 from pagoda.server.request_fields import set_strict_request_fields
 
@@ -92,6 +95,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
+    serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
+    serve.add_argument(
+        "--image-url-ttl", type=float, default=DEFAULT_TTL_S, help="seconds an image URL lives"
+    )
+    serve.add_argument(
+        "--image-cache-bytes",
+        type=parse_bytes,
+        default=DEFAULT_MAX_BYTES,
+        help="bound on --image-dir (bytes, or e.g. 2GiB): the oldest images go first",
+    )
+    serve.add_argument(
+        "--public-url", help="the server's URL as clients see it (behind a proxy), for image URLs"
+    )
     serve.add_argument("--log-level", default="info")
     serve.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="json: one object a line"
@@ -115,9 +131,10 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     if args.model:
         name = args.served_model_name or args.model
         return [ModelToServe(name, EngineConfig(model=args.model, serving=True, **overrides))]
-    entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
-    if not entries:
-        raise CatalogError(f"{args.catalog}: no enabled chat model to serve")
+    catalog = load_catalog(args.catalog)
+    entries = [e for e in catalog if e.enabled and e.kind == "chat"]
+    if not any(e.enabled and e.kind in ("chat", "image") for e in catalog):
+        raise CatalogError(f"{args.catalog}: no enabled chat or image model to serve")
     return [
         ModelToServe(
             e.id,
@@ -128,6 +145,12 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         )
         for e in entries
     ]
+
+
+def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:
+    if args.model:
+        return []
+    return [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "image"]
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -172,7 +195,14 @@ async def serve(args: argparse.Namespace) -> None:
     set_strict_request_fields(args.strict_request_fields)
     if not keys:
         logger.warning("no API key configured: anyone who can reach this port can use it")
-    served = await start_models(models_to_serve(args))
+    chat, images = await asyncio.gather(
+        start_models(models_to_serve(args)), start_image_models(image_entries(args))
+    )
+    served = {**chat, **images}
+    # only a server with image models keeps an image folder
+    store = (
+        ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes) if images else None
+    )
 
     async def stop_engines() -> None:
         logger.info("stopping the engines")
@@ -186,6 +216,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         on_shutdown=stop_engines,
+        image_store=store,
+        public_url=args.public_url,
     )
     config = uvicorn.Config(
         app,

@@ -9,15 +9,17 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import ClassVar
 
 from sse_starlette import EventSourceResponse
 
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.detokenizer import IncrementalDetokenizer
-from pagoda.server.engine_client import EngineClient, EngineDeadError
+from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.metrics import Metrics
+from pagoda.server.worker_client import WorkerDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,8 @@ def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
         try:
             async for chunk in chunks:
                 yield chunk
-        except (EngineDeadError, ValueError) as exc:
-            status = 503 if isinstance(exc, EngineDeadError) else 400
+        except (WorkerDeadError, ValueError) as exc:
+            status = 503 if isinstance(exc, WorkerDeadError) else 400
             logger.warning("stream ended by an error: %s", exc)
             yield json.dumps(APIError(status, str(exc)).body())
             yield "[DONE]"
@@ -45,6 +47,7 @@ class ServedModel:
 
     id: str
     client: EngineClient
+    kind: ClassVar[str] = "chat"
     tokenizer: object
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagoda"

@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.server.image_metrics import ImageMetrics
+
 # The `_created` series (a timestamp per series) doubles the exposition and no PromQL needs it.
 disable_created_metrics()
 
@@ -114,6 +116,7 @@ class Metrics:
             buckets=E2E_BUCKETS,
             registry=self.registry,
         )
+        self.images = ImageMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

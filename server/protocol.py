@@ -32,6 +32,7 @@ __all__ = [
     "CompletionRequest",
     "StreamOptions",
     "TextPart",
+    "drop_nulls",
     "messages_for_template",
     "parse_body",
 ]
@@ -78,6 +79,19 @@ def _load_json(body: bytes) -> Any:
 def _reject_constant(name: str) -> None:
     # Python's json reads NaN and Infinity, which JSON itself does not allow.
     raise ValueError(f"{name} is not a JSON value")
+
+
+def drop_nulls(model_cls: type[BaseModel], data: Any) -> Any:
+    """The fields of a body without its optional ones sent as null: many clients send every
+    optional field, the unset ones as null, meaning the default (a before-validator's job)."""
+    if not isinstance(data, dict):
+        return data
+    fields = model_cls.model_fields
+    return {
+        key: value
+        for key, value in data.items()
+        if value is not None or (key in fields and fields[key].is_required())
+    }
 
 
 def _json_kind(value: Any) -> str:
@@ -183,15 +197,7 @@ class _SamplingRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        # Many clients send every optional field, the unset ones as null.
-        if not isinstance(data, dict):
-            return data
-        return {
-            key: value
-            for key, value in data.items()
-            if value is not None
-            or (key in cls.model_fields and cls.model_fields[key].is_required())
-        }
+        return drop_nulls(cls, data)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -220,3 +220,56 @@ def test_local_sources_resolve_against_the_catalog_folder(tmp_path: Path) -> Non
     assert resolve_source(hub) == "org/m"
     with pytest.raises(CatalogError, match="entry 4 .*gone.gguf does not exist"):
         resolve_source(gone)
+
+
+IMAGE_ENTRY = "models:\n  - id: i\n    kind: image\n    source: org/i\n"
+
+
+def test_default_catalog_has_both_flux_models_disabled_in_bf16_on_cuda() -> None:
+    entries = {entry.id: entry for entry in load_catalog(DEFAULT_CATALOG)}
+    for model_id, steps, guidance in [
+        ("black-forest-labs/FLUX.1-schnell", 4, 0.0),
+        ("black-forest-labs/FLUX.1-dev", 28, 3.5),
+    ]:
+        entry = entries[model_id]
+        assert entry.kind == "image" and not entry.enabled
+        assert entry.engine_kwargs() == {"dtype": "bfloat16", "device": "cuda"}
+        settings = entry.image_settings()
+        assert (settings.default_steps, settings.default_guidance) == (steps, guidance)
+        assert settings.allows_size(1024, 1024) and not settings.allows_size(2048, 2048)
+
+
+def test_image_settings_defaults_and_limits(tmp_path: Path) -> None:
+    (entry,) = load_catalog(write_catalog(tmp_path, IMAGE_ENTRY))
+    settings = entry.image_settings()
+    assert settings.default_size == "1024x1024" and settings.pixel_limit() == 2048 * 2048
+    text = IMAGE_ENTRY + "    image:\n      max_size: 512x256\n      default_size: 256x256\n"
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    assert entry.image_settings().allows_size(512, 256)
+    assert not entry.image_settings().allows_size(256, 512)
+
+
+@pytest.mark.parametrize(
+    ("image", "line", "expected"),
+    [
+        ("      default_size: 1000x1000\n", 6, "image.default_size: width and height must be"),
+        ("      max_size: big\n", 6, "image.max_size: expected WIDTHxHEIGHT"),
+        ("      max_size: 512x512\n", 5, "image: default_size 1024x1024 is beyond max_size"),
+        ("      default_steps: 60\n", 5, "image: default_steps must not exceed max_steps"),
+        ("      max_sequence_length: 1024\n", 6, "image.max_sequence_length: input should be"),
+        ("      steps: 4\n", 6, "image.steps: unknown field (did you mean 'max_steps'?)"),
+        ("      max_queue: 4\n", 6, "image.max_queue: input should be greater than or equal to 10"),
+    ],
+)
+def test_bad_image_settings(tmp_path: Path, image: str, line: int, expected: str) -> None:
+    message = catalog_error(tmp_path, IMAGE_ENTRY + "    image:\n" + image)
+    assert f"models.yaml:{line}: entry 1 (id 'i'): {expected}" in message
+
+
+def test_image_fields_belong_to_image_models(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, "models:\n" + GOOD_ENTRY.format(id="c") + "    image: {}\n")
+    assert "models.yaml:5: entry 1 (id 'c'): image: not for chat models" in message
+    message = catalog_error(tmp_path, IMAGE_ENTRY + "    max_model_len: 77\n")
+    assert "models.yaml:5: entry 1 (id 'i'): max_model_len: not for image models" in message
+    message = catalog_error(tmp_path, IMAGE_ENTRY + "    engine:\n      block_size: 16\n")
+    assert "entry 1 (id 'i'): engine: an image model takes only dtype and device" in message

@@ -1,0 +1,183 @@
+"""A diffusers text-to-image pipeline on its device, run on batches of images that share their
+size, steps and guidance, with one seeded generator per image."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, FluxPipeline
+from PIL.Image import Image
+
+from pagoda.engine.config import DTYPES
+from pagoda.engine.worker import Rejected
+
+logger = logging.getLogger(__name__)
+
+# FluxPipeline refuses longer T5 prompts; other pipelines truncate theirs (CLIP's 77 tokens).
+FLUX_MAX_SEQUENCE_LENGTH = 512
+# request fields that only some pipelines' __call__ take
+OPTIONAL_FIELDS = {"guidance_scale", "negative_prompt", "true_cfg_scale"}
+
+
+@dataclass
+class ImageModelConfig:
+    model: str  # a hub id or a local diffusers folder
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    cpu_offload: bool = False  # enable_model_cpu_offload: one component on the GPU at a time
+    vae_tiling: bool = False  # decode large images tile by tile
+    max_batch_size: int = 4  # images per pipeline call
+    max_sequence_length: int | None = None  # FLUX's T5 prompt tokens (default: 512)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+
+@dataclass(slots=True)
+class BatchShape:
+    """What the images of one pipeline call must share."""
+
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    true_cfg_scale: float | None = None
+    negative: bool = False  # every image of the batch has a negative prompt, or none has
+
+
+@dataclass(slots=True)
+class ImageJob:
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+
+
+StepCallback = Callable[[], bool]  # called after every denoising step; True: stop the batch
+
+
+class ImagePipeline:
+    def __init__(self, config: ImageModelConfig) -> None:
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        pipeline_class = _pipeline_class(config.model)
+        self.pipe = pipeline_class.from_pretrained(config.model, dtype=self.dtype)
+        if self.device.type == "cpu":
+            make_batch_invariant(self.pipe)
+        if config.cpu_offload and self.device.type != "cpu":
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe.to(self.device)
+        if config.vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.is_flux = isinstance(self.pipe, FluxPipeline)
+        self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
+        self.max_sequence_length = config.max_sequence_length
+        if self.is_flux and self.max_sequence_length is None:
+            self.max_sequence_length = FLUX_MAX_SEQUENCE_LENGTH
+
+    def info(self) -> dict:
+        return {
+            "pipeline": type(self.pipe).__name__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_batch_size": self.config.max_batch_size,
+            "max_sequence_length": self.max_sequence_length,
+            # the request fields this pipeline's __call__ takes beyond the ones all take
+            "accepts": sorted(
+                self.call_params & {"guidance_scale", "negative_prompt", "true_cfg_scale"}
+            ),
+        }
+
+    def check_prompt(self, prompt: str, param: str) -> None:
+        """Refuse a prompt FLUX's T5 encoder would have to cut (other pipelines truncate)."""
+        if not self.is_flux:
+            return
+        count = len(self.pipe.tokenizer_2(prompt).input_ids)
+        if count > self.max_sequence_length:
+            raise Rejected(
+                f"{param}: {count} tokens long; this model takes at most "
+                f"{self.max_sequence_length}",
+                code="prompt_too_long",
+                param=param,
+            )
+
+    def run(self, shape: BatchShape, jobs: list[ImageJob], stop: StepCallback) -> list[Image]:
+        """One pipeline call: the images in the order of `jobs` (or fewer, if `stop` said so)."""
+        generator_device = self.pipe._execution_device
+        kwargs = {
+            "prompt": [job.prompt for job in jobs],
+            "height": shape.height,
+            "width": shape.width,
+            "num_inference_steps": shape.steps,
+            "generator": [torch.Generator(generator_device).manual_seed(j.seed) for j in jobs],
+            "output_type": "pil",
+        }
+        if "guidance_scale" in self.call_params:
+            kwargs["guidance_scale"] = shape.guidance_scale
+        if shape.negative:
+            kwargs["negative_prompt"] = [job.negative_prompt for job in jobs]
+        if shape.true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = shape.true_cfg_scale
+        if self.is_flux:
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        if "callback_on_step_end" in self.call_params:
+            kwargs["callback_on_step_end"] = _stopper(stop)
+        with torch.inference_mode():
+            return self.pipe(**kwargs).images
+
+
+def make_batch_invariant(pipe: DiffusionPipeline) -> None:
+    """Make every image of a batch come out as it would alone, bit for bit (on CPU, fp32).
+
+    Batched, two computations differ in the last bits from a batch of one: the linears on
+    per-image vectors (timestep, guidance and pooled-text embeddings, AdaLN modulations),
+    where one row takes BLAS's matrix-vector path and several its matrix-matrix one; and the
+    VAE's convolutions, whose kernels depend on the batch. Rounded to 8 bits a pixel then
+    flips now and then. Those linears are tiny (one row per image), so running them row by
+    row costs nothing; the VAE decodes one image at a time (its slicing mode)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for module in component.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.forward = MethodType(_row_by_row_linear, module)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+
+
+def _row_by_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[0] > 1:
+        return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
+    return F.linear(x, self.weight, self.bias)
+
+
+def _pipeline_class(model: str) -> type[DiffusionPipeline]:
+    """FluxPipeline for FLUX.1 folders, whatever DiffusionPipeline picks for the others."""
+    name = DiffusionPipeline.load_config(model).get("_class_name")
+    return FluxPipeline if name == "FluxPipeline" else DiffusionPipeline
+
+
+def _stopper(stop: StepCallback):
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if stop():
+            pipe._interrupt = True  # the pipeline skips the remaining steps
+        return callback_kwargs
+
+    return callback

@@ -1,0 +1,187 @@
+"""The image worker: a diffusers pipeline driven by the shared worker loop (engine/worker.py).
+
+An add's payload is one dict of request fields (see `ImageRequest`); an output is
+`[request_id, index, seed, encoded_image_bytes, error, batch_size]` (error is None, or a
+message with no image; batch_size: the images of the pipeline call it came from). The images
+of all waiting requests with the same size, steps and guidance run as one pipeline call (FIFO,
+at most max_batch_size). The call runs in a thread, so that the loop keeps reading its inbox:
+an abort between two denoising steps interrupts a batch whose requests are all gone, and drops
+an aborted request's images that have not started.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+
+from PIL.Image import Image
+
+from pagoda.engine.cpu_threads import governor_for
+from pagoda.engine.image_pipeline import BatchShape, ImageJob, ImageModelConfig, ImagePipeline
+from pagoda.engine.worker import run_worker
+from pagoda.logs import LogSettings
+
+logger = logging.getLogger(__name__)
+WAIT_S = 0.05  # how long a step waits on a running batch before the loop reads its inbox
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass(slots=True)
+class ImageRequest:
+    prompt: str
+    n: int
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int | None = None  # image i gets seed + i; None: a random seed per image
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    output_format: str = "png"
+    output_compression: int = 100  # jpeg and webp quality
+
+    def shape(self) -> BatchShape:
+        return BatchShape(
+            self.height,
+            self.width,
+            self.steps,
+            self.guidance_scale,
+            self.true_cfg_scale,
+            self.negative_prompt is not None,
+        )
+
+
+@dataclass(slots=True)
+class PendingImage:
+    request_id: str
+    index: int
+    request: ImageRequest
+    job: ImageJob
+
+
+@dataclass(slots=True)
+class RunningBatch:
+    images: list[PendingImage]
+    future: Future | None = None
+    aborted: set[str] = field(default_factory=set)
+
+    def all_aborted(self) -> bool:
+        return all(image.request_id in self.aborted for image in self.images)
+
+
+class ImageWorker:
+    def __init__(self, config: ImageModelConfig) -> None:
+        start = time.monotonic()
+        self.pipeline = ImagePipeline(config)
+        self.max_batch_size = config.max_batch_size
+        self.load_seconds = time.monotonic() - start
+        self.governor = governor_for(self.pipeline.device, None)
+        self.waiting: deque[PendingImage] = deque()
+        self.running: RunningBatch | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-images")
+        self._rng = random.SystemRandom()
+        logger.info(
+            "loaded %s (%s) on %s in %s in %.1f s",
+            config.model,
+            type(self.pipeline.pipe).__name__,
+            self.pipeline.device,
+            self.pipeline.dtype,
+            self.load_seconds,
+        )
+
+    def info(self) -> dict:
+        return {**self.pipeline.info(), "load_seconds": round(self.load_seconds, 3)}
+
+    def add(self, request_id: str, fields: dict) -> None:
+        try:
+            request = ImageRequest(**fields)
+        except TypeError as exc:  # a server of another version: refuse, do not die
+            raise ValueError(f"malformed image request: {exc}") from None
+        self.pipeline.check_prompt(request.prompt, "prompt")
+        if request.negative_prompt is not None:
+            self.pipeline.check_prompt(request.negative_prompt, "negative_prompt")
+        for index in range(request.n):
+            seed = self._rng.getrandbits(63) if request.seed is None else request.seed + index
+            job = ImageJob(request.prompt, seed, request.negative_prompt)
+            self.waiting.append(PendingImage(request_id, index, request, job))
+
+    def abort(self, request_ids: list[str]) -> None:
+        gone = set(request_ids)
+        self.waiting = deque(image for image in self.waiting if image.request_id not in gone)
+        if self.running is not None:
+            self.running.aborted |= gone
+
+    def has_work(self) -> bool:
+        return self.running is not None or bool(self.waiting)
+
+    def step(self) -> list[list]:
+        if self.running is None:
+            self.running = self._start_batch()
+        batch = self.running
+        if not wait([batch.future], timeout=WAIT_S).done:
+            return []
+        try:
+            encoded = batch.future.result()
+        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+            logger.exception("an image batch failed")
+            self.running = None
+            message = f"image generation failed: {type(exc).__name__}: {exc}"
+            size = len(batch.images)
+            return [[i.request_id, i.index, i.job.seed, None, message, size] for i in batch.images]
+        self.running = None
+        return [
+            [image.request_id, image.index, image.job.seed, data, None, len(batch.images)]
+            for image, data in zip(batch.images, encoded)
+            if image.request_id not in batch.aborted
+        ]
+
+    def stats(self) -> dict:
+        running = len(self.running.images) if self.running is not None else 0
+        return {"running": running, "waiting": len(self.waiting)}
+
+    def _start_batch(self) -> RunningBatch:
+        shape = self.waiting[0].request.shape()
+        images, rest = [], deque()
+        for image in self.waiting:
+            if len(images) < self.max_batch_size and image.request.shape() == shape:
+                images.append(image)
+            else:
+                rest.append(image)
+        self.waiting = rest
+        batch = RunningBatch(images)
+        batch.future = self._executor.submit(self._run, shape, batch)
+        return batch
+
+    def _run(self, shape: BatchShape, batch: RunningBatch) -> list[bytes]:
+        jobs = [image.job for image in batch.images]
+        pictures = self.pipeline.run(shape, jobs, stop=batch.all_aborted)
+        if batch.all_aborted():
+            logger.info("interrupted a batch of %d images: its requests are gone", len(jobs))
+            return []
+        return [
+            encode_image(picture, image.request.output_format, image.request.output_compression)
+            for picture, image in zip(pictures, batch.images)
+        ]
+
+
+def encode_image(image: Image, output_format: str, compression: int) -> bytes:
+    """PNG (lossless; compression does not apply), or JPEG / WebP at quality `compression`."""
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=PIL_FORMATS[output_format], quality=compression)
+    return buffer.getvalue()
+
+
+def run_image_worker(
+    config: ImageModelConfig, input_addr: str, output_addr: str, log_settings: LogSettings
+) -> None:
+    """Process entry point of an image model's worker."""
+    run_worker(partial(ImageWorker, config), input_addr, output_addr, log_settings)

@@ -1,0 +1,124 @@
+"""A worker process fed over ZeroMQ: the loop every worker kind shares (the engine core of a
+chat model, the embedding and image workers), so that the server supervises them alike.
+
+The server PUSHes to `input_addr`; the worker PUSHes to `output_addr`. Messages are
+msgpack-encoded lists whose first element names them:
+
+    server -> worker   ["add", request_id, *payload]   the payload is the worker kind's own
+                       ["abort", [request_id, ...]]
+                       ["shutdown"]
+    worker -> server   ["ready", info]          once the model is loaded
+                       ["failed", message]      the model could not be loaded
+                       ["outputs", [output, ...], stats]   after every step; each output is a
+                                                list whose first element is its request id
+                       ["rejected", request_id, message, code, param]  an add that failed
+                                                validation (code and param as in OpenAI's
+                                                error body, or None)
+                       ["stats", stats]         while idle, every STATS_INTERVAL_S
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+import zmq
+
+from pagoda.engine.cpu_threads import ThreadGovernor
+from pagoda.logs import LogSettings, setup_logging
+
+STATS_INTERVAL_S = 1.0
+
+
+def pack(message: list) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class Rejected(ValueError):
+    """A request the worker refuses, with the OpenAI error `code` and `param` to report."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class Worker(Protocol):
+    """What the loop drives. `add` raises ValueError (or Rejected) for a request it refuses."""
+
+    governor: ThreadGovernor | None  # ticked every loop turn, busy or idle
+
+    def info(self) -> dict: ...
+
+    def add(self, request_id: str, *payload: Any) -> None: ...
+
+    def abort(self, request_ids: list[str]) -> None: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[list]: ...
+
+    def stats(self) -> dict: ...
+
+
+def run_worker(
+    load: Callable[[], Worker], input_addr: str, output_addr: str, log_settings: LogSettings
+) -> None:
+    """Process entry point. Ctrl-C goes to the server, which drains and says shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging(log_settings)
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    try:
+        worker = load()
+    except Exception as exc:  # reported to the server, which fails its start-up with it
+        outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
+        context.destroy(linger=1000)
+        return
+    outbox.send(pack(["ready", worker.info()]))
+    _busy_loop(worker, inbox, outbox)
+    context.destroy(linger=1000)
+
+
+def _busy_loop(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    last_stats = 0.0
+    while True:
+        if worker.governor is not None:
+            worker.governor.tick()
+        timeout_ms = 0 if worker.has_work() else int(STATS_INTERVAL_S * 1000)
+        # everything that arrived goes in before the next step, so that it batches with it
+        while inbox.poll(timeout_ms):
+            if not _handle(worker, unpack(inbox.recv()), outbox):
+                return
+            timeout_ms = 0
+        if worker.has_work():
+            outbox.send(pack(["outputs", worker.step(), worker.stats()]))
+        elif time.monotonic() - last_stats >= STATS_INTERVAL_S:
+            outbox.send(pack(["stats", worker.stats()]))
+            last_stats = time.monotonic()
+
+
+def _handle(worker: Worker, message: list, outbox: zmq.Socket) -> bool:
+    kind = message[0]
+    if kind == "add":
+        request_id = message[1]
+        try:
+            worker.add(request_id, *message[2:])
+        except ValueError as exc:
+            code, param = getattr(exc, "code", None), getattr(exc, "param", None)
+            outbox.send(pack(["rejected", request_id, str(exc), code, param]))
+    elif kind == "abort":
+        worker.abort(message[1])
+    elif kind == "shutdown":
+        return False
+    return True

@@ -1,0 +1,193 @@
+"""/v1/images/generations: an image model's worker client, the endpoint, and the image files
+that `response_format: url` points at."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagoda.engine.image_pipeline import ImageModelConfig
+from pagoda.engine.image_worker import run_image_worker
+from pagoda.server.catalog import CatalogEntry, ImageSettings, resolve_source
+from pagoda.server.disconnect import unless_disconnected
+from pagoda.server.errors import APIError
+from pagoda.server.image_metrics import ImageMetrics
+from pagoda.server.image_request import ImageGenerationRequest
+from pagoda.server.image_store import MEDIA_TYPES, URL_PATH, ImageStore
+from pagoda.server.worker_client import WorkerClient
+
+logger = logging.getLogger("pagoda")
+
+
+@dataclass(slots=True)
+class ImageOutput:
+    index: int
+    seed: int
+    data: bytes | None  # the encoded image
+    error: str | None  # the pipeline failed (e.g. out of memory): no image
+    batch_size: int  # images in the pipeline call that made it
+
+
+class ImageClient(WorkerClient):
+    kind = "image"
+
+    def __init__(self, config: ImageModelConfig, name: str) -> None:
+        super().__init__(name, run_image_worker, (config,))
+        self.config = config
+        self.stats = {"running": 0, "waiting": 0}
+
+    def decode_output(self, fields: list) -> ImageOutput:
+        return ImageOutput(*fields[1:])
+
+    async def generate(self, request_id: str, fields: dict) -> list[ImageOutput]:
+        """The request's `n` images in index order. Cancelling aborts the request."""
+        outputs: list[ImageOutput] = []
+        finished = lambda _: len(outputs) + 1 == fields["n"]  # noqa: E731
+        async with aclosing(self.stream(request_id, [fields], finished)) as stream:
+            async for output in stream:
+                if output.error is not None:  # leaving the stream aborts the other images
+                    raise APIError(500, output.error)
+                outputs.append(output)
+        return sorted(outputs, key=lambda output: output.index)
+
+
+@dataclass
+class ServedImageModel:
+    """An image model the server exposes: its worker process and its catalog settings."""
+
+    id: str
+    client: ImageClient
+    settings: ImageSettings
+    kind: str = "image"
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagoda"
+    max_model_len: int = 0
+    queued: int = 0  # images requested and not yet returned
+    last_latency: float = 1.0  # seconds, for Retry-After
+
+    def admit(self, n: int) -> None:
+        limit = self.settings.max_queue
+        if self.queued + n > limit:
+            raise APIError(
+                429,
+                f"'{self.id}' has {self.queued} images queued (limit {limit}): retry later.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(math.ceil(self.last_latency))},
+            )
+        self.queued += n
+
+
+def image_model_config(entry: CatalogEntry) -> ImageModelConfig:
+    settings = entry.image_settings()
+    return ImageModelConfig(
+        model=resolve_source(entry),
+        cpu_offload=settings.cpu_offload,
+        vae_tiling=settings.vae_tiling,
+        max_batch_size=settings.max_batch_size,
+        max_sequence_length=settings.max_sequence_length,
+        **entry.engine_kwargs(),  # dtype and device
+    )
+
+
+async def start_image_models(entries: list[CatalogEntry]) -> dict[str, ServedImageModel]:
+    """One worker process per image entry, loading at the same time."""
+    clients = [ImageClient(image_model_config(entry), entry.id) for entry in entries]
+    try:
+        await asyncio.gather(*(client.start() for client in clients))
+    except BaseException:
+        await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        raise
+    served = {}
+    for entry, client in zip(entries, clients):
+        info = client.info
+        served[entry.id] = ServedImageModel(
+            entry.id, client, entry.image_settings(), owned_by=entry.owned_by
+        )
+        logger.info(
+            "serving %s: %s on %s (%s), loaded in %.1f s, up to %d images per batch",
+            entry.id,
+            info["pipeline"],
+            info["device"],
+            info["dtype"],
+            info["load_seconds"],
+            info["max_batch_size"],
+        )
+    return served
+
+
+async def generate_images(
+    model: ServedImageModel,
+    req: ImageGenerationRequest,
+    request: Request,
+    metrics: ImageMetrics,
+    store: ImageStore,
+    public_url: str | None,
+) -> Response:
+    fields = req.worker_fields(model.settings, model.client.info["accepts"])
+    model.admit(req.n)
+    metrics.queue.labels(model.id).inc(req.n)
+    start = time.monotonic()
+    try:
+        work = model.client.generate(f"img-{uuid.uuid4().hex}", fields)
+        outputs = await unless_disconnected(request, work)
+    finally:
+        model.queued -= req.n
+        metrics.queue.labels(model.id).dec(req.n)
+    model.last_latency = time.monotonic() - start
+    metrics.latency.labels(model.id).observe(model.last_latency)
+    metrics.images.labels(model.id).inc(req.n)
+    metrics.steps.labels(model.id).inc(req.n * fields["steps"])
+    for output in outputs:
+        metrics.batch_size.labels(model.id).observe(output.batch_size)
+    base_url = (public_url or str(request.base_url)).rstrip("/")
+    data = [await _image_item(output, req, store, base_url) for output in outputs]
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": req.output_format,
+            "quality": req.quality,
+            "size": f"{fields['width']}x{fields['height']}",
+        }
+    )
+
+
+async def _image_item(
+    output: ImageOutput, req: ImageGenerationRequest, store: ImageStore, base_url: str
+) -> dict:
+    item: dict = {"seed": output.seed}  # an extension: the seed that remakes this image
+    if req.response_format == "b64_json":
+        item["b64_json"] = base64.b64encode(output.data).decode("ascii")
+    else:
+        name = await asyncio.to_thread(store.save, output.data, req.output_format)
+        item["url"] = f"{base_url}{URL_PATH}{name}"
+    return item
+
+
+async def image_file(request: Request, store: ImageStore | None) -> Response:
+    """GET /v1/images/files/<name>: open to anyone who has the URL, until it expires."""
+    name = request.path_params["name"]
+    found = store.lookup(name) if store is not None else None
+    try:
+        if found is None:
+            raise FileNotFoundError(name)
+        path, seconds_left = found
+        content = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        raise APIError(
+            404, "This image does not exist or its URL has expired.", code="image_not_found"
+        ) from None
+    return Response(
+        content,
+        media_type=MEDIA_TYPES[path.suffix.removeprefix(".")],
+        headers={"Cache-Control": f"private, max-age={int(seconds_left)}"},
+    )

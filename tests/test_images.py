@@ -1,0 +1,436 @@
+"""/v1/images/generations: a real `pagoda serve --catalog` serving a tiny random FLUX pipeline
+(and a tiny chat model beside it), driven by the openai SDK and httpx, checked against
+diffusers' own FluxPipeline on the same weights and seeds."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from tests.serving import Server
+from tests.tiny_flux import build_tiny_flux
+from tests.tiny_models import build_tiny_model
+
+IMAGE_MODEL = "test-org/tiny-flux"
+CHAT_MODEL = "test-org/tiny-llama"
+KEY = "sk-images-key"
+STEPS, GUIDANCE, MAX_SEQUENCE_LENGTH = 2, 3.5, 64
+
+CATALOG = """\
+models:
+  - id: {chat}
+    kind: chat
+    source: {llama}
+    max_model_len: 256
+    engine:
+      dtype: float32
+      kv_cache_memory: 64MiB
+  - id: {image}
+    kind: image
+    source: {flux}
+    engine:
+      dtype: float32
+      device: cpu
+    image:
+      default_size: 64x64
+      max_size: 256x256
+      max_pixels: 32768
+      default_steps: {steps}
+      max_steps: 8
+      default_guidance: {guidance}
+      max_sequence_length: {max_sequence_length}
+      max_batch_size: 4
+      max_queue: 12
+"""
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "flux")
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, flux_dir) -> Path:
+    root = tmp_path_factory.mktemp("images_catalog")
+    llama = build_tiny_model("llama", root / "llama")
+    path = root / "models.yaml"
+    path.write_text(
+        CATALOG.format(
+            chat=CHAT_MODEL,
+            llama=llama,
+            image=IMAGE_MODEL,
+            flux=flux_dir,
+            steps=STEPS,
+            guidance=GUIDANCE,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(catalog, tmp_path_factory):
+    image_dir = tmp_path_factory.mktemp("image_files")
+    args = ["--catalog", str(catalog), "--api-key", KEY, "--image-dir", str(image_dir)]
+    srv = Server(args).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(flux_dir) -> FluxPipeline:
+    pipe = FluxPipeline.from_pretrained(flux_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_image(pipe: FluxPipeline, prompt: str, seed: int, size=(64, 64)) -> np.ndarray:
+    """What diffusers itself makes of the prompt and seed."""
+    width, height = size
+    image = pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=height,
+        width=width,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    ).images[0]
+    return np.asarray(image)
+
+
+def decode(data: bytes, expected_format: str = "PNG") -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == expected_format
+    return np.asarray(image.convert("RGB"))
+
+
+def generate(client, **kwargs):
+    """client.images.generate with our extensions (seed, steps...) in extra_body."""
+    extras = {k: kwargs.pop(k) for k in list(kwargs) if k in EXTENSIONS}
+    kwargs.setdefault("model", IMAGE_MODEL)
+    kwargs.setdefault("prompt", "a lighthouse at dusk")
+    return client.images.generate(**kwargs, extra_body=extras or None)
+
+
+EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "true_cfg_scale")
+
+
+def b64_images(response) -> list[np.ndarray]:
+    return [decode(base64.b64decode(item.b64_json)) for item in response.data]
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf'^{re.escape(name)}{{model_name="{IMAGE_MODEL}"}} (\S+)$', text, re.M)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+# --- the contract ------------------------------------------------------------------------
+
+
+def test_b64_json_equals_diffusers_on_the_same_seed(client, reference):
+    response = generate(client, prompt="a red fox", response_format="b64_json", seed=1234)
+    assert isinstance(response.created, int) and len(response.data) == 1
+    item = response.data[0]
+    assert item.url is None and item.model_extra["seed"] == 1234
+    (got,) = b64_images(response)
+    assert got.shape == (64, 64, 3)
+    assert np.array_equal(got, diffusers_image(reference, "a red fox", 1234))
+
+
+def test_url_is_served_without_the_key_and_decodes(server, client):
+    b64 = generate(client, response_format="b64_json", seed=5, size="128x64")
+    response = generate(client, response_format="url", seed=5, size="128x64")
+    url = response.data[0].url
+    assert response.data[0].b64_json is None
+    assert re.fullmatch(rf"{server.url}/v1/images/files/[A-Za-z0-9_-]{{43}}\.png", url)
+    fetched = httpx.get(url, timeout=30)  # no Authorization header, as with OpenAI's URLs
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png"
+    assert "max-age" in fetched.headers["cache-control"]
+    image = decode(fetched.content)
+    assert image.shape == (64, 128, 3)
+    assert np.array_equal(image, b64_images(b64)[0])
+
+
+def test_defaults_url_and_the_first_image_model(client):
+    response = client.images.generate(prompt="no model named")  # as DALL-E clients send it
+    assert response.data[0].url is not None and response.size == "64x64"
+
+
+def test_unknown_or_forged_file_names_are_404(server):
+    for name in ["A" * 43 + ".png", "..%2Fmodels.yaml", "x.png"]:
+        response = httpx.get(f"{server.url}/v1/images/files/{name}")
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_n_images_follow_seed_plus_index_and_equal_single_ones(client, reference):
+    many = b64_images(generate(client, n=3, seed=100, response_format="b64_json"))
+    for index, image in enumerate(many):
+        alone = b64_images(generate(client, seed=100 + index, response_format="b64_json"))[0]
+        assert np.array_equal(image, alone)
+    assert np.array_equal(many[2], diffusers_image(reference, "a lighthouse at dusk", 102))
+
+
+def batched_images(server, size: int) -> float:
+    """Images made so far in pipeline calls of exactly `size` images."""
+    text = httpx.get(f"{server.url}/metrics").text
+
+    def bucket(le: int) -> float:
+        name = f'pagoda:image_batch_size_bucket{{le="{float(le)}",model_name="{IMAGE_MODEL}"}}'
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+    return bucket(size) - bucket(size - 1)
+
+
+def test_concurrent_requests_batch_and_keep_their_images(server, client, http, reference):
+    """Four requests that arrive while the worker is busy run as one pipeline call of four,
+    and each image is still the one diffusers makes alone from its seed."""
+    before = batched_images(server, 4)
+    slow = {"model": IMAGE_MODEL, "prompt": "busy", "size": "128x128", "num_inference_steps": 8}
+    busy = threading.Thread(
+        target=http.post, args=("/v1/images/generations",), kwargs={"json": slow}
+    )
+    busy.start()
+    wait_for_queue(server, 1)
+    prompts = ["a cat", "a dog", "a boat", "a tree"]
+    results: dict[str, np.ndarray] = {}
+
+    def one(prompt: str, seed: int) -> None:
+        response = generate(client, prompt=prompt, seed=seed, response_format="b64_json")
+        results[prompt] = b64_images(response)[0]
+
+    threads = [threading.Thread(target=one, args=(p, 7 + i)) for i, p in enumerate(prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in [busy, *threads]:
+        thread.join()
+    assert batched_images(server, 4) == before + 4
+    for index, prompt in enumerate(prompts):
+        assert np.array_equal(results[prompt], diffusers_image(reference, prompt, 7 + index))
+
+
+def test_without_a_seed_images_differ(client):
+    first, second = (generate(client, response_format="b64_json") for _ in range(2))
+    assert first.data[0].model_extra["seed"] != second.data[0].model_extra["seed"]
+    assert not np.array_equal(b64_images(first)[0], b64_images(second)[0])
+
+
+def test_steps_guidance_and_quality_change_the_image(client):
+    def image(**kwargs):
+        return b64_images(generate(client, seed=3, response_format="b64_json", **kwargs))[0]
+
+    base = image()
+    assert np.array_equal(base, image(num_inference_steps=STEPS, guidance_scale=GUIDANCE))
+    assert np.array_equal(base, image(quality="standard"))
+    assert not np.array_equal(base, image(num_inference_steps=STEPS + 1))
+    assert not np.array_equal(base, image(guidance_scale=1.0))
+    assert np.array_equal(image(quality="low"), image(num_inference_steps=STEPS // 2))
+    assert np.array_equal(image(quality="hd"), image(num_inference_steps=2 * STEPS))
+    assert not np.array_equal(base, image(negative_prompt="blurry", true_cfg_scale=2.0))
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_jpeg_and_webp_with_compression(client, output_format, pil_format):
+    sizes = []
+    for compression in (10, 95):
+        response = generate(
+            client,
+            seed=9,
+            response_format="b64_json",
+            output_format=output_format,
+            output_compression=compression,
+            size="128x128",
+        )
+        assert response.output_format == output_format
+        data = base64.b64decode(response.data[0].b64_json)
+        assert decode(data, pil_format).shape == (128, 128, 3)
+        sizes.append(len(data))
+    assert sizes[0] < sizes[1]
+
+
+def test_models_list_has_the_image_model(client):
+    assert {IMAGE_MODEL, CHAT_MODEL} <= {model.id for model in client.models.list()}
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 32001}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"n": 0}, "n"),
+        ({"n": 11}, "n"),
+        ({"n": "two"}, "n"),
+        ({"size": "64"}, "size"),
+        ({"size": "64x"}, "size"),
+        ({"size": "sixtyxfour"}, "size"),
+        ({"size": "60x64"}, "size"),
+        ({"size": "0x64"}, "size"),
+        ({"size": "512x64"}, "size"),  # wider than max_size
+        ({"size": "256x256"}, "size"),  # within max_size, beyond max_pixels
+        ({"num_inference_steps": 9}, "num_inference_steps"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"response_format": "gif"}, "response_format"),
+        ({"output_format": "bmp"}, "output_format"),
+        ({"output_compression": 101}, "output_compression"),
+        ({"quality": "ultra"}, "quality"),
+        ({"style": "cartoon"}, "style"),
+        ({"seed": -1}, "seed"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"stream": True}, "stream"),
+        ({"background": "transparent"}, "background"),
+        ({"model": CHAT_MODEL}, "model"),
+    ],
+)
+def test_bad_image_requests(http, change, param):
+    body = {"model": IMAGE_MODEL, "prompt": "a fox", **change}
+    response = http.post("/v1/images/generations", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert error["message"]
+
+
+def test_prompt_beyond_the_models_token_limit(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        generate(client, prompt="many words " * 40)
+    assert "at most 64" in str(info.value)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        generate(client, model="no-such-model")
+
+
+def test_image_model_asked_for_chat(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=IMAGE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "/v1/images/generations" in str(info.value)
+
+
+def test_the_key_is_required_for_generation(server):
+    response = httpx.post(
+        f"{server.url}/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "a fox"}
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+# --- operations --------------------------------------------------------------------------
+
+
+def post_in_background(http, body: dict) -> threading.Thread:
+    thread = threading.Thread(
+        target=http.post, args=("/v1/images/generations",), kwargs={"json": body}
+    )
+    thread.start()
+    return thread
+
+
+def wait_for_queue(server, length: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics").text
+        if metric(text, "pagoda:image_queue_length") == length:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the image queue never reached {length}")
+
+
+def test_full_queue_answers_429_with_retry_after(server, http):
+    big = {"model": IMAGE_MODEL, "prompt": "slow", "n": 10, "size": "128x128"}
+    big["num_inference_steps"] = 8
+    worker = threading.Thread(
+        target=http.post, args=("/v1/images/generations",), kwargs={"json": big}
+    )
+    worker.start()
+    wait_for_queue(server, 10)
+    response = http.post(
+        "/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "x", "n": 3}
+    )
+    worker.join()
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_disconnect_frees_the_batch(server, http):
+    """A client that leaves: its queued images are dropped and its running batch stops
+    between two denoising steps."""
+    body = {"model": IMAGE_MODEL, "prompt": "abandoned", "n": 10, "size": "128x128"}
+    body["num_inference_steps"] = 8
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/images/generations", json=body, timeout=1.5)
+    wait_for_queue(server, 0)
+    deadline = time.monotonic() + 60
+    while "interrupted a batch" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "interrupted a batch of 4 images: its requests are gone" in server.log()
+    # the worker is free again
+    response = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "next"})
+    assert response.status_code == 200
+
+
+def test_metrics_and_startup_log(server, client):
+    before = httpx.get(f"{server.url}/metrics").text
+    generate(client, n=2, seed=1)
+    after = httpx.get(f"{server.url}/metrics").text
+    generated = "pagoda:images_generated_total"
+    assert metric(after, generated) == metric(before, generated) + 2
+    steps = "pagoda:image_steps_total"
+    assert metric(after, steps) == metric(before, steps) + 2 * STEPS
+    latency = "pagoda:image_request_latency_seconds_count"
+    assert metric(after, latency) == metric(before, latency) + 1
+    assert metric(after, "pagoda:image_queue_length") == 0
+    assert re.search(
+        rf"serving {IMAGE_MODEL}: FluxPipeline on cpu \(float32\), loaded in", server.log()
+    )
+
+
+def test_public_url_names_the_proxy(catalog, tmp_path):
+    args = ["--catalog", str(catalog), "--image-dir", str(tmp_path), "--image-url-ttl", "600"]
+    srv = Server([*args, "--public-url", "https://images.example.com/pagoda/"]).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        url = generate(client, seed=2).data[0].url
+        prefix = "https://images.example.com/pagoda/v1/images/files/"
+        assert url.startswith(prefix)
+        name = url.removeprefix(prefix)
+        assert (tmp_path / name).is_file()
+        assert httpx.get(f"{srv.url}/v1/images/files/{name}").status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()

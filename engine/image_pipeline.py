@@ -8,14 +8,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FluxPipeline
 from PIL.Image import Image
 
 from pagoda.engine.config import DTYPES
 from pagoda.engine.worker import Rejected
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ class ImagePipeline:
         if config.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.pipe.set_progress_bar_config(disable=True)
-        self.is_flux = isinstance(self.pipe, FluxPipeline)
+        self.is_flux = pipeline_class.__name__ == "FluxPipeline"
         self.call_params = set(inspect.signature(self.pipe.__call__).parameters)
         self.max_sequence_length = config.max_sequence_length
         if self.is_flux and self.max_sequence_length is None:
@@ -170,6 +173,10 @@ def _row_by_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _pipeline_class(model: str) -> type[DiffusionPipeline]:
     """FluxPipeline for FLUX.1 folders, whatever DiffusionPipeline picks for the others."""
+    # imported here, in the worker: the server process never needs diffusers (seconds of
+    # imports, and transformers' warnings before logging is set up)
+    from diffusers import DiffusionPipeline, FluxPipeline
+
     name = DiffusionPipeline.load_config(model).get("_class_name")
     return FluxPipeline if name == "FluxPipeline" else DiffusionPipeline
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
+from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import (
@@ -137,6 +138,11 @@ def build_app(
         req = parse_body(CompletionRequest, await read_body(request))
         return await completion(served(req.model), req, metrics)
 
+    async def embeddings(request: Request) -> Response:
+        req = parse_body(EmbeddingRequest, await read_body(request))
+        model = served(req.model, "embedding")
+        return await create_embeddings(model, req, request, metrics.embeddings)
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
         model = served(req.model)
@@ -191,6 +197,7 @@ def build_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
         ],

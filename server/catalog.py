@@ -109,6 +109,31 @@ class EngineSettings(_Strict):
         return self
 
 
+class EmbeddingSettings(_Strict):
+    """How an embedding worker batches and what its requests may ask (kind: embedding)."""
+
+    max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per forward pass
+    max_batch_size: int | None = Field(None, ge=1)  # inputs per forward pass
+    max_queued_requests: int = Field(512, ge=1)  # beyond it: 429 with Retry-After
+    matryoshka: bool = False  # `dimensions` accepted: truncate, then re-normalize
+    matryoshka_dimensions: list[int] | None = None  # if given, the only sizes accepted
+
+    @model_validator(mode="after")
+    def _dimensions_for_matryoshka(self) -> EmbeddingSettings:
+        if self.matryoshka_dimensions is not None and not self.matryoshka:
+            raise ValueError("matryoshka_dimensions needs matryoshka: true")
+        return self
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for engine.embedding_worker.EmbeddingConfig: only those given."""
+        kwargs = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size}
+        return {key: value for key, value in kwargs.items() if value is not None}
+
+
+# The engine settings an embedding worker takes; the others are the chat engine's.
+EMBEDDING_ENGINE_FIELDS = {"dtype", "device"}
+
+
 class Capabilities(_Strict):
     tools: bool = False
     json_: bool = Field(False, alias="json")  # `json` would shadow BaseModel.json
@@ -128,6 +153,7 @@ class CatalogEntry(_Strict):
     source: str = Field(min_length=1)
     enabled: bool = True
     engine: EngineSettings | None = None
+    embedding: EmbeddingSettings | None = None
     max_model_len: int | None = Field(None, ge=1)
     capabilities: Capabilities = Capabilities()
     pricing: Pricing | None = None
@@ -151,6 +177,25 @@ class CatalogEntry(_Strict):
         if info.data.get("kind", "chat") != "chat" and value != Capabilities():
             raise ValueError("only chat models have capabilities")
         return value
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding_settings(
+        cls, value: EmbeddingSettings | None, info: ValidationInfo
+    ) -> EmbeddingSettings | None:
+        if value is not None and info.data.get("kind") != "embedding":
+            raise ValueError("only embedding models have embedding settings")
+        return value
+
+    @model_validator(mode="after")
+    def _embedding_engine_settings(self) -> CatalogEntry:
+        if self.kind == "embedding" and self.engine is not None:
+            extra = sorted(self.engine.model_fields_set - EMBEDDING_ENGINE_FIELDS)
+            if extra:
+                raise ValueError(
+                    f"engine.{extra[0]}: embedding models take only engine.dtype and engine.device"
+                )
+        return self
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for engine.EngineConfig besides `model`: only those given."""
@@ -295,6 +340,7 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineSettings,
+    "embedding": EmbeddingSettings,
     "capabilities": Capabilities,
     "pricing": Pricing,
 }

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -15,7 +16,7 @@ from sse_starlette.sse import AppStatus
 
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
-from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
     CatalogError,
@@ -23,6 +24,8 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from pagoda.server.embedding_metrics import EmbeddingStatsCollector
+from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
 from pagoda.server.metrics import Metrics
@@ -99,8 +102,6 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         name = args.served_model_name or args.model
         return [ModelToServe(name, EngineConfig(model=args.model, serving=True, **overrides))]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
-    if not entries:
-        raise CatalogError(f"{args.catalog}: no enabled chat model to serve")
     return [
         ModelToServe(
             e.id,
@@ -119,6 +120,8 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
+    if not models:
+        return {}
     clients = [EngineClient(m.config, m.id) for m in models]
     tokenizers = [
         asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
@@ -150,17 +153,39 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     return served
 
 
+async def start_all(args: argparse.Namespace) -> dict[str, Served]:
+    """Every model's worker, started side by side; if one fails, the others are stopped."""
+    starts = [start_models(models_to_serve(args))]
+    if not args.model:
+        starts.append(start_embedding_models(load_catalog(args.catalog)))
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    served = {name: m for r in results if isinstance(r, dict) for name, m in r.items()}
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        await asyncio.gather(*(m.client.shutdown() for m in served.values()))
+        raise failure
+    if not served:
+        raise CatalogError(f"{args.catalog}: no enabled model to serve")
+    return served
+
+
+def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict]]:
+    """The latest worker stats of the models of one kind, for the metrics collectors."""
+    return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
+
+
 async def serve(args: argparse.Namespace) -> None:
     keys = api_keys(args)
     if not keys:
         logger.warning("no API key configured: anyone who can reach this port can use it")
-    served = await start_models(models_to_serve(args))
+    served = await start_all(args)
 
     async def stop_engines() -> None:
         logger.info("stopping the engines")
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
-    metrics = Metrics(lambda: {name: m.client.stats for name, m in served.items()})
+    metrics = Metrics(of_kind(served, "chat"))
+    metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     app = build_app(
         served,
         metrics,

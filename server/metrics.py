@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pagoda.server.embedding_metrics import EmbeddingMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
@@ -83,6 +85,8 @@ class Metrics:
             buckets=E2E_BUCKETS,
             registry=self.registry,
         )
+
+        self.embeddings = EmbeddingMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,7 +17,7 @@ from tests.serving import Server
 
 
 def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():
-    server = Server([]).wait_ready()
+    server = Server([]).wait_ready(timeout=300)  # two models load side by side
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
         assert [m.id for m in client.models.list()] == [

@@ -157,6 +157,7 @@ class Running:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=log.parent,  # not the repository: its kernels/ folder shadows a package name
             start_new_session=True,
         )
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
+from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH, ImageStore
@@ -159,6 +160,11 @@ def build_app(
     async def image_files(request: Request) -> Response:
         return await image_file(request, store)
 
+    async def embeddings(request: Request) -> Response:
+        req = parse_body(EmbeddingRequest, await read_body(request))
+        model = served(req.model, "embedding")
+        return await create_embeddings(model, req, request, metrics.embeddings)
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
         model = served(req.model or first_model())
@@ -218,6 +224,7 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/images/generations", images, methods=["POST"]),
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),

@@ -110,6 +110,32 @@ class EngineSettings(_Strict):
         return self
 
 
+class EmbeddingSettings(_Strict):
+    """How an embedding worker batches and what its requests may ask (kind: embedding)."""
+
+    max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per forward pass
+    max_batch_size: int | None = Field(None, ge=1)  # inputs per forward pass
+    max_queued_requests: int = Field(512, ge=1)  # beyond it: 429 with Retry-After
+    matryoshka: bool = False  # `dimensions` accepted: truncate, then re-normalize
+    matryoshka_dimensions: list[int] | None = None  # if given, the only sizes accepted
+
+    @model_validator(mode="after")
+    def _dimensions_for_matryoshka(self) -> EmbeddingSettings:
+        if self.matryoshka_dimensions is not None and not self.matryoshka:
+            raise ValueError("matryoshka_dimensions needs matryoshka: true")
+        return self
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for engine.embedding_worker.EmbeddingConfig: only those given."""
+        kwargs = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size}
+        return {key: value for key, value in kwargs.items() if value is not None}
+
+
+# The engine settings an embedding worker takes; the others are the chat engine's.
+# the engine settings a worker (embedding, image) takes; the rest are the chat engine's
+WORKER_ENGINE_FIELDS = {"dtype", "device"}
+
+
 class Capabilities(_Strict):
     tools: bool = False
     json_: bool = Field(False, alias="json")  # `json` would shadow BaseModel.json
@@ -182,6 +208,7 @@ class CatalogEntry(_Strict):
     source: str = Field(min_length=1)
     enabled: bool = True
     engine: EngineSettings | None = None
+    embedding: EmbeddingSettings | None = None
     max_model_len: int | None = Field(None, ge=1)
     capabilities: Capabilities = Capabilities()
     image: ImageSettings | None = None
@@ -209,10 +236,12 @@ class CatalogEntry(_Strict):
 
     @field_validator("engine")
     @classmethod
-    def _image_engine(cls, value: EngineSettings | None, info: ValidationInfo) -> Any:
-        extra = value.model_fields_set - {"dtype", "device"} if value is not None else set()
-        if info.data.get("kind") == "image" and extra:
-            raise ValueError("an image model takes only dtype and device")
+    def _worker_engine(cls, value: EngineSettings | None, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        extra = sorted(value.model_fields_set - WORKER_ENGINE_FIELDS) if value is not None else []
+        if kind in ("embedding", "image") and extra:
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ValueError(f"{article} {kind} model takes only dtype and device, not {extra[0]}")
         return value
 
     @field_validator("max_model_len", "image")
@@ -225,6 +254,15 @@ class CatalogEntry(_Strict):
 
     def image_settings(self) -> ImageSettings:
         return self.image if self.image is not None else ImageSettings()
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding_settings(
+        cls, value: EmbeddingSettings | None, info: ValidationInfo
+    ) -> EmbeddingSettings | None:
+        if value is not None and info.data.get("kind") != "embedding":
+            raise ValueError("only embedding models have embedding settings")
+        return value
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for engine.EngineConfig besides `model`: only those given."""
@@ -369,6 +407,7 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineSettings,
+    "embedding": EmbeddingSettings,
     "capabilities": Capabilities,
     "image": ImageSettings,
     "pricing": Pricing,

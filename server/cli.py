@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -17,7 +18,7 @@ from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
 from pagoda.server import tokenizer_export
-from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
     CatalogEntry,
@@ -26,6 +27,8 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from pagoda.server.embedding_metrics import EmbeddingStatsCollector
+from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
@@ -131,10 +134,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     if args.model:
         name = args.served_model_name or args.model
         return [ModelToServe(name, EngineConfig(model=args.model, serving=True, **overrides))]
-    catalog = load_catalog(args.catalog)
-    entries = [e for e in catalog if e.enabled and e.kind == "chat"]
-    if not any(e.enabled and e.kind in ("chat", "image") for e in catalog):
-        raise CatalogError(f"{args.catalog}: no enabled chat or image model to serve")
+    entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     return [
         ModelToServe(
             e.id,
@@ -159,6 +159,8 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
+    if not models:
+        return {}
     clients = [EngineClient(m.config, m.id) for m in models]
     tokenizers = [
         asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
@@ -190,25 +192,45 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     return served
 
 
+async def start_all(args: argparse.Namespace) -> dict[str, Served]:
+    """Every model's worker, started side by side; if one fails, the others are stopped."""
+    starts = [start_models(models_to_serve(args))]
+    if not args.model:
+        starts.append(start_embedding_models(load_catalog(args.catalog)))
+        starts.append(start_image_models(image_entries(args)))
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    served = {name: m for r in results if isinstance(r, dict) for name, m in r.items()}
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        await asyncio.gather(*(m.client.shutdown() for m in served.values()))
+        raise failure
+    if not served:
+        raise CatalogError(f"{args.catalog}: no enabled model to serve")
+    return served
+
+
+def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict]]:
+    """The latest worker stats of the models of one kind, for the metrics collectors."""
+    return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
+
+
 async def serve(args: argparse.Namespace) -> None:
     keys = api_keys(args)
     set_strict_request_fields(args.strict_request_fields)
     if not keys:
         logger.warning("no API key configured: anyone who can reach this port can use it")
-    chat, images = await asyncio.gather(
-        start_models(models_to_serve(args)), start_image_models(image_entries(args))
-    )
-    served = {**chat, **images}
+    served = await start_all(args)
     # only a server with image models keeps an image folder
-    store = (
-        ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes) if images else None
-    )
+    store = None
+    if any(m.kind == "image" for m in served.values()):
+        store = ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes)
 
     async def stop_engines() -> None:
         logger.info("stopping the engines")
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
-    metrics = Metrics(lambda: {name: m.client.stats for name, m in served.items()})
+    metrics = Metrics(of_kind(served, "chat"))
+    metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     app = build_app(
         served,
         metrics,

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.server.embedding_metrics import EmbeddingMetrics
 from pagoda.server.image_metrics import ImageMetrics
 
 # The `_created` series (a timestamp per series) doubles the exposition and no PromQL needs it.
@@ -117,6 +118,8 @@ class Metrics:
             registry=self.registry,
         )
         self.images = ImageMetrics(self.registry)
+
+        self.embeddings = EmbeddingMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

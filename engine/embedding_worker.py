@@ -1,0 +1,277 @@
+"""The embedding worker: one sentence-transformers model in its own process, driven by the
+shared worker loop (engine/worker.py), with dynamic batching across requests.
+
+An add's payload is `inputs, truncate, dimensions`: `inputs` a list of strings or of token-id
+lists, `truncate` None or a token count (vLLM's truncate_prompt_tokens, -1 for the model's
+limit), `dimensions` None or the Matryoshka size to cut to. Once all of a request's inputs ran,
+its output is `[request_id, float32 little-endian rows in input order, rows, dims, tokens]`.
+
+Every input waits in one queue. Each step looks at the oldest inputs (a window of a few
+batches), sorts them by length and runs the longest ones together, bounded by a batch size and
+a budget of padded tokens: inputs of like length share a batch, so little is spent on padding,
+and the window keeps a request that arrived later from overtaking older ones for long.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.engine.config import DTYPES
+from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
+from pagoda.engine.worker import Rejected, run_worker
+from pagoda.logs import LogSettings
+
+logger = logging.getLogger(__name__)
+WINDOW_BATCHES = 4
+# upper bounds of the batch-size histogram the worker keeps (its stats carry the counts)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(slots=True)
+class EmbeddingConfig:
+    model: str  # a sentence-transformers folder or hub id
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float32 on CPU, float16 on a GPU
+    max_model_len: int | None = None  # default: the model's max_seq_length
+    max_batch_tokens: int = 16384  # padded tokens (rows x longest row) per forward pass
+    max_batch_size: int = 64  # inputs per forward pass
+    cpu_threads: int | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    """One request: its rows fill in as its inputs' batches run."""
+
+    request_id: str
+    rows: torch.Tensor  # (inputs, dims) float32
+    remaining: int
+    num_tokens: int
+    dimensions: int | None
+
+
+@dataclass(slots=True)
+class Item:
+    """One input waiting for a batch."""
+
+    job: Job
+    index: int
+    token_ids: list[int]
+
+
+@dataclass
+class EmbeddingWorker:
+    config: EmbeddingConfig
+    governor: ThreadGovernor | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        from sentence_transformers import SentenceTransformer  # heavy: only in the worker
+
+        config = self.config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
+        self.model = SentenceTransformer(config.model, device=device).to(self.dtype).eval()
+        self.tokenizer = self.model.tokenizer
+        self.max_model_len = config.max_model_len or self.model.max_seq_length
+        self.model.max_seq_length = self.max_model_len
+        self.dim = self.model.get_embedding_dimension()
+        transformer = self.model[0]
+        self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
+        self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.left_padding = self.tokenizer.padding_side == "left"
+        self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
+        self.governor = governor_for(self.device, config.cpu_threads)
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[Item] = deque()
+        self.batches = 0
+        self.batch_size_sum = 0
+        self.batch_size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
+        logger.info(
+            "loaded %s on %s (%s): %d dimensions, max %d tokens",
+            config.model,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.dim,
+            self.max_model_len,
+        )
+
+    def info(self) -> dict:
+        return {
+            "max_model_len": self.max_model_len,
+            "vocab_size": self.vocab_size,
+            "dimensions": self.dim,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_batch_tokens": self.config.max_batch_tokens,
+            "max_batch_size": self.config.max_batch_size,
+        }
+
+    # --- requests ----------------------------------------------------------------------
+
+    def add(
+        self,
+        request_id: str,
+        inputs: list[str] | list[list[int]],
+        truncate: int | None,
+        dimensions: int | None,
+    ) -> None:
+        if request_id in self.jobs:
+            raise Rejected(f"request id {request_id!r} is already in use")
+        limit = self._truncation_limit(truncate)
+        if inputs and isinstance(inputs[0], str):
+            token_ids = self._tokenize(inputs, limit)
+        else:
+            token_ids = [self._checked_ids(i, ids, limit) for i, ids in enumerate(inputs)]
+        rows = torch.empty(len(token_ids), dimensions or self.dim)
+        job = Job(request_id, rows, len(token_ids), sum(map(len, token_ids)), dimensions)
+        self.jobs[request_id] = job
+        self.queue.extend(Item(job, i, ids) for i, ids in enumerate(token_ids))
+
+    def _truncation_limit(self, truncate: int | None) -> int | None:
+        if truncate is None:
+            return None
+        if truncate == -1:
+            return self.max_model_len
+        if not 1 <= truncate <= self.max_model_len:
+            raise Rejected(
+                f"truncate_prompt_tokens must be -1 or between 1 and the model's maximum "
+                f"context length ({self.max_model_len}), got {truncate}",
+                param="truncate_prompt_tokens",
+            )
+        return truncate
+
+    def _tokenize(self, texts: list[str], limit: int | None) -> list[list[int]]:
+        """Token ids as sentence-transformers makes them (special tokens, the model's default
+        prompt); a text over the limit is refused, or cut as the tokenizer cuts it when asked."""
+        texts = [self.prompt + text for text in texts] if self.prompt else texts
+        kwargs = {"add_special_tokens": True, "return_attention_mask": False, "verbose": False}
+        token_ids = self.tokenizer(texts, **kwargs)["input_ids"]
+        for index, ids in enumerate(token_ids):
+            if limit is None:
+                self._check_length(index, ids)
+            elif len(ids) > limit:
+                token_ids[index] = self.tokenizer(
+                    texts[index], truncation=True, max_length=limit, **kwargs
+                )["input_ids"]
+        return token_ids
+
+    def _checked_ids(self, index: int, ids: list[int], limit: int | None) -> list[int]:
+        """Token ids as given (no special tokens added, as vLLM does)."""
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise Rejected(
+                f"input {index}: token ids must be in [0, {self.vocab_size})", param="input"
+            )
+        if limit is None:
+            self._check_length(index, ids)
+        elif len(ids) > limit:
+            return ids[:limit] if self.tokenizer.truncation_side == "right" else ids[-limit:]
+        return ids
+
+    def _check_length(self, index: int, ids: list[int]) -> None:
+        if len(ids) > self.max_model_len:
+            raise Rejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"input {index} has {len(ids)} tokens. Please reduce the length of the input, "
+                "or set truncate_prompt_tokens.",
+                code="context_length_exceeded",
+                param="input",
+            )
+
+    def abort(self, request_ids: list[str]) -> None:
+        gone = {rid for rid in request_ids if self.jobs.pop(rid, None) is not None}
+        if gone:
+            self.queue = deque(item for item in self.queue if item.job.request_id not in gone)
+
+    # --- batches -----------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def step(self) -> list[list]:
+        batch = self._next_batch()
+        embeddings = self._embed([item.token_ids for item in batch])
+        self._count_batch(len(batch))
+        outputs = []
+        for item, row in zip(batch, embeddings):
+            job = item.job
+            if job.dimensions is not None:
+                row = F.normalize(row[: job.dimensions], p=2, dim=-1)
+            job.rows[item.index] = row
+            job.remaining -= 1
+            if job.remaining == 0:
+                del self.jobs[job.request_id]
+                rows = job.rows.numpy().astype("<f4", copy=False).tobytes()
+                outputs.append([job.request_id, rows, *job.rows.shape, job.num_tokens])
+        return outputs
+
+    def _next_batch(self) -> list[Item]:
+        """The longest of the oldest inputs, as many as the batch size and the padded-token
+        budget allow (at least one)."""
+        config = self.config
+        window = list(itertools.islice(self.queue, WINDOW_BATCHES * config.max_batch_size))
+        window.sort(key=lambda item: len(item.token_ids), reverse=True)
+        longest = len(window[0].token_ids)
+        size = max(1, min(config.max_batch_size, config.max_batch_tokens // longest, len(window)))
+        batch = window[:size]
+        taken = {id(item) for item in batch}
+        self.queue = deque(item for item in self.queue if id(item) not in taken)
+        return batch
+
+    @torch.inference_mode()
+    def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Embeddings (float32, on the CPU) of one padded batch, as sentence-transformers
+        computes them: its modules do the pooling and the normalization."""
+        width = max(map(len, token_ids))
+        input_ids = torch.full((len(token_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            span = slice(width - len(ids), width) if self.left_padding else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids)
+            attention_mask[row, span] = 1
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.token_type_ids:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        features = {k: v.to(self.device) for k, v in features.items()}
+        features["modality"] = "text"
+        return self.model(features)["sentence_embedding"].float().cpu()
+
+    def _count_batch(self, size: int) -> None:
+        self.batches += 1
+        self.batch_size_sum += size
+        bucket = next((i for i, bound in enumerate(BATCH_SIZE_BUCKETS) if size <= bound), -1)
+        self.batch_size_counts[bucket] += 1
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.jobs),
+            "waiting": len(self.queue),
+            "batches": self.batches,
+            "batch_size_sum": self.batch_size_sum,
+            "batch_size_counts": self.batch_size_counts,
+        }
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def run_embedding_worker(
+    config: EmbeddingConfig, input_addr: str, output_addr: str, log_settings: LogSettings
+) -> None:
+    """Process entry point (a spawn target: module level, picklable arguments)."""
+    run_worker(lambda: EmbeddingWorker(config), input_addr, output_addr, log_settings)

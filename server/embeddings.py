@@ -1,0 +1,232 @@
+"""POST /v1/embeddings: the request, its checks, and the OpenAI response (float or base64)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from pagoda.engine.embedding_worker import EmbeddingConfig
+from pagoda.server.catalog import CatalogEntry, EmbeddingSettings, resolve_source
+from pagoda.server.disconnect import CLIENT_CLOSED, unless_disconnected
+from pagoda.server.embedding_client import EmbeddingClient, Embeddings
+from pagoda.server.embedding_metrics import EmbeddingMetrics
+from pagoda.server.errors import APIError, invalid
+from pagoda.server.worker_client import RequestRejected
+
+logger = logging.getLogger(__name__)
+MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_token_ids(ids: list, where: str) -> None:
+    if not ids:
+        raise ValueError(f"{where} must not be an empty list of token ids")
+    if not all(_is_token_id(t) for t in ids):
+        raise ValueError(f"{where}: token ids must be non-negative integers")
+
+
+def _check_input(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be an empty string")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids or a list of such lists"
+        )
+    if not value:
+        raise ValueError("must not be an empty list")
+    if len(value) > MAX_INPUTS:
+        raise ValueError(f"at most {MAX_INPUTS} inputs are allowed per request, got {len(value)}")
+    if all(isinstance(item, str) for item in value):
+        empty = next((i for i, item in enumerate(value) if not item), None)
+        if empty is not None:
+            raise ValueError(f"input {empty} is an empty string")
+    elif all(isinstance(item, list) for item in value):
+        for index, item in enumerate(value):
+            _check_token_ids(item, f"input {index}")
+    elif any(isinstance(item, (str, list)) for item in value):
+        raise ValueError("must not mix strings, token ids and lists of token ids")
+    else:
+        _check_token_ids(value, "input")
+    return value
+
+
+class EmbeddingRequest(BaseModel):
+    # null is taken as "not given" throughout: many clients send every field
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # vLLM's extension: cut inputs to this many tokens (-1: the model's limit) instead of
+    # refusing those over the limit
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        return _check_input(value)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (the model's limit) or a positive number of tokens")
+        return value
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, int) for item in self.input):
+            return [self.input]
+        return self.input
+
+
+@dataclass
+class ServedEmbeddingModel:
+    """An embedding model the server exposes: its worker process and its catalog settings."""
+
+    id: str
+    client: EmbeddingClient
+    max_queued_requests: int
+    matryoshka: bool = False
+    matryoshka_dimensions: list[int] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagoda"
+    kind: ClassVar[str] = "embedding"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.info["max_model_len"]
+
+    @property
+    def dimensions(self) -> int:
+        return self.client.info["dimensions"]
+
+    def output_dimensions(self, wanted: int | None) -> int | None:
+        """The Matryoshka size to cut to, or None for the model's full embeddings."""
+        if wanted is None or wanted == self.dimensions:
+            return None
+        if not self.matryoshka:
+            raise invalid(
+                f"'{self.id}' does not support 'dimensions' (it is not a Matryoshka model): "
+                f"its embeddings have {self.dimensions} dimensions.",
+                param="dimensions",
+            )
+        allowed = self.matryoshka_dimensions
+        if wanted > self.dimensions or (allowed and wanted not in allowed):
+            sizes = allowed or f"1 to {self.dimensions}"
+            raise invalid(f"dimensions must be one of {sizes}, got {wanted}.", param="dimensions")
+        return wanted
+
+    def check_queue(self) -> None:
+        if self.client.num_in_flight >= self.max_queued_requests:
+            raise APIError(
+                429,
+                f"'{self.id}' has {self.max_queued_requests} requests queued, its limit: "
+                "retry later.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+
+
+async def create_embeddings(
+    model: ServedEmbeddingModel, req: EmbeddingRequest, request: Request, metrics: EmbeddingMetrics
+) -> JSONResponse:
+    dimensions = model.output_dimensions(req.dimensions)
+    model.check_queue()
+    start = time.monotonic()
+    work = model.client.embed(
+        f"embd-{uuid.uuid4().hex}", req.inputs(), req.truncate_prompt_tokens, dimensions
+    )
+    status = "failed"
+    try:
+        result = await unless_disconnected(request, work)
+        status = "ok"
+    except RequestRejected:
+        status = "rejected"
+        raise
+    except APIError as exc:
+        status = "aborted" if exc.status == CLIENT_CLOSED else status
+        raise
+    finally:
+        metrics.requests.labels(model.id, status).inc()
+    metrics.latency.labels(model.id).observe(time.monotonic() - start)
+    metrics.inputs.labels(model.id).inc(result.num_rows)
+    metrics.input_tokens.labels(model.id).inc(result.num_tokens)
+    return JSONResponse(_response(model.id, result, req.encoding_format or "float"))
+
+
+def _response(model_id: str, result: Embeddings, encoding_format: str) -> dict:
+    if encoding_format == "base64":
+        rows = [base64.b64encode(result.row(i)).decode() for i in range(result.num_rows)]
+    else:
+        matrix = np.frombuffer(result.rows, dtype="<f4").reshape(result.num_rows, -1)
+        rows = matrix.tolist()
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)],
+        "model": model_id,
+        "usage": {"prompt_tokens": result.num_tokens, "total_tokens": result.num_tokens},
+    }
+
+
+async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, ServedEmbeddingModel]:
+    """A worker for each enabled embedding entry; a failure stops those already started."""
+    entries = [e for e in entries if e.enabled and e.kind == "embedding"]
+    clients = [EmbeddingClient(_worker_config(e), e.id) for e in entries]
+    results = await asyncio.gather(*(c.start() for c in clients), return_exceptions=True)
+    failed = [(e, r) for e, r in zip(entries, results) if isinstance(r, BaseException)]
+    if failed:
+        await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+        entry, exc = failed[0]
+        if not isinstance(exc, Exception):
+            raise exc
+        raise RuntimeError(f"{entry._where}: {exc}") from exc
+    served = {}
+    for entry, client in zip(entries, clients):
+        settings = entry.embedding or EmbeddingSettings()
+        served[entry.id] = ServedEmbeddingModel(
+            entry.id,
+            client,
+            settings.max_queued_requests,
+            settings.matryoshka,
+            settings.matryoshka_dimensions,
+            owned_by=entry.owned_by,
+        )
+        info = client.info
+        logger.info(
+            "serving %s on %s (%s): %d dimensions, max %d tokens, batches of up to %d inputs "
+            "and %d padded tokens",
+            entry.id,
+            info["device"],
+            info["dtype"],
+            info["dimensions"],
+            info["max_model_len"],
+            info["max_batch_size"],
+            info["max_batch_tokens"],
+        )
+    return served
+
+
+def _worker_config(entry: CatalogEntry) -> EmbeddingConfig:
+    kwargs = entry.engine.model_dump(include={"dtype", "device"}) if entry.engine else {}
+    if entry.embedding is not None:
+        kwargs.update(entry.embedding.worker_kwargs())
+    return EmbeddingConfig(resolve_source(entry), max_model_len=entry.max_model_len, **kwargs)

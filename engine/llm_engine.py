@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.device = config.resolve_device()  # first: a device that cannot run fails fast
+        if self.device.type == "cuda":
+            # Triton launches and CUDA graphs go to the current device, not to the tensors' one
+            torch.cuda.set_device(self.device)
         source = loader.resolve_source(config.model)
         self.hf_config = loader.load_config(source)
         self.tokenizer = (
@@ -28,7 +32,6 @@ class LLMEngine:
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
-        self.device = config.resolve_device()
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))

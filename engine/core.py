@@ -109,6 +109,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         engine = LLMEngine(config)
     except Exception as exc:  # reported to the frontend, which fails its start-up with it
         outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
+        # A spawned process ends in os._exit, which drops what ZeroMQ has not sent yet: the
+        # frontend would wait for a message that never comes. Deliver it first.
+        context.destroy(linger=10_000)
         return
     outbox.send(pack(["ready", _ready_info(engine)]))
     _busy_loop(engine, inbox, outbox)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import tempfile
@@ -147,7 +148,10 @@ class EngineClient:
         for task in self._tasks:
             task.cancel()
         if self._process is not None and self._process.is_alive():
-            await self._inbox.send(pack(["shutdown"]))
+            # bounded: a process that exits meanwhile (one that failed to load) takes its
+            # connection along, and a PUSH without a peer waits for one forever
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._inbox.send(pack(["shutdown"])), timeout)
             await asyncio.to_thread(self._process.join, timeout)
             if self._process.is_alive():
                 self._process.kill()

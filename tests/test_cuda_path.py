@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine import model_runner as model_runner_module
+from pagoda.engine import profiling
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.kernels import attention_flash
@@ -211,3 +212,28 @@ def test_flash_attn_only_where_it_can_run(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     device = torch.device("cuda")
     assert attention_flash.usable(block_size, dtype, head_dim, device) is usable
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_profiled_step_runs_on_a_one_block_cache(tiny_models, backend):
+    """The KV cache is sized after one step of the largest batch (a long prefill beside
+    single-token rows, every sampling path, prompt logprobs), run on a one-block cache before
+    the real one exists; here it runs on the CPU (Triton interpreted) with both kernel sets."""
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", kernel_backend=backend)
+    engine = llm.engine
+    batch = profiling.dummy_batch(300, 40, 16)
+    assert sum(batch.num_new_tokens) == 300 and len(batch.seqs) == 40
+    assert all(set(s.block_table) == {0} for s in batch.seqs)
+    model = engine.runner.model
+    profiling.run_dummy_step(model, 300, 40, 16, engine.device, engine.dtype)
+    # the engine's own cache is untouched, and it still answers as before
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_kv_cache_budget_leaves_room_for_the_measured_step():
+    gib = 1 << 30
+    # 80 GiB card, 16 GiB in use after loading (weights, context), a step of 3 GiB: at 0.9
+    # utilisation the cache gets 72 - 16 - 3 = 53 GiB
+    assert profiling.kv_cache_budget(80 * gib, 64 * gib, 0.9, 3 * gib) == 53 * gib
+    assert profiling.kv_cache_budget(80 * gib, 4 * gib, 0.9, 3 * gib) == 0

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pagoda.engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams, profiling
 from pagoda.engine import model_runner as model_runner_module
-from pagoda.engine import profiling
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.kernels import attention_flash

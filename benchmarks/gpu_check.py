@@ -9,6 +9,16 @@ Parts (all by default, in this order; `--parts` picks some):
   contexts 512/4096/16384 x batch 1/32/128, Llama-3.1-8B attention shape, blocks scattered at
   random; the timed calls cycle over enough block sets to read 4x the L2 cache per cycle.
   Bytes = K + V read + q read + out written; GB/s over the copy's read+write GB/s.
+* `attention`: the two launch shapes that the engine's CUDA graphs and mixed steps make, each
+  against the plain case on the same data: decode of one 4k context launched as a graph
+  captured for `max_model_len` 32k launches it (`max_seq_len` 32k) over the same call with
+  `max_seq_len` 4k (ratio near 1: the split-KV work follows the sequence, not the launch); a
+  mixed step of 256 decodes (1k context) and an 8k prefill chunk over the two run apart
+  (ratio near 1: decode rows get no empty query tiles).
+* `kv_blocks`: the engine's KV blocks after it profiles a step, against the count that the
+  memory left once the weights are loaded would hold (`gpu_memory_utilization` x total, less
+  what is in use after loading); and the peak memory of the load over the weights' size (a
+  bf16 model built in fp32 and cast peaks at 2x and leaves that in torch's cache).
 * `hf`: transformers `generate` on the same model shape with random weights (static,
   left-padded batches) on the first `--hf-max-seqs` sequences of the throughput workload.
   Run before the engine so that its memory is free again when the engine sizes its KV cache.
@@ -55,11 +65,12 @@ if not torch.cuda.is_available():
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from pagoda.engine import LLM, SamplingParams  # noqa: E402
+from pagoda.engine import LLM, SamplingParams, loader  # noqa: E402
+from pagoda.engine.config import EngineConfig  # noqa: E402
 from pagoda.kernels import attention as torch_attention  # noqa: E402
 from pagoda.kernels.attention import AttentionMetadata  # noqa: E402
 
-PARTS = ("copy", "paged", "hf", "decode", "ttft", "throughput")
+PARTS = ("copy", "paged", "attention", "hf", "kv_blocks", "decode", "ttft", "throughput")
 MAX_REL_ERR = 2e-2  # paged decode vs the fp32 reference; bf16 output rounding alone is ~3e-3
 TOKEN_ID_MARGIN = 100  # random prompt ids keep clear of special tokens at both vocab ends
 GIB = 1 << 30
@@ -70,6 +81,10 @@ TARGETS = {
     "paged_4k_copy_fraction": 0.75,  # paged decode GB/s at context 4096 over copy GB/s
     "throughput_ratio": 3.0,  # pagoda output tok/s over transformers'
     "ttft_ms": 150.0,  # 1k-token prompt arriving while 31 sequences decode
+    "graph_decode_ratio": 1.25,  # 4k decode launched for 32k over launched for 4k, at most
+    "mixed_step_ratio": 1.3,  # 256 decodes + 8k chunk in one launch over apart, at most
+    "kv_blocks_fraction": 0.85,  # KV blocks over what the memory after loading would hold
+    "load_peak_ratio": 1.2,  # peak allocated while loading over the weights' bytes, at most
 }
 
 LLAMA_8B = {
@@ -487,6 +502,133 @@ def measure_paged(plan: Plan, device: torch.device, copy_gbps: float | None) -> 
     }
 
 
+# -- c. attention launch shapes (graph decode, mixed step) -----------------------------------
+
+
+def varlen_metadata(
+    query_lens: list[int], context_lens: list[int], block_size: int, device: torch.device
+) -> tuple[AttentionMetadata, int]:
+    """Sequences with `context_lens[i]` cached tokens and `query_lens[i]` new ones, their
+    blocks in order after one another; returns the metadata and the blocks used."""
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    width = max(per_seq)
+    tables, first = [], 0
+    for n in per_seq:
+        tables.append(list(range(first, first + n)) + [0] * (width - n))
+        first += n
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    slots = [
+        tables[i][p // block_size] * block_size + p % block_size
+        for i, (c, n) in enumerate(zip(context_lens, seq_lens))
+        for p in range(c, n)
+    ]
+
+    def ints(values, dtype=torch.int32):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    meta = AttentionMetadata(
+        query_start_loc=ints(starts),
+        seq_lens=ints(seq_lens),
+        block_tables=ints(tables),
+        slot_mapping=ints(slots, torch.int64),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=query_lens,
+        seq_lens_host=seq_lens,
+    )
+    return meta, first
+
+
+def attention_shapes(plan: Plan) -> dict:
+    if plan.device == "cuda":
+        return {"context": 4096, "graph_max_len": 32768, "decodes": 256, "decode_ctx": 1024,
+                "chunk": 8192}  # fmt: skip
+    return {"context": 256, "graph_max_len": 2048, "decodes": 8, "decode_ctx": 64, "chunk": 96}
+
+
+def measure_attention(plan: Plan, device: torch.device) -> dict:
+    kernel = paged_kernel()
+    shapes = attention_shapes(plan)
+    heads, kv_heads, head_dim = plan.paged_heads
+    scale = head_dim**-0.5
+
+    def run(metas: list[AttentionMetadata], num_blocks: int) -> tuple[float, float]:
+        """Median ms of the calls on `metas` in turn (one cache), and the first output's
+        relative error against the last one (same data, other launch)."""
+        shape = (num_blocks, plan.block_size, kv_heads, head_dim)
+        k = torch.empty(shape, dtype=plan.dtype, device=device).normal_()
+        v = torch.empty(shape, dtype=plan.dtype, device=device).normal_()
+        tokens = metas[0].slot_mapping.shape[0]
+        q = torch.randn(tokens, heads, head_dim, dtype=plan.dtype, device=device)
+        outs = [kernel(q, k, v, m, scale) for m in metas]
+        err = ((outs[0].float() - outs[-1].float()).norm() / outs[-1].float().norm()).item()
+        times = [
+            statistics.median(time_ms(lambda m=m: kernel(q, k, v, m, scale), device,
+                                      plan.warmup, plan.reps))
+            for m in metas
+        ]  # fmt: skip
+        return times, err
+
+    ctx = shapes["context"]
+    eager, blocks = varlen_metadata([1], [ctx - 1], plan.block_size, device)
+    graph = replace(eager, max_seq_len=shapes["graph_max_len"])
+    (graph_ms, eager_ms), graph_err = run([graph, eager], blocks)
+    free_memory(device)
+
+    n, dctx, chunk = shapes["decodes"], shapes["decode_ctx"], shapes["chunk"]
+    mixed, blocks = varlen_metadata(
+        [1] * n + [chunk], [dctx - 1] * n + [0], plan.block_size, device
+    )
+    decode_only, _ = varlen_metadata([1] * n, [dctx - 1] * n, plan.block_size, device)
+    prefill_only, _ = varlen_metadata([chunk], [0], plan.block_size, device)
+    # the two apart read the same blocks as the mixed batch: decodes first, the chunk after
+    prefill_only.block_tables += n * math.ceil(dctx / plan.block_size)
+    prefill_only.slot_mapping += n * math.ceil(dctx / plan.block_size) * plan.block_size
+    shape = (blocks, plan.block_size, kv_heads, head_dim)
+    k = torch.empty(shape, dtype=plan.dtype, device=device).normal_()
+    v = torch.empty(shape, dtype=plan.dtype, device=device).normal_()
+    q = torch.randn(n + chunk, heads, head_dim, dtype=plan.dtype, device=device)
+    mixed_out = kernel(q, k, v, mixed, scale)
+    apart_out = torch.cat([kernel(q[:n], k, v, decode_only, scale),
+                           kernel(q[n:], k, v, prefill_only, scale)])  # fmt: skip
+    mixed_err = ((mixed_out.float() - apart_out.float()).norm() / apart_out.float().norm()).item()
+    mixed_ms = statistics.median(
+        time_ms(lambda: kernel(q, k, v, mixed, scale), device, plan.warmup, plan.reps)
+    )
+
+    def apart() -> None:
+        kernel(q[:n], k, v, decode_only, scale)
+        kernel(q[n:], k, v, prefill_only, scale)
+
+    apart_ms = statistics.median(time_ms(apart, device, plan.warmup, plan.reps))
+    free_memory(device)
+    return {
+        "graph_decode": {
+            "context": ctx,
+            "launched_for": shapes["graph_max_len"],
+            "graph_ms": graph_ms,
+            "eager_ms": eager_ms,
+            "ratio": graph_ms / eager_ms,
+            "rel_err_vs_eager": graph_err,
+        },
+        "mixed_step": {
+            "decodes": n,
+            "decode_context": dctx,
+            "chunk": chunk,
+            "mixed_ms": mixed_ms,
+            "apart_ms": apart_ms,
+            "ratio": mixed_ms / apart_ms,
+            "rel_err_vs_apart": mixed_err,
+        },
+        "shape": dict(zip(("q_heads", "kv_heads", "head_dim"), plan.paged_heads))
+        | {"dtype": str(plan.dtype)},
+        "timing": "median of eager calls (CUDA events on a GPU)",
+    }
+
+
 # -- the model, the workload, and transformers ------------------------------------------------
 
 
@@ -584,6 +726,60 @@ def make_llm(plan: Plan, folder: Path) -> LLM:
         kernel_backend=plan.kernel_backend,
         skip_tokenizer_init=True,
     )
+
+
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes in use on the card (by anyone) with torch's cache emptied; the peak counter reset."""
+    if device.type != "cuda":
+        return None
+    free = free_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.mem_get_info(device)[1] - free
+
+
+def measure_load_peak(plan: Plan, folder: Path, device: torch.device) -> dict:
+    """The model alone, built as the engine builds it: peak allocation over the weights."""
+    if device.type != "cuda":
+        return {}
+    source = loader.resolve_source(str(folder))
+    config = EngineConfig(
+        model=str(folder), dtype=plan.dtype, device=plan.device, load_format="dummy",
+        kernel_backend=plan.kernel_backend,
+    )  # fmt: skip
+    memory_in_use(device)
+    base = torch.cuda.memory_allocated(device)
+    model = loader.build_model(
+        loader.load_config(source), source, config, device, plan.dtype, plan.max_model_len
+    )
+    peak = torch.cuda.max_memory_allocated(device) - base
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    free_memory(device)
+    return {"load_peak_bytes": peak, "load_peak_ratio": peak / weights}
+
+
+def measure_kv_blocks(llm: LLM, device: torch.device, in_use_before: int | None) -> dict:
+    engine = llm.engine
+    model = engine.runner.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_block = engine.runner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
+    blocks = engine.block_manager.num_blocks
+    result = {"kv_blocks": blocks, "bytes_per_block": per_block, "weight_bytes": weights}
+    if device.type != "cuda":
+        return result
+    total = torch.cuda.mem_get_info(device)[1]
+    util = engine.config.gpu_memory_utilization
+    # what the memory left after the weights would hold, activations not deducted
+    theoretical = (int(total * util) - in_use_before - weights) // per_block
+    return result | {
+        "total_bytes": total,
+        "in_use_before_loading": in_use_before,
+        "theoretical_blocks": theoretical,
+        "fraction": blocks / theoretical,
+        "counting": "theoretical = (utilization x total - in use before loading - weights) / "
+        "bytes per block; load peak = torch's peak allocation while the model alone is built "
+        "(dummy weights) over the weights' bytes",
+    }
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -734,7 +930,12 @@ def run_engine_parts(
     copy = report.results.get("copy", {}).get("gbps_read_plus_write")
     vocab = plan.model_config["vocab_size"]
     print("== loading the engine", flush=True)
+    device = torch.device(plan.device)
+    load = measure_load_peak(plan, folder, device) if "kv_blocks" in parts else {}
+    before = memory_in_use(device)
     llm = make_llm(plan, folder)
+    if "kv_blocks" in parts:
+        run_part(report, "kv_blocks", lambda: measure_kv_blocks(llm, device, before) | load)
     warm_up(llm, vocab)
     if "decode" in parts:
         run_part(report, "decode", lambda: measure_decode(llm, plan, copy, vocab))
@@ -798,6 +999,46 @@ def table_rows(report: Report) -> list[tuple[str, str, str, str]]:
             target = f">= {TARGETS['paged_4k_copy_fraction']:.0%} of copy"
             target += " " + verdict(frac, TARGETS["paged_4k_copy_fraction"], True, smoke)
         rows.append((name, fmt_paged(row), target))
+    if "attention" in r:
+        g, m = r["attention"]["graph_decode"], r["attention"]["mixed_step"]
+        target = f"<= {TARGETS['graph_decode_ratio']}x "
+        rows.append(
+            (
+                f"decode ctx {g['context']} launched for {g['launched_for']}",
+                f"{g['graph_ms'] * 1e3:.0f} us = {g['ratio']:.2f}x of launched for {g['context']}",
+                target + verdict(g["ratio"], TARGETS["graph_decode_ratio"], False, smoke),
+            )
+        )
+        target = f"<= {TARGETS['mixed_step_ratio']}x "
+        rows.append(
+            (
+                f"{m['decodes']} decodes + {m['chunk']} chunk, one launch",
+                f"{m['mixed_ms'] * 1e3:.0f} us = {m['ratio']:.2f}x of apart",
+                target + verdict(m["ratio"], TARGETS["mixed_step_ratio"], False, smoke),
+            )
+        )
+    if "kv_blocks" in r:
+        kv = r["kv_blocks"]
+        if "load_peak_ratio" in kv:
+            target = f">= {TARGETS['kv_blocks_fraction']:.0%} "
+            rows.append(
+                (
+                    "KV blocks after profiling",
+                    f"{kv['kv_blocks']} = {kv['fraction']:.0%} of {kv['theoretical_blocks']}",
+                    target + verdict(kv["fraction"], TARGETS["kv_blocks_fraction"], True, smoke),
+                )
+            )
+            target = f"<= {TARGETS['load_peak_ratio']}x "
+            rows.append(
+                (
+                    "load peak over weights",
+                    f"{kv['load_peak_ratio']:.2f}x",
+                    target
+                    + verdict(kv["load_peak_ratio"], TARGETS["load_peak_ratio"], False, smoke),
+                )
+            )
+        else:
+            rows.append(("KV blocks", f"{kv['kv_blocks']}"))
     if "hf" in r:
         hf = r["hf"]
         rows.append(
@@ -918,11 +1159,13 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = report.results.get("copy", {}).get("gbps_read_plus_write")
     if "paged" in parts:
         run_part(report, "paged", lambda: measure_paged(plan, device, copy_gbps))
+    if "attention" in parts:
+        run_part(report, "attention", lambda: measure_attention(plan, device))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         folder = write_model_folder(plan, Path(tmp))
         if "hf" in parts:
             run_part(report, "hf", lambda: measure_hf(plan, device, folder, work))
-        engine_parts = parts & {"decode", "throughput", "ttft"}
+        engine_parts = parts & {"kv_blocks", "decode", "throughput", "ttft"}
         if engine_parts:
             try:
                 run_engine_parts(report, plan, engine_parts, folder, work)

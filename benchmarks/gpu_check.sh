@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One GPU check in under 8 minutes on one H100: the Triton kernel tests on the GPU, then
-# benchmarks/gpu_check.py (copy bandwidth, paged-decode kernel, batch-1 decode, offline
-# throughput against transformers, TTFT under load). Logs and results go to
+# benchmarks/gpu_check.py (copy bandwidth, paged-decode kernel, the attention launch shapes of
+# CUDA graphs and mixed steps (decode at 4k context launched for max_model_len 32k; 256
+# decodes beside an 8k chunk), KV blocks after profiling against the memory left after
+# loading and the load's peak memory, batch-1 decode, offline throughput against
+# transformers, TTFT under load). Logs and results go to
 # "${OUT:-benchmarks/results}"; the last lines printed are the table of figures and targets.
 #
 # What the GPU machine lacks. It has torch 2.11.0+cu130, triton 3.6.0, transformers 5.x,
@@ -102,7 +105,7 @@ fi
 
 # -- 2. kernel tests on the GPU ---------------------------------------------------------------
 tests=()
-for f in tests/test_attention_triton.py tests/test_elementwise_triton.py; do
+for f in tests/test_attention_triton.py tests/test_elementwise_triton.py tests/test_cuda_path.py; do
     if [[ -f "$f" ]]; then tests+=("$f"); else log "missing $f: skipped"; fi
 done
 xdist=()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,9 +68,26 @@ class EngineConfig:
             )
 
     def resolve_device(self) -> torch.device:
+        """`auto`: the first GPU, else the CPU (with a warning where torch was built for CUDA:
+        a driver older than its CUDA makes the GPU invisible). An explicit `cuda` or `cuda:N`
+        that cannot run is an error, never a silent fall-back to the CPU."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+            if torch.cuda.is_available():
+                return torch.device("cuda", 0)
+            if torch.version.cuda is not None:
+                logger.warning(
+                    "torch %s is built for CUDA %s but sees no GPU (no device visible, or a "
+                    "driver older than that CUDA needs): running on the CPU",
+                    torch.__version__,
+                    torch.version.cuda,
+                )
+            return torch.device("cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            _check_gpu(device)
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def resolve_dtype(
         self, device: torch.device, checkpoint_dtype: torch.dtype | None
@@ -98,3 +118,22 @@ class EngineConfig:
         if device.type == "cuda":
             return 8192
         return 512 if self.serving else 2048
+
+
+def _check_gpu(device: torch.device) -> None:
+    if torch.version.cuda is None:
+        raise ValueError(
+            f"device {str(device)!r}: this torch ({torch.__version__}) is a CPU-only build; "
+            "install a CUDA build of torch, or set device to 'cpu' or 'auto'"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
+            "no GPU: none is visible (CUDA_VISIBLE_DEVICES, docker --gpus) or the NVIDIA driver "
+            f"is older than CUDA {torch.version.cuda} needs"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"device {str(device)!r}: only {count} GPU(s) visible (cuda:0-{count - 1})"
+        )

@@ -52,7 +52,8 @@ class DecodeGraphs:
 
     def _meta(self, size: int) -> AttentionMetadata:
         # max_seq_len is fixed at the model's limit: a captured kernel's launch shape
-        # (e.g. its number of KV splits) cannot change between replays.
+        # (e.g. its number of KV splits) cannot change between replays. The decode kernel
+        # cuts each sequence's own context into those splits, so short ones lose nothing.
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],

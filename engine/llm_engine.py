@@ -6,20 +6,26 @@ import logging
 
 import torch
 
-from pagoda.engine import loader
+from pagoda.engine import loader, profiling
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
 
 logger = logging.getLogger(__name__)
+GIB = 1 << 30
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.device = config.resolve_device()  # first: a device that cannot run fails fast
+        if self.device.type == "cuda":
+            # Triton launches and CUDA graphs go to the current device, not to the tensors' one
+            torch.cuda.set_device(self.device)
         source = loader.resolve_source(config.model)
         self.hf_config = loader.load_config(source)
         self.tokenizer = (
@@ -28,7 +34,6 @@ class LLMEngine:
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
-        self.device = config.resolve_device()
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
@@ -36,12 +41,7 @@ class LLMEngine:
             self.hf_config, source, config, self.device, self.dtype, self.max_model_len
         )
         num_blocks = self._num_kv_blocks(model)
-        # the torch attention path reads host-side lengths, which a graph would freeze
-        use_graphs = (
-            self.device.type == "cuda"
-            and not config.enforce_eager
-            and config.kernel_backend != "torch"
-        )
+        use_graphs = self._use_graphs()
         self.runner = ModelRunner(
             model,
             num_blocks,
@@ -92,7 +92,7 @@ class LLMEngine:
             num_blocks = self.config.kv_cache_blocks
         else:
             per_block = ModelRunner.kv_bytes_per_block(model, size, self.dtype)
-            num_blocks = self._kv_cache_memory() // per_block
+            num_blocks = self._kv_cache_memory(model) // per_block
             num_blocks = min(num_blocks, per_seq * self.config.max_num_seqs)
         if num_blocks < per_seq:
             raise ValueError(
@@ -102,15 +102,40 @@ class LLMEngine:
             )
         return num_blocks
 
-    def _kv_cache_memory(self) -> int:
+    def _kv_cache_memory(self, model: torch.nn.Module) -> int:
         if self.config.kv_cache_memory is not None:
             return self.config.kv_cache_memory
         if self.device.type != "cuda":
             return DEFAULT_CPU_KV_CACHE_MEMORY
+        activations = profiling.activation_peak(
+            model,
+            self.config.resolve_max_num_batched_tokens(self.device),
+            self.config.max_num_seqs,
+            min(self.config.max_num_seqs, CAPTURE_SIZES[-1]) if self._use_graphs() else None,
+            self.config.block_size,
+            self.device,
+            self.dtype,
+        )
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        # leave room for activations of the largest batch
-        return max(0, int(total * self.config.gpu_memory_utilization) - used - (1 << 30))
+        budget = profiling.kv_cache_budget(
+            total, free, self.config.gpu_memory_utilization, activations
+        )
+        logger.info(
+            "memory: %.2f GiB in use after loading, %.2f GiB for a step's activations, "
+            "%.2f GiB for the KV cache",
+            (total - free) / GIB,
+            activations / GIB,
+            budget / GIB,
+        )
+        return budget
+
+    def _use_graphs(self) -> bool:
+        # the torch attention path reads host-side lengths, which a graph would freeze
+        return (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and self.config.kernel_backend != "torch"
+        )
 
     # -- the step API -----------------------------------------------------------------------
 

@@ -104,11 +104,16 @@ def build_model(
     max_model_len: int,
 ) -> nn.Module:
     cls = model_class(getattr(config, "architectures", None))
-    ops = kernels.select(engine_config.kernel_backend, device, engine_config.block_size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ops = kernels.select(
+        engine_config.kernel_backend, device, engine_config.block_size, dtype, head_dim
+    )
     with torch.device("meta"):
         model = cls(config, ops)
-    model.to_empty(device=device)
+    # Cast on the meta device, then allocate: built in fp32 and cast afterwards, the load would
+    # peak at twice the model's bf16 size (and on a GPU leave that much in torch's cache).
     model.to(dtype)
+    model.to_empty(device=device)
     if engine_config.load_format == "dummy":
         _fill_dummy(model, engine_config.seed)
     else:

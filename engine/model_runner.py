@@ -7,9 +7,14 @@ from torch import nn
 
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampler import sample, token_logprobs
+from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import TokenLogprobs
+from pagoda.engine.staging import HostToDevice
 from pagoda.kernels import AttentionMetadata
+
+# logits per slice of prompt logprobs: 2^26 fp32 values are 256 MiB (512 rows at 128k vocab)
+PROMPT_LOGPROBS_ELEMENTS = 1 << 26
 
 DecodeGraphLimits = tuple[int, int]  # (max_model_len, max_num_seqs) for the captured sizes
 
@@ -30,6 +35,10 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # one staging buffer per kind of copy, so that neither waits on the other's last copy
+        self.staging = HostToDevice(device)
+        self.sampling_staging = HostToDevice(device)
+        self.token_counts = TokenCounts(device)
         attn = model.layers[0].self_attn
         # one spare block past those the block manager owns: the graphs' padding rows
         spare = 1 if cuda_graphs is not None else 0
@@ -59,6 +68,10 @@ class ModelRunner:
         reached its last token, keyed by its index in the batch. Prompt logprobs, where
         asked for, are appended to their sequences."""
         input_ids, positions, meta, sample_rows, logit_positions = self._prepare(batch)
+        seqs = [batch.seqs[i] for i in sample_rows]
+        vocab = self.model.config.vocab_size
+        # sent before the forward pass, so that the copy overlaps it
+        tensors = SamplingTensors.build(seqs, vocab, self.token_counts, self.sampling_staging)
         if self.graphs and meta.max_query_len == 1 and len(batch.seqs) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -68,8 +81,7 @@ class ModelRunner:
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[logit_positions]).float()
-        seqs = [batch.seqs[i] for i in sample_rows]
-        return dict(zip(sample_rows, sample(logits, seqs, self.generator)))
+        return dict(zip(sample_rows, sample(logits, seqs, self.generator, tensors)))
 
     def _record_prompt_logprobs(
         self, batch: ScheduledBatch, hidden: torch.Tensor, query_lens: list[int]
@@ -80,14 +92,18 @@ class ModelRunner:
             first = seq.num_computed_tokens
             # positions whose next token is still a prompt token
             count = min(first + num_new, seq.num_prompt_tokens - 1) - first
-            if k is not None and count > 0:
-                logits = self.model.compute_logits(hidden[start : start + count])
-                targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count])
-                if first == 0:
-                    seq.prompt_logprobs.append(None)
-                seq.prompt_logprobs += token_logprobs(logits, targets.to(self.device), [k] * count)
-            elif k is not None and first == 0:
+            if k is not None and first == 0:
                 seq.prompt_logprobs.append(None)
+            if k is not None and count > 0:
+                targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count])
+                targets = targets.to(self.device, non_blocking=True)
+                # [rows x vocab] logits at a time: a whole 8k chunk at a 128k vocabulary is
+                # 4 GB per fp32 copy, and log-softmax, ranks and top-k make several
+                rows = max(1, PROMPT_LOGPROBS_ELEMENTS // self.model.config.vocab_size)
+                for lo in range(0, count, rows):
+                    n = min(rows, count - lo)
+                    logits = self.model.compute_logits(hidden[start + lo : start + lo + n])
+                    seq.prompt_logprobs += token_logprobs(logits, targets[lo : lo + n], [k] * n)
             start += num_new
 
     def _prepare(self, batch: ScheduledBatch):
@@ -109,27 +125,22 @@ class ModelRunner:
             if batch.samples(i):
                 sample_rows.append(i)
         width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        flat_tables = [
+            b for s in batch.seqs for b in s.block_table + [0] * (width - len(s.block_table))
+        ]
         query_lens = list(batch.num_new_tokens)
-
-        def tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
+        logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
+        (ids, pos, slot_mapping, logit_rows, starts, lens, tables), _ = self.staging.send(
+            [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
+        )
         meta = AttentionMetadata(
-            query_start_loc=tensor(query_start),
-            seq_lens=tensor(seq_lens),
-            block_tables=tensor(tables),
-            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=starts.int(),
+            seq_lens=lens.int(),
+            block_tables=tables.int().view(len(batch.seqs), width),
+            slot_mapping=slot_mapping,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
         )
-        logit_positions = tensor([query_start[i + 1] - 1 for i in sample_rows], torch.int64)
-        return (
-            tensor(input_ids, torch.int64),
-            tensor(positions, torch.int64),
-            meta,
-            sample_rows,
-            logit_positions,
-        )
+        return ids, pos, meta, sample_rows, logit_rows

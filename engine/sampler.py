@@ -4,37 +4,47 @@ Order of logit processing (vLLM's): logit_bias, min_tokens (stops masked), penal
 greedy argmax, or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the raw
 model distribution. Draws use the exponential race (argmax of p / Exp(1) noise), with the
 noise of a seeded sequence from its own generator, so its draws do not depend on its batch.
+
+The step's parameters reach the device in one copy (`SamplingTensors`, through the runner's
+staging buffer), and penalties read token counts kept on the device (`TokenCounts`), so a
+step waits on the device once, for its sampled tokens (and once more for logprobs).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 from pagoda.engine.sequence import Logprob, Sequence, TokenLogprobs
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator,
+    tensors: SamplingTensors | None = None,
 ) -> list[tuple[int, TokenLogprobs | None]]:
-    """Draw one token per row of `logits` [B, V] (fp32) for `seqs` [B]."""
+    """Draw one token per row of `logits` [B, V] (fp32) for `seqs` [B]. `tensors`: the step's
+    parameters already on the device (built here when not given)."""
+    if tensors is None:
+        tensors = SamplingTensors.build(seqs, logits.shape[-1], TokenCounts(logits.device))
     raw = logits
-    params = [s.params for s in seqs]
-    if any(p.logit_bias for p in params):
-        logits = _apply_logit_bias(logits.clone(), seqs)
-    if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
-        logits = _mask_stops_before_min_tokens(logits.clone(), seqs)
-    if any(p.uses_penalties for p in params):
-        logits = _apply_penalties(logits.clone(), seqs)
+    if tensors.bias_rows is not None:
+        logits = _apply_logit_bias(logits.clone(), tensors)
+    if tensors.stop_rows is not None:
+        logits = _mask_stops_before_min_tokens(logits.clone(), tensors)
+    if tensors.penalty_rows is not None:
+        logits = _apply_penalties(logits.clone(), tensors)
 
-    greedy = all(p.greedy for p in params)
-    token_ids = _argmax(logits) if greedy else _draw(logits, seqs, generator)
+    token_ids = _argmax(logits) if tensors.all_greedy else _draw(logits, seqs, generator, tensors)
+    tensors.count_sampled(token_ids)
 
     token_list = token_ids.tolist()
     logprob_list: list[TokenLogprobs | None] = [None] * len(seqs)
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if wanted:
-        ks = [params[i].logprobs for i in wanted]
-        for i, entry in zip(wanted, token_logprobs(raw[wanted], token_ids[wanted], ks)):
+    if tensors.logprob_rows is not None:
+        wanted, ks = tensors.logprob_rows, tensors.logprob_ks
+        entries = token_logprobs(raw[wanted], token_ids[wanted], ks)
+        for i, entry in zip(tensors.logprob_rows_host, entries):
             logprob_list[i] = entry
     return list(zip(token_list, logprob_list))
 
@@ -44,95 +54,72 @@ def token_logprobs(
 ) -> list[TokenLogprobs]:
     """Per row of `logits`: the logprob and rank of `chosen`, plus the top `ks[row]` tokens."""
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
-    ranks = ((logprobs > chosen_lp.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
+    ranks = (logprobs > chosen_lp).sum(dim=-1, keepdim=True) + 1
     max_k = max(ks)
-    top_lp, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    top_lp_rows = top_lp.tolist() if max_k else None
-    top_id_rows = top_ids.tolist() if max_k else None
+    top_lp, top_ids = logprobs.topk(max_k, dim=-1)
+    # one read back: [token, logprob, rank, k top ids, k top logprobs] per row, in float64
+    # (exact for token ids and ranks)
+    columns = (chosen.unsqueeze(1), chosen_lp, ranks, top_ids, top_lp)
+    rows = torch.cat([c.double() for c in columns], dim=1).tolist()
     entries: list[TokenLogprobs] = []
-    for row, (token, lp, k) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), ks)):
-        entry = {token: Logprob(lp, ranks[row])}
-        for rank in range(k):
-            entry.setdefault(top_id_rows[row][rank], Logprob(top_lp_rows[row][rank], rank + 1))
+    for row, k in zip(rows, ks):
+        token, lp, rank = int(row[0]), row[1], int(row[2])
+        entry = {token: Logprob(lp, rank)}
+        for r in range(k):
+            entry.setdefault(int(row[3 + r]), Logprob(row[3 + max_k + r], r + 1))
         entries.append(entry)
     return entries
 
 
-def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    for row, seq in enumerate(seqs):
-        for token_id, bias in (seq.params.logit_bias or {}).items():
-            if 0 <= token_id < vocab:
-                logits[row, token_id] += bias
+def _apply_logit_bias(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    return logits.index_put_((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
+
+
+def _mask_stops_before_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    masked = torch.full((), float("-inf"), device=logits.device)
+    return logits.index_put_((t.stop_rows, t.stop_tokens), masked)
+
+
+def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    rows = t.penalty_rows
+    output_counts = t.counts.output[t.penalty_counts_rows]  # [P, V]
+    seen = t.counts.seen[t.penalty_counts_rows] | (output_counts > 0)
+    part = logits[rows]
+    repetition = t.repetition[rows].unsqueeze(1)
+    penalized = torch.where(part > 0, part / repetition, part * repetition)
+    part = torch.where(seen, penalized, part)
+    part -= t.frequency[rows].unsqueeze(1) * output_counts
+    part -= t.presence[rows].unsqueeze(1) * (output_counts > 0)
+    logits[rows] = part
     return logits
 
 
-def _mask_stops_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    for row, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
-            stops = set(seq.params.stop_token_ids)
-            if not seq.params.ignore_eos:
-                stops |= seq.eos_token_ids
-            logits[row, list(stops)] = float("-inf")
-    return logits
+def _draw(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator,
+    t: SamplingTensors,
+) -> torch.Tensor:
+    scaled = logits / t.temperature.unsqueeze(1)
 
-
-def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    counts = torch.zeros(len(rows), vocab + 1, device=device)
-    width = max((len(r) for r in rows), default=0)
-    if width:
-        ids = torch.full((len(rows), width), vocab, dtype=torch.long)  # pad into a spare column
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
-    return counts[:, :vocab]
-
-
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    vocab, device = logits.shape[-1], logits.device
-    output_counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
-    prompt_seen = _token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, device)
-    column = lambda values: torch.tensor(values, device=device).unsqueeze(1)  # noqa: E731
-    repetition = column([s.params.repetition_penalty for s in seqs])
-    seen = (output_counts + prompt_seen) > 0
-    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits = torch.where(seen, penalized, logits)
-    logits -= column([s.params.frequency_penalty for s in seqs]) * output_counts
-    logits -= column([s.params.presence_penalty for s in seqs]) * (output_counts > 0)
-    return logits
-
-
-def _draw(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
-    device = logits.device
-    params = [s.params for s in seqs]
-    greedy_rows = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    scaled = logits / temperature.unsqueeze(1)
-
-    top_k = [p.top_k for p in params]
-    if any(top_k):
-        vocab = logits.shape[-1]
-        k = torch.tensor([t if t else vocab for t in top_k], device=device).clamp(max=vocab)
+    if t.any_top_k:
+        k = t.top_k.clamp(max=logits.shape[-1])
         sorted_desc = scaled.sort(dim=-1, descending=True).values
         kth = sorted_desc.gather(1, (k - 1).unsqueeze(1))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
 
-    top_p = [p.top_p for p in params]
-    if any(t < 1.0 for t in top_p):
+    if t.any_top_p:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token when the tokens ranked before it already cover top_p
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= torch.tensor(
-            top_p, device=device
-        ).unsqueeze(1)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= t.top_p.unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
 
     probs = scaled.softmax(dim=-1)
-    min_p = [p.min_p for p in params]
-    if any(min_p):
-        threshold = torch.tensor(min_p, device=device).unsqueeze(1) * probs.amax(-1, keepdim=True)
+    if t.any_min_p:
+        threshold = t.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
 
     noise = torch.empty_like(probs)
@@ -141,7 +128,9 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
         if seq.generator is not None:
             noise[row].exponential_(generator=seq.generator)
     drawn = (probs / noise).argmax(dim=-1)
-    return torch.where(greedy_rows, _argmax(logits), drawn)
+    if not t.any_greedy:
+        return drawn
+    return torch.where(t.greedy, _argmax(logits), drawn)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,17 @@ CPU = Kernels(
 )
 
 
-def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
+def select(
+    backend: str,
+    device: torch.device,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    head_dim: int = 128,
+) -> Kernels:
     """`auto`: Triton on CUDA (attention through flash-attn where it is installed and the
-    cache pages suit it), `CPU` on a CPU that can build it, the torch reference elsewhere.
-    `triton` on a CPU works only under TRITON_INTERPRET=1 (the tests use it so)."""
+    cache pages, dtype and head size suit it), `CPU` on a CPU that can build it, the torch
+    reference elsewhere. `triton` on a CPU works only under TRITON_INTERPRET=1 (the tests use
+    it so)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     on_cpu = backend == "auto" and device.type == "cpu"
@@ -70,7 +77,7 @@ def select(backend: str, device: torch.device, block_size: int = 16) -> Kernels:
     )
 
     triton_compile_log.log_compilations()
-    flash = backend == "auto" and attention_flash.usable(block_size)
+    flash = backend == "auto" and attention_flash.usable(block_size, dtype, head_dim, device)
     return Kernels(
         "triton+flash-attn" if flash else "triton",
         norm_triton.rms_norm,

@@ -12,11 +12,18 @@ Four kernels; a step launches one (write, extend) or two (decode):
   (sequence, kv head, split); each program takes all query heads of its KV head as the rows of
   one tile (GQA packing: each KV tile is read once per group, the group padded to 16 rows for
   `tl.dot`), walks its split's share of the context with an online softmax and writes an
-  unnormalised partial (acc, max, sum). `_decode_reduce_kernel` merges the splits.
-- prefill / extend / mixed batches: `_extend_kernel` on a grid of (sequence, kv head, query
-  tile). A tile's rows are (query token, head of the group) pairs, so GQA packing holds here
-  too and a decode row in a mixed batch costs one small tile. It attends to the cached prefix
-  and the new tokens through the block table with the causal offset seq_len - query_len.
+  unnormalised partial (acc, max, sum). `_decode_reduce_kernel` merges the splits. The number
+  of splits is fixed by the launch (from the batch's longest possible context); each sequence
+  cuts its own context into that many parts, so a CUDA graph captured for `max_model_len` still
+  spreads a short context over every split instead of leaving most of them empty.
+- prefill / extend / mixed batches: `_extend_kernel` on a grid of (query tile, kv head) over
+  the flat batch: sequence s owns the tile slots from `query_start_loc[s] // BLOCK_Q + s` on,
+  at most one more than its tiles, so the grid is `num_tokens // BLOCK_Q + num_seqs` and a
+  decode row beside a long prefill chunk costs one tile, not as many as the chunk (a program
+  finds its sequence by a binary search over those slot starts). A tile's rows are (query
+  token, head of the group) pairs, so GQA packing holds here too. It attends to the cached
+  prefix and the new tokens through the block table with the causal offset
+  seq_len - query_len.
 
 KV tiles of `TILE_N` positions are gathered position by position (block id from the table,
 offset within the block), so the tile size does not depend on the cache's block size, and every
@@ -95,12 +102,12 @@ def _decode_split_kernel(
     stride_bt,
     num_heads,
     num_splits,
-    tokens_per_split,  # a multiple of TILE_N
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,  # tokens: a split covers at least this much context
     COMPUTE_DTYPE: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -110,8 +117,11 @@ def _decode_split_kernel(
     row = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - row
     seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    # this sequence's share per split, in whole KV tiles: its own length, not the launch's
+    split_len = (seq_len + num_splits - 1) // num_splits
+    split_len = tl.maximum((split_len + TILE_N - 1) // TILE_N * TILE_N, MIN_SPLIT)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
@@ -191,6 +201,21 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose tile slots hold `tile`: the last s with
+    query_start_loc[s] // BLOCK_Q + s <= tile (the slot starts strictly increase in s)."""
+    lo = 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,
@@ -208,6 +233,7 @@ def _extend_kernel(
     stride_ct,
     stride_ch,
     stride_bt,
+    num_seqs,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per tile; the tile has BLOCK_Q * GROUP_PAD rows
@@ -216,11 +242,12 @@ def _extend_kernel(
     TILE_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_tile = tl.program_id(2)
+    seq = _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
 
     q_start = tl.load(query_start_loc_ptr + seq)
+    q_tile = tile - (q_start // BLOCK_Q + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return
@@ -305,6 +332,7 @@ def _decode_config(
         "D": head_dim,
         "BLOCK_SIZE": block_size,
         "TILE_N": _tile_n(dtype),
+        "MIN_SPLIT": _MIN_TILES_PER_SPLIT * _tile_n(dtype),
         "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
         "num_warps": 4,
     }
@@ -377,10 +405,27 @@ def write_kv_cache(
 
 
 def _num_splits(max_seq_len: int, batch: int, num_kv_heads: int, tile_n: int) -> int:
-    """Split the context only when (sequence, kv head) programs alone leave the GPU idle."""
+    """Split the context only when (sequence, kv head) programs alone leave the GPU idle.
+    `max_seq_len` bounds the batch's contexts (a captured graph passes `max_model_len`); each
+    sequence then divides its own context by this count (see `_decode_split_kernel`)."""
     by_length = max(1, triton.cdiv(max_seq_len, tile_n) // _MIN_TILES_PER_SPLIT)
     by_occupancy = max(1, _TARGET_PROGRAMS // (batch * num_kv_heads))
     return min(by_length, by_occupancy, _MAX_SPLITS)
+
+
+def _partials(
+    batch: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split-KV partials (acc, max, sum) in fp32; every split program writes its own, an empty
+    split too (max -inf, sum 0)."""
+    acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    max_ = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=device)
+    return acc, max_, torch.empty_like(max_)
+
+
+def _extend_grid(num_tokens: int, batch: int, num_kv_heads: int, block_q: int) -> tuple:
+    """Every (sequence, query tile) pair, plus at most one empty slot per sequence."""
+    return (num_tokens // block_q + batch, num_kv_heads)
 
 
 def paged_attention(
@@ -414,15 +459,12 @@ def paged_attention(
         config = _decode_config(group, head_dim, block_size, k_cache.dtype, on_gpu)
         tile_n = config["TILE_N"]
         num_splits = _num_splits(meta.max_seq_len, batch, num_kv_heads, tile_n)
-        tokens_per_split = triton.cdiv(triton.cdiv(meta.max_seq_len, num_splits), tile_n) * tile_n
-        part_acc = q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
-        part_max = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
+        part_acc, part_max, part_sum = _partials(batch, num_heads, num_splits, head_dim, q.device)
         _decode_split_kernel[(batch, num_kv_heads, num_splits)](
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             part_acc, part_max, part_sum, scale_log2,
             q.stride(0), q.stride(1), *cache_strides, table_stride,
-            num_heads, num_splits, tokens_per_split,
+            num_heads, num_splits,
             **config,
         )  # fmt: skip
         _decode_reduce_kernel[(batch, num_heads)](
@@ -433,11 +475,12 @@ def paged_attention(
         return out
 
     config = _extend_config(group, head_dim, block_size, k_cache.dtype, on_gpu, meta.max_query_len)
-    grid = (batch, num_kv_heads, triton.cdiv(meta.max_query_len, config["BLOCK_Q"]))
+    grid = _extend_grid(num_tokens, batch, num_kv_heads, config["BLOCK_Q"])
     _extend_kernel[grid](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale_log2,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, table_stride,
+        batch,
         **config,
     )  # fmt: skip
     return out

@@ -4,6 +4,7 @@ it, send requests, route its outputs to them, watch it. The messages are engine/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import tempfile
@@ -172,7 +173,10 @@ class WorkerClient:
         for task in self._tasks:
             task.cancel()
         if self._process is not None and self._process.is_alive():
-            await self._inbox.send(pack(["shutdown"]))
+            # bounded: a process that exits meanwhile (one that failed to load) takes its
+            # connection along, and a PUSH without a peer waits for one forever
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._inbox.send(pack(["shutdown"])), timeout)
             await asyncio.to_thread(self._process.join, timeout)
             if self._process.is_alive():
                 self._process.kill()

@@ -10,6 +10,7 @@ block-table entries point at such blocks, so any unmasked read shows up as NaN.
 """
 
 import json  # noqa: E402
+import math
 import os
 import random  # noqa: E402
 import subprocess  # noqa: E402
@@ -170,6 +171,86 @@ def test_decode_splits(monkeypatch, num_splits, seed):
 def test_decode_long_context_splits_by_itself(seed):
     assert tri._num_splits(700, 2, 2, 64) > 1
     _check_attention([(699, 1), (10, 1)], 4, 2, 64, torch.float16, 16, seed)
+
+
+def test_decode_rows_beside_a_long_chunk(seed):
+    """Query tiles are handed out over the flat batch: decode rows before and after a chunk of
+    many tiles, and chunks that start mid-tile, each find their own sequence."""
+    seqs = [(30, 1), (3, 1), (0, 150), (12, 1), (40, 37), (7, 1), (0, 5), (90, 1)]
+    _check_attention(seqs, 8, 2, 64, torch.float16, 16, seed)
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel: records each launch's grid, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_mixed_step_launches_only_real_query_tiles(monkeypatch):
+    """256 decodes beside an 8k prefill chunk (Llama-3.1-8B attention, bf16): the extend grid
+    covers the batch's query tiles, not sequences x the longest query's tiles (1,048,576
+    programs per layer before). Meta tensors: only the launch is looked at."""
+    recorder = _LaunchRecorder()
+    monkeypatch.setattr(tri, "_extend_kernel", recorder)
+    num_heads, num_kv_heads, head_dim, chunk, decodes = 32, 8, 128, 8192, 256
+    query_lens = [1] * decodes + [chunk]
+    seq_lens = [1000] * decodes + [chunk]
+    num_tokens = sum(query_lens)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta_device = torch.device("meta")
+    meta = AttentionMetadata(
+        query_start_loc=torch.empty(len(starts), dtype=torch.int32, device=meta_device),
+        seq_lens=torch.empty(len(seq_lens), dtype=torch.int32, device=meta_device),
+        block_tables=torch.empty(len(seq_lens), 512, dtype=torch.int32, device=meta_device),
+        slot_mapping=torch.empty(num_tokens, dtype=torch.int64, device=meta_device),
+        max_query_len=chunk,
+        max_seq_len=chunk,
+        query_lens_host=query_lens,
+        seq_lens_host=seq_lens,
+    )
+    cache = torch.empty(4096, 16, num_kv_heads, head_dim, dtype=torch.bfloat16, device="meta")
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.bfloat16, device="meta")
+    tri.paged_attention(q, cache, cache, meta, head_dim**-0.5)
+    (grid,) = recorder.grids
+    programs = math.prod(grid)
+    block_q = tri._extend_config(4, head_dim, 16, torch.bfloat16, True, chunk)["BLOCK_Q"]
+    real_tiles = sum(-(-n // block_q) for n in query_lens)
+    assert real_tiles * num_kv_heads <= programs <= (real_tiles + len(query_lens)) * num_kv_heads
+    assert programs < 7000  # 6,280: (8448 // 16 + 257) x 8
+
+
+def test_captured_decode_spreads_a_short_context_over_every_split(monkeypatch, seed):
+    """A CUDA graph launches decode with max_seq_len = max_model_len (32k here): a 4k context
+    must still keep every split busy (before, 2 of 16 splits per head had work)."""
+    captured = []
+    partials = tri._partials
+
+    def keep(*args):
+        captured.append(partials(*args))
+        return captured[-1]
+
+    monkeypatch.setattr(tri, "_partials", keep)
+    num_heads, num_kv_heads, head_dim, context = 8, 2, 32, 4096
+    k_cache, v_cache, meta = _make_batch(
+        [(context - 1, 1)], num_kv_heads, head_dim, torch.float16, 16
+    )
+    meta.max_seq_len = 32768  # what DecodeGraphs captures with
+    q, _, _ = _qkv_views(1, num_heads, num_kv_heads, head_dim, torch.float16)
+    out = tri.paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
+    expected = _reference(q, k_cache, v_cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+    ((_, _, part_sum),) = captured
+    num_splits = part_sum.shape[2]
+    assert num_splits == tri._num_splits(32768, 1, num_kv_heads, 64) == 16
+    busy = int((part_sum > 0).sum())  # a split with context has a positive softmax sum
+    assert busy == num_heads * num_splits, f"seed {seed}: {busy} busy (head, split) pairs"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

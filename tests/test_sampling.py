@@ -160,6 +160,7 @@ def test_frequency_and_presence_penalties():
 
 def test_penalties_shift_logits_by_the_openai_formula():
     from pagoda.engine.sampler import _apply_penalties
+    from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 
     logits = torch.zeros(2, 8)
     seqs = [
@@ -167,7 +168,8 @@ def test_penalties_shift_logits_by_the_openai_formula():
         _seq([5, 5, 6], SamplingParams(presence_penalty=0.5, repetition_penalty=2.0), prompt=(3,)),
     ]
     logits[1, 3] = 4.0
-    out = _apply_penalties(logits.clone(), seqs)
+    tensors = SamplingTensors.build(seqs, 8, TokenCounts(torch.device("cpu")))
+    out = _apply_penalties(logits.clone(), tensors)
     assert out[0, 5].item() == pytest.approx(-1.0) and out[0, 6].item() == pytest.approx(-0.5)
     assert out[0, 1].item() == 0.0  # prompt tokens count only for the repetition penalty
     assert out[1, 5].item() == pytest.approx(-0.5) and out[1, 6].item() == pytest.approx(-0.5)

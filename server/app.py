@@ -1,9 +1,9 @@
-"""The Starlette application: routes, bearer auth, body limits and the OpenAI error shape."""
+"""The Starlette application: routes, keys (server/keys/), body limits and the OpenAI error
+shape."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 
 from starlette.applications import Starlette
@@ -11,13 +11,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
 from pagoda.server.engine_client import EngineDeadError
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.generation import ServedModel
+from pagoda.server.keys.admin import admin_routes
+from pagoda.server.keys.gateway import Gateway, KeyAuth
+from pagoda.server.keys.meter import Meter, request_meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -29,37 +31,6 @@ from pagoda.server.protocol import (
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
-PROTECTED = ("/v1", "/tokenize", "/detokenize")
-
-
-class BearerAuth:
-    """RFC 6750 bearer keys on /v1/* and the tokenizer routes; /health and /metrics stay open."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED):
-            headers = dict(scope["headers"])
-            if not self._authorized(headers.get(b"authorization", b"")):
-                error = APIError(
-                    401,
-                    "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": 'Bearer realm="pagoda"'},
-                )
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        # every key is compared, in constant time, so timing tells nothing about them
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return any(matches)
 
 
 def build_app(
@@ -67,10 +38,13 @@ def build_app(
     metrics: Metrics,
     *,
     api_keys: list[str] = (),
+    gateway: Gateway | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
 ) -> Starlette:
+    gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
+
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
@@ -85,9 +59,9 @@ def build_app(
                 raise _too_large(max_body_bytes)
         return bytes(body)
 
-    def served(model_id: str) -> ServedModel:
+    def served(model_id: str, meter: Meter) -> ServedModel:
         model = models.get(model_id)
-        if model is None:
+        if model is None or not meter.allows(model_id):
             raise APIError(
                 404,
                 f"The model '{model_id}' does not exist or is not served here.",
@@ -108,15 +82,17 @@ def build_app(
 
     async def chat(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await read_body(request))
-        return await chat_completion(served(req.model), req, metrics)
+        meter = request_meter(request)
+        return await chat_completion(served(req.model, meter), req, metrics, meter)
 
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await read_body(request))
-        return await completion(served(req.model), req, metrics)
+        meter = request_meter(request)
+        return await completion(served(req.model, meter), req, metrics, meter)
 
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model, request_meter(request))
         if req.messages is not None:
             ids = chat_prompt(model, req, req.add_generation_prompt)
         else:
@@ -127,16 +103,18 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(req.model)
+        model = served(req.model, request_meter(request))
         model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [_model_card(m) for m in models.values()]})
+        meter = request_meter(request)
+        cards = [_model_card(m) for m in models.values() if meter.allows(m.id)]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        if model_id not in models:
+        if model_id not in models or not request_meter(request).allows(model_id):
             raise APIError(
                 404,
                 f"The model '{model_id}' does not exist.",
@@ -156,9 +134,11 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        await gateway.start()
         yield
         if on_shutdown is not None:
             await on_shutdown()
+        await gateway.close()  # the drained requests' usage rows
 
     app = Starlette(
         routes=[
@@ -170,6 +150,7 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
+            *admin_routes(gateway),
         ],
         exception_handlers={
             APIError: lambda request, exc: exc.response(),
@@ -180,7 +161,7 @@ def build_app(
         },
         lifespan=lifespan,
     )
-    app.add_middleware(BearerAuth, keys=list(api_keys))
+    app.add_middleware(KeyAuth, gateway=gateway)
     return app
 
 

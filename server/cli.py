@@ -25,6 +25,7 @@ from pagoda.server.catalog import (
 )
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
+from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
 
 logger = logging.getLogger("pagoda")
@@ -64,6 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="accepted bearer key (repeatable; also PAGODA_API_KEYS, comma-separated)",
     )
+    key_commands.add_serve_options(serve)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--dtype")
     serve.add_argument("--device")
@@ -90,6 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument("--log-level", default="info")
+    key_commands.add_commands(commands)
     return parser.parse_args(argv)
 
 
@@ -151,9 +154,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    keys = api_keys(args)
-    if not keys:
-        logger.warning("no API key configured: anyone who can reach this port can use it")
+    gateway = key_commands.open_gateway(args, api_keys(args))
     served = await start_models(models_to_serve(args))
 
     async def stop_engines() -> None:
@@ -161,10 +162,11 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
     metrics = Metrics(lambda: {name: m.client.stats for name, m in served.items()})
+    gateway.register_metrics(metrics.registry)
     app = build_app(
         served,
         metrics,
-        api_keys=keys,
+        gateway=gateway,
         max_body_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         on_shutdown=stop_engines,
@@ -192,6 +194,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.command != "serve":
+        sys.exit(key_commands.run(args))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -28,6 +28,7 @@ from pagoda.server.keys.meter import SCOPE_KEY, Meter
 logger = logging.getLogger(__name__)
 PROTECTED = ("/v1", "/tokenize", "/detokenize")
 REFRESH_S = 0.5
+MISS_ROUND_S = 0.1
 
 
 class Gateway:
@@ -52,6 +53,8 @@ class Gateway:
         self.metrics: _KeyMetrics | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._miss_round: asyncio.Future | None = None
+        self._round_started = 0.0
         if engine is not None:
             self._apply(store.load_keys(engine))
 
@@ -66,7 +69,7 @@ class Gateway:
 
     # -- the request path (no database) ------------------------------------------------------
 
-    def authenticate(self, header: bytes) -> KeyState | None:
+    async def authenticate(self, header: bytes) -> KeyState | None:
         """The key's state, None for a static key, or the 401/503 to answer."""
         scheme, _, token = header.partition(b" ")
         token = token.strip()
@@ -80,12 +83,24 @@ class Gateway:
             return None
         if self.engine is not None and not self.available:
             raise APIError(503, "The key database is unavailable: retry shortly.")
-        key = self.by_hash.get(digest)
+        key = self.by_hash.get(digest) or await self._look_again(digest)
         if key is None or key.revoked:
             raise _unauthorized("Incorrect API key provided.")
         if key.expires_at is not None and time.time() >= key.expires_at:
             raise _unauthorized(f"The API key '{key.name}' has expired.")
         return key
+
+    async def _look_again(self, digest: str) -> KeyState | None:
+        """An unknown key may be one created since the last round: re-read the keys, at most
+        once per MISS_ROUND_S (unknown keys cannot make the server hammer its database)."""
+        if self.engine is None:
+            return None
+        if self._miss_round is None or self._miss_round.done():
+            if time.monotonic() - self._round_started < MISS_ROUND_S:
+                return None
+            self._miss_round = asyncio.ensure_future(self.sync())
+        await asyncio.shield(self._miss_round)
+        return self.by_hash.get(digest)
 
     def finish(self, meter: Meter, status: int, completed: bool) -> None:
         """Bill an admitted request once its response has ended (or was cut)."""
@@ -150,6 +165,7 @@ class Gateway:
     async def sync(self) -> bool:
         """Write the pending ledger rows, then re-read the keys; False if the database failed."""
         async with self._lock:
+            self._round_started = time.monotonic()
             rows, self.rows = self.rows, []
             try:
                 loaded = await asyncio.to_thread(self._round, rows)
@@ -212,7 +228,8 @@ class KeyAuth:
         key = None
         if self.gateway.closed:
             try:
-                key = self.gateway.authenticate(dict(scope["headers"]).get(b"authorization", b""))
+                header = dict(scope["headers"]).get(b"authorization", b"")
+                key = await self.gateway.authenticate(header)
             except APIError as error:
                 await error.response()(scope, receive, send)
                 return

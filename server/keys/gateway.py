@@ -53,8 +53,8 @@ class Gateway:
         self.metrics: _KeyMetrics | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._miss_round: asyncio.Future | None = None
-        self._round_started = 0.0
+        self._wake = asyncio.Event()
+        self._waiters: list[asyncio.Future] = []  # requests waiting for the next round
         if engine is not None:
             self._apply(store.load_keys(engine))
 
@@ -81,9 +81,9 @@ class Gateway:
         digest = store.key_hash(token)
         if digest in self.static:
             return None
+        key = self.by_hash.get(digest) or await self._look_again(digest)
         if self.engine is not None and not self.available:
             raise APIError(503, "The key database is unavailable: retry shortly.")
-        key = self.by_hash.get(digest) or await self._look_again(digest)
         if key is None or key.revoked:
             raise _unauthorized("Incorrect API key provided.")
         if key.expires_at is not None and time.time() >= key.expires_at:
@@ -91,15 +91,15 @@ class Gateway:
         return key
 
     async def _look_again(self, digest: str) -> KeyState | None:
-        """An unknown key may be one created since the last round: re-read the keys, at most
-        once per MISS_ROUND_S (unknown keys cannot make the server hammer its database)."""
-        if self.engine is None:
+        """An unknown key may be one created since the last round: wait for a round that
+        starts after now (rounds come at most every MISS_ROUND_S, so unknown keys cannot make
+        the server hammer its database)."""
+        if self._task is None:
             return None
-        if self._miss_round is None or self._miss_round.done():
-            if time.monotonic() - self._round_started < MISS_ROUND_S:
-                return None
-            self._miss_round = asyncio.ensure_future(self.sync())
-        await asyncio.shield(self._miss_round)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await waiter
         return self.by_hash.get(digest)
 
     def finish(self, meter: Meter, status: int, completed: bool) -> None:
@@ -165,7 +165,6 @@ class Gateway:
     async def sync(self) -> bool:
         """Write the pending ledger rows, then re-read the keys; False if the database failed."""
         async with self._lock:
-            self._round_started = time.monotonic()
             rows, self.rows = self.rows, []
             try:
                 loaded = await asyncio.to_thread(self._round, rows)
@@ -191,8 +190,18 @@ class Gateway:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_s)
-            await self.sync()
+            started = time.monotonic()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            await asyncio.sleep(max(0.0, started + MISS_ROUND_S - time.monotonic()))
+            self._wake.clear()
+            waiters, self._waiters = self._waiters, []
+            try:
+                await self.sync()
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
 
     def _round(self, rows: list[dict]) -> list[dict]:
         if rows:

@@ -18,7 +18,7 @@ api_keys = sa.Table(
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     # the hash's first 8 hex digits: names a key in lists without storing any of it
     sa.Column("fingerprint", sa.String(8), nullable=False),
-    sa.Column("models", sa.JSON, nullable=True),  # null: every model
+    sa.Column("models", sa.JSON(none_as_null=True), nullable=True),  # null: every model
     sa.Column("rpm", sa.Integer, nullable=True),
     sa.Column("tpm", sa.Integer, nullable=True),
     sa.Column("max_concurrent", sa.Integer, nullable=True),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pagoda.server.keys.schema import api_keys, usage
 
 KEY_PREFIX = "sk-pagoda-"
+INT32 = 2**31 - 1  # the columns' range
 
 
 class StoreError(ValueError):
@@ -33,9 +34,9 @@ class KeySpec(BaseModel):
 
     name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
     models: list[str] | None = Field(None, min_length=1)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=INT32)
+    tpm: int | None = Field(None, ge=1, le=INT32)
+    max_concurrent: int | None = Field(None, ge=1, le=INT32)
     budget: float | None = Field(None, ge=0, description="USD")
     expires: datetime | None = None
 

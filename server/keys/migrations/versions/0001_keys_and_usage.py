@@ -20,7 +20,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(128), nullable=False, unique=True),
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
         sa.Column("fingerprint", sa.String(8), nullable=False),
-        sa.Column("models", sa.JSON, nullable=True),
+        sa.Column("models", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("rpm", sa.Integer, nullable=True),
         sa.Column("tpm", sa.Integer, nullable=True),
         sa.Column("max_concurrent", sa.Integer, nullable=True),

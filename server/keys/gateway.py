@@ -154,12 +154,16 @@ class Gateway:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        self._task = None
         for _ in range(attempts):
             if await self.sync():
                 break
             await asyncio.sleep(1.0)
         else:
             logger.error("%d usage rows could not be written: the database is down", len(self.rows))
+        for waiter in self._waiters:  # requests still waiting for a round: none will come
+            if not waiter.done():
+                waiter.set_result(None)
         self.engine.dispose()
 
     async def sync(self) -> bool:

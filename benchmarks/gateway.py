@@ -165,8 +165,9 @@ def chat(database: str, rounds: int, serve_args: list[str]) -> dict:
     server = Server(["--database", database, "--api-key", STATIC]).wait_ready(600)
     results: dict[str, list[float]] = {"static": [], "database": []}
     try:
-        for _ in range(rounds):
-            for name, key in (("static", STATIC), ("database", secret)):
+        for i in range(rounds):
+            order = [("static", STATIC), ("database", secret)]
+            for name, key in order if i % 2 == 0 else order[::-1]:  # ABBA: drift cancels
                 with tempfile.NamedTemporaryFile(suffix=".json") as out:
                     subprocess.run(
                         [sys.executable, str(Path(__file__).parent / "serve.py"),

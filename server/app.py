@@ -1,9 +1,9 @@
-"""The Starlette application: routes, bearer auth, body limits and the OpenAI error shape."""
+"""The Starlette application: routes, keys (server/keys/), body limits and the OpenAI error
+shape."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from typing import Any, Protocol
 
@@ -12,7 +12,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
@@ -21,6 +20,9 @@ from pagoda.server.errors import APIError, invalid
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH, ImageStore
 from pagoda.server.images import generate_images, image_file
+from pagoda.server.keys.admin import admin_routes
+from pagoda.server.keys.gateway import Gateway, KeyAuth
+from pagoda.server.keys.meter import Meter, request_meter
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -34,9 +36,6 @@ from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
-PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
-# image URLs are unguessable and expire: open to whoever holds one, as OpenAI's signed URLs are
-PUBLIC = (URL_PATH,)
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
     "chat": "/v1/chat/completions and /v1/completions",
@@ -56,49 +55,20 @@ class Served(Protocol):
     max_model_len: int
 
 
-class BearerAuth:
-    """RFC 6750 bearer keys on /v1/* and the tokenizer routes; /health and /metrics stay open."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        protected = path.startswith(PROTECTED) and not path.startswith(PUBLIC)
-        if scope["type"] == "http" and self.keys and protected:
-            headers = dict(scope["headers"])
-            if not self._authorized(headers.get(b"authorization", b"")):
-                error = APIError(
-                    401,
-                    "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": 'Bearer realm="pagoda"'},
-                )
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        # every key is compared, in constant time, so timing tells nothing about them
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return any(matches)
-
-
 def build_app(
     models: dict[str, Served],
     metrics: Metrics,
     *,
     api_keys: list[str] = (),
+    gateway: Gateway | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
     image_store: ImageStore | None = None,
     public_url: str | None = None,
 ) -> Starlette:
+    gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
+
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
@@ -113,9 +83,9 @@ def build_app(
                 raise _too_large(max_body_bytes)
         return bytes(body)
 
-    def served(model_id: str, kind: str = "chat") -> Any:
+    def served(model_id: str, meter: Meter, kind: str = "chat") -> Any:
         model = models.get(model_id)
-        if model is None:
+        if model is None or not meter.allows(model_id):
             raise APIError(
                 404,
                 f"The model '{model_id}' does not exist or is not served here.",
@@ -142,11 +112,13 @@ def build_app(
 
     async def chat(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await read_body(request))
-        return await chat_completion(served(req.model), req, metrics)
+        meter = request_meter(request)
+        return await chat_completion(served(req.model, meter), req, metrics, meter)
 
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await read_body(request))
-        return await completion(served(req.model), req, metrics)
+        meter = request_meter(request)
+        return await completion(served(req.model, meter), req, metrics, meter)
 
     def first_model(kind: str = "chat") -> str:
         """The model a request without `model` gets (vLLM serves one; here the first)."""
@@ -154,20 +126,26 @@ def build_app(
 
     async def images(request: Request) -> Response:
         req = parse_body(ImageGenerationRequest, await read_body(request))
-        model = served(req.model or first_model("image"), kind="image")
-        return await generate_images(model, req, request, metrics.images, store, public_url)
+        meter = request_meter(request)
+        model = served(req.model or first_model("image"), meter, "image")
+        meter.admit(model.id)
+        response = await generate_images(model, req, request, metrics.images, store, public_url)
+        meter.record(images=req.n)
+        return response
 
     async def image_files(request: Request) -> Response:
         return await image_file(request, store)
 
     async def embeddings(request: Request) -> Response:
         req = parse_body(EmbeddingRequest, await read_body(request))
-        model = served(req.model, "embedding")
-        return await create_embeddings(model, req, request, metrics.embeddings)
+        meter = request_meter(request)
+        model = served(req.model, meter, "embedding")
+        meter.admit(model.id)
+        return await create_embeddings(model, req, request, metrics.embeddings, meter)
 
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(req.model or first_model())
+        model = served(req.model or first_model(), request_meter(request))
         if req.messages is not None:
             ids = chat_prompt(model, req, req.add_generation_prompt)
         else:
@@ -178,21 +156,23 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(req.model or first_model())
+        model = served(req.model or first_model(), request_meter(request))
         model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [_model_card(m) for m in models.values()]})
+        meter = request_meter(request)
+        cards = [_model_card(m) for m in models.values() if meter.allows(m.id)]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        if model_id not in models:
+        if model_id not in models or not request_meter(request).allows(model_id):
             raise _unknown_model(model_id)
         return JSONResponse(_model_card(models[model_id]))
 
     async def get_tokenizer_info(request: Request) -> Response:
-        model = served(request.query_params.get("model") or first_model())
+        model = served(request.query_params.get("model") or first_model(), request_meter(request))
         return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:
@@ -210,9 +190,11 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        await gateway.start()
         yield
         if on_shutdown is not None:
             await on_shutdown()
+        await gateway.close()  # the drained requests' usage rows
 
     app = Starlette(
         routes=[
@@ -228,6 +210,7 @@ def build_app(
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
+            *admin_routes(gateway),
         ],
         exception_handlers={
             APIError: lambda request, exc: exc.response(),
@@ -239,7 +222,7 @@ def build_app(
         },
         lifespan=lifespan,
     )
-    app.add_middleware(BearerAuth, keys=list(api_keys))
+    app.add_middleware(KeyAuth, gateway=gateway)
     # outermost, so that auth rejections and handled errors are counted too
     app.add_middleware(HTTPResponseCounter, counter=metrics.http_responses, routes=app.routes)
     return app

@@ -143,10 +143,11 @@ class Capabilities(_Strict):
 
 
 class Pricing(_Strict):
-    """USD per million tokens."""
+    """USD per million tokens, and per image; what key budgets are charged."""
 
     input_per_1m: float = Field(ge=0)
     output_per_1m: float = Field(ge=0)
+    per_image: float = Field(0.0, ge=0)
 
 
 def parse_image_size(value: str) -> tuple[int, int]:

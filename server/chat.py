@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.errors import invalid
 from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
 
@@ -28,12 +29,16 @@ def chat_prompt(
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 
-async def chat_completion(model: ServedModel, req: ChatCompletionRequest, metrics: Metrics):
+async def chat_completion(
+    model: ServedModel, req: ChatCompletionRequest, metrics: Metrics, meter: Meter
+):
     prompt = chat_prompt(model, req)
     params = model.sampling_params(len(prompt), req.sampling_kwargs(), param="messages")
+    meter.admit(model.id, len(prompt) + params.max_tokens * params.n)
     generation = Generation(
         model, f"chatcmpl-{uuid.uuid4().hex}", prompt, params, req.stop_strings(), metrics
     )
+    meter.track(generation)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return event_stream(_stream(generation, req, include_usage))

@@ -33,6 +33,7 @@ from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
 from pagoda.server.images import start_image_models
+from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
 from pagoda.server.request_fields import set_strict_request_fields
 
@@ -73,6 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="accepted bearer key (repeatable; also PAGODA_API_KEYS, comma-separated)",
     )
+    key_commands.add_serve_options(serve)
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--dtype")
     serve.add_argument("--device")
@@ -126,6 +128,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="refuse request fields the server does not know with a 400 (default: warn once)",
     )
     tokenizer_export.add_parser(commands)
+    key_commands.add_commands(commands)
     return parser.parse_args(argv)
 
 
@@ -215,10 +218,8 @@ def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict
 
 
 async def serve(args: argparse.Namespace) -> None:
-    keys = api_keys(args)
     set_strict_request_fields(args.strict_request_fields)
-    if not keys:
-        logger.warning("no API key configured: anyone who can reach this port can use it")
+    gateway = key_commands.open_gateway(args, api_keys(args))
     served = await start_all(args)
     # only a server with image models keeps an image folder
     store = None
@@ -231,10 +232,11 @@ async def serve(args: argparse.Namespace) -> None:
 
     metrics = Metrics(of_kind(served, "chat"))
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
+    gateway.register_metrics(metrics.registry)
     app = build_app(
         served,
         metrics,
-        api_keys=keys,
+        gateway=gateway,
         max_body_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         on_shutdown=stop_engines,
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "tokenizer":
         sys.exit(tokenizer_export.run(args))
+    if args.command != "serve":
+        sys.exit(key_commands.run(args))
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
     try:
         asyncio.run(serve(args))

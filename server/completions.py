@@ -13,11 +13,12 @@ from starlette.responses import JSONResponse
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.chat import usage
 from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import CompletionRequest
 
 
-async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics):
+async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics, meter: Meter):
     request_id = f"cmpl-{uuid.uuid4().hex}"
     prompts = [_token_ids(model, p) for p in req.prompts()]
     generations = []
@@ -27,6 +28,10 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
         generations.append(
             Generation(model, f"{request_id}-{i}", prompt, params, req.stop_strings(), metrics)
         )
+    most = sum(g.prompt_tokens + g.params.max_tokens * g.params.n for g in generations)
+    meter.admit(model.id, most)
+    for generation in generations:
+        meter.track(generation)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         stream = _stream(request_id, generations, req, include_usage)

@@ -21,6 +21,7 @@ from pagoda.server.disconnect import CLIENT_CLOSED, unless_disconnected
 from pagoda.server.embedding_client import EmbeddingClient, Embeddings
 from pagoda.server.embedding_metrics import EmbeddingMetrics
 from pagoda.server.errors import APIError, invalid
+from pagoda.server.keys.meter import Meter
 from pagoda.server.worker_client import RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,11 @@ class ServedEmbeddingModel:
 
 
 async def create_embeddings(
-    model: ServedEmbeddingModel, req: EmbeddingRequest, request: Request, metrics: EmbeddingMetrics
+    model: ServedEmbeddingModel,
+    req: EmbeddingRequest,
+    request: Request,
+    metrics: EmbeddingMetrics,
+    meter: Meter,
 ) -> JSONResponse:
     dimensions = model.output_dimensions(req.dimensions)
     model.check_queue()
@@ -170,6 +175,7 @@ async def create_embeddings(
     metrics.latency.labels(model.id).observe(time.monotonic() - start)
     metrics.inputs.labels(model.id).inc(result.num_rows)
     metrics.input_tokens.labels(model.id).inc(result.num_tokens)
+    meter.record(input_tokens=result.num_tokens)
     return JSONResponse(_response(model.id, result, req.encoding_format or "float"))
 
 

@@ -17,3 +17,16 @@ def tiny_models(tmp_path_factory) -> dict:
     """arch name -> folder of a tiny random model of that architecture."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's `postgresql` package), started for the session."""
+    from tests.postgres import PostgresServer, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql)")
+    server = PostgresServer(bin_dir)
+    yield server
+    server.close()

@@ -1,0 +1,186 @@
+"""`pagoda keys create|list|revoke`, `pagoda usage`, and the options `pagoda serve` takes for
+keys (--database, --admin-key)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from pagoda.server.catalog import load_catalog
+from pagoda.server.keys import store
+from pagoda.server.keys.database import (
+    DATABASE_ENV,
+    DatabaseError,
+    database_url,
+    default_url,
+    normalize,
+    open_database,
+    shown,
+)
+from pagoda.server.keys.gateway import Gateway
+
+logger = logging.getLogger("pagoda")
+ADMIN_ENV = "PAGODA_ADMIN_KEY"
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database",
+        help=f"database URL: sqlite:///FILE or postgresql://... (also ${DATABASE_ENV}; "
+        f"default: a SQLite file under the state directory)",
+    )
+
+
+def add_serve_options(serve: argparse.ArgumentParser) -> None:
+    add_database_option(serve)
+    serve.add_argument("--admin-key", help=f"bearer key for the /admin/ routes (also ${ADMIN_ENV})")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new key, printed once as the last line")
+    create.add_argument("--name", required=True)
+    create.add_argument("--models", help="comma-separated model ids (default: all)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + max_tokens)")
+    create.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    create.add_argument("--budget", type=float, help="USD, priced from the catalog")
+    create.add_argument("--expires", help="date or ISO time (UTC unless it says)")
+    listing = actions.add_parser("list", help="the keys, without secrets")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("name")
+    usage = commands.add_parser("usage", help="usage per key and model, from the ledger")
+    usage.add_argument("--key", help="only this key's usage")
+    usage.add_argument("--since", help="date or ISO time")
+    usage.add_argument("--json", action="store_true")
+    for parser in (create, listing, revoke, usage):
+        add_database_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`pagoda keys ...` or `pagoda usage ...`: 0, or 1 with the reason on stderr."""
+    try:
+        engine = open_database(database_url(args.database) or default_url())
+        try:
+            _run(engine, args)
+        finally:
+            engine.dispose()
+    except (store.StoreError, DatabaseError, ValueError) as exc:
+        print(f"error: {_reason(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(engine: sa.Engine, args: argparse.Namespace) -> None:
+    if args.command == "usage":
+        since = store.parse_when(args.since) if args.since else None
+        rows = store.usage_report(engine, args.key, since)
+        print(json.dumps(rows, indent=2) if args.json else _table(rows, USAGE_COLUMNS))
+    elif args.action == "create":
+        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+        spec = store.KeySpec(
+            name=args.name,
+            models=models,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            max_concurrent=args.max_concurrent,
+            budget=args.budget,
+            expires=args.expires,
+        )
+        row, secret = store.create_key(engine, spec)
+        print(f"created key '{row['name']}' ({_limits(row)})")
+        print("This is the only time the key is shown; only its hash is stored:")
+        print(secret)
+    elif args.action == "list":
+        rows = store.list_keys(engine)
+        print(json.dumps(rows, indent=2) if args.json else _table(rows, KEY_COLUMNS))
+    elif args.action == "revoke":
+        store.revoke_key(engine, args.name)
+        print(f"revoked key '{args.name}'")
+
+
+def open_gateway(args: argparse.Namespace, api_keys: list[str]) -> Gateway:
+    """The server's gateway: static keys, and the database's keys when there is a database
+    (--database, $PAGODA_DATABASE_URL, or the default file once it exists or with an admin
+    key). Raises DatabaseError if it cannot be opened."""
+    admin_key = args.admin_key or os.environ.get(ADMIN_ENV) or None
+    url = database_url(args.database)
+    if url is None and (admin_key or Path(normalize(default_url()).database).exists()):
+        url = default_url()
+    engine = open_database(url) if url else None
+    if engine is not None:
+        logger.info("keys and usage in %s", shown(engine.url))
+    prices = {} if args.model else _prices(args.catalog)
+    gateway = Gateway(api_keys, engine, prices=prices, admin_key=admin_key)
+    if not gateway.closed:
+        logger.warning("no API key configured: anyone who can reach this port can use it")
+    return gateway
+
+
+def _prices(catalog: str) -> dict:
+    return {e.id: e.pricing for e in load_catalog(catalog) if e.pricing is not None}
+
+
+def _limits(row: dict) -> str:
+    parts = [
+        f"models {','.join(row['models'])}" if row["models"] else "all models",
+        f"{row['rpm']} requests/min" if row["rpm"] else None,
+        f"{row['tpm']} tokens/min" if row["tpm"] else None,
+        f"{row['max_concurrent']} at once" if row["max_concurrent"] else None,
+        f"budget ${row['budget_usd']:g}" if row["budget_usd"] is not None else None,
+        f"expires {row['expires_at']}" if row["expires_at"] else None,
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+KEY_COLUMNS = {
+    "name": "NAME",
+    "fingerprint": "SHA256",
+    "models": "MODELS",
+    "rpm": "RPM",
+    "tpm": "TPM",
+    "max_concurrent": "CONCURRENT",
+    "budget_usd": "BUDGET",
+    "spent_usd": "SPENT",
+    "expires_at": "EXPIRES",
+    "revoked_at": "REVOKED",
+}
+USAGE_COLUMNS = {
+    "key": "KEY",
+    "model": "MODEL",
+    "requests": "REQUESTS",
+    "input_tokens": "INPUT",
+    "output_tokens": "OUTPUT",
+    "images": "IMAGES",
+    "cost_usd": "COST_USD",
+}
+
+
+def _table(rows: list[dict], columns: dict[str, str]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, list):
+            return ",".join(value)
+        if isinstance(value, float):
+            return f"{value:.6f}".rstrip("0").rstrip(".")
+        return str(value)
+
+    cells = [list(columns.values())] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)

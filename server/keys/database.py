@@ -1,0 +1,97 @@
+"""Where the keys and the ledger live: a URL (SQLite file by default), opened and migrated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+DATABASE_ENV = "PAGODA_DATABASE_URL"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be opened, reached or migrated."""
+
+
+def state_dir() -> Path:
+    """$PAGODA_STATE_DIR, else $XDG_STATE_HOME/pagoda, else ~/.local/state/pagoda."""
+    if os.environ.get("PAGODA_STATE_DIR"):
+        return Path(os.environ["PAGODA_STATE_DIR"])
+    xdg = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(xdg) / "pagoda"
+
+
+def default_url() -> str:
+    return f"sqlite:///{state_dir() / 'pagoda.db'}"
+
+
+def database_url(flag: str | None) -> str | None:
+    """--database, else $PAGODA_DATABASE_URL, else None (the caller picks the default)."""
+    return flag or os.environ.get(DATABASE_ENV) or None
+
+
+def normalize(url: str) -> sa.URL:
+    """A SQLAlchemy URL; `postgresql://` means psycopg 3 and a bare path means a SQLite file."""
+    if "://" not in url:
+        url = f"sqlite:///{Path(url).resolve()}"
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def shown(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def open_database(url: str) -> sa.Engine:
+    """An engine on `url` with the schema migrated to the newest version; a file database and
+    its folder are created on first use."""
+    parsed = normalize(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = sa.create_engine(parsed, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:  # a driver that is not installed
+        raise DatabaseError(f"cannot open the database {shown(parsed)}: {exc}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        migrate(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        reason = getattr(exc, "orig", None) or exc
+        raise DatabaseError(f"cannot open the database {shown(parsed)}: {reason}") from exc
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def schema_version(engine: sa.Engine) -> tuple[str | None, str]:
+    """(the database's revision, the newest revision this code knows)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision(), head
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets `pagoda keys` write while a server reads; busy_timeout waits out the other's lock
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

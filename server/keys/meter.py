@@ -1,0 +1,78 @@
+"""One request's account: what the endpoints tell the gateway about a request.
+
+An endpoint that serves a model calls, in order:
+    meter = request_meter(request)
+    meter.allows(model_id)        # False: answer 404 model_not_found, as for an unknown model
+    meter.admit(model_id, tokens) # raises the 429 of a limit; `tokens`: the input's tokens plus
+                                  # the most the request may produce (0 for images)
+    meter.record(input_tokens=..., output_tokens=..., images=...)   # what it used, or
+    meter.track(generation)       # an object whose prompt_tokens/completion_tokens are final
+                                  # when the response ends (streams cut by the client included)
+The gateway bills the request when its response ends. Without a managed key (a static
+--api-key, or an open server) every call is a no-op that lets the request through.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from starlette.requests import Request
+
+from pagoda.server.keys.limits import KeyState, Take
+
+SCOPE_KEY = "pagoda.meter"
+
+
+class Counted(Protocol):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Meter:
+    key: KeyState | None  # None: no limits, no ledger
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    take: Take | None = None  # the tokens held in the key's window since admission
+    input_tokens: int = 0
+    output_tokens: int = 0
+    images: int = 0
+    tracked: list[Counted] = field(default_factory=list)
+
+    @property
+    def admitted(self) -> bool:
+        return self.take is not None
+
+    def allows(self, model_id: str) -> bool:
+        return self.key is None or self.key.allows(model_id)
+
+    def admit(self, model_id: str, tokens: int = 0) -> None:
+        self.model = model_id
+        if self.key is not None and self.take is None:
+            self.take = self.key.admit(tokens, time.monotonic())
+
+    def record(self, input_tokens: int = 0, output_tokens: int = 0, images: int = 0) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.images += images
+
+    def track(self, counted: Counted) -> None:
+        self.tracked.append(counted)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(input tokens, output tokens, images) so far."""
+        return (
+            self.input_tokens + sum(c.prompt_tokens for c in self.tracked),
+            self.output_tokens + sum(c.completion_tokens for c in self.tracked),
+            self.images,
+        )
+
+
+def request_meter(request: Request) -> Meter:
+    meter = request.scope.get(SCOPE_KEY)
+    if meter is None:
+        meter = request.scope[SCOPE_KEY] = Meter(None, request.url.path)
+    return meter

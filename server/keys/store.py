@@ -1,0 +1,177 @@
+"""The database's side: keys (create, list, revoke, load) and the ledger (write, report).
+Synchronous SQLAlchemy Core; the server calls these from a worker thread."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pagoda.server.keys.schema import api_keys, usage
+
+KEY_PREFIX = "sk-pagoda-"
+INT32 = 2**31 - 1  # the columns' range
+
+
+class StoreError(ValueError):
+    """An operation the database's state refuses (a taken name, a key revoked already)."""
+
+    status = 409
+
+
+class UnknownKey(StoreError):
+    status = 404
+
+
+class KeySpec(BaseModel):
+    """What `pagoda keys create` and POST /admin/keys take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
+    models: list[str] | None = Field(None, min_length=1)
+    rpm: int | None = Field(None, ge=1, le=INT32)
+    tpm: int | None = Field(None, ge=1, le=INT32)
+    max_concurrent: int | None = Field(None, ge=1, le=INT32)
+    budget: float | None = Field(None, ge=0, description="USD")
+    expires: datetime | None = None
+
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _when(cls, value):
+        return parse_when(value) if isinstance(value, str) else value
+
+
+def parse_when(text: str) -> datetime:
+    """`2026-05-01` (midnight UTC) or an ISO 8601 time; without a zone, UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"expected a date such as 2026-05-01 or an ISO time: {text!r}") from exc
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def utc(when: datetime | None) -> datetime | None:
+    """SQLite hands back naive times: they were written in UTC."""
+    if when is None or when.tzinfo:
+        return when
+    return when.replace(tzinfo=timezone.utc)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def key_hash(secret: str | bytes) -> str:
+    return hashlib.sha256(secret.encode() if isinstance(secret, str) else secret).hexdigest()
+
+
+def create_key(engine: sa.Engine, spec: KeySpec) -> tuple[dict, str]:
+    """The new key's row and its secret, which is stored only as a hash."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)  # 43 characters, 256 bits
+    digest = key_hash(secret)
+    row = {
+        "name": spec.name,
+        "key_hash": digest,
+        "fingerprint": digest[:8],
+        "models": spec.models,
+        "rpm": spec.rpm,
+        "tpm": spec.tpm,
+        "max_concurrent": spec.max_concurrent,
+        "budget_usd": spec.budget,
+        "expires_at": spec.expires,
+        "created_at": now(),
+    }
+    try:
+        with engine.begin() as c:
+            c.execute(api_keys.insert().values(row))
+    except sa.exc.IntegrityError as exc:
+        raise StoreError(f"a key named {spec.name!r} exists already") from exc
+    return _public(get_key(engine, spec.name)), secret
+
+
+def get_key(engine: sa.Engine, name: str) -> dict:
+    with engine.connect() as c:
+        row = c.execute(sa.select(api_keys).where(api_keys.c.name == name)).mappings().first()
+    if row is None:
+        raise UnknownKey(f"no key named {name!r}")
+    return dict(row)
+
+
+def list_keys(engine: sa.Engine) -> list[dict]:
+    return [_public(row) for row in load_keys(engine)]
+
+
+def load_keys(engine: sa.Engine) -> list[dict]:
+    with engine.connect() as c:
+        rows = c.execute(sa.select(api_keys).order_by(api_keys.c.id)).mappings().all()
+    return [dict(row) for row in rows]
+
+
+def revoke_key(engine: sa.Engine, name: str) -> dict:
+    with engine.begin() as c:
+        done = c.execute(
+            api_keys.update()
+            .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=now())
+        )
+    if done.rowcount == 0:
+        get_key(engine, name)  # raises for an unknown name
+        raise StoreError(f"the key {name!r} is revoked already")
+    return _public(get_key(engine, name))
+
+
+def write_usage(engine: sa.Engine, rows: list[dict]) -> None:
+    """One transaction: the ledger rows and each key's running total of spend."""
+    spent: dict[int, float] = defaultdict(float)
+    for row in rows:
+        spent[row["key_id"]] += row["cost_usd"]
+    with engine.begin() as c:
+        c.execute(usage.insert(), rows)
+        for key_id, cost in spent.items():
+            if cost:
+                c.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == key_id)
+                    .values(spent_usd=api_keys.c.spent_usd + cost)
+                )
+
+
+def usage_report(
+    engine: sa.Engine, key: str | None = None, since: datetime | None = None
+) -> list[dict]:
+    """Per key and model: requests, input and output tokens, images, cost."""
+    query = (
+        sa.select(
+            api_keys.c.name.label("key"),
+            usage.c.model,
+            sa.func.count().label("requests"),
+            sa.func.sum(usage.c.input_tokens).label("input_tokens"),
+            sa.func.sum(usage.c.output_tokens).label("output_tokens"),
+            sa.func.sum(usage.c.images).label("images"),
+            sa.func.sum(usage.c.cost_usd).label("cost_usd"),
+        )
+        .join(api_keys, api_keys.c.id == usage.c.key_id)
+        .group_by(api_keys.c.name, usage.c.model)
+        .order_by(api_keys.c.name, usage.c.model)
+    )
+    if key is not None:
+        get_key(engine, key)  # an unknown name is an error, not an empty report
+        query = query.where(api_keys.c.name == key)
+    if since is not None:
+        query = query.where(usage.c.created_at >= since)
+    with engine.connect() as c:
+        return [dict(row) for row in c.execute(query).mappings()]
+
+
+def _public(row: dict) -> dict:
+    """A key's row without its hash, times as ISO strings: what lists and admins see."""
+    shown = {k: v for k, v in row.items() if k not in ("id", "key_hash")}
+    for field in ("expires_at", "created_at", "revoked_at"):
+        when = utc(shown[field])
+        shown[field] = when.isoformat() if when else None
+    return shown

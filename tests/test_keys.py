@@ -1,0 +1,481 @@
+"""Keys, limits and the usage ledger: the `pagoda keys`/`pagoda usage` commands, and a real
+`pagoda serve` on a SQLite file driven by the openai SDK and httpx (PostgreSQL:
+tests/test_keys_postgres.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+from pagoda.server.keys import store
+from pagoda.server.keys.database import open_database, schema_version
+from pagoda.server.keys.limits import KeyState, Window, duration
+from tests.serving import Server
+
+MODEL = "test-org/tiny-llama"
+STATIC = "sk-static-test-key"
+ADMIN = "sk-admin-test-key"
+# USD per 1M tokens: an input token costs $0.001, an output token $0.002
+PRICING = {"input_per_1m": 1000.0, "output_per_1m": 2000.0}
+SECRETS: list[str] = []  # every key handed out here: none may reach a log
+RATE_HEADERS = [
+    f"x-ratelimit-{what}-{kind}"
+    for kind in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+]
+
+
+def pagoda(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pagoda", *args],
+        capture_output=True,
+        text=True,
+        env={**(env or {}), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+
+
+def new_key(url: str, **limits) -> tuple[str, str]:
+    """(name, secret) of a fresh key, created in the database as `pagoda keys create` does."""
+    engine = open_database(url)
+    try:
+        name = f"k-{uuid.uuid4().hex[:8]}"
+        _, secret = store.create_key(engine, store.KeySpec(name=name, **limits))
+    finally:
+        engine.dispose()
+    SECRETS.append(secret)
+    return name, secret
+
+
+def sdk(server: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+
+def chat(client: openai.OpenAI, max_tokens: int = 2, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=max_tokens,
+        extra_body={"ignore_eos": True},
+        **kwargs,
+    )
+
+
+def ledger(url: str, name: str) -> list[dict]:
+    engine = open_database(url)
+    try:
+        with engine.connect() as c:
+            query = (
+                sa.select(store.usage)
+                .join(store.api_keys)
+                .where(store.api_keys.c.name == name)
+                .order_by(store.usage.c.id)
+            )
+            return [dict(r) for r in c.execute(query).mappings()]
+    finally:
+        engine.dispose()
+
+
+def wait_for(condition, timeout: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+# -- the limits, without a server ------------------------------------------------------------
+
+
+def test_windows_admit_exactly_their_limit_and_say_when_to_retry():
+    key = KeyState.from_row(
+        {
+            "id": 1,
+            "name": "k",
+            "models": None,
+            "rpm": 10,
+            "tpm": 1000,
+            "max_concurrent": None,
+            "budget_usd": None,
+            "expires_at": None,
+            "revoked_at": None,
+            "spent_usd": 0.0,
+        }
+    )
+    admitted = 0
+    for i in range(64):
+        try:
+            key.admit(5, now=100.0 + i * 0.01)
+            admitted += 1
+        except Exception as exc:
+            assert exc.status == 429 and exc.code == "rate_limit_exceeded"
+            assert exc.headers["Retry-After"] == "60"  # the first request leaves at 160.0
+    assert admitted == 10
+    key.admit(5, now=160.01)  # a minute later, one slot is free again
+    window = Window(100)
+    take = window.take(90, now=0.0)
+    assert not window.fits(20) and window.wait(20, now=30.0) == 30.0
+    window.correct(take, 40)  # the request used less than it held
+    assert window.fits(20) and window.remaining() == 60
+    assert window.wait(101, now=0.0) is None  # larger than the limit: never
+    assert [duration(s) for s in (0.02, 6.5, 60.0)] == ["20ms", "6.5s", "1m0s"]
+
+
+# -- the database and the commands ------------------------------------------------------------
+
+
+def test_schema_is_versioned_and_migrated_on_first_use(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new' / 'keys.db'}"
+    engine = open_database(url)
+    current, head = schema_version(engine)
+    assert current == head == "0001"
+    assert {"api_keys", "usage", "alembic_version"} <= set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+    open_database(url).dispose()  # a second start finds it migrated
+
+
+def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
+    env = {"PAGODA_STATE_DIR": str(tmp_path)}  # the default database: a file created here
+    created = pagoda("keys", "create", "--name", "ci", "--models", "a,b", "--rpm", "5",
+                     "--budget", "2.5", "--expires", "2099-01-01", env=env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"sk-pagoda-[A-Za-z0-9_-]{32,}", secret)
+    assert created.stdout.count(secret) == 1
+    database = tmp_path / "pagoda.db"
+    assert secret.encode() not in database.read_bytes()
+    row = store.get_key(open_database(f"sqlite:///{database}"), "ci")
+    assert row["key_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert row["models"] == ["a", "b"] and row["rpm"] == 5 and row["budget_usd"] == 2.5
+
+    listed = pagoda("keys", "list", "--json", env=env)
+    assert listed.returncode == 0 and secret not in listed.stdout
+    (key,) = json.loads(listed.stdout)
+    assert key["name"] == "ci" and key["fingerprint"] == row["key_hash"][:8]
+    assert "key_hash" not in key and key["revoked_at"] is None
+
+    assert pagoda("keys", "revoke", "ci", env=env).returncode == 0
+    again = pagoda("keys", "revoke", "ci", env=env)
+    assert again.returncode == 1 and "revoked already" in again.stderr
+    taken = pagoda("keys", "create", "--name", "ci", env=env)
+    assert taken.returncode == 1 and "exists already" in taken.stderr
+    bad = pagoda("keys", "create", "--name", "x", "--rpm", "0", "--expires", "soon", env=env)
+    assert bad.returncode == 1 and "rpm" in bad.stderr
+    report = pagoda("usage", "--json", "--since", "2020-01-01", env=env)
+    assert report.returncode == 0 and json.loads(report.stdout) == []
+
+
+# -- a real server on a SQLite file -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("catalog") / "models.yaml"
+    entry = {
+        "id": MODEL,
+        "kind": "chat",
+        "source": str(tiny_models["llama"]),
+        "max_model_len": 512,
+        "engine": {"dtype": "float32"},
+        "pricing": PRICING,
+    }
+    path.write_text(json.dumps({"models": [entry]}))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'keys.db'}"
+
+
+def start_server(catalog: Path, db: str) -> Server:
+    args = ["--catalog", str(catalog), "--database", db, "--admin-key", ADMIN]
+    return Server([*args, "--api-key", STATIC]).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def server(catalog, db):
+    srv = start_server(catalog, db)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+    log = srv.log()
+    assert not [s for s in [*SECRETS, STATIC, ADMIN] if s in log]  # keys are never logged
+
+
+def test_rpm_the_eleventh_request_gets_429_with_openai_headers(server, db):
+    _, key = new_key(db, rpm=10)
+    client = sdk(server, key)
+    for i in range(10):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "10"
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(9 - i)
+        assert re.fullmatch(r"\d+(\.\d+)?(ms|s)|1m0s", raw.headers["x-ratelimit-reset-requests"])
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client)
+    response = caught.value.response
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_64_simultaneous_requests_against_rpm_10_admit_exactly_10(server, db):
+    _, key = new_key(db, rpm=10)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+            limits=httpx.Limits(max_connections=64),
+        ) as client:
+            replies = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body) for _ in range(64))
+            )
+        return [r.status_code for r in replies]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == 10 and statuses.count(429) == 54
+
+
+def test_a_key_sees_and_uses_only_its_models(server, db):
+    _, other = new_key(db, models=["some-other-model"])
+    with pytest.raises(openai.NotFoundError) as caught:
+        chat(sdk(server, other))
+    assert caught.value.response.json()["error"]["code"] == "model_not_found"
+    assert [m.id for m in sdk(server, other).models.list()] == []
+    with pytest.raises(openai.NotFoundError):
+        sdk(server, other).models.retrieve(MODEL)
+    _, allowed = new_key(db, models=[MODEL])
+    assert [m.id for m in sdk(server, allowed).models.list()] == [MODEL]
+    assert chat(sdk(server, allowed)).usage.completion_tokens == 2
+
+
+def test_bad_revoked_and_expired_keys_get_401(server, db):
+    url = f"{server.url}/v1/models"
+    for header in ("", "Bearer", "Bearer sk-pagoda-unknown", "Basic abc", f"Bearer {STATIC}x"):
+        r = httpx.get(url, headers={"Authorization": header} if header else {})
+        assert r.status_code == 401, header
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    name, key = new_key(db)
+    assert chat(sdk(server, key)).usage.completion_tokens == 2
+    engine = open_database(db)
+    store.revoke_key(engine, name)  # what `pagoda keys revoke` does, while the server runs
+    revoked = time.monotonic()
+    wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 401)
+    assert time.monotonic() - revoked < 1.0
+    with pytest.raises(openai.AuthenticationError):
+        chat(sdk(server, key))
+    _, past = new_key(db, expires="2020-01-01")
+    r = httpx.get(url, headers={"Authorization": f"Bearer {past}"})
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+    _, soon = new_key(db, expires=datetime.fromtimestamp(time.time() + 3, timezone.utc))
+    wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {soon}"}).status_code == 200)
+    wait_for(lambda: httpx.get(url, headers={"Authorization": f"Bearer {soon}"}).status_code == 401)
+    engine.dispose()
+
+
+def test_a_new_key_works_within_a_second_and_static_keys_have_no_limits(server, db):
+    _, key = new_key(db, rpm=1)
+    created = time.monotonic()
+    ok = {"Authorization": f"Bearer {key}"}
+    wait_for(lambda: httpx.get(f"{server.url}/v1/models", headers=ok).status_code == 200)
+    assert time.monotonic() - created < 1.0
+    static = sdk(server, STATIC)
+    for _ in range(3):
+        raw = static.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+        assert not [h for h in RATE_HEADERS if h in raw.headers]
+
+
+def test_tpm_counts_prompt_plus_max_tokens_then_the_real_count(server, db):
+    _, key = new_key(db, tpm=500)
+    client = sdk(server, key)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def remaining() -> int:
+        headers = httpx.get(f"{server.url}/v1/models", headers=auth).headers
+        return int(headers["x-ratelimit-remaining-tokens"])
+
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=100,
+        extra_body={"ignore_eos": True},
+    )
+    used = first.parse().usage.total_tokens
+    prompt = used - 100
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 500 - used
+    # a stream holds prompt + max_tokens while it runs; cut by the client, only what it made
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 300, "stream": True, "ignore_eos": True}  # fmt: skip
+    url = f"{server.url}/v1/chat/completions"
+    with httpx.stream("POST", url, headers=auth, json=body, timeout=60) as r:
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) == 500 - used - prompt - 300
+        for _ in zip(range(3), r.iter_lines()):
+            pass
+    left = wait_for(lambda: (n := remaining()) > 500 - used - prompt - 300 and n)
+    assert left < 500 - used - prompt
+    with pytest.raises(openai.RateLimitError) as caught:  # one token more than is left
+        chat(client, max_tokens=left - prompt + 1)
+    error = caught.value.response
+    assert error.json()["error"]["type"] == "tokens" and "retry-after" in error.headers
+    with pytest.raises(openai.RateLimitError) as caught:  # larger than the limit alone
+        chat(client, max_tokens=500 - prompt + 1)
+    assert "larger than the limit" in caught.value.response.json()["error"]["message"]
+    assert "retry-after" not in caught.value.response.headers
+
+
+def test_max_concurrent_refuses_while_a_stream_runs(server, db):
+    _, key = new_key(db, max_concurrent=1)
+    client = sdk(server, key)
+    stream = chat(client, max_tokens=300, stream=True)
+    next(iter(stream))  # the stream is running
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client)
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert caught.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert sum(1 for _ in stream) > 0
+    assert chat(client).usage.completion_tokens == 2  # the slot is free again
+
+
+def test_budget_is_charged_at_catalog_prices_then_refused(server, db):
+    name, key = new_key(db, budget=0.05)
+    client = sdk(server, key)
+    spent = 0.0
+    while spent < 0.05:
+        usage = chat(client, max_tokens=4).usage
+        spent += usage.prompt_tokens * 0.001 + usage.completion_tokens * 0.002
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client)
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
+    rows = wait_for(lambda: ledger(db, name))
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(spent)
+    engine = open_database(db)
+    assert store.get_key(engine, name)["spent_usd"] == pytest.approx(spent)
+    engine.dispose()
+
+
+def test_ledger_equals_the_usage_clients_received_and_usage_command_reports_it(server, db):
+    name, key = new_key(db)
+    client = sdk(server, key)
+    received = [chat(client, max_tokens=3).usage for _ in range(2)]
+    parts = list(chat(client, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    received.append(parts[-1].usage)
+    completions = client.completions.create(model=MODEL, prompt=["a b", "c d e"], max_tokens=2)
+    received.append(completions.usage)
+    # a stream the client aborts is billed for what was produced
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+        },  # fmt: skip
+        timeout=60,
+    ) as r:
+        got = [line for _, line in zip(range(4), r.iter_lines()) if line.startswith("data: ")]
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 5 and rows)
+    for row, usage in zip(rows[:4], received):
+        assert (row["input_tokens"], row["output_tokens"]) == (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        assert row["outcome"] == "completed" and row["http_status"] == 200
+        assert row["cost_usd"] == pytest.approx(
+            usage.prompt_tokens * 0.001 + usage.completion_tokens * 0.002
+        )
+    aborted = rows[4]
+    assert aborted["outcome"] == "aborted" and len(got) <= aborted["output_tokens"] < 400
+    assert [r["endpoint"] for r in rows] == ["/v1/chat/completions"] * 3 + [
+        "/v1/completions",
+        "/v1/chat/completions",
+    ]
+    report = pagoda("usage", "--json", "--key", name, "--database", db)
+    assert report.returncode == 0, report.stderr
+    (line,) = json.loads(report.stdout)
+    assert line["requests"] == 5 and line["model"] == MODEL
+    assert line["input_tokens"] == sum(r["input_tokens"] for r in rows)
+    assert line["output_tokens"] == sum(r["output_tokens"] for r in rows)
+    assert line["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+    metrics = httpx.get(f"{server.url}/metrics").text
+    labels = f'key_name="{name}",model_name="{MODEL}"'
+    assert f'pagoda:key_requests_total{{{labels},status="200"}} 5.0' in metrics
+    prompt = sum(r["input_tokens"] for r in rows)
+    assert f"pagoda:key_prompt_tokens_total{{{labels}}} {prompt}.0" in metrics
+
+
+def test_admin_api(server, db):
+    admin = httpx.Client(
+        base_url=f"{server.url}/admin", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    for headers in ({}, {"Authorization": f"Bearer {STATIC}"}):
+        r = httpx.get(f"{server.url}/admin/keys", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = admin.post("/keys", json={"name": "from-admin", "rpm": 3, "models": [MODEL]})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    SECRETS.append(key)
+    assert re.fullmatch(r"sk-pagoda-[A-Za-z0-9_-]{32,}", key)
+    assert chat(sdk(server, key)).usage.completion_tokens == 2  # usable at once
+    listed = admin.get("/keys")
+    assert key not in listed.text and "key_hash" not in listed.text
+    assert "from-admin" in [k["name"] for k in listed.json()["data"]]
+    assert admin.post("/keys", json={"name": "from-admin"}).status_code == 409
+    bad = admin.post("/keys", json={"name": "x", "rpm": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+    assert admin.post("/keys", json={"name": "x", "colour": "red"}).status_code == 400
+    assert admin.delete("/keys/from-admin").status_code == 200
+    with pytest.raises(openai.AuthenticationError):  # refused at once
+        chat(sdk(server, key))
+    assert admin.delete("/keys/nobody").status_code == 404
+    usage = wait_for(lambda: admin.get("/usage", params={"key": "from-admin"}).json()["data"])
+    assert usage[0]["requests"] == 1 and usage[0]["input_tokens"] > 0
+    assert admin.get("/usage", params={"since": "yesterday"}).status_code == 400
+
+
+def test_the_ledger_survives_a_restart(catalog, db, server):
+    name, key = new_key(db, budget=100.0)
+    usage = chat(sdk(server, key), max_tokens=3).usage
+    assert server.stop() == 0  # flushed on shutdown, not only by the periodic round
+    (row,) = ledger(db, name)
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, 3)
+    again = start_server(catalog, db)
+    try:
+        assert chat(sdk(again, key)).usage.completion_tokens == 2
+        assert len(wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows)) == 2
+    finally:
+        assert again.stop() == 0
+    assert key not in again.log()
+
+
+def test_an_unreachable_database_fails_start_up(catalog):
+    srv = Server(["--catalog", str(catalog), "--database", "postgresql://nobody@127.0.0.1:1/x"])
+    assert srv.process.wait(120) == 1
+    srv.stop()
+    assert "cannot open the database postgresql+psycopg://nobody@127.0.0.1:1/x" in srv.log()

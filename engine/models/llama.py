@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels
+        self, config: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, ops: Kernels
     ) -> None:
         super().__init__()
         self.ops = ops
@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.qkv_proj.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
 
@@ -80,12 +80,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: Kernels) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, ops: Kernels, bias: bool = False
+    ) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.gate_up_proj.shard_sizes = (intermediate_size, intermediate_size)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -97,10 +99,13 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
+        # Llama and Qwen3's attention_bias covers o_proj too; Qwen2's own q/k/v bias does not
+        o_bias = bool(getattr(config, "attention_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ops)
-        self.self_attn = Attention(config, qkv_bias, qk_norm, ops)
+        self.self_attn = Attention(config, qkv_bias, o_bias, qk_norm, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops)
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, mlp_bias)
 
     def forward(
         self,
@@ -141,7 +146,12 @@ class LlamaForCausalLM(nn.Module):
     def init_rotary(self, device: torch.device, max_positions: int) -> None:
         """Build the rotary tables (after construction on the meta device)."""
         head_dim = self.layers[0].self_attn.head_dim
-        cos, sin = rotary_cos_sin_cache(head_dim, max_positions, self.config.rope_parameters)
+        cos, sin = rotary_cos_sin_cache(
+            head_dim,
+            max_positions,
+            self.config.rope_parameters,
+            self.config.max_position_embeddings,
+        )
         self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
 
     def forward(

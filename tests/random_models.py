@@ -66,6 +66,22 @@ FAMILIES = {
         derived_head_dim=False,
         attention_bias=True,
     ),
+    "qwen3_moe": Family(
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        ("default", "yarn"),
+        explicit_head_dim=True,
+        derived_head_dim=False,
+        attention_bias=True,
+    ),
+    "mixtral": Family(
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        ("default",),
+        explicit_head_dim=True,
+        derived_head_dim=True,
+        attention_bias=False,
+    ),
 }
 
 
@@ -137,8 +153,22 @@ def _config(rng: random.Random, name: str) -> dict:
         config["attention_bias"] = rng.random() < 0.5
     if family.mlp_bias:
         config["mlp_bias"] = rng.random() < 0.3
-    if name == "mistral":
+    if name in ("mistral", "mixtral"):
         config["sliding_window"] = rng.choice([None, 4096])
+    if name in ("qwen3_moe", "mixtral"):
+        experts = rng.choice([4, 8, 16, 64])
+        config["num_experts_per_tok"] = rng.randint(1, min(8, experts))
+    if name == "qwen3_moe":
+        layers = config["num_hidden_layers"]
+        config.update(
+            num_experts=experts,
+            moe_intermediate_size=rng.choice([16, 32, 64]),
+            norm_topk_prob=rng.random() < 0.5,
+            decoder_sparse_step=rng.choice([1, 1, 2]),
+            mlp_only_layers=[i for i in range(layers) if rng.random() < 0.2],
+        )
+    elif name == "mixtral":
+        config["num_local_experts"] = experts
     return config
 
 

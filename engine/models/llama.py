@@ -196,7 +196,11 @@ class LlamaForCausalLM(nn.Module):
             with torch.no_grad():
                 destination.copy_(tensor)
             loaded.add(key)
-        missing = sorted(str(key) for key in expected - loaded)
+        # keys are (parameter, index...): printed as parameter[index]...
+        missing = sorted(
+            key[0] + "".join(f"[{i}]" for i in key[1:] if i is not None)
+            for key in expected - loaded
+        )
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
 

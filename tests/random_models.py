@@ -180,7 +180,8 @@ def _prompt_lengths(rng: random.Random, pressure: bool) -> list[int]:
     while True:
         lengths = [rng.randint(20, 90) for _ in range(3)]
         blocks = sum(-(-n // BLOCK_SIZE) for n in lengths)
-        grown = sum(-(-(n + NEW_TOKENS) // BLOCK_SIZE) for n in lengths)
+        # the last token sampled is never written to the cache
+        grown = sum(-(-(n + NEW_TOKENS - 1) // BLOCK_SIZE) for n in lengths)
         if blocks <= PRESSURE_BLOCKS < grown:
             return lengths
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.kernels import activation, attention, attention_cpu, elementwise_cpu, norm, rotary
+from pagoda.kernels import activation, attention, attention_cpu, elementwise_cpu, moe, norm, rotary
 from pagoda.kernels.attention import AttentionMetadata
 from pagoda.kernels.rotary import rotary_cos_sin_cache
 
@@ -23,6 +23,7 @@ class Kernels:
     silu_and_mul: Callable
     write_kv_cache: Callable
     paged_attention: Callable
+    fused_moe: Callable
 
 
 TORCH = Kernels(
@@ -32,6 +33,7 @@ TORCH = Kernels(
     activation.silu_and_mul,
     attention.write_kv_cache,
     attention.paged_attention,
+    moe.fused_moe,
 )
 
 
@@ -45,6 +47,7 @@ CPU = Kernels(
     elementwise_cpu.silu_and_mul,
     attention_cpu.write_kv_cache,
     attention_cpu.paged_attention,
+    moe.fused_moe,
 )
 
 
@@ -85,6 +88,7 @@ def select(
         activation_triton.silu_and_mul,
         attention_triton.write_kv_cache,
         attention_flash.paged_attention if flash else attention_triton.paged_attention,
+        moe.fused_moe,
     )
 
 

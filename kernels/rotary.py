@@ -24,26 +24,75 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+def _yarn_inv_freq(
+    head_dim: int, params: dict, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
+    """YaRN: frequencies that turn fewer than `beta_slow` times over the original context are
+    interpolated (divided by `factor`), those turning more than `beta_fast` times kept, with a
+    linear ramp between; cos and sin are scaled by an attention factor."""
+    theta = params.get("rope_theta", 10000.0)
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position_embeddings / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # the share of each frequency left unscaled
+    wavelengths = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / (factor * wavelengths) * (1 - keep) + 1.0 / wavelengths * keep
+    return inv_freq, attention_factor
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# "dynamic" (NTK) rescales only past max_position_embeddings, which max_model_len never exceeds
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 def rotary_cos_sin_cache(
-    head_dim: int, max_positions: int, rope_parameters: dict
+    head_dim: int,
+    max_positions: int,
+    rope_parameters: dict,
+    max_position_embeddings: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 tables of shape [max_positions, head_dim] for cos and sin."""
+    """fp32 tables of shape [max_positions, head_dim] for cos and sin; max_positions is at most
+    the model's max_position_embeddings (the default for it)."""
     rope_type = rope_parameters.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         supported = ", ".join(SUPPORTED_ROPE_TYPES)
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {supported}")
+    if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor other than 1 is not supported")
     inv_freq = _default_inv_freq(head_dim, rope_parameters.get("rope_theta", 10000.0))
+    scale = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
+    elif rope_type == "yarn":
+        inv_freq, scale = _yarn_inv_freq(
+            head_dim, rope_parameters, max_position_embeddings or max_positions
+        )
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -154,3 +154,31 @@ def test_triton_kernels_match_transformers(tiny_models, arch):
             torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False
         )[0, len(p) :].tolist()
         assert out.outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_one_kv_head_with_explicit_head_dim_matches(tmp_path, backend):
+    """Issue 14's report: Qwen3, hidden 64, 4 heads sharing ONE KV head of head_dim 32 (not
+    hidden / heads), initializer_range 0.25, prompts of 40 and 130 tokens among five."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        initializer_range=0.25,
+        max_position_embeddings=2048,
+    )
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (3, 16, 40, 100, 130)]
+    params = SamplingParams(temperature=0, max_tokens=48, min_tokens=48)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend=backend, skip_tokenizer_init=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, out in zip(prompts, outs):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=48, min_new_tokens=48, do_sample=False)
+        assert out.outputs[0].token_ids == want[0, len(p) :].tolist()

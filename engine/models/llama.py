@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels
+        self, config: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, ops: Kernels
     ) -> None:
         super().__init__()
         self.ops = ops
@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.qkv_proj.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
 
@@ -80,12 +80,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: Kernels) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, ops: Kernels, bias: bool = False
+    ) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.gate_up_proj.shard_sizes = (intermediate_size, intermediate_size)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -93,14 +95,16 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels
+        self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool, ops: Kernels, mlp: nn.Module
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
+        # Llama and Qwen3's attention_bias covers o_proj too; Qwen2's own q/k/v bias does not
+        o_bias = bool(getattr(config, "attention_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ops)
-        self.self_attn = Attention(config, qkv_bias, qk_norm, ops)
+        self.self_attn = Attention(config, qkv_bias, o_bias, qk_norm, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -126,8 +130,8 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, qkv_bias, self.qk_norm, ops)
-            for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, qkv_bias, self.qk_norm, ops, self.make_mlp(config, i, ops))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -138,10 +142,19 @@ class LlamaForCausalLM(nn.Module):
         self.rotary_cos: torch.Tensor | None = None
         self.rotary_sin: torch.Tensor | None = None
 
+    def make_mlp(self, config: PretrainedConfig, layer: int, ops: Kernels) -> nn.Module:
+        bias = bool(getattr(config, "mlp_bias", False))
+        return MLP(config.hidden_size, config.intermediate_size, ops, bias)
+
     def init_rotary(self, device: torch.device, max_positions: int) -> None:
         """Build the rotary tables (after construction on the meta device)."""
         head_dim = self.layers[0].self_attn.head_dim
-        cos, sin = rotary_cos_sin_cache(head_dim, max_positions, self.config.rope_parameters)
+        cos, sin = rotary_cos_sin_cache(
+            head_dim,
+            max_positions,
+            self.config.rope_parameters,
+            self.config.max_position_embeddings,
+        )
         self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
 
     def forward(
@@ -168,22 +181,13 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
         params = dict(self.named_parameters())
-        expected = {(name, shard) for name in params for shard in self._shards_of(name)}
-        loaded: set[tuple[str, int | None]] = set()
+        expected = self._expected_keys(params)
+        loaded: set[tuple] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, shard = _fused_target(name)
-            if target not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
-                )
-            destination = params[target]
-            if shard is not None:
-                sizes = self._shard_sizes(target)
-                offset = sum(sizes[:shard])
-                destination = destination[offset : offset + sizes[shard]]
+            key, destination = self._destination(name, params)
             if destination.shape != tensor.shape:
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -191,10 +195,31 @@ class LlamaForCausalLM(nn.Module):
                 )
             with torch.no_grad():
                 destination.copy_(tensor)
-            loaded.add((target, shard))
-        missing = sorted(f"{name}[{shard}]" for name, shard in expected - loaded)
+            loaded.add(key)
+        # keys are (parameter, index...): printed as parameter[index]...
+        missing = sorted(
+            key[0] + "".join(f"[{i}]" for i in key[1:] if i is not None)
+            for key in expected - loaded
+        )
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+
+    def _destination(
+        self, name: str, params: dict[str, nn.Parameter]
+    ) -> tuple[tuple, torch.Tensor]:
+        """(key, the slice of a parameter) that checkpoint tensor `name` fills."""
+        target, shard = _fused_target(name)
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+        destination = params[target]
+        if shard is not None:
+            sizes = self._shard_sizes(target)
+            offset = sum(sizes[:shard])
+            destination = destination[offset : offset + sizes[shard]]
+        return (target, shard), destination
+
+    def _expected_keys(self, params: dict[str, nn.Parameter]) -> set[tuple]:
+        return {(name, shard) for name in params for shard in self._shards_of(name)}
 
     def _shard_sizes(self, param_name: str) -> tuple[int, ...] | None:
         return getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_sizes", None)

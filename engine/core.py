@@ -43,7 +43,7 @@ def unpack(data: bytes) -> list:
 
 
 def encode_params(params: SamplingParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    return dataclasses.asdict(params)  # nested dataclasses (structured_outputs) as dicts
 
 
 def _encode_logprobs(entry: TokenLogprobs | None) -> list | None:
@@ -146,6 +146,8 @@ def _busy_loop(engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket) -> None
         if engine.has_unfinished_requests():
             deltas = engine.step()
             outbox.send(pack(["outputs", [encode_delta(d) for d in deltas], engine_stats(engine)]))
+            for request_id, message in engine.take_rejected():
+                outbox.send(pack(["rejected", request_id, message]))
         elif time.monotonic() - last_stats >= STATS_INTERVAL_S:
             outbox.send(pack(["stats", engine_stats(engine)]))
             last_stats = time.monotonic()

@@ -1,9 +1,10 @@
 """Batched sampling over sequences with different parameters.
 
-Order of logit processing (vLLM's): logit_bias, min_tokens (stops masked), penalties, then
-greedy argmax, or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the raw
-model distribution. Draws use the exponential race (argmax of p / Exp(1) noise), with the
-noise of a seeded sequence from its own generator, so its draws do not depend on its batch.
+Order of logit processing (vLLM's): the grammar's token bitmask (structured outputs), logit_bias,
+min_tokens (stops masked), penalties, then greedy argmax, or temperature, top-k, top-p, min-p
+and a draw. Logprobs are those of the model distribution, constrained by the grammar where there
+is one. Draws use the exponential race (argmax of p / Exp(1) noise), with the noise of a seeded
+sequence from its own generator, so its draws do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import torch
 
 from pagoda.engine.sequence import Logprob, Sequence, TokenLogprobs
+from pagoda.engine.structured_output import accept_tokens, apply_bitmask
 
 
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
 ) -> list[tuple[int, TokenLogprobs | None]]:
-    """Draw one token per row of `logits` [B, V] (fp32) for `seqs` [B]."""
+    """Draw one token per row of `logits` [B, V] (fp32, modified in place) for `seqs` [B]."""
+    apply_bitmask(logits, seqs)
     raw = logits
     params = [s.params for s in seqs]
     if any(p.logit_bias for p in params):
@@ -30,6 +33,7 @@ def sample(
     token_ids = _argmax(logits) if greedy else _draw(logits, seqs, generator)
 
     token_list = token_ids.tolist()
+    accept_tokens(seqs, token_list)
     logprob_list: list[TokenLogprobs | None] = [None] * len(seqs)
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:

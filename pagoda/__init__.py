@@ -17,13 +17,13 @@ except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:
-    from pagoda.engine import LLM, SamplingParams
+    from pagoda.engine import LLM, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("LLM", "SamplingParams"):
+    if name in ("LLM", "SamplingParams", "StructuredOutputsParams"):
         from pagoda import engine
 
         return getattr(engine, name)

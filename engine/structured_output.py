@@ -100,7 +100,8 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
             if found := unsupported_feature(params.json):
                 raise ValueError(f"the JSON schema uses {found}, which cannot be enforced")
             # compact separators: a small model given free whitespace may loop on newlines
-            return xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
+            grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
+            return _no_control_characters(grammar)
         if kind == "json_object":
             return xgr.Grammar.from_json_schema(
                 '{"type": "object"}', any_whitespace=False, strict_mode=False
@@ -114,6 +115,19 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
     except RuntimeError as exc:  # xgrammar's parse errors: the last line says what is wrong
         reason = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
         raise ValueError(f"invalid structured_outputs.{kind}: {reason}") from None
+
+
+# xgrammar 0.2.9 writes the characters of a length-bounded string as this class, which lets raw
+# control characters (invalid in JSON) through; its plain strings exclude them.
+_LOOSE_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n]"
+
+
+def _no_control_characters(grammar: xgr.Grammar) -> xgr.Grammar:
+    text = str(grammar)
+    if _LOOSE_STRING_CHARS not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHARS, _JSON_STRING_CHARS))
 
 
 @dataclass(slots=True)

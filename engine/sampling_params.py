@@ -31,7 +31,8 @@ class StructuredOutputsParams:
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("structured_outputs.json must be a JSON schema object")
         if self.choice is not None:
-            self.choice = list(self.choice)
+            choice = self.choice
+            self.choice = list(choice) if isinstance(choice, list | tuple) else []
             if not self.choice or not all(isinstance(c, str) for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of strings")
         given = [name for name, value in self._constraints().items() if value not in (None, False)]

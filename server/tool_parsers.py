@@ -67,7 +67,7 @@ class HermesParser:
             if not values or None in parsed:
                 return text, []
             calls += parsed
-        return text[:start].strip(), calls
+        return text[:start].rstrip(), calls
 
 
 class Llama3JsonParser:
@@ -104,7 +104,7 @@ class MistralParser:
         calls = [_call(item) for item in items]
         if not items or None in calls:
             return text, []
-        return text[:start].strip(), calls
+        return text[:start].rstrip(), calls
 
 
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}

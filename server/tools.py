@@ -250,6 +250,7 @@ class ToolCallStream:
             held = len(self.text) - _prefix_overlap(self.text, marker)
         if marker == "{" and not self.text[: max(held, 0)].strip():
             held = 0  # llama3_json: a call is the whole answer
+        held = len(self.text[:held].rstrip())  # whitespace before a call is not content
         content = self.text[self.shown : max(held, self.shown)]
         self.shown += len(content)
         return content, []

@@ -230,6 +230,36 @@ def test_streamed_calls_reassemble_to_the_non_streamed_ones(client, tool_choice)
     assert [c["arguments"] for c in calls.values()] == [c.function.arguments for c in whole]
 
 
+# a grammar makes the tiny model write what a tool-calling model would (tool_choice auto)
+HERMES_ANSWER = (
+    'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+def test_auto_calls_are_parsed_and_streamed(client):
+    grammar = {"guided_grammar": f"root ::= {json.dumps(HERMES_ANSWER)}"}
+    kwargs = dict(tools=TOOLS, tool_choice="auto", extra_body=grammar)
+    choice = chat(client, **kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_time"
+    assert json.loads(call.function.arguments) == {"zone": "CET"}
+
+    content = ""
+    for chunk in chat(client, stream=True, **kwargs):
+        content += chunk.choices[0].delta.content or ""
+    assert content == "Let me check."
+    calls, finishes = _streamed_calls(client, **kwargs)
+    assert finishes == ["tool_calls"]
+    assert calls == {0: {"name": "get_time", "arguments": call.function.arguments}}
+
+    plain = chat(client, tools=TOOLS, extra_body={"guided_choice": ["No call needed."]})
+    assert plain.choices[0].message.content == "No call needed."
+    assert plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].finish_reason == "stop"
+
+
 def test_sdk_parse_with_a_strict_pydantic_tool(client):
     out = client.chat.completions.parse(
         model=MODEL,

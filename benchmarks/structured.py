@@ -10,6 +10,9 @@
    before) and cached (the engine's compiler, in this process), medians of `--repeats`.
 3. TTFT of a request whose schema is new to the server (its grammar compiles first) against one
    whose schema was just used (cached), medians of `--repeats`, one request at a time.
+4. The sampler's time per step for 32 rows of logits without and with a grammar per row
+   (greedy and temperature 1), alternating, medians: the per-step cost of the masks, free of
+   the serving noise of a shared machine.
 
     python benchmarks/structured.py                       # starts `pagoda serve` (SmolLM2)
     python benchmarks/structured.py --base-url http://127.0.0.1:8000/v1 --model NAME
@@ -194,18 +197,73 @@ async def ttft_cold_vs_cached(client: httpx.AsyncClient, args) -> dict:
     }
 
 
-def compile_times(args) -> dict:
-    """The engine's compiler on the served tokenizer (in this process: the same code)."""
+def in_process(args) -> dict:
+    """Grammar compile times and the sampler's cost per step, with the engine's own code on the
+    served model's tokenizer, in this process."""
     from pagoda.engine import loader
-    from pagoda.engine.sampling_params import StructuredOutputsParams
     from pagoda.engine.structured_output import GrammarCompiler
     from pagoda.server.catalog import DEFAULT_CATALOG, load_catalog, resolve_source
 
     entry = next(e for e in load_catalog(DEFAULT_CATALOG) if e.id == args.model)
     source = loader.resolve_source(resolve_source(entry))
     tokenizer = loader.load_tokenizer(source)
-    eos = loader.eos_token_ids(source, loader.load_config(source), tokenizer)
-    compiler = GrammarCompiler(tokenizer, loader.load_config(source).vocab_size, eos)
+    config = loader.load_config(source)
+    eos = loader.eos_token_ids(source, config, tokenizer)
+    compiler = GrammarCompiler(tokenizer, config.vocab_size, eos)
+    result = {**compile_times(compiler, args), **sampler_cost(compiler, tokenizer, config, eos)}
+    compiler.shutdown()
+    return result
+
+
+def sampler_cost(compiler, tokenizer, config, eos, rows: int = 32, repeats: int = 30) -> dict:
+    """`sample()` on `rows` rows of logits, without and with a grammar per row (matchers in the
+    middle of the order schema, inside a string), alternating; medians in ms."""
+    import torch
+
+    from pagoda.engine.sampler import sample
+    from pagoda.engine.sampling_params import SamplingParams, StructuredOutputsParams
+    from pagoda.engine.sequence import Sequence
+    from pagoda.engine.structured_output import attach, start_matcher
+
+    constraint = StructuredOutputsParams(json=ORDER_SCHEMA)
+    compiled = compiler.submit(constraint)
+    prefix = tokenizer.encode('{"order_id": "ORD-123456", "status": "paid", "customer": {"name"')
+
+    def batch(constrained: bool, temperature: float) -> list[Sequence]:
+        seqs = []
+        for i in range(rows):
+            params = SamplingParams(
+                temperature=temperature,
+                max_tokens=1000,
+                structured_outputs=constraint if constrained else None,
+            )
+            seq = Sequence(str(i), 0, [1, *prefix], 1, params, 1000, eos)
+            if constrained:
+                attach(seq, compiled)
+                start_matcher(seq)
+            seqs.append(seq)
+        return seqs
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, config.vocab_size, generator=generator) * 3
+    result = {}
+    for temperature in (0.0, 1.0):
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for constrained in (False, True):
+                seqs, work = batch(constrained, temperature), logits.clone()
+                start = time.perf_counter()
+                sample(work, seqs, generator)
+                times[constrained].append(time.perf_counter() - start)
+        for constrained, label in ((False, "unconstrained"), (True, "json_schema")):
+            key = f"sample_ms_t{temperature:g}_{label}"
+            result[key] = 1000 * statistics.median(times[constrained])
+    return result
+
+
+def compile_times(compiler, args) -> dict:
+    from pagoda.engine.sampling_params import StructuredOutputsParams
+
     cold, cached = [], []
     for _ in range(args.repeats):
         params = StructuredOutputsParams(json={**ORDER_SCHEMA, "title": uuid.uuid4().hex})
@@ -215,7 +273,6 @@ def compile_times(args) -> dict:
         start = time.perf_counter()
         compiler.submit(params).result()
         cached.append(time.perf_counter() - start)
-    compiler.shutdown()
     return {
         "compile_cold_ms": 1000 * statistics.median(cold),
         "compile_cached_ms": 1000 * statistics.median(cached),
@@ -263,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if process is not None:
             process.terminate()
             process.wait(60)
-    result.update(compile_times(args))
+    result.update(in_process(args))
     result["config"] = {**vars(args), "result_json": str(args.result_json), "base_url": base_url}
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     print(
@@ -275,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         f"TTFT: new schema {result['ttft_cold_ms']:.0f} ms, "
         f"cached {result['ttft_cached_ms']:.0f} ms"
     )
+    for temperature in ("0", "1"):
+        plain = result[f"sample_ms_t{temperature}_unconstrained"]
+        constrained = result[f"sample_ms_t{temperature}_json_schema"]
+        print(
+            f"sample() of 32 rows at temperature {temperature}: {plain:.2f} ms unconstrained, "
+            f"{constrained:.2f} ms with 32 grammars"
+        )
     if args.result_json:
         args.result_json.write_text(json.dumps(result, indent=2))
     return 0

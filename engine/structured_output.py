@@ -185,12 +185,23 @@ def apply_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [i for i, s in enumerate(seqs) if _active(s)]
     if not rows:
         return
-    bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[-1])
-    for i in rows:
+    bitmask = _bitmask(len(seqs), logits.shape[-1])
+    for i in rows:  # each fill writes its whole row: rows from earlier steps need no reset
         seqs[i].grammar.matcher.fill_next_token_bitmask(bitmask, i)
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
+_bitmasks: dict[int, torch.Tensor] = {}  # vocab size -> a reused buffer of rows
+
+
+def _bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
+    # allocated once: a fresh torch.full per step costs tens of ms on a busy multi-threaded CPU
+    buffer = _bitmasks.get(vocab_size)
+    if buffer is None or buffer.shape[0] < num_rows:
+        buffer = _bitmasks[vocab_size] = xgr.allocate_token_bitmask(max(num_rows, 256), vocab_size)
+    return buffer[:num_rows]
 
 
 def accept_tokens(seqs: list[Sequence], tokens: list[int]) -> None:

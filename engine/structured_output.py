@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -190,9 +191,35 @@ def apply_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         seqs[i].grammar.matcher.fill_next_token_bitmask(bitmask, i)
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        return
+    dense = _mask_sparse_rows(logits, bitmask, rows)
+    if dense:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=dense)
 
 
+def _mask_sparse_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> list[int]:
+    """Mask the rows that allow under half the vocabulary by keeping their allowed logits
+    (xgrammar's CPU kernel takes ~15 ns per forbidden token: 23 ms for 32 rows of 49K that
+    forbid all but a few, as at a JSON structure token); return the other rows."""
+    vocab = logits.shape[-1]
+    words = bitmask[rows].numpy().view(np.uint32)  # bit j of word w: token 32 * w + j
+    dense = []
+    for row, row_words, count in zip(rows, words, np.bitwise_count(words).sum(axis=1).tolist()):
+        if 2 * count > vocab:
+            dense.append(row)
+            continue
+        nonzero = np.flatnonzero(row_words)
+        bits = (row_words[nonzero, None] >> _BIT) & 1
+        ids = (nonzero[:, None] * 32 + _BIT)[bits.astype(bool)]
+        ids = torch.from_numpy(ids[ids < vocab].astype(np.int64))
+        kept = logits[row, ids]
+        logits[row].fill_(float("-inf"))
+        logits[row, ids] = kept
+    return dense
+
+
+_BIT = np.arange(32, dtype=np.uint32)
 _bitmasks: dict[int, torch.Tensor] = {}  # vocab size -> a reused buffer of rows
 
 

@@ -130,6 +130,10 @@ def test_sdk_parse_and_stream_helpers_with_pydantic(client):
         model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=1
     )
     assert isinstance(parsed.choices[0].message.parsed, Pet)
+    beta = client.beta.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=3
+    )
+    assert isinstance(beta.choices[0].message.parsed, Pet)
     with client.chat.completions.stream(
         model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=2
     ) as stream:

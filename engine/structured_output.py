@@ -110,7 +110,7 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
         if kind == "regex":
             return xgr.Grammar.from_regex(text)
         if kind == "choice":
-            literals = " | ".join(json.dumps(choice) for choice in params.choice)
+            literals = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
             return xgr.Grammar.from_ebnf(f"root ::= {literals}")
         return xgr.Grammar.from_ebnf(text)
     except RuntimeError as exc:  # xgrammar's parse errors: the last line says what is wrong
@@ -203,7 +203,8 @@ def _mask_sparse_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[in
     (xgrammar's CPU kernel takes ~15 ns per forbidden token: 23 ms for 32 rows of 49K that
     forbid all but a few, as at a JSON structure token); return the other rows."""
     vocab = logits.shape[-1]
-    words = bitmask[rows].numpy().view(np.uint32)  # bit j of word w: token 32 * w + j
+    words = bitmask.numpy().view(np.uint32)[rows]  # bit j of word w: token 32 * w + j
+    values = logits.numpy()  # numpy: small ops that torch would hand to its thread pool
     dense = []
     for row, row_words, count in zip(rows, words, np.bitwise_count(words).sum(axis=1).tolist()):
         if 2 * count > vocab:
@@ -212,10 +213,10 @@ def _mask_sparse_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[in
         nonzero = np.flatnonzero(row_words)
         bits = (row_words[nonzero, None] >> _BIT) & 1
         ids = (nonzero[:, None] * 32 + _BIT)[bits.astype(bool)]
-        ids = torch.from_numpy(ids[ids < vocab].astype(np.int64))
-        kept = logits[row, ids]
-        logits[row].fill_(float("-inf"))
-        logits[row, ids] = kept
+        ids = ids[ids < vocab]
+        kept = values[row, ids]
+        values[row].fill(-np.inf)
+        values[row, ids] = kept
     return dense
 
 

@@ -3,7 +3,7 @@
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm import LLM, CompletionOutput, RequestOutput
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from pagoda.engine.sequence import Logprob, SequenceDelta
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "SequenceDelta",
+    "StructuredOutputsParams",
 ]

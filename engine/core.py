@@ -23,7 +23,7 @@ from pagoda.logs import LogSettings
 
 
 def encode_params(params: SamplingParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    return dataclasses.asdict(params)  # nested dataclasses (structured_outputs) as dicts
 
 
 def _encode_logprobs(entry: TokenLogprobs | None) -> list | None:
@@ -98,6 +98,9 @@ class EngineCore:
 
     def step(self) -> list[list]:
         return [encode_delta(d) for d in self.engine.step()]
+
+    def take_rejected(self) -> list[tuple[str, str]]:
+        return self.engine.take_rejected()
 
     def stats(self) -> dict:
         scheduler = self.engine.scheduler

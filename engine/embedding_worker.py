@@ -252,6 +252,9 @@ class EmbeddingWorker:
         bucket = next((i for i, bound in enumerate(BATCH_SIZE_BUCKETS) if size <= bound), -1)
         self.batch_size_counts[bucket] += 1
 
+    def take_rejected(self) -> list[tuple[str, str]]:
+        return []  # every refusal happens at add
+
     def stats(self) -> dict:
         return {
             "running": len(self.jobs),

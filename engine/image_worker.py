@@ -141,6 +141,9 @@ class ImageWorker:
             if image.request_id not in batch.aborted
         ]
 
+    def take_rejected(self) -> list[tuple[str, str]]:
+        return []  # every refusal happens at add
+
     def stats(self) -> dict:
         running = len(self.running.images) if self.running is not None else 0
         return {"running": running, "waiting": len(self.waiting)}

@@ -12,6 +12,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import Sequence, TokenLogprobs
+from pagoda.engine.structured_output import build_grammar
 
 Prompt = str | dict
 
@@ -104,6 +105,9 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for ids, _ in encoded:
             self.engine.validate_prompt(ids)
+        for params in sampling_params:
+            if params.structured_outputs is not None:
+                build_grammar(params.structured_outputs)  # a bad constraint fails here
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
         for (ids, text), params in zip(encoded, sampling_params):
             request_id = str(next(self._ids))
@@ -126,6 +130,8 @@ class LLM:
         with tqdm(total=total, desc="Generating", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 deltas = self.engine.step()
+                for request_id, message in self.engine.take_rejected():
+                    raise ValueError(f"request {request_id}: {message}")
                 bar.update(sum(d.finish_reason is not None for d in deltas))
 
     def _decode(self, seq: Sequence) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -14,9 +15,11 @@ from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
+from pagoda.engine.structured_output import GrammarCompiler, attach, start_matcher
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
+GRAMMAR_WAIT_S = 0.005  # an idle step waits this long for a grammar that is compiling
 
 
 class LLMEngine:
@@ -60,6 +63,13 @@ class LLMEngine:
             config.resolve_max_num_batched_tokens(self.device),
         )
         self._requests: dict[str, list[Sequence]] = {}
+        self.grammars = (
+            None
+            if self.tokenizer is None
+            else GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        )
+        self._compiling: dict[str, list[Sequence]] = {}  # requests whose grammar is compiling
+        self.rejected: list[tuple[str, str]] = []  # (request id, why): grammars that failed
         logger.info(
             "loaded %s (%s) on %s in %s: max_model_len %d, KV cache %d blocks of %d tokens",
             config.model,
@@ -161,8 +171,36 @@ class LLMEngine:
                 shares_prompt_with=seqs[0] if seqs and self.config.enable_prefix_caching else None,
             )
             seqs.append(seq)
+        if params.structured_outputs is not None:
+            self._compile_grammar(request_id, seqs, params)
+        for seq in seqs:
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
+
+    def _compile_grammar(self, request_id: str, seqs: list[Sequence], params) -> None:
+        if self.grammars is None:
+            raise ValueError("structured outputs need the tokenizer (skip_tokenizer_init is set)")
+        compiled = self.grammars.submit(params.structured_outputs)
+        for seq in seqs:
+            attach(seq, compiled)
+        self._compiling[request_id] = seqs
+
+    def _start_matchers(self) -> None:
+        for request_id, seqs in list(self._compiling.items()):
+            compiled = seqs[0].grammar.compiled
+            if not compiled.done():
+                continue
+            del self._compiling[request_id]
+            if compiled.exception() is not None:
+                self.rejected.append((request_id, str(compiled.exception())))
+                self.abort_request(request_id)
+                continue
+            for seq in seqs:
+                start_matcher(seq)
+
+    def take_rejected(self) -> list[tuple[str, str]]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
@@ -179,6 +217,7 @@ class LLMEngine:
             )
 
     def abort_request(self, request_id: str) -> None:
+        self._compiling.pop(request_id, None)
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -188,8 +227,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[SequenceDelta]:
+        if self._compiling:
+            self._start_matchers()
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if self._compiling:  # nothing else to do: do not spin while they compile
+                pending = [seqs[0].grammar.compiled for seqs in self._compiling.values()]
+                wait(pending, timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return []
         sampled = self.runner.run(batch)
         self.scheduler.update(batch, sampled)

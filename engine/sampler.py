@@ -1,9 +1,10 @@
 """Batched sampling over sequences with different parameters.
 
-Order of logit processing (vLLM's): logit_bias, min_tokens (stops masked), penalties, then
-greedy argmax, or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the raw
-model distribution. Draws use the exponential race (argmax of p / Exp(1) noise), with the
-noise of a seeded sequence from its own generator, so its draws do not depend on its batch.
+Order of logit processing (vLLM's): the grammar's token bitmask (structured outputs), logit_bias,
+min_tokens (stops masked), penalties, then greedy argmax, or temperature, top-k, top-p, min-p
+and a draw. Logprobs are those of the model distribution, constrained by the grammar where there
+is one. Draws use the exponential race (argmax of p / Exp(1) noise), with the noise of a seeded
+sequence from its own generator, so its draws do not depend on its batch.
 
 The step's parameters reach the device in one copy (`SamplingTensors`, through the runner's
 staging buffer), and penalties read token counts kept on the device (`TokenCounts`), so a
@@ -16,6 +17,7 @@ import torch
 
 from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 from pagoda.engine.sequence import Logprob, Sequence, TokenLogprobs
+from pagoda.engine.structured_output import accept_tokens, apply_bitmask
 
 
 def sample(
@@ -24,10 +26,11 @@ def sample(
     generator: torch.Generator,
     tensors: SamplingTensors | None = None,
 ) -> list[tuple[int, TokenLogprobs | None]]:
-    """Draw one token per row of `logits` [B, V] (fp32) for `seqs` [B]. `tensors`: the step's
-    parameters already on the device (built here when not given)."""
+    """Draw one token per row of `logits` [B, V] (fp32, modified in place) for `seqs` [B].
+    `tensors`: the step's parameters already on the device (built here when not given)."""
     if tensors is None:
         tensors = SamplingTensors.build(seqs, logits.shape[-1], TokenCounts(logits.device))
+    apply_bitmask(logits, seqs)
     raw = logits
     if tensors.bias_rows is not None:
         logits = _apply_logit_bias(logits.clone(), tensors)
@@ -40,6 +43,7 @@ def sample(
     tensors.count_sampled(token_ids)
 
     token_list = token_ids.tolist()
+    accept_tokens(seqs, token_list)
     logprob_list: list[TokenLogprobs | None] = [None] * len(seqs)
     if tensors.logprob_rows is not None:
         wanted, ks = tensors.logprob_rows, tensors.logprob_ks

@@ -2,9 +2,62 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on the output, enforced by a grammar in the sampler; exactly one is set.
+
+    `json`: a JSON schema (dict or JSON text); `regex`; `choice`: the output is one of these
+    strings; `grammar`: an EBNF (GBNF) grammar; `json_object`: any JSON object."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+        if self.choice is not None:
+            choice = self.choice
+            self.choice = list(choice) if isinstance(choice, list | tuple) else []
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        given = [name for name, value in self._constraints().items() if value not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar and "
+                f"json_object, got {', '.join(given) or 'none'}"
+            )
+
+    def _constraints(self) -> dict[str, Any]:
+        return {
+            "json": self.json,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+            "json_object": self.json_object,
+        }
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what a compiled grammar is cached by (property order matters)."""
+        kind, value = next((k, v) for k, v in self._constraints().items() if v not in (None, False))
+        if kind in ("regex", "grammar"):
+            return kind, value
+        return kind, json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(slots=True)
@@ -26,8 +79,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token plus the top k
     prompt_logprobs: int | None = None  # the same for each prompt token (scoring, `echo`)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):  # as it crosses to the engine process
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids)

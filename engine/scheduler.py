@@ -82,8 +82,12 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         manager = self.block_manager
+        compiling: list[Sequence] = []  # set aside so that the others go ahead
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.waiting_for_grammar:
+                compiling.append(self.waiting.popleft())
+                continue
             if _prompt_pending(seq.shares_prompt_with):
                 break  # wait one step: the sibling's prompt blocks are cached after it
             if seq.num_computed_tokens == 0:
@@ -100,6 +104,7 @@ class Scheduler:
                 self._first_scheduled(seq)
             batch.add(seq, num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(compiling))
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, tuple[int, dict | None]]) -> None:
         """Advance the scheduled sequences; `sampled[i]` is the token (and logprobs) drawn for

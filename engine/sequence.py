@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.structured_output import SequenceGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -57,6 +61,11 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # One entry per prompt token once computed (the first is None: nothing precedes it).
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    grammar: SequenceGrammar | None = None  # structured outputs: the sampler's constraint
+
+    @property
+    def waiting_for_grammar(self) -> bool:
+        return self.grammar is not None and self.grammar.matcher is None
 
     @property
     def num_tokens(self) -> int:

@@ -67,6 +67,11 @@ class Worker(Protocol):
 
     def stats(self) -> dict: ...
 
+    def take_rejected(self) -> list[tuple[str, str]]:
+        """Requests refused after their add (request id, message): the engine core's whose
+        grammar failed to compile in the background."""
+        ...
+
 
 def run_worker(
     load: Callable[[], Worker], input_addr: str, output_addr: str, log_settings: LogSettings
@@ -105,6 +110,8 @@ def _busy_loop(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
             timeout_ms = 0
         if worker.has_work():
             outbox.send(pack(["outputs", worker.step(), worker.stats()]))
+            for request_id, message in worker.take_rejected():
+                outbox.send(pack(["rejected", request_id, message, None, None]))
         elif time.monotonic() - last_stats >= STATS_INTERVAL_S:
             outbox.send(pack(["stats", worker.stats()]))
             last_stats = time.monotonic()

@@ -25,13 +25,13 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "engine").is_dir():
     __path__.append(str(_checkout))
 
 if TYPE_CHECKING:
-    from pagoda.engine import LLM, SamplingParams
+    from pagoda.engine import LLM, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("LLM", "SamplingParams"):
+    if name in ("LLM", "SamplingParams", "StructuredOutputsParams"):
         from pagoda import engine
 
         return getattr(engine, name)

@@ -140,6 +140,8 @@ class Capabilities(_Strict):
     tools: bool = False
     json_: bool = Field(False, alias="json")  # `json` would shadow BaseModel.json
     vision: bool = False
+    # how `tool_choice: "auto"` output is read (server/tool_parsers.py)
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
 
 
 class Pricing(_Strict):

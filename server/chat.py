@@ -15,14 +15,34 @@ from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
+from pagoda.server.structured import extra_constraint, response_format_constraint
+from pagoda.server.tools import (
+    ToolCallStream,
+    ToolPlan,
+    plan_tools,
+    template_supports_tools,
+    template_tools,
+    tool_call_dicts,
+    unsupported,
+    with_fallback_prompt,
+)
 
 
 def chat_prompt(
-    model: ServedModel, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt=True
+    model: ServedModel,
+    req: ChatCompletionRequest | TokenizeRequest,
+    add_generation_prompt=True,
+    tools: ToolPlan | None = None,
 ) -> list[int]:
+    messages, kwargs = messages_for_template(req), {}
+    if tools is not None and tools.mode != "none":
+        if template_supports_tools(model.tokenizer):
+            kwargs["tools"] = template_tools(tools)
+        else:
+            messages = with_fallback_prompt(messages, tools)
     try:
         text = model.tokenizer.apply_chat_template(
-            messages_for_template(req), tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
     except Exception as exc:  # a template that rejects the conversation (roles, order)
         raise invalid(f"the chat template rejected the messages: {exc}", param="messages") from exc
@@ -32,20 +52,48 @@ def chat_prompt(
 async def chat_completion(
     model: ServedModel, req: ChatCompletionRequest, metrics: Metrics, meter: Meter
 ):
-    prompt = chat_prompt(model, req)
-    params = model.sampling_params(len(prompt), req.sampling_kwargs(), param="messages")
+    tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
+    kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
+    prompt = chat_prompt(model, req, tools=tools)
+    params = model.sampling_params(len(prompt), kwargs, param="messages")
     meter.admit(model.id, len(prompt) + params.max_tokens * params.n)
     generation = Generation(
         model, f"chatcmpl-{uuid.uuid4().hex}", prompt, params, req.stop_strings(), metrics
     )
     meter.track(generation)
+    if tools is not None and tools.mode == "none":
+        tools = None
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return event_stream(_stream(generation, req, include_usage))
-    return JSONResponse(await _complete(generation, req))
+        return event_stream(_stream(generation, req, include_usage, tools))
+    return JSONResponse(await _complete(generation, req, tools))
 
 
-async def _complete(generation: Generation, req: ChatCompletionRequest) -> dict:
+def _constraint_kwargs(model: ServedModel, req: ChatCompletionRequest, tools) -> dict:
+    """The grammar that a forced tool call, `response_format` or vLLM's fields ask for."""
+    constraint = tools.constraint if tools is not None else None
+    if constraint is None:
+        constraint = response_format_constraint(req.response_format) or extra_constraint(req)
+        if constraint is not None and not model.supports_json:
+            raise unsupported(model.id, "structured outputs", param="response_format")
+    kwargs = {} if constraint is None else {"structured_outputs": constraint}
+    if tools is not None and tools.parser is not None and tools.parser.needs_special_tokens:
+        kwargs["skip_special_tokens"] = False  # the parser's marker is a special token
+    return kwargs
+
+
+def _message(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[dict, str | None]:
+    content, calls = (text, []) if tools is None else tools.calls(text)
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = tool_call_dicts(calls)
+        finish = "tool_calls" if finish == "stop" else finish
+    return message, finish
+
+
+async def _complete(
+    generation: Generation, req: ChatCompletionRequest, tools: ToolPlan | None
+) -> dict:
     n = generation.params.n
     texts = [""] * n
     finish: list[str | None] = [None] * n
@@ -55,15 +103,17 @@ async def _complete(generation: Generation, req: ChatCompletionRequest) -> dict:
         finish[delta.index] = delta.finish_reason or finish[delta.index]
         if req.logprobs:
             logprobs[delta.index] += _logprob_content(generation.model, delta, req.top_logprobs)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": texts[i], "refusal": None},
-            "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
-            "finish_reason": finish[i],
-        }
-        for i in range(n)
-    ]
+    choices = []
+    for i in range(n):
+        message, finish_reason = _message(texts[i], finish[i], tools)
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
+                "finish_reason": finish_reason,
+            }
+        )
     return {
         "id": generation.request_id,
         "object": "chat.completion",
@@ -76,10 +126,14 @@ async def _complete(generation: Generation, req: ChatCompletionRequest) -> dict:
 
 
 async def _stream(
-    generation: Generation, req: ChatCompletionRequest, include_usage: bool
+    generation: Generation,
+    req: ChatCompletionRequest,
+    include_usage: bool,
+    tools: ToolPlan | None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     started: set[int] = set()
+    calls = [ToolCallStream(tools) for _ in range(generation.params.n)] if tools else None
 
     def chunk(choices: list[dict], **extra) -> str:
         body = {
@@ -96,6 +150,9 @@ async def _stream(
 
     async for delta in generation:
         message: dict = {"content": delta.text}
+        finish = delta.finish_reason
+        if calls is not None:
+            message, finish = _tool_delta(calls[delta.index], delta.text, finish)
         if delta.index not in started:
             started.add(delta.index)
             message = {"role": "assistant", **message}
@@ -108,12 +165,24 @@ async def _stream(
             }
             if req.logprobs
             else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": finish,
         }
         yield chunk([choice])
     if include_usage:
         yield chunk([], usage=usage(generation))
     yield "[DONE]"
+
+
+def _tool_delta(stream: ToolCallStream, text: str, finish: str | None) -> tuple[dict, str | None]:
+    content, call_deltas = stream.feed(text)
+    if finish is not None:
+        rest, more = stream.finish()
+        content, call_deltas = content + rest, call_deltas + more
+        if stream.num_calls and finish == "stop":
+            finish = "tool_calls"
+    if call_deltas:
+        return {"content": content or None, "tool_calls": call_deltas}, finish
+    return {"content": content}, finish
 
 
 def usage(generation: Generation) -> dict:

@@ -21,6 +21,7 @@ from pagoda.server import tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
+    Capabilities,
     CatalogEntry,
     CatalogError,
     load_catalog,
@@ -57,6 +58,8 @@ class ModelToServe:
     id: str
     config: EngineConfig
     owned_by: str = "pagoda"
+    # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
+    capabilities: Capabilities | None = None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -91,6 +94,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fixed CPU threads per engine (default: all cores, fewer while others use them)",
     )
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    serve.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        default="hermes",
+        help="how --model's auto tool calls are read (the catalog says it per entry)",
+    )
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     serve.add_argument(
         "--max-concurrent-requests",
@@ -136,7 +145,9 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     if args.model:
         name = args.served_model_name or args.model
-        return [ModelToServe(name, EngineConfig(model=args.model, serving=True, **overrides))]
+        capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
+        config = EngineConfig(model=args.model, serving=True, **overrides)
+        return [ModelToServe(name, config, capabilities=capabilities)]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     return [
         ModelToServe(
@@ -145,6 +156,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
                 model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
             ),
             e.owned_by,
+            e.capabilities,
         )
         for e in entries
     ]
@@ -176,8 +188,16 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
         raise
     served = {}
     for model, client, tokenizer in zip(models, clients, started[len(clients) :]):
+        capabilities = model.capabilities or Capabilities()
         served[model.id] = ServedModel(
-            model.id, client, tokenizer, owned_by=model.owned_by, max_model_len=client.max_model_len
+            model.id,
+            client,
+            tokenizer,
+            owned_by=model.owned_by,
+            max_model_len=client.max_model_len,
+            supports_tools=capabilities.tools,
+            supports_json=capabilities.json_,
+            tool_call_parser=capabilities.tool_call_parser,
         )
         info = client.info
         kv_tokens = info["num_kv_blocks"] * info["block_size"]

@@ -16,15 +16,19 @@ from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import CompletionRequest
+from pagoda.server.structured import extra_constraint
 
 
 async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics, meter: Meter):
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    kwargs = req.sampling_kwargs()
+    if (constraint := extra_constraint(req)) is not None:
+        kwargs["structured_outputs"] = constraint
     prompts = [_token_ids(model, p) for p in req.prompts()]
     generations = []
     for i, prompt in enumerate(prompts):
         model.check_prompt(prompt, param="prompt")
-        params = model.sampling_params(len(prompt), req.sampling_kwargs(), param="prompt")
+        params = model.sampling_params(len(prompt), kwargs, param="prompt")
         generations.append(
             Generation(model, f"{request_id}-{i}", prompt, params, req.stop_strings(), metrics)
         )

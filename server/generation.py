@@ -52,6 +52,9 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagoda"
     max_model_len: int = 0
+    supports_tools: bool = True
+    supports_json: bool = True
+    tool_call_parser: str = "hermes"  # a key of server.tool_parsers.PARSERS
 
     def token_text(self, token_id: int) -> str:
         return _token_text(self.tokenizer, token_id)

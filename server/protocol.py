@@ -193,6 +193,12 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    # vLLM's structured outputs (server/structured.py checks them)
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -328,10 +334,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Kept as sent for the tool-calling and structured-output work; not validated here.
-    tools: list[dict[str, Any]] | None = None
+    # Checked by server/tools.py and server/structured.py.
+    tools: Any = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")

@@ -1,0 +1,293 @@
+"""Tool calling on /v1/chat/completions: checking `tools` and `tool_choice`, putting the tools in
+the prompt, and turning the output into `message.tool_calls` (whole or streamed).
+
+`tool_choice` "required" and a named function are forced by a grammar: the output is a JSON
+array of calls (required) or the arguments object itself (named), valid against the functions'
+`parameters` by construction. "auto" lets the model write text or calls, which the model
+family's parser (server/tool_parsers.py) finds. "none" leaves the tools in the prompt only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagoda.engine.sampling_params import StructuredOutputsParams
+from pagoda.server.errors import APIError, invalid
+from pagoda.server.structured import checked_constraint
+from pagoda.server.tool_parsers import PARSERS, ParsedCall, ToolParser
+
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+# For chat templates that know no tools: the tools go into the system prompt, in the format the
+# hermes parser reads.
+FALLBACK_PROMPT = """You may call functions to answer. The functions, as JSON schemas:
+{tools}
+To call one, answer with its name and arguments as a JSON object in <tool_call></tool_call>
+tags, for example:
+<tool_call>
+{{"name": "function_name", "arguments": {{"argument": "value"}}}}
+</tool_call>"""
+
+
+@dataclass(slots=True)
+class Function:
+    name: str
+    parameters: dict
+    description: str | None = None
+
+
+@dataclass
+class ToolPlan:
+    """How one request uses its tools."""
+
+    functions: list[Function]
+    mode: str  # "none", "auto", "required" or "named"
+    named: str | None = None
+    parallel: bool = True
+    parser: ToolParser | None = None
+
+    @property
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.mode == "named":
+            function = next(f for f in self.functions if f.name == self.named)
+            return StructuredOutputsParams(json=function.parameters)
+        if self.mode == "required":
+            return StructuredOutputsParams(json=self._calls_schema())
+        return None
+
+    def _calls_schema(self) -> dict:
+        call = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+            }
+            for f in self.functions
+        ]
+        items = call[0] if len(call) == 1 else {"anyOf": call}
+        schema = {"type": "array", "items": items, "minItems": 1}
+        return schema if self.parallel else {**schema, "maxItems": 1}
+
+    def calls(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """(content, calls) of a finished output."""
+        if self.mode == "named":
+            return None, [ParsedCall(self.named, text)]
+        if self.mode == "required":
+            try:
+                values = json.loads(text)
+            except ValueError:  # cut by max_tokens
+                return text, []
+            return None, [ParsedCall(v["name"], json.dumps(v["arguments"])) for v in values]
+        if self.mode == "auto":
+            content, calls = self.parser.parse(text)
+            calls = calls if self.parallel else calls[:1]
+            return (content or None) if calls else content, calls
+        return text, []
+
+
+def plan_tools(req, parser_name: str, supports_tools: bool) -> ToolPlan | None:
+    """The request's tool plan, or None without tools; a 400 for anything malformed."""
+    if req.tools is None:
+        if req.tool_choice is not None:
+            raise invalid("tool_choice is only allowed when tools are given", param="tool_choice")
+        return None
+    functions = _functions(req.tools)
+    mode, named = _choice(req.tool_choice, functions)
+    if mode != "none" and not supports_tools:
+        raise invalid(f"The model '{req.model}' does not support tools.", param="tools")
+    plan = ToolPlan(functions, mode, named, req.parallel_tool_calls is not False)
+    if mode == "auto":
+        plan.parser = PARSERS[parser_name]()
+    if (constraint := plan.constraint) is not None:
+        checked_constraint(constraint, param="tools")
+    return plan
+
+
+def _functions(tools: Any) -> list[Function]:
+    if not isinstance(tools, list) or not tools:
+        raise invalid("tools must be a non-empty list of function tools", param="tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            message = f"{where}.type: only 'function' tools are supported"
+            raise invalid(message, param=f"{where}.type")
+        spec = tool.get("function")
+        if not isinstance(spec, dict):
+            raise invalid(f"{where}.function: must be an object", param=f"{where}.function")
+        name = spec.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise invalid(
+                f"{where}.function.name: must be 1-64 letters, digits, '_' or '-'",
+                param=f"{where}.function.name",
+            )
+        parameters = spec.get("parameters", NO_PARAMETERS)
+        if not isinstance(parameters, dict):
+            raise invalid(
+                f"{where}.function.parameters: must be a JSON schema object",
+                param=f"{where}.function.parameters",
+            )
+        checked_constraint(
+            StructuredOutputsParams(json=parameters), param=f"{where}.function.parameters"
+        )
+        description = spec.get("description")
+        functions.append(Function(name, parameters, description))
+    names = [f.name for f in functions]
+    if len(set(names)) != len(names):
+        raise invalid("tools: function names must be unique", param="tools")
+    return functions
+
+
+def _choice(choice: Any, functions: list[Function]) -> tuple[str, str | None]:
+    if choice is None:
+        return "auto", None
+    if choice in ("none", "auto", "required"):
+        return choice, None
+    name = None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+    if not isinstance(name, str):
+        raise invalid(
+            "tool_choice must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in {f.name for f in functions}:
+        message = f"tool_choice names '{name}', which is not among the tools"
+        raise invalid(message, param="tool_choice")
+    return "named", name
+
+
+# --- the prompt ------------------------------------------------------------------------------
+
+
+def template_supports_tools(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "tools" in str(template)
+
+
+def template_tools(plan: ToolPlan) -> list[dict]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f.name,
+                **({"description": f.description} if f.description else {}),
+                "parameters": f.parameters,
+            },
+        }
+        for f in plan.functions
+    ]
+
+
+def with_fallback_prompt(messages: list[dict], plan: ToolPlan) -> list[dict]:
+    """The messages for a template without tool support: the tools in the system prompt, past
+    calls written as the model is asked to write them."""
+    tools = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in template_tools(plan))
+    system = FALLBACK_PROMPT.format(tools=tools)
+    out = [dict(m) for m in messages]
+    for message in out:
+        for call in message.pop("tool_calls", None) or []:
+            function = call.get("function", {})
+            body = {"name": function.get("name"), "arguments": function.get("arguments")}
+            message["content"] += f"\n<tool_call>\n{json.dumps(body)}\n</tool_call>"
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{system}"
+    else:
+        out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+# --- the response ----------------------------------------------------------------------------
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call_dicts(calls: list[ParsedCall]) -> list[dict]:
+    return [
+        {
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for call in calls
+    ]
+
+
+@dataclass
+class ToolCallStream:
+    """One choice's stream: content deltas while there is no call, then call deltas. A named
+    call streams its argument fragments as they come; other calls are sent when the output is
+    complete (the first delta of a call has its id and name, the next its arguments)."""
+
+    plan: ToolPlan
+    text: str = ""  # the output so far
+    shown: int = 0  # of `text`, how much went out as content
+    num_calls: int = 0
+    _named_id: str = field(default_factory=new_call_id)
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """(content delta, tool-call deltas) for newly generated text."""
+        self.text += text
+        if self.plan.mode == "named":
+            calls = [] if self.num_calls else [self._named_head()]
+            self.num_calls = 1
+            if text:
+                calls.append({"index": 0, "function": {"arguments": text}})
+            return "", calls
+        if self.plan.mode != "auto":
+            return "", []
+        marker = self.plan.parser.marker
+        held = self.text.find(marker)
+        if held < 0:  # hold back what may be the start of the marker
+            held = len(self.text) - _prefix_overlap(self.text, marker)
+        if marker == "{" and not self.text[: max(held, 0)].strip():
+            held = 0  # llama3_json: a call is the whole answer
+        held = len(self.text[:held].rstrip())  # whitespace before a call is not content
+        content = self.text[self.shown : max(held, self.shown)]
+        self.shown += len(content)
+        return content, []
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """At the end: (content still held back, the calls' deltas)."""
+        if self.plan.mode == "named":
+            return "", []
+        content, calls = self.plan.calls(self.text)
+        if not calls:
+            rest = self.text[self.shown :]
+            self.shown = len(self.text)
+            return rest, []
+        deltas = []
+        for i, call in enumerate(calls):
+            head = {"index": i, "id": new_call_id(), "type": "function"}
+            deltas.append({**head, "function": {"name": call.name, "arguments": ""}})
+            deltas.append({"index": i, "function": {"arguments": call.arguments}})
+        self.num_calls = len(calls)
+        return "", deltas
+
+    def _named_head(self) -> dict:
+        return {
+            "index": 0,
+            "id": self._named_id,
+            "type": "function",
+            "function": {"name": self.plan.named, "arguments": ""},
+        }
+
+
+def _prefix_overlap(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that starts `marker`."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def unsupported(model_id: str, what: str, param: str) -> APIError:
+    return invalid(f"The model '{model_id}' does not support {what}.", param=param)

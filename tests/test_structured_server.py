@@ -1,0 +1,410 @@
+"""Tool calling and structured outputs through a real `pagoda serve` with a tiny random model,
+driven by the openai SDK and LangChain. The model's free output is gibberish, so every valid
+result here comes from the grammar."""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+
+from tests.serving import Server
+
+MODEL = "test-org/tiny-llama"
+MESSAGES = [{"role": "user", "content": "Tell me about a person"}]
+
+ORDER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+        "status": {"enum": ["open", "paid", "shipped"]},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["sku", "qty"],
+            },
+        },
+        "customer": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 10}, "vip": {"type": "boolean"}},
+            "required": ["name", "vip"],
+        },
+    },
+    "required": ["id", "status", "items", "customer"],
+}
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+class Color(str, Enum):
+    red = "red"
+    blue = "blue"
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=8)
+    legs: int = Field(ge=0, le=8)
+    color: Color
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    args = ["--model", str(tiny_models["llama"]), "--served-model-name", MODEL]
+    srv = Server([*args, "--max-model-len", "1024"]).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def chat(client, **kwargs):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "seed": 7, **kwargs}
+    return client.chat.completions.create(**body)
+
+
+def response_format(schema: dict) -> dict:
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "order", "schema": schema, "strict": True},
+    }
+
+
+def test_json_schema_nested_arrays_enums_n2(client):
+    out = chat(client, response_format=response_format(ORDER), n=2, temperature=0.8)
+    assert len(out.choices) == 2
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), ORDER)
+    assert out.choices[0].message.content != out.choices[1].message.content
+
+
+def test_json_object(client):
+    out = chat(client, response_format={"type": "json_object"}, max_tokens=60, temperature=0)
+    choice = out.choices[0]
+    assert choice.message.content.startswith("{")
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_text_format_is_unconstrained(client):
+    plain = chat(client, max_tokens=20, temperature=0).choices[0].message.content
+    text = chat(client, max_tokens=20, temperature=0, response_format={"type": "text"})
+    assert text.choices[0].message.content == plain
+
+
+def test_sdk_parse_and_stream_helpers_with_pydantic(client):
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=1
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+    beta = client.beta.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=3
+    )
+    assert isinstance(beta.choices[0].message.parsed, Pet)
+    with client.chat.completions.stream(
+        model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=100, seed=2
+    ) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_completion()
+    assert "content.delta" in kinds
+    assert isinstance(final.choices[0].message.parsed, Pet)
+
+
+def _check_calls(choice, names=None):
+    calls = choice.message.tool_calls
+    assert calls, choice
+    assert choice.message.content is None
+    assert choice.finish_reason == "tool_calls"
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        assert names is None or call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return calls
+
+
+def test_named_tool_choice(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    out = chat(client, tools=TOOLS, tool_choice=named, temperature=0.7)
+    assert [c.function.name for c in _check_calls(out.choices[0])] == ["get_time"]
+
+
+def test_required_tool_choice_and_parallel_calls(client):
+    stopped = 0
+    for seed in range(3):
+        out = chat(client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, n=2)
+        for choice in out.choices:
+            if choice.finish_reason == "length":  # a random model may list calls forever
+                assert choice.message.tool_calls is None and choice.message.content
+                continue
+            _check_calls(choice, SCHEMAS)
+            stopped += 1
+    assert stopped >= 2
+    single = chat(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert len(_check_calls(single.choices[0])) == 1
+
+
+def test_none_and_auto_answer_in_the_openai_shape(client):
+    out = chat(client, tools=TOOLS, tool_choice="none", max_tokens=30)
+    assert out.choices[0].message.tool_calls is None
+    assert isinstance(out.choices[0].message.content, str)
+    auto = chat(client, tools=TOOLS, max_tokens=30).choices[0]
+    assert auto.message.tool_calls is None or auto.finish_reason == "tool_calls"
+
+
+def test_history_with_tool_calls_and_results(client):
+    messages = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    out = chat(client, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=10)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def _streamed_calls(client, **kwargs) -> tuple[dict[int, dict], list[str]]:
+    calls: dict[int, dict] = {}
+    finishes = []
+    for chunk in chat(client, stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.finish_reason is not None:
+                finishes.append(choice.finish_reason)
+            for delta in choice.delta.tool_calls or []:
+                if delta.index not in calls:  # a call's first delta: id, type, name, ""
+                    assert delta.id.startswith("call_") and delta.type == "function"
+                    assert delta.function.name and delta.function.arguments == ""
+                    calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                else:  # then fragments only
+                    assert delta.id is None and delta.function.name is None
+                    calls[delta.index]["arguments"] += delta.function.arguments
+    return calls, finishes
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_streamed_calls_reassemble_to_the_non_streamed_ones(client, tool_choice):
+    kwargs = dict(tools=TOOLS, tool_choice=tool_choice, temperature=0)
+    whole = chat(client, **kwargs).choices[0].message.tool_calls
+    calls, finishes = _streamed_calls(client, **kwargs)
+    assert finishes == ["tool_calls"]
+    assert [c["name"] for c in calls.values()] == [c.function.name for c in whole]
+    assert [c["arguments"] for c in calls.values()] == [c.function.arguments for c in whole]
+
+
+# a grammar makes the tiny model write what a tool-calling model would (tool_choice auto)
+HERMES_ANSWER = (
+    'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+def test_auto_calls_are_parsed_and_streamed(client):
+    grammar = {"guided_grammar": f"root ::= {json.dumps(HERMES_ANSWER)}"}
+    kwargs = dict(tools=TOOLS, tool_choice="auto", extra_body=grammar)
+    choice = chat(client, **kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_time"
+    assert json.loads(call.function.arguments) == {"zone": "CET"}
+
+    content = ""
+    for chunk in chat(client, stream=True, **kwargs):
+        content += chunk.choices[0].delta.content or ""
+    assert content == "Let me check."
+    calls, finishes = _streamed_calls(client, **kwargs)
+    assert finishes == ["tool_calls"]
+    assert calls == {0: {"name": "get_time", "arguments": call.function.arguments}}
+
+    plain = chat(client, tools=TOOLS, extra_body={"guided_choice": ["No call needed."]})
+    assert plain.choices[0].message.content == "No call needed."
+    assert plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].finish_reason == "stop"
+
+
+def test_sdk_parse_with_a_strict_pydantic_tool(client):
+    out = client.chat.completions.parse(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=[openai.pydantic_function_tool(Pet)],
+        tool_choice={"type": "function", "function": {"name": "Pet"}},
+        max_tokens=100,
+    )
+    call = out.choices[0].message.tool_calls[0]
+    assert isinstance(call.function.parsed_arguments, Pet)
+
+
+def test_completions_take_vllm_fields(client):
+    def complete(**extra):
+        out = client.completions.create(
+            model=MODEL, prompt="Numbers like", max_tokens=400, seed=3, extra_body=extra
+        )
+        assert out.choices[0].finish_reason == "stop"
+        return out.choices[0]
+
+    choice = complete(guided_json=WEATHER)
+    jsonschema.validate(json.loads(choice.text), WEATHER)
+    assert complete(guided_choice=["alpha", "beta"]).text in ("alpha", "beta")
+    assert re.fullmatch(r"\d{3}-[a-z]{2}", complete(guided_regex=r"\d{3}-[a-z]{2}").text)
+    so = complete(structured_outputs={"json": ORDER})
+    jsonschema.validate(json.loads(so.text), ORDER)
+    grammar = complete(structured_outputs={"grammar": 'root ::= "a" | "bb"'})
+    assert grammar.text in ("a", "bb")
+
+
+BAD = [
+    (
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+        "nope",
+    ),
+    ({"tool_choice": "required"}, "tool_choice", "only allowed when tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "function"),
+    (
+        {"tools": [{"type": "function", "function": {"description": "x"}}]},
+        "tools.0.function.name",
+        "",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name", ""),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+        "tools.0.function.parameters",
+        "",
+    ),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "not": {}}},
+                }
+            ]
+        },
+        "tools.0.function.parameters",
+        "'not'",
+    ),
+    ({"tools": "get_weather"}, "tools", ""),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", ""),
+    ({"response_format": {"type": "xml"}}, "response_format.type", ""),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ""),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": ORDER}}},
+        "response_format.json_schema.name",
+        "",
+    ),
+    (
+        {"response_format": response_format({"type": "array", "uniqueItems": True})},
+        "response_format.json_schema.schema",
+        "'uniqueItems'",
+    ),
+    (
+        {"response_format": response_format({"type": "object", "allOf": [{}]})},
+        "response_format.json_schema.schema",
+        "'allOf'",
+    ),
+    ({"guided_regex": "(?<=a)b"}, "guided_regex", "Lookbehind"),
+    ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
+    ({"guided_grammar": "root ::= nothing"}, "guided_grammar", "not defined"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ({"guided_json": {"type": "foo"}}, "guided_json", "foo"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), BAD)
+def test_bad_input_is_an_openai_400(server, extra, param, words):
+    for stream in (False, True):
+        body = {"model": MODEL, "messages": MESSAGES, "stream": stream, **extra}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == param
+        assert words in error["message"]
+
+
+class GetWeather(BaseModel):
+    """Weather in a city."""
+
+    city: str = Field(max_length=10)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_langchain_bind_tools_and_structured_output(server):
+    llm = ChatOpenAI(
+        model=MODEL, base_url=f"{server.url}/v1", api_key="none", max_tokens=200, temperature=0
+    )
+    message = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("Weather in Paris?")
+    assert message.tool_calls, message
+    assert message.tool_calls[0]["name"] == "GetWeather"
+    GetWeather(**message.tool_calls[0]["args"])
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+    pet = llm.with_structured_output(Pet).invoke("Describe a pet")
+    assert isinstance(pet, Pet)
+    by_tool = llm.with_structured_output(Pet, method="function_calling").invoke("A pet")
+    assert isinstance(by_tool, Pet)
+
+
+def test_catalog_capabilities_refuse_tools_and_json(tiny_models, tmp_path):
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        f"models:\n  - id: plain\n    kind: chat\n    source: {tiny_models['qwen2']}\n"
+        "    max_model_len: 256\n"
+    )
+    srv = Server(["--catalog", str(catalog)]).wait_ready()
+    try:
+        base = {"model": "plain", "messages": MESSAGES, "max_tokens": 5}
+        for extra, param in [
+            ({"tools": TOOLS}, "tools"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+        ]:
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json={**base, **extra}, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "does not support" in r.json()["error"]["message"]
+        # tool_choice none only shows the tools: allowed
+        ok = {**base, "tools": TOOLS, "tool_choice": "none"}
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json=ok, timeout=30).status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()

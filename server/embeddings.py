@@ -22,47 +22,23 @@ from pagoda.server.embedding_client import EmbeddingClient, Embeddings
 from pagoda.server.embedding_metrics import EmbeddingMetrics
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
+from pagoda.server.protocol import check_prompt_shape
 from pagoda.server.worker_client import RequestRejected
 
 logger = logging.getLogger(__name__)
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_token_ids(ids: list, where: str) -> None:
-    if not ids:
-        raise ValueError(f"{where} must not be an empty list of token ids")
-    if not all(_is_token_id(t) for t in ids):
-        raise ValueError(f"{where}: token ids must be non-negative integers")
-
-
 def _check_input(value: Any) -> Any:
-    if isinstance(value, str):
-        if not value:
-            raise ValueError("must not be an empty string")
-        return value
-    if not isinstance(value, list):
-        raise ValueError(
-            "must be a string, a list of strings, a list of token ids or a list of such lists"
-        )
-    if not value:
-        raise ValueError("must not be an empty list")
-    if len(value) > MAX_INPUTS:
+    check_prompt_shape(value, name="input")
+    if value == "":
+        raise ValueError("must not be an empty string")
+    if isinstance(value, list) and len(value) > MAX_INPUTS:
         raise ValueError(f"at most {MAX_INPUTS} inputs are allowed per request, got {len(value)}")
-    if all(isinstance(item, str) for item in value):
+    if isinstance(value, list) and isinstance(value[0], str):
         empty = next((i for i, item in enumerate(value) if not item), None)
         if empty is not None:
             raise ValueError(f"input {empty} is an empty string")
-    elif all(isinstance(item, list) for item in value):
-        for index, item in enumerate(value):
-            _check_token_ids(item, f"input {index}")
-    elif any(isinstance(item, (str, list)) for item in value):
-        raise ValueError("must not mix strings, token ids and lists of token ids")
-    else:
-        _check_token_ids(value, "input")
     return value
 
 

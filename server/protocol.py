@@ -398,14 +398,16 @@ def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
 # (Legacy) completions
 
 
-def _check_token_ids(value: Any) -> None:
+def _check_token_ids(value: Any, where: str) -> None:
     if not isinstance(value, list) or not value:
-        raise ValueError("a token-id list must not be empty")
+        raise ValueError(f"{where} must not be an empty list of token ids")
     if not all(_is_token_id(token) for token in value):
-        raise ValueError("token ids must be non-negative integers")
+        raise ValueError(f"{where}: token ids must be non-negative integers")
 
 
-def _check_prompt(value: Any) -> Any:
+def check_prompt_shape(value: Any, name: str = "prompt") -> Any:
+    """A string, a list of strings, a list of token ids or a list of token-id lists (the
+    shapes /v1/completions' `prompt` and /v1/embeddings' `input` take), else ValueError."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -416,13 +418,13 @@ def _check_prompt(value: Any) -> Any:
         raise ValueError("must not be an empty list")
     if all(isinstance(item, str) for item in value):
         return value
-    if any(isinstance(item, str) for item in value):
-        raise ValueError("must not mix strings with other values")
     if all(isinstance(item, list) for item in value):
-        for item in value:
-            _check_token_ids(item)
+        for index, item in enumerate(value):
+            _check_token_ids(item, f"{name} {index}")
+    elif any(isinstance(item, (str, list)) for item in value):
+        raise ValueError("must not mix strings, token ids and lists of token ids")
     else:
-        _check_token_ids(value)
+        _check_token_ids(value, name)
     return value
 
 
@@ -438,7 +440,7 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, value: Any) -> Any:
-        return _check_prompt(value)
+        return check_prompt_shape(value)
 
     @model_validator(mode="after")
     def _completion_rules(self) -> CompletionRequest:

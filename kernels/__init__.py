@@ -74,6 +74,7 @@ def select(
         activation_triton,
         attention_flash,
         attention_triton,
+        moe_triton,
         norm_triton,
         rotary_triton,
         triton_compile_log,
@@ -88,7 +89,7 @@ def select(
         activation_triton.silu_and_mul,
         attention_triton.write_kv_cache,
         attention_flash.paged_attention if flash else attention_triton.paged_attention,
-        moe.fused_moe,
+        moe_triton.fused_moe,
     )
 
 

@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py before triton is imported), and the ahead-of-time test still compiles every kernel
-variant to sm_80/sm_90 cubins with the ptxas bundled in the triton wheel.
+variant to sm_80/sm_90 cubins with the ptxas bundled in the triton wheel (the fused MoE
+layer's grouped GEMM too; its numerics are in test_moe_triton.py).
 """
 
 import json  # noqa: E402
@@ -21,6 +22,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from pagoda.kernels import (  # noqa: E402
     activation,
     activation_triton,
+    attention_triton,
+    moe_triton,
     norm,
     norm_triton,
     rotary,
@@ -169,7 +172,7 @@ _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 
 def _variant(name: str, dtype: torch.dtype):
-    """(kernel, signature, constexprs, attrs, num_warps) as the wrappers launch the kernel for a
+    """(kernel, signature, constexprs, attrs, options) as the wrappers launch the kernel for a
     realistic shape (hidden 4096; 32 q + 8 kv heads of 128 in a fused qkv; intermediate
     14336), specialized as the JIT does: pointers and ints divisible by 16 are marked so (torch
     allocations are 16-byte aligned), ints equal to 1 become constants."""
@@ -187,6 +190,8 @@ def _variant(name: str, dtype: torch.dtype):
         scalars = {"n_heads": 40, "x_stride_t": 48 * 128, "x_stride_h": 128}
         scalars |= {"cos_stride_t": 128, "sin_stride_t": 128, "half_dim": 64}
         constexprs = {"BLOCK_H": block_h, "BLOCK_D": block_d}
+    elif name.startswith("moe"):
+        return _moe_variant(name, dtype)
     else:
         block, num_warps = activation_triton.silu_and_mul_launch_config(14336)
         kernel = activation_triton._silu_and_mul_kernel
@@ -209,11 +214,41 @@ def _variant(name: str, dtype: torch.dtype):
                 aligned.append(arg)
     signature |= dict.fromkeys(constexprs, "constexpr")
     attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
-    return fn, signature, constexprs, attrs, num_warps
+    return fn, signature, constexprs, attrs, {"num_warps": num_warps}
+
+
+def _moe_variant(name: str, dtype: torch.dtype):
+    """The grouped GEMM as `moe_triton.fused_moe` launches it at Qwen3-30B-A3B's shape (hidden
+    2048, expert intermediate 768, 128 experts, top-8): gate/up or down, for a decode batch
+    (16-row tiles) or a prefill chunk (64-row tiles)."""
+    gemm = "gate_up" if "gate_up" in name else "down"
+    step = name.rsplit("_", 1)[1]
+    pairs = 8 if step == "decode" else 8 * 2048
+    config = moe_triton.moe_launch_config(pairs, 128)
+    num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+    n, k = (2 * 768, 2048) if gemm == "gate_up" else (2048, 768)
+    fn = moe_triton._grouped_gemm_kernel
+    assert isinstance(fn, JITFunction), "compile with TRITON_INTERPRET unset"
+    types = {"a_ptr": f"*{_TL_DTYPE[dtype]}", "b_ptr": f"*{_TL_DTYPE[dtype]}"}
+    types |= {"c_ptr": f"*{_TL_DTYPE[dtype]}", "weights_ptr": "*fp32"}
+    types |= {"sorted_pairs_ptr": "*i32", "tile_experts_ptr": "*i32"}
+    scalars = {"N": n, "K": k, "num_pairs": pairs, "stride_am": k, "stride_be": n * k}
+    scalars |= {"stride_bn": k, "stride_cm": n}
+    constexprs = config | {
+        "A_ROWS_PER_PAIR": 8 if gemm == "gate_up" else 1,
+        "MUL_WEIGHT": gemm == "down",
+        "COMPUTE_DTYPE": attention_triton._compute_dtype(dtype, True),
+    }
+    assert {*types, *scalars, *constexprs} == set(fn.arg_names)
+    signature = types | dict.fromkeys(scalars, "i32") | dict.fromkeys(constexprs, "constexpr")
+    aligned = [*types, *(a for a, v in scalars.items() if v % 16 == 0)]
+    attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
+    return fn, signature, constexprs, attrs, {"num_warps": num_warps, "num_stages": num_stages}
 
 
 CAPS = [80, 90]
-AOT_KERNELS = ["rms_norm", "rms_norm_residual", "rotary", "silu_and_mul"]
+MOE_KERNELS = ["moe_gate_up_decode", "moe_down_decode", "moe_gate_up_prefill", "moe_down_prefill"]
+AOT_KERNELS = ["rms_norm", "rms_norm_residual", "rotary", "silu_and_mul", *MOE_KERNELS]
 
 
 def compile_all() -> dict[str, str]:
@@ -222,17 +257,22 @@ def compile_all() -> dict[str, str]:
     results = {}
     for name in AOT_KERNELS:
         for dtype in DTYPES:
-            fn, signature, constexprs, attrs, num_warps = _variant(name, dtype)
+            fn, signature, constexprs, attrs, options = _variant(name, dtype)
             for cap in CAPS:
                 key = f"{name}-{_TL_DTYPE[dtype]}-sm_{cap}"
                 try:
                     compiled = triton.compile(
                         ASTSource(fn, signature, constexprs, attrs),
                         target=GPUTarget("cuda", cap, 32),
-                        options={"num_warps": num_warps},
+                        options=options,
                     )
                     assert compiled.asm["cubin"], "empty cubin"
                     assert f".target sm_{cap}" in compiled.asm["ptx"], "wrong ptx target"
+                    if name.startswith("moe") and dtype != torch.float32:
+                        # 16-bit operands must reach the tensor cores, not FMA loops
+                        assert "mma" in compiled.asm["ptx"], "no tensor-core MMA in the PTX"
+                    # fits the smallest shared memory of sm_8x cards (99 KiB on sm_86/89)
+                    assert compiled.metadata.shared <= 99 << 10, "too much shared memory"
                     results[key] = "ok"
                 except Exception as e:  # reported per variant by the test below
                     results[key] = f"{type(e).__name__}: {e}"

@@ -86,7 +86,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
     device = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest id back to size its output (a host sync)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded_counts = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded_counts.cumsum(0)
     order = flat.argsort(stable=True)

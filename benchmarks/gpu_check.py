@@ -28,6 +28,15 @@ Parts (all by default, in this order; `--parts` picks some):
 * `throughput`: 256 sequences, input and output lengths uniform in [100, 1024] (seeded),
   ignore_eos, one `LLM.generate`; output tok/s, and the ratio to transformers (also pagoda on
   transformers' subset alone).
+* `moe_layer`: the fused MoE layer at Qwen3-30B-A3B's shape (hidden 2048, 128 experts of
+  intermediate 768, top-8; random weights and routing), `kernels.moe_triton.fused_moe` against
+  the torch reference `kernels.moe.fused_moe` on the same inputs, at 1/8/64/512/4096 tokens:
+  max error over the reference's largest value, median ms of each, and the Triton layer's
+  expert-weight GB/s (bytes of the experts the batch routes to, read once).
+* `moe_decode`: batch-1 decode tok/s of Qwen3-30B-A3B (all 48 layers, `load_format="dummy"`)
+  as `decode` times it, against the roofline of the weights a token streams (attention, router
+  and embeddings-out in full, the 8 routed experts of 128 per layer). Runs after the dense
+  model is freed: it needs about 61 GB.
 
 `--smoke` runs every part at tiny shapes on CPU (torch kernels for the engine, the Triton
 kernel under TRITON_INTERPRET=1) so the script can be checked without a GPU; its figures mean
@@ -71,7 +80,9 @@ from pagoda.kernels import attention as torch_attention  # noqa: E402
 from pagoda.kernels.attention import AttentionMetadata  # noqa: E402
 
 PARTS = ("copy", "paged", "attention", "hf", "kv_blocks", "decode", "ttft", "throughput")
+PARTS += ("moe_layer", "moe_decode")
 MAX_REL_ERR = 2e-2  # paged decode vs the fp32 reference; bf16 output rounding alone is ~3e-3
+MOE_MAX_ERR = 3e-2  # fused MoE vs the bf16 reference, over its largest value (tests: 3e-2)
 TOKEN_ID_MARGIN = 100  # random prompt ids keep clear of special tokens at both vocab ends
 GIB = 1 << 30
 
@@ -112,6 +123,48 @@ LLAMA_8B = {
     },
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
+}
+
+# Qwen/Qwen3-30B-A3B-Instruct-2507's config.json (the fields the engine reads)
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0},
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+TINY_QWEN3_MOE = {
+    **QWEN3_30B_A3B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 16384,
+    "torch_dtype": "float32",
 }
 
 TINY_LLAMA = {
@@ -155,6 +208,8 @@ class Plan:
     ttft_background: int
     ttft_background_prompt_len: int
     ttft_trials: int
+    moe_model_config: dict
+    moe_tokens: tuple[int, ...]  # batch sizes of the MoE layer comparison
 
 
 GPU_PLAN = Plan(
@@ -181,6 +236,8 @@ GPU_PLAN = Plan(
     ttft_background=31,
     ttft_background_prompt_len=256,
     ttft_trials=5,
+    moe_model_config=QWEN3_30B_A3B,
+    moe_tokens=(1, 8, 64, 512, 4096),
 )
 
 SMOKE_PLAN = replace(
@@ -206,6 +263,8 @@ SMOKE_PLAN = replace(
     ttft_background=3,
     ttft_background_prompt_len=16,
     ttft_trials=2,
+    moe_model_config=TINY_QWEN3_MOE,
+    moe_tokens=(1, 5, 40),
 )
 
 
@@ -632,10 +691,9 @@ def measure_attention(plan: Plan, device: torch.device) -> dict:
 # -- the model, the workload, and transformers ------------------------------------------------
 
 
-def write_model_folder(plan: Plan, root: Path) -> Path:
-    folder = root / "llama"
+def write_model_folder(config: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(plan.model_config, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
@@ -716,13 +774,14 @@ def measure_hf(plan: Plan, device: torch.device, folder: Path, work: Workload) -
 # -- the engine -------------------------------------------------------------------------------
 
 
-def make_llm(plan: Plan, folder: Path) -> LLM:
+def make_llm(plan: Plan, folder: Path, max_num_seqs: int = 256) -> LLM:
     return LLM(
         str(folder),
         dtype=plan.dtype,
         device=plan.device,
         load_format="dummy",
         max_model_len=plan.max_model_len,
+        max_num_seqs=max_num_seqs,
         kernel_backend=plan.kernel_backend,
         skip_tokenizer_init=True,
     )
@@ -793,14 +852,18 @@ def warm_up(llm: LLM, vocab: int) -> None:
     llm.generate(prompts, [greedy(n) for n in (8, 3, 12, 1)])
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step streams: all parameters except the input embedding, of
-    which a step reads only its tokens' rows."""
-    return sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if "embed_tokens" not in name
-    )
+def weight_bytes_per_token(model: torch.nn.Module, config: dict) -> int:
+    """Bytes of weights a one-token decode step streams: all parameters except the input
+    embedding, of which a step reads only its tokens' rows; of a MoE layer's stacked experts
+    (w13, w2) only the share of the top-k routed ones."""
+    experts = config.get("num_experts") or config.get("num_local_experts") or 1
+    routed = config.get("num_experts_per_tok", 1) / experts
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" not in name:
+            share = routed if name.endswith((".w13", ".w2")) else 1.0
+            total += p.numel() * p.element_size() * share
+    return int(total)
 
 
 def measure_decode(llm: LLM, plan: Plan, copy_gbps: float | None, vocab: int) -> dict:
@@ -815,7 +878,7 @@ def measure_decode(llm: LLM, plan: Plan, copy_gbps: float | None, vocab: int) ->
         step_ms.append((time.perf_counter() - t0) * 1e3)
     tok_per_s = len(step_ms) / (sum(step_ms) / 1e3)
     cfg = plan.model_config
-    weights = weight_bytes_per_token(engine.runner.model)
+    weights = weight_bytes_per_token(engine.runner.model, cfg)
     mean_ctx = plan.decode_prompt_len + plan.decode_new_tokens / 2
     kv_per_token = 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * plan.dtype.itemsize
     kv = int(mean_ctx * kv_per_token * cfg["num_hidden_layers"])
@@ -902,6 +965,80 @@ def measure_ttft(llm: LLM, plan: Plan, vocab: int) -> dict:
         "trials": trials,
         "timing": "host clock from add_request until a step's deltas carry the new request",
     }
+
+
+# -- mixture of experts -----------------------------------------------------------------------
+
+
+def measure_moe_layer(plan: Plan, device: torch.device) -> dict:
+    from pagoda.kernels import moe, moe_triton  # imported late: needs triton
+
+    cfg = plan.moe_model_config
+    hidden, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    experts, top_k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    # std 0.02 keeps both projections' outputs near unit scale at hidden 2048
+    w13 = torch.empty(experts, 2 * inter, hidden, dtype=plan.dtype, device=device).normal_(0, 0.02)
+    w2 = torch.empty(experts, hidden, inter, dtype=plan.dtype, device=device).normal_(0, 0.02)
+    expert_bytes = 3 * hidden * inter * plan.dtype.itemsize
+    rows = []
+    for tokens in plan.moe_tokens:
+        x = torch.randn(tokens, hidden, dtype=plan.dtype, device=device)
+        logits = torch.randn(tokens, experts, device=device)
+        weights, ids = moe.select_experts(logits, top_k, cfg["norm_topk_prob"])
+        args = (x, w13, w2, weights, ids)
+        got, want = moe_triton.fused_moe(*args), moe.fused_moe(*args)
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        triton_ms = statistics.median(
+            time_ms(lambda args=args: moe_triton.fused_moe(*args), device, plan.warmup, plan.reps)
+        )
+        torch_ms = statistics.median(
+            time_ms(lambda args=args: moe.fused_moe(*args), device, plan.warmup, plan.reps)
+        )
+        routed = ids.unique().numel()
+        row = {
+            "tokens": tokens,
+            "experts_routed": routed,
+            "max_err_over_max_ref": err,
+            "triton_ms": triton_ms,
+            "torch_ms": torch_ms,
+            "speedup": torch_ms / triton_ms,
+            "expert_gbps": routed * expert_bytes / triton_ms / 1e6,
+        }
+        print(f"  moe {tokens} tokens: {fmt_moe(row)}", flush=True)
+        rows.append(row)
+    return {
+        "shape": {"hidden": hidden, "moe_intermediate": inter, "experts": experts}
+        | {"top_k": top_k, "dtype": str(plan.dtype)},
+        "rows": rows,
+        "error": "max |triton - torch reference| over max |torch reference|, same bf16 inputs",
+        "bytes_counted": "3 x hidden x intermediate x itemsize per routed expert (w13 + w2)",
+        "timing": "median of eager calls (CUDA events on a GPU)",
+    }
+
+
+def fmt_moe(row: dict) -> str:
+    err = row["max_err_over_max_ref"]
+    wrong = "" if err < MOE_MAX_ERR else " WRONG"  # NaN too
+    return (
+        f"triton {row['triton_ms'] * 1e3:.0f} us, torch {row['torch_ms'] * 1e3:.0f} us "
+        f"({row['speedup']:.1f}x), {row['expert_gbps']:.0f} GB/s, err {err:.1e}{wrong}"
+    )
+
+
+def measure_moe_decode(plan: Plan, root: Path, copy_gbps: float | None) -> dict:
+    moe_plan = replace(plan, model_config=plan.moe_model_config)
+    folder = write_model_folder(moe_plan.model_config, root / "qwen3_moe")
+    vocab = moe_plan.model_config["vocab_size"]
+    llm = make_llm(moe_plan, folder, max_num_seqs=8)  # few decode graphs to capture
+    try:
+        warm_up(llm, vocab)
+        result = measure_decode(llm, moe_plan, copy_gbps, vocab)
+    finally:
+        del llm
+        free_memory(torch.device(plan.device))
+    cfg = moe_plan.model_config
+    name = f"MoE {cfg['num_hidden_layers']} layers x {cfg['num_experts']} experts"
+    return result | {"model": name}
 
 
 # -- running the parts and the table ---------------------------------------------------------
@@ -1069,6 +1206,16 @@ def table_rows(report: Report) -> list[tuple[str, str, str, str]]:
                 ratio, TARGETS["throughput_ratio"], True, smoke
             )
             rows.append(("pagoda / transformers", value, target))
+    moe_shape = r.get("moe_layer", {}).get("shape", {})
+    for row in r.get("moe_layer", {}).get("rows", []):
+        name = f"fused MoE {row['tokens']} tokens, {moe_shape['experts']} experts"
+        rows.append((name, fmt_moe(row)))
+    if "moe_decode" in r:
+        d = r["moe_decode"]
+        value = f"{d['tok_per_s']:.1f} tok/s"
+        if d["roofline_fraction"] is not None:
+            value += f" = {d['roofline_fraction']:.0%} of {d['roofline_tok_per_s']:.0f}"
+        rows.append((f"batch-1 decode {d['model']}", value))
     if "ttft" in r:
         t = r["ttft"]
         name = f"TTFT {t['prompt_len']}-token prompt, {t['decoding_alongside']} decoding"
@@ -1162,7 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in parts:
         run_part(report, "attention", lambda: measure_attention(plan, device))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        folder = write_model_folder(plan, Path(tmp))
+        folder = write_model_folder(plan.model_config, Path(tmp) / "llama")
         if "hf" in parts:
             run_part(report, "hf", lambda: measure_hf(plan, device, folder, work))
         engine_parts = parts & {"kv_blocks", "decode", "throughput", "ttft"}
@@ -1173,6 +1320,12 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 report.errors["engine"] = f"{type(err).__name__}: {err}"
                 report.save()
+        free_memory(device)  # the dense engine's memory, before the MoE model's 61 GB
+        if "moe_layer" in parts:
+            run_part(report, "moe_layer", lambda: measure_moe_layer(plan, device))
+        if "moe_decode" in parts:
+            copy_gbps = report.results.get("copy", {}).get("gbps_read_plus_write")
+            run_part(report, "moe_decode", lambda: measure_moe_decode(plan, Path(tmp), copy_gbps))
     print_table(report)
     return 1 if report.errors else 0
 

@@ -4,7 +4,8 @@
 # CUDA graphs and mixed steps (decode at 4k context launched for max_model_len 32k; 256
 # decodes beside an 8k chunk), KV blocks after profiling against the memory left after
 # loading and the load's peak memory, batch-1 decode, offline throughput against
-# transformers, TTFT under load). Logs and results go to
+# transformers, TTFT under load; then the fused MoE layer against its torch reference and the
+# batch-1 decode of a Qwen3-30B-A3B-shaped model, dummy weights, ~61 GB). Logs and results go to
 # "${OUT:-benchmarks/results}"; the last lines printed are the table of figures and targets.
 #
 # What the GPU machine lacks. It has torch 2.11.0+cu130, triton 3.6.0, transformers 5.x,
@@ -28,7 +29,8 @@
 #
 # Knobs (environment): PYTHON (python3), WHEELS_DIR (wheels), GPU_CHECK_BUDGET_S (465: the whole
 # script's wall-clock budget; each stage's timeout comes out of what is left),
-# GPU_CHECK_ARGS (extra gpu_check.py arguments, e.g. "--smoke" or "--parts copy,paged"),
+# GPU_CHECK_ARGS (extra gpu_check.py arguments, e.g. "--smoke" or "--parts copy,paged"; the
+# MoE shape alone: "--parts copy,moe_layer,moe_decode", copy giving decode its roofline),
 # GPU_CHECK_PYTEST_ARGS (extra pytest arguments), GPU_CHECK_INSTALL=0 (skip installing: for a
 # dev machine whose venv already has everything).
 #
@@ -105,7 +107,8 @@ fi
 
 # -- 2. kernel tests on the GPU ---------------------------------------------------------------
 tests=()
-for f in tests/test_attention_triton.py tests/test_elementwise_triton.py tests/test_cuda_path.py; do
+for f in tests/test_attention_triton.py tests/test_elementwise_triton.py tests/test_cuda_path.py \
+    tests/test_moe_triton.py; do
     if [[ -f "$f" ]]; then tests+=("$f"); else log "missing $f: skipped"; fi
 done
 xdist=()

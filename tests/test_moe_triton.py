@@ -8,6 +8,11 @@ outputs to the activation dtype at different points (the reference sums a token'
 bf16 via index_add, the kernel sums k rounded rows), and the interpreter truncates bf16 stores.
 """
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,9 +112,30 @@ def test_model_on_triton_matches_torch(tmp_path):
             load_format="dummy",
             skip_tokenizer_init=True,
             kernel_backend=backend,
+            # the reference reads its expert counts back to the host: no CUDA graph for it
+            enforce_eager=backend == "torch",
         )
         fused = llm.engine.runner.model.layers[0].mlp.ops.fused_moe
         assert fused is (moe_triton.fused_moe if backend == "triton" else moe.fused_moe)
         outs[backend] = [o.outputs[0] for o in llm.generate(prompts, params)]
     for ref, got in zip(outs["torch"], outs["triton"]):
         assert got.token_ids == ref.token_ids
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gpu_check.sh runs the real shapes there")
+def test_gpu_check_moe_parts_smoke(tmp_path):
+    """benchmarks/gpu_check.py's MoE parts at tiny shapes on CPU: they run, and the layer's
+    error check sees the Triton layer agree with the reference."""
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.py"
+    args = ["--smoke", "--parts", "moe_layer,moe_decode", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(script), *args], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["errors"] == {}
+    rows = report["results"]["moe_layer"]["rows"]
+    assert [r["tokens"] for r in rows] == [1, 5, 40]
+    assert all(r["max_err_over_max_ref"] < 1e-5 for r in rows)  # fp32 in the smoke plan
+    assert report["results"]["moe_decode"]["decode_steps_timed"] > 0

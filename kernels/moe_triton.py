@@ -83,7 +83,7 @@ class Alignment:
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Sort the (token, choice) pairs by expert, each expert's segment padded to block_m rows.
     The padded length is the bound T * k + E * (block_m - 1) rounded up to block_m."""
-    flat = topk_ids.flatten()
+    flat = topk_ids.flatten().long()
     num_pairs = flat.numel()
     device = flat.device
     # not bincount: on CUDA it reads the largest id back to size its output (a host sync)
@@ -99,7 +99,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     bound = num_pairs + num_experts * (block_m - 1)
     tiles = triton.cdiv(bound, block_m)
     sorted_pairs = torch.full((tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pairs[places] = order.to(torch.int32)
+    sorted_pairs.scatter_(0, places, order.to(torch.int32))
     tile_starts = torch.arange(tiles, device=device) * block_m
     tile_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
     tile_experts = torch.where(tile_experts < num_experts, tile_experts, -1).to(torch.int32)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.kernels import moe, moe_triton
@@ -137,3 +138,33 @@ def test_gpu_check_moe_parts_smoke(tmp_path):
     assert [r["tokens"] for r in rows] == [1, 5, 40]
     assert all(r["max_err_over_max_ref"] < 1e-5 for r in rows)  # fp32 in the smoke plan
     assert report["results"]["moe_decode"]["decode_steps_timed"] > 0
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Records the torch ops that read device data back to the host on CUDA (to size an
+    output or to answer Python), which a CUDA graph cannot capture."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique2", "equal"}
+    SYNCING |= {"unique_consecutive", "masked_select", "repeat_interleave", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.seen.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_align_reads_nothing_back_to_the_host():
+    """The sort/align step of the decode CUDA graphs: no op whose output size or result
+    depends on the device's data (the reference, which loops over experts on the host, has)."""
+    x, w13, w2, weights, ids = _inputs(16, 4, 9, torch.float32, 3)
+    with _SyncingOps() as spy:
+        moe_triton.align(ids, 16, 16)
+    assert spy.seen == set()
+    with _SyncingOps() as spy:
+        moe.fused_moe(x, w13, w2, weights, ids)
+    assert spy.seen  # the spy sees a host read where there is one

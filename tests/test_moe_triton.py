@@ -83,25 +83,28 @@ def test_align_groups_pairs_by_expert(block_m):
     assert tile_experts[len(used) :].eq(-1).all()
 
 
-def test_model_on_triton_matches_torch(tmp_path):
-    """Qwen3-MoE from dummy weights: the Triton kernel set (the one CUDA gets) generates what
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_model_on_triton_matches_torch(tmp_path, arch):
+    """A MoE model from dummy weights: the Triton kernel set (the one CUDA gets) generates what
     the torch reference set does."""
     import transformers
 
-    config = transformers.Qwen3MoeConfig(
+    sizes = dict(
         vocab_size=256,
         hidden_size=64,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_experts=8,
+        intermediate_size=32,
         num_experts_per_tok=2,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=256,
-        architectures=["Qwen3MoeForCausalLM"],
+        architectures=[arch],
     )
+    if arch == "MixtralForCausalLM":
+        config = transformers.MixtralConfig(num_local_experts=8, **sizes)
+    else:
+        config = transformers.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=32, **sizes)
     config.save_pretrained(tmp_path)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [40, 41]}]
     params = SamplingParams(temperature=0, max_tokens=6, min_tokens=6, logprobs=1)

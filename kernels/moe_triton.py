@@ -77,7 +77,6 @@ def _grouped_gemm_kernel(
 class Alignment:
     sorted_pairs: torch.Tensor  # [padded] int32, pair ids by expert; num_pairs in padding
     tile_experts: torch.Tensor  # [padded // block_m] int32, -1 for unused tiles
-    block_m: int
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -103,7 +102,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     tile_starts = torch.arange(tiles, device=device) * block_m
     tile_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
     tile_experts = torch.where(tile_experts < num_experts, tile_experts, -1).to(torch.int32)
-    return Alignment(sorted_pairs, tile_experts, block_m)
+    return Alignment(sorted_pairs, tile_experts)
 
 
 def moe_launch_config(num_pairs: int, num_experts: int) -> dict:
@@ -123,7 +122,7 @@ def grouped_gemm(
     config: dict,
 ) -> torch.Tensor:
     """out[p] = a[p // a_rows_per_pair] @ b[expert of p]^T (times weights[p] when given)."""
-    num_experts, n, k = b.shape
+    _, n, k = b.shape
     tiles = alignment.tile_experts.numel()
     grid = (tiles, triton.cdiv(n, config["BLOCK_N"]))
     _grouped_gemm_kernel[grid](

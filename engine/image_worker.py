@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 from PIL.Image import Image
 
 from pagoda.engine.cpu_threads import governor_for
@@ -89,10 +90,12 @@ class RunningBatch:
 class ImageWorker:
     def __init__(self, config: ImageModelConfig) -> None:
         start = time.monotonic()
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.pipeline = ImagePipeline(config)
         self.max_batch_size = config.max_batch_size
         self.load_seconds = time.monotonic() - start
-        self.governor = governor_for(self.pipeline.device, None)
+        self.governor = governor_for(self.pipeline.device, config.cpu_threads)
         self.waiting: deque[PendingImage] = deque()
         self.running: RunningBatch | None = None
         self.last_batch_size = 0  # images in the last batch that ran
@@ -193,6 +196,10 @@ class ImageWorker:
         return batch
 
     def _run(self, shape: BatchShape, batch: RunningBatch) -> list[bytes]:
+        # torch's thread count belongs to the thread that sets it: the governor ticks in the
+        # loop's thread, the pipeline runs in this one
+        if self.governor is not None and torch.get_num_threads() != self.governor.threads:
+            torch.set_num_threads(self.governor.threads)
         jobs = [image.job for image in batch.images]
         start = time.monotonic()
         pictures = self.pipeline.run(shape, jobs, stop=batch.all_aborted)

@@ -37,6 +37,8 @@ class ImageModelConfig:
     vae_tiling: bool = False  # decode large images tile by tile
     max_batch_size: int = 4  # images per pipeline call
     max_sequence_length: int | None = None  # FLUX's T5 prompt tokens (default: 512)
+    # CPU threads; None: torch's default, fewer while other processes keep cores busy
+    cpu_threads: int | None = None
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -7,6 +7,13 @@ of all waiting requests with the same size, steps and guidance run as one pipeli
 at most max_batch_size). The call runs in a thread, so that the loop keeps reading its inbox:
 an abort between two denoising steps interrupts a batch whose requests are all gone, and drops
 an aborted request's images that have not started.
+
+Clients that send their next request once they have their images come back a few milliseconds
+after their batch ends, one by one. Started at once, the next batch would take whoever is back
+(often one image) and leave the others to wait for it, so that batches alternate between
+partial sizes. So when fewer images wait than the last batch had, a batch waits a little
+(GATHER_MAX_S, and at most GATHER_SHARE of the last batch's time) for them; when as many wait,
+or the last batch had one image (a single client), it starts at once.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 from PIL.Image import Image
 
 from pagoda.engine.cpu_threads import governor_for
@@ -29,6 +37,9 @@ from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
 WAIT_S = 0.05  # how long a step waits on a running batch before the loop reads its inbox
+GATHER_MAX_S = 0.02  # the longest a batch waits for the last batch's clients to come back
+GATHER_SHARE = 0.25  # ... and at most this share of the last batch's run time
+GATHER_POLL_S = 0.001  # a gathering step's sleep before the loop reads its inbox again
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -70,6 +81,7 @@ class RunningBatch:
     images: list[PendingImage]
     future: Future | None = None
     aborted: set[str] = field(default_factory=set)
+    seconds: float = 0.0  # the pipeline call's run time, once it has run
 
     def all_aborted(self) -> bool:
         return all(image.request_id in self.aborted for image in self.images)
@@ -78,12 +90,17 @@ class RunningBatch:
 class ImageWorker:
     def __init__(self, config: ImageModelConfig) -> None:
         start = time.monotonic()
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.pipeline = ImagePipeline(config)
         self.max_batch_size = config.max_batch_size
         self.load_seconds = time.monotonic() - start
-        self.governor = governor_for(self.pipeline.device, None)
+        self.governor = governor_for(self.pipeline.device, config.cpu_threads)
         self.waiting: deque[PendingImage] = deque()
         self.running: RunningBatch | None = None
+        self.last_batch_size = 0  # images in the last batch that ran
+        self.last_batch_seconds = 0.0
+        self.gather_deadline: float | None = None  # while waiting for the next batch to fill
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-images")
         self._rng = random.SystemRandom()
         logger.info(
@@ -122,10 +139,14 @@ class ImageWorker:
 
     def step(self) -> list[list]:
         if self.running is None:
+            if not self._gathered():
+                time.sleep(GATHER_POLL_S)
+                return []
             self.running = self._start_batch()
         batch = self.running
         if not wait([batch.future], timeout=WAIT_S).done:
             return []
+        self.last_batch_size, self.last_batch_seconds = len(batch.images), batch.seconds
         try:
             encoded = batch.future.result()
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
@@ -148,6 +169,19 @@ class ImageWorker:
         running = len(self.running.images) if self.running is not None else 0
         return {"running": running, "waiting": len(self.waiting)}
 
+    def _gathered(self) -> bool:
+        """Whether the next batch starts now (see the module's docstring)."""
+        if len(self.waiting) >= min(self.last_batch_size, self.max_batch_size):
+            self.gather_deadline = None
+            return True
+        now = time.monotonic()
+        if self.gather_deadline is None:
+            self.gather_deadline = now + min(GATHER_MAX_S, GATHER_SHARE * self.last_batch_seconds)
+        if now < self.gather_deadline:
+            return False
+        self.gather_deadline = None
+        return True
+
     def _start_batch(self) -> RunningBatch:
         shape = self.waiting[0].request.shape()
         images, rest = [], deque()
@@ -162,8 +196,14 @@ class ImageWorker:
         return batch
 
     def _run(self, shape: BatchShape, batch: RunningBatch) -> list[bytes]:
+        # torch's thread count belongs to the thread that sets it: the governor ticks in the
+        # loop's thread, the pipeline runs in this one
+        if self.governor is not None and torch.get_num_threads() != self.governor.threads:
+            torch.set_num_threads(self.governor.threads)
         jobs = [image.job for image in batch.images]
+        start = time.monotonic()
         pictures = self.pipeline.run(shape, jobs, stop=batch.all_aborted)
+        batch.seconds = time.monotonic() - start
         if batch.all_aborted():
             logger.info("interrupted a batch of %d images: its requests are gone", len(jobs))
             return []

@@ -9,8 +9,10 @@ msgpack-encoded lists whose first element names them:
                        ["shutdown"]
     worker -> server   ["ready", info]          once the model is loaded
                        ["failed", message]      the model could not be loaded
-                       ["outputs", [output, ...], stats]   after every step; each output is a
-                                                list whose first element is its request id
+                       ["outputs", [output, ...], stats]   after every step that has outputs
+                                                (and at least every STATS_INTERVAL_S while
+                                                busy); each output is a list whose first
+                                                element is its request id
                        ["rejected", request_id, message, code, param]  an add that failed
                                                 validation (code and param as in OpenAI's
                                                 error body, or None)
@@ -109,7 +111,12 @@ def _busy_loop(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
                 return
             timeout_ms = 0
         if worker.has_work():
-            outbox.send(pack(["outputs", worker.step(), worker.stats()]))
+            outputs = worker.step()
+            # a step without outputs (an image batch still running) says nothing: waking the
+            # server for it costs the batch CPU time
+            if outputs or time.monotonic() - last_stats >= STATS_INTERVAL_S:
+                outbox.send(pack(["outputs", outputs, worker.stats()]))
+                last_stats = time.monotonic()
             for request_id, message in worker.take_rejected():
                 outbox.send(pack(["rejected", request_id, message, None, None]))
         elif time.monotonic() - last_stats >= STATS_INTERVAL_S:

@@ -220,7 +220,7 @@ async def start_all(args: argparse.Namespace) -> dict[str, Served]:
     starts = [start_models(models_to_serve(args))]
     if not args.model:
         starts.append(start_embedding_models(load_catalog(args.catalog)))
-        starts.append(start_image_models(image_entries(args)))
+        starts.append(start_image_models(image_entries(args), args.cpu_threads))
     results = await asyncio.gather(*starts, return_exceptions=True)
     served = {name: m for r in results if isinstance(r, dict) for name, m in r.items()}
     failure = next((r for r in results if isinstance(r, BaseException)), None)

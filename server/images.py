@@ -86,7 +86,7 @@ class ServedImageModel:
         self.queued += n
 
 
-def image_model_config(entry: CatalogEntry) -> ImageModelConfig:
+def image_model_config(entry: CatalogEntry, cpu_threads: int | None = None) -> ImageModelConfig:
     settings = entry.image_settings()
     return ImageModelConfig(
         model=resolve_source(entry),
@@ -94,13 +94,17 @@ def image_model_config(entry: CatalogEntry) -> ImageModelConfig:
         vae_tiling=settings.vae_tiling,
         max_batch_size=settings.max_batch_size,
         max_sequence_length=settings.max_sequence_length,
+        cpu_threads=cpu_threads,
         **entry.engine_kwargs(),  # dtype and device
     )
 
 
-async def start_image_models(entries: list[CatalogEntry]) -> dict[str, ServedImageModel]:
-    """One worker process per image entry, loading at the same time."""
-    clients = [ImageClient(image_model_config(entry), entry.id) for entry in entries]
+async def start_image_models(
+    entries: list[CatalogEntry], cpu_threads: int | None = None
+) -> dict[str, ServedImageModel]:
+    """One worker process per image entry, loading at the same time (`cpu_threads`: serve's
+    --cpu-threads)."""
+    clients = [ImageClient(image_model_config(e, cpu_threads), e.id) for e in entries]
     try:
         await asyncio.gather(*(client.start() for client in clients))
     except BaseException:

@@ -21,6 +21,9 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from pagoda.engine import image_worker
+from pagoda.engine.image_pipeline import ImageModelConfig
+from pagoda.engine.image_worker import ImageWorker
 from tests.serving import Server
 from tests.tiny_flux import build_tiny_flux
 from tests.tiny_models import build_tiny_model
@@ -450,3 +453,50 @@ def test_public_url_names_the_proxy(catalog, tmp_path):
         assert httpx.get(f"{srv.url}/v1/images/files/{name}").status_code == 200
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+# -- the worker itself, in this process --------------------------------------------------------
+
+
+@pytest.fixture
+def worker(flux_dir) -> ImageWorker:
+    return ImageWorker(ImageModelConfig(str(flux_dir), device="cpu", dtype="float32"))
+
+
+def add(worker: ImageWorker, request_id: str, n: int, seed: int) -> None:
+    fields = {"prompt": "a red fox", "n": n, "height": 64, "width": 64, "steps": STEPS}
+    worker.add(request_id, {**fields, "guidance_scale": GUIDANCE, "seed": seed})
+
+
+def finish(worker: ImageWorker) -> list[list]:
+    outputs = []
+    while worker.has_work():
+        outputs += worker.step()
+    return outputs
+
+
+def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one(worker, monkeypatch):
+    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 60.0)  # long enough on a busy machine
+    monkeypatch.setattr(image_worker, "GATHER_SHARE", 1e6)
+    add(worker, "four", 4, seed=0)
+    assert [output[5] for output in finish(worker)] == [4] * 4
+    add(worker, "first-back", 1, seed=10)  # one of the four clients is back
+    assert worker.step() == [] and worker.running is None  # it waits for the other three
+    add(worker, "the-others", 3, seed=20)
+    assert [output[5] for output in finish(worker)] == [4] * 4
+    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 0.0)  # no one else comes back
+    add(worker, "alone", 1, seed=30)
+    assert [output[5] for output in finish(worker)] == [1]
+    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 60.0)
+    add(worker, "alone-again", 1, seed=31)  # one client: its next batch starts at once
+    worker.step()
+    assert not worker.waiting  # its batch has started (or even finished)
+
+
+def test_the_thread_governor_reaches_the_pipeline_thread(worker):
+    if worker.governor is None:
+        pytest.skip("one CPU thread: no governor")
+    worker.governor.threads = 1  # what it decides while other processes keep a core busy
+    add(worker, "busy", 1, seed=0)
+    finish(worker)
+    assert worker._executor.submit(torch.get_num_threads).result() == 1

@@ -37,6 +37,7 @@ from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
 from pagoda.server.request_fields import set_strict_request_fields
+from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
 
 logger = logging.getLogger("pagoda")
 
@@ -108,6 +109,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
+    )
+    serve.add_argument(
+        "--max-failed-starts",
+        type=int,
+        default=MAX_FAILED_STARTS,
+        help="restarts in a row that fail before a dead model's worker is given up",
     )
     serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
     serve.add_argument(
@@ -239,6 +246,7 @@ def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict
 
 async def serve(args: argparse.Namespace) -> None:
     set_strict_request_fields(args.strict_request_fields)
+    set_max_failed_starts(args.max_failed_starts)
     gateway = key_commands.open_gateway(args, api_keys(args))
     served = await start_all(args)
     # only a server with image models keeps an image folder

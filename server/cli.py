@@ -28,6 +28,7 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
 from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.engine_client import EngineClient
@@ -271,13 +272,14 @@ async def serve(args: argparse.Namespace) -> None:
         image_store=store,
         public_url=args.public_url,
     )
+    gate = DrainGate(app)
     config = uvicorn.Config(
-        app,
+        gate,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         log_config=None,  # uvicorn's records go through setup_logging's handler
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=FLUSH_S,  # after the drain: for what it could not end
     )
     logger.info(
         "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
@@ -286,10 +288,11 @@ async def serve(args: argparse.Namespace) -> None:
     # there before it: make that one a no-op, so that a drained server exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    # Drain: let in-flight streams finish (uvicorn cancels what is left after
+    # Drain: let in-flight streams finish (DrainingServer ends what is left after
     # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
-    await uvicorn.Server(config).serve()
+    clients = lambda: [m.client for m in served.values()]  # noqa: E731
+    await DrainingServer(config, gate, clients, args.shutdown_timeout).serve()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageSto
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
+from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
 
@@ -262,6 +263,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics(of_kind(served, "chat"))
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
+    register_process_metrics(metrics.registry)
     app = build_app(
         served,
         metrics,

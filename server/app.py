@@ -99,7 +99,8 @@ def build_app(
                 param="model",
             )
         if not model.client.healthy:
-            raise APIError(503, f"The engine serving '{model_id}' is not running.")
+            why = f" ({model.client.reason})" if model.client.reason else ""
+            raise APIError(503, f"The engine serving '{model_id}' is not running{why}.")
         limit = max_concurrent_requests
         if limit is not None and model.client.num_in_flight >= limit:
             raise APIError(

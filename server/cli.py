@@ -40,6 +40,7 @@ from pagoda.server.metrics import Metrics
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
+from pagoda.server.worker_metrics import WorkerCollector
 
 logger = logging.getLogger("pagoda")
 
@@ -264,6 +265,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
     register_process_metrics(metrics.registry)
+    metrics.registry.register(WorkerCollector(lambda: {n: m.client for n, m in served.items()}))
     app = build_app(
         served,
         metrics,

@@ -162,6 +162,7 @@ class WorkerClient:
         crashes = 0
         while True:
             await _exited(self._process)
+            await asyncio.to_thread(self._process.join)  # reaped: its exit code is known
             self.reason = f"the {self.kind} process {_exit(self._process)}"
             self.state = "restarting"
             logger.error(

@@ -124,7 +124,8 @@ def test_killed_worker_fails_its_requests_restarts_and_serves_again(server):
     assert overall.status_code == 200 and overall.json()["status"] == "degraded"
     assert overall.json()["models"]["b"]["status"] == "ready"
     refused = httpx.post(f"{url}/v1/chat/completions", json=_body("a", False), timeout=60)
-    assert refused.status_code == 503 and "not running" in refused.json()["error"]["message"]
+    message = refused.json()["error"]["message"]
+    assert refused.status_code == 503 and "not running" in message and "SIGKILL" in message
 
     back = _wait_for(lambda: _health(url, "a").status_code == 200, 120, "a to come back")
     assert back
@@ -133,6 +134,9 @@ def test_killed_worker_fails_its_requests_restarts_and_serves_again(server):
     assert _health(url).json()["status"] == "ok"
     r = httpx.post(f"{url}/v1/chat/completions", json=_body("a", False), timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 400
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'pagoda:worker_restarts_total{model_name="a"} 1.0' in metrics
+    assert 'pagoda:model_ready{model_name="a"} 1.0' in metrics
     log = server.log()
     assert "a: the engine process was killed by SIGKILL: failing 5 in-flight requests" in log
     assert "a: restarting the engine process in 1.0 s (attempt 1 of 2)" in log
@@ -152,6 +156,7 @@ def test_a_worker_failing_at_every_start_is_given_up_and_others_serve(server):
     assert r.status_code == 503
     r = httpx.post(f"{url}/v1/chat/completions", json={**_body("a", False)}, timeout=60)
     assert r.status_code == 200
+    assert 'pagoda:model_ready{model_name="b"} 0.0' in httpx.get(f"{url}/metrics").text
     log = server.log()
     assert "b: restart attempt 2 failed: model 'b' failed to load" in log
     assert "b: giving up on the engine process after 2 failed starts in a row" in log

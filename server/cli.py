@@ -265,7 +265,8 @@ async def serve(args: argparse.Namespace) -> None:
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
     register_process_metrics(metrics.registry)
-    metrics.registry.register(WorkerCollector(lambda: {n: m.client for n, m in served.items()}))
+    clients = {name: model.client for name, model in served.items()}  # each outlives restarts
+    metrics.registry.register(WorkerCollector(clients))
     app = build_app(
         served,
         metrics,
@@ -295,8 +296,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Drain: let in-flight streams finish (DrainingServer ends what is left after
     # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
-    clients = lambda: [m.client for m in served.values()]  # noqa: E731
-    await DrainingServer(config, gate, clients, args.shutdown_timeout).serve()
+    await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import FrameType
 
 import uvicorn
@@ -79,7 +79,7 @@ class DrainingServer(uvicorn.Server):
         self,
         config: uvicorn.Config,
         gate: DrainGate,
-        clients: Callable[[], Iterable[WorkerClient]],
+        clients: Iterable[WorkerClient],
         timeout: float,
     ) -> None:
         super().__init__(config)
@@ -113,7 +113,7 @@ class DrainingServer(uvicorn.Server):
         if not await _first(self.gate.idle.wait(), self._hurry.wait(), timeout=self.timeout):
             logger.warning("ending %d requests still running with a 503", self.gate.in_flight)
             error = ShuttingDown("The server is shutting down and ended this request.")
-            for client in self.clients():
+            for client in self.clients:
                 client.fail_in_flight(error)
             await _first(self.gate.idle.wait(), timeout=FLUSH_S)
         else:

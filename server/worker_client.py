@@ -73,6 +73,7 @@ class WorkerClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._supervisor: asyncio.Task | None = None
+        self._died: asyncio.Future | None = None  # the current process's end
         self._process: multiprocessing.Process | None = None
         self._started_at = 0.0
         self._generation = 0
@@ -118,6 +119,7 @@ class WorkerClient:
             daemon=True,
         )
         self._process.start()
+        self._died = asyncio.get_running_loop().create_future()
         try:
             self.info = await self._wait_ready()
         except BaseException:
@@ -163,6 +165,7 @@ class WorkerClient:
         while True:
             await _exited(self._process)
             await asyncio.to_thread(self._process.join)  # reaped: its exit code is known
+            self._died.set_result(None)  # sends waiting for it give up
             self.reason = f"the {self.kind} process {_exit(self._process)}"
             self.state = "restarting"
             logger.error(
@@ -228,7 +231,7 @@ class WorkerClient:
         self._queues[request_id] = queue
         done = False
         try:
-            await self._inbox.send(pack(["add", request_id, *payload]))
+            await self._send(["add", request_id, *payload])
             while not done:
                 item = await queue.get()
                 if isinstance(item, Exception):
@@ -250,7 +253,20 @@ class WorkerClient:
             await stream.aclose()
 
     async def abort(self, request_ids: list[str]) -> None:
-        await self._inbox.send(pack(["abort", request_ids]))
+        with contextlib.suppress(WorkerDeadError):  # a dead process has nothing to abort
+            await self._send(["abort", request_ids])
+
+    async def _send(self, message: list) -> None:
+        """Send, unless the process dies first: a PUSH whose peer is gone waits forever."""
+        sending = asyncio.ensure_future(self._inbox.send(pack(message)))
+        try:
+            await asyncio.wait({sending, self._died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        if sending.cancelled():
+            raise WorkerDeadError(f"the {self.kind} for {self.name!r} stopped")
+        sending.result()
 
     async def _stop_process(self, timeout: float) -> None:
         """Ask the process to exit (up to `timeout`), kill it if it does not, close its
@@ -266,6 +282,8 @@ class WorkerClient:
         if self._process.is_alive():
             self._process.kill()
         await asyncio.to_thread(self._process.join)
+        if not self._died.done():
+            self._died.set_result(None)
         self._inbox.close(linger=0)
         self._outbox.close(linger=0)
 

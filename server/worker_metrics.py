@@ -3,7 +3,7 @@ for alerts on a crash loop or a model given up (server/worker_client.py supervis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -12,7 +12,7 @@ from pagoda.server.worker_client import WorkerClient
 
 
 class WorkerCollector(Collector):
-    def __init__(self, clients: Callable[[], dict[str, WorkerClient]]) -> None:
+    def __init__(self, clients: dict[str, WorkerClient]) -> None:
         self._clients = clients
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
@@ -26,7 +26,7 @@ class WorkerCollector(Collector):
             "Times the model's worker process died and was started again",
             labels=["model_name"],
         )
-        for name, client in self._clients().items():
+        for name, client in self._clients.items():
             ready.add_metric([name], float(client.healthy))
             restarts.add_metric([name], float(client.restarts))
         yield from (ready, restarts)

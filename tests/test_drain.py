@@ -5,6 +5,7 @@ error event and [DONE], and the server exits 0."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -13,7 +14,9 @@ import httpx
 
 from tests.serving import Server
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 15.0  # room for SHORT tokens on a loaded machine
+SHORT = 100
+LONG = 60_000  # tokens: no machine makes them within TIMEOUT_S
 
 
 def _stream(url: str, model: str, max_tokens: int, first: threading.Event, out: list) -> None:
@@ -33,23 +36,26 @@ def _stream(url: str, model: str, max_tokens: int, first: threading.Event, out: 
     out.append(events)
 
 
-def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models):
-    model = str(tiny_models["llama"])
+def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models, tmp_path):
+    model = str(tmp_path / "long")  # qwen2 (plain RoPE) with room for LONG tokens
+    shutil.copytree(tiny_models["qwen2"], model)
+    config = json.loads((tmp_path / "long" / "config.json").read_text())
+    config["max_position_embeddings"] = 2 * LONG
+    (tmp_path / "long" / "config.json").write_text(json.dumps(config))
     args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
     server = Server(args).wait_ready()
     long_streams: list[list] = []
     short_stream: list[list] = []
     started = [threading.Event() for _ in range(4)]
     threads = [
-        threading.Thread(target=_stream, args=(server.url, model, 2000, started[i], long_streams))
+        threading.Thread(target=_stream, args=(server.url, model, LONG, started[i], long_streams))
         for i in range(3)
     ]
     threads.append(
-        threading.Thread(target=_stream, args=(server.url, model, 30, started[3], short_stream))
+        threading.Thread(target=_stream, args=(server.url, model, SHORT, started[3], short_stream))
     )
-    for thread in threads:
+    for thread, event in zip(threads, started):  # the short one last: it runs at SIGTERM
         thread.start()
-    for event in started:
         assert event.wait(60)
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)

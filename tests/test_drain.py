@@ -36,12 +36,18 @@ def _stream(url: str, model: str, max_tokens: int, first: threading.Event, out: 
     out.append(events)
 
 
-def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models, tmp_path):
-    model = str(tmp_path / "long")  # qwen2 (plain RoPE) with room for LONG tokens
-    shutil.copytree(tiny_models["qwen2"], model)
-    config = json.loads((tmp_path / "long" / "config.json").read_text())
+def _long_model(tiny_models, tmp_path) -> str:
+    """qwen2 (plain RoPE) with room for LONG tokens."""
+    folder = tmp_path / "long"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = 2 * LONG
-    (tmp_path / "long" / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models, tmp_path):
+    model = _long_model(tiny_models, tmp_path)
     args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
     server = Server(args).wait_ready()
     long_streams: list[list] = []
@@ -84,3 +90,21 @@ def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_mod
     log = server.log()
     assert "draining: /health and new requests answer 503; 4 requests in flight" in log
     assert "ending 3 requests still running with a 503" in log
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(tiny_models, tmp_path):
+    model = _long_model(tiny_models, tmp_path)
+    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", "600"]
+    server = Server(args).wait_ready()
+    streams: list[list] = []
+    started = threading.Event()
+    thread = threading.Thread(target=_stream, args=(server.url, model, LONG, started, streams))
+    thread.start()
+    assert started.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    (events,) = streams
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]
+    assert server.stop(timeout=60) == 0  # long before the 600 s

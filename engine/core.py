@@ -3,7 +3,8 @@
 an encoded SequenceDelta.
 
 Its `stats` are a dict: "running", "waiting" (sequences now), "kv_cache_usage" (fraction of the
-blocks in use), "num_preemptions" (cumulative) and "queue_time", the cumulative histogram of
+blocks in use), "prefix_cache_blocks" (blocks holding a cached prefix, in use or free),
+"num_preemptions" (cumulative) and "queue_time", the cumulative histogram of
 the seconds from a request's arrival here to its first step, as [bounds, counts per bucket
 (the last one above every bound), sum] (`engine.stats.Histogram.encode`).
 """
@@ -108,6 +109,7 @@ class EngineCore:
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
             "kv_cache_usage": self.engine.block_manager.usage,
+            "prefix_cache_blocks": len(self.engine.block_manager.cached),
             "num_preemptions": scheduler.num_preemptions,
             "queue_time": scheduler.queue_time.encode(),
         }

@@ -99,7 +99,8 @@ def build_app(
                 param="model",
             )
         if not model.client.healthy:
-            raise APIError(503, f"The engine serving '{model_id}' is not running.")
+            why = f" ({model.client.reason})" if model.client.reason else ""
+            raise APIError(503, f"The engine serving '{model_id}' is not running{why}.")
         limit = max_concurrent_requests
         if limit is not None and model.client.num_in_flight >= limit:
             raise APIError(
@@ -176,10 +177,19 @@ def build_app(
         return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:
-        sick = [m.id for m in models.values() if not m.client.healthy]
-        if sick:
-            return JSONResponse({"status": "unhealthy", "engines_down": sick}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        """200 while any model serves (a balancer keeps sending the models that work),
+        503 when none does; ?model= asks about one (docs/reliability-operations.md)."""
+        states = {m.id: m.client.health() for m in models.values()}
+        model_id = request.query_params.get("model")
+        if model_id is not None:
+            if model_id not in states:
+                raise _unknown_model(model_id)
+            ready = models[model_id].client.healthy
+            return JSONResponse(states[model_id], status_code=200 if ready else 503)
+        ready = sum(m.client.healthy for m in models.values())
+        status = "ok" if ready == len(models) else "degraded" if ready else "unhealthy"
+        body = {"status": status, "models": states}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

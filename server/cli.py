@@ -28,6 +28,7 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
 from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.engine_client import EngineClient
@@ -36,7 +37,10 @@ from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageSto
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
+from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.request_fields import set_strict_request_fields
+from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
+from pagoda.server.worker_metrics import WorkerCollector
 
 logger = logging.getLogger("pagoda")
 
@@ -108,6 +112,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
+    )
+    serve.add_argument(
+        "--max-failed-starts",
+        type=int,
+        default=MAX_FAILED_STARTS,
+        help="restarts in a row that fail before a dead model's worker is given up",
     )
     serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
     serve.add_argument(
@@ -239,6 +249,7 @@ def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict
 
 async def serve(args: argparse.Namespace) -> None:
     set_strict_request_fields(args.strict_request_fields)
+    set_max_failed_starts(args.max_failed_starts)
     gateway = key_commands.open_gateway(args, api_keys(args))
     served = await start_all(args)
     # only a server with image models keeps an image folder
@@ -253,6 +264,9 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics(of_kind(served, "chat"))
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
+    register_process_metrics(metrics.registry)
+    clients = {name: model.client for name, model in served.items()}  # each outlives restarts
+    metrics.registry.register(WorkerCollector(clients))
     app = build_app(
         served,
         metrics,
@@ -263,13 +277,14 @@ async def serve(args: argparse.Namespace) -> None:
         image_store=store,
         public_url=args.public_url,
     )
+    gate = DrainGate(app)
     config = uvicorn.Config(
-        app,
+        gate,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         log_config=None,  # uvicorn's records go through setup_logging's handler
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=FLUSH_S,  # after the drain: for what it could not end
     )
     logger.info(
         "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
@@ -278,10 +293,10 @@ async def serve(args: argparse.Namespace) -> None:
     # there before it: make that one a no-op, so that a drained server exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    # Drain: let in-flight streams finish (uvicorn cancels what is left after
+    # Drain: let in-flight streams finish (DrainingServer ends what is left after
     # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
-    await uvicorn.Server(config).serve()
+    await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,11 @@ class EngineStatsCollector(Collector):
                 "Fraction of KV cache blocks in use",
                 labels=["model_name"],
             ),
+            "prefix_cache_blocks": GaugeMetricFamily(
+                "pagoda:prefix_cache_blocks",
+                "KV cache blocks holding a cached prefix (free ones are evicted on demand)",
+                labels=["model_name"],
+            ),
         }
         preemptions = CounterMetricFamily(
             "pagoda:num_preemptions",

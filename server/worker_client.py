@@ -1,5 +1,7 @@
 """The server's handle on one worker process (engine core, embedding or image worker): start
-it, send requests, route its outputs to them, watch it. The messages are engine/worker.py's."""
+it, send requests, route its outputs to them, and supervise it: a process that dies fails its
+in-flight requests at once and is started again after a bounded backoff. The messages are
+engine/worker.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,18 @@ from pagoda.engine.worker import pack, unpack
 from pagoda.logs import current_settings
 
 logger = logging.getLogger(__name__)
-WATCH_INTERVAL_S = 0.5
+LOAD_POLL_S = 0.5
+RESTART_BACKOFF_S = 1.0  # the first restart's delay, doubled after each crash in a row
+MAX_RESTART_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a process that served this long has not crashed "in a row"
+MAX_FAILED_STARTS = 5  # restarts in a row that never got ready: the model is given up
+_max_failed_starts = MAX_FAILED_STARTS
+
+
+def set_max_failed_starts(count: int) -> None:
+    """`pagoda serve --max-failed-starts`, for every worker."""
+    global _max_failed_starts
+    _max_failed_starts = count
 
 
 class WorkerDeadError(RuntimeError):
@@ -36,7 +51,11 @@ class RequestRejected(ValueError):
 
 
 class WorkerClient:
-    """Subclasses name their `kind`, decode their outputs and say what a request sends."""
+    """Subclasses name their `kind`, decode their outputs and say what a request sends.
+
+    `state` is "starting", "ready", "restarting" (the process died; a new one is on its
+    way), "failed" (it kept failing to start: given up) or "stopped"; `reason` says why a
+    worker is not ready."""
 
     kind = "worker"
 
@@ -46,12 +65,18 @@ class WorkerClient:
         self.name = name
         self.info: dict = {}
         self.stats: dict = {}
-        self.dead = False
+        self.state = "starting"
+        self.reason: str | None = None
+        self.restarts = 0
         self._target = target
         self._args = args
         self._queues: dict[str, asyncio.Queue] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._reader: asyncio.Task | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._died: asyncio.Future | None = None  # the current process's end
         self._process: multiprocessing.Process | None = None
+        self._started_at = 0.0
+        self._generation = 0
         self._context = zmq.asyncio.Context()
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="pagoda-")
 
@@ -61,15 +86,27 @@ class WorkerClient:
 
     @property
     def healthy(self) -> bool:
-        return not self.dead and self._process is not None and self._process.is_alive()
+        return self.state == "ready" and self._process.is_alive()
 
     @property
     def num_in_flight(self) -> int:
         return len(self._queues)
 
+    def health(self) -> dict:
+        """The worker's line in /health."""
+        pid = self._process.pid if self.healthy else None
+        return {"status": self.state, "reason": self.reason, "restarts": self.restarts, "pid": pid}
+
     async def start(self) -> None:
-        folder = Path(self._ipc_dir.name)
-        input_addr, output_addr = f"ipc://{folder}/input", f"ipc://{folder}/output"
+        """The first start: a failure is the caller's (the server does not come up)."""
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        # fresh sockets for every process: nothing queued for a dead one reaches the next
+        self._generation += 1
+        folder, n = Path(self._ipc_dir.name), self._generation
+        input_addr, output_addr = f"ipc://{folder}/input-{n}", f"ipc://{folder}/output-{n}"
         self._inbox = self._context.socket(zmq.PUSH)
         self._inbox.bind(input_addr)
         self._outbox = self._context.socket(zmq.PULL)
@@ -82,15 +119,19 @@ class WorkerClient:
             daemon=True,
         )
         self._process.start()
-        self.info = await self._wait_ready()
-        self._tasks = [
-            asyncio.create_task(self._read_outputs()),
-            asyncio.create_task(self._watch_process()),
-        ]
+        self._died = asyncio.get_running_loop().create_future()
+        try:
+            self.info = await self._wait_ready()
+        except BaseException:
+            await self._stop_process(timeout=5.0)
+            raise
+        self._reader = asyncio.create_task(self._read_outputs())
+        self._started_at = time.monotonic()
+        self.state, self.reason = "ready", None
 
     async def _wait_ready(self) -> dict:
         while True:
-            if await self._outbox.poll(int(WATCH_INTERVAL_S * 1000)):
+            if await self._outbox.poll(int(LOAD_POLL_S * 1000)):
                 message = unpack(await self._outbox.recv())
                 if message[0] == "ready":
                     return message[1]
@@ -98,8 +139,8 @@ class WorkerClient:
                     raise RuntimeError(f"model {self.name!r} failed to load: {message[1]}")
             elif not self._process.is_alive():
                 raise RuntimeError(
-                    f"the {self.kind} process for {self.name!r} exited with code "
-                    f"{self._process.exitcode} while loading"
+                    f"the {self.kind} process for {self.name!r} {_exit(self._process)} "
+                    "while loading"
                 )
 
     async def _read_outputs(self) -> None:
@@ -119,19 +160,63 @@ class WorkerClient:
                 if queue is not None:
                     queue.put_nowait(RequestRejected(*message[2:]))
 
-    async def _watch_process(self) -> None:
-        while self._process.is_alive():
-            await asyncio.sleep(WATCH_INTERVAL_S)
-        self.dead = True
+    async def _supervise(self) -> None:
+        crashes = 0
+        while True:
+            await _exited(self._process)
+            await asyncio.to_thread(self._process.join)  # reaped: its exit code is known
+            self._died.set_result(None)  # sends waiting for it give up
+            self.reason = f"the {self.kind} process {_exit(self._process)}"
+            self.state = "restarting"
+            logger.error(
+                "%s: %s: failing %d in-flight requests",
+                self.name,
+                self.reason,
+                len(self._queues),
+            )
+            self.fail_in_flight(WorkerDeadError(f"the {self.kind} for {self.name!r} stopped"))
+            await self._stop_process(timeout=0)
+            crashes = 1 if time.monotonic() - self._started_at >= STABLE_S else crashes + 1
+            if not await self._restart(crashes):
+                return
+
+    async def _restart(self, crashes: int) -> bool:
+        """Start a new process after a backoff; False once it failed max_failed_starts times."""
+        for attempt in range(1, _max_failed_starts + 1):
+            delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** (crashes + attempt - 2))
+            logger.warning(
+                "%s: restarting the %s process in %.1f s (attempt %d of %d)",
+                self.name,
+                self.kind,
+                delay,
+                attempt,
+                _max_failed_starts,
+            )
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn()
+            except Exception as exc:
+                self.reason = str(exc)
+                logger.error("%s: restart attempt %d failed: %s", self.name, attempt, exc)
+                continue
+            self.restarts += 1
+            logger.info("%s: the %s process is serving again", self.name, self.kind)
+            return True
+        self.state = "failed"
         logger.error(
-            "the %s process for %s died (exit code %s): failing %d in-flight requests",
-            self.kind,
+            "%s: giving up on the %s process after %d failed starts in a row (last: %s); "
+            "the model answers 503 until the server restarts, the other models serve on",
             self.name,
-            self._process.exitcode,
-            len(self._queues),
+            self.kind,
+            _max_failed_starts,
+            self.reason,
         )
+        return False
+
+    def fail_in_flight(self, error: Exception) -> None:
+        """End every in-flight request with `error` (a stream then ends with an error event)."""
         for queue in self._queues.values():
-            queue.put_nowait(WorkerDeadError(f"the {self.kind} for {self.name!r} stopped"))
+            queue.put_nowait(error)
 
     async def stream(
         self, request_id: str, payload: list, finished: Callable[[Any], bool]
@@ -140,12 +225,13 @@ class WorkerClient:
         `finished(output)`. Leaving the iteration early (a client that disconnected) aborts
         the request in the worker at once."""
         if not self.healthy:
-            raise WorkerDeadError(f"the {self.kind} for {self.name!r} is not running")
+            why = f" ({self.reason})" if self.reason else ""
+            raise WorkerDeadError(f"the {self.kind} for {self.name!r} is not running{why}")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         done = False
         try:
-            await self._inbox.send(pack(["add", request_id, *payload]))
+            await self._send(["add", request_id, *payload])
             while not done:
                 item = await queue.get()
                 if isinstance(item, Exception):
@@ -167,18 +253,66 @@ class WorkerClient:
             await stream.aclose()
 
     async def abort(self, request_ids: list[str]) -> None:
-        await self._inbox.send(pack(["abort", request_ids]))
+        with contextlib.suppress(WorkerDeadError):  # a dead process has nothing to abort
+            await self._send(["abort", request_ids])
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._process is not None and self._process.is_alive():
+    async def _send(self, message: list) -> None:
+        """Send, unless the process dies first: a PUSH whose peer is gone waits forever."""
+        sending = asyncio.ensure_future(self._inbox.send(pack(message)))
+        try:
+            await asyncio.wait({sending, self._died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        if sending.cancelled():
+            raise WorkerDeadError(f"the {self.kind} for {self.name!r} stopped")
+        sending.result()
+
+    async def _stop_process(self, timeout: float) -> None:
+        """Ask the process to exit (up to `timeout`), kill it if it does not, close its
+        sockets."""
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._process.is_alive() and timeout > 0:
             # bounded: a process that exits meanwhile (one that failed to load) takes its
             # connection along, and a PUSH without a peer waits for one forever
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._inbox.send(pack(["shutdown"])), timeout)
             await asyncio.to_thread(self._process.join, timeout)
-            if self._process.is_alive():
-                self._process.kill()
+        if self._process.is_alive():
+            self._process.kill()
+        await asyncio.to_thread(self._process.join)
+        if not self._died.done():
+            self._died.set_result(None)
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._process is not None and self.state != "failed":
+            await self._stop_process(timeout)
+        self.state = "stopped"
         self._context.destroy(linger=0)
         self._ipc_dir.cleanup()
+
+
+async def _exited(process: multiprocessing.Process) -> None:
+    """Returns as soon as the process ends: its sentinel turns readable (no polling)."""
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(process.sentinel, lambda: exited.done() or exited.set_result(None))
+    try:
+        await exited
+    finally:
+        loop.remove_reader(process.sentinel)
+
+
+def _exit(process: multiprocessing.Process) -> str:
+    """How a process ended, in words: "was killed by SIGKILL", "exited with code 1"."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"

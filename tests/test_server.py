@@ -78,7 +78,9 @@ def test_models_list_and_retrieve_with_slash(client):
 
 
 def test_health_is_open_and_metrics_count(server, client):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["models"][MODEL]["status"] == "ready"
     chat(client, max_tokens=5)
     text = httpx.get(f"{server.url}/metrics").text
     for name in (

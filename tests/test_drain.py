@@ -1,0 +1,110 @@
+"""SIGTERM drains a real `pagoda serve`: /health and new requests answer 503 at once, a
+running stream that can finish within --shutdown-timeout finishes, the others end with an
+error event and [DONE], and the server exits 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.serving import Server
+
+TIMEOUT_S = 15.0  # room for SHORT tokens on a loaded machine
+SHORT = 100
+LONG = 60_000  # tokens: no machine makes them within TIMEOUT_S
+
+
+def _stream(url: str, model: str, max_tokens: int, first: threading.Event, out: list) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                first.set()
+    out.append(events)
+
+
+def _long_model(tiny_models, tmp_path) -> str:
+    """qwen2 (plain RoPE) with room for LONG tokens."""
+    folder = tmp_path / "long"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 2 * LONG
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models, tmp_path):
+    model = _long_model(tiny_models, tmp_path)
+    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
+    server = Server(args).wait_ready()
+    long_streams: list[list] = []
+    short_stream: list[list] = []
+    started = [threading.Event() for _ in range(4)]
+    threads = [
+        threading.Thread(target=_stream, args=(server.url, model, LONG, started[i], long_streams))
+        for i in range(3)
+    ]
+    threads.append(
+        threading.Thread(target=_stream, args=(server.url, model, SHORT, started[3], short_stream))
+    )
+    for thread, event in zip(threads, started):  # the short one last: it runs at SIGTERM
+        thread.start()
+        assert event.wait(60)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+
+    health = httpx.get(f"{server.url}/health", timeout=5)
+    assert health.status_code == 503 and health.json() == {"status": "draining"}
+    refused = httpx.post(
+        f"{server.url}/v1/completions", json={"model": model, "prompt": "hi"}, timeout=5
+    )
+    assert refused.status_code == 503 and refused.headers["connection"] == "close"
+    assert refused.json()["error"]["type"] == "service_unavailable"
+    assert "shutting down" in refused.json()["error"]["message"]
+
+    for thread in threads:
+        thread.join(60)
+    (short,) = short_stream
+    assert short[-1] == "[DONE]"
+    assert json.loads(short[-2])["choices"][0]["finish_reason"] == "length"
+    assert len(long_streams) == 3
+    for events in long_streams:
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
+    assert server.stop() == 0
+    assert time.monotonic() - signalled < TIMEOUT_S + 15  # the drain is bounded
+    log = server.log()
+    assert "draining: /health and new requests answer 503; 4 requests in flight" in log
+    assert "ending 3 requests still running with a 503" in log
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(tiny_models, tmp_path):
+    model = _long_model(tiny_models, tmp_path)
+    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", "600"]
+    server = Server(args).wait_ready()
+    streams: list[list] = []
+    started = threading.Event()
+    thread = threading.Thread(target=_stream, args=(server.url, model, LONG, started, streams))
+    thread.start()
+    assert started.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    (events,) = streams
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]
+    assert server.stop(timeout=60) == 0  # long before the 600 s

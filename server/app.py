@@ -3,6 +3,7 @@ shape."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a body (chunked, or short of its Content-Length) must arrive
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
     "chat": "/v1/chat/completions and /v1/completions",
@@ -62,6 +64,7 @@ def build_app(
     api_keys: list[str] = (),
     gateway: Gateway | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
     image_store: ImageStore | None = None,
@@ -77,10 +80,15 @@ def build_app(
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large(max_body_bytes)
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise _too_large(max_body_bytes)
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > max_body_bytes:
+                        raise _too_large(max_body_bytes)
+        except TimeoutError:
+            message = f"The request body did not arrive within {body_timeout_s:g} s."
+            raise APIError(408, message, headers={"Connection": "close"}) from None
         return bytes(body)
 
     def served(model_id: str, meter: Meter, kind: str = "chat") -> Any:

@@ -237,7 +237,9 @@ def build_app(
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than the limit of {limit} bytes.")
+    # the rest of the body is not read: the connection cannot carry another request
+    message = f"The request body is larger than the limit of {limit} bytes."
+    return APIError(413, message, headers={"Connection": "close"})
 
 
 def _unknown_model(model_id: str) -> APIError:

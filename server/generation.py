@@ -42,7 +42,7 @@ class _EventStream(EventSourceResponse):
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            logger.warning("a stream's client read nothing for %.0f s: cut", self.send_timeout)
+            logger.warning("a stream client stopped reading for %g s: cut", self.send_timeout)
 
 
 def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:

@@ -25,6 +25,7 @@ from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
 from pagoda.server.keys.meter import Meter, request_meter
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
+from pagoda.server.openapi import openapi_json
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -208,6 +209,7 @@ def build_app(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -262,7 +264,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = {404: f"Unknown route {request.url.path}", 405: "Method not allowed"}.get(
         exc.status_code, str(exc.detail)
     )
-    return APIError(exc.status_code, message).response()
+    return APIError(exc.status_code, message, headers=exc.headers).response()  # 405: Allow
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

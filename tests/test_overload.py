@@ -130,3 +130,23 @@ def test_log_requests_logs_prompts_but_not_keys(server, http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": LOGGED_PROMPT}]}
     assert http.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
     assert LOGGED_PROMPT in server.log()
+
+
+def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
+    from pagoda.server.catalog import CatalogError, load_catalog
+    from pagoda.server.cli import models_to_serve, parse_args
+
+    catalog = tmp_path / "models.yaml"
+    (tmp_path / "c").mkdir()
+    chat = "  - id: c\n    kind: chat\n    source: ./c\n"
+    catalog.write_text(f"models:\n{chat}    max_waiting_requests: 7\n")
+    assert load_catalog(catalog)[0].max_waiting_requests == 7
+    args = parse_args(["serve", "--catalog", str(catalog)])
+    assert models_to_serve(args)[0].max_waiting_requests == 7
+    args = parse_args(["serve", "--catalog", str(catalog), "--max-waiting-requests", "3"])
+    assert models_to_serve(args)[0].max_waiting_requests == 3  # the flag wins
+    catalog.write_text(
+        "models:\n  - id: e\n    kind: embedding\n    source: ./e\n    max_waiting_requests: 7\n"
+    )
+    with pytest.raises(CatalogError, match="max_waiting_requests: .*only chat models"):
+        load_catalog(catalog)

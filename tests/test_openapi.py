@@ -6,9 +6,11 @@ PAGODA_SCHEMATHESIS_EXAMPLES sets the examples per operation (default: a few, fo
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
+import jsonschema
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -111,3 +113,34 @@ def test_api_conforms_to_its_document(case, server):
         excluded_checks=[positive_data_acceptance, negative_data_rejection, max_response_time],
         additional_checks=[not_a_server_error],
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "event_schema"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+            "ChatCompletionChunk",
+        ),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, "Completion"),
+    ],
+)
+def test_stream_events_conform_to_their_documented_schema(server, path, body, event_schema):
+    """schemathesis does not read event streams: each `data:` event is checked here."""
+    document = openapi_document()
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{event_schema}", "components": document["components"]}
+    )
+    stream = {"stream": True, "stream_options": {"include_usage": True}, "n": 2}
+    request = {"model": CHAT, "max_tokens": 8, **body, **stream}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json=request, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 3
+    for event in events[:-1]:
+        validator.validate(json.loads(event))

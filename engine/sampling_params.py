@@ -30,6 +30,13 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("structured_outputs.json must be a JSON schema object")
+        for name, kind, what in (
+            ("regex", str, "a string"),
+            ("grammar", str, "a string"),
+            ("json_object", bool, "a boolean"),
+        ):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise ValueError(f"structured_outputs.{name} must be {what}")
         if self.choice is not None:
             choice = self.choice
             self.choice = list(choice) if isinstance(choice, list | tuple) else []

@@ -3,6 +3,7 @@ shape."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
 from pagoda.server.keys.meter import Meter, request_meter
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
+from pagoda.server.openapi import openapi_json
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,6 +38,7 @@ from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a body (chunked, or short of its Content-Length) must arrive
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
     "chat": "/v1/chat/completions and /v1/completions",
@@ -62,6 +65,7 @@ def build_app(
     api_keys: list[str] = (),
     gateway: Gateway | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
     image_store: ImageStore | None = None,
@@ -77,10 +81,15 @@ def build_app(
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large(max_body_bytes)
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > max_body_bytes:
-                raise _too_large(max_body_bytes)
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > max_body_bytes:
+                        raise _too_large(max_body_bytes)
+        except TimeoutError:
+            message = f"The request body did not arrive within {body_timeout_s:g} s."
+            raise APIError(408, message, headers={"Connection": "close"}) from None
         return bytes(body)
 
     def served(model_id: str, meter: Meter, kind: str = "chat") -> Any:
@@ -210,6 +219,7 @@ def build_app(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -239,7 +249,9 @@ def build_app(
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than the limit of {limit} bytes.")
+    # the rest of the body is not read: the connection cannot carry another request
+    message = f"The request body is larger than the limit of {limit} bytes."
+    return APIError(413, message, headers={"Connection": "close"})
 
 
 def _unknown_model(model_id: str) -> APIError:
@@ -262,7 +274,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = {404: f"Unknown route {request.url.path}", 405: "Method not allowed"}.get(
         exc.status_code, str(exc.detail)
     )
-    return APIError(exc.status_code, message).response()
+    return APIError(exc.status_code, message, headers=exc.headers).response()  # 405: Allow
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+
 # shipped inside the package (pagoda/models.yaml, a link to the repository's models.yaml)
 DEFAULT_CATALOG = Path(str(importlib.resources.files("pagoda").joinpath("models.yaml")))
 PACKAGE_SCHEME = "package://"
@@ -213,6 +215,8 @@ class CatalogEntry(_Strict):
     engine: EngineSettings | None = None
     embedding: EmbeddingSettings | None = None
     max_model_len: int | None = Field(None, ge=1)
+    # chat: requests waiting for a batch slot; more get 429 (--max-waiting-requests wins)
+    max_waiting_requests: int = Field(DEFAULT_MAX_WAITING_REQUESTS, ge=1)
     capabilities: Capabilities = Capabilities()
     image: ImageSettings | None = None
     pricing: Pricing | None = None
@@ -235,6 +239,13 @@ class CatalogEntry(_Strict):
     def _capabilities_for_chat(cls, value: Capabilities, info: ValidationInfo) -> Capabilities:
         if info.data.get("kind", "chat") != "chat" and value != Capabilities():
             raise ValueError("only chat models have capabilities")
+        return value
+
+    @field_validator("max_waiting_requests")
+    @classmethod
+    def _chat_queue(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("kind") != "chat":
+            raise ValueError("only chat models (embedding: max_queued_requests, image: max_queue)")
         return value
 
     @field_validator("engine")

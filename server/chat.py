@@ -52,6 +52,7 @@ def chat_prompt(
 async def chat_completion(
     model: ServedModel, req: ChatCompletionRequest, metrics: Metrics, meter: Meter
 ):
+    model.check_queue()
     tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
     kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
     prompt = chat_prompt(model, req, tools=tools)

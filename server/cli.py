@@ -28,17 +28,20 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from pagoda.server.connections import add_connection_options, uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
 from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.engine_client import EngineClient
-from pagoda.server.generation import ServedModel
+from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
+from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.request_fields import set_strict_request_fields
+from pagoda.server.request_log import set_log_requests
 from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
 from pagoda.server.worker_metrics import WorkerCollector
 
@@ -64,6 +67,7 @@ class ModelToServe:
     owned_by: str = "pagoda"
     # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
     capabilities: Capabilities | None = None
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -111,6 +115,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="per model; requests beyond it get 429 (default: no limit)",
     )
     serve.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        help="per chat model: requests waiting for a batch slot beyond it get 429 at once "
+        f"(default: the catalog's max_waiting_requests, {DEFAULT_MAX_WAITING_REQUESTS})",
+    )
+    serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(
@@ -142,6 +152,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="keep GET /health and /metrics in the access log (left out by default)",
     )
     serve.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="log each request body (prompts included; off by default: no prompt is logged)",
+    )
+    add_connection_options(serve)
+    serve.add_argument(
         "--strict-request-fields",
         action="store_true",
         help="refuse request fields the server does not know with a 400 (default: warn once)",
@@ -157,7 +173,8 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         name = args.served_model_name or args.model
         capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
         config = EngineConfig(model=args.model, serving=True, **overrides)
-        return [ModelToServe(name, config, capabilities=capabilities)]
+        waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
+        return [ModelToServe(name, config, capabilities=capabilities, max_waiting_requests=waiting)]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     return [
         ModelToServe(
@@ -167,6 +184,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             ),
             e.owned_by,
             e.capabilities,
+            args.max_waiting_requests or e.max_waiting_requests,
         )
         for e in entries
     ]
@@ -208,6 +226,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
             supports_tools=capabilities.tools,
             supports_json=capabilities.json_,
             tool_call_parser=capabilities.tool_call_parser,
+            max_waiting_requests=model.max_waiting_requests,
         )
         info = client.info
         kv_tokens = info["num_kv_blocks"] * info["block_size"]
@@ -250,6 +269,8 @@ def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict
 async def serve(args: argparse.Namespace) -> None:
     set_strict_request_fields(args.strict_request_fields)
     set_max_failed_starts(args.max_failed_starts)
+    set_log_requests(args.log_requests)
+    set_stream_send_timeout(args.stream_send_timeout)
     gateway = key_commands.open_gateway(args, api_keys(args))
     served = await start_all(args)
     # only a server with image models keeps an image folder
@@ -272,6 +293,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics,
         gateway=gateway,
         max_body_bytes=args.max_request_bytes,
+        body_timeout_s=args.request_body_timeout,
         max_concurrent_requests=args.max_concurrent_requests,
         on_shutdown=stop_engines,
         image_store=store,
@@ -285,6 +307,7 @@ async def serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         log_config=None,  # uvicorn's records go through setup_logging's handler
         timeout_graceful_shutdown=FLUSH_S,  # after the drain: for what it could not end
+        **uvicorn_limits(args),
     )
     logger.info(
         "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)

@@ -20,6 +20,7 @@ from pagoda.server.structured import extra_constraint
 
 
 async def completion(model: ServedModel, req: CompletionRequest, metrics: Metrics, meter: Meter):
+    model.check_queue()
     request_id = f"cmpl-{uuid.uuid4().hex}"
     kwargs = req.sampling_kwargs()
     if (constraint := extra_constraint(req)) is not None:

@@ -22,6 +22,7 @@ from pagoda.server.embedding_client import EmbeddingClient, Embeddings
 from pagoda.server.embedding_metrics import EmbeddingMetrics
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
+from pagoda.server.overload import queue_full
 from pagoda.server.protocol import check_prompt_shape
 from pagoda.server.worker_client import RequestRejected
 
@@ -114,13 +115,8 @@ class ServedEmbeddingModel:
 
     def check_queue(self) -> None:
         if self.client.num_in_flight >= self.max_queued_requests:
-            raise APIError(
-                429,
-                f"'{self.id}' has {self.max_queued_requests} requests queued, its limit: "
-                "retry later.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+            what = f"{self.max_queued_requests} requests queued, its limit"
+            raise queue_full(self.id, what)
 
 
 async def create_embeddings(

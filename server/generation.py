@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import ClassVar
 
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import TokenLogprobs
@@ -19,9 +20,29 @@ from pagoda.server.detokenizer import IncrementalDetokenizer
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.metrics import Metrics
+from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, chat_waiting, queue_full
 from pagoda.server.worker_client import WorkerDeadError
 
 logger = logging.getLogger(__name__)
+DEFAULT_STREAM_SEND_TIMEOUT_S = 30.0
+_send_timeout_s = DEFAULT_STREAM_SEND_TIMEOUT_S
+
+
+def set_stream_send_timeout(seconds: float) -> None:
+    global _send_timeout_s
+    _send_timeout_s = seconds
+
+
+class _EventStream(EventSourceResponse):
+    """An SSE response that cuts a client which stops reading: once the socket's buffers are
+    full, a send that waits `send_timeout` seconds ends the stream (its request is aborted in
+    the engine), so that a stalled client holds neither memory nor a batch slot."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            logger.warning("a stream client stopped reading for %g s: cut", self.send_timeout)
 
 
 def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
@@ -38,7 +59,7 @@ def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
             yield json.dumps(APIError(status, str(exc)).body())
             yield "[DONE]"
 
-    return EventSourceResponse(guarded(), ping=15)
+    return _EventStream(guarded(), ping=15, send_timeout=_send_timeout_s)
 
 
 @dataclass
@@ -55,6 +76,13 @@ class ServedModel:
     supports_tools: bool = True
     supports_json: bool = True
     tool_call_parser: str = "hermes"  # a key of server.tool_parsers.PARSERS
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+
+    def check_queue(self) -> None:
+        """429 at once when the engine has its limit of requests waiting for a batch slot."""
+        limit = self.max_waiting_requests
+        if chat_waiting(self.client, self.client.config.max_num_seqs) >= limit:
+            raise queue_full(self.id, f"{limit} requests waiting, its limit")
 
     def token_text(self, token_id: int) -> str:
         return _token_text(self.tokenizer, token_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import math
 import time
 import uuid
 from contextlib import aclosing
@@ -23,6 +22,7 @@ from pagoda.server.errors import APIError
 from pagoda.server.image_metrics import ImageMetrics
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import MEDIA_TYPES, URL_PATH, ImageStore
+from pagoda.server.overload import queue_full
 from pagoda.server.worker_client import WorkerClient
 
 logger = logging.getLogger("pagoda")
@@ -77,12 +77,8 @@ class ServedImageModel:
     def admit(self, n: int) -> None:
         limit = self.settings.max_queue
         if self.queued + n > limit:
-            raise APIError(
-                429,
-                f"'{self.id}' has {self.queued} images queued (limit {limit}): retry later.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(math.ceil(self.last_latency))},
-            )
+            what = f"{self.queued} images queued (limit {limit})"
+            raise queue_full(self.id, what, self.last_latency)
         self.queued += n
 
 

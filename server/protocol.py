@@ -8,6 +8,7 @@ blame ("temperature", "messages.0.role"); no pydantic error reaches the caller.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -21,6 +22,7 @@ from pydantic import (
 
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.request_fields import check_request_fields
+from pagoda.server.request_log import log_request
 
 __all__ = [
     "MAX_COMPLETION_LOGPROBS",
@@ -65,13 +67,19 @@ def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
     except ValidationError as exc:
         raise _api_error(exc) from None
     check_request_fields(model_cls, data)
+    log_request(request)
     return request
 
 
 def _load_json(body: bytes) -> Any:
     try:
         # JSON over HTTP is UTF-8 (RFC 8259); a byte-order mark is tolerated.
-        return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+        return json.loads(
+            body.decode("utf-8-sig"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except (ValueError, RecursionError) as exc:
         raise invalid(f"The request body is not valid JSON: {exc}") from None
 
@@ -79,6 +87,24 @@ def _load_json(body: bytes) -> Any:
 def _reject_constant(name: str) -> None:
     # Python's json reads NaN and Infinity, which JSON itself does not allow.
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: valid JSON, but no number a request can mean
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python's json keeps the last of duplicate keys; which one a proxy or a client library
+    # reads differs, so such a body is refused rather than guessed at.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {key[:100]!r}")
+    return result
 
 
 def drop_nulls(model_cls: type[BaseModel], data: Any) -> Any:

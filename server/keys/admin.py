@@ -70,9 +70,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         rows = await call(request, store.usage_report, request.query_params.get("key"), since)
         return JSONResponse({"object": "list", "data": rows})
 
+    async def keys(request: Request) -> Response:
+        # one route for both methods, so that a 405 on /admin/keys lists both in Allow
+        return await (create_key if request.method == "POST" else list_keys)(request)
+
     return [
-        Route("/admin/keys", list_keys, methods=["GET"]),
-        Route("/admin/keys", create_key, methods=["POST"]),
+        Route("/admin/keys", keys, methods=["GET", "POST"]),
         Route("/admin/keys/{name}", revoke_key, methods=["DELETE"]),
         Route("/admin/usage", usage, methods=["GET"]),
     ]

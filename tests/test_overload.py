@@ -1,0 +1,153 @@
+"""Overload against a real `pagoda serve`: the waiting queue is bounded (429 with Retry-After
+at once), a client that stops reading its stream is cut without holding up the others, idle
+connections are closed, and `--log-requests` logs prompts (never keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.serving import Server
+
+MODEL = "tiny"
+KEY = "sk-overload-test-key"
+LOGGED_PROMPT = "a-prompt-logged-on-request"
+SEND_TIMEOUT_S = 2
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "go"}],
+    "max_tokens": 2000,
+    "ignore_eos": True,
+    "stream": True,
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = Server(
+        [
+            *("--model", str(tiny_models["llama"]), "--served-model-name", MODEL),
+            *("--api-key", KEY, "--dtype", "float32", "--max-model-len", "2048"),
+            *("--max-num-seqs", "2", "--max-waiting-requests", "2"),
+            *("--stream-send-timeout", str(SEND_TIMEOUT_S), "--timeout-keep-alive", "1"),
+            "--log-requests",
+        ]
+    ).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+    assert KEY not in srv.log()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        yield client
+
+
+def gauge(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def wait_idle(http: httpx.Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while gauge(http, "pagoda:num_requests_running") or gauge(http, "pagoda:num_requests_waiting"):
+        assert time.monotonic() < deadline, "requests still in the engine"
+        time.sleep(0.2)
+
+
+def test_waiting_queue_limit_answers_429_at_once(server, http):
+    async def run() -> tuple[list[int], httpx.Response, float]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+            # 2 running (max_num_seqs) + 2 waiting (the limit): held open, read slowly
+            streams = [client.stream("POST", "/v1/chat/completions", json=LONG) for _ in range(4)]
+            responses = [await s.__aenter__() for s in streams]
+            start = time.monotonic()
+            refused = await client.post("/v1/chat/completions", json={**LONG, "stream": False})
+            elapsed = time.monotonic() - start
+            statuses = [r.status_code for r in responses]
+            for s in streams:
+                await s.__aexit__(None, None, None)
+            return statuses, refused, elapsed
+
+    statuses, refused, elapsed = asyncio.run(run())
+    assert statuses == [200] * 4
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "2 requests waiting" in error["message"]
+    assert elapsed < 10  # answered at once, not after the queue drained (minutes of tokens)
+    wait_idle(http)  # the closed streams were aborted
+    ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_client_that_stops_reading_is_cut_and_holds_up_nobody(server, http):
+    body = json.dumps({**LONG, "n": 8, "logprobs": True, "top_logprobs": 20}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.port))
+    try:
+        stalled.sendall(head + body)  # and never read a byte
+        # another client is served meanwhile, to the end
+        ok = http.post(
+            "/v1/chat/completions",
+            json={**LONG, "stream": False, "max_tokens": 20},
+        )
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 20
+        # the stalled stream is aborted in the engine while its socket is still open
+        wait_idle(http, timeout=120)
+        assert "a stream client stopped reading for 2 s: cut" in server.log()
+    finally:
+        stalled.close()
+
+
+def test_idle_keep_alive_connection_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        start, received = time.monotonic(), b""
+        while part := sock.recv(65536):  # until the server closes it (--timeout-keep-alive 1)
+            received += part
+        assert received.startswith(b"HTTP/1.1 200")
+        assert 1 <= time.monotonic() - start < 8
+
+
+def test_log_requests_logs_prompts_but_not_keys(server, http):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": LOGGED_PROMPT}]}
+    assert http.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+    assert LOGGED_PROMPT in server.log()
+
+
+def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
+    from pagoda.server.catalog import CatalogError, load_catalog
+    from pagoda.server.cli import models_to_serve, parse_args
+
+    catalog = tmp_path / "models.yaml"
+    (tmp_path / "c").mkdir()
+    chat = "  - id: c\n    kind: chat\n    source: ./c\n"
+    catalog.write_text(f"models:\n{chat}    max_waiting_requests: 7\n")
+    assert load_catalog(catalog)[0].max_waiting_requests == 7
+    args = parse_args(["serve", "--catalog", str(catalog)])
+    assert models_to_serve(args)[0].max_waiting_requests == 7
+    args = parse_args(["serve", "--catalog", str(catalog), "--max-waiting-requests", "3"])
+    assert models_to_serve(args)[0].max_waiting_requests == 3  # the flag wins
+    catalog.write_text(
+        "models:\n  - id: e\n    kind: embedding\n    source: ./e\n    max_waiting_requests: 7\n"
+    )
+    with pytest.raises(CatalogError, match="max_waiting_requests: .*only chat models"):
+        load_catalog(catalog)

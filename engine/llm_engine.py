@@ -7,7 +7,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
-from pagoda.engine import loader, profiling
+from pagoda.engine import distributed, loader, profiling
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
@@ -26,6 +26,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.resolve_device()  # first: a device that cannot run fails fast
+        # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
+        self.leader = distributed.start_leader(config)
+        self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one
             torch.cuda.set_device(self.device)
@@ -39,6 +42,8 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
+        elif config.tensor_parallel_size > 1 and self.device.type == "cpu":
+            torch.set_num_threads(distributed.cpu_threads_per_rank(config))
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
         model = loader.build_model(
             self.hf_config, source, config, self.device, self.dtype, self.max_model_len
@@ -54,6 +59,7 @@ class LLMEngine:
             config.seed,
             cuda_graphs=(self.max_model_len, config.max_num_seqs) if use_graphs else None,
         )
+        self.runner.leader = self.leader
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -104,6 +110,7 @@ class LLMEngine:
             per_block = ModelRunner.kv_bytes_per_block(model, size, self.dtype)
             num_blocks = self._kv_cache_memory(model) // per_block
             num_blocks = min(num_blocks, per_seq * self.config.max_num_seqs)
+        num_blocks = distributed.min_over_ranks(num_blocks)  # every rank's cache alike
         if num_blocks < per_seq:
             raise ValueError(
                 f"a KV cache of {num_blocks} blocks of {size} tokens cannot hold one sequence of "
@@ -155,6 +162,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs are not supported with tensor parallelism yet")
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = []
@@ -227,6 +236,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[SequenceDelta]:
+        if self.leader is not None:
+            self.leader.check_alive()
         if self._compiling:
             self._start_matchers()
         batch = self.scheduler.schedule()
@@ -261,6 +272,12 @@ class LLMEngine:
 
     def sequences(self, request_id: str) -> list[Sequence]:
         return self._requests.get(request_id, [])
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
+        if self.leader is not None:
+            self.leader.close()
+            self.leader = None
 
 
 def _sliding_window(config) -> int | None:

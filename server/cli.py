@@ -17,7 +17,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
-from pagoda.server import tokenizer_export
+from pagoda.server import parallel, tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
@@ -50,6 +50,11 @@ ENGINE_FLAGS = (
     "kv_cache_memory",
     "enforce_eager",
     "cpu_threads",
+    "tensor_parallel_size",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
 )
 
 
@@ -93,6 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         help="fixed CPU threads per engine (default: all cores, fewer while others use them)",
     )
+    parallel.add_serve_options(serve)
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument(
         "--tool-call-parser",
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(key_commands.run(args))
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
     try:
+        parallel.check_args(args)
+        if parallel.is_rank_node(args):
+            sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
         asyncio.run(serve(args))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)

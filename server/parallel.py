@@ -1,0 +1,48 @@
+"""`pagoda serve`'s parallelism flags, and the serve command of a node other than node 0
+(it runs its tensor-parallel ranks and no HTTP server: node 0 serves)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pagoda.engine import distributed
+from pagoda.engine.config import EngineConfig
+
+logger = logging.getLogger("pagoda")
+
+
+def add_serve_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--tensor-parallel-size", type=int, help="ranks (GPUs, or CPU core groups) per model"
+    )
+    serve.add_argument("--nnodes", type=int, help="machines the ranks span (default 1)")
+    serve.add_argument("--node-rank", type=int, help="this machine's index; node 0 serves HTTP")
+    serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
+    serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    several_nodes = (args.nnodes or 1) > 1 or args.master_port is not None
+    if several_nodes and not args.model:
+        raise ValueError("--nnodes and --master-port serve one model: give it with --model")
+
+
+def is_rank_node(args: argparse.Namespace) -> bool:
+    return (args.node_rank or 0) > 0
+
+
+def serve_ranks(config: EngineConfig) -> int:
+    """Run this node's ranks of the model until one ends; the exit code."""
+    first = config.node_rank * distributed.ranks_per_node(config)
+    logger.info(
+        "node %d of %d: ranks %d-%d of %s, meeting at %s:%s",
+        config.node_rank,
+        config.nnodes,
+        first,
+        first + distributed.ranks_per_node(config) - 1,
+        config.model,
+        config.master_addr,
+        config.master_port,
+    )
+    return distributed.run_node(config)

@@ -1,0 +1,117 @@
+"""Tensor parallelism on the CPU (gloo): TP=2 against TP=1 and transformers.
+
+The models are tiny and chosen to cover each way of splitting: KV heads split (4 heads, 2 KV
+heads) and replicated (1 KV head), a vocabulary that does not divide by 2 (padded shard), biases
+on the row-parallel o_proj and down_proj (added once), tied and untied LM heads, and the MoE
+families (each expert's intermediate size split).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.engine import LLM, SamplingParams
+from tests.random_models import Draw, build
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    initializer_range=0.2,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CASES = {
+    "llama": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=1001,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
+    "qwen3": dict(
+        COMMON, num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True, head_dim=32
+    ),
+    "qwen3_moe": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+}
+PROMPTS = [[5, 9, 200, 31, 7], list(range(3, 40)), [11] * 20]
+
+
+def _run(folder, tp: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens of each prompt, and the logits of every step (recorded on rank 0)."""
+    kv_heads = CASES[folder.name]["num_key_value_heads"]
+    llm = LLM(
+        str(folder),
+        dtype="float32",
+        device="cpu",
+        skip_tokenizer_init=True,
+        kernel_backend="torch",
+        tensor_parallel_size=tp,
+        kv_cache_blocks=64,
+    )
+    try:
+        model = llm.engine.runner.model
+        # rank 0's cache holds its KV heads only (the one KV head replicated on both ranks)
+        assert llm.engine.runner.kv_caches[0][0].shape[2] == max(1, kv_heads // tp)
+        assert len(llm.engine.leader.processes if tp > 1 else []) == tp - 1
+        logits: list[torch.Tensor] = []
+        inner = model.compute_logits
+
+        def recorded(hidden: torch.Tensor) -> torch.Tensor:
+            logits.append(inner(hidden).clone())
+            return logits[-1]
+
+        model.compute_logits = recorded
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+        return [o.outputs[0].token_ids for o in outs], logits
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_tp2_matches_tp1_and_transformers(family, tmp_path):
+    folder = tmp_path / family
+    reference = build(Draw(family, family, CASES[family], seed=0, prompts=[]), folder)
+    tokens1, logits1 = _run(folder, 1)
+    tokens2, logits2 = _run(folder, 2)
+    assert tokens2 == tokens1
+    assert len(logits2) == len(logits1)
+    for a, b in zip(logits1, logits2):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for prompt, got in zip(PROMPTS, tokens2):
+        want = reference.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )[0, len(prompt) :].tolist()
+        assert got == want

@@ -202,10 +202,17 @@ class Leader:
             time.sleep(WATCH_INTERVAL_S)
 
     def close(self) -> None:
-        """Stop the ranks and leave the group (another engine may form one after)."""
+        """Stop the ranks (those of other nodes too) and leave the group, so that another
+        engine may form one after."""
+        if _GROUP is not None and all(p.is_alive() for p in self.processes):
+            try:
+                self.send(None)
+            except RuntimeError as exc:  # a rank of another node is gone
+                logger.warning("tensor-parallel ranks did not all take the stop: %s", exc)
         for p in self.processes:
-            p.kill()
             p.join(5)
+            if p.is_alive():
+                p.kill()
         _destroy_group()
 
 
@@ -240,13 +247,19 @@ def run_follower(
     threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
     _init_group(config, rank, local_rank, port)
     engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))
-    while True:
-        box: list = [None]
-        dist.broadcast_object_list(box, src=0, group=_GROUP.control)
-        if box[0] is None:
-            break
-        engine.runner.follow(box[0])
+    try:
+        while (inputs := _receive()) is not None:
+            engine.runner.follow(inputs)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer"
+        logger.error("rank %d: rank 0 or another rank is gone, stopping: %s", rank, exc)
+        os._exit(1)
     _destroy_group()
+
+
+def _receive() -> list | None:
+    box: list = [None]
+    dist.broadcast_object_list(box, src=0, group=_GROUP.control)
+    return box[0]
 
 
 def run_node(config: EngineConfig) -> int:

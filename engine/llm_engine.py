@@ -246,7 +246,12 @@ class LLMEngine:
                 pending = [seqs[0].grammar.compiled for seqs in self._compiling.values()]
                 wait(pending, timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return []
-        sampled = self.runner.run(batch)
+        try:
+            sampled = self.runner.run(batch)
+        except RuntimeError as exc:  # gloo: a peer's connection closed
+            if self.leader is None:
+                raise
+            raise distributed.RankDiedError(f"a tensor-parallel step failed: {exc}") from exc
         self.scheduler.update(batch, sampled)
         deltas = []
         for i in sampled:

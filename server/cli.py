@@ -55,6 +55,7 @@ ENGINE_FLAGS = (
     "node_rank",
     "master_addr",
     "master_port",
+    "distributed_timeout_s",
 )
 
 

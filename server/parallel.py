@@ -20,6 +20,12 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--node-rank", type=int, help="this machine's index; node 0 serves HTTP")
     serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
     serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
+    serve.add_argument(
+        "--distributed-timeout",
+        dest="distributed_timeout_s",
+        type=float,
+        help="seconds for every rank to join (default 120); then the start fails",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:

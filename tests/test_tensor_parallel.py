@@ -8,11 +8,19 @@ families (each expert's intermediate size split).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.distributed import RankDiedError
 from tests.random_models import Draw, build
+from tests.serving import free_port
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
@@ -65,7 +73,7 @@ CASES = {
 PROMPTS = [[5, 9, 200, 31, 7], list(range(3, 40)), [11] * 20]
 
 
-def _run(folder, tp: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def _run(folder, tp: int, **parallel) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of each prompt, and the logits of every step (recorded on rank 0)."""
     kv_heads = CASES[folder.name]["num_key_value_heads"]
     llm = LLM(
@@ -76,12 +84,14 @@ def _run(folder, tp: int) -> tuple[list[list[int]], list[torch.Tensor]]:
         kernel_backend="torch",
         tensor_parallel_size=tp,
         kv_cache_blocks=64,
+        **parallel,
     )
     try:
         model = llm.engine.runner.model
         # rank 0's cache holds its KV heads only (the one KV head replicated on both ranks)
         assert llm.engine.runner.kv_caches[0][0].shape[2] == max(1, kv_heads // tp)
-        assert len(llm.engine.leader.processes if tp > 1 else []) == tp - 1
+        local_ranks = tp // parallel.get("nnodes", 1)
+        assert len(llm.engine.leader.processes if tp > 1 else []) == local_ranks - 1
         logits: list[torch.Tensor] = []
         inner = model.compute_logits
 
@@ -115,3 +125,59 @@ def test_tp2_matches_tp1_and_transformers(family, tmp_path):
             do_sample=False,
         )[0, len(prompt) :].tolist()
         assert got == want
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp") / "llama"
+    build(Draw("llama", "llama", CASES["llama"], seed=0, prompts=[]), folder)
+    return folder
+
+
+def test_two_nodes_on_one_machine_give_the_tokens_of_one_rank(llama):
+    """Node 1 is `pagoda serve --node-rank 1` in its own process (no HTTP), node 0 the LLM."""
+    port = free_port()
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "pagoda", "serve", "--model", str(llama), "--dtype", "float32"]
+        + ["--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2"]
+        + ["--node-rank", "1", "--master-port", str(port)],
+    )
+    try:
+        tokens2, _ = _run(llama, 2, nnodes=2, master_port=port)
+        assert node1.wait(60) == 0  # node 0's close stops the ranks of every node
+    finally:
+        node1.kill()
+    tokens1, _ = _run(llama, 1)
+    assert tokens2 == tokens1
+
+
+def test_a_rank_that_cannot_join_fails_the_start_after_the_timeout(tiny_models):
+    """Node 1 never starts: node 0's server exits 1 with a message that says what to check."""
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "serve", "--model", str(tiny_models["llama"])]
+        + ["--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2"]
+        + ["--master-port", str(free_port()), "--distributed-timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "rank 0 of 2 could not form the process group" in result.stderr
+    assert "within 3 s" in result.stderr and "on 2 node(s)" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_a_dead_rank_fails_the_next_step(llama):
+    llm = LLM(
+        str(llama), dtype="float32", device="cpu", skip_tokenizer_init=True,
+        tensor_parallel_size=2, kv_cache_blocks=64,
+    )  # fmt: skip
+    try:
+        rank1 = llm.engine.leader.processes[0]
+        os.kill(rank1.pid, signal.SIGKILL)
+        rank1.join(10)
+        with pytest.raises(RankDiedError, match="pagoda-tp-rank1 exited"):
+            llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY)
+    finally:
+        llm.close()

@@ -30,12 +30,12 @@ from pagoda.server.catalog import (
 )
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
 from pagoda.server.embeddings import start_embedding_models
-from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
+from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
 
 logger = logging.getLogger("pagoda")
@@ -66,6 +66,7 @@ class ModelToServe:
     owned_by: str = "pagoda"
     # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
     capabilities: Capabilities | None = None
+    data_parallel_size: int = 1  # engine replicas (server/replicas.py)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -150,11 +151,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    dp = args.data_parallel_size
     if args.model:
         name = args.served_model_name or args.model
         capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
         config = EngineConfig(model=args.model, serving=True, **overrides)
-        return [ModelToServe(name, config, capabilities=capabilities)]
+        return [ModelToServe(name, config, capabilities=capabilities, data_parallel_size=dp)]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     return [
         ModelToServe(
@@ -164,6 +166,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             ),
             e.owned_by,
             e.capabilities,
+            dp,
         )
         for e in entries
     ]
@@ -183,7 +186,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     if not models:
         return {}
-    clients = [EngineClient(m.config, m.id) for m in models]
+    clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
     tokenizers = [
         asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
         for m in models
@@ -260,6 +263,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics(of_kind(served, "chat"))
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
+    metrics.registry.register(ReplicaStatsCollector(parallel.replicas_of(served)))
     app = build_app(
         served,
         metrics,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 
 from pagoda.engine import distributed
 from pagoda.engine.config import EngineConfig
+from pagoda.server.engine_client import EngineClient
+from pagoda.server.replicas import EngineReplicas
 
 logger = logging.getLogger("pagoda")
 
@@ -21,6 +24,12 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
     serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
     serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas per model (each with its own ranks); requests go to the least busy",
+    )
+    serve.add_argument(
         "--distributed-timeout",
         dest="distributed_timeout_s",
         type=float,
@@ -29,9 +38,24 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.data_parallel_size < 1:
+        raise ValueError("--data-parallel-size must be at least 1")
     several_nodes = (args.nnodes or 1) > 1 or args.master_port is not None
     if several_nodes and not args.model:
         raise ValueError("--nnodes and --master-port serve one model: give it with --model")
+
+
+def engine_client(config: EngineConfig, name: str, data_parallel_size: int):
+    """One engine core for the model, or `data_parallel_size` replicas behind one client."""
+    if data_parallel_size > 1:
+        return EngineReplicas(config, name, data_parallel_size)
+    return EngineClient(config, name)
+
+
+def replicas_of(served: dict) -> Callable[[], dict[str, EngineReplicas]]:
+    return lambda: {
+        name: m.client for name, m in served.items() if isinstance(m.client, EngineReplicas)
+    }
 
 
 def is_rank_node(args: argparse.Namespace) -> bool:

@@ -152,6 +152,21 @@ if [[ $bench_rc != 0 ]]; then
     fi
 fi
 
+# -- 4. tensor parallelism over two GPUs (benchmarks/tp.py), where the machine has them --------
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if ((gpus >= 2)); then
+    t=$(stage_timeout 180 5)
+    log "tp.py --device cuda --tp 2 (timeout ${t}s)"
+    set +e
+    timeout -k 10 "$t" "$PY" benchmarks/tp.py --device cuda --tp 2 --repeats 2 \
+        --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log"
+    tp_rc=${PIPESTATUS[0]}
+    set -e
+    log "tp.py: rc=$tp_rc $(tail -n 1 "$OUT/tp.log")"
+else
+    log "tp.py skipped: $gpus GPU(s), tensor parallelism needs 2"
+fi
+
 log "done in $((SECONDS - START))s: kernel tests rc=$tests_rc, benchmarks rc=$bench_rc"
 if [[ $tests_rc != 0 ]]; then exit 1; fi
 if [[ $bench_rc != 0 ]]; then exit 2; fi

@@ -137,7 +137,8 @@ EOF
 fi
 
 # -- 3. benchmarks ----------------------------------------------------------------------------
-t=$(stage_timeout 600 10)
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+t=$(stage_timeout 600 $((gpus >= 2 ? 190 : 10)))  # leaves stage 4 its time on two GPUs
 log "gpu_check.py (timeout ${t}s) ${BENCH_ARGS[*]:-}"
 set +e
 timeout -k 10 "$t" "$PY" benchmarks/gpu_check.py --out "$OUT" \
@@ -153,7 +154,6 @@ if [[ $bench_rc != 0 ]]; then
 fi
 
 # -- 4. tensor parallelism over two GPUs (benchmarks/tp.py), where the machine has them --------
-gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if ((gpus >= 2)); then
     t=$(stage_timeout 180 5)
     log "tp.py --device cuda --tp 2 (timeout ${t}s)"

@@ -80,10 +80,10 @@ def min_over_ranks(value: int) -> int:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """Each rank of a node on its own GPU (cuda:local_rank)."""
+    """Each rank of a node on its own GPU: the engine's device, then the next ones."""
     if _GROUP is None or device.type != "cuda":
         return device
-    return torch.device("cuda", _GROUP.local_rank)
+    return torch.device("cuda", (device.index or 0) + _GROUP.local_rank)
 
 
 def ranks_per_node(config: EngineConfig) -> int:
@@ -100,7 +100,7 @@ def _init_group(config: EngineConfig, rank: int, local_rank: int, port: int) -> 
     device = config.resolve_device()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device((device.index or 0) + local_rank)
     os.environ["MASTER_ADDR"] = config.master_addr
     os.environ["MASTER_PORT"] = str(port)
     size = config.tensor_parallel_size

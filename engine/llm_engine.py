@@ -7,7 +7,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
-from pagoda.engine import distributed, loader, profiling
+from pagoda.engine import distributed, loader, profiling, tensor_parallel
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
@@ -26,14 +26,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.resolve_device()  # first: a device that cannot run fails fast
+        source = loader.resolve_source(config.model)
+        self.hf_config = loader.load_config(source)
+        if config.tensor_parallel_size > 1:  # a size that does not split fails before the spawn
+            tensor_parallel.Layout.of(self.hf_config, 0, config.tensor_parallel_size)
         # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
         self.leader = distributed.start_leader(config)
         self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one
             torch.cuda.set_device(self.device)
-        source = loader.resolve_source(config.model)
-        self.hf_config = loader.load_config(source)
         self.tokenizer = (
             None if config.skip_tokenizer_init else loader.load_tokenizer(source, config.tokenizer)
         )

@@ -181,3 +181,22 @@ def test_a_dead_rank_fails_the_next_step(llama):
             llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY)
     finally:
         llm.close()
+
+
+def test_catalog_sets_tensor_parallel_size_and_refuses_zero():
+    from pagoda.server.catalog import CatalogEntry
+
+    entry = {"id": "a", "kind": "chat", "source": "org/a", "engine": {"tensor_parallel_size": 2}}
+    assert CatalogEntry.model_validate(entry).engine_kwargs() == {"tensor_parallel_size": 2}
+    entry["engine"]["tensor_parallel_size"] = 0
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        CatalogEntry.model_validate(entry)
+
+
+def test_sizes_that_do_not_split_are_refused_before_anything_starts(tmp_path):
+    folder = tmp_path / "llama"
+    build(Draw("llama", "llama", dict(CASES["llama"], num_attention_heads=4), 0, []), folder)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the 4 attention"):
+        LLM(str(folder), device="cpu", skip_tokenizer_init=True, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="does not split evenly over 2 nodes"):
+        LLM(str(folder), tensor_parallel_size=3, nnodes=2, master_port=1)

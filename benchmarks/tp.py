@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -46,7 +47,9 @@ def random_model(folder: Path, device: str) -> Path:
     return folder
 
 
-def run_once(args: argparse.Namespace, tp: int, prompts: list[list[int]]) -> dict:
+def run_once(
+    args: argparse.Namespace, tp: int, prompts: list[list[int]], threads: int | None = None
+) -> dict:
     llm = LLM(
         args.model,
         device=args.device,
@@ -54,6 +57,7 @@ def run_once(args: argparse.Namespace, tp: int, prompts: list[list[int]]) -> dic
         skip_tokenizer_init=True,
         tensor_parallel_size=tp,
         max_model_len=args.input_len + args.output_len + 16,
+        cpu_threads=threads,
     )
     try:
         params = SamplingParams(
@@ -98,16 +102,26 @@ def main() -> None:
             [rng.randrange(3, vocab) for _ in range(args.input_len)]
             for _ in range(args.num_prompts)
         ]
+        # on the CPU also TP=1 on one rank's share of the cores: what each rank computes with
+        share = max(1, (os.cpu_count() or 1) // args.tp)
+        arms = [(1, None), (args.tp, None)]
+        if args.device == "cpu":
+            arms.append((1, share))
         runs = []
-        for repeat in range(args.repeats):  # alternated, so that load drifts hit both alike
-            for tp in (1, args.tp):
-                runs.append(run_once(args, tp, prompts) | {"repeat": repeat})
+        for repeat in range(args.repeats):  # alternated, so that load drifts hit all alike
+            for tp, threads in arms:
+                runs.append(
+                    run_once(args, tp, prompts, threads)
+                    | {"repeat": repeat, "threads_arm": threads}
+                )
                 print(json.dumps(runs[-1]), flush=True)
     median = {
-        tp: statistics.median(r["tokens_per_s"] for r in runs if r["tp"] == tp)
+        tp: statistics.median(
+            r["tokens_per_s"] for r in runs if r["tp"] == tp and r["threads_arm"] is None
+        )
         for tp in (1, args.tp)
     }
-    tp_runs = [r for r in runs if r["tp"] == args.tp]
+    tp_runs = [r for r in runs if r["tp"] == args.tp and r["threads_arm"] is None]
     summary = {
         "model": args.model,
         "device": args.device,
@@ -118,6 +132,9 @@ def main() -> None:
         "tokens_per_s_tp1": median[1],
         f"tokens_per_s_tp{args.tp}": median[args.tp],
         "ratio": median[args.tp] / median[1],
+        "tokens_per_s_tp1_share": statistics.median(
+            [r["tokens_per_s"] for r in runs if r["threads_arm"] is not None] or [0.0]
+        ),
         "broadcast_ms_per_step": statistics.median(r["broadcast_ms_per_step"] for r in tp_runs),
         "broadcast_bytes_per_step": statistics.median(
             r["broadcast_bytes_per_step"] for r in tp_runs
@@ -129,7 +146,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(
         f"{args.device}: TP=1 {median[1]:.1f} tok/s, TP={args.tp} {median[args.tp]:.1f} tok/s "
-        f"(x{summary['ratio']:.2f}); step broadcast {summary['broadcast_ms_per_step']:.2f} ms, "
+        f"(x{summary['ratio']:.2f}), TP=1 on cores/{args.tp} threads "
+        f"{summary['tokens_per_s_tp1_share']:.1f} tok/s; "
+        f"step broadcast {summary['broadcast_ms_per_step']:.2f} ms, "
         f"{summary['broadcast_bytes_per_step']:.0f} bytes a step "
         f"({100 * summary['broadcast_share']:.1f}% of the run)"
     )

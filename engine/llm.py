@@ -61,6 +61,7 @@ class LLM:
         kernel_backend: str = "auto",
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
+        cpu_threads: int | None = None,
         tensor_parallel_size: int = 1,
         **parallel,  # nnodes, node_rank, master_addr, master_port, distributed_timeout_s
     ) -> None:
@@ -82,6 +83,7 @@ class LLM:
             kernel_backend=kernel_backend,
             enforce_eager=enforce_eager,
             skip_tokenizer_init=skip_tokenizer_init,
+            cpu_threads=cpu_threads,
             tensor_parallel_size=tensor_parallel_size,
             **parallel,
         )

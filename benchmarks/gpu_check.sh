@@ -140,7 +140,8 @@ EOF
 fi
 
 # -- 3. benchmarks ----------------------------------------------------------------------------
-t=$(stage_timeout 600 10)
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+t=$(stage_timeout 600 $((gpus >= 2 ? 190 : 10)))  # leaves stage 4 its time on two GPUs
 log "gpu_check.py (timeout ${t}s) ${BENCH_ARGS[*]:-}"
 set +e
 timeout -k 10 "$t" "$PY" benchmarks/gpu_check.py --out "$OUT" \
@@ -153,6 +154,20 @@ if [[ $bench_rc != 0 ]]; then
         echo "what was measured before it stopped:"
         "$PY" benchmarks/gpu_check.py --report "$OUT/gpu_check.json" || true
     fi
+fi
+
+# -- 4. tensor parallelism over two GPUs (benchmarks/tp.py), where the machine has them --------
+if ((gpus >= 2)); then
+    t=$(stage_timeout 180 5)
+    log "tp.py --device cuda --tp 2 (timeout ${t}s)"
+    set +e
+    timeout -k 10 "$t" "$PY" benchmarks/tp.py --device cuda --tp 2 --repeats 2 \
+        --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log"
+    tp_rc=${PIPESTATUS[0]}
+    set -e
+    log "tp.py: rc=$tp_rc $(tail -n 1 "$OUT/tp.log")"
+else
+    log "tp.py skipped: $gpus GPU(s), tensor parallelism needs 2"
 fi
 
 log "done in $((SECONDS - START))s: kernel tests rc=$tests_rc, benchmarks rc=$bench_rc"

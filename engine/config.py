@@ -48,8 +48,17 @@ class EngineConfig:
     # CPU threads for the model; None: torch's default, and a server's engine gives threads
     # back while other processes keep cores busy (engine/cpu_threads.py)
     cpu_threads: int | None = None
+    # tensor parallelism (engine/distributed.py): ranks in all, over `nnodes` machines whose
+    # process group meets at master_addr:master_port (None: a free port, one node only)
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    distributed_timeout_s: float = 120.0  # for every rank to join
 
     def __post_init__(self) -> None:
+        self._check_parallel()
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -66,6 +75,19 @@ class EngineConfig:
             raise ValueError(
                 f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}"
             )
+
+    def _check_parallel(self) -> None:
+        size, nnodes = self.tensor_parallel_size, self.nnodes
+        if size < 1 or nnodes < 1:
+            raise ValueError("tensor_parallel_size and nnodes must be at least 1")
+        if size % nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {size} does not split evenly over {nnodes} nodes"
+            )
+        if not 0 <= self.node_rank < nnodes:
+            raise ValueError(f"node_rank must be in 0-{nnodes - 1}, got {self.node_rank}")
+        if nnodes > 1 and self.master_port is None:
+            raise ValueError("several nodes need master_port (and master_addr) to meet at")
 
     def resolve_device(self) -> torch.device:
         """`auto`: the first GPU, else the CPU (with a warning where torch was built for CUDA:

@@ -73,6 +73,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
         self.governor: ThreadGovernor | None = governor_for(self.engine.device, config.cpu_threads)
+        if config.tensor_parallel_size > 1:
+            self.governor = None  # the ranks share the cores in fixed parts
 
     def info(self) -> dict:
         engine = self.engine
@@ -85,6 +87,7 @@ class EngineCore:
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "tensor_parallel_size": engine.config.tensor_parallel_size,
         }
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:

@@ -61,6 +61,9 @@ class LLM:
         kernel_backend: str = "auto",
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
+        cpu_threads: int | None = None,
+        tensor_parallel_size: int = 1,
+        **parallel,  # nnodes, node_rank, master_addr, master_port, distributed_timeout_s
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -80,6 +83,9 @@ class LLM:
             kernel_backend=kernel_backend,
             enforce_eager=enforce_eager,
             skip_tokenizer_init=skip_tokenizer_init,
+            cpu_threads=cpu_threads,
+            tensor_parallel_size=tensor_parallel_size,
+            **parallel,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
@@ -116,6 +122,10 @@ class LLM:
             requests.append((output, self.engine.sequences(request_id)))
         self._run(sum(p.n for p in sampling_params), use_tqdm)
         return [self._finish(output, seqs) for output, seqs in requests]
+
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do)."""
+        self.engine.close()
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

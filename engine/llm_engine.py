@@ -7,7 +7,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
-from pagoda.engine import loader, profiling
+from pagoda.engine import distributed, loader, profiling, tensor_parallel
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
@@ -26,11 +26,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.resolve_device()  # first: a device that cannot run fails fast
+        source = loader.resolve_source(config.model)
+        self.hf_config = loader.load_config(source)
+        if config.tensor_parallel_size > 1:  # a size that does not split fails before the spawn
+            tensor_parallel.Layout.of(self.hf_config, 0, config.tensor_parallel_size)
+        # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
+        self.leader = distributed.start_leader(config)
+        self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one
             torch.cuda.set_device(self.device)
-        source = loader.resolve_source(config.model)
-        self.hf_config = loader.load_config(source)
         self.tokenizer = (
             None if config.skip_tokenizer_init else loader.load_tokenizer(source, config.tokenizer)
         )
@@ -39,6 +44,8 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
+        elif config.tensor_parallel_size > 1 and self.device.type == "cpu":
+            torch.set_num_threads(distributed.cpu_threads_per_rank(config))
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
         model = loader.build_model(
             self.hf_config, source, config, self.device, self.dtype, self.max_model_len
@@ -54,6 +61,7 @@ class LLMEngine:
             config.seed,
             cuda_graphs=(self.max_model_len, config.max_num_seqs) if use_graphs else None,
         )
+        self.runner.leader = self.leader
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -104,6 +112,7 @@ class LLMEngine:
             per_block = ModelRunner.kv_bytes_per_block(model, size, self.dtype)
             num_blocks = self._kv_cache_memory(model) // per_block
             num_blocks = min(num_blocks, per_seq * self.config.max_num_seqs)
+        num_blocks = distributed.min_over_ranks(num_blocks)  # every rank's cache alike
         if num_blocks < per_seq:
             raise ValueError(
                 f"a KV cache of {num_blocks} blocks of {size} tokens cannot hold one sequence of "
@@ -155,6 +164,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs are not supported with tensor parallelism yet")
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = []
@@ -227,6 +238,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[SequenceDelta]:
+        if self.leader is not None:
+            self.leader.check_alive()
         if self._compiling:
             self._start_matchers()
         batch = self.scheduler.schedule()
@@ -235,7 +248,12 @@ class LLMEngine:
                 pending = [seqs[0].grammar.compiled for seqs in self._compiling.values()]
                 wait(pending, timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return []
-        sampled = self.runner.run(batch)
+        try:
+            sampled = self.runner.run(batch)
+        except RuntimeError as exc:  # gloo: a peer's connection closed
+            if self.leader is None:
+                raise
+            raise distributed.RankDiedError(f"a tensor-parallel step failed: {exc}") from exc
         self.scheduler.update(batch, sampled)
         deltas = []
         for i in sampled:
@@ -261,6 +279,12 @@ class LLMEngine:
 
     def sequences(self, request_id: str) -> list[Sequence]:
         return self._requests.get(request_id, [])
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
+        if self.leader is not None:
+            self.leader.close()
+            self.leader = None
 
 
 def _sliding_window(config) -> int | None:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from pagoda import kernels
+from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
 from pagoda.engine.models import model_class
@@ -108,8 +109,13 @@ def build_model(
     ops = kernels.select(
         engine_config.kernel_backend, device, engine_config.block_size, dtype, head_dim
     )
+    layout = None
+    if distributed.world_size() > 1:
+        layout = tensor_parallel.Layout.of(config, distributed.rank(), distributed.world_size())
     with torch.device("meta"):
         model = cls(config, ops)
+        if layout is not None:
+            tensor_parallel.shard_model(model, layout)
     # Cast on the meta device, then allocate: built in fp32 and cast afterwards, the load would
     # peak at twice the model's bf16 size (and on a GPU leave that much in torch's cache).
     model.to(dtype)
@@ -118,6 +124,8 @@ def build_model(
         _fill_dummy(model, engine_config.seed)
     else:
         weights = _iter_weights(source, engine_config.load_format)
+        if layout is not None:
+            weights = tensor_parallel.shard_weights(weights, layout)
         model.load_weights(progress(weights, "Loading weights", "tensors"))
     model.init_rotary(device, max_model_len)
     if ops is kernels.CPU:

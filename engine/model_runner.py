@@ -31,6 +31,7 @@ class ModelRunner:
         cuda_graphs: DecodeGraphLimits | None = None,
     ) -> None:
         self.model = model
+        self.leader = None  # rank 0 of tensor parallelism: a distributed.Leader
         self.block_size = block_size
         self.device = device
         self.generator = torch.Generator(device=device)
@@ -67,21 +68,37 @@ class ModelRunner:
         """Compute the batch's new tokens; return the sampled token of each entry that
         reached its last token, keyed by its index in the batch. Prompt logprobs, where
         asked for, are appended to their sequences."""
-        input_ids, positions, meta, sample_rows, logit_positions = self._prepare(batch)
+        host, sample_rows = self._host_inputs(batch)
+        if self.leader is not None:  # tensor parallelism: the other ranks run the same pass
+            self.leader.send(host)
+        input_ids, positions, meta, logit_positions = self._device_inputs(host)
         seqs = [batch.seqs[i] for i in sample_rows]
         vocab = self.model.config.vocab_size
         # sent before the forward pass, so that the copy overlaps it
         tensors = SamplingTensors.build(seqs, vocab, self.token_counts, self.sampling_staging)
-        if self.graphs and meta.max_query_len == 1 and len(batch.seqs) <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self._forward(input_ids, positions, meta)
         if any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
             self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[logit_positions]).float()
         return dict(zip(sample_rows, sample(logits, seqs, self.generator, tensors)))
+
+    @torch.inference_mode()
+    def follow(self, host: list) -> None:
+        """A tensor-parallel rank other than 0: rank 0's forward pass on this rank's shard."""
+        input_ids, positions, meta, logit_positions = self._device_inputs(host)
+        hidden = self._forward(input_ids, positions, meta)
+        if len(logit_positions):
+            self.model.compute_logits(hidden[logit_positions])
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_seqs = len(meta.seq_lens_host)
+        if self.graphs and meta.max_query_len == 1 and num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _record_prompt_logprobs(
         self, batch: ScheduledBatch, hidden: torch.Tensor, query_lens: list[int]
@@ -106,7 +123,9 @@ class ModelRunner:
                     seq.prompt_logprobs += token_logprobs(logits, targets[lo : lo + n], [k] * n)
             start += num_new
 
-    def _prepare(self, batch: ScheduledBatch):
+    def _host_inputs(self, batch: ScheduledBatch) -> tuple[list, list[int]]:
+        """The step's model inputs as plain lists (what rank 0 sends the other ranks), and
+        the batch entries that sample."""
         size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -128,19 +147,22 @@ class ModelRunner:
         flat_tables = [
             b for s in batch.seqs for b in s.block_table + [0] * (width - len(s.block_table))
         ]
-        query_lens = list(batch.num_new_tokens)
         logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
-        (ids, pos, slot_mapping, logit_rows, starts, lens, tables), _ = self.staging.send(
-            [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
-        )
+        lists = [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
+        return [lists, list(batch.num_new_tokens), width], sample_rows
+
+    def _device_inputs(self, host: list):
+        lists, query_lens, width = host
+        seq_lens = lists[5]
+        (ids, pos, slot_mapping, logit_rows, starts, lens, tables), _ = self.staging.send(lists)
         meta = AttentionMetadata(
             query_start_loc=starts.int(),
             seq_lens=lens.int(),
-            block_tables=tables.int().view(len(batch.seqs), width),
+            block_tables=tables.int().view(len(seq_lens), width),
             slot_mapping=slot_mapping,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
         )
-        return ids, pos, meta, sample_rows, logit_rows
+        return ids, pos, meta, logit_rows

@@ -194,8 +194,20 @@ class ImagesResponse(BaseModel):
     size: str
 
 
+class ModelHealth(BaseModel):
+    status: str  # "ready", "starting", "restarting" or "failed"
+    reason: str | None = None  # why it is not ready
+    restarts: int = 0
+    pid: int | None = None
+    replicas: list[ModelHealth] | None = None  # --data-parallel-size: one line per replica
+
+
 class Health(BaseModel):
-    status: str  # "ok" with a 200; otherwise a 503 says which models are down and why
+    """/health: "ok" (200), "degraded" (200: some models down) or "unhealthy" (503);
+    /health?model= answers with that model's ModelHealth (200 ready, else 503)."""
+
+    status: str
+    models: dict[str, ModelHealth] | None = None
 
 
 class TokenizeResponse(BaseModel):

@@ -96,6 +96,7 @@ class EngineSettings(_Strict):
     block_size: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     seed: int | None = Field(None, ge=0)
+    tensor_parallel_size: int | None = Field(None, ge=1)
 
     @field_validator("block_size")
     @classmethod

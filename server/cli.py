@@ -17,7 +17,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
-from pagoda.server import tokenizer_export
+from pagoda.server import parallel, tokenizer_export
 from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
 from pagoda.server.catalog import (
     DEFAULT_CATALOG,
@@ -32,7 +32,6 @@ from pagoda.server.connections import add_connection_options, uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
 from pagoda.server.embeddings import start_embedding_models
-from pagoda.server.engine_client import EngineClient
 from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
 from pagoda.server.images import start_image_models
@@ -40,6 +39,7 @@ from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
+from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.request_log import set_log_requests
 from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
@@ -57,6 +57,12 @@ ENGINE_FLAGS = (
     "kv_cache_memory",
     "enforce_eager",
     "cpu_threads",
+    "tensor_parallel_size",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "distributed_timeout_s",
 )
 
 
@@ -68,6 +74,7 @@ class ModelToServe:
     # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
     capabilities: Capabilities | None = None
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    data_parallel_size: int = 1  # engine replicas (server/replicas.py)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,6 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         help="fixed CPU threads per engine (default: all cores, fewer while others use them)",
     )
+    parallel.add_serve_options(serve)
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     serve.add_argument(
         "--tool-call-parser",
@@ -169,12 +177,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    dp = args.data_parallel_size
     if args.model:
         name = args.served_model_name or args.model
         capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
         config = EngineConfig(model=args.model, serving=True, **overrides)
         waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
-        return [ModelToServe(name, config, capabilities=capabilities, max_waiting_requests=waiting)]
+        return [
+            ModelToServe(
+                name,
+                config,
+                capabilities=capabilities,
+                max_waiting_requests=waiting,
+                data_parallel_size=dp,
+            )
+        ]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
     return [
         ModelToServe(
@@ -185,6 +202,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             e.owned_by,
             e.capabilities,
             args.max_waiting_requests or e.max_waiting_requests,
+            dp,
         )
         for e in entries
     ]
@@ -204,7 +222,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     if not models:
         return {}
-    clients = [EngineClient(m.config, m.id) for m in models]
+    clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
     tokenizers = [
         asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
         for m in models
@@ -288,6 +306,7 @@ async def serve(args: argparse.Namespace) -> None:
     register_process_metrics(metrics.registry)
     clients = {name: model.client for name, model in served.items()}  # each outlives restarts
     metrics.registry.register(WorkerCollector(clients))
+    metrics.registry.register(ReplicaStatsCollector(parallel.replicas_of(served)))
     app = build_app(
         served,
         metrics,
@@ -331,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(key_commands.run(args))
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
     try:
+        parallel.check_args(args)
+        if parallel.is_rank_node(args):
+            sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
         asyncio.run(serve(args))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)

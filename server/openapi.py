@@ -51,6 +51,7 @@ class Operation:
     query: tuple[str, ...] = ()
     auth: bool = True
     errors: tuple[int, ...] = (400, 401, 404, 408, 413, 429, 503)
+    body_on_error: tuple[int, ...] = ()  # error statuses that may carry `response` instead
     tags: tuple[str, ...] = field(default=("openai",))
 
 
@@ -108,10 +109,12 @@ OPERATIONS = (
     Operation(
         "get",
         "/health",
-        "Health: 200 when every model's engine runs, else 503",
+        "Health: 200 while any model serves, 503 when none does or while draining",
         out.Health,
+        query=("model",),
         auth=False,
-        errors=(503,),
+        errors=(404, 503),
+        body_on_error=(503,),
         tags=("operations",),
     ),
     Operation(
@@ -200,6 +203,9 @@ def _operation(op: Operation, refs: dict, error_ref: dict) -> dict[str, Any]:
             "description": ERROR_STATUSES.get(status, "Conflict: the key exists, or is revoked"),
             "content": {"application/json": {"schema": error_ref}},
         }
+        if status in op.body_on_error:
+            schema = {"anyOf": [refs[(op.response, "serialization")], error_ref]}
+            responses[str(status)]["content"]["application/json"]["schema"] = schema
     operation: dict[str, Any] = {
         "summary": op.summary,
         "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').strip('{}')}",

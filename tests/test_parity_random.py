@@ -7,7 +7,8 @@ small enough to preempt), plus a second request that hits the prefix cache. A di
 a tie only where transformers' two best logits are within TIE of each other.
 
 CI runs DEFAULT_DRAWS draws; PAGODA_PARITY_DRAWS=300 runs that many (PAGODA_PARITY_SEED picks
-another sample, PAGODA_PARITY_DRAW=seed-index replays one draw).
+another sample, PAGODA_PARITY_DRAW=seed-index replays one draw). PAGODA_PARITY_TP=2 runs the
+engine with that tensor-parallel size (gloo on the CPU), skipping draws whose sizes do not split.
 """
 
 from __future__ import annotations
@@ -61,8 +62,35 @@ def _assert_same_or_tie(model, d: Draw, prompt: list[int], got: list[int], want:
 
 @pytest.mark.parametrize("d", _draws(), ids=lambda d: d.id)
 def test_random_config_matches_transformers(d: Draw, tmp_path):
+    tp = int(os.environ.get("PAGODA_PARITY_TP", "1"))
+    if tp > 1 and not _splits(d.config, tp):
+        pytest.skip(f"draw {d.id}: its sizes do not split over {tp} ranks")
     model = build(d, tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, **d.engine)
+    llm = LLM(
+        str(tmp_path),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        tensor_parallel_size=tp,
+        **d.engine,
+    )
+    try:
+        _check(llm, model, d)
+    finally:
+        llm.close()
+
+
+def _splits(config: dict, tp: int) -> bool:
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    intermediate = config.get("moe_intermediate_size", config["intermediate_size"])
+    return (
+        heads % tp == 0
+        and (kv % tp == 0 or tp % kv == 0)
+        and config["intermediate_size"] % tp == 0
+        and intermediate % tp == 0
+    )
+
+
+def _check(llm: LLM, model: torch.nn.Module, d: Draw) -> None:
     outs = llm.generate([{"prompt_token_ids": p} for p in d.prompts], GREEDY)
     for prompt, out in zip(d.prompts, outs):
         _assert_same_or_tie(model, d, prompt, out.outputs[0].token_ids, _reference(model, prompt))

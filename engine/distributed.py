@@ -1,0 +1,275 @@
+"""Tensor parallelism's processes and process group (torch.distributed: NCCL on CUDA, gloo on
+the CPU).
+
+Rank 0 is the engine: it runs the scheduler and samples. Before each forward pass it sends the
+step's model inputs to the other ranks in one broadcast (plain lists, over a gloo group even
+beside NCCL), and every rank then runs the same forward pass on its shard of the weights
+(engine/tensor_parallel.py). Node k of `nnodes` holds ranks k*L .. k*L+L-1 (L ranks a node);
+rank 0 spawns the other ranks of node 0, `run_node` those of another node. The group meets by
+torch's env:// rendezvous at master_addr:master_port, as under torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+from pagoda.engine.config import EngineConfig
+from pagoda.logs import LogSettings, current_settings, setup_logging
+
+logger = logging.getLogger(__name__)
+WATCH_INTERVAL_S = 0.2
+# the step channel waits as long as the engine idles: a server may see no request for days
+IDLE_TIMEOUT = timedelta(days=365)
+
+
+class RankDiedError(RuntimeError):
+    """A rank of the engine's process group is gone: the engine cannot step any more."""
+
+
+@dataclass(slots=True)
+class Group:
+    rank: int
+    size: int
+    local_rank: int
+    control: dist.ProcessGroup  # gloo: step messages and small CPU values
+
+
+_GROUP: Group | None = None
+
+
+def world_size() -> int:
+    return 1 if _GROUP is None else _GROUP.size
+
+
+def rank() -> int:
+    return 0 if _GROUP is None else _GROUP.rank
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_last(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` side by side along the last dimension."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_GROUP.size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=-1)
+
+
+def min_over_ranks(value: int) -> int:
+    if _GROUP is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_GROUP.control)
+    return int(t.item())
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Each rank of a node on its own GPU: the engine's device, then the next ones."""
+    if _GROUP is None or device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + _GROUP.local_rank)
+
+
+def ranks_per_node(config: EngineConfig) -> int:
+    return config.tensor_parallel_size // config.nnodes
+
+
+def cpu_threads_per_rank(config: EngineConfig) -> int:
+    """On the CPU the ranks of a node share its cores: each gets its part."""
+    return max(1, (os.cpu_count() or 1) // ranks_per_node(config))
+
+
+def _init_group(config: EngineConfig, rank: int, local_rank: int, port: int) -> None:
+    global _GROUP
+    device = config.resolve_device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device((device.index or 0) + local_rank)
+    os.environ["MASTER_ADDR"] = config.master_addr
+    os.environ["MASTER_PORT"] = str(port)
+    size = config.tensor_parallel_size
+    timeout = timedelta(seconds=config.distributed_timeout_s)
+    try:
+        dist.init_process_group(
+            backend, init_method="env://", rank=rank, world_size=size, timeout=timeout
+        )
+    except Exception as exc:  # DistStoreError, RuntimeError: all say "did not join in time"
+        raise RuntimeError(
+            f"tensor parallelism: rank {rank} of {size} could not form the process group at "
+            f"{config.master_addr}:{port} within {config.distributed_timeout_s:g} s (every "
+            f"rank must start, on {config.nnodes} node(s), and reach that address): {exc}"
+        ) from exc
+    # The forward pass's collectives keep the join timeout; the step channel gets a gloo
+    # group of its own that waits through idle time (and carries CPU objects beside NCCL).
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    _GROUP = Group(rank, size, local_rank, control)
+
+
+def _destroy_group() -> None:
+    global _GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _GROUP = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
+    context = torch_mp.get_context("spawn")
+    me = multiprocessing.current_process()
+    # A server's engine core is itself a daemon process, which multiprocessing forbids to
+    # have children; its ranks are watched (and end with it) by the code below instead.
+    daemon = me._config.get("daemon", False)
+    me._config["daemon"] = False
+    try:
+        processes = []
+        for r in ranks:
+            p = context.Process(
+                target=run_follower,
+                args=(config, r, r % ranks_per_node(config), port, current_settings()),
+                name=f"pagoda-tp-rank{r}",
+                daemon=True,
+            )
+            p.start()
+            processes.append(p)
+        return processes
+    finally:
+        me._config["daemon"] = daemon
+
+
+class Leader:
+    """Rank 0: starts node 0's other ranks, forms the group, sends each step's inputs."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        port = config.master_port or _free_port()
+        self.processes = _spawn_ranks(config, range(1, ranks_per_node(config)), port)
+        self.send_seconds = 0.0  # time in `send`, and bytes sent, over the engine's life
+        self.send_bytes = 0
+        self.num_sends = 0
+        try:
+            _init_group(config, 0, 0, port)
+        except BaseException:
+            self.close()
+            raise
+        if config.serving:
+            threading.Thread(target=self._watch, daemon=True, name="pagoda-tp-watch").start()
+
+    def send(self, message: list | None) -> None:
+        """One step's inputs (None: stop) to every other rank."""
+        start = time.perf_counter()
+        self.send_bytes += len(pickle.dumps(message))
+        dist.broadcast_object_list([message], src=0, group=_GROUP.control)
+        self.send_seconds += time.perf_counter() - start
+        self.num_sends += 1
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.processes if not p.is_alive()]
+        if dead:
+            raise RankDiedError(
+                f"tensor-parallel {dead[0].name} exited (code {dead[0].exitcode}): the engine "
+                "cannot step any more"
+            )
+
+    def _watch(self) -> None:
+        # A collective waits for a dead rank until the group's timeout (forever on NCCL):
+        # the engine core ends instead, and the server fails its requests.
+        while True:
+            try:
+                self.check_alive()
+            except RankDiedError as exc:
+                logger.error("%s", exc)
+                os._exit(1)
+            time.sleep(WATCH_INTERVAL_S)
+
+    def close(self) -> None:
+        """Stop the ranks (those of other nodes too) and leave the group, so that another
+        engine may form one after."""
+        if _GROUP is not None and all(p.is_alive() for p in self.processes):
+            try:
+                self.send(None)
+            except RuntimeError as exc:  # a rank of another node is gone
+                logger.warning("tensor-parallel ranks did not all take the stop: %s", exc)
+        for p in self.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        _destroy_group()
+
+
+def start_leader(config: EngineConfig) -> Leader | None:
+    """Rank 0's Leader under tensor parallelism; None with one rank, or in a follower rank
+    (whose group already exists)."""
+    if config.tensor_parallel_size == 1:
+        return None
+    if _GROUP is not None:
+        if _GROUP.rank == 0:
+            raise ValueError("this process already runs a tensor-parallel engine: close() it first")
+        return None
+    if config.node_rank != 0:
+        raise ValueError("node_rank > 0 runs ranks only (run_node), not an engine")
+    return Leader(config)
+
+
+def _watch_parent() -> None:
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(WATCH_INTERVAL_S)
+    os._exit(1)
+
+
+def run_follower(
+    config: EngineConfig, rank: int, local_rank: int, port: int, log_settings: LogSettings
+) -> None:
+    """A rank other than 0 (a spawn target): load its shard, then run what rank 0 sends."""
+    from pagoda.engine.llm_engine import LLMEngine  # it imports this module
+
+    setup_logging(log_settings)
+    threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
+    _init_group(config, rank, local_rank, port)
+    engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))
+    try:
+        while (inputs := _receive()) is not None:
+            engine.runner.follow(inputs)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer"
+        logger.error("rank %d: rank 0 or another rank is gone, stopping: %s", rank, exc)
+        os._exit(1)
+    _destroy_group()
+
+
+def _receive() -> list | None:
+    box: list = [None]
+    dist.broadcast_object_list(box, src=0, group=_GROUP.control)
+    return box[0]
+
+
+def run_node(config: EngineConfig) -> int:
+    """Node `config.node_rank` > 0: run its ranks until one ends; return its exit code."""
+    first = config.node_rank * ranks_per_node(config)
+    ranks = range(first, first + ranks_per_node(config))
+    processes = _spawn_ranks(config, ranks, config.master_port)
+    while all(p.is_alive() for p in processes):
+        time.sleep(WATCH_INTERVAL_S)
+    code = next(p.exitcode for p in processes if not p.is_alive())
+    for p in processes:
+        p.kill()
+    return code

@@ -1,0 +1,202 @@
+"""Tensor parallelism on the CPU (gloo): TP=2 against TP=1 and transformers.
+
+The models are tiny and chosen to cover each way of splitting: KV heads split (4 heads, 2 KV
+heads) and replicated (1 KV head), a vocabulary that does not divide by 2 (padded shard), biases
+on the row-parallel o_proj and down_proj (added once), tied and untied LM heads, and the MoE
+families (each expert's intermediate size split).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.distributed import RankDiedError
+from tests.random_models import Draw, build
+from tests.serving import free_port
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    initializer_range=0.2,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CASES = {
+    "llama": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=1001,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
+    "qwen3": dict(
+        COMMON, num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True, head_dim=32
+    ),
+    "qwen3_moe": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": dict(
+        COMMON,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+}
+PROMPTS = [[5, 9, 200, 31, 7], list(range(3, 40)), [11] * 20]
+
+
+def _run(folder, tp: int, **parallel) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens of each prompt, and the logits of every step (recorded on rank 0)."""
+    kv_heads = CASES[folder.name]["num_key_value_heads"]
+    llm = LLM(
+        str(folder),
+        dtype="float32",
+        device="cpu",
+        skip_tokenizer_init=True,
+        kernel_backend="torch",
+        tensor_parallel_size=tp,
+        kv_cache_blocks=64,
+        **parallel,
+    )
+    try:
+        model = llm.engine.runner.model
+        # rank 0's cache holds its KV heads only (the one KV head replicated on both ranks)
+        assert llm.engine.runner.kv_caches[0][0].shape[2] == max(1, kv_heads // tp)
+        local_ranks = tp // parallel.get("nnodes", 1)
+        assert len(llm.engine.leader.processes if tp > 1 else []) == local_ranks - 1
+        logits: list[torch.Tensor] = []
+        inner = model.compute_logits
+
+        def recorded(hidden: torch.Tensor) -> torch.Tensor:
+            logits.append(inner(hidden).clone())
+            return logits[-1]
+
+        model.compute_logits = recorded
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+        return [o.outputs[0].token_ids for o in outs], logits
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_tp2_matches_tp1_and_transformers(family, tmp_path):
+    folder = tmp_path / family
+    reference = build(Draw(family, family, CASES[family], seed=0, prompts=[]), folder)
+    tokens1, logits1 = _run(folder, 1)
+    tokens2, logits2 = _run(folder, 2)
+    assert tokens2 == tokens1
+    assert len(logits2) == len(logits1)
+    for a, b in zip(logits1, logits2):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for prompt, got in zip(PROMPTS, tokens2):
+        want = reference.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )[0, len(prompt) :].tolist()
+        assert got == want
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp") / "llama"
+    build(Draw("llama", "llama", CASES["llama"], seed=0, prompts=[]), folder)
+    return folder
+
+
+def test_two_nodes_on_one_machine_give_the_tokens_of_one_rank(llama):
+    """Node 1 is `pagoda serve --node-rank 1` in its own process (no HTTP), node 0 the LLM."""
+    port = free_port()
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "pagoda", "serve", "--model", str(llama), "--dtype", "float32"]
+        + ["--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2"]
+        + ["--node-rank", "1", "--master-port", str(port)],
+    )
+    try:
+        tokens2, _ = _run(llama, 2, nnodes=2, master_port=port)
+        assert node1.wait(60) == 0  # node 0's close stops the ranks of every node
+    finally:
+        node1.kill()
+    tokens1, _ = _run(llama, 1)
+    assert tokens2 == tokens1
+
+
+def test_a_rank_that_cannot_join_fails_the_start_after_the_timeout(tiny_models):
+    """Node 1 never starts: node 0's server exits 1 with a message that says what to check."""
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "serve", "--model", str(tiny_models["llama"])]
+        + ["--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2"]
+        + ["--master-port", str(free_port()), "--distributed-timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "rank 0 of 2 could not form the process group" in result.stderr
+    assert "within 3 s" in result.stderr and "on 2 node(s)" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_a_dead_rank_fails_the_next_step(llama):
+    llm = LLM(
+        str(llama), dtype="float32", device="cpu", skip_tokenizer_init=True,
+        tensor_parallel_size=2, kv_cache_blocks=64,
+    )  # fmt: skip
+    try:
+        rank1 = llm.engine.leader.processes[0]
+        os.kill(rank1.pid, signal.SIGKILL)
+        rank1.join(10)
+        with pytest.raises(RankDiedError, match="pagoda-tp-rank1 exited"):
+            llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY)
+    finally:
+        llm.close()
+
+
+def test_catalog_sets_tensor_parallel_size_and_refuses_zero():
+    from pagoda.server.catalog import CatalogEntry
+
+    entry = {"id": "a", "kind": "chat", "source": "org/a", "engine": {"tensor_parallel_size": 2}}
+    assert CatalogEntry.model_validate(entry).engine_kwargs() == {"tensor_parallel_size": 2}
+    entry["engine"]["tensor_parallel_size"] = 0
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        CatalogEntry.model_validate(entry)
+
+
+def test_sizes_that_do_not_split_are_refused_before_anything_starts(tmp_path):
+    folder = tmp_path / "llama"
+    build(Draw("llama", "llama", dict(CASES["llama"], num_attention_heads=4), 0, []), folder)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the 4 attention"):
+        LLM(str(folder), device="cpu", skip_tokenizer_init=True, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="does not split evenly over 2 nodes"):
+        LLM(str(folder), tensor_parallel_size=3, nnodes=2, master_port=1)

@@ -187,7 +187,7 @@ def build_app(
 
     async def health(request: Request) -> Response:
         """200 while any model serves (a balancer keeps sending the models that work),
-        503 when none does; ?model= asks about one (docs/reliability-operations.md)."""
+        503 when none does; ?model= asks about one (docs/reliability.md)."""
         states = {m.id: m.client.health() for m in models.values()}
         model_id = request.query_params.get("model")
         if model_id is not None:

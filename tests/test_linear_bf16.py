@@ -1,9 +1,13 @@
 """oneDNN's packed bf16 linear layers against torch's bf16 matmul in fp32 (the reference)."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.config import EngineConfig
 from pagoda.kernels import linear_bf16
 
 pytestmark = pytest.mark.skipif(
@@ -46,3 +50,26 @@ def test_pack_linears_swaps_every_linear_and_ties_the_lm_head():
     x = torch.randn(2, 16)
     expected = x.bfloat16().float() @ model.embed_tokens.weight.bfloat16().float().t()
     torch.testing.assert_close(model.lm_head(x), expected, rtol=2**-7, atol=1e-2)
+
+
+def test_auto_dtype_on_this_cpu_is_bf16():
+    """As vLLM: a CPU that runs bf16 natively serves bf16 unless told otherwise."""
+    config = EngineConfig(model="unused")
+    assert config.resolve_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16
+    assert (
+        EngineConfig(model="unused", dtype="float32").resolve_dtype(torch.device("cpu"), None)
+        == torch.float32
+    )
+
+
+def test_engine_takes_the_bf16_path_and_says_so(tiny_models, caplog):
+    with caplog.at_level(logging.INFO, logger="pagoda.engine.loader"):
+        llm = LLM(str(tiny_models["qwen2"]), max_model_len=256)  # qkv bias: the bias path
+    model = llm.engine.runner.model
+    assert llm.engine.dtype == torch.bfloat16
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert type(model.layers[0].self_attn.qkv_proj) is linear_bf16.OneDNNLinear
+    assert model.embed_tokens.weight.dtype == torch.float32  # activations stay fp32
+    assert "bf16 CPU path" in caplog.text and "linear layers packed for oneDNN" in caplog.text
+    out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert len(out.outputs[0].token_ids) == 8

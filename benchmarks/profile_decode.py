@@ -13,25 +13,47 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.kernels import Kernels  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
     "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
     "fp32": {"dtype": "float32"},
 }
+
+
+def label_kernels(llm: LLM) -> None:
+    """Name each kernel call in the profile: the C++ ones run through ctypes, which the
+    profiler does not see otherwise."""
+
+    def labelled(name: str, fn):
+        def call(*args, **kwargs):
+            with record_function(f"pagoda::{name}"):
+                return fn(*args, **kwargs)
+
+        return call
+
+    for module in llm.engine.runner.model.modules():
+        ops = getattr(module, "ops", None)
+        if isinstance(ops, Kernels):
+            fields = [f.name for f in dataclasses.fields(ops) if f.name != "name"]
+            module.ops = dataclasses.replace(
+                ops, **{f: labelled(f, getattr(ops, f)) for f in fields}
+            )
 
 
 def start(llm: LLM, batch: int, prompt_len: int, seed: int) -> None:
@@ -71,6 +93,8 @@ def main() -> None:
     if args.out:
         args.out.write_text("")
     llms = {name: LLM(model, max_model_len=2048, **SETTINGS[name]) for name in args.settings}
+    for llm in llms.values():
+        label_kernels(llm)
     lines = [
         f"# Decode-step profile, SmolLM2-135M (`{Path(model).name}`)",
         "",

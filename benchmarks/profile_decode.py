@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.kernels import Kernels  # noqa: E402
+from pagoda.kernels import Kernels, linear_cpu  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
@@ -48,6 +48,8 @@ def label_kernels(llm: LLM) -> None:
         return call
 
     for module in llm.engine.runner.model.modules():
+        if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
+            module.forward = labelled("linear_cpu", module.forward)
         ops = getattr(module, "ops", None)
         if isinstance(ops, Kernels):
             fields = [f.name for f in dataclasses.fields(ops) if f.name != "name"]

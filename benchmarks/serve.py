@@ -273,6 +273,8 @@ class RequestResult:
     output_tokens: int = 0
     usage_reported: bool = False  # output_tokens came from the server's usage chunk
     server_prompt_tokens: int | None = None  # usage.prompt_tokens (chat: template included)
+    text: str = ""  # the streamed output
+    client_output_tokens: int | None = None  # the client's own count: the text re-tokenized
 
     @property
     def tpot(self) -> float | None:
@@ -335,7 +337,9 @@ async def read_stream(
         chunk = json.loads(data)
         if "error" in chunk:
             raise StreamError(f"error event: {json.dumps(chunk['error'])[:ERROR_TEXT_LIMIT]}")
-        if chunk_content(chunk, endpoint):
+        content = chunk_content(chunk, endpoint)
+        if content:
+            result.text += content
             now = time.perf_counter()
             if result.ttft is None:
                 result.ttft = now - send_time
@@ -509,6 +513,11 @@ class Summary:
     e2e_ms: Stats | None
     goodput: dict[str, Any] | None
     errors: dict[str, int]
+    ttft_burst_ms: Stats | None = None  # requests sent before the first one finished
+    ttft_steady_ms: Stats | None = None  # the rest
+    burst_requests: int = 0
+    client_output_tokens: int | None = None  # None unless counted for every success
+    usage_mismatches: int = 0  # requests whose usage disagrees with the client's count
 
 
 def meets_slos(result: RequestResult, slos: dict[str, float]) -> bool:
@@ -540,8 +549,44 @@ def error_counts(results: list[RequestResult]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def count_output_tokens(results: list[RequestResult], tokenizer: Any) -> None:
+    """The client's own count of each output (its text re-tokenized), which stands in for the
+    server's where no usage came."""
+    for r in results:
+        if r.success:
+            r.client_output_tokens = len(tokenizer.encode(r.text, add_special_tokens=False))
+            if not r.usage_reported:
+                r.output_tokens = r.client_output_tokens
+
+
+def usage_mismatches(results: list[RequestResult], tolerance: float = 0.1) -> list[int]:
+    """Indices of requests whose server usage differs from the client's count by more than
+    `tolerance` of it (and more than one token: re-tokenizing text need not give back the
+    generated ids exactly)."""
+    return [
+        i
+        for i, r in enumerate(results)
+        if r.usage_reported
+        and r.client_output_tokens is not None
+        and abs(r.output_tokens - r.client_output_tokens) > max(1, tolerance * r.output_tokens)
+    ]
+
+
+def burst_split(results: list[RequestResult]) -> tuple[list[float], list[float]]:
+    """TTFTs (s) of the burst, the requests sent before any request had finished, and of the
+    steady state, those sent after: the burst waits behind the other prompts of its wave."""
+    ok = [r for r in results if r.success and r.ttft is not None and r.e2e is not None]
+    if not ok:
+        return [], []
+    first_done = min(r.start + r.e2e for r in ok)
+    burst = [r.ttft for r in ok if r.start < first_done]
+    return burst, [r.ttft for r in ok if r.start >= first_done]
+
+
 def summarize(results: list[RequestResult], duration: float, slos: dict[str, float]) -> Summary:
     ok = [r for r in results if r.success]
+    burst, steady = burst_split(results)
+    counted = [r.client_output_tokens for r in ok if r.client_output_tokens is not None]
     n_in = sum(r.prompt_len for r in ok)
     n_out = sum(r.output_tokens for r in ok)
     return Summary(
@@ -559,6 +604,11 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
         e2e_ms=Stats.of_seconds([r.e2e for r in ok if r.e2e is not None]),
         goodput=goodput(results, duration, slos) if slos else None,
         errors=error_counts(results),
+        ttft_burst_ms=Stats.of_seconds(burst),
+        ttft_steady_ms=Stats.of_seconds(steady),
+        burst_requests=len(burst),
+        client_output_tokens=sum(counted) if len(counted) == len(ok) else None,
+        usage_mismatches=len(usage_mismatches(results)),
     )
 
 
@@ -584,6 +634,8 @@ def table_rows(summary: Summary, args: argparse.Namespace, model: str) -> Iterat
     yield row("Benchmark duration (s):", summary.duration_s)
     yield row("Total input tokens:", summary.total_input_tokens)
     yield row("Total generated tokens:", summary.total_output_tokens)
+    if summary.client_output_tokens is not None:
+        yield row("Generated tokens, client's count:", summary.client_output_tokens)
     yield row("Request throughput (req/s):", summary.request_throughput)
     yield row("Output token throughput (tok/s):", summary.output_token_throughput)
     yield row("Total token throughput (tok/s):", summary.total_token_throughput)
@@ -594,13 +646,15 @@ def table_rows(summary: Summary, args: argparse.Namespace, model: str) -> Iterat
         yield row("Request goodput (req/s):", summary.goodput["request_goodput"])
     for name, title in (
         ("ttft_ms", "Time to First Token"),
+        ("ttft_burst_ms", f"TTFT, burst ({summary.burst_requests} first requests)"),
+        ("ttft_steady_ms", "TTFT, steady state"),
         ("tpot_ms", "Time per Output Token (excl. 1st token)"),
         ("itl_ms", "Inter-token Latency"),
         ("e2e_ms", "End-to-end Latency"),
     ):
         yield f"{' ' + title + ' ':-^60}"
         stats: Stats | None = getattr(summary, name)
-        short = name.removesuffix("_ms").upper()
+        short = name.removesuffix("_ms").upper().replace("_", " ")
         for stat in ("mean", "median", "p99"):
             value = getattr(stats, stat) if stats else "n/a"
             yield row(f"{stat.capitalize()} {short} (ms):", value)
@@ -700,8 +754,16 @@ def report(
     results: list[RequestResult],
     duration: float,
 ) -> Summary:
+    count_output_tokens(results, tokenizer)
     summary = summarize(results, duration, args.slos)
     print("\n".join(table_rows(summary, args, target.model)))
+    if summary.usage_mismatches:
+        print(
+            f"warning: {summary.usage_mismatches} request(s) report usage.completion_tokens "
+            "more than 10% away from the client's count of their text's tokens; total "
+            f"{summary.total_output_tokens} (server) vs {summary.client_output_tokens} (client)",
+            file=sys.stderr,
+        )
     if args.result_json:
         config = jsonable_config(args, target.model, tokenizer)
         write_json(args.result_json, args, config, summary, results)

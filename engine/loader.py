@@ -18,7 +18,7 @@ from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
 from pagoda.engine.models import model_class
-from pagoda.kernels import linear_cpu
+from pagoda.kernels import linear_bf16, linear_cpu
 from pagoda.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -116,9 +116,11 @@ def build_model(
         model = cls(config, ops)
         if layout is not None:
             tensor_parallel.shard_model(model, layout)
+    # bf16 on a CPU with AMX or AVX512-BF16: bf16 linear layers and KV cache, fp32 for the rest
+    native_bf16 = dtype == torch.bfloat16 and ops is kernels.CPU and linear_bf16.available()
     # Cast on the meta device, then allocate: built in fp32 and cast afterwards, the load would
     # peak at twice the model's bf16 size (and on a GPU leave that much in torch's cache).
-    model.to(dtype)
+    model.to(torch.float32 if native_bf16 else dtype)
     model.to_empty(device=device)
     if engine_config.load_format == "dummy":
         _fill_dummy(model, engine_config.seed)
@@ -128,10 +130,20 @@ def build_model(
             weights = tensor_parallel.shard_weights(weights, layout)
         model.load_weights(progress(weights, "Loading weights", "tensors"))
     model.init_rotary(device, max_model_len)
-    if ops is kernels.CPU:
+    if native_bf16:
+        packed = linear_bf16.pack_linears(model)
+        logger.info(
+            "bf16 CPU path (%s): %d linear layers packed for oneDNN, bf16 KV cache, fp32 "
+            "activations and accumulation",
+            linear_bf16.describe(),
+            packed,
+        )
+    elif ops is kernels.CPU and dtype == torch.float32:
         packed = linear_cpu.pack_linears(model)
         if packed:
             logger.info("CPU linear kernel: %d fp32 layers packed", packed)
+    elif device.type == "cpu" and dtype != torch.float32:
+        logger.info("%s on a CPU without native bf16 (AMX, AVX512-BF16): torch ops", dtype)
     return model.eval()
 
 

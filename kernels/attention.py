@@ -42,8 +42,9 @@ def write_kv_cache(
 ) -> None:
     """Store k, v [T, Hkv, D] into the paged caches at `slot_mapping` [T]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    # the cache may be narrower than the activations (bf16 cache, fp32 model on a CPU)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(
@@ -145,8 +146,8 @@ def _extend_attention(
     q_len = q.shape[0]
     block_size = k_cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    k = _gather(k_cache, block_table, num_blocks)[:seq_len]
-    v = _gather(v_cache, block_table, num_blocks)[:seq_len]
+    k = _gather(k_cache, block_table, num_blocks)[:seq_len].to(q.dtype)
+    v = _gather(v_cache, block_table, num_blocks)[:seq_len].to(q.dtype)
     # [1, H, T, D] layout for SDPA
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if q_len == seq_len:

@@ -86,3 +86,39 @@ def test_write_kv_cache(num_kv_heads, head_dim, seed):
 
 def test_write_kv_cache_skips_negative_slots():
     _check_skips_negative_slots(attention_cpu.write_kv_cache)
+
+
+@pytest.mark.parametrize("seqs", [DECODE, MIXED, LONG_PREFILL], ids=["decode", "mixed", "long"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, seed):
+    """fp32 queries over a bf16 cache: the kernel widens each bf16 value exactly and computes
+    in fp32, so it matches the fp32 reference on the widened cache to fp32 rounding."""
+    assert attention_cpu.supports(torch.float32, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    k_cache, v_cache, meta = _make_batch(seqs, num_kv_heads, head_dim, torch.bfloat16, 16)
+    q, _, _ = _qkv_views(sum(n for _, n in seqs), num_heads, num_kv_heads, head_dim, torch.float32)
+    out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
+    expected = _reference(q, k_cache, v_cache, meta, head_dim**-0.5)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all(), f"seed {seed}"
+    torch.testing.assert_close(
+        out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}"
+    )
+
+
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 64), (2, 32)])
+def test_write_kv_cache_rounds_into_a_bf16_cache_as_torch_does(num_kv_heads, head_dim, seed):
+    """fp32 rows into a bf16 cache, rounded to nearest even: bit for bit torch's `.bfloat16()`
+    (the rows include values halfway between two bf16 numbers)."""
+    _, k, v = _qkv_views(40, 2 * num_kv_heads, num_kv_heads, head_dim, torch.float32)
+    halfway = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)])  # ties to even
+    k[0, 0, :3] = halfway
+    slots = torch.randperm(6 * 16)[:40]
+    shape = (6, 16, num_kv_heads, head_dim)
+    k_cache, v_cache = (
+        torch.zeros(shape, dtype=torch.bfloat16),
+        torch.zeros(shape, dtype=torch.bfloat16),
+    )
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    attention_cpu.write_kv_cache(k, v, k_cache, v_cache, slots)
+    k_ref.view(-1, num_kv_heads, head_dim)[slots] = k.bfloat16()
+    v_ref.view(-1, num_kv_heads, head_dim)[slots] = v.bfloat16()
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"seed {seed}"

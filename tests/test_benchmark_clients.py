@@ -264,3 +264,155 @@ def test_guidellm_offline(server, exported, tmp_path):
         # the server counts the 16 tokens guidellm made with the exported tokenizer
         assert request["input_metrics"]["text_tokens"] == 16
         assert request["output_metrics"]["text_tokens"] == 8
+
+
+# -- benchmarks/serve.py's parsing and summaries on synthetic streams (no server) ------------
+
+
+def _serve_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sse(*events: object) -> httpx.Response:
+    lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
+    return httpx.Response(200, content="".join([": keep-alive\n\n", *lines]).encode())
+
+
+def _read(serve, response: httpx.Response, endpoint: str = "completions"):
+    import asyncio
+    import time
+
+    result = serve.RequestResult(prompt_len=3, output_len=8)
+    done = asyncio.run(serve.read_stream(response, endpoint, time.perf_counter(), result))
+    return done, result
+
+
+def test_serve_reads_text_chunks_and_usage():
+    serve = _serve_module()
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    response = _sse(
+        {"choices": [{"index": 0, "text": "Hello"}]},
+        {"choices": [{"index": 0, "text": ""}]},  # an empty chunk is no token
+        {"choices": [{"index": 0, "text": " world, again"}]},
+        {"choices": [], "usage": usage},
+        "[DONE]",
+    )
+    done, result = _read(serve, response)
+    assert done and result.text == "Hello world, again"
+    assert result.ttft is not None and len(result.itl) == 1  # two content chunks
+    assert result.output_tokens == 4 and result.usage_reported
+    assert result.server_prompt_tokens == 3
+
+
+def test_serve_reads_chat_deltas_and_reports_a_missing_done():
+    serve = _serve_module()
+    response = _sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Par"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "is"}}]},
+    )
+    done, result = _read(serve, response, "chat")
+    assert not done and result.text == "Paris"
+    assert result.output_tokens == 2 and not result.usage_reported  # chunks, until counted
+
+
+def test_serve_raises_on_an_error_event():
+    serve = _serve_module()
+    with pytest.raises(serve.StreamError, match="overloaded"):
+        _read(serve, _sse({"error": {"message": "overloaded", "code": 429}}))
+
+
+class _WordTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [len(w) for w in text.split()]
+
+
+def _result(serve, start, ttft, e2e, text, usage=None):
+    r = serve.RequestResult(prompt_len=10, output_len=4, start=start, success=True, ttft=ttft)
+    r.e2e, r.text = e2e, text
+    r.output_tokens = usage if usage is not None else 0
+    r.usage_reported = usage is not None
+    return r
+
+
+def test_serve_counts_tokens_itself_and_flags_usage_that_disagrees(capsys):
+    serve = _serve_module()
+    results = [
+        _result(serve, 0.0, 0.5, 2.0, "a b c d", usage=4),  # agrees
+        _result(serve, 0.0, 0.6, 2.0, "a b c d", usage=9),  # disagrees
+        _result(serve, 0.1, 0.7, 2.1, "a b c"),  # no usage: the client's count stands
+    ]
+    serve.count_output_tokens(results, _WordTokenizer())
+    assert [r.client_output_tokens for r in results] == [4, 4, 3]
+    assert results[2].output_tokens == 3
+    assert serve.usage_mismatches(results) == [1]
+    summary = serve.summarize(results, 4.0, {})
+    assert summary.total_output_tokens == 4 + 9 + 3 and summary.client_output_tokens == 11
+    assert summary.usage_mismatches == 1
+    assert summary.output_token_throughput == 16 / 4.0
+
+
+def test_serve_splits_burst_and_steady_state_ttft():
+    """The burst: requests sent before the first finished (at 2.0 s); the rest is steady."""
+    serve = _serve_module()
+    results = [
+        _result(serve, 0.0, 1.0, 2.0, "x", 1),
+        _result(serve, 0.0, 1.5, 2.5, "x", 1),
+        _result(serve, 2.0, 0.2, 1.0, "x", 1),
+        _result(serve, 2.5, 0.4, 1.0, "x", 1),
+        serve.RequestResult(prompt_len=1, output_len=1, start=0.0, error="HTTP 500"),
+    ]
+    burst, steady = serve.burst_split(results)
+    assert burst == [1.0, 1.5] and steady == [0.2, 0.4]
+    summary = serve.summarize(results, 4.0, {})
+    assert summary.burst_requests == 2 and summary.completed == 4 and summary.failed == 1
+    assert summary.ttft_burst_ms.median == 1250.0 and summary.ttft_steady_ms.median == 300.0
+    assert summary.ttft_ms.median == pytest.approx(700.0)
+    rows = "\n".join(serve.table_rows(summary, serve.parse_args([]), "m"))
+    assert "TTFT, burst (2 first requests)" in rows and "Median TTFT STEADY (ms):" in rows
+
+
+# -- benchmarks/offline_throughput.py's parsing and summaries --------------------------------
+
+
+def _offline_module():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "offline_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_offline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_offline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_workload_follows_its_arguments():
+    offline = _offline_module()
+    args = offline.parse_args(["--num-prompts", "5", "--input-len-min", "3", "--output-len", "7"])
+    assert args.dtype == "float32" and args.input_len_max == 256
+    workload = offline.make_workload(args, vocab_size=1000)
+    assert len(workload.batch) == 5 and all(3 <= len(p) <= 256 for p in workload.batch)
+    ids = [t for p in [*workload.batch, workload.single] for t in p]
+    assert min(ids) >= 100 and max(ids) < 900  # clear of special tokens at either end
+    assert workload.max_len == max(len(p) for p in workload.batch + [workload.single]) + 7
+    assert offline.make_workload(args, 1000).batch == workload.batch  # seeded
+
+
+def test_offline_summaries_take_medians_and_ratios(capsys):
+    offline = _offline_module()
+    runs = [offline.Run(64, 2.0), offline.Run(64, 1.0), offline.Run(64, 4.0)]
+    ours = offline.Measurement(runs)
+    theirs = offline.Measurement([offline.Run(32, 1.0)])
+    assert ours.median_tok_per_s == 32.0 and offline.ratio(ours, theirs) == 1.0
+    assert offline.ratio(ours, None) is None
+    assert ours.to_json()["repeats"][1] == {"output_tokens": 64, "seconds": 1.0, "tok_per_s": 64.0}
+    machine = {"cpu_count": 2, "torch": "x", "torch_threads": 2, "device": "cpu"}
+    offline.print_table({"b": "static batch"}, {"b": ours}, {"b": theirs}, machine)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.split() == ["static", "batch", "32.0", "32.0", "1.00x"]

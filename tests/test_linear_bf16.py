@@ -1,0 +1,75 @@
+"""oneDNN's packed bf16 linear layers against torch's bf16 matmul in fp32 (the reference)."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.config import EngineConfig
+from pagoda.kernels import linear_bf16
+
+pytestmark = pytest.mark.skipif(
+    not linear_bf16.available(), reason="the CPU runs no native bf16 (AMX, AVX512-BF16)"
+)
+
+
+# rows: 1, a decode batch, a prefill chunk; shapes: SmolLM2's qkv and down, a ragged one
+@pytest.mark.parametrize("rows", [1, 32, 256])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (50, 37)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_bf16_matmul_with_fp32_accumulation(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(rows, k, generator=g)
+    got = linear_bf16.OneDNNLinear(w, b)(x)
+    # the exact product of the bf16-rounded operands, rounded to bf16 once at the end
+    expected = x.bfloat16().double() @ w.bfloat16().double().t()
+    if bias:
+        expected += b.bfloat16().double()
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    # one bf16 rounding of the result (relative 2^-8) plus fp32 accumulation order
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-3)
+
+
+def test_keeps_the_input_dtype_and_leading_dims():
+    layer = linear_bf16.OneDNNLinear(torch.randn(8, 16))
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 8)
+    assert layer(torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_pack_linears_swaps_every_linear_and_ties_the_lm_head():
+    model = nn.Module()
+    model.a, model.b = nn.Linear(16, 8), nn.Linear(8, 4, bias=False)
+    model.embed_tokens = nn.Embedding(10, 16)
+    model.tie_word_embeddings, model.lm_head = True, None
+    assert linear_bf16.pack_linears(model) == 3
+    assert all(type(m) is linear_bf16.OneDNNLinear for m in (model.a, model.b, model.lm_head))
+    x = torch.randn(2, 16)
+    expected = x.bfloat16().float() @ model.embed_tokens.weight.bfloat16().float().t()
+    torch.testing.assert_close(model.lm_head(x), expected, rtol=2**-7, atol=1e-2)
+
+
+def test_auto_dtype_on_this_cpu_is_bf16():
+    """As vLLM: a CPU that runs bf16 natively serves bf16 unless told otherwise."""
+    config = EngineConfig(model="unused")
+    assert config.resolve_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16
+    assert (
+        EngineConfig(model="unused", dtype="float32").resolve_dtype(torch.device("cpu"), None)
+        == torch.float32
+    )
+
+
+def test_engine_takes_the_bf16_path_and_says_so(tiny_models, caplog):
+    with caplog.at_level(logging.INFO, logger="pagoda.engine.loader"):
+        llm = LLM(str(tiny_models["qwen2"]), max_model_len=256)  # qkv bias: the bias path
+    model = llm.engine.runner.model
+    assert llm.engine.dtype == torch.bfloat16
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert type(model.layers[0].self_attn.qkv_proj) is linear_bf16.OneDNNLinear
+    assert model.embed_tokens.weight.dtype == torch.float32  # activations stay fp32
+    assert "bf16 CPU path" in caplog.text and "linear layers packed for oneDNN" in caplog.text
+    out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert len(out.outputs[0].token_ids) == 8

@@ -39,7 +39,7 @@ def test_batches_bounded_by_size_and_tokens_longest_first():
     first = worker._next_batch()
     assert len(first) == 3 and len(first[0].token_ids) == max(len(i.token_ids) for i in first)
     assert len(first[0].token_ids) == 32  # the longest text first
-    worker.config.max_batch_tokens = 20  # fewer rows when they are long
+    worker.max_batch_tokens = 20  # fewer rows when they are long
     worker.add("b", ["word " * 15], None, None)
     assert len(worker._next_batch()) == 1
 

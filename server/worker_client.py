@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from pagoda.logs import current_settings
 
 logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.5
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            del os.environ[name]
 
 
 class WorkerDeadError(RuntimeError):
@@ -39,6 +51,8 @@ class WorkerClient:
     """Subclasses name their `kind`, decode their outputs and say what a request sends."""
 
     kind = "worker"
+    # environment variables the worker process starts with, unless already set
+    environment: dict[str, str] = {}
 
     def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
         """`target(*args, input_addr, output_addr, log_settings)` runs in the spawned
@@ -81,7 +95,8 @@ class WorkerClient:
             name=f"pagoda-{self.kind}-{self.name}",
             daemon=True,
         )
-        self._process.start()
+        with _environment(self.environment):  # a spawned process copies this one's
+            self._process.start()
         self.info = await self._wait_ready()
         self._tasks = [
             asyncio.create_task(self._read_outputs()),

@@ -18,17 +18,23 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
-from pagoda.engine.worker import Rejected, run_worker
+from pagoda.engine.worker import Gather, Rejected, run_worker
 from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
 WINDOW_BATCHES = 4
+# A CPU gains nothing from wide batches (its matmuls are saturated at a few hundred rows) but
+# pays for every padded token: small batches of like length ran lists of 64 texts of 8-64
+# words 1.45x faster than one padded batch of 64 (bf16). A GPU wants wide batches.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
 # upper bounds of the batch-size histogram the worker keeps (its stats carry the counts)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -39,7 +45,9 @@ class EmbeddingConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, float16 on a GPU
     max_model_len: int | None = None  # default: the model's max_seq_length
-    max_batch_tokens: int = 16384  # padded tokens (rows x longest row) per forward pass
+    # padded tokens (rows x longest row) per forward pass; default: CPU_BATCH_TOKENS on a CPU,
+    # GPU_BATCH_TOKENS on a GPU
+    max_batch_tokens: int | None = None
     max_batch_size: int = 64  # inputs per forward pass
     cpu_threads: int | None = None
 
@@ -92,6 +100,9 @@ class EmbeddingWorker:
         self.left_padding = self.tokenizer.padding_side == "left"
         self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
         self.governor = governor_for(self.device, config.cpu_threads)
+        self.max_batch_tokens = config.max_batch_tokens or (
+            CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
+        )
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Item] = deque()
         self.batches = 0
@@ -113,7 +124,7 @@ class EmbeddingWorker:
             "dimensions": self.dim,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "max_batch_tokens": self.config.max_batch_tokens,
+            "max_batch_tokens": self.max_batch_tokens,
             "max_batch_size": self.config.max_batch_size,
         }
 
@@ -222,7 +233,7 @@ class EmbeddingWorker:
         window = list(itertools.islice(self.queue, WINDOW_BATCHES * config.max_batch_size))
         window.sort(key=lambda item: len(item.token_ids), reverse=True)
         longest = len(window[0].token_ids)
-        size = max(1, min(config.max_batch_size, config.max_batch_tokens // longest, len(window)))
+        size = max(1, min(config.max_batch_size, self.max_batch_tokens // longest, len(window)))
         batch = window[:size]
         taken = {id(item) for item in batch}
         self.queue = deque(item for item in self.queue if id(item) not in taken)
@@ -277,4 +288,5 @@ def run_embedding_worker(
     config: EmbeddingConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
     """Process entry point (a spawn target: module level, picklable arguments)."""
-    run_worker(lambda: EmbeddingWorker(config), input_addr, output_addr, log_settings)
+    load = partial(EmbeddingWorker, config)
+    run_worker(load, input_addr, output_addr, log_settings, Gather())

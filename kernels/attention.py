@@ -172,6 +172,7 @@ def _decode_attention(
     shape = (batch, plan.length, num_kv_heads, head_dim)
     k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, plan.slots).view(shape)
     v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, plan.slots).view(shape)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a bf16 cache under an fp32 model (CPU bf16 path)
     # GQA packing: the query heads sharing a KV head become that head's query rows, so each
     # KV head is read once and no repeat of K/V is needed.
     group = num_heads // num_kv_heads

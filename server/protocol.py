@@ -74,7 +74,7 @@ def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
 def _load_json(body: bytes) -> Any:
     try:
         # JSON over HTTP is UTF-8 (RFC 8259); a byte-order mark is tolerated.
-        return json.loads(
+        data = json.loads(
             body.decode("utf-8-sig"),
             parse_constant=_reject_constant,
             parse_float=_finite_float,
@@ -82,6 +82,21 @@ def _load_json(body: bytes) -> Any:
         )
     except (ValueError, RecursionError) as exc:
         raise invalid(f"The request body is not valid JSON: {exc}") from None
+    # A NUL can only come in escaped; no field means one, and C strings (PostgreSQL's text in
+    # the usage ledger, tokenizers' C APIs, logs) cut or refuse it.
+    if b"\\u0000" in body and _has_nul(data):
+        raise invalid("A string in the request contains a NUL character (\\u0000).")
+    return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _reject_constant(name: str) -> None:

@@ -151,13 +151,17 @@ def test_invalid_utf8(http):
 def test_nul_bytes(http):
     raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\x00b"}]}'
     assert_openai_error(post_raw(http, raw), 400)  # a control character: not JSON
-    escaped = {**GOOD, "model": "tiny\u0000../x"}
-    assert assert_openai_error(http.post("/v1/chat/completions", json=escaped), 404)["code"] == (
-        "model_not_found"
-    )
-    # \u0000 inside a prompt is text like any other: served, not refused
-    ok = {**GOOD, "messages": [{"role": "user", "content": "a\u0000b"}]}
-    assert http.post("/v1/chat/completions", json=ok).status_code == 200
+    for body in (
+        {**GOOD, "model": "tiny\u0000../x"},
+        {**GOOD, "messages": [{"role": "user", "content": "a\u0000b"}]},
+        {**GOOD, "user": "a\u0000b"},
+        {**GOOD, "stop": ["ok", "\u0000"]},
+    ):
+        error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
+        assert "NUL" in error["message"]
+    # an escaped backslash before "u0000" is not a NUL
+    text = {**GOOD, "messages": [{"role": "user", "content": "a\\u0000b"}]}
+    assert http.post("/v1/chat/completions", json=text).status_code == 200
 
 
 @pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])

@@ -22,11 +22,6 @@ class Embeddings:
 
 class EmbeddingClient(WorkerClient):
     kind = "embedding"
-    # OpenMP threads that sleep when they wait instead of spinning: between steps (and at 32
-    # clients one input each, steps come with gaps) spinning threads took the cores that the
-    # server and the clients needed; passive ones halved the worker's CPU time per input
-    # there and ran 1.65x more inputs/s, with lists of 64 unchanged (bf16, 2 cores, under load)
-    environment = {"OMP_WAIT_POLICY": "PASSIVE"}
 
     def __init__(self, config: EmbeddingConfig, name: str) -> None:
         super().__init__(name, run_embedding_worker, (config,))

@@ -9,11 +9,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,6 @@ def set_max_failed_starts(count: int) -> None:
     _max_failed_starts = count
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    added = [name for name in values if name not in os.environ]
-    os.environ.update({name: values[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            del os.environ[name]
-
-
 class WorkerDeadError(RuntimeError):
     """The worker process is gone: its requests cannot finish."""
 
@@ -70,8 +58,6 @@ class WorkerClient:
     worker is not ready."""
 
     kind = "worker"
-    # environment variables the worker process starts with, unless already set
-    environment: dict[str, str] = {}
 
     def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
         """`target(*args, input_addr, output_addr, log_settings)` runs in the spawned
@@ -132,8 +118,7 @@ class WorkerClient:
             name=f"pagoda-{self.kind}-{self.name}",
             daemon=True,
         )
-        with _environment(self.environment):  # a spawned process copies this one's
-            self._process.start()
+        self._process.start()
         self._died = asyncio.get_running_loop().create_future()
         try:
             self.info = await self._wait_ready()

@@ -106,7 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--cpu-threads",
         type=int,
-        help="fixed CPU threads per engine (default: all cores, fewer while others use them)",
+        help="fixed CPU threads per chat engine and image worker "
+        "(default: all cores, fewer while others use them)",
     )
     parallel.add_serve_options(serve)
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")

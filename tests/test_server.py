@@ -157,7 +157,7 @@ def test_stop_strings_cut_across_tokens(client):
     free = chat(client, temperature=0, max_tokens=30, ignore_eos=True).choices[0].message.content
     assert len(free) > 12
     stop = free[5:12]  # most likely spans a token boundary
-    r = chat(client, temperature=0, max_tokens=30, ignore_eos=True, stop=[stop, "\x00never"])
+    r = chat(client, temperature=0, max_tokens=30, ignore_eos=True, stop=[stop, "\u2603never"])
     assert r.choices[0].message.content == free[: free.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 

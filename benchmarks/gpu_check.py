@@ -151,13 +151,10 @@ QWEN3_30B_A3B = {
     "torch_dtype": "bfloat16",
 }
 
-TINY_QWEN3_MOE = {
-    **QWEN3_30B_A3B,
+# the smoke run's shapes: a tiny model of each family that runs anywhere
+TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -166,18 +163,13 @@ TINY_QWEN3_MOE = {
     "max_position_embeddings": 16384,
     "torch_dtype": "float32",
 }
-
-TINY_LLAMA = {
-    **LLAMA_8B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 512,
-    "max_position_embeddings": 16384,
-    "torch_dtype": "float32",
+TINY_LLAMA = {**LLAMA_8B, **TINY_SHAPE}
+TINY_QWEN3_MOE = {
+    **QWEN3_30B_A3B,
+    **TINY_SHAPE,
+    "moe_intermediate_size": 32,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
 }
 
 

@@ -69,6 +69,16 @@ class Server:
                 return int(pid)
         raise RuntimeError("no engine process found")
 
+    def running(self, model: str | None = None) -> float:
+        """Sequences running, as /metrics reports them: one model's, or every model's."""
+        total = 0.0
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith("pagoda:num_requests_running{") and (
+                model is None or f'model_name="{model}"' in line
+            ):
+                total += float(line.split()[-1])
+        return total
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as an orchestrator would; returns the exit code."""
         if self.process.poll() is None:

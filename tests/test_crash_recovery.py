@@ -77,13 +77,6 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _running(url: str, model: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f'pagoda:num_requests_running{{model_name="{model}"}}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_killed_worker_fails_its_requests_restarts_and_serves_again(server):
     url = server.url
     a = _health(url, "a").json()
@@ -101,7 +94,7 @@ def test_killed_worker_fails_its_requests_restarts_and_serves_again(server):
     threads = [threading.Thread(target=f) for f in (stream, stream, stream, plain, plain)]
     for thread in threads:
         thread.start()
-    _wait_for(lambda: _running(url, "a") >= 5, 60, "the five requests to run")
+    _wait_for(lambda: server.running("a") >= 5, 60, "the five requests to run")
     killed_at = time.monotonic()
     os.kill(a["pid"], signal.SIGKILL)
     for thread in threads:

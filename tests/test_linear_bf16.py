@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# rows: 1, a decode batch, a prefill chunk; shapes: SmolLM2's qkv and down, a ragged one
-@pytest.mark.parametrize("rows", [1, 32, 256])
+# rows: 1, a decode batch, a prefill chunk, and counts that run padded (33 -> 34, 261 -> 264);
+# shapes: SmolLM2's qkv and down, a ragged one
+@pytest.mark.parametrize("rows", [1, 32, 33, 256, 261])
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (50, 37)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_bf16_matmul_with_fp32_accumulation(rows, n, k, bias):
@@ -37,7 +38,19 @@ def test_matches_bf16_matmul_with_fp32_accumulation(rows, n, k, bias):
 def test_keeps_the_input_dtype_and_leading_dims():
     layer = linear_bf16.OneDNNLinear(torch.randn(8, 16))
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 8)
+    x = torch.randn(65, 16, dtype=torch.bfloat16)  # run as 68 rows: the padding changes nothing
+    unpadded = torch.ops.mkldnn._linear_pointwise(x, layer.packed, None, "none", [], "")
+    assert torch.equal(layer(x), unpadded)
     assert layer(torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_row_counts_fall_into_few_sizes_with_little_padding():
+    sizes = {linear_bf16.padded_rows(rows) for rows in range(1, 4097)}
+    assert len(sizes) == 32 + 16 * 7  # exact up to 32, then 16 per power of two
+    for rows in range(1, 4097):
+        padded = linear_bf16.padded_rows(rows)
+        assert rows <= padded <= rows * 1.0625
+        assert linear_bf16.padded_rows(padded) == padded
 
 
 def test_pack_linears_swaps_every_linear_and_ties_the_lm_head():

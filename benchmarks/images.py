@@ -2,7 +2,9 @@
 in-process, in one run.
 
 - In-process baseline: the pipeline in this process makes --num-images images one by one (one
-  pipeline call and one PNG encoding per image), as a script calling diffusers would.
+  pipeline call and one PNG encoding per image), as a script calling diffusers would, with the
+  memory setting pagoda's workers use (`keep_freed_memory`: glibc keeps freed blocks), so
+  that the two sides differ by the server alone.
 - Server: `pagoda serve --catalog <generated catalog>` with the same pipeline, driven over HTTP
   (b64_json PNG, one image per request, distinct seeds) at each --concurrency.
 - HTTP floor: the same client's round trip on a request the server answers without its worker
@@ -48,6 +50,8 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
+
+from pagoda.engine.worker import keep_freed_memory
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city at night"]
 READY_TIMEOUT_S = 600
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(build_tiny_flux(folder / "tiny-flux"))
         torch.set_num_threads(args.cpu_threads)
+        keep_freed_memory()
         dtype = getattr(torch, args.dtype)
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(args.device)
         pipe.set_progress_bar_config(disable=True)

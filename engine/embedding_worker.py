@@ -278,8 +278,8 @@ class EmbeddingWorker:
             span = slice(width - len(ids), width) if self.left_padding else slice(0, len(ids))
             input_ids[row, span] = torch.tensor(ids)
             attention_mask[row, span] = 1
-        features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self._run(features, list(self.model))
+        features = self._inputs({"input_ids": input_ids, "attention_mask": attention_mask})
+        return _embeddings(_run_modules(features, list(self.model)))
 
     @torch.inference_mode()
     def _embed_packed(self, token_ids: list[list[int]]) -> torch.Tensor:
@@ -314,32 +314,25 @@ class EmbeddingWorker:
             "position_ids": position_ids.view(len(rows), width),
             "attention_mask": mask,
         }
-        features = self._run(features, list(self.model)[:1], pool=False)
-        hidden = features["token_embeddings"]
+        transformer, *pooling = self.model
+        hidden = _run_modules(self._inputs(features), [transformer])["token_embeddings"]
         unpacked = hidden.new_zeros(len(token_ids) * width, hidden.shape[-1])
         unpacked[padded_at] = hidden.reshape(-1, hidden.shape[-1])[packed_at]
-        pooled = {
-            "input_ids": torch.zeros(len(token_ids), width, dtype=torch.long),
+        padded_ids = torch.zeros(len(token_ids) * width, dtype=torch.long)
+        padded_ids[padded_at] = flat_ids
+        per_input = {
+            "input_ids": padded_ids.view(len(token_ids), width).to(self.device),
             "token_embeddings": unpacked.view(len(token_ids), width, -1),
             "attention_mask": valid.long().to(self.device),
+            "modality": "text",
         }
-        pooled["input_ids"].view(-1)[padded_at] = flat_ids
-        pooled["input_ids"] = pooled["input_ids"].to(self.device)
-        return self._run(pooled, list(self.model)[1:], moved=True)
+        return _embeddings(_run_modules(per_input, pooling))
 
-    def _run(
-        self, features: dict, modules: list, pool: bool = True, moved: bool = False
-    ) -> torch.Tensor | dict:
-        """`modules` of the sentence-transformers model over `features`; the embeddings as
-        float32 on the CPU, or the features when `pool` is off."""
-        if not moved:
-            if self.token_type_ids:
-                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-            features = {k: v.to(self.device) for k, v in features.items()}
-        features["modality"] = "text"
-        for module in modules:
-            features = module(features)
-        return features["sentence_embedding"].float().cpu() if pool else features
+    def _inputs(self, features: dict[str, torch.Tensor]) -> dict:
+        """A batch's tensors as the model's first module takes them, on its device."""
+        if self.token_type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        return {**{k: v.to(self.device) for k, v in features.items()}, "modality": "text"}
 
     def _packing_keeps_results(self) -> bool:
         """Whether packed batches give this model the embeddings padded ones do: a probe of
@@ -376,6 +369,16 @@ class EmbeddingWorker:
             "batch_size_sum": self.batch_size_sum,
             "batch_size_counts": self.batch_size_counts,
         }
+
+
+def _run_modules(features: dict, modules: list) -> dict:
+    for module in modules:
+        features = module(features)
+    return features
+
+
+def _embeddings(features: dict) -> torch.Tensor:
+    return features["sentence_embedding"].float().cpu()
 
 
 def _pack(lengths: list[int], width: int) -> list[list[int]]:

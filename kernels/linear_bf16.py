@@ -7,14 +7,35 @@ oneDNN multiplies with fp32 accumulation on the AMX tiles, and the bf16 result c
 fp32. All of SmolLM2-135M's matmuls (`benchmarks/linear_bf16.py`, one thread, busy machine) took
 3.0x less time than fp32 `F.linear` at 32 rows, 5.6x at 256 and 1.25x at 1 row (half the bytes
 to read), and beat bf16 `F.linear` and the fp32 GEMM of `linear_cpu` at each.
+
+At a decode step's few rows the matmul is bound by reading the weights, which oneDNN streams
+at about 60% of the copy bandwidth. Up to `GEMV_ROWS` rows go to a kernel of our own instead
+(`csrc/linear_bf16.cpp`, AVX512-BF16), which reads its own copy of the weights at close to
+copy speed; larger batches keep oneDNN's AMX kernels. The two copies double the bf16 weight
+memory (SmolLM2-135M: 270 MB more): oneDNN also takes a plain bf16 weight, which the kernel
+could share, but reorders it on every call, 30-40% slower at 32 and 256 rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 from torch import nn
+
+from pagoda.kernels import cpu_native
+
+NAME = "linear_bf16"
+# the most rows that go to the kernel rather than oneDNN (benchmarks/linear_bf16.py)
+GEMV_ROWS = 4
+
+I32, I64, PTR = cpu_native.I32, cpu_native.I64, cpu_native.PTR
+SIGNATURES: cpu_native.Signatures = {
+    "pagoda_bf16_packed_size": (I64, [I32, I32]),
+    "pagoda_bf16_pack_weight": (None, [PTR, PTR, I32, I32]),
+    "pagoda_bf16_linear": (None, [PTR, I64, I32, PTR, PTR, PTR, I64, I32, I32, I32, I32]),
+}
 
 
 @functools.cache
@@ -40,6 +61,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def gemv_library() -> ctypes.CDLL | None:
+    """The small-batch kernel, where the CPU has AVX512-BF16 and it builds; else None."""
+    if "avx512_bf16" not in cpu_flags():
+        return None
+    return cpu_native.load(NAME, SIGNATURES)
+
+
 def describe() -> str:
     """What oneDNN will use, for the start-up log."""
     flags = cpu_flags()
@@ -48,26 +76,66 @@ def describe() -> str:
 
 
 class OneDNNLinear(nn.Module):
-    """`nn.Linear` with its weight in bf16, packed by oneDNN; takes and gives fp32 or bf16."""
+    """`nn.Linear` with its weight in bf16, packed by oneDNN and, where the CPU has
+    AVX512-BF16, also in the small-batch kernel's panels; takes and gives fp32 or bf16."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16().contiguous())
+        weight = weight.detach().bfloat16().contiguous()
         # an opaque oneDNN tensor: kept as an attribute, as module.to() and state_dict cannot
         # handle it
-        self.packed = packed
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if bias is None else bias.detach().bfloat16().contiguous()
+        self._lib = gemv_library()
+        self.panels = None if self._lib is None else self._pack_panels(weight)
+        # the kernel adds the bf16 bias in fp32, as oneDNN does
+        self.bias_fp32 = None if self.bias is None else self.bias.float()
+
+    def _pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        panels = torch.empty(self._lib.pagoda_bf16_packed_size(n, k), dtype=torch.bfloat16)
+        self._lib.pagoda_bf16_pack_weight(weight.data_ptr(), panels.data_ptr(), n, k)
+        return panels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        x = x.reshape(-1, self.in_features)
+        if self.panels is not None and x.shape[0] <= GEMV_ROWS:
+            y = self._gemv(x)
+        else:
+            x = x.to(torch.bfloat16)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return y.view(*lead, self.out_features).to(dtype)
 
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 y of the kernel, for fp32 or bf16 x with unit stride in a row."""
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(-1) != 1:
+            x = x.float().contiguous()
+        rows = x.shape[0]
+        y = torch.empty(rows, self.out_features)
+        if rows:
+            self._lib.pagoda_bf16_linear(
+                x.data_ptr(),
+                x.stride(0),
+                x.dtype == torch.bfloat16,
+                self.panels.data_ptr(),
+                None if self.bias_fp32 is None else self.bias_fp32.data_ptr(),
+                y.data_ptr(),
+                self.out_features,
+                rows,
+                self.out_features,
+                self.in_features,
+                torch.get_num_threads(),
+            )
+        return y
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.panels is None:
+            return f"{shape}, bf16 oneDNN"
+        return f"{shape}, bf16 oneDNN, kernel up to {GEMV_ROWS} rows"
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -1,5 +1,6 @@
-"""The small-batch bf16 linear kernel (`csrc/linear_bf16.cpp`) against torch's reference, the
-matmul of the bf16-rounded operands in fp32, and its place in `OneDNNLinear`.
+"""The small-batch bf16 linear kernel (`csrc/linear_bf16.cpp`), on AMX tiles and with
+AVX512-BF16, against torch's reference, the matmul of the bf16-rounded operands in fp32; and
+its place in `OneDNNLinear`.
 
 Tolerance: both sides multiply the same bf16 values, and a product of two bf16 is exact in
 fp32, so they differ only in the order of their fp32 additions. A row of K terms summed in
@@ -9,6 +10,8 @@ any order is off the exact sum by at most about K * 2^-24 times the sum of the t
 (the worst seen: 3e-7) and still catches a dropped or doubled pair of k (5e-3 or more).
 """
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -16,24 +19,27 @@ from torch import nn
 from pagoda.kernels import cpu_native, linear_bf16
 
 pytestmark = pytest.mark.skipif(
-    linear_bf16.gemv_library() is None,
+    linear_bf16.kernel_library() is None,
     reason="no AVX512-BF16, or the kernel does not build: "
     f"{cpu_native.unavailable_reason(linear_bf16.NAME)}",
 )
 
-ROWS = range(1, linear_bf16.GEMV_ROWS + 1)
 # SmolLM2-135M's layers (qkv, o, gate_up, down, lm_head), then shapes off the 32-row panels
-# and the pairs of k: odd K, N below one panel, N one past a panel
+# and the 16 pairs of k of an AMX tile row: odd K, N below one panel, N one past a panel
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
-SHAPES += [(33, 7), (5, 64), (100, 77), (31, 1)]
+SHAPES += [(33, 7), (5, 64), (100, 77), (31, 1), (70, 40)]
+# AMX: one tile of rows and less, two, more than one pass of two; AVX512-BF16: each row block
+# size up to 8 and past it
+ROWS = {True: [1, 2, 3, 15, 16, 17, 31, 32, 33, 64], False: [1, 2, 3, 4, 5, 7, 8, 9]}
+PATHS = [False, True] if linear_bf16.kernel_amx() else [False]
 
 
-def operands(n: int, k: int, rows: int, bias: bool) -> tuple[torch.Tensor, ...]:
+@functools.cache
+def operands(n: int, k: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None, ...]:
     g = torch.Generator().manual_seed(n * 7 + k)
     w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
-    x = torch.randn(rows, k, generator=g)
-    return w, b, x
+    return w, b, linear_bf16.pack_panels(w)
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -50,31 +56,39 @@ def assert_within_order_error(got: torch.Tensor, x: torch.Tensor, w: torch.Tenso
     assert excess.max() <= 0, (got - want).abs().max()
 
 
-def gemv(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
-    assert x.shape[0] <= linear_bf16.GEMV_ROWS  # the kernel's side of forward
-    return layer(x)
-
-
-@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("amx", PATHS, ids=lambda amx: "amx" if amx else "avx512")
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_matches_fp32_matmul_of_bf16_operands(rows, n, k, bias):
-    w, b, x = operands(n, k, rows, bias)
-    got = gemv(linear_bf16.OneDNNLinear(w, b), x)
-    assert got.dtype == torch.float32 and got.shape == (rows, n)
-    assert_within_order_error(got, x, w, b)
+def test_kernel_matches_fp32_matmul_of_bf16_operands(amx, n, k, bias):
+    w, b, panels = operands(n, k, bias)
+    b32 = None if b is None else b.float()
+    g = torch.Generator().manual_seed(n + k)
+    for rows in ROWS[amx]:
+        x = torch.randn(rows, k, generator=g)
+        got = linear_bf16.panel_linear(x, panels, b32, n, amx)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        assert_within_order_error(got, x, w, b)
+        got16 = linear_bf16.panel_linear(x.bfloat16(), panels, b32, n, amx)
+        assert torch.equal(got16, got)  # bf16 x: the same pairs, read as they are
 
 
-def test_bf16_input_gives_bf16_output_of_the_same_sums():
-    w, b, x = operands(200, 96, 3, True)
+def test_layer_uses_the_kernel_up_to_its_rows_and_onednn_past_them():
+    w, b, _ = operands(300, 200, True)
     layer = linear_bf16.OneDNNLinear(w, b)
-    got = layer(x.bfloat16())
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, layer(x).bfloat16(), rtol=0, atol=0)
+    rows = linear_bf16.kernel_rows()
+    assert layer.kernel_rows == rows > 0
+    x = torch.randn(rows + 1, 200)
+    small = layer(x[:rows])
+    assert torch.equal(
+        small, linear_bf16.panel_linear(x[:rows], layer.panels, b.float(), 300, layer.amx)
+    )
+    big = layer(x)  # oneDNN, which rounds its output to bf16
+    torch.testing.assert_close(big[:rows], small.bfloat16().float(), rtol=2**-8, atol=1e-6)
+    assert layer(x[:1].bfloat16()).dtype == torch.bfloat16
 
 
 def test_leading_dims_strided_rows_and_empty_batch():
-    w, b, _ = operands(70, 48, 1, True)
+    w, b, _ = operands(70, 48, True)
     layer = linear_bf16.OneDNNLinear(w, b)
     x = torch.randn(1, 2, 96)[..., ::2]  # strided within a row: copied first
     assert layer(x).shape == (1, 2, 70)
@@ -84,26 +98,21 @@ def test_leading_dims_strided_rows_and_empty_batch():
     assert layer(torch.empty(0, 48)).shape == (0, 70)
 
 
-def test_thread_count_does_not_change_results():
-    w, b, x = operands(1000, 320, linear_bf16.GEMV_ROWS, True)
-    layer = linear_bf16.OneDNNLinear(w, b)
+@pytest.mark.parametrize("amx", PATHS, ids=lambda amx: "amx" if amx else "avx512")
+def test_thread_count_and_batch_do_not_change_a_row(amx):
+    w, b, panels = operands(1000, 320, True)
+    x = torch.randn(max(ROWS[amx]), 320)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = layer(x)
+        one = linear_bf16.panel_linear(x, panels, b.float(), 1000, amx)
         torch.set_num_threads(2)
-        two = layer(x)
+        two = linear_bf16.panel_linear(x, panels, b.float(), 1000, amx)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
-
-
-def test_batches_past_the_threshold_keep_onednn_and_agree():
-    w, b, x = operands(300, 200, linear_bf16.GEMV_ROWS + 1, True)
-    layer = linear_bf16.OneDNNLinear(w, b)
-    big = layer(x)  # oneDNN, which rounds its output to bf16
-    small = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
-    torch.testing.assert_close(big, small.bfloat16().float(), rtol=2**-8, atol=1e-6)
+    alone = linear_bf16.panel_linear(x[5:6], panels, b.float(), 1000, amx)
+    assert torch.equal(alone, one[5:6])
 
 
 def test_pack_linears_gives_every_layer_the_kernel():

@@ -14,11 +14,14 @@
 //
 // Built with -mavx512f only (cpu_native.FLAGS); the target pragma enables the BF16 and BW
 // instructions for this file alone, and the caller loads it only where the CPU has them.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -28,7 +31,10 @@ constexpr int kMaxRows = 8;
 // cache lines (16 KB) ahead of its loads that a thread prefetches: the best of 8 to 768 here
 constexpr int kPrefetchLines = 256;
 
-int pairs_of(int K) { return (K + 1) / 2; }
+constexpr int kChunk = 16;  // pairs of k per AMX tile row
+
+// pairs of k per panel, padded to whole AMX tiles (SmolLM2's K of 576 and 1536 need none)
+int pairs_of(int K) { return ((K + 1) / 2 + kChunk - 1) / kChunk * kChunk; }
 
 // Rows [0, R) of x (as bf16 pairs, `pairs` per row) against one panel.
 template <int R>
@@ -95,13 +101,95 @@ void to_pairs(const void* x, int64_t ldx, bool x_bf16, int M, int K, uint16_t* o
         _mm256_mask_storeu_epi16(row + k, mask, (__m256i)v);
       }
     }
-    if (width > K) row[K] = 0;
+    for (int k = K; k < width; ++k) row[k] = 0;
+  }
+}
+
+
+// AMX: the same panels as tiles. Per 16 pairs of k, A = 16 rows of x (16 x 64 bytes), B =
+// 16 pairs x 16 columns of the panel's low or high half (row stride 128 bytes), and the fp32
+// tile C[m][j] += sum over the pairs of A[m][q] . B[q][j]. All eight tiles hold one pass of
+// up to 32 rows: C for rows 0-15 and 16-31 times the two halves, two A, two B. One tile
+// instruction does the work of 32 vdpbf16ps, so the rows come almost free while W streams.
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int kTileRows = 16;
+constexpr int kAmxRows = 2 * kTileRows;
+
+// tiles: 0, 1 = C of rows 0-15 (low, high columns), 2, 3 = C of rows 16-31, 4, 5 = A of rows
+// 0-15 and 16-31, 6, 7 = B (low, high). Fewer than 16 rows get tiles of that height (a tile
+// instruction's time grows with its rows); more are padded with zero rows to whole tiles.
+void configure_tiles(int M) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  if (M < kTileRows) config.rows[0] = config.rows[1] = config.rows[4] = (uint8_t)M;
+  _tile_loadconfig(&config);
+}
+
+// Rows [0, rows) of x against one panel, the tiles configured by configure_tiles; `c` holds
+// kAmxRows x kPanel floats.
+void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, const float* bias,
+                          float* y, int64_t ldy, int rows, int cols, float* c) {
+  const bool two = rows > kTileRows;
+  const uint32_t* x2 = x + (int64_t)kTileRows * pairs;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const char* lines = (const char*)panel;
+  for (int q = 0; q < pairs; q += kChunk) {
+    const char* chunk = lines + (int64_t)q * 128;
+    for (int line = 0; line < 2 * kChunk; ++line)
+      _mm_prefetch(chunk + (int64_t)(kPrefetchLines + line) * 64, _MM_HINT_T1);
+    _tile_loadd(6, chunk, 128);
+    _tile_loadd(7, chunk + 64, 128);
+    _tile_loadd(4, x + q, pairs * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x2 + q, pairs * 4);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kPanel * 4);
+  _tile_stored(1, c + 16, kPanel * 4);
+  if (two) {
+    _tile_stored(2, c + kTileRows * kPanel, kPanel * 4);
+    _tile_stored(3, c + kTileRows * kPanel + 16, kPanel * 4);
+  }
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 mask_hi = cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 bias_lo = bias ? _mm512_maskz_loadu_ps(mask_lo, bias) : _mm512_setzero_ps();
+  const __m512 bias_hi = bias ? _mm512_maskz_loadu_ps(mask_hi, bias + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < rows; ++i) {
+    const __m512 lo = _mm512_add_ps(_mm512_load_ps(c + i * kPanel), bias_lo);
+    const __m512 hi = _mm512_add_ps(_mm512_load_ps(c + i * kPanel + 16), bias_hi);
+    _mm512_mask_storeu_ps(y + i * ldy, mask_lo, lo);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, mask_hi, hi);
   }
 }
 
 }  // namespace
 
 extern "C" {
+
+// Asks Linux for the AMX tile state (once per process; oneDNN asks too); 1 if granted.
+int pagoda_bf16_enable_amx() {
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
 
 int64_t pagoda_bf16_packed_size(int N, int K) {  // in bf16 elements
   return (int64_t)((N + kPanel - 1) / kPanel) * pairs_of(K) * kPanel * 2;
@@ -126,11 +214,14 @@ void pagoda_bf16_pack_weight(const uint16_t* w, uint16_t* packed, int N, int K) 
 // from cache by the row blocks after the first.
 void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed,
                         const float* bias, float* y, int64_t ldy, int M, int N, int K,
-                        int threads) {
+                        int threads, int amx) {
   const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
-  static thread_local std::vector<uint32_t> scratch;  // grows to the largest M x K seen
-  if (scratch.size() < (size_t)M * pairs) scratch.resize((size_t)M * pairs);
+  // x as pairs, M rows (AMX: padded with zero rows to whole tiles); grows to the largest seen
+  static thread_local std::vector<uint32_t> scratch;
+  const int64_t padded = amx && M > kTileRows ? (M + kTileRows - 1) / kTileRows * kTileRows : M;
+  if ((int64_t)scratch.size() < padded * pairs) scratch.resize(padded * pairs);
   to_pairs(x, ldx, x_bf16, M, K, (uint16_t*)scratch.data());
+  std::fill(scratch.begin() + (int64_t)M * pairs, scratch.begin() + padded * pairs, 0u);
   const uint32_t* xp = scratch.data();
   const int64_t panel_vectors = (int64_t)pairs * 2;  // 64-byte vectors per panel
 #pragma omp parallel num_threads(threads)
@@ -138,13 +229,29 @@ void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* 
     // a contiguous run of panels per thread, so that each streams one region of memory
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
-    for (int p = p0; p < p1; ++p) {
-      const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
-      const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-      for (int r0 = 0; r0 < M; r0 += kMaxRows) {
-        const int rows = M - r0 < kMaxRows ? M - r0 : kMaxRows;
-        kRowsFns[rows](xp + (int64_t)r0 * pairs, pairs, panel, bias ? bias + p * kPanel : nullptr,
-                       y + r0 * ldy + p * kPanel, ldy, cols);
+    if (amx) {
+      // panel by panel, all row blocks of a panel while it is in cache
+      alignas(64) float c[kAmxRows * kPanel];
+      configure_tiles(M);
+      for (int p = p0; p < p1; ++p) {
+        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+        for (int r0 = 0; r0 < M; r0 += kAmxRows)
+          rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
+                               bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
+                               M - r0 < kAmxRows ? M - r0 : kAmxRows, cols, c);
+      }
+      _tile_release();
+    } else {
+      for (int p = p0; p < p1; ++p) {
+        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+        for (int r0 = 0; r0 < M; r0 += kMaxRows) {
+          const int rows = M - r0 < kMaxRows ? M - r0 : kMaxRows;
+          kRowsFns[rows](xp + (int64_t)r0 * pairs, pairs, panel,
+                         bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
+                         cols);
+        }
       }
     }
   }

@@ -6,8 +6,9 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 (top ops by self CPU time) and the step times go to stdout and to `--out` (markdown).
 
     python benchmarks/profile_decode.py --out decode_profile.md
-    (settings: bf16 = the bf16 CPU path, bf16-torch = bf16 through torch ops, the path before
-    it; fp32 = the fp32 C++ kernels)
+    (settings: bf16 = the bf16 CPU path, bf16-onednn = the same with every batch on oneDNN
+    (the path before pagoda's small-batch kernel), bf16-torch = bf16 through torch ops, the
+    path before that; fp32 = the fp32 C++ kernels)
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.kernels import Kernels, linear_cpu  # noqa: E402
+from pagoda.kernels import Kernels, linear_bf16, linear_cpu  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
+    "bf16-onednn": {"dtype": "bfloat16"},  # and `onednn_only`
     "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
     "fp32": {"dtype": "float32"},
 }
@@ -50,12 +52,21 @@ def label_kernels(llm: LLM) -> None:
     for module in llm.engine.runner.model.modules():
         if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
             module.forward = labelled("linear_cpu", module.forward)
+        if isinstance(module, linear_bf16.OneDNNLinear):  # pagoda's kernel or oneDNN inside
+            module.forward = labelled("linear_bf16", module.forward)
         ops = getattr(module, "ops", None)
         if isinstance(ops, Kernels):
             fields = [f.name for f in dataclasses.fields(ops) if f.name != "name"]
             module.ops = dataclasses.replace(
                 ops, **{f: labelled(f, getattr(ops, f)) for f in fields}
             )
+
+
+def onednn_only(llm: LLM) -> None:
+    """Send every batch of the bf16 linears to oneDNN, as before pagoda's small-batch kernel."""
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, linear_bf16.OneDNNLinear):
+            module.kernel_rows = 0
 
 
 def start(llm: LLM, batch: int, prompt_len: int, seed: int) -> None:
@@ -95,6 +106,8 @@ def main() -> None:
     if args.out:
         args.out.write_text("")
     llms = {name: LLM(model, max_model_len=2048, **SETTINGS[name]) for name in args.settings}
+    if "bf16-onednn" in llms:
+        onednn_only(llms["bf16-onednn"])
     for llm in llms.values():
         label_kernels(llm)
     lines = [
@@ -102,8 +115,9 @@ def main() -> None:
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompts of "
         f"{args.prompt_len} random tokens; settings alternated in one run ({args.rounds} rounds"
-        f" x {args.steps} steps each). bf16 = the bf16 CPU path (oneDNN bf16 linears, bf16 KV "
-        "cache, fp32 elsewhere); bf16-torch = bf16 through torch ops (before it); fp32 = the "
+        f" x {args.steps} steps each). bf16 = the bf16 CPU path ({linear_bf16.describe()}, "
+        "bf16 KV cache, fp32 elsewhere); bf16-onednn = the same with oneDNN at every batch size; "
+        "bf16-torch = bf16 through torch ops (before it); fp32 = the "
         "fp32 C++ kernels.",
         "",
     ]

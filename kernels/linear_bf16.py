@@ -1,5 +1,6 @@
-"""bf16 linear layers on CPUs with AMX or AVX512-BF16, through oneDNN's packed weights in torch
-(`mkldnn._reorder_linear_weight` / `_linear_pointwise`).
+"""bf16 linear layers on CPUs with AMX or AVX512-BF16: a kernel of our own for a few rows, and
+oneDNN's packed weights in torch (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) for
+more.
 
 The rest of a bf16 model on such a CPU keeps fp32 activations (the residual stream, norms,
 rotary and attention queries run in the fp32 C++ kernels): each layer casts its input to bf16,
@@ -14,8 +15,9 @@ at 60-70% of the copy bandwidth. Up to `kernel_rows()` rows go to a kernel of ou
 AMX tiles up to 64 rows (each tile instruction takes 16 rows, so rows cost little while the
 weights stream), with AVX512-BF16 alone up to 4 (past that its arithmetic shows). Larger
 batches keep oneDNN. The two copies double the bf16 weight memory (SmolLM2-135M: 270 MB
-more): oneDNN also takes a plain bf16 weight, which the kernel could read too, but reorders it
-on every call, 30-40% slower at 32 and 256 rows.
+more): one plain copy could serve both, as oneDNN also takes an unpacked bf16 weight, but it
+then reorders it on every call, 30-40% slower at 32 and 256 rows. The kernel returns its fp32
+sums; oneDNN rounds its results to bf16.
 """
 
 from __future__ import annotations

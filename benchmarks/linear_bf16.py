@@ -55,12 +55,12 @@ def variants(ws: list[torch.Tensor]) -> dict[str, list[Layer]]:
         packed = [linear_cpu.PackedLinear(w) for w in ws]
         found["fp32 pagoda GEMM"] = [lambda x, p=p: p(x[p.in_features]) for p in packed]
     if linear_bf16.available():
-        onednn = [linear_bf16.OneDNNLinear(w) for w in ws]
+        onednn = [(torch.ops.mkldnn._reorder_linear_weight(w), w.shape[1]) for w in bf16]
         found["bf16 oneDNN packed (fp32 in/out)"] = [
-            lambda x, p=p: onednn_call(p, x[p.in_features]) for p in onednn
+            lambda x, p=p, k=k: onednn_call(p, x[k]) for p, k in onednn
         ]
         found["bf16 oneDNN packed (bf16 in/out)"] = [
-            lambda x, p=p: onednn_call(p, x[p.in_features].bfloat16()) for p in onednn
+            lambda x, p=p, k=k: onednn_call(p, x[k].bfloat16()) for p, k in onednn
         ]
     if linear_bf16.kernel_library() is not None:
         panels = [(linear_bf16.pack_panels(w), w.shape) for w in ws]
@@ -74,13 +74,10 @@ def variants(ws: list[torch.Tensor]) -> dict[str, list[Layer]]:
     return found
 
 
-def onednn_call(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
-    """oneDNN's side of `OneDNNLinear` at any rows (the layer sends few rows to the kernel)."""
-    dtype = x.dtype
-    y = torch.ops.mkldnn._linear_pointwise(
-        x.to(torch.bfloat16), layer.packed, layer.bias, "none", [], ""
-    )
-    return y.to(dtype)
+def onednn_call(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """oneDNN's matmul as `Bf16Linear` calls it, in x's dtype."""
+    y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "")
+    return y.to(x.dtype)
 
 
 def groups(ws: list[torch.Tensor]) -> dict[str, list[int]]:

@@ -7,7 +7,7 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 
     python benchmarks/profile_decode.py --out decode_profile.md
     (settings: bf16 = the bf16 CPU path, bf16-onednn = the same with every batch on oneDNN
-    (the path before pagoda's small-batch kernel), bf16-torch = bf16 through torch ops, the
+    (the path before pagoda's bf16 kernel), bf16-torch = bf16 through torch ops, the
     path before that; fp32 = the fp32 C++ kernels)
 """
 
@@ -52,7 +52,7 @@ def label_kernels(llm: LLM) -> None:
     for module in llm.engine.runner.model.modules():
         if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
             module.forward = labelled("linear_cpu", module.forward)
-        if isinstance(module, linear_bf16.OneDNNLinear):  # pagoda's kernel or oneDNN inside
+        if isinstance(module, linear_bf16.Bf16Linear):  # pagoda's kernel or oneDNN inside
             module.forward = labelled("linear_bf16", module.forward)
         ops = getattr(module, "ops", None)
         if isinstance(ops, Kernels):
@@ -63,9 +63,14 @@ def label_kernels(llm: LLM) -> None:
 
 
 def onednn_only(llm: LLM) -> None:
-    """Send every batch of the bf16 linears to oneDNN, as before pagoda's small-batch kernel."""
+    """Send every batch of the bf16 linears to oneDNN, as before pagoda's bf16 kernel."""
     for module in llm.engine.runner.model.modules():
-        if isinstance(module, linear_bf16.OneDNNLinear):
+        if isinstance(module, linear_bf16.Bf16Linear):
+            if module.packed is None:  # AMX: the kernel's weights only
+                weight = linear_bf16.unpack_panels(
+                    module.panels, module.out_features, module.in_features
+                )
+                module.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             module.kernel_rows = 0
 
 

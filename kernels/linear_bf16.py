@@ -10,20 +10,22 @@ fp32. All of SmolLM2-135M's matmuls (`benchmarks/linear_bf16.py`, one thread, bu
 to read), and beat bf16 `F.linear` and the fp32 GEMM of `linear_cpu` at each.
 
 At a decode step's few rows the matmul is bound by reading the weights, which oneDNN streams
-at 60-70% of the copy bandwidth. Up to `kernel_rows()` rows go to a kernel of our own instead
-(`csrc/linear_bf16.cpp`), which reads its own copy of the weights at close to copy speed: on
-AMX tiles up to 64 rows (each tile instruction takes 16 rows, so rows cost little while the
-weights stream), with AVX512-BF16 alone up to 4 (past that its arithmetic shows). Larger
-batches keep oneDNN. The two copies double the bf16 weight memory (SmolLM2-135M: 270 MB
-more): one plain copy could serve both, as oneDNN also takes an unpacked bf16 weight, but it
-then reorders it on every call, 30-40% slower at 32 and 256 rows. The kernel returns its fp32
-sums; oneDNN rounds its results to bf16.
+at 60-70% of the copy bandwidth. A kernel of our own (`csrc/linear_bf16.cpp`) reads them at
+close to copy speed from its own layout, with fp32 x rounded to bf16 inside it and fp32 sums
+out (oneDNN rounds its results to bf16). On AMX tiles it takes every batch: each tile
+instruction covers 16 rows, so rows cost little while the weights stream, and at prefill
+sizes it keeps level with oneDNN or ahead (`benchmarks/linear_bf16.py`), so the weights are
+held once, in the kernel's layout. With AVX512-BF16 alone its arithmetic shows past 4 rows:
+larger batches go to oneDNN, and the weights are held twice, in both layouts (SmolLM2-135M:
+270 MB more). One plain copy could serve both, as oneDNN also takes an unpacked bf16 weight,
+but it then reorders it on every call, 30-40% slower at 32 and 256 rows.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -32,8 +34,8 @@ from pagoda.kernels import cpu_native
 
 NAME = "linear_bf16"
 # the most rows that go to the kernel rather than oneDNN (benchmarks/linear_bf16.py, 2 cores:
-# on AMX ahead of oneDNN up to 64 rows and level at 128; AVX512-BF16 ahead up to 4)
-AMX_ROWS, AVX512_ROWS = 64, 4
+# on AMX level with oneDNN or ahead at every size; AVX512-BF16 ahead up to 4)
+AMX_ROWS, AVX512_ROWS = sys.maxsize, 4
 
 I32, I64, PTR = cpu_native.I32, cpu_native.I64, cpu_native.PTR
 SIGNATURES: cpu_native.Signatures = {
@@ -81,11 +83,11 @@ def kernel_amx() -> bool:
     return lib is not None and "amx_bf16" in cpu_flags() and bool(lib.pagoda_bf16_enable_amx())
 
 
-def kernel_rows() -> int:
-    """The most rows a `OneDNNLinear` gives the kernel (0 without it)."""
+def kernel_rows(amx: bool) -> int:
+    """The most rows a `Bf16Linear` gives the kernel (0 without it)."""
     if kernel_library() is None:
         return 0
-    return AMX_ROWS if kernel_amx() else AVX512_ROWS
+    return AMX_ROWS if amx else AVX512_ROWS
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,13 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     panels = torch.empty(lib.pagoda_bf16_packed_size(n, k), dtype=torch.bfloat16)
     lib.pagoda_bf16_pack_weight(weight.data_ptr(), panels.data_ptr(), n, k)
     return panels
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The bf16 [N, K] weight back from `pack_panels`' layout."""
+    pairs = ((in_features + 1) // 2 + 15) // 16 * 16  # as the kernel pads k
+    grid = panels.view(-1, pairs, 32, 2).permute(0, 2, 1, 3).reshape(-1, 2 * pairs)
+    return grid[:out_features, :in_features].contiguous()
 
 
 def panel_linear(
@@ -133,28 +142,35 @@ def describe() -> str:
     """What the bf16 linears run on, for the start-up log."""
     flags = cpu_flags()
     units = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    onednn = "+".join(units) or "no native bf16"
-    if not kernel_rows():
-        return f"oneDNN on {onednn}"
-    kernel = "AMX" if kernel_amx() else "AVX512-BF16"
-    return f"pagoda's {kernel} kernel up to {kernel_rows()} rows, oneDNN on {onednn} past that"
+    onednn = f"oneDNN on {'+'.join(units) or 'no native bf16'}"
+    rows = kernel_rows(kernel_amx())
+    if rows == AMX_ROWS:
+        return "pagoda's AMX kernel"
+    if rows:
+        return f"pagoda's AVX512-BF16 kernel up to {rows} rows, {onednn} past that"
+    return onednn
 
 
-class OneDNNLinear(nn.Module):
-    """`nn.Linear` with its weight in bf16, packed by oneDNN and, where the kernel runs, also
-    in its panels for batches of up to `kernel_rows()`; takes and gives fp32 or bf16."""
+class Bf16Linear(nn.Module):
+    """`nn.Linear` with its weight in bf16, in the kernel's panels for batches of up to
+    `kernel_rows` (every batch, on AMX) and packed by oneDNN for larger ones; takes and gives
+    fp32 or bf16. `amx` (default: where it runs) picks the kernel's instructions."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, amx: bool | None = None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().bfloat16().contiguous()
+        self.amx = kernel_amx() if amx is None else amx
+        self.kernel_rows = kernel_rows(self.amx)
+        self.panels = pack_panels(weight) if self.kernel_rows else None
         # an opaque oneDNN tensor: kept as an attribute, as module.to() and state_dict cannot
         # handle it
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.packed = None
+        if self.kernel_rows < AMX_ROWS:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if bias is None else bias.detach().bfloat16().contiguous()
-        self.kernel_rows = kernel_rows()
-        self.amx = kernel_amx()
-        self.panels = pack_panels(weight) if self.kernel_rows else None
         # the kernel adds the bf16 bias in fp32, as oneDNN does
         self.bias_fp32 = None if self.bias is None else self.bias.float()
 
@@ -170,12 +186,14 @@ class OneDNNLinear(nn.Module):
         return y.view(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        shape = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{shape}, bf16, kernel up to {self.kernel_rows} rows, oneDNN past that"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+        if self.kernel_rows == AMX_ROWS:
+            return f"{shape}, AMX kernel"
+        return f"{shape}, kernel up to {self.kernel_rows} rows, oneDNN past that"
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` of a loaded CPU model for a `OneDNNLinear`, and give a model with
+    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear`, and give a model with
     tied embeddings a packed lm_head. Returns how many were packed."""
     swaps = [
         (parent, name, child)
@@ -184,9 +202,9 @@ def pack_linears(model: nn.Module) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, OneDNNLinear(child.weight, child.bias))
+        setattr(parent, name, Bf16Linear(child.weight, child.bias))
     count = len(swaps)
     if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
-        model.lm_head = OneDNNLinear(model.embed_tokens.weight)
+        model.lm_head = Bf16Linear(model.embed_tokens.weight)
         count += 1
     return count

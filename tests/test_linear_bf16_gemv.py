@@ -1,6 +1,6 @@
 """The small-batch bf16 linear kernel (`csrc/linear_bf16.cpp`), on AMX tiles and with
 AVX512-BF16, against torch's reference, the matmul of the bf16-rounded operands in fp32; and
-its place in `OneDNNLinear`.
+its place in `Bf16Linear`.
 
 Tolerance: both sides multiply the same bf16 values, and a product of two bf16 is exact in
 fp32, so they differ only in the order of their fp32 additions. A row of K terms summed in
@@ -72,24 +72,40 @@ def test_kernel_matches_fp32_matmul_of_bf16_operands(amx, n, k, bias):
         assert torch.equal(got16, got)  # bf16 x: the same pairs, read as they are
 
 
-def test_layer_uses_the_kernel_up_to_its_rows_and_onednn_past_them():
+def test_avx512_layer_uses_the_kernel_up_to_its_rows_and_onednn_past_them():
     w, b, _ = operands(300, 200, True)
-    layer = linear_bf16.OneDNNLinear(w, b)
-    rows = linear_bf16.kernel_rows()
-    assert layer.kernel_rows == rows > 0
+    layer = linear_bf16.Bf16Linear(w, b, amx=False)
+    rows = layer.kernel_rows
+    assert rows == linear_bf16.AVX512_ROWS and layer.packed is not None
     x = torch.randn(rows + 1, 200)
     small = layer(x[:rows])
     assert torch.equal(
-        small, linear_bf16.panel_linear(x[:rows], layer.panels, b.float(), 300, layer.amx)
+        small, linear_bf16.panel_linear(x[:rows], layer.panels, b.float(), 300, False)
     )
     big = layer(x)  # oneDNN, which rounds its output to bf16
     torch.testing.assert_close(big[:rows], small.bfloat16().float(), rtol=2**-8, atol=1e-6)
     assert layer(x[:1].bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not linear_bf16.kernel_amx(), reason="no AMX")
+def test_amx_layer_holds_one_copy_and_takes_every_batch():
+    w, b, _ = operands(300, 200, True)
+    layer = linear_bf16.Bf16Linear(w, b)
+    assert layer.amx and layer.packed is None
+    x = torch.randn(300, 200)  # a prefill chunk's worth: 9 passes of 32 rows, 2 blocks of 256
+    assert torch.equal(layer(x), linear_bf16.panel_linear(x, layer.panels, b.float(), 300, True))
+    assert_within_order_error(layer(x), x, w, b)
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 32), (33, 7), (100, 77)])
+def test_unpack_panels_gives_the_weight_back(n, k):
+    w, _, panels = operands(n, k, False)
+    assert torch.equal(linear_bf16.unpack_panels(panels, n, k), w)
+
+
 def test_leading_dims_strided_rows_and_empty_batch():
     w, b, _ = operands(70, 48, True)
-    layer = linear_bf16.OneDNNLinear(w, b)
+    layer = linear_bf16.Bf16Linear(w, b)
     x = torch.randn(1, 2, 96)[..., ::2]  # strided within a row: copied first
     assert layer(x).shape == (1, 2, 70)
     assert_within_order_error(layer(x).view(2, 70), x.reshape(2, 48), w, b)

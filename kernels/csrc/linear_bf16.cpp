@@ -121,6 +121,9 @@ struct TileConfig {
 
 constexpr int kTileRows = 16;
 constexpr int kAmxRows = 2 * kTileRows;
+// rows of x that the panels pass over before the next such block: 256 x 1536 bf16 (768 KB)
+// stays in a core's L2 beside the panel
+constexpr int kCachedRows = 256;
 
 // tiles: 0, 1 = C of rows 0-15 (low, high columns), 2, 3 = C of rows 16-31, 4, 5 = A of rows
 // 0-15 and 16-31, 6, 7 = B (low, high). Fewer than 16 rows get tiles of that height (a tile
@@ -230,16 +233,20 @@ void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* 
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
     if (amx) {
-      // panel by panel, all row blocks of a panel while it is in cache
+      // panel by panel, all row blocks of a panel while it is in cache, and at most
+      // kCachedRows rows of x (which every panel reads) at a time
       alignas(64) float c[kAmxRows * kPanel];
       configure_tiles(M);
-      for (int p = p0; p < p1; ++p) {
-        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
-        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-        for (int r0 = 0; r0 < M; r0 += kAmxRows)
-          rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
-                               bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
-                               M - r0 < kAmxRows ? M - r0 : kAmxRows, cols, c);
+      for (int s0 = 0; s0 < M; s0 += kCachedRows) {
+        const int s1 = M - s0 < kCachedRows ? M : s0 + kCachedRows;
+        for (int p = p0; p < p1; ++p) {
+          const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+          const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+          for (int r0 = s0; r0 < s1; r0 += kAmxRows)
+            rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
+                                 bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel,
+                                 ldy, s1 - r0 < kAmxRows ? s1 - r0 : kAmxRows, cols, c);
+        }
       }
       _tile_release();
     } else {

@@ -1,4 +1,4 @@
-"""The bf16 CPU path (oneDNN bf16 linear layers, bf16 KV cache, fp32 activations) against
+"""The bf16 CPU path (bf16 linear layers, bf16 KV cache, fp32 activations) against
 transformers, on the real SmolLM2-135M-Instruct.
 
 pagoda generates long greedy runs in bf16; transformers then scores the same token sequences

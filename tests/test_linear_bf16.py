@@ -1,4 +1,5 @@
-"""oneDNN's packed bf16 linear layers against torch's bf16 matmul in fp32 (the reference)."""
+"""`Bf16Linear` (pagoda's kernel, and oneDNN's packed weights past its rows without AMX) against
+torch's bf16 matmul in fp32 (the reference)."""
 
 import logging
 

@@ -1,19 +1,20 @@
-// bf16 y = x @ W^T (+ bias) for the few rows of a decode step, on CPUs with AVX512-BF16:
-// fp32 (or bf16) x rounded to bf16 once per call, fp32 accumulation, fp32 y.
+// bf16 y = x @ W^T (+ bias) on CPUs with AVX512-BF16 or AMX: fp32 (or bf16) x rounded to bf16
+// once per call, fp32 accumulation, fp32 y.
 //
 // Packed layout: W [N, K] (bf16, row-major) becomes panels of 32 output rows; a panel holds
-// its ceil(K / 2) pairs of k one after another, each pair as 32 rows x 2 bf16 (two cache
-// lines), zero-padded past N and K:
+// its pairs of k one after another, each pair as 32 rows x 2 bf16 (two cache lines),
+// zero-padded past N and K (pairs padded to a multiple of 16, a whole AMX tile row):
 //
-//   packed[p][q][j][t] = W[32 p + j][2 q + t]       q < ceil(K / 2), j < 32, t < 2
+//   packed[p][q][j][t] = W[32 p + j][2 q + t]       q < pairs_of(K), j < 32, t < 2
 //
-// which is what `vdpbf16ps` takes: one 64-byte load gives 16 rows' products with a broadcast
-// pair of x, summed into 16 fp32 lanes. At a few rows the step is bound by reading W, so the
-// kernel's job is to stream it at memory speed: each thread reads one contiguous run of
-// panels, prefetching ahead of itself.
+// which is what both instruction sets take: one 64-byte line is 16 rows' products with a
+// broadcast pair of x for `vdpbf16ps`, and 16 such lines (row stride 128 bytes) are an AMX B
+// tile. At a decode step's few rows the matmul is bound by reading W, so the kernel's job is
+// to stream it at memory speed: each thread reads one contiguous run of panels, prefetching
+// ahead of itself.
 //
-// Built with -mavx512f only (cpu_native.FLAGS); the target pragma enables the BF16 and BW
-// instructions for this file alone, and the caller loads it only where the CPU has them.
+// Built with -mavx512f only (cpu_native.FLAGS); the target pragma enables the BF16, BW and
+// AMX instructions for this file alone, and the caller uses them only where the CPU has them.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <omp.h>
@@ -110,7 +111,7 @@ void to_pairs(const void* x, int64_t ldx, bool x_bf16, int M, int K, uint16_t* o
 // 16 pairs x 16 columns of the panel's low or high half (row stride 128 bytes), and the fp32
 // tile C[m][j] += sum over the pairs of A[m][q] . B[q][j]. All eight tiles hold one pass of
 // up to 32 rows: C for rows 0-15 and 16-31 times the two halves, two A, two B. One tile
-// instruction does the work of 32 vdpbf16ps, so the rows come almost free while W streams.
+// instruction does the work of 256 vdpbf16ps, so rows come almost free while W streams.
 struct TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -213,8 +214,9 @@ void pagoda_bf16_pack_weight(const uint16_t* w, uint16_t* packed, int N, int K) 
 }
 
 // x [M, K] with row stride ldx (fp32, or bf16 when x_bf16), y fp32 [M, N] with row stride
-// ldy; bias fp32 [N] or null. Any M works; each panel is read from memory once per call and
-// from cache by the row blocks after the first.
+// ldy; bias fp32 [N] or null; `amx` picks the tiles over vdpbf16ps. Any M works: each panel
+// is read from memory once per call (AMX: once per 256 rows) and from cache by the row blocks
+// after the first.
 void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed,
                         const float* bias, float* y, int64_t ldy, int M, int N, int K,
                         int threads, int amx) {

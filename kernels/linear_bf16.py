@@ -1,13 +1,12 @@
-"""bf16 linear layers on CPUs with AMX or AVX512-BF16: a kernel of our own for a few rows, and
-oneDNN's packed weights in torch (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) for
-more.
+"""bf16 linear layers on CPUs with AMX or AVX512-BF16: a kernel of our own (on AMX for every
+batch, with AVX512-BF16 alone for a few rows), and oneDNN's packed weights in torch
+(`mkldnn._reorder_linear_weight` / `_linear_pointwise`) for the rest.
 
 The rest of a bf16 model on such a CPU keeps fp32 activations (the residual stream, norms,
-rotary and attention queries run in the fp32 C++ kernels): each layer casts its input to bf16,
-oneDNN multiplies with fp32 accumulation on the AMX tiles, and the bf16 result comes back as
-fp32. All of SmolLM2-135M's matmuls (`benchmarks/linear_bf16.py`, one thread, busy machine) took
-3.0x less time than fp32 `F.linear` at 32 rows, 5.6x at 256 and 1.25x at 1 row (half the bytes
-to read), and beat bf16 `F.linear` and the fp32 GEMM of `linear_cpu` at each.
+rotary and attention queries run in the fp32 C++ kernels): each layer rounds its input to
+bf16 and multiplies with fp32 accumulation. oneDNN alone (the path before the kernel) took
+3.0x less time than fp32 `F.linear` over all of SmolLM2-135M's matmuls at 32 rows, 5.6x at
+256 and 1.25x at 1 row (`benchmarks/linear_bf16.py`, one thread, busy machine).
 
 At a decode step's few rows the matmul is bound by reading the weights, which oneDNN streams
 at 60-70% of the copy bandwidth. A kernel of our own (`csrc/linear_bf16.cpp`) reads them at

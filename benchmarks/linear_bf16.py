@@ -1,16 +1,19 @@
 """Linear layers at SmolLM2-135M's shapes: fp32 (`F.linear`, pagoda's GEMM) against bf16
-(`F.linear`, oneDNN packed weights), at 1, 32 and 256 rows; the choice behind `linear_bf16.py`.
+(`F.linear`, oneDNN packed weights, pagoda's kernel on AMX and with AVX512-BF16), at 1, 32 and
+256 rows; the choices behind `linear_bf16.py`.
 
 Each shape set is all 120 layer matmuls of the model (30 x qkv, o, gate_up, down) plus the
 lm_head, with distinct weights per layer so they stream from memory as in a real step. The
-variants run alternated, `--repeats` times each; the table gives the median ms per pass and
-the GFLOP/s it implies (min-max spread in brackets).
+variants run alternated, `--repeats` times each; the first table gives the median ms per pass
+and the GFLOP/s it implies (min-max spread in brackets), the second each shape's part of the
+pass for the bf16 variants, as the GB/s at which they read the bf16 weights (the bound at a
+few rows: compare the machine's copy bandwidth).
 
     python benchmarks/linear_bf16.py [--rows 1 32 256] [--repeats 7] [--json out.json]
 
 `--jit N` measures instead what row counts that rarely repeat cost oneDNN (it compiles a
 kernel per shape): one layer of each shape over N random row counts, with the rows as they
-come and rounded up as `OneDNNLinear` runs them.
+come and rounded up as `Bf16Linear` gives them to oneDNN.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
 KV = 3 * 64  # 3 KV heads of 64
 SHAPES = [(HIDDEN + 2 * KV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN)]
 SHAPES += [(HIDDEN, INTERMEDIATE)]
+NAMES = ["qkv", "o", "gate_up", "down", "lm_head"]
 
 
 def weights() -> list[torch.Tensor]:
@@ -39,43 +43,88 @@ def weights() -> list[torch.Tensor]:
 
 
 Inputs = dict[int, torch.Tensor]  # input width -> rows of that width
+Layer = Callable[[Inputs], object]  # one weight's matmul
 
 
-def variants(ws: list[torch.Tensor]) -> dict[str, Callable[[Inputs], object]]:
+def variants(ws: list[torch.Tensor]) -> dict[str, list[Layer]]:
+    """Per variant, one call per weight of `ws`."""
     bf16 = [w.bfloat16() for w in ws]
-    found: dict[str, Callable[[Inputs], object]] = {
-        "fp32 F.linear": lambda x: [F.linear(x[w.shape[1]], w) for w in ws],
-        "bf16 F.linear (fp32 in/out)": lambda x: [
-            F.linear(x[w.shape[1]].bfloat16(), w).float() for w in bf16
+    found: dict[str, list[Layer]] = {
+        "fp32 F.linear": [lambda x, w=w: F.linear(x[w.shape[1]], w) for w in ws],
+        "bf16 F.linear (fp32 in/out)": [
+            lambda x, w=w: F.linear(x[w.shape[1]].bfloat16(), w).float() for w in bf16
         ],
     }
     if linear_cpu._library() is not None:
         packed = [linear_cpu.PackedLinear(w) for w in ws]
-        found["fp32 pagoda GEMM"] = lambda x: [p(x[p.in_features]) for p in packed]
+        found["fp32 pagoda GEMM"] = [lambda x, p=p: p(x[p.in_features]) for p in packed]
     if linear_bf16.available():
-        onednn = [linear_bf16.OneDNNLinear(w) for w in ws]
-        found["bf16 oneDNN packed (fp32 in/out)"] = lambda x: [p(x[p.in_features]) for p in onednn]
-        found["bf16 oneDNN packed (bf16 in/out)"] = lambda x: [
-            p(x[p.in_features].bfloat16()) for p in onednn
+        onednn = [(torch.ops.mkldnn._reorder_linear_weight(w), w.shape[1]) for w in bf16]
+        found["bf16 oneDNN packed (fp32 in/out)"] = [
+            lambda x, p=p, k=k: onednn_call(p, x[k]) for p, k in onednn
         ]
+        found["bf16 oneDNN packed (bf16 in/out)"] = [
+            lambda x, p=p, k=k: onednn_call(p, x[k].bfloat16()) for p, k in onednn
+        ]
+    if linear_bf16.kernel_library() is not None:
+        panels = [(linear_bf16.pack_panels(w), w.shape) for w in ws]
+        units = [True, False] if linear_bf16.kernel_amx() else [False]
+        for amx in units:
+            name = f"bf16 pagoda kernel, {'AMX' if amx else 'AVX512-BF16'} (fp32 in/out)"
+            found[name] = [
+                lambda x, p=p, n=n, k=k, amx=amx: linear_bf16.panel_linear(x[k], p, None, n, amx)
+                for p, (n, k) in panels
+            ]
     return found
+
+
+def onednn_call(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """oneDNN's matmul as `Bf16Linear` calls it, in x's dtype."""
+    y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "")
+    return y.to(x.dtype)
+
+
+def groups(ws: list[torch.Tensor]) -> dict[str, list[int]]:
+    """The weights of each shape (indices into `ws`: the layers' four, then the lm_head)."""
+    layers = len(ws) - 1
+    found = {name: list(range(s, layers, len(SHAPES))) for s, name in enumerate(NAMES[:-1])}
+    return found | {"lm_head": [layers]}
 
 
 def flops(rows: int, ws: list[torch.Tensor]) -> float:
     return 2.0 * rows * sum(w.numel() for w in ws)
 
 
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """GB/s read by torch's copy of an `nbytes` buffer (it writes as many)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def timed(layers: list[Layer], x: Inputs) -> float:
+    start = time.perf_counter()
+    for layer in layers:
+        layer(x)
+    return (time.perf_counter() - start) * 1e3
+
+
 def compile_cost(ws: list[torch.Tensor], counts: int) -> dict[str, list[float]]:
     """ms per call of one layer of each shape over a stream of `counts` random row counts
     (33-1032, as prefill chunks and embedding batches come), with the rows as they come and
-    rounded up as `OneDNNLinear` runs them; each variant gets its own counts."""
-    layers = [linear_bf16.OneDNNLinear(w) for w in ws[: len(SHAPES)]]
+    rounded up as `Bf16Linear` gives them to oneDNN; each variant gets its own counts."""
+    layers = [linear_bf16.Bf16Linear(w, amx=False) for w in ws[: len(SHAPES)]]
 
-    def exact(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
+    def exact(layer: linear_bf16.Bf16Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed, None, "none", [], "")
 
-    def padded(layer: linear_bf16.OneDNNLinear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x)
+    def padded(layer: linear_bf16.Bf16Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer._onednn(x)
 
     gen = torch.Generator().manual_seed(0)
     stream = (torch.randint(33, 1033, (2 * counts,), generator=gen)).tolist()
@@ -115,35 +164,55 @@ def main() -> None:
                 json.dump({"torch": torch.__version__, "jit_ms": raw_jit}, f)
         return
     found = variants(ws)
+    parts = groups(ws)
     raw: dict[str, dict[str, list[float]]] = {}
+    per_shape: dict[str, dict[str, dict[str, list[float]]]] = {}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}"
+        f"{torch.backends.cpu.get_cpu_capability()}; copying the bf16 weights' bytes reads "
+        f"{copy_bandwidth(sum(w.numel() * 2 for w in ws), args.repeats):.1f} GB/s"
     )
-    print("| rows | variant | ms per pass (median, min-max) | GFLOP/s |")
-    print("|---|---|---|---|")
     with torch.inference_mode():
         for rows in args.rows:
             x = {k: torch.randn(rows, k) for k in (HIDDEN, INTERMEDIATE)}
             times: dict[str, list[float]] = {name: [] for name in found}
-            for fn in found.values():  # warm-up (oneDNN builds its kernels on first use)
-                fn(x)
+            shapes = {name: {g: [] for g in parts} for name in found if name.startswith("bf16")}
+            for layers in found.values():  # warm-up (oneDNN builds its kernels on first use)
+                timed(layers, x)
             for _ in range(args.repeats):
-                for name, fn in found.items():
-                    start = time.perf_counter()
-                    fn(x)
-                    times[name].append((time.perf_counter() - start) * 1e3)
+                for name, layers in found.items():
+                    times[name].append(timed(layers, x))
+                for name in shapes:
+                    for group, indices in parts.items():
+                        layers = [found[name][i] for i in indices]
+                        shapes[name][group].append(timed(layers, x))
+            print(f"\n{rows} rows\n")
+            print("| variant | ms per pass (median, min-max) | GFLOP/s |")
+            print("|---|---|---|")
             for name, ms in times.items():
                 med = statistics.median(ms)
                 gflops = flops(rows, ws) / med / 1e6
-                print(
-                    f"| {rows} | {name} | {med:.1f} ({min(ms):.1f}-{max(ms):.1f}) | {gflops:.0f} |"
-                )
+                print(f"| {name} | {med:.1f} ({min(ms):.1f}-{max(ms):.1f}) | {gflops:.0f} |")
+            print("\n| variant | " + " | ".join(f"{g} GB/s" for g in parts) + " |")
+            print("|---|" + "---|" * len(parts))
+            for name, by_group in shapes.items():
+                cells = []
+                for group, ms in by_group.items():
+                    gb = sum(ws[i].numel() * 2 for i in parts[group]) / 1e9
+                    cells.append(f"{gb / (statistics.median(ms) / 1e3):.1f}")
+                print(f"| {name} | " + " | ".join(cells) + " |")
             raw[str(rows)] = times
+            per_shape[str(rows)] = shapes
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": raw}, f
+                {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "ms": raw,
+                    "ms_per_shape": per_shape,
+                },
+                f,
             )
 
 

@@ -6,17 +6,20 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 (top ops by self CPU time) and the step times go to stdout and to `--out` (markdown).
 
     python benchmarks/profile_decode.py --out decode_profile.md
-    (settings: bf16 = the bf16 CPU path, bf16-torch = bf16 through torch ops, the path before
-    it; fp32 = the fp32 C++ kernels)
+    (settings: bf16 = the bf16 CPU path, bf16-onednn = the same with every batch on oneDNN
+    (the path before pagoda's bf16 kernel), bf16-torch = bf16 through torch ops, the
+    path before that; fp32 = the fp32 C++ kernels)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,18 +30,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.kernels import Kernels, linear_cpu  # noqa: E402
+from pagoda.kernels import Kernels, linear_bf16, linear_cpu  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
+    "bf16-onednn": {"dtype": "bfloat16"},  # and `onednn_only`
     "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
     "fp32": {"dtype": "float32"},
 }
 
 
-def label_kernels(llm: LLM) -> None:
+@contextlib.contextmanager
+def labelled_kernels(llm: LLM) -> Iterator[None]:
     """Name each kernel call in the profile: the C++ ones run through ctypes, which the
-    profiler does not see otherwise."""
+    profiler does not see otherwise. Only while profiling: a label enters and leaves a torch op
+    (about 10 us a call), 4 ms of a 15 ms batch-1 step."""
 
     def labelled(name: str, fn):
         def call(*args, **kwargs):
@@ -47,15 +53,41 @@ def label_kernels(llm: LLM) -> None:
 
         return call
 
+    saved = []
     for module in llm.engine.runner.model.modules():
         if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
+            saved.append((module, "forward"))
             module.forward = labelled("linear_cpu", module.forward)
+        if isinstance(module, linear_bf16.Bf16Linear):  # pagoda's kernel or oneDNN inside
+            saved.append((module, "forward"))
+            module.forward = labelled("linear_bf16", module.forward)
         ops = getattr(module, "ops", None)
         if isinstance(ops, Kernels):
+            saved.append((module, "ops", ops))
             fields = [f.name for f in dataclasses.fields(ops) if f.name != "name"]
             module.ops = dataclasses.replace(
                 ops, **{f: labelled(f, getattr(ops, f)) for f in fields}
             )
+    try:
+        yield
+    finally:
+        for module, name, *original in saved:
+            if original:
+                setattr(module, name, original[0])
+            else:
+                del module.__dict__[name]  # the class's forward again
+
+
+def onednn_only(llm: LLM) -> None:
+    """Send every batch of the bf16 linears to oneDNN, as before pagoda's bf16 kernel."""
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, linear_bf16.Bf16Linear):
+            if module.packed is None:  # AMX: the kernel's weights only
+                weight = linear_bf16.unpack_panels(
+                    module.panels, module.out_features, module.in_features
+                )
+                module.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            module.kernel_rows = 0
 
 
 def start(llm: LLM, batch: int, prompt_len: int, seed: int) -> None:
@@ -95,15 +127,16 @@ def main() -> None:
     if args.out:
         args.out.write_text("")
     llms = {name: LLM(model, max_model_len=2048, **SETTINGS[name]) for name in args.settings}
-    for llm in llms.values():
-        label_kernels(llm)
+    if "bf16-onednn" in llms:
+        onednn_only(llms["bf16-onednn"])
     lines = [
         f"# Decode-step profile, SmolLM2-135M (`{Path(model).name}`)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompts of "
         f"{args.prompt_len} random tokens; settings alternated in one run ({args.rounds} rounds"
-        f" x {args.steps} steps each). bf16 = the bf16 CPU path (oneDNN bf16 linears, bf16 KV "
-        "cache, fp32 elsewhere); bf16-torch = bf16 through torch ops (before it); fp32 = the "
+        f" x {args.steps} steps each). bf16 = the bf16 CPU path ({linear_bf16.describe()}, "
+        "bf16 KV cache, fp32 elsewhere); bf16-onednn = the same with oneDNN at every batch size; "
+        "bf16-torch = bf16 through torch ops (before it); fp32 = the "
         "fp32 C++ kernels.",
         "",
     ]
@@ -125,7 +158,7 @@ def main() -> None:
             lines.append(f"| {name} | {statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f}) |")
         lines.append("")
         for name, llm in llms.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with labelled_kernels(llm), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(3):
                     llm.engine.step()
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)

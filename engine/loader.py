@@ -133,7 +133,7 @@ def build_model(
     if native_bf16:
         packed = linear_bf16.pack_linears(model)
         logger.info(
-            "bf16 CPU path (%s): %d linear layers packed for oneDNN, bf16 KV cache, fp32 "
+            "bf16 CPU path (%s): %d linear layers packed, bf16 KV cache, fp32 "
             "activations and accumulation",
             linear_bf16.describe(),
             packed,

@@ -1,21 +1,49 @@
-"""bf16 linear layers on CPUs with AMX or AVX512-BF16, through oneDNN's packed weights in torch
-(`mkldnn._reorder_linear_weight` / `_linear_pointwise`).
+"""bf16 linear layers on CPUs with AMX or AVX512-BF16: a kernel of our own (on AMX for every
+batch, with AVX512-BF16 alone for a few rows), and oneDNN's packed weights in torch
+(`mkldnn._reorder_linear_weight` / `_linear_pointwise`) for the rest.
 
 The rest of a bf16 model on such a CPU keeps fp32 activations (the residual stream, norms,
-rotary and attention queries run in the fp32 C++ kernels): each layer casts its input to bf16,
-oneDNN multiplies with fp32 accumulation on the AMX tiles, and the bf16 result comes back as
-fp32. All of SmolLM2-135M's matmuls (`benchmarks/linear_bf16.py`, one thread, busy machine) took
-3.0x less time than fp32 `F.linear` at 32 rows, 5.6x at 256 and 1.25x at 1 row (half the bytes
-to read), and beat bf16 `F.linear` and the fp32 GEMM of `linear_cpu` at each.
+rotary and attention queries run in the fp32 C++ kernels): each layer rounds its input to
+bf16 and multiplies with fp32 accumulation. oneDNN alone (the path before the kernel) took
+3.0x less time than fp32 `F.linear` over all of SmolLM2-135M's matmuls at 32 rows, 5.6x at
+256 and 1.25x at 1 row (`benchmarks/linear_bf16.py`, one thread, busy machine).
+
+At a decode step's few rows the matmul is bound by reading the weights, which oneDNN streams
+at 60-70% of the copy bandwidth. A kernel of our own (`csrc/linear_bf16.cpp`) reads them at
+close to copy speed from its own layout, with fp32 x rounded to bf16 inside it and fp32 sums
+out (oneDNN rounds its results to bf16). On AMX tiles it takes every batch: each tile
+instruction covers 16 rows, so rows cost little while the weights stream, and at prefill
+sizes it keeps level with oneDNN or ahead (`benchmarks/linear_bf16.py`), so the weights are
+held once, in the kernel's layout. With AVX512-BF16 alone its arithmetic shows past 4 rows:
+larger batches go to oneDNN, and the weights are held twice, in both layouts (SmolLM2-135M:
+270 MB more). One plain copy could serve both, as oneDNN also takes an unpacked bf16 weight,
+but it then reorders it on every call, 30-40% slower at 32 and 256 rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.kernels import cpu_native
+
+NAME = "linear_bf16"
+# the most rows that go to the kernel rather than oneDNN (benchmarks/linear_bf16.py, 2 cores:
+# on AMX level with oneDNN or ahead at every size; AVX512-BF16 ahead up to 4)
+AMX_ROWS, AVX512_ROWS = sys.maxsize, 4
+
+I32, I64, PTR = cpu_native.I32, cpu_native.I64, cpu_native.PTR
+SIGNATURES: cpu_native.Signatures = {
+    "pagoda_bf16_enable_amx": (I32, []),
+    "pagoda_bf16_packed_size": (I64, [I32, I32]),
+    "pagoda_bf16_pack_weight": (None, [PTR, PTR, I32, I32]),
+    "pagoda_bf16_linear": (None, [PTR, I64, I32, PTR, PTR, PTR, I64, I32, I32, I32, I32, I32]),
+}
 
 
 @functools.cache
@@ -41,15 +69,90 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def kernel_library() -> ctypes.CDLL | None:
+    """The small-batch kernel, where the CPU has AVX512-BF16 and it builds; else None."""
+    if "avx512_bf16" not in cpu_flags():
+        return None
+    return cpu_native.load(NAME, SIGNATURES)
+
+
+@functools.cache
+def kernel_amx() -> bool:
+    """Whether the kernel runs on AMX tiles: the CPU has them and Linux grants their state."""
+    lib = kernel_library()
+    return lib is not None and "amx_bf16" in cpu_flags() and bool(lib.pagoda_bf16_enable_amx())
+
+
+def kernel_rows(amx: bool) -> int:
+    """The most rows a `Bf16Linear` gives the kernel (0 without it)."""
+    if kernel_library() is None:
+        return 0
+    return AMX_ROWS if amx else AVX512_ROWS
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [N, K] weight in the kernel's layout of 32-row panels."""
+    lib = kernel_library()
+    n, k = weight.shape
+    weight = weight.detach().bfloat16().contiguous()
+    panels = torch.empty(lib.pagoda_bf16_packed_size(n, k), dtype=torch.bfloat16)
+    lib.pagoda_bf16_pack_weight(weight.data_ptr(), panels.data_ptr(), n, k)
+    return panels
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The bf16 [N, K] weight back from `pack_panels`' layout."""
+    pairs = ((in_features + 1) // 2 + 15) // 16 * 16  # as the kernel pads k
+    grid = panels.view(-1, pairs, 32, 2).permute(0, 2, 1, 3).reshape(-1, 2 * pairs)
+    return grid[:out_features, :in_features].contiguous()
+
+
+def panel_linear(
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    amx: bool,
+) -> torch.Tensor:
+    """fp32 x @ W^T (+ bias) of 2-D fp32 or bf16 x, W packed by `pack_panels`, an fp32 bias,
+    on AMX tiles or with AVX512-BF16 (either computes any number of rows)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(-1) != 1:
+        x = x.float().contiguous()
+    rows, in_features = x.shape
+    y = torch.empty(rows, out_features)
+    if rows:
+        kernel_library().pagoda_bf16_linear(
+            x.data_ptr(),
+            x.stride(0),
+            x.dtype == torch.bfloat16,
+            panels.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            out_features,
+            rows,
+            out_features,
+            in_features,
+            torch.get_num_threads(),
+            amx,
+        )
+    return y
+
+
 def describe() -> str:
-    """What oneDNN will use, for the start-up log."""
+    """What the bf16 linears run on, for the start-up log."""
     flags = cpu_flags()
     units = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    return "+".join(units) or "no native bf16"
+    onednn = f"oneDNN on {'+'.join(units) or 'no native bf16'}"
+    rows = kernel_rows(kernel_amx())
+    if rows == AMX_ROWS:
+        return "pagoda's AMX kernel"
+    if rows:
+        return f"pagoda's AVX512-BF16 kernel up to {rows} rows, {onednn} past that"
+    return onednn
 
 
 def padded_rows(rows: int) -> int:
-    """The row count a multiply of `rows` rows runs at. oneDNN compiles a kernel for every new
+    """The row count oneDNN multiplies `rows` rows at. It compiles a kernel for every new
     shape it meets (4-7 ms per layer shape here, `benchmarks/linear_bf16.py --jit`), so prefill
     chunks and embedding batches, whose row counts rarely repeat, paid more for compiling than
     for multiplying. Above 32 rows, counts are rounded up to one of 16 sizes per power of two
@@ -60,34 +163,56 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-class OneDNNLinear(nn.Module):
-    """`nn.Linear` with its weight in bf16, packed by oneDNN; takes and gives fp32 or bf16."""
+class Bf16Linear(nn.Module):
+    """`nn.Linear` with its weight in bf16, in the kernel's panels for batches of up to
+    `kernel_rows` (every batch, on AMX) and packed by oneDNN for larger ones; takes and gives
+    fp32 or bf16. `amx` (default: where it runs) picks the kernel's instructions."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, amx: bool | None = None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16().contiguous())
+        weight = weight.detach().bfloat16().contiguous()
+        self.amx = kernel_amx() if amx is None else amx
+        self.kernel_rows = kernel_rows(self.amx)
+        self.panels = pack_panels(weight) if self.kernel_rows else None
         # an opaque oneDNN tensor: kept as an attribute, as module.to() and state_dict cannot
         # handle it
-        self.packed = packed
+        self.packed = None
+        if self.kernel_rows < AMX_ROWS:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if bias is None else bias.detach().bfloat16().contiguous()
+        # the kernel adds the bf16 bias in fp32, as oneDNN does
+        self.bias_fp32 = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # the engine's 2-D fp32 rows skip the reshapes and casts (each ~0.7 us, 120 calls a step)
+        shape = x.shape
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if flat.shape[0] <= self.kernel_rows:
+            y = panel_linear(flat, self.panels, self.bias_fp32, self.out_features, self.amx)
+        else:
+            y = self._onednn(flat.to(torch.bfloat16))
+        if x.dim() != 2:
+            y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if (padded := padded_rows(rows)) != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return y[:rows].view(*lead, self.out_features).to(dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+        if self.kernel_rows == AMX_ROWS:
+            return f"{shape}, AMX kernel"
+        return f"{shape}, kernel up to {self.kernel_rows} rows, oneDNN past that"
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` of a loaded CPU model for a `OneDNNLinear`, and give a model with
+    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear`, and give a model with
     tied embeddings a packed lm_head. Returns how many were packed."""
     swaps = [
         (parent, name, child)
@@ -96,9 +221,9 @@ def pack_linears(model: nn.Module) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, OneDNNLinear(child.weight, child.bias))
+        setattr(parent, name, Bf16Linear(child.weight, child.bias))
     count = len(swaps)
     if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
-        model.lm_head = OneDNNLinear(model.embed_tokens.weight)
+        model.lm_head = Bf16Linear(model.embed_tokens.weight)
         count += 1
     return count

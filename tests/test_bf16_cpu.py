@@ -1,4 +1,4 @@
-"""The bf16 CPU path (oneDNN bf16 linear layers, bf16 KV cache, fp32 activations) against
+"""The bf16 CPU path (bf16 linear layers, bf16 KV cache, fp32 activations) against
 transformers, on the real SmolLM2-135M-Instruct.
 
 pagoda generates long greedy runs in bf16; transformers then scores the same token sequences
@@ -45,7 +45,7 @@ def runs() -> list[tuple[list[int], list[int], list[float]]]:
     """(prompt ids, generated ids, pagoda's logprob of each generated token) per question."""
     llm = LLM(str(smollm2_gguf()), dtype="bfloat16", max_model_len=1024)
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
-    assert type(llm.engine.runner.model.lm_head) is linear_bf16.OneDNNLinear
+    assert type(llm.engine.runner.model.lm_head) is linear_bf16.Bf16Linear
     prompts = [
         llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True

@@ -1,4 +1,5 @@
-"""oneDNN's packed bf16 linear layers against torch's bf16 matmul in fp32 (the reference)."""
+"""`Bf16Linear` (pagoda's kernel, and oneDNN's packed weights past its rows without AMX) against
+torch's bf16 matmul in fp32 (the reference)."""
 
 import logging
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# rows: 1, a decode batch, a prefill chunk, and counts that run padded (33 -> 34, 261 -> 264);
+# rows: 1, a decode batch, a prefill chunk, and counts oneDNN runs padded (33 -> 34, 261 -> 264);
 # shapes: SmolLM2's qkv and down, a ragged one
 @pytest.mark.parametrize("rows", [1, 32, 33, 256, 261])
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (50, 37)])
@@ -25,7 +26,7 @@ def test_matches_bf16_matmul_with_fp32_accumulation(rows, n, k, bias):
     w = torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
     x = torch.randn(rows, k, generator=g)
-    got = linear_bf16.OneDNNLinear(w, b)(x)
+    got = linear_bf16.Bf16Linear(w, b)(x)
     # the exact product of the bf16-rounded operands, rounded to bf16 once at the end
     expected = x.bfloat16().double() @ w.bfloat16().double().t()
     if bias:
@@ -36,12 +37,16 @@ def test_matches_bf16_matmul_with_fp32_accumulation(rows, n, k, bias):
 
 
 def test_keeps_the_input_dtype_and_leading_dims():
-    layer = linear_bf16.OneDNNLinear(torch.randn(8, 16))
+    layer = linear_bf16.Bf16Linear(torch.randn(8, 16))
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 8)
-    x = torch.randn(65, 16, dtype=torch.bfloat16)  # run as 68 rows: the padding changes nothing
+    assert layer(torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_onednn_rows_run_padded_and_the_padding_changes_nothing():
+    layer = linear_bf16.Bf16Linear(torch.randn(8, 16), amx=False)  # oneDNN past 4 rows
+    x = torch.randn(65, 16, dtype=torch.bfloat16)  # run as 68 rows
     unpadded = torch.ops.mkldnn._linear_pointwise(x, layer.packed, None, "none", [], "")
     assert torch.equal(layer(x), unpadded)
-    assert layer(torch.randn(4, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_row_counts_fall_into_few_sizes_with_little_padding():
@@ -59,7 +64,7 @@ def test_pack_linears_swaps_every_linear_and_ties_the_lm_head():
     model.embed_tokens = nn.Embedding(10, 16)
     model.tie_word_embeddings, model.lm_head = True, None
     assert linear_bf16.pack_linears(model) == 3
-    assert all(type(m) is linear_bf16.OneDNNLinear for m in (model.a, model.b, model.lm_head))
+    assert all(type(m) is linear_bf16.Bf16Linear for m in (model.a, model.b, model.lm_head))
     x = torch.randn(2, 16)
     expected = x.bfloat16().float() @ model.embed_tokens.weight.bfloat16().float().t()
     torch.testing.assert_close(model.lm_head(x), expected, rtol=2**-7, atol=1e-2)
@@ -81,8 +86,8 @@ def test_engine_takes_the_bf16_path_and_says_so(tiny_models, caplog):
     model = llm.engine.runner.model
     assert llm.engine.dtype == torch.bfloat16
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
-    assert type(model.layers[0].self_attn.qkv_proj) is linear_bf16.OneDNNLinear
+    assert type(model.layers[0].self_attn.qkv_proj) is linear_bf16.Bf16Linear
     assert model.embed_tokens.weight.dtype == torch.float32  # activations stay fp32
-    assert "bf16 CPU path" in caplog.text and "linear layers packed for oneDNN" in caplog.text
+    assert "bf16 CPU path" in caplog.text and "linear layers packed" in caplog.text
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0]
     assert len(out.outputs[0].token_ids) == 8

@@ -1,0 +1,269 @@
+// bf16 y = x @ W^T (+ bias) on CPUs with AVX512-BF16 or AMX: fp32 (or bf16) x rounded to bf16
+// once per call, fp32 accumulation, fp32 y.
+//
+// Packed layout: W [N, K] (bf16, row-major) becomes panels of 32 output rows; a panel holds
+// its pairs of k one after another, each pair as 32 rows x 2 bf16 (two cache lines),
+// zero-padded past N and K (pairs padded to a multiple of 16, a whole AMX tile row):
+//
+//   packed[p][q][j][t] = W[32 p + j][2 q + t]       q < pairs_of(K), j < 32, t < 2
+//
+// which is what both instruction sets take: one 64-byte line is 16 rows' products with a
+// broadcast pair of x for `vdpbf16ps`, and 16 such lines (row stride 128 bytes) are an AMX B
+// tile. At a decode step's few rows the matmul is bound by reading W, so the kernel's job is
+// to stream it at memory speed: each thread reads one contiguous run of panels, prefetching
+// ahead of itself.
+//
+// Built with -mavx512f only (cpu_native.FLAGS); the target pragma enables the BF16, BW and
+// AMX instructions for this file alone, and the caller uses them only where the CPU has them.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kPanel = 32;
+constexpr int kMaxRows = 8;
+// cache lines (16 KB) ahead of its loads that a thread prefetches: the best of 8 to 768 here
+constexpr int kPrefetchLines = 256;
+
+constexpr int kChunk = 16;  // pairs of k per AMX tile row
+
+// pairs of k per panel, padded to whole AMX tiles (SmolLM2's K of 576 and 1536 need none)
+int pairs_of(int K) { return ((K + 1) / 2 + kChunk - 1) / kChunk * kChunk; }
+
+// Rows [0, R) of x (as bf16 pairs, `pairs` per row) against one panel.
+template <int R>
+void rows_times_panel(const uint32_t* x, int pairs, const __m512i* panel, const float* bias,
+                      float* y, int64_t ldy, int cols) {
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 mask_hi = cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 bias_lo = bias ? _mm512_maskz_loadu_ps(mask_lo, bias) : _mm512_setzero_ps();
+  const __m512 bias_hi = bias ? _mm512_maskz_loadu_ps(mask_hi, bias + 16) : _mm512_setzero_ps();
+  __m512 lo[R], hi[R];
+  for (int i = 0; i < R; ++i) {
+    lo[i] = bias_lo;
+    hi[i] = bias_hi;
+  }
+  for (int q = 0; q < pairs; ++q) {
+    // ahead into the panels this thread reads next (past the buffer's end at the last: a
+    // prefetch never faults), into L2 only, which measured faster than into L1
+    _mm_prefetch((const char*)(panel + 2 * q + kPrefetchLines), _MM_HINT_T1);
+    _mm_prefetch((const char*)(panel + 2 * q + kPrefetchLines + 1), _MM_HINT_T1);
+    const __m512bh w_lo = (__m512bh)_mm512_load_si512(panel + 2 * q);
+    const __m512bh w_hi = (__m512bh)_mm512_load_si512(panel + 2 * q + 1);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)x[i * pairs + q]);
+      lo[i] = _mm512_dpbf16_ps(lo[i], a, w_lo);
+      hi[i] = _mm512_dpbf16_ps(hi[i], a, w_hi);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm512_mask_storeu_ps(y + i * ldy, mask_lo, lo[i]);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, mask_hi, hi[i]);
+  }
+}
+
+using RowsFn = void (*)(const uint32_t*, int, const __m512i*, const float*, float*, int64_t,
+                        int);
+
+constexpr RowsFn kRowsFns[kMaxRows + 1] = {
+    nullptr,
+    rows_times_panel<1>,
+    rows_times_panel<2>,
+    rows_times_panel<3>,
+    rows_times_panel<4>,
+    rows_times_panel<5>,
+    rows_times_panel<6>,
+    rows_times_panel<7>,
+    rows_times_panel<8>,
+};
+
+// x [M, K] (fp32, or bf16 when `x_bf16`) as bf16 pairs, zero past K, rounded to nearest
+// even as torch's .bfloat16() does (but with denormals flushed to zero, as vcvtneps2bf16
+// does: far below any activation's scale).
+void to_pairs(const void* x, int64_t ldx, bool x_bf16, int M, int K, uint16_t* out) {
+  const int width = 2 * pairs_of(K);
+  for (int m = 0; m < M; ++m) {
+    uint16_t* row = out + (int64_t)m * width;
+    if (x_bf16) {
+      const uint16_t* src = (const uint16_t*)x + m * ldx;
+      for (int k = 0; k < K; ++k) row[k] = src[k];
+    } else {
+      const float* src = (const float*)x + m * ldx;
+      for (int k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + k));
+        _mm256_mask_storeu_epi16(row + k, mask, (__m256i)v);
+      }
+    }
+    for (int k = K; k < width; ++k) row[k] = 0;
+  }
+}
+
+
+// AMX: the same panels as tiles. Per 16 pairs of k, A = 16 rows of x (16 x 64 bytes), B =
+// 16 pairs x 16 columns of the panel's low or high half (row stride 128 bytes), and the fp32
+// tile C[m][j] += sum over the pairs of A[m][q] . B[q][j]. All eight tiles hold one pass of
+// up to 32 rows: C for rows 0-15 and 16-31 times the two halves, two A, two B. One tile
+// instruction does the work of 256 vdpbf16ps, so rows come almost free while W streams.
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int kTileRows = 16;
+constexpr int kAmxRows = 2 * kTileRows;
+// rows of x that the panels pass over before the next such block: 256 x 1536 bf16 (768 KB)
+// stays in a core's L2 beside the panel
+constexpr int kCachedRows = 256;
+
+// tiles: 0, 1 = C of rows 0-15 (low, high columns), 2, 3 = C of rows 16-31, 4, 5 = A of rows
+// 0-15 and 16-31, 6, 7 = B (low, high). Fewer than 16 rows get tiles of that height (a tile
+// instruction's time grows with its rows); more are padded with zero rows to whole tiles.
+void configure_tiles(int M) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  if (M < kTileRows) config.rows[0] = config.rows[1] = config.rows[4] = (uint8_t)M;
+  _tile_loadconfig(&config);
+}
+
+// Rows [0, rows) of x against one panel, the tiles configured by configure_tiles; `c` holds
+// kAmxRows x kPanel floats.
+void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, const float* bias,
+                          float* y, int64_t ldy, int rows, int cols, float* c) {
+  const bool two = rows > kTileRows;
+  const uint32_t* x2 = x + (int64_t)kTileRows * pairs;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const char* lines = (const char*)panel;
+  for (int q = 0; q < pairs; q += kChunk) {
+    const char* chunk = lines + (int64_t)q * 128;
+    for (int line = 0; line < 2 * kChunk; ++line)
+      _mm_prefetch(chunk + (int64_t)(kPrefetchLines + line) * 64, _MM_HINT_T1);
+    _tile_loadd(6, chunk, 128);
+    _tile_loadd(7, chunk + 64, 128);
+    _tile_loadd(4, x + q, pairs * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x2 + q, pairs * 4);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kPanel * 4);
+  _tile_stored(1, c + 16, kPanel * 4);
+  if (two) {
+    _tile_stored(2, c + kTileRows * kPanel, kPanel * 4);
+    _tile_stored(3, c + kTileRows * kPanel + 16, kPanel * 4);
+  }
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 mask_hi = cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 bias_lo = bias ? _mm512_maskz_loadu_ps(mask_lo, bias) : _mm512_setzero_ps();
+  const __m512 bias_hi = bias ? _mm512_maskz_loadu_ps(mask_hi, bias + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < rows; ++i) {
+    const __m512 lo = _mm512_add_ps(_mm512_load_ps(c + i * kPanel), bias_lo);
+    const __m512 hi = _mm512_add_ps(_mm512_load_ps(c + i * kPanel + 16), bias_hi);
+    _mm512_mask_storeu_ps(y + i * ldy, mask_lo, lo);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, mask_hi, hi);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Asks Linux for the AMX tile state (once per process; oneDNN asks too); 1 if granted.
+int pagoda_bf16_enable_amx() {
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+int64_t pagoda_bf16_packed_size(int N, int K) {  // in bf16 elements
+  return (int64_t)((N + kPanel - 1) / kPanel) * pairs_of(K) * kPanel * 2;
+}
+
+// w: bf16 [N, K] row-major; packed: pagoda_bf16_packed_size(N, K) bf16, 64-byte aligned.
+void pagoda_bf16_pack_weight(const uint16_t* w, uint16_t* packed, int N, int K) {
+  const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < panels; ++p)
+    for (int q = 0; q < pairs; ++q)
+      for (int j = 0; j < kPanel; ++j)
+        for (int t = 0; t < 2; ++t) {
+          const int n = p * kPanel + j, k = 2 * q + t;
+          packed[(((int64_t)p * pairs + q) * kPanel + j) * 2 + t] =
+              n < N && k < K ? w[(int64_t)n * K + k] : 0;
+        }
+}
+
+// x [M, K] with row stride ldx (fp32, or bf16 when x_bf16), y fp32 [M, N] with row stride
+// ldy; bias fp32 [N] or null; `amx` picks the tiles over vdpbf16ps. Any M works: each panel
+// is read from memory once per call (AMX: once per 256 rows) and from cache by the row blocks
+// after the first.
+void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed,
+                        const float* bias, float* y, int64_t ldy, int M, int N, int K,
+                        int threads, int amx) {
+  const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
+  // x as pairs, M rows (AMX: padded with zero rows to whole tiles); grows to the largest seen
+  static thread_local std::vector<uint32_t> scratch;
+  const int64_t padded = amx && M > kTileRows ? (M + kTileRows - 1) / kTileRows * kTileRows : M;
+  if ((int64_t)scratch.size() < padded * pairs) scratch.resize(padded * pairs);
+  to_pairs(x, ldx, x_bf16, M, K, (uint16_t*)scratch.data());
+  std::fill(scratch.begin() + (int64_t)M * pairs, scratch.begin() + padded * pairs, 0u);
+  const uint32_t* xp = scratch.data();
+  const int64_t panel_vectors = (int64_t)pairs * 2;  // 64-byte vectors per panel
+#pragma omp parallel num_threads(threads)
+  {
+    // a contiguous run of panels per thread, so that each streams one region of memory
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
+    if (amx) {
+      // panel by panel, all row blocks of a panel while it is in cache, and at most
+      // kCachedRows rows of x (which every panel reads) at a time
+      alignas(64) float c[kAmxRows * kPanel];
+      configure_tiles(M);
+      for (int s0 = 0; s0 < M; s0 += kCachedRows) {
+        const int s1 = M - s0 < kCachedRows ? M : s0 + kCachedRows;
+        for (int p = p0; p < p1; ++p) {
+          const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+          const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+          for (int r0 = s0; r0 < s1; r0 += kAmxRows)
+            rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
+                                 bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel,
+                                 ldy, s1 - r0 < kAmxRows ? s1 - r0 : kAmxRows, cols, c);
+        }
+      }
+      _tile_release();
+    } else {
+      for (int p = p0; p < p1; ++p) {
+        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+        for (int r0 = 0; r0 < M; r0 += kMaxRows) {
+          const int rows = M - r0 < kMaxRows ? M - r0 : kMaxRows;
+          kRowsFns[rows](xp + (int64_t)r0 * pairs, pairs, panel,
+                         bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
+                         cols);
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"

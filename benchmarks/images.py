@@ -2,7 +2,8 @@
 in-process, in one run.
 
 - In-process baseline: the pipeline in this process makes --num-images images one by one (one
-  pipeline call and one PNG encoding per image), as a script calling diffusers would, with the
+  pipeline call and one PNG encoding per image, with the server's PNG settings:
+  `encode_image`), as a script calling diffusers would, with the
   memory setting pagoda's workers use (`keep_freed_memory`: glibc keeps freed blocks), so
   that the two sides differ by the server alone.
 - Server: `pagoda serve --catalog <generated catalog>` with the same pipeline, driven over HTTP
@@ -51,6 +52,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from pagoda.engine.image_worker import encode_image
 from pagoda.engine.worker import keep_freed_memory
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city at night"]
@@ -108,9 +110,7 @@ def in_process(pipe: FluxPipeline, args: argparse.Namespace, seed0: int) -> dict
             max_sequence_length=args.max_sequence_length,
             generator=torch.Generator(device).manual_seed(seed0 + index),
         ).images[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+        return encode_image(image, "png", 100)
 
     one(-1)  # warm-up
     latencies = []

@@ -34,6 +34,9 @@ from pagoda.logs import LogSettings
 logger = logging.getLogger(__name__)
 WAIT_S = 0.05  # how long a step waits on a running batch before the loop reads its inbox
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# zlib's fastest level: a 1024x1024 picture encoded in 85 ms against PIL's default level 6's
+# 222 ms, for a file 16% larger (a GPU makes a FLUX.1-schnell image in well under a second)
+PNG_COMPRESS_LEVEL = 1
 
 
 @dataclass(slots=True)
@@ -195,7 +198,7 @@ def encode_image(image: Image, output_format: str, compression: int) -> bytes:
     """PNG (lossless; compression does not apply), or JPEG / WebP at quality `compression`."""
     buffer = io.BytesIO()
     if output_format == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
         image.save(buffer, format=PIL_FORMATS[output_format], quality=compression)
     return buffer.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from pagoda.engine.image_pipeline import ImageModelConfig
 from pagoda.engine.image_worker import run_image_worker
@@ -149,28 +150,38 @@ async def generate_images(
     for output in outputs:
         metrics.batch_size.labels(model.id).observe(output.batch_size)
     base_url = (public_url or str(request.base_url)).rstrip("/")
-    data = [await _image_item(output, req, store, base_url) for output in outputs]
-    return JSONResponse(
-        {
-            "created": int(time.time()),
-            "data": data,
-            "output_format": req.output_format,
-            "quality": req.quality,
-            "size": f"{fields['width']}x{fields['height']}",
-        }
-    )
+    head = {
+        "created": int(time.time()),
+        "output_format": req.output_format,
+        "quality": req.quality,
+        "size": f"{fields['width']}x{fields['height']}",
+    }
+    items, inline = [], []
+    for output in outputs:
+        item: dict = {"seed": output.seed}  # an extension: the seed that remakes this image
+        if req.response_format == "url":
+            name = await asyncio.to_thread(store.save, output.data, req.output_format)
+            item["url"] = f"{base_url}{URL_PATH}{name}"
+        items.append(item)
+        inline.append(output.data if req.response_format == "b64_json" else None)
+    return Response(response_body(head, items, inline), media_type="application/json")
 
 
-async def _image_item(
-    output: ImageOutput, req: ImageGenerationRequest, store: ImageStore, base_url: str
-) -> dict:
-    item: dict = {"seed": output.seed}  # an extension: the seed that remakes this image
-    if req.response_format == "b64_json":
-        item["b64_json"] = base64.b64encode(output.data).decode("ascii")
-    else:
-        name = await asyncio.to_thread(store.save, output.data, req.output_format)
-        item["url"] = f"{base_url}{URL_PATH}{name}"
-    return item
+def response_body(head: dict, items: list[dict], inline: list[bytes | None]) -> bytes:
+    """`{**head, "data": items}` as JSON, with `b64_json` added to each item that has inline
+    bytes. The base64 text is written in place: its alphabet needs no JSON escaping, and
+    the JSON encoder held the event loop for 7 ms over the 4 MB of text of a 3 MB PNG."""
+    parts = [json.dumps(head)[:-1].encode(), b',"data":[']
+    for index, (item, data) in enumerate(zip(items, inline)):
+        if index:
+            parts.append(b",")
+        encoded = json.dumps(item).encode()
+        if data is None:
+            parts.append(encoded)
+        else:
+            parts += [encoded[:-1], b',"b64_json":"', base64.b64encode(data), b'"}']
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 async def image_file(request: Request, store: ImageStore | None) -> Response:

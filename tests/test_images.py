@@ -23,6 +23,7 @@ from PIL import Image
 
 from pagoda.engine.image_pipeline import ImageModelConfig
 from pagoda.engine.image_worker import ImageWorker
+from pagoda.server.images import response_body
 from tests.serving import Server
 from tests.tiny_flux import build_tiny_flux
 from tests.tiny_models import build_tiny_model
@@ -165,6 +166,21 @@ def test_b64_json_equals_diffusers_on_the_same_seed(client, reference):
     (got,) = b64_images(response)
     assert got.shape == (64, 64, 3)
     assert np.array_equal(got, diffusers_image(reference, "a red fox", 1234))
+
+
+def test_response_body_writes_base64_in_place_as_valid_json():
+    head = {"created": 1, "output_format": "png", "quality": None, "size": "64x64"}
+    items = [{"seed": 7}, {"seed": 8, "url": "http://h/v1/images/files/a.png"}, {"seed": 9}]
+    images = [bytes(range(256)) * 3, None, b"\xff\xfe"]
+    body = json.loads(response_body(head, items, images))
+    assert body == {
+        **head,
+        "data": [
+            {"seed": 7, "b64_json": base64.b64encode(images[0]).decode()},
+            items[1],
+            {"seed": 9, "b64_json": "//4="},
+        ],
+    }
 
 
 def test_url_is_served_without_the_key_and_decodes(server, client):

@@ -204,7 +204,11 @@ class PromptMaker:
         self.tokenizer = tokenizer
         self.rng = rng
         special = set(tokenizer.all_special_ids)
-        self.vocab = [i for i in range(len(tokenizer)) if i not in special]
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+        # a byte-level vocabulary has a token for byte 0: a NUL in a prompt is a 400 on
+        # servers that refuse it (pagoda does), which would count as a failed request
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        self.vocab = [i for i, text in zip(ids, texts) if "\x00" not in text]
 
     def random_ids(self, n: int) -> list[int]:
         return [self.rng.choice(self.vocab) for _ in range(n)]

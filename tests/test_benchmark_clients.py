@@ -293,6 +293,17 @@ def _read(serve, response: httpx.Response, endpoint: str = "completions"):
     return done, result
 
 
+def test_serve_prompts_have_no_nul(reference):
+    import random
+
+    maker = _serve_module().PromptMaker(reference, random.Random(0))
+    assert "\x00" in reference.decode(reference.convert_tokens_to_ids(["\u0100"]))  # byte 0
+    assert all("\x00" not in reference.decode([i]) for i in maker.vocab)
+    assert len(maker.vocab) > 0.99 * len(reference)
+    texts = [maker.text(128)[0] for _ in range(20)]
+    assert all(text and "\x00" not in text for text in texts)
+
+
 def test_serve_reads_text_chunks_and_usage():
     serve = _serve_module()
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}

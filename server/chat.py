@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
@@ -149,26 +150,27 @@ async def _stream(
         }
         return json.dumps(body, ensure_ascii=False)
 
-    async for delta in generation:
-        message: dict = {"content": delta.text}
-        finish = delta.finish_reason
-        if calls is not None:
-            message, finish = _tool_delta(calls[delta.index], delta.text, finish)
-        if delta.index not in started:
-            started.add(delta.index)
-            message = {"role": "assistant", **message}
-        choice = {
-            "index": delta.index,
-            "delta": message,
-            "logprobs": {
-                "content": _logprob_content(generation.model, delta, req.top_logprobs),
-                "refusal": None,
+    async with aclosing(aiter(generation)) as deltas:
+        async for delta in deltas:
+            message: dict = {"content": delta.text}
+            finish = delta.finish_reason
+            if calls is not None:
+                message, finish = _tool_delta(calls[delta.index], delta.text, finish)
+            if delta.index not in started:
+                started.add(delta.index)
+                message = {"role": "assistant", **message}
+            choice = {
+                "index": delta.index,
+                "delta": message,
+                "logprobs": {
+                    "content": _logprob_content(generation.model, delta, req.top_logprobs),
+                    "refusal": None,
+                }
+                if req.logprobs
+                else None,
+                "finish_reason": finish,
             }
-            if req.logprobs
-            else None,
-            "finish_reason": finish,
-        }
-        yield chunk([choice])
+            yield chunk([choice])
     if include_usage:
         yield chunk([], usage=usage(generation))
     yield "[DONE]"

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
@@ -109,8 +110,9 @@ class _Choice:
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
     """The deltas of several generations as they come, tagged with the generation's index."""
     if len(generations) == 1:
-        async for delta in generations[0]:
-            yield 0, delta
+        async with aclosing(aiter(generations[0])) as deltas:
+            async for delta in deltas:
+                yield 0, delta
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -181,20 +183,21 @@ async def _stream(
         }
         return json.dumps(body, ensure_ascii=False)
 
-    async for i, delta in _merged(generations):
-        index = _choice_index(req, i, delta)
-        text = ""
-        choice = choices.get(index)
-        seen = len(choice.logprobs["tokens"]) if choice else 0
-        if choice is None:
-            choice = choices[index] = _Choice(generations[i].model, generations[i], req)
-            if req.echo:
-                text = choice.echo()
-        text += choice.add(delta)
-        body = choice.body(index, text)
-        if body["logprobs"] is not None:  # only this chunk's entries
-            body["logprobs"] = {key: value[seen:] for key, value in choice.logprobs.items()}
-        yield chunk([body])
+    async with aclosing(_merged(generations)) as merged:
+        async for i, delta in merged:
+            index = _choice_index(req, i, delta)
+            text = ""
+            choice = choices.get(index)
+            seen = len(choice.logprobs["tokens"]) if choice else 0
+            if choice is None:
+                choice = choices[index] = _Choice(generations[i].model, generations[i], req)
+                if req.echo:
+                    text = choice.echo()
+            text += choice.add(delta)
+            body = choice.body(index, text)
+            if body["logprobs"] is not None:  # only this chunk's entries
+                body["logprobs"] = {key: value[seen:] for key, value in choice.logprobs.items()}
+            yield chunk([body])
     if include_usage:
         yield chunk([], usage=_total_usage(generations))
     yield "[DONE]"

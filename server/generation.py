@@ -50,9 +50,13 @@ def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
     sent, a failure can only be told in the stream itself, as an OpenAI error event."""
 
     async def guarded() -> AsyncIterator[str]:
+        # sse-starlette closes this generator when its client leaves mid-send; each generator
+        # closes the one it reads from, so that the engine request is aborted and no longer
+        # counted in flight at once, even while something still holds a reference to one
         try:
-            async for chunk in chunks:
-                yield chunk
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         except (WorkerDeadError, ValueError) as exc:
             status = 503 if isinstance(exc, WorkerDeadError) else 400
             logger.warning("stream ended by an error: %s", exc)

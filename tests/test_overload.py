@@ -5,6 +5,7 @@ connections are closed, and `--log-requests` logs prompts (never keys)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -151,3 +152,53 @@ def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
     )
     with pytest.raises(CatalogError, match="max_waiting_requests: .*only chat models"):
         load_catalog(catalog)
+
+
+def test_a_stream_left_while_sending_closes_its_generators_at_once():
+    # the client leaves while a chunk waits in send (its socket full): every generator of the
+    # chain, suspended at a yield, must be closed then, not when the garbage collector finds
+    # it, or its request stays counted in flight (429s for others) and running in the engine
+    import gc
+
+    from pagoda.server.generation import event_stream
+
+    closed = []
+
+    async def tokens():  # the engine request's stream, innermost
+        try:
+            while True:
+                yield "token"
+                await asyncio.sleep(0)
+        finally:
+            closed.append("tokens")
+
+    async def chunks():  # as chat's _stream does over a Generation
+        async with contextlib.aclosing(tokens()) as inner:
+            async for token in inner:
+                yield json.dumps({"choices": [{"text": token}]})
+
+    async def run() -> None:
+        sent = asyncio.Event()
+
+        async def receive() -> dict:
+            await sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                sent.set()
+                await asyncio.sleep(3600)  # a client that stopped reading
+
+        scope = {"type": "http", "method": "POST", "asgi": {"spec_version": "2.4"}}
+        scope |= {"http_version": "1.1", "path": "/v1/chat/completions", "headers": []}
+        # held elsewhere too (as a traceback or a reference cycle may hold it), the generator
+        # is never finalized: only closing it explicitly frees the request
+        held = chunks()
+        await event_stream(held)(scope, receive, send)
+        assert closed == ["tokens"]
+
+    gc.disable()
+    try:
+        asyncio.run(asyncio.wait_for(run(), 10))
+    finally:
+        gc.enable()

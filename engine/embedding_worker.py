@@ -43,9 +43,9 @@ from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
 WINDOW_BATCHES = 4
-# Packed rows carry no padding, so a CPU's budget only bounds a pass's activations: lists of 64
-# texts of 8-64 words ran 1.36x faster in one pass of their ~5,000 tokens than in passes of
-# 2,048 (bf16, 2 cores; the per-pass cost of a small model's many small ops dominates).
+# Packed rows carry little padding, so a CPU's budget mostly bounds a pass's activations:
+# lists of 64 texts of 8-64 words ran 1.36x faster in one pass of their ~5,000 tokens than in
+# passes of 2,048 (bf16, 2 cores; the per-pass cost of a small model's many small ops dominates).
 CPU_BATCH_TOKENS = 8192
 GPU_BATCH_TOKENS = 16384
 # Packed rows are this many tokens wide, or a multiple: a batch's matrix products then come in

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -294,8 +295,6 @@ def _read(serve, response: httpx.Response, endpoint: str = "completions"):
 
 
 def test_serve_prompts_have_no_nul(reference):
-    import random
-
     maker = _serve_module().PromptMaker(reference, random.Random(0))
     assert "\x00" in reference.decode(reference.convert_tokens_to_ids(["\u0100"]))  # byte 0
     assert all("\x00" not in reference.decode([i]) for i in maker.vocab)

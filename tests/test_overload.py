@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import time
@@ -13,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from pagoda.server.generation import event_stream
 from tests.serving import Server
 
 MODEL = "tiny"
@@ -158,10 +160,6 @@ def test_a_stream_left_while_sending_closes_its_generators_at_once():
     # the client leaves while a chunk waits in send (its socket full): every generator of the
     # chain, suspended at a yield, must be closed then, not when the garbage collector finds
     # it, or its request stays counted in flight (429s for others) and running in the engine
-    import gc
-
-    from pagoda.server.generation import event_stream
-
     closed = []
 
     async def tokens():  # the engine request's stream, innermost

@@ -6,9 +6,13 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 (top ops by self CPU time) and the step times go to stdout and to `--out` (markdown).
 
     python benchmarks/profile_decode.py --out decode_profile.md
-    (settings: bf16 = the bf16 CPU path, bf16-onednn = the same with every batch on oneDNN
-    (the path before pagoda's bf16 kernel), bf16-torch = bf16 through torch ops, the
-    path before that; fp32 = the fp32 C++ kernels)
+    (settings: bf16 = the bf16 CPU path, bf16-eager = the same without CPU graphs (every
+    step through the Python wrappers, as before them), bf16-onednn = the eager path with every
+    batch on oneDNN (before pagoda's bf16 kernel), bf16-torch = bf16 through torch ops, the
+    path before that; fp32 = the fp32 C++ kernels, fp32-eager without CPU graphs)
+
+A replayed step calls its kernels through ctypes alone, which the profiler does not see: the
+tables of `bf16` and `fp32` show what is left around the replay.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from pagoda.kernels import Kernels, linear_bf16, linear_cpu  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},
-    "bf16-onednn": {"dtype": "bfloat16"},  # and `onednn_only`
+    "bf16-eager": {"dtype": "bfloat16", "enforce_eager": True},
+    "bf16-onednn": {"dtype": "bfloat16", "enforce_eager": True},  # and `onednn_only`
     "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
     "fp32": {"dtype": "float32"},
+    "fp32-eager": {"dtype": "float32", "enforce_eager": True},
 }
 
 
@@ -135,9 +141,11 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompts of "
         f"{args.prompt_len} random tokens; settings alternated in one run ({args.rounds} rounds"
         f" x {args.steps} steps each). bf16 = the bf16 CPU path ({linear_bf16.describe()}, "
-        "bf16 KV cache, fp32 elsewhere); bf16-onednn = the same with oneDNN at every batch size; "
-        "bf16-torch = bf16 through torch ops (before it); fp32 = the "
-        "fp32 C++ kernels.",
+        "bf16 KV cache, fp32 elsewhere, decode steps replayed from CPU graphs); bf16-eager = the "
+        "same run eagerly (before CPU graphs); bf16-onednn = eager with oneDNN at every batch "
+        "size; bf16-torch = bf16 through torch ops (before it); fp32 = the fp32 C++ kernels, "
+        "fp32-eager the same run eagerly. The profiler does not see replayed kernels (ctypes "
+        "calls): the `bf16` and `fp32` tables show what is left around them.",
         "",
     ]
     emit(lines, args.out)

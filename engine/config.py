@@ -42,7 +42,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     kernel_backend: str = "auto"  # auto: Triton on CUDA, the torch reference elsewhere
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: no decode graphs (CUDA graphs, or CPU kernel replays)
     skip_tokenizer_init: bool = False  # token ids in and out only (no tokenizer files needed)
     serving: bool = False  # an online server: favour time to first token over batch throughput
     # CPU threads for the model; None: torch's default, and a server's engine gives threads

@@ -59,7 +59,7 @@ class LLMEngine:
             self.device,
             self.dtype,
             config.seed,
-            cuda_graphs=(self.max_model_len, config.max_num_seqs) if use_graphs else None,
+            decode_graphs=(self.max_model_len, config.max_num_seqs) if use_graphs else None,
         )
         self.runner.leader = self.leader
         self.block_manager = BlockManager(
@@ -149,11 +149,12 @@ class LLMEngine:
         return budget
 
     def _use_graphs(self) -> bool:
-        # the torch attention path reads host-side lengths, which a graph would freeze
-        return (
-            self.device.type == "cuda"
-            and not self.config.enforce_eager
-            and self.config.kernel_backend != "torch"
+        # the torch attention path reads host-side lengths, which a graph would freeze; on a
+        # CPU a graph replays the C++ kernels alone, and tensor parallelism adds collectives
+        if self.config.enforce_eager or self.config.kernel_backend == "torch":
+            return False
+        return self.device.type == "cuda" or (
+            self.device.type == "cpu" and self.config.tensor_parallel_size == 1
         )
 
     # -- the step API -----------------------------------------------------------------------

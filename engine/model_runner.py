@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.engine.cpu_graphs import CpuDecodeGraphs
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampler import sample, token_logprobs
 from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
@@ -28,7 +29,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int,
-        cuda_graphs: DecodeGraphLimits | None = None,
+        decode_graphs: DecodeGraphLimits | None = None,
     ) -> None:
         self.model = model
         self.leader = None  # rank 0 of tensor parallelism: a distributed.Leader
@@ -41,8 +42,9 @@ class ModelRunner:
         self.sampling_staging = HostToDevice(device)
         self.token_counts = TokenCounts(device)
         attn = model.layers[0].self_attn
-        # one spare block past those the block manager owns: the graphs' padding rows
-        spare = 1 if cuda_graphs is not None else 0
+        # one spare block past those the block manager owns: the CUDA graphs' padding rows
+        cuda_graphs = decode_graphs is not None and device.type == "cuda"
+        spare = 1 if cuda_graphs else 0
         shape = (num_blocks + spare, block_size, attn.num_kv_heads, attn.head_dim)
         # Zeroed, not empty: masked-out cache slots must hold finite values (0 * NaN = NaN).
         self.kv_caches = [
@@ -52,10 +54,14 @@ class ModelRunner:
             )
             for _ in model.layers
         ]
-        self.graphs = None
-        if cuda_graphs is not None:
-            self.graphs = DecodeGraphs(model, self.kv_caches, num_blocks, block_size, *cuda_graphs)
+        self.graphs: DecodeGraphs | CpuDecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, num_blocks, block_size, *decode_graphs
+            )
             self.graphs.capture()
+        elif decode_graphs is not None:  # captured as batch sizes come
+            self.graphs = CpuDecodeGraphs(model, self.kv_caches, block_size, *decode_graphs)
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:

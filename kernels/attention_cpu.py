@@ -76,7 +76,8 @@ def write_kv_cache(
     assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     write = getattr(_library(), "pagoda_write_kv_cache" + CACHE_DTYPES[k_cache.dtype])
-    write(
+    cpu_native.call(
+        write,
         k.data_ptr(),
         k.stride(0),
         v.data_ptr(),
@@ -104,9 +105,10 @@ def paged_attention(
     tables, seq_lens, starts = meta.block_tables, meta.seq_lens, meta.query_start_loc
     assert tables.dtype == seq_lens.dtype == starts.dtype == torch.int32
     assert tables.stride(1) == 1 and seq_lens.is_contiguous() and starts.is_contiguous()
-    out = torch.empty(num_tokens, num_heads, head_dim)
+    out = cpu_native.empty(num_tokens, num_heads, head_dim)
     attend = getattr(_library(), "pagoda_paged_attention" + CACHE_DTYPES[k_cache.dtype])
-    attend(
+    cpu_native.call(
+        attend,
         q.data_ptr(),
         q.stride(0),
         k_cache.data_ptr(),

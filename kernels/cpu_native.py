@@ -4,10 +4,15 @@ Each source is compiled on first use with the system's C++ compiler (about a sec
 user's cache folder, named by a hash of source and flags, and loaded with ctypes. Where the
 CPU lacks AVX-512 or no compiler is installed, `load` returns None and says why once; the
 callers keep torch's ops then.
+
+The kernels' Python wrappers call them through `call` and take their outputs from `empty`, so
+that a `Recorder` (`engine/cpu_graphs.py`) can capture a whole forward pass as its list of
+kernel calls and replay it without the wrappers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -16,7 +21,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,6 +38,39 @@ Signatures = dict[str, tuple[type | None, list[type]]]
 
 _loaded: dict[str, ctypes.CDLL | str] = {}  # name -> library, or why it cannot be had
 _declared: set[str] = set()  # libraries whose signatures are set
+
+
+class Recorder(Protocol):
+    def record(self, function: ctypes._CFuncPtr, args: tuple) -> None: ...
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor: ...
+
+
+_recorder: Recorder | None = None
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[None]:
+    """Hand every kernel call and output allocation to `recorder` while it lasts (the engine
+    runs one forward pass at a time, on one thread)."""
+    global _recorder
+    _recorder = recorder
+    try:
+        yield
+    finally:
+        _recorder = None
+
+
+def call(function: ctypes._CFuncPtr, *args) -> None:
+    """Run a kernel (arguments: ints, floats and data pointers), and record it if asked."""
+    function(*args)
+    if _recorder is not None:
+        _recorder.record(function, args)
+
+
+def empty(*shape: int) -> torch.Tensor:
+    """An fp32 output buffer: the recorder's while recording, else a new one."""
+    return torch.empty(shape) if _recorder is None else _recorder.empty(shape)
 
 
 def _cache_dir() -> Path:

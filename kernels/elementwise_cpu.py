@@ -46,9 +46,10 @@ def rms_norm(
     ):
         return norm.rms_norm(x, weight, eps, residual)
     rows, width = x.shape
-    out = torch.empty(rows, width)
-    new_residual = x if residual is None else torch.empty(rows, width)
-    _library().pagoda_rms_norm(
+    out = cpu_native.empty(rows, width)
+    new_residual = x if residual is None else cpu_native.empty(rows, width)
+    cpu_native.call(
+        _library().pagoda_rms_norm,
         x.data_ptr(),
         x.stride(0),
         None if residual is None else residual.data_ptr(),
@@ -67,8 +68,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if not _rows(gate_up):
         return activation.silu_and_mul(gate_up)
     rows, width = gate_up.shape
-    out = torch.empty(rows, width // 2)
-    _library().pagoda_silu_and_mul(
+    out = cpu_native.empty(rows, width // 2)
+    cpu_native.call(
+        _library().pagoda_silu_and_mul,
         gate_up.data_ptr(),
         gate_up.stride(0),
         out.data_ptr(),
@@ -84,8 +86,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if not (ok and cos.is_contiguous() and sin.is_contiguous()):
         return rotary.apply_rotary(x, cos, sin)
     tokens, heads, head_dim = x.shape
-    out = torch.empty(tokens, heads, head_dim)
-    _library().pagoda_rotary(
+    out = cpu_native.empty(tokens, heads, head_dim)
+    cpu_native.call(
+        _library().pagoda_rotary,
         x.data_ptr(),
         x.stride(0),
         x.stride(1),

@@ -119,9 +119,10 @@ def panel_linear(
     if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(-1) != 1:
         x = x.float().contiguous()
     rows, in_features = x.shape
-    y = torch.empty(rows, out_features)
+    y = cpu_native.empty(rows, out_features)
     if rows:
-        kernel_library().pagoda_bf16_linear(
+        cpu_native.call(
+            kernel_library().pagoda_bf16_linear,
             x.data_ptr(),
             x.stride(0),
             x.dtype == torch.bfloat16,

@@ -57,9 +57,10 @@ class PackedLinear(nn.Module):
         if x.stride(1) != 1 or x.dtype != torch.float32:
             x = x.float().contiguous()
         rows = x.shape[0]
-        y = torch.empty(rows, self.out_features)
+        y = cpu_native.empty(rows, self.out_features)
         if rows:
-            self._lib.pagoda_linear(
+            cpu_native.call(
+                self._lib.pagoda_linear,
                 x.data_ptr(),
                 x.stride(0),
                 self.packed.data_ptr(),

@@ -164,10 +164,25 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch of T tokens (before the final norm)."""
+        """Hidden states [T, hidden] of a flat batch of T tokens (after the final norm)."""
+        return self.decode(*self.embed(input_ids, positions), kv_caches, meta)
+
+    def embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The tokens' embeddings and their positions' rotary (cos, sin) rows."""
         x = self.embed_tokens(input_ids)
+        return x, (self.rotary_cos[positions].to(x.dtype), self.rotary_sin[positions].to(x.dtype))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The decoder layers and final norm over `embed`'s output."""
         residual = None
-        rotary = (self.rotary_cos[positions].to(x.dtype), self.rotary_sin[positions].to(x.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rotary, kv_cache, meta)
         return self.norm(x, residual)[0]

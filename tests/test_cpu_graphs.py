@@ -1,0 +1,98 @@
+"""CPU graphs (`engine/cpu_graphs.py`): decode steps replayed from their recorded kernel calls
+give the same tokens and logprobs as the same steps run eagerly, bit for bit, through batch
+sizes that come, go and outgrow the scratch arenas; a forward pass with torch arithmetic in it
+stays eager."""
+
+import pytest
+import torch
+
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.cpu_graphs import CpuDecodeGraphs, NotCapturable, _ViewsOnly
+from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
+from tests.test_smollm2 import smollm2_gguf
+
+pytestmark = pytest.mark.skipif(
+    not elementwise_cpu.available(), reason=f"no CPU kernels: {cpu_native.unavailable_reason}"
+)
+
+# one sequence, then six (the arenas grow, dropping the first graph), then one again
+BATCHES = (1, 6, 1)
+
+
+def prompts(count: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 60, (count,), generator=g).tolist()
+    return [
+        {"prompt_token_ids": torch.randint(3, 1000, (n,), generator=g).tolist()} for n in lengths
+    ]
+
+
+def run(llm: LLM, params: SamplingParams) -> list[tuple[list[int], list[float]]]:
+    results = []
+    for i, count in enumerate(BATCHES):
+        for out in llm.generate(prompts(count, seed=i), params):
+            completion = out.outputs[0]
+            chosen = [
+                step[token].logprob
+                for step, token in zip(completion.logprobs, completion.token_ids)
+            ]
+            results.append((completion.token_ids, chosen))
+    return results
+
+
+def graphs_of(llm: LLM) -> CpuDecodeGraphs:
+    graphs = llm.engine.runner.graphs
+    assert isinstance(graphs, CpuDecodeGraphs)
+    return graphs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True, logprobs=1),
+    ],
+    ids=["greedy", "sampled"],
+)
+def test_replays_equal_eager_steps_tiny_llama_fp32(tiny_models, params):
+    folder = str(tiny_models["llama"])
+    eager = LLM(folder, dtype="float32", enforce_eager=True)
+    replayed = LLM(folder, dtype="float32")
+    assert eager.engine.runner.graphs is None
+    assert run(replayed, params) == run(eager, params)
+    graphs = graphs_of(replayed)
+    assert graphs.eager_reason is None
+    assert set(graphs.graphs) == {1, 6}  # 1 captured again after the arenas grew for 6
+    assert len(graphs.graphs[1].calls) > 4 * replayed.engine.hf_config.num_hidden_layers
+
+
+@pytest.mark.skipif(not linear_bf16.available(), reason="the CPU runs no native bf16")
+def test_replays_equal_eager_steps_smollm2_bf16():
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+    eager = LLM(str(smollm2_gguf()), max_model_len=1024, dtype="bfloat16", enforce_eager=True)
+    replayed = LLM(str(smollm2_gguf()), max_model_len=1024, dtype="bfloat16")
+    assert run(replayed, params) == run(eager, params)
+    assert graphs_of(replayed).eager_reason is None
+
+
+def test_a_forward_with_torch_arithmetic_stays_eager(tiny_models):
+    """Qwen3's per-head q/k norms take the torch reference (3-D rows): nothing to replay."""
+    folder = str(tiny_models["qwen3"])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    eager = LLM(folder, dtype="float32", enforce_eager=True)
+    replayed = LLM(folder, dtype="float32")
+    assert run(replayed, params) == run(eager, params)
+    graphs = graphs_of(replayed)
+    assert "runs in torch" in graphs.eager_reason
+    assert graphs.graphs == {}
+
+
+def test_capture_refuses_arithmetic_and_copies_but_takes_views():
+    x = torch.randn(4, 6)
+    with torch.inference_mode(), _ViewsOnly():  # as the engine runs: reshape stays one op
+        assert x.view(2, 12).reshape(24)[3:].numel() == 21
+        q, k = x.split([4, 2], dim=1)
+        with pytest.raises(NotCapturable, match="runs in torch"):
+            x + 1
+        with pytest.raises(NotCapturable, match="copies its input"):
+            q.reshape(-1)  # not contiguous: a copy

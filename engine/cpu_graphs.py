@@ -12,9 +12,11 @@ functions with the same arguments, whose pointers lead into:
 
 One graph per exact batch size (no padding rows), captured on its first decode step: the
 capture is that step run eagerly. All graphs share the arenas, which grow, dropping the graphs,
-when a larger batch needs more. A forward pass that does arithmetic in torch (a kernel falling
-back to its torch reference, a layer with no C++ kernel) cannot be replayed: its capture stops
-at the first such op and decode steps stay eager.
+when a larger batch needs more. The kernels' thread count is one of the recorded arguments: when
+the thread governor (`engine/cpu_threads.py`) changes it, the graphs are dropped too. A forward
+pass that does arithmetic in torch (a kernel falling back to its torch reference, a layer with
+no C++ kernel) cannot be replayed: its capture stops at the first such op and decode steps stay
+eager.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class CpuDecodeGraphs:
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.arenas = (torch.empty(0), torch.empty(0))
         self.graphs: dict[int, Graph] = {}
+        self.threads = torch.get_num_threads()  # that the graphs were captured with
         self.eager_reason: str | None = None
 
     def run(
@@ -150,6 +153,9 @@ class CpuDecodeGraphs:
             return self.model.decode(x, rotary, self.kv_caches, meta)
         batch = x.shape[0]
         x, rotary, static_meta = self._fill(x, rotary, meta)
+        if torch.get_num_threads() != self.threads:
+            self.graphs.clear()
+            self.threads = torch.get_num_threads()
         graph = self.graphs.get(batch)
         if graph is not None:
             for function, args in graph.calls:

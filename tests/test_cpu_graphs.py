@@ -66,6 +66,28 @@ def test_replays_equal_eager_steps_tiny_llama_fp32(tiny_models, params):
     assert len(graphs.graphs[1].calls) > 4 * replayed.engine.hf_config.num_hidden_layers
 
 
+def test_a_new_thread_count_drops_the_graphs(tiny_models):
+    """The thread governor changes torch's thread count, which the recorded calls carry."""
+    llm = LLM(str(tiny_models["llama"]), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(prompts(1, seed=0), params)
+    graphs = graphs_of(llm)
+    first = graphs.graphs[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm.generate(prompts(1, seed=1), params)
+    finally:
+        torch.set_num_threads(threads)
+    assert graphs.threads == 1 and graphs.graphs[1] is not first
+    # the norms' last argument is their thread count
+    norms = [args for function, args in graphs.graphs[1].calls if "rms_norm" in function.__name__]
+    assert norms and all(args[-1] == 1 for args in norms)
+    assert all(
+        args[-1] == threads for function, args in first.calls if "rms_norm" in function.__name__
+    )
+
+
 @pytest.mark.skipif(not linear_bf16.available(), reason="the CPU runs no native bf16")
 def test_replays_equal_eager_steps_smollm2_bf16():
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)

@@ -10,7 +10,9 @@ CPU nor is restarted between runs. Each run of a side: `benchmarks/serve.py` wit
 concurrent (burst TTFT = requests sent before the first finished, steady = the rest), then
 --single requests one at a time (batch-1 decode: 1000 / TPOT). Every run uses its own prompt
 seed, so no server sees a prompt twice. Batch-1 decode is set against the roofline of reading
-the bf16 weights once per token at the bandwidth a STREAM-like torch copy measures.
+the bf16 weights once per token at the bandwidth a STREAM-like torch copy measures: before the
+servers start and after every round (all servers paused), as a shared machine's bandwidth
+drifts during a run; the roofline takes the median.
 
     python benchmarks/cpu_vs_vllm.py --out-dir /tmp/cpu_vs_vllm
     (writes summary.md, runs.json and each run's serve.py JSON there)
@@ -198,7 +200,8 @@ def metric(run: dict, kind: str, path: str) -> float | None:
     return value
 
 
-def summary(all_sides: list[Side], bandwidth: float, nbytes: int, args) -> str:
+def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -> str:
+    bandwidth = statistics.median(bandwidths)
     roofline = bandwidth * 1e9 / nbytes
     rows = {
         "output tok/s, concurrent": ("load", "output_token_throughput", 1.0),
@@ -248,7 +251,8 @@ def summary(all_sides: list[Side], bandwidth: float, nbytes: int, args) -> str:
     lines += [
         f"- batch-1 decode: {decode:.1f} tok/s = {decode / roofline:.0%} of the bf16 roofline "
         f"(target >= 85%): {nbytes / 1e6:.0f} MB of bf16 weights per token at {bandwidth:.1f} "
-        f"GB/s (torch copy, 1 GiB, read + write) = {roofline:.1f} tok/s",
+        f"GB/s (torch copy, 1 GiB, read + write; median of {len(bandwidths)} measurements, "
+        f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline:.1f} tok/s",
     ]
     return "\n".join(lines) + "\n"
 
@@ -257,7 +261,7 @@ def main() -> None:
     args = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ensure_hf_folder(args.hf_folder)
-    bandwidth, nbytes = copy_bandwidth(), weight_bytes(args.hf_folder)
+    bandwidths, nbytes = [copy_bandwidth()], weight_bytes(args.hf_folder)
     all_sides = sides(args)
     try:
         for side in all_sides:
@@ -275,14 +279,15 @@ def main() -> None:
                 print(f"[{time.strftime('%T')}] run {run} {side.name}", flush=True)
                 side.runs.append(bench(side, args, run, args.out_dir))
                 signal_group(side, signal.SIGSTOP)
+            bandwidths.append(copy_bandwidth())
     finally:
         for side in all_sides:
             signal_group(side, signal.SIGCONT)
             signal_group(side, signal.SIGTERM)
     raw = {s.name: {"command": s.command, "runs": s.runs} for s in all_sides}
-    raw["roofline"] = {"bandwidth_gb_s": bandwidth, "bf16_weight_bytes": nbytes}
+    raw["roofline"] = {"bandwidth_gb_s": bandwidths, "bf16_weight_bytes": nbytes}
     (args.out_dir / "runs.json").write_text(json.dumps(raw, indent=2))
-    text = summary(all_sides, bandwidth, nbytes, args)
+    text = summary(all_sides, bandwidths, nbytes, args)
     (args.out_dir / "summary.md").write_text(text)
     print(text)
 

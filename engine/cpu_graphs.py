@@ -10,13 +10,15 @@ functions with the same arguments, whose pointers lead into:
 - two scratch arenas for every output: decoder layer i allocates from arena i % 2 and reads
   layer i - 1's outputs from the other, which layer i + 1 no longer needs.
 
-One graph per exact batch size (no padding rows), captured on its first decode step: the
-capture is that step run eagerly. All graphs share the arenas, which grow, dropping the graphs,
-when a larger batch needs more. The kernels' thread count is one of the recorded arguments: when
-the thread governor (`engine/cpu_threads.py`) changes it, the graphs are dropped too. A forward
-pass that does arithmetic in torch (a kernel falling back to its torch reference, a layer with
-no C++ kernel) cannot be replayed: its capture stops at the first such op and decode steps stay
-eager.
+One graph per exact batch size (no padding rows), captured on the second decode step of that
+size (a size seen once, as load comes and goes, is not worth the capture's cost: that step run
+eagerly under a guard, about 1.4x an eager step). All graphs share the arenas, sized at the
+first capture for the largest batch (a layer's buffers grow with the batch's rows), and grown,
+dropping the graphs, should a batch need more. The kernels' thread count is one of the recorded
+arguments: when the thread governor (`engine/cpu_threads.py`) changes it, the graphs are dropped
+too. A forward pass that does arithmetic in torch (a kernel falling back to its torch
+reference, a layer with no C++ kernel) cannot be replayed: its capture stops at the first such
+op and decode steps stay eager.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class CpuDecodeGraphs:
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.arenas = (torch.empty(0), torch.empty(0))
         self.graphs: dict[int, Graph] = {}
+        self.seen: set[int] = set()  # batch sizes stepped once, not captured yet
         self.threads = torch.get_num_threads()  # that the graphs were captured with
         self.eager_reason: str | None = None
 
@@ -161,6 +164,9 @@ class CpuDecodeGraphs:
             for function, args in graph.calls:
                 function(*args)
             return graph.hidden
+        if batch not in self.seen:
+            self.seen.add(batch)
+            return self.model.decode(x, rotary, self.kv_caches, static_meta)
         try:
             graph = self._capture(x, rotary, static_meta)
         except NotCapturable as e:
@@ -214,7 +220,10 @@ class CpuDecodeGraphs:
                     hidden = self.model.decode(x, rotary, self.kv_caches, meta)
                 return Graph(capture.calls, hidden)
             except ArenaFull as full:
-                floats = max(2 * self.arenas[0].numel(), -(-full.needed // ALIGN) * ALIGN)
+                # `needed` is where the layer's first buffer past the end ends: a lower bound of
+                # its buffers, which grow with the rows, at this batch
+                largest = -(-full.needed * self.max_batch // x.shape[0] // ALIGN) * ALIGN
+                floats = max(2 * self.arenas[0].numel(), largest)
                 self.arenas = (torch.empty(floats), torch.empty(floats))
                 self.graphs.clear()  # they point into the old arenas
             finally:

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
 SHAPES += [(33, 7), (5, 64), (100, 77), (31, 1), (70, 40)]
 # AMX: one tile of rows and less, two, more than one pass of two; AVX512-BF16: each row block
-# size up to 8 and past it
-ROWS = {True: [1, 2, 3, 15, 16, 17, 31, 32, 33, 64], False: [1, 2, 3, 4, 5, 7, 8, 9]}
+# size up to 8 and past it; both: rows that the threads convert in shares (from 64), unevenly
+ROWS = {True: [1, 2, 3, 15, 16, 17, 31, 32, 33, 64, 129], False: [1, 2, 3, 4, 5, 7, 8, 9, 65]}
 PATHS = [False, True] if linear_bf16.kernel_amx() else [False]
 
 
@@ -112,6 +112,18 @@ def test_leading_dims_strided_rows_and_empty_batch():
     rows = torch.randn(9, 48)[::4]  # 3 rows, strided between rows: read in place
     assert_within_order_error(layer(rows), rows, w, b)
     assert layer(torch.empty(0, 48)).shape == (0, 70)
+
+
+@pytest.mark.parametrize("amx", PATHS, ids=lambda amx: "amx" if amx else "avx512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_prefill_rows_read_in_place(amx, dtype):
+    """From 64 rows the threads convert x in shares, each from its own rows' addresses."""
+    w, b, panels = operands(100, 77, True)
+    wide = torch.randn(129, 2 * 77).to(dtype)
+    x = wide[:, 3:80]  # a row stride of 154
+    got = linear_bf16.panel_linear(x, panels, b.float(), 100, amx)
+    assert torch.equal(got, linear_bf16.panel_linear(x.contiguous(), panels, b.float(), 100, amx))
+    assert_within_order_error(got, x.float(), w, b)
 
 
 @pytest.mark.parametrize("amx", PATHS, ids=lambda amx: "amx" if amx else "avx512")

@@ -33,6 +33,7 @@ constexpr int kMaxRows = 8;
 constexpr int kPrefetchLines = 256;
 
 constexpr int kChunk = 16;  // pairs of k per AMX tile row
+constexpr int kSplitRows = 64;  // from this many rows of x, every thread converts its share
 
 // pairs of k per panel, padded to whole AMX tiles (SmolLM2's K of 576 and 1536 need none)
 int pairs_of(int K) { return ((K + 1) / 2 + kChunk - 1) / kChunk * kChunk; }
@@ -225,14 +226,24 @@ void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* 
   static thread_local std::vector<uint32_t> scratch;
   const int64_t padded = amx && M > kTileRows ? (M + kTileRows - 1) / kTileRows * kTileRows : M;
   if ((int64_t)scratch.size() < padded * pairs) scratch.resize(padded * pairs);
-  to_pairs(x, ldx, x_bf16, M, K, (uint16_t*)scratch.data());
   std::fill(scratch.begin() + (int64_t)M * pairs, scratch.begin() + padded * pairs, 0u);
-  const uint32_t* xp = scratch.data();
+  uint32_t* xp = scratch.data();
+  // a prefill's rows are converted by all threads (512 x 1536 take 0.18 ms on one); a few
+  // decode rows are not worth the barrier
+  const bool split_rows = M >= kSplitRows;
+  if (!split_rows) to_pairs(x, ldx, x_bf16, M, K, (uint16_t*)xp);
   const int64_t panel_vectors = (int64_t)pairs * 2;  // 64-byte vectors per panel
 #pragma omp parallel num_threads(threads)
   {
-    // a contiguous run of panels per thread, so that each streams one region of memory
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    if (split_rows) {
+      const int m0 = (int)((int64_t)M * t / T), m1 = (int)((int64_t)M * (t + 1) / T);
+      const int64_t elem = x_bf16 ? 2 : 4;
+      to_pairs((const char*)x + m0 * ldx * elem, ldx, x_bf16, m1 - m0, K,
+               (uint16_t*)(xp + (int64_t)m0 * pairs));
+#pragma omp barrier
+    }
+    // a contiguous run of panels per thread, so that each streams one region of memory
     const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
     if (amx) {
       // panel by panel, all row blocks of a panel while it is in cache, and at most

@@ -110,7 +110,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: all cores, fewer while others use them)",
     )
     parallel.add_serve_options(serve)
-    serve.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="no decode graphs (CUDA graphs on a GPU, kernel-call replays on a CPU)",
+    )
     serve.add_argument(
         "--tool-call-parser",
         choices=["hermes", "llama3_json", "mistral"],

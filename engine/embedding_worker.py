@@ -11,17 +11,24 @@ batches), sorts them by length and runs the longest ones together, bounded by a 
 a budget of tokens: the window keeps a request that arrived later from overtaking older ones
 for long.
 
-Inputs of unlike length are packed: several short inputs share a row of the batch, each with
-its own positions, and a block-diagonal mask keeps each input's attention to its own tokens,
-so nothing is spent on padding (one-input requests of 8-64 words wasted about 40% of a padded
-batch). The rows come apart again before pooling, so the model's own pooling and
-normalization modules run as they would in `SentenceTransformer.encode`. A model for which
-packing would change the result (a causal decoder, positions it numbers itself) is found at
-load, by comparing a packed and a padded probe, and keeps padded batches:
+Inputs of unlike length are packed, in one of two layouts, so that nothing is spent on padding
+(one-input requests of 8-64 words wasted about 40% of a padded batch):
 
-    row 0   [a a a a a a a a]          mask of row 1:  b b b c c .
-    row 1   [b b b c c . . .]                          b 1 1 1 0 0 0
-             position ids 0 1 2 0 1                    c 0 0 0 1 1 0
+- `rows`: several short inputs share a row of the batch, each with its own positions, and a
+  block-diagonal mask keeps each input's attention to its own tokens;
+- `run` (bf16 on a CPU with AMX, `engine/embedding_bf16.py`): all inputs in one run of tokens,
+  and an attention kernel that takes the inputs' bounds (`cu_seq_lens_q`) instead of a mask,
+  so it computes no row's full width squared.
+
+    rows:   row 0   [a a a a a a a a]          mask of row 1:  b b b c c .
+            row 1   [b b b c c . . .]                          b 1 1 1 0 0 0
+                     position ids 0 1 2 0 1                    c 0 0 0 1 1 0
+    run:    [a a a a a a a a b b b c c . .]    cu_seq_lens_q = 0 8 11 13 15
+
+The inputs come apart again before pooling, so the model's own pooling and normalization
+modules run as they would in `SentenceTransformer.encode`. Which layout a model takes is found
+at load, by comparing packed probes with a padded one: a model for which packing would change
+the result (a causal decoder, positions it numbers itself) keeps `padded` batches.
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from pagoda.engine import embedding_bf16
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
 from pagoda.engine.worker import BatchGather, Rejected, run_worker
+from pagoda.kernels.linear_bf16 import padded_rows
 from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,11 @@ GPU_BATCH_TOKENS = 16384
 # few shapes, and oneDNN (bf16) compiles a kernel for every new shape it meets. Rows exactly as
 # wide as the longest input gave every batch new shapes: 53 ms a pass of 32 texts against 36.
 PACK_WIDTH_STEP = 32
+LAYOUT_LOG = {
+    "run": "inputs packed into one run (attention by their bounds)",
+    "rows": "inputs packed into rows",
+    "padded": "padded batches",
+}
 # upper bounds of the batch-size histogram the worker keeps (its stats carry the counts)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -116,7 +130,10 @@ class EmbeddingWorker:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.left_padding = self.tokenizer.padding_side == "left"
         self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
-        self.packs = self._packing_keeps_results()
+        self.fused_linears = 0
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            self.fused_linears = embedding_bf16.fuse_linears(transformer)
+        self.layout = self._choose_layout()
         self.governor = governor_for(self.device, config.cpu_threads)
         self.max_batch_tokens = config.max_batch_tokens or (
             CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
@@ -134,8 +151,10 @@ class EmbeddingWorker:
             str(self.dtype).removeprefix("torch."),
             self.dim,
             self.max_model_len,
-            "inputs packed into rows" if self.packs else "padded batches",
+            LAYOUT_LOG[self.layout],
         )
+        if self.fused_linears:
+            logger.info("%d linears on oneDNN's packed bf16 weights", self.fused_linears)
 
     def info(self) -> dict:
         return {
@@ -258,7 +277,7 @@ class EmbeddingWorker:
         config = self.config
         window = list(itertools.islice(self.queue, WINDOW_BATCHES * config.max_batch_size))
         window.sort(key=lambda item: len(item.token_ids), reverse=True)
-        if self.packs:
+        if self.layout != "padded":
             sizes = itertools.accumulate(len(item.token_ids) for item in window)
             fits = sum(1 for total in sizes if total <= self.max_batch_tokens)
         else:
@@ -269,7 +288,9 @@ class EmbeddingWorker:
         return batch
 
     def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
-        return self._embed_packed(token_ids) if self.packs else self._embed_padded(token_ids)
+        if self.layout == "padded":
+            return self._embed_padded(token_ids)
+        return self._embed_packed(token_ids, run=self.layout == "run")
 
     @torch.inference_mode()
     def _embed_padded(self, token_ids: list[list[int]]) -> torch.Tensor:
@@ -286,13 +307,17 @@ class EmbeddingWorker:
         return _embeddings(_run_modules(features, list(self.model)))
 
     @torch.inference_mode()
-    def _embed_packed(self, token_ids: list[list[int]]) -> torch.Tensor:
-        """The same embeddings, from a batch whose rows hold several inputs each (see the
-        module's docstring); the transformer's outputs are cut back into one padded row per
-        input for the pooling modules."""
-        width = -(-max(map(len, token_ids)) // PACK_WIDTH_STEP) * PACK_WIDTH_STEP
-        rows = _pack([len(ids) for ids in token_ids], width)
-        lengths = torch.tensor([len(ids) for ids in token_ids])
+    def _embed_packed(self, token_ids: list[list[int]], run: bool = False) -> torch.Tensor:
+        """The same embeddings, from a batch whose rows hold several inputs each, or from one
+        run of all (see the module's docstring); the transformer's outputs are cut back into
+        one padded row per input for the pooling modules."""
+        sizes = [len(ids) for ids in token_ids]
+        longest = max(sizes)
+        if run:  # one row, its width one of few sizes (oneDNN's kernels are per shape)
+            width, rows = padded_rows(sum(sizes)), [list(range(len(sizes)))]
+        else:
+            width = -(-longest // PACK_WIDTH_STEP) * PACK_WIDTH_STEP
+            rows = _pack(sizes, width)
         # where each input lies: flat positions in the packed batch and in a padded one
         starts = torch.zeros(len(token_ids), dtype=torch.long)
         segment = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -300,33 +325,37 @@ class EmbeddingWorker:
             offset = 0
             for i in members:
                 starts[i] = r * width + offset
-                segment[r, offset : offset + len(token_ids[i])] = i
-                offset += len(token_ids[i])
-        within = torch.arange(width).expand(len(token_ids), width)
-        valid = within < lengths[:, None]
+                segment[r, offset : offset + sizes[i]] = i
+                offset += sizes[i]
+        within = torch.arange(longest).expand(len(token_ids), longest)
+        valid = within < torch.tensor(sizes)[:, None]
         packed_at = (starts[:, None] + within)[valid]
-        padded_at = (torch.arange(len(token_ids))[:, None] * width + within)[valid]
+        padded_at = (torch.arange(len(token_ids))[:, None] * longest + within)[valid]
         flat_ids = torch.tensor(list(itertools.chain.from_iterable(token_ids)))
         input_ids = torch.full((len(rows) * width,), self.pad_id, dtype=torch.long)
         input_ids[packed_at] = flat_ids
         position_ids = torch.zeros(len(rows) * width, dtype=torch.long)
         position_ids[packed_at] = within[valid]
-        # a token sees the tokens of its own input; the padding sees itself (no empty softmax)
-        mask = segment[:, None, :, None] == segment[:, None, None, :]
         features = {
             "input_ids": input_ids.view(len(rows), width),
             "position_ids": position_ids.view(len(rows), width),
-            "attention_mask": mask,
         }
+        if run:  # the padding at the end is a sequence of its own
+            bounds = [0, *itertools.accumulate(sizes), width]
+            features["cu_seq_lens_q"] = torch.tensor(sorted(set(bounds)), dtype=torch.int32)
+        else:
+            # a token sees the tokens of its own input; the padding sees itself (no empty
+            # softmax)
+            features["attention_mask"] = segment[:, None, :, None] == segment[:, None, None, :]
         transformer, *pooling = self.model
         hidden = _run_modules(self._inputs(features), [transformer])["token_embeddings"]
-        unpacked = hidden.new_zeros(len(token_ids) * width, hidden.shape[-1])
+        unpacked = hidden.new_zeros(len(token_ids) * longest, hidden.shape[-1])
         unpacked[padded_at] = hidden.reshape(-1, hidden.shape[-1])[packed_at]
-        padded_ids = torch.zeros(len(token_ids) * width, dtype=torch.long)
+        padded_ids = torch.zeros(len(token_ids) * longest, dtype=torch.long)
         padded_ids[padded_at] = flat_ids
         per_input = {
-            "input_ids": padded_ids.view(len(token_ids), width).to(self.device),
-            "token_embeddings": unpacked.view(len(token_ids), width, -1),
+            "input_ids": padded_ids.view(len(token_ids), longest).to(self.device),
+            "token_embeddings": unpacked.view(len(token_ids), longest, -1),
             "attention_mask": valid.long().to(self.device),
             "modality": "text",
         }
@@ -338,23 +367,32 @@ class EmbeddingWorker:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         return {**{k: v.to(self.device) for k, v in features.items()}, "modality": "text"}
 
-    def _packing_keeps_results(self) -> bool:
-        """Whether packed batches give this model the embeddings padded ones do: a probe of
-        three inputs, two of them sharing a row. A causal model (it would see its row-mate),
-        or one that numbers positions its own way, does not."""
+    def _choose_layout(self) -> str:
+        """How this model's batches are laid out: the first packed layout whose probe (three
+        inputs, two of them sharing a row) gives the embeddings of a padded batch. A causal
+        model (it would see its row-mate), or one that numbers positions its own way, keeps
+        padded batches."""
         if self.left_padding:
-            return False
+            return "padded"
         # distinct tokens: in a row of one repeated token, attention sees the same value
         # everywhere, and a causal model passes for a bidirectional one
         probe = [[(101 + 37 * i + 7 * n) % self.vocab_size for i in range(n)] for n in (9, 4, 5)]
         padded = self._embed_padded(probe)
-        try:
-            packed = self._embed_packed(probe)
-        except Exception as exc:  # a model whose forward takes no 4D mask or position ids
-            logger.info("packing inputs into rows fails for this model (%s)", exc)
-            return False
         tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
-        return bool((packed - padded).abs().max() <= tolerance)
+        restore = None
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:  # the kernel is bf16
+            restore = embedding_bf16.use_packed_attention(self.model[0].model)
+        for layout in ("run", "rows") if restore else ("rows",):
+            try:
+                packed = self._embed_packed(probe, run=layout == "run")
+            except Exception as exc:  # a model whose forward takes no 4D mask or position ids
+                logger.info("packing inputs (%s) fails for this model (%s)", layout, exc)
+                packed = None
+            if packed is not None and (packed - padded).abs().max() <= tolerance:
+                return layout
+            if layout == "run":
+                restore()
+        return "padded"
 
     def _count_batch(self, size: int) -> None:
         self.batches += 1

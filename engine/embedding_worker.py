@@ -52,7 +52,6 @@ from pagoda.logs import LogSettings
 
 logger = logging.getLogger(__name__)
 WINDOW_BATCHES = 4
-_T = []
 # Packed rows carry little padding, so a CPU's budget mostly bounds a pass's activations:
 # lists of 64 texts of 8-64 words ran 1.36x faster in one pass of their ~5,000 tokens than in
 # passes of 2,048 (bf16, 2 cores; the per-pass cost of a small model's many small ops dominates).
@@ -257,11 +256,6 @@ class EmbeddingWorker:
         batch = self._next_batch()
         embeddings = self._embed([item.token_ids for item in batch])
         self.gather.ran(len({id(item.job) for item in batch}), time.monotonic() - start)
-        _T.append((start, time.monotonic(), len(batch)))
-        if len(_T) % 100 == 0:
-            import json
-
-            json.dump(_T, open("/tmp/prof/emb_spy/timeline.json", "w"))
         self._count_batch(len(batch))
         outputs = []
         for item, row in zip(batch, embeddings):

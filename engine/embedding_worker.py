@@ -133,6 +133,7 @@ class EmbeddingWorker:
         self.fused_linears = 0
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             self.fused_linears = embedding_bf16.fuse_linears(transformer)
+            embedding_bf16.fuse_add_norms(transformer)
         self.layout = self._choose_layout()
         self.governor = governor_for(self.device, config.cpu_threads)
         self.max_batch_tokens = config.max_batch_tokens or (

@@ -350,8 +350,8 @@ async def serve(args: argparse.Namespace) -> None:
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop where it is installed (a dependency on Linux and macOS), as uvicorn
     picks by itself when it makes the loop: the frontend is one Python thread, and with 32
-    embedding clients on 2 cores it turned requests around 3-6% faster (benchmarks/embeddings.md).
-    None: asyncio's own."""
+    single-input embedding clients on 2 cores it answered 3-6% more requests a second. None:
+    asyncio's own."""
     try:
         import uvloop
     except ImportError:

@@ -63,3 +63,33 @@ def test_rotary_on_strided_head_views(tokens, heads, head_dim):
     x = qkv[:, :heads]
     got = elementwise_cpu.apply_rotary(x, cos[positions], sin[positions])
     torch.testing.assert_close(got, rotary.apply_rotary(x, cos[positions], sin[positions]), **TOL)
+
+
+# an encoder's residual add and LayerNorm in bf16, against torch's bf16 add then LayerNorm
+@pytest.mark.parametrize("rows", [1, 300])
+@pytest.mark.parametrize("width", [384, 100])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_add_layer_norm_bf16(rows, width, with_residual, affine):
+    g = torch.Generator().manual_seed(rows + width)
+    layer = torch.nn.LayerNorm(width, eps=1e-12, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            layer.weight.normal_(generator=g)
+            layer.bias.normal_(generator=g)
+    layer = layer.bfloat16()
+    x = (torch.randn(rows, width, generator=g) * 3).bfloat16()
+    residual = torch.randn(rows, width, generator=g).bfloat16() if with_residual else None
+    with torch.no_grad():
+        expected = layer(x if residual is None else x + residual)
+        out = elementwise_cpu.add_layer_norm(x, residual, layer)
+    # the same arithmetic summed in another order: at most one bf16 step apart, nearly all equal
+    steps = (out.float() - expected.float()).abs() / expected.float().abs().clamp(min=1e-3)
+    assert steps.max() <= 2**-7 and (out == expected).float().mean() >= 0.99
+
+
+def test_add_layer_norm_leaves_fp32_to_torch():
+    layer = torch.nn.LayerNorm(64)
+    x, residual = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(elementwise_cpu.add_layer_norm(x, residual, layer), layer(x + residual))

@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers.activations import GELUActivation
 
-from pagoda.engine.embedding_bf16 import OneDnnLinear, fuse_linears
+from pagoda.engine.embedding_bf16 import DenseAddNorm, OneDnnLinear, fuse_linears
 from pagoda.engine.embedding_worker import (
     PACK_WIDTH_STEP,
     EmbeddingConfig,
@@ -145,6 +145,8 @@ def test_bfloat16_on_amx_runs_inputs_as_one_run_on_fused_linears():
     assert worker.fused_linears == 6 * 6 + 1  # q, k, v, out, intermediate, output; the pooler
     layer = worker.model[0].model.encoder.layer[0]
     assert isinstance(layer.intermediate.intermediate_act_fn, nn.Identity)
+    assert isinstance(layer.attention.output, DenseAddNorm)
+    assert isinstance(layer.output, DenseAddNorm)
     texts = [TEXTS[3], *TEXTS[:3], "one", "two words", "and three words"]
     reference = SentenceTransformer(str(get_model_path()), device="cpu").to(torch.bfloat16)
     expected = reference.encode(texts)

@@ -37,14 +37,48 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tile 0 = C (16 x 16 fp32), 1 = A, 2 = B: all 16 rows of 64 bytes
+// tiles 0-3 = C (16 x 16 fp32): four output blocks at once, so that consecutive tile products
+// do not wait on one another's sums; 4 = A; 5-7 = B in turn. All 16 rows of 64 bytes.
 void configure_tiles() {
   TileConfig config;
-  for (int t = 0; t < 3; ++t) {
+  for (int t = 0; t < 8; ++t) {
     config.colsb[t] = 64;
     config.rows[t] = kRows;
   }
   _tile_loadconfig(&config);
+}
+
+void zero_tiles(int n) {
+  _tile_zero(0);
+  if (n > 1) _tile_zero(1);
+  if (n > 2) _tile_zero(2);
+  if (n > 3) _tile_zero(3);
+}
+
+// C tile j += A (tile 4) . B tile at b + j * step (dwords), for j < n
+void products(int n, const uint32_t* b, size_t step) {
+  _tile_loadd(5, b, 64);
+  _tile_dpbf16ps(0, 4, 5);
+  if (n > 1) {
+    _tile_loadd(6, b + step, 64);
+    _tile_dpbf16ps(1, 4, 6);
+  }
+  if (n > 2) {
+    _tile_loadd(7, b + 2 * step, 64);
+    _tile_dpbf16ps(2, 4, 7);
+  }
+  if (n > 3) {
+    _tile_loadd(5, b + 3 * step, 64);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+}
+
+// C tile j to c + j * step (floats), row stride `stride` bytes, for j < n
+void store_tiles(int n, float* c, int step, int stride) {
+  _tile_stored(0, c, stride);
+  if (n > 1) _tile_stored(1, c + step, stride);
+  if (n > 2) _tile_stored(2, c + 2 * step, stride);
+  if (n > 3) _tile_stored(3, c + 3 * step, stride);
 }
 
 struct Scratch {
@@ -140,25 +174,26 @@ void attend_head(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
       a = w.q.data();
       a_stride = dim * 2;
     }
-    for (int kb = 0; kb < key_blocks; ++kb) {
-      _tile_zero(0);
+    const size_t kt_step = (size_t)qk_chunks * kRows * kRows;  // one key block of kt
+    for (int kb = 0; kb < key_blocks; kb += 4) {
+      const int n = std::min(4, key_blocks - kb);
+      zero_tiles(n);
       for (int c = 0; c < qk_chunks; ++c) {
-        _tile_loadd(1, a + c * 32, a_stride);
-        _tile_loadd(2, &w.kt[((size_t)kb * qk_chunks + c) * kRows * kRows], 64);
-        _tile_dpbf16ps(0, 1, 2);
+        _tile_loadd(4, a + c * 32, a_stride);
+        products(n, &w.kt[kb * kt_step + (size_t)c * kRows * kRows], kt_step);
       }
-      _tile_stored(0, &w.s[kb * kRows], width * 4);
+      store_tiles(n, &w.s[kb * kRows], kRows, width * 4);
     }
     for (int i = 0; i < rows; ++i)
       sums[i] = softmax_row(&w.s[(size_t)i * width], len, width, scale, &w.p[(size_t)i * width]);
-    for (int c = 0; c < pv_chunks; ++c) {
-      _tile_zero(0);
+    for (int c = 0; c < pv_chunks; c += 4) {
+      const int n = std::min(4, pv_chunks - c);
+      zero_tiles(n);
       for (int kb = 0; kb < width / kKeys; ++kb) {
-        _tile_loadd(1, &w.p[kb * kKeys], width * 2);
-        _tile_loadd(2, &w.vt[((size_t)kb * pv_chunks + c) * kRows * kRows], 64);
-        _tile_dpbf16ps(0, 1, 2);
+        _tile_loadd(4, &w.p[kb * kKeys], width * 2);
+        products(n, &w.vt[((size_t)kb * pv_chunks + c) * kRows * kRows], kRows * kRows);
       }
-      _tile_stored(0, &w.o[c * kRows], dim * 4);
+      store_tiles(n, &w.o[c * kRows], kRows, dim * 4);
     }
     for (int i = 0; i < rows; ++i) {
       const __m512 inverse = _mm512_set1_ps(1.0f / sums[i]);

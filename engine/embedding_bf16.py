@@ -69,12 +69,7 @@ def fuse_linears(model: nn.Module) -> int:
     Returns how many were swapped; 0 where oneDNN has no native bf16 here."""
     if not linear_bf16.available():
         return 0
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
+    swaps = linear_bf16.child_modules(model, lambda child: type(child) is nn.Linear)
     for parent, name, child in swaps:
         gelu = name == "dense" and _exact_gelu(getattr(parent, "intermediate_act_fn", None))
         setattr(parent, name, OneDnnLinear(child, gelu=gelu))
@@ -99,12 +94,7 @@ class DenseAddNorm(nn.Module):
 def fuse_add_norms(model: nn.Module) -> int:
     """Swap BERT-family output blocks (`ADD_NORM_BLOCKS`) for `DenseAddNorm`; returns how
     many."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child).__name__ in ADD_NORM_BLOCKS
-    ]
+    swaps = linear_bf16.child_modules(model, lambda child: type(child).__name__ in ADD_NORM_BLOCKS)
     for parent, name, child in swaps:
         setattr(parent, name, DenseAddNorm(child))
     return len(swaps)

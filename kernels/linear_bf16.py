@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -212,15 +213,23 @@ class Bf16Linear(nn.Module):
         return f"{shape}, kernel up to {self.kernel_rows} rows, oneDNN past that"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear`, and give a model with
-    tied embeddings a packed lm_head. Returns how many were packed."""
-    swaps = [
+def child_modules(
+    model: nn.Module, keep: Callable[[nn.Module], bool]
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every (parent, name, child) below `model` whose child `keep` takes, listed before the
+    caller swaps any."""
+    return [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if keep(child)
     ]
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear`, and give a model with
+    tied embeddings a packed lm_head. Returns how many were packed."""
+    swaps = child_modules(model, lambda child: type(child) is nn.Linear)
     for parent, name, child in swaps:
         setattr(parent, name, Bf16Linear(child.weight, child.bias))
     count = len(swaps)

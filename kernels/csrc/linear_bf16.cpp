@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "amx_tiles.h"
+
 namespace {
 
 constexpr int kPanel = 32;
@@ -113,13 +115,7 @@ void to_pairs(const void* x, int64_t ldx, bool x_bf16, int M, int K, uint16_t* o
 // tile C[m][j] += sum over the pairs of A[m][q] . B[q][j]. All eight tiles hold one pass of
 // up to 32 rows: C for rows 0-15 and 16-31 times the two halves, two A, two B. One tile
 // instruction does the work of 256 vdpbf16ps, so rows come almost free while W streams.
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using pagoda::TileConfig;
 
 constexpr int kTileRows = 16;
 constexpr int kAmxRows = 2 * kTileRows;

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "vec_math.h"
 
 namespace {
@@ -29,13 +30,7 @@ namespace {
 constexpr int kRows = 16;  // queries per block, keys per QK tile, dims per PV tile
 constexpr int kKeys = 32;  // keys per PV tile (16 pairs)
 
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using pagoda::TileConfig;
 
 // tiles 0-3 = C (16 x 16 fp32): four output blocks at once, so that consecutive tile products
 // do not wait on one another's sums; 4 = A; 5-7 = B in turn. All 16 rows of 64 bytes.

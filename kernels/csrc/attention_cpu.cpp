@@ -183,17 +183,11 @@ void score_keys(const float (*qt)[kLanes], const T* k_cache, const int64_t* rows
   }
 }
 
+// The tile's attention over the context's K and V rows (rows[t] = offset of token t's row).
 template <int C, typename T>
-void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stride, int count,
-                  int base, const T* k_cache, const T* v_cache, const int32_t* table,
-                  int block_size, int64_t token_stride, int64_t kv_offset, float scale,
-                  std::vector<float>& s_buf, std::vector<int64_t>& rows) {
-  constexpr int D = C * kLanes;
-  alignas(64) float qt[D][kLanes];
-  for (int d = 0; d < D; ++d)
-    for (int i = 0; i < kLanes; ++i) qt[d][i] = i < count ? q[i * q_stride + d] * scale : 0.0f;
-  const int len = base + count;
-  token_rows(table, len, block_size, token_stride, kv_offset, rows);
+void prefill_rows(const float (*qt)[kLanes], int count, int base, int len, const T* k_cache,
+                  const T* v_cache, const std::vector<int64_t>& rows, float* out,
+                  int64_t out_stride, std::vector<float>& s_buf) {
   s_buf.resize((size_t)len * kLanes + kLanes);
   float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
 
@@ -226,6 +220,38 @@ void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stri
     for (int i = 0; i < count; ++i)
       for (int j = 0; j < kLanes; ++j) out[i * out_stride + c * kLanes + j] = o[j][i];
   }
+}
+
+template <int C, typename T>
+void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stride, int count,
+                  int base, const T* k_cache, const T* v_cache, const int32_t* table,
+                  int block_size, int64_t token_stride, int64_t kv_offset, float scale,
+                  std::vector<float>& s_buf, std::vector<int64_t>& rows) {
+  constexpr int D = C * kLanes;
+  alignas(64) float qt[D][kLanes];
+  for (int d = 0; d < D; ++d)
+    for (int i = 0; i < kLanes; ++i) qt[d][i] = i < count ? q[i * q_stride + d] * scale : 0.0f;
+  const int len = base + count;
+  token_rows(table, len, block_size, token_stride, kv_offset, rows);
+  if constexpr (sizeof(T) == 2) {
+    // bf16: the context's K and V rows widened once. The loops below broadcast every element
+    // of K and V into an FMA: from fp32 in memory that is the FMA's own operand, from bf16 a
+    // load, shift and broadcast each (a 4 x 128-token prefill step's attention, 9 heads of 64:
+    // 2.36 ms a layer before, 1.34 after, on 2 cores).
+    static thread_local std::vector<float> k_wide, v_wide;
+    k_wide.resize((size_t)len * D);
+    v_wide.resize((size_t)len * D);
+    for (int t = 0; t < len; ++t) {
+      for (int d = 0; d < D; d += kLanes) {
+        _mm512_storeu_ps(&k_wide[(size_t)t * D + d], load16(k_cache + rows[t] + d));
+        _mm512_storeu_ps(&v_wide[(size_t)t * D + d], load16(v_cache + rows[t] + d));
+      }
+      rows[t] = (int64_t)t * D;
+    }
+    return prefill_rows<C, float>(qt, count, base, len, k_wide.data(), v_wide.data(), rows, out,
+                                  out_stride, s_buf);
+  }
+  prefill_rows<C, T>(qt, count, base, len, k_cache, v_cache, rows, out, out_stride, s_buf);
 }
 
 // A unit of work: one decode sequence (tile < 0), or one head of one 16-token query tile.

@@ -186,15 +186,15 @@ void score_keys(const float (*qt)[kLanes], const T* k_cache, const int64_t* rows
 // The tile's attention over the context's K and V rows (rows[t] = offset of token t's row).
 template <int C, typename T>
 void prefill_rows(const float (*qt)[kLanes], int count, int base, int len, const T* k_cache,
-                  const T* v_cache, const std::vector<int64_t>& rows, float* out,
-                  int64_t out_stride, std::vector<float>& s_buf) {
+                  const T* v_cache, const int64_t* rows, float* out, int64_t out_stride,
+                  std::vector<float>& s_buf) {
   s_buf.resize((size_t)len * kLanes + kLanes);
   float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
 
   __m512 top = _mm512_set1_ps(-INFINITY);
   int t = 0;
-  for (; t + 8 <= len; t += 8) score_keys<C, 8, T>(qt, k_cache, rows.data(), t, base, s, top);
-  for (; t < len; ++t) score_keys<C, 1, T>(qt, k_cache, rows.data(), t, base, s, top);
+  for (; t + 8 <= len; t += 8) score_keys<C, 8, T>(qt, k_cache, rows, t, base, s, top);
+  for (; t < len; ++t) score_keys<C, 1, T>(qt, k_cache, rows, t, base, s, top);
 
   __m512 sums = _mm512_setzero_ps();
   for (t = 0; t < len; ++t) {
@@ -222,37 +222,65 @@ void prefill_rows(const float (*qt)[kLanes], int count, int base, int len, const
   }
 }
 
+// The tile's queries against the first `len` tokens of the context, whose K and V rows start
+// at k_cache + rows[t] and v_cache + rows[t].
 template <int C, typename T>
 void prefill_tile(const float* q, int64_t q_stride, float* out, int64_t out_stride, int count,
-                  int base, const T* k_cache, const T* v_cache, const int32_t* table,
-                  int block_size, int64_t token_stride, int64_t kv_offset, float scale,
-                  std::vector<float>& s_buf, std::vector<int64_t>& rows) {
+                  int base, const T* k_cache, const T* v_cache, const int64_t* rows, float scale,
+                  std::vector<float>& s_buf) {
   constexpr int D = C * kLanes;
   alignas(64) float qt[D][kLanes];
   for (int d = 0; d < D; ++d)
     for (int i = 0; i < kLanes; ++i) qt[d][i] = i < count ? q[i * q_stride + d] * scale : 0.0f;
-  const int len = base + count;
-  token_rows(table, len, block_size, token_stride, kv_offset, rows);
-  if constexpr (sizeof(T) == 2) {
-    // bf16: the context's K and V rows widened once. The loops below broadcast every element
-    // of K and V into an FMA: from fp32 in memory that is the FMA's own operand, from bf16 a
-    // load, shift and broadcast each (a 4 x 128-token prefill step's attention, 9 heads of 64:
-    // 2.36 ms a layer before, 1.34 after, on 2 cores).
-    static thread_local std::vector<float> k_wide, v_wide;
-    k_wide.resize((size_t)len * D);
-    v_wide.resize((size_t)len * D);
-    for (int t = 0; t < len; ++t) {
-      for (int d = 0; d < D; d += kLanes) {
-        _mm512_storeu_ps(&k_wide[(size_t)t * D + d], load16(k_cache + rows[t] + d));
-        _mm512_storeu_ps(&v_wide[(size_t)t * D + d], load16(v_cache + rows[t] + d));
-      }
-      rows[t] = (int64_t)t * D;
-    }
-    return prefill_rows<C, float>(qt, count, base, len, k_wide.data(), v_wide.data(), rows, out,
-                                  out_stride, s_buf);
-  }
-  prefill_rows<C, T>(qt, count, base, len, k_cache, v_cache, rows, out, out_stride, s_buf);
+  prefill_rows<C, T>(qt, count, base, base + count, k_cache, v_cache, rows, out, out_stride,
+                     s_buf);
 }
+
+// bf16 caches: the K and V rows of one sequence's context widened to fp32, for every KV head,
+// kept by a thread across the tiles and heads of that sequence it takes. The tile loops
+// broadcast every element of K and V into an FMA: from fp32 in memory that is the FMA's own
+// operand, from bf16 a load, shift and broadcast each. (A 4 x 128-token prefill step's
+// attention, 9 heads of 64, on 2 cores: 2.4-2.6 ms a layer reading bf16, 1.3 widening per
+// tile and head, 1.1 widening once per sequence and KV head.)
+struct WideContext {
+  int seq = -1, capacity = 0;
+  std::vector<int> done;       // tokens widened so far, per KV head
+  std::vector<float> k, v;     // [kv_head][token < capacity][D]
+  std::vector<int64_t> rows;   // rows[t] = t * D
+  std::vector<int64_t> cache_rows;
+
+  // The widened rows of tokens [0, len) of KV head `head` of sequence `seq` (context
+  // `context` tokens, its blocks in `table`).
+  template <int D>
+  const float* widen(int seq_id, int head, int len, int context, const uint16_t* cache,
+                     const uint16_t* other_cache, const int32_t* table, int block_size,
+                     int64_t token_stride, int num_kv_heads, const float** other) {
+    if (seq != seq_id) {
+      seq = seq_id;
+      capacity = context;
+      done.assign(num_kv_heads, 0);
+      k.resize((size_t)num_kv_heads * capacity * D);
+      v.resize((size_t)num_kv_heads * capacity * D);
+      if ((int)rows.size() < capacity) {
+        rows.resize(capacity);
+        for (int t = 0; t < capacity; ++t) rows[t] = (int64_t)t * D;
+      }
+    }
+    float* kw = &k[(size_t)head * capacity * D];
+    float* vw = &v[(size_t)head * capacity * D];
+    if (done[head] < len) {
+      token_rows(table, len, block_size, token_stride, (int64_t)head * D, cache_rows);
+      for (int t = done[head]; t < len; ++t)
+        for (int d = 0; d < D; d += kLanes) {
+          _mm512_storeu_ps(kw + (size_t)t * D + d, load16(cache + cache_rows[t] + d));
+          _mm512_storeu_ps(vw + (size_t)t * D + d, load16(other_cache + cache_rows[t] + d));
+        }
+      done[head] = len;
+    }
+    *other = vw;
+    return kw;
+  }
+};
 
 // A unit of work: one decode sequence (tile < 0), or one head of one 16-token query tile.
 struct Task {
@@ -282,6 +310,7 @@ void attend(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache
   {
     std::vector<float> scores, top;
     std::vector<int64_t> rows;
+    WideContext wide;
 #pragma omp for schedule(dynamic, 1)
     for (int n = 0; n < num_tasks; ++n) {
       const Task task = tasks[n];
@@ -298,10 +327,21 @@ void attend(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache
       const int start = task.tile * kLanes;
       const int rows_here = count - start < kLanes ? count - start : kLanes;
       const int64_t row0 = first + start;
-      prefill_tile<C, T>(q + row0 * q_stride + task.head * D, q_stride,
-                      out + row0 * out_stride + task.head * D, out_stride, rows_here,
-                      len - count + start, k_cache, v_cache, table, block_size, token_stride,
-                      (int64_t)(task.head / group) * D, scale, scores, rows);
+      const int base = len - count + start, seen = base + rows_here, kv_head = task.head / group;
+      const float* query = q + row0 * q_stride + task.head * D;
+      float* tile_out = out + row0 * out_stride + task.head * D;
+      if constexpr (sizeof(T) == 2) {
+        const float* v_wide;
+        const float* k_wide =
+            wide.template widen<D>(task.seq, kv_head, seen, len, k_cache, v_cache, table,
+                                   block_size, token_stride, num_kv_heads, &v_wide);
+        prefill_tile<C, float>(query, q_stride, tile_out, out_stride, rows_here, base, k_wide,
+                               v_wide, wide.rows.data(), scale, scores);
+      } else {
+        token_rows(table, seen, block_size, token_stride, (int64_t)kv_head * D, rows);
+        prefill_tile<C, T>(query, q_stride, tile_out, out_stride, rows_here, base, k_cache,
+                           v_cache, rows.data(), scale, scores);
+      }
     }
   }
 }

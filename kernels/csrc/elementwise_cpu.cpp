@@ -49,9 +49,9 @@ extern "C" {
 // out = layer_norm(x + residual) * weight + bias over rows of H, all bf16 and contiguous [T, H]
 // (residual, weight, bias may be null), the sum and the statistics in fp32, as torch's bf16
 // LayerNorm computes them.
-__attribute__((target("avx512bw,avx512vl"))) void pagoda_add_layer_norm_bf16(const uint16_t* x, const uint16_t* residual,
-                                const uint16_t* weight, const uint16_t* bias, uint16_t* out, int T,
-                                int H, float eps, int threads) {
+__attribute__((target("avx512bw,avx512vl"))) void pagoda_add_layer_norm_bf16(
+    const uint16_t* x, const uint16_t* residual, const uint16_t* weight, const uint16_t* bias,
+    uint16_t* out, int T, int H, float eps, int threads) {
 #pragma omp parallel num_threads(threads) if ((int64_t)T * H >= kParallelFloats)
   {
     std::vector<float> row(H);

@@ -110,8 +110,9 @@ void lay_out_keys(const uint16_t* k, int64_t stride, int len, int dim, uint32_t*
 void lay_out_values(const uint16_t* v, int64_t stride, int len, int dim, uint32_t* vt) {
   const int chunks = dim / kRows, blocks = (len + kKeys - 1) / kKeys;
   const auto widen = [&](int key, int c) {
-    return key < len ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + key * stride + c * kRows)))
-                     : _mm512_setzero_si512();
+    if (key >= len) return _mm512_setzero_si512();
+    const __m256i row = _mm256_loadu_si256((const __m256i*)(v + key * stride + c * kRows));
+    return _mm512_cvtepu16_epi32(row);
   };
   for (int kb = 0; kb < blocks; ++kb)
     for (int c = 0; c < chunks; ++c) {
@@ -194,7 +195,8 @@ void attend_head(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
       const __m512 inverse = _mm512_set1_ps(1.0f / sums[i]);
       for (int d = 0; d < dim; d += 16) {
         const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(&w.o[(size_t)i * dim + d]), inverse);
-        _mm256_storeu_si256((__m256i*)(out + (i0 + i) * out_stride + d), (__m256i)_mm512_cvtneps_pbh(x));
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(x);
+        _mm256_storeu_si256((__m256i*)(out + (i0 + i) * out_stride + d), rounded);
       }
     }
   }

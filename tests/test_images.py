@@ -224,7 +224,8 @@ def batched_images(server, size: int) -> float:
 
     def bucket(le: int) -> float:
         name = f'pagoda:image_batch_size_bucket{{le="{float(le)}",model_name="{IMAGE_MODEL}"}}'
-        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0  # no image made yet
 
     return bucket(size) - bucket(size - 1)
 
@@ -233,12 +234,15 @@ def test_concurrent_requests_batch_and_keep_their_images(server, client, http, r
     """Four requests that arrive while the worker is busy run as one pipeline call of four,
     and each image is still the one diffusers makes alone from its seed."""
     before = batched_images(server, 4)
-    slow = {"model": IMAGE_MODEL, "prompt": "busy", "size": "128x128", "num_inference_steps": 8}
+    # long enough (two images of the most pixels, the most steps) that all four arrive while
+    # it runs, on a loaded machine too; a batch of two, not counted below
+    slow = {"model": IMAGE_MODEL, "prompt": "busy", "size": "128x256", "n": 2}
+    slow["num_inference_steps"] = 8
     busy = threading.Thread(
         target=http.post, args=("/v1/images/generations",), kwargs={"json": slow}
     )
     busy.start()
-    wait_for_queue(server, 1)
+    wait_for_queue(server, slow["n"])  # the queue counts images
     prompts = ["a cat", "a dog", "a boat", "a tree"]
     results: dict[str, np.ndarray] = {}
 

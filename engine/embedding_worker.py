@@ -321,12 +321,10 @@ class EmbeddingWorker:
             rows = _pack(sizes, width)
         # where each input lies: flat positions in the packed batch and in a padded one
         starts = torch.zeros(len(token_ids), dtype=torch.long)
-        segment = torch.full((len(rows), width), -1, dtype=torch.long)
         for r, members in enumerate(rows):
             offset = 0
             for i in members:
                 starts[i] = r * width + offset
-                segment[r, offset : offset + sizes[i]] = i
                 offset += sizes[i]
         within = torch.arange(longest).expand(len(token_ids), longest)
         valid = within < torch.tensor(sizes)[:, None]
@@ -347,6 +345,9 @@ class EmbeddingWorker:
         else:
             # a token sees the tokens of its own input; the padding sees itself (no empty
             # softmax)
+            segment = torch.full((len(rows) * width,), -1, dtype=torch.long)
+            segment[packed_at] = torch.arange(len(sizes))[:, None].expand(-1, longest)[valid]
+            segment = segment.view(len(rows), width)
             features["attention_mask"] = segment[:, None, :, None] == segment[:, None, None, :]
         transformer, *pooling = self.model
         hidden = _run_modules(self._inputs(features), [transformer])["token_embeddings"]

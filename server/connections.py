@@ -4,20 +4,65 @@ leave headers unbounded under httptools, and connections unlimited); docs/reliab
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 from pagoda.server.app import DEFAULT_BODY_TIMEOUT_S
+from pagoda.server.errors import APIError
 from pagoda.server.generation import DEFAULT_STREAM_SEND_TIMEOUT_S
 
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers: long JWTs and cookies fit
 
 
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request head bounded, as h11 bounds it: llhttp
+    keeps no limit of its own, and httptools buffers a header until its end.
+
+    A head counts the reads that start and end inside it, so it is refused once more than
+    `MAX_HEADER_BYTES` arrived after the read it began in (a read is at most 256 KiB): never
+    a head within the bound, even when a pipelined request's body shares its first read."""
+
+    in_head = False
+    head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        counted = self.in_head
+        super().data_received(data)
+        if counted and self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEADER_BYTES:
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head, self.head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        super().on_headers_complete()
+
+    def _refuse_head(self) -> None:
+        message = f"The request line and headers are larger than {MAX_HEADER_BYTES} bytes."
+        body = json.dumps(APIError(431, message).body()).encode()
+        head = (
+            "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.in_head = False
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
 def add_connection_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--http",
-        choices=["h11", "httptools"],
-        default="h11",
-        help="HTTP/1.1 parser: h11 bounds the request head (64 KiB); httptools does not",
+        choices=["httptools", "h11"],
+        default="httptools",
+        help="HTTP/1.1 parser: httptools (llhttp, in C) or h11 (pure Python, slower); both "
+        "with the request head bounded at 64 KiB",
     )
     serve.add_argument(
         "--timeout-keep-alive",
@@ -50,7 +95,7 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
 def uvicorn_limits(args: argparse.Namespace) -> dict[str, Any]:
     """uvicorn.Config keyword arguments for the connection limits of `args`."""
     return {
-        "http": args.http,
+        "http": BoundedHttpToolsProtocol if args.http == "httptools" else "h11",
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "timeout_keep_alive": args.timeout_keep_alive,
         "limit_concurrency": args.limit_concurrency,

@@ -49,7 +49,7 @@ class OneDnnLinear(nn.Module):
     def __init__(self, linear: nn.Linear, gelu: bool = False) -> None:
         super().__init__()
         weight = linear.weight.detach().bfloat16().contiguous()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         # an opaque oneDNN tensor: an attribute, as module.to() and state_dict cannot take it
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().bfloat16()
@@ -76,6 +76,24 @@ def fuse_linears(model: nn.Module) -> int:
         if gelu:
             parent.intermediate_act_fn = nn.Identity()
     return len(swaps)
+
+
+@torch.inference_mode()
+def compile_row_counts(model: nn.Module, max_rows: int) -> int:
+    """Run each distinct `OneDnnLinear` of `model` once at every row count a run of up to
+    `max_rows` tokens takes (`linear_bf16.padded_rows`), so that oneDNN compiles its kernels
+    at load: it compiles one per new shape, and a batch of 32 texts through MiniLM took 44 ms
+    at a new run length against 27 at one seen before. Returns how many row counts."""
+    distinct = {}
+    for module in model.modules():
+        if isinstance(module, OneDnnLinear):
+            key = (module.in_features, module.out_features, module.post_op, module.bias is None)
+            distinct.setdefault(key, module)
+    counts = sorted({linear_bf16.padded_rows(rows) for rows in range(1, max_rows + 1)})
+    for rows in counts:
+        for linear in distinct.values():
+            linear(torch.zeros(rows, linear.in_features, dtype=torch.bfloat16))
+    return len(counts)
 
 
 class DenseAddNorm(nn.Module):

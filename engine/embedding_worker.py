@@ -139,6 +139,16 @@ class EmbeddingWorker:
         self.max_batch_tokens = config.max_batch_tokens or (
             CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
         )
+        if self.fused_linears and self.layout == "run":
+            start = time.monotonic()
+            longest_run = max(self.max_batch_tokens, self.max_model_len)
+            counts = embedding_bf16.compile_row_counts(transformer, longest_run)
+            logger.info(
+                "oneDNN's kernels compiled for %d run lengths (up to %d tokens) in %.1f s",
+                counts,
+                longest_run,
+                time.monotonic() - start,
+            )
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Item] = deque()
         self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)

@@ -10,7 +10,12 @@ from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers.activations import GELUActivation
 
-from pagoda.engine.embedding_bf16 import DenseAddNorm, OneDnnLinear, fuse_linears
+from pagoda.engine.embedding_bf16 import (
+    DenseAddNorm,
+    OneDnnLinear,
+    compile_row_counts,
+    fuse_linears,
+)
 from pagoda.engine.embedding_worker import (
     PACK_WIDTH_STEP,
     EmbeddingConfig,
@@ -157,6 +162,28 @@ def test_bfloat16_on_amx_runs_inputs_as_one_run_on_fused_linears():
     # the same inputs one at a time, in runs padded to other widths
     alone = np.concatenate([worker._embed_packed([ids], run=True).numpy() for ids in token_ids])
     assert cosine(alone, expected).min() >= BF16_MIN_COSINE
+
+
+@pytest.mark.skipif(not linear_bf16.available(), reason="oneDNN has no native bf16 here")
+def test_compile_row_counts_runs_each_distinct_linear_at_every_run_length(monkeypatch):
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(64, 32, bias=False)
+    ).bfloat16()
+    fuse_linears(model)
+    seen: dict[int, list[int]] = {}  # module id: the row counts it was run at
+    forward = OneDnnLinear.forward
+
+    def recording(self, x: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(id(self), []).append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(OneDnnLinear, "forward", recording)
+    expected = sorted({linear_bf16.padded_rows(rows) for rows in range(1, 101)})
+    assert len(expected) == 32 + 16 + 9  # exact to 32, then steps of 2 and 4 (68 to 100)
+    assert compile_row_counts(model, 100) == len(expected)
+    # the second 32x64 layer shares the first one's kernels: run once per shape
+    assert sorted(seen) == sorted(id(model[i]) for i in (0, 2, 3))
+    assert all(counts == expected for counts in seen.values())
 
 
 @pytest.mark.skipif(not linear_bf16.available(), reason="oneDNN has no native bf16 here")

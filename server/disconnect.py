@@ -8,7 +8,6 @@ which aborts it in its worker (WorkerClient.call), so that nobody's batch carrie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -21,20 +20,31 @@ CLIENT_CLOSED = 499  # nginx's status for it: the access log tells it from a ser
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """`await work`, unless the client disconnects first (its body must have been read)."""
-    task = asyncio.ensure_future(work)
+    """`await work`, unless the client disconnects first (its body must have been read).
+
+    `work` runs in the handler's own task, which a watcher cancels when the client leaves: no
+    task and no `asyncio.wait` of its own per request (the frontend is one thread)."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    awaiting = True
+
+    def on_disconnect(watch: asyncio.Task) -> None:
+        # scheduled, not called, when the watch ends: it may run after `work` has returned
+        if awaiting and not watch.cancelled():
+            handler.cancel()
+
     watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watch.done() and not watch.cancelled():  # the client left; nobody else cancelled
+            handler.uncancel()
+            raise APIError(CLIENT_CLOSED, "The client closed the connection.") from None
+        raise
     finally:
+        awaiting = False
         watch.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise APIError(CLIENT_CLOSED, "The client closed the connection.")
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

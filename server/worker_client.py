@@ -258,7 +258,10 @@ class WorkerClient:
 
     async def _send(self, message: list) -> None:
         """Send, unless the process dies first: a PUSH whose peer is gone waits forever."""
-        sending = asyncio.ensure_future(self._inbox.send(pack(message)))
+        sending = self._inbox.send(pack(message))
+        if sending.done():  # queued at once, as nearly always: no wait to set up
+            sending.result()
+            return
         try:
             await asyncio.wait({sending, self._died}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any
 
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pagoda.server.app import DEFAULT_BODY_TIMEOUT_S
 from pagoda.server.errors import APIError
 from pagoda.server.generation import DEFAULT_STREAM_SEND_TIMEOUT_S
 
+logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers: long JWTs and cookies fit
 
 
@@ -22,10 +25,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     A head counts the reads that start and end inside it, so it is refused once more than
     `MAX_HEADER_BYTES` arrived after the read it began in (a read is at most 256 KiB): never
-    a head within the bound, even when a pipelined request's body shares its first read."""
+    a head within the bound, even when a pipelined request's body shares its first read.
+
+    Beyond --limit-concurrency a request gets a 503 in the OpenAI error shape with
+    Retry-After (uvicorn's own answer is plain text)."""
 
     in_head = False
     head_bytes = 0
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn's own check of --limit-concurrency answers in plain text: checked here instead
+        self.connection_limit, self.limit_concurrency = self.limit_concurrency, None
 
     def data_received(self, data: bytes) -> None:
         counted = self.in_head
@@ -41,6 +52,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        limit = self.connection_limit  # counted as uvicorn counts them, this connection included
+        over = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+        self.app = _over_the_limit(limit) if over else self.config.loaded_app
         super().on_headers_complete()
 
     def _refuse_head(self) -> None:
@@ -54,6 +68,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.in_head = False
         self.transport.write(head.encode() + body)
         self.transport.close()
+
+
+def _over_the_limit(limit: int) -> JSONResponse:
+    logger.warning("over --limit-concurrency (%d): answered 503", limit)
+    message = f"The server is at its limit of {limit} connections and requests; retry shortly."
+    return APIError(503, message, headers={"Retry-After": "1"}).response()
 
 
 def add_connection_options(serve: argparse.ArgumentParser) -> None:
@@ -75,7 +95,7 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
         "--limit-concurrency",
         type=int,
         default=4096,
-        help="connections and requests at once; beyond it uvicorn answers 503",
+        help="connections and requests at once; beyond it 503 (with Retry-After)",
     )
     serve.add_argument("--backlog", type=int, default=2048, help="connections waiting for accept")
     serve.add_argument(

@@ -254,6 +254,26 @@ def test_header_within_the_bound_is_served(server):
     assert received.startswith(b"HTTP/1.1 200 "), received[:200]
 
 
+def test_over_the_connection_limit_gets_503_in_the_openai_shape(tiny_models):
+    srv = Server(
+        [
+            *("--model", str(tiny_models["llama"]), "--served-model-name", MODEL),
+            *("--dtype", "float32", "--max-model-len", "256", "--limit-concurrency", "2"),
+        ]
+    ).wait_ready()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as first:
+            assert first.get("/health").status_code == 200  # one connection, kept open
+            with httpx.Client(base_url=srv.url, timeout=30) as second:
+                r = second.post("/v1/chat/completions", json=GOOD)  # the second: at the limit
+                assert r.headers["retry-after"] == "1"
+                assert assert_openai_error(r, 503)["type"] == "service_unavailable"
+            assert first.post("/v1/chat/completions", json=GOOD).status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert "over --limit-concurrency (2): answered 503" in srv.log()
+
+
 def test_secret_prompt_is_served_but_not_logged(http):
     body = {**GOOD, "messages": [{"role": "user", "content": SECRET_PROMPT}]}
     assert http.post("/v1/chat/completions", json=body).status_code == 200  # log: at teardown

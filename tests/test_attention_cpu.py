@@ -104,37 +104,6 @@ def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, s
     )
 
 
-@pytest.mark.parametrize(
-    "threads,seqs",
-    [
-        (2, [(62, 1)]),  # under two parts' worth of context: one task, not split
-        (2, [(63, 1)]),
-        (2, [(700, 1)]),
-        (8, [(300, 1), (68, 1), (9, 1)]),  # 2, 2 and 1 parts
-        (8, [(1000, 1)]),
-    ],
-)
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_decode_with_fewer_sequences_than_threads_splits_the_context(
-    threads, seqs, cache_dtype, seed
-):
-    """Each thread takes a part of a sequence's context; the parts' softmax sums and maxima
-    merge into the reference's rows."""
-    k_cache, v_cache, meta = _make_batch(seqs, 3, 64, cache_dtype, 16)
-    q, _, _ = _qkv_views(len(seqs), 9, 3, 64, torch.float32)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, 0.125)
-    finally:
-        torch.set_num_threads(previous)
-    expected = _reference(q, k_cache, v_cache, meta, 0.125)
-    assert torch.isfinite(out).all(), f"seed {seed}"
-    torch.testing.assert_close(
-        out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}"
-    )
-
-
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 64), (2, 32)])
 def test_write_kv_cache_rounds_into_a_bf16_cache_as_torch_does(num_kv_heads, head_dim, seed):
     """fp32 rows into a bf16 cache, rounded to nearest even: bit for bit torch's `.bfloat16()`

@@ -6,16 +6,12 @@
 // The cache holds fp32 or bf16 (the upper half of an fp32, widened on load); q, out and all
 // arithmetic are fp32.
 // Decode: one task per sequence, so a token's K (then V) row of all KV heads is one contiguous
-// run, read once for every query head of the group that shares it (GQA). With fewer sequences
-// than threads (batch 1 on 2 cores) each sequence's context is split among the threads and
-// the parts' softmax merged (attend_split): at batch 1, 9 heads of 64, 165 tokens of bf16
-// context, 22.7 us a layer on one thread before, 14.7 split (with the V rows requested early).
+// run, read once for every query head of the group that shares it (GQA).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "vec_math.h"
@@ -114,10 +110,8 @@ void scores_of(const float* q, const T* k_cache, const T* v_cache, const int64_t
   }
 }
 
-// scores[head][:] <- softmax(scores[head][:]); or, where `sums` is given (a part of a split
-// row), exp(scores[head][:] - top[head]) left unnormalized, its sum in sums[head]
-void softmax_rows(float* scores, const float* top, int num_heads, int len,
-                  float* sums_out = nullptr) {
+// scores[head][:] <- softmax(scores[head][:])
+void softmax_rows(float* scores, const float* top, int num_heads, int len) {
   for (int head = 0; head < num_heads; ++head) {
     float* row = scores + (size_t)head * len;
     const __m512 shift = _mm512_set1_ps(top[head]);
@@ -127,10 +121,6 @@ void softmax_rows(float* scores, const float* top, int num_heads, int len,
       const __m512 p = pagoda::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));
       _mm512_mask_storeu_ps(row + t, m, p);
       sums = _mm512_mask_add_ps(sums, m, sums, p);
-    }
-    if (sums_out != nullptr) {
-      sums_out[head] = _mm512_reduce_add_ps(sums);
-      continue;
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sums));
     for (int t = 0; t < len; t += kLanes) {
@@ -173,58 +163,6 @@ void decode_row(const float* q, const T* k_cache, const T* v_cache,
                scores.data(), top.data());
   softmax_rows(scores.data(), top.data(), num_heads, len);
   weighted_values<C, T>(scores.data(), v_cache, rows.data(), len, num_heads, group, out);
-}
-
-// Decode with fewer sequences than threads: a sequence's context is split into parts, one
-// task each. A part [t0, t1) leaves, per head, its score maximum m, its sum l of exp(s - m) and
-// o = sum of exp(s - m) v, in `part` as [m, l, o[D]] per head; merge_parts combines them:
-//   out = sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p,   M = max_p m_p
-template <int C, typename T>
-void decode_part(const float* q, const T* k_cache, const T* v_cache, const int64_t* rows,
-                 int t0, int t1, int num_heads, int group, int64_t token_stride, float scale,
-                 float* part, std::vector<float>& scores, std::vector<float>& top,
-                 std::vector<float>& sums, std::vector<float>& o) {
-  constexpr int D = C * kLanes;
-  const int len = t1 - t0;
-  scores.resize((size_t)num_heads * len);
-  top.resize(num_heads);
-  sums.resize(num_heads);
-  o.resize((size_t)num_heads * D);
-  scores_of<C, T>(q, k_cache, v_cache, rows + t0, len, num_heads, group, token_stride, scale,
-                  scores.data(), top.data());
-  softmax_rows(scores.data(), top.data(), num_heads, len, sums.data());
-  weighted_values<C, T>(scores.data(), v_cache, rows + t0, len, num_heads, group, o.data());
-  for (int head = 0; head < num_heads; ++head) {
-    float* slot = part + (size_t)head * (D + 2);
-    slot[0] = top[head];
-    slot[1] = sums[head];
-    memcpy(slot + 2, &o[(size_t)head * D], D * sizeof(float));
-  }
-}
-
-template <int C>
-void merge_parts(const float* parts, int count, int num_heads, float* out) {
-  constexpr int D = C * kLanes;
-  const size_t stride = (size_t)num_heads * (D + 2);
-  for (int head = 0; head < num_heads; ++head) {
-    const float* first = parts + (size_t)head * (D + 2);
-    float top = -INFINITY;
-    for (int p = 0; p < count; ++p) top = fmaxf(top, first[p * stride]);
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    float total = 0.0f;
-    for (int p = 0; p < count; ++p) {
-      const float* slot = first + p * stride;
-      if (slot[1] == 0.0f) continue;  // an empty part (its maximum is -inf)
-      const float w = expf(slot[0] - top);
-      total += w * slot[1];
-      for (int c = 0; c < C; ++c)
-        acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(slot + 2 + c * kLanes), acc[c]);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / total);
-    for (int c = 0; c < C; ++c)
-      _mm512_storeu_ps(out + (size_t)head * D + c * kLanes, _mm512_mul_ps(acc[c], inv));
-  }
 }
 
 // Prefill: up to 16 consecutive query tokens of one sequence and one head, one per lane.
@@ -354,50 +292,6 @@ struct WideContext {
   }
 };
 
-// Parts per sequence of a split decode: every thread busy, no part under kMinPartTokens.
-constexpr int kMinPartTokens = 32;
-
-template <int C, typename T>
-void attend_split(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache,
-                  const int32_t* block_tables, int64_t table_stride, const int32_t* query_start,
-                  const int32_t* seq_lens, float* out, int B, int num_heads, int num_kv_heads,
-                  int block_size, float scale, int threads) {
-  constexpr int D = C * kLanes;
-  const int group = num_heads / num_kv_heads;
-  const int64_t token_stride = (int64_t)num_kv_heads * D;
-  const size_t part_floats = (size_t)num_heads * (D + 2);
-  std::vector<int> first_part(B + 1, 0);  // sequence b's parts: first_part[b] .. [b + 1] - 1
-  for (int b = 0; b < B; ++b) {
-    const int by_length = seq_lens[b] / kMinPartTokens;
-    const int parts = std::max(1, std::min(threads / B, by_length));
-    first_part[b + 1] = first_part[b] + parts;
-  }
-  std::vector<float> parts((size_t)first_part[B] * part_floats);
-  std::vector<std::vector<int64_t>> rows(B);
-  for (int b = 0; b < B; ++b)
-    token_rows(block_tables + (int64_t)b * table_stride, seq_lens[b], block_size, token_stride,
-               0, rows[b]);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scores, top, sums, o;
-#pragma omp for schedule(static)
-    for (int n = 0; n < first_part[B]; ++n) {
-      const int b = (int)(std::upper_bound(first_part.begin(), first_part.end(), n) -
-                          first_part.begin()) - 1;
-      const int count = first_part[b + 1] - first_part[b], p = n - first_part[b];
-      const int len = seq_lens[b];
-      const int t0 = (int)((int64_t)len * p / count), t1 = (int)((int64_t)len * (p + 1) / count);
-      decode_part<C, T>(q + query_start[b] * q_stride, k_cache, v_cache, rows[b].data(), t0, t1,
-                        num_heads, group, token_stride, scale, &parts[n * part_floats], scores,
-                        top, sums, o);
-    }
-#pragma omp for schedule(static)
-    for (int b = 0; b < B; ++b)
-      merge_parts<C>(&parts[first_part[b] * part_floats], first_part[b + 1] - first_part[b],
-                     num_heads, out + query_start[b] * (int64_t)num_heads * D);
-  }
-}
-
 // A unit of work: one decode sequence (tile < 0), or one head of one 16-token query tile.
 struct Task {
   int seq, tile, head;
@@ -422,14 +316,6 @@ void attend(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache
   for (int b = 0; b < B; ++b)
     if (query_start[b + 1] - query_start[b] == 1) tasks.push_back({b, -1, 0});
   const int num_tasks = (int)tasks.size();
-  // only decode tokens, fewer of them than threads, and a context long enough to split
-  bool split = false;
-  if (num_tasks < threads && B == num_tasks)
-    for (int b = 0; b < B; ++b) split = split || seq_lens[b] >= 2 * kMinPartTokens;
-  if (split)
-    return attend_split<C, T>(q, q_stride, k_cache, v_cache, block_tables, table_stride,
-                              query_start, seq_lens, out, B, num_heads, num_kv_heads,
-                              block_size, scale, threads);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores, top;

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.kernels import Kernels, linear_bf16, linear_cpu  # noqa: E402
+from pagoda.kernels import linear_bf16, linear_cpu  # noqa: E402
+from pagoda.kernels.backends import Kernels  # noqa: E402
 
 SETTINGS = {
     "bf16": {"dtype": "bfloat16"},

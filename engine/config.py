@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.kernels import BACKENDS, linear_bf16
+from pagoda.kernels import linear_bf16
+from pagoda.kernels.backends import BACKENDS
 
 DTYPES = {
     "float32": torch.float32,

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pagoda.kernels import AttentionMetadata, cpu_native
+from pagoda.kernels import cpu_native
+from pagoda.kernels.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

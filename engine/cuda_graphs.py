@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.kernels import AttentionMetadata
+from pagoda.kernels.attention import AttentionMetadata
 
 # vLLM's choice: small sizes one by one (decode at low load is latency-bound), then steps of 8
 CAPTURE_SIZES = [1, 2, 4, 8] + list(range(16, 513, 8))

@@ -13,12 +13,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from pagoda import kernels
 from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
 from pagoda.engine.models import model_class
-from pagoda.kernels import linear_bf16, linear_cpu
+from pagoda.kernels import backends, linear_bf16, linear_cpu
 from pagoda.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ def build_model(
 ) -> nn.Module:
     cls = model_class(getattr(config, "architectures", None))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    ops = kernels.select(
+    ops = backends.select(
         engine_config.kernel_backend, device, engine_config.block_size, dtype, head_dim
     )
     layout = None
@@ -117,7 +116,7 @@ def build_model(
         if layout is not None:
             tensor_parallel.shard_model(model, layout)
     # bf16 on a CPU with AMX or AVX512-BF16: bf16 linear layers and KV cache, fp32 for the rest
-    native_bf16 = dtype == torch.bfloat16 and ops is kernels.CPU and linear_bf16.available()
+    native_bf16 = dtype == torch.bfloat16 and ops is backends.CPU and linear_bf16.available()
     # Cast on the meta device, then allocate: built in fp32 and cast afterwards, the load would
     # peak at twice the model's bf16 size (and on a GPU leave that much in torch's cache).
     model.to(torch.float32 if native_bf16 else dtype)
@@ -138,7 +137,7 @@ def build_model(
             linear_bf16.describe(),
             packed,
         )
-    elif ops is kernels.CPU and dtype == torch.float32:
+    elif ops is backends.CPU and dtype == torch.float32:
         packed = linear_cpu.pack_linears(model)
         if packed:
             logger.info("CPU linear kernel: %d fp32 layers packed", packed)

@@ -12,7 +12,7 @@ from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.engine.staging import HostToDevice
-from pagoda.kernels import AttentionMetadata
+from pagoda.kernels.attention import AttentionMetadata
 
 # logits per slice of prompt logprobs: 2^26 fp32 values are 256 MiB (512 rows at 128k vocab)
 PROMPT_LOGPROBS_ELEMENTS = 1 << 26

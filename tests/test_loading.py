@@ -84,15 +84,14 @@ def test_config_alone_with_skip_tokenizer_init(tiny_models, tmp_path):
 
 
 def test_kernel_selection():
-    from pagoda import kernels
-    from pagoda.kernels import attention_cpu, elementwise_cpu
+    from pagoda.kernels import attention_cpu, backends, elementwise_cpu
 
     cpu_kernels = attention_cpu.available() and elementwise_cpu.available()
-    auto_cpu = kernels.select("auto", torch.device("cpu"))
-    assert auto_cpu is (kernels.CPU if cpu_kernels else kernels.TORCH)
-    assert kernels.select("torch", torch.device("cpu")) is kernels.TORCH
-    assert kernels.select("triton", torch.device("cpu")).name == "triton"
+    auto_cpu = backends.select("auto", torch.device("cpu"))
+    assert auto_cpu is (backends.CPU if cpu_kernels else backends.TORCH)
+    assert backends.select("torch", torch.device("cpu")) is backends.TORCH
+    assert backends.select("triton", torch.device("cpu")).name == "triton"
     # flash-attn needs pages of 256 tokens: with the default 16 the Triton kernels serve
-    assert kernels.select("auto", torch.device("cuda"), block_size=16).name == "triton"
+    assert backends.select("auto", torch.device("cuda"), block_size=16).name == "triton"
     with pytest.raises(ValueError, match="kernel backend"):
-        kernels.select("cudnn", torch.device("cpu"))
+        backends.select("cudnn", torch.device("cpu"))

@@ -302,10 +302,10 @@ def test_unrecognized_names_the_path_of_each_field():
 
 TRITON_COMPILE = """
 import logging, torch
-from pagoda import kernels
+from pagoda.kernels import backends
 from pagoda.logs import LogSettings, setup_logging
 setup_logging(LogSettings())
-ops = kernels.select("triton", torch.device("cuda"))
+ops = backends.select("triton", torch.device("cuda"))
 x = torch.randn(5, 96, device="cuda", dtype=torch.float16)
 ops.rms_norm(x, torch.ones(96, device="cuda", dtype=torch.float16), 1e-6)
 torch.cuda.synchronize()

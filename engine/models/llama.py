@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagoda.kernels import TORCH, AttentionMetadata, Kernels, rotary_cos_sin_cache
+from pagoda.kernels.attention import AttentionMetadata
+from pagoda.kernels.backends import TORCH, Kernels
+from pagoda.kernels.rotary import rotary_cos_sin_cache
 
 # checkpoint name fragment -> (fused parameter fragment, shard index)
 STACKED_PARAMS = {

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagoda.engine.models.llama import MLP, MistralForCausalLM, Qwen3ForCausalLM
-from pagoda.kernels import Kernels
+from pagoda.kernels.backends import Kernels
 from pagoda.kernels.moe import select_experts
 
 # checkpoint projection name -> (stacked parameter, shard: 0 gate, 1 up, None down)

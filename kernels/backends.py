@@ -1,5 +1,11 @@
-"""Device code. Each op has a plain torch reference (`kernels/<op>.py`) and a Triton version
-with the same signature (`kernels/<op>_triton.py`); a model gets one set through `select`."""
+"""Which set of device ops a model runs. Each op has a plain torch reference
+(`kernels/<op>.py`) and a Triton version with the same signature (`kernels/<op>_triton.py`);
+a model gets one set through `select`.
+
+`kernels/` has no `__init__.py` on purpose: it is installed as `pagoda.kernels`, and a
+namespace folder never shadows the PyPI distribution named `kernels` (which transformers
+imports) when the repository's root is on `sys.path` (`python -m pagoda` from a checkout,
+pytest)."""
 
 from __future__ import annotations
 
@@ -9,8 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.kernels import activation, attention, attention_cpu, elementwise_cpu, moe, norm, rotary
-from pagoda.kernels.attention import AttentionMetadata
-from pagoda.kernels.rotary import rotary_cos_sin_cache
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -91,14 +95,3 @@ def select(
         attention_flash.paged_attention if flash else attention_triton.paged_attention,
         moe_triton.fused_moe,
     )
-
-
-__all__ = [
-    "BACKENDS",
-    "CPU",
-    "TORCH",
-    "AttentionMetadata",
-    "Kernels",
-    "rotary_cos_sin_cache",
-    "select",
-]

@@ -67,7 +67,7 @@ async def chat_completion(
         tools = None
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return event_stream(_stream(generation, req, include_usage, tools))
+        return event_stream(_stream(generation, req, include_usage, tools), meter)
     return JSONResponse(await _complete(generation, req, tools))
 
 

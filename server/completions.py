@@ -41,7 +41,7 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         stream = _stream(request_id, generations, req, include_usage)
-        return event_stream(stream)
+        return event_stream(stream, meter)
     return JSONResponse(await _complete(request_id, generations, req))
 
 

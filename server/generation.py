@@ -19,6 +19,7 @@ from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.detokenizer import IncrementalDetokenizer
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
+from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, chat_waiting, queue_full
 from pagoda.server.worker_client import WorkerDeadError
@@ -45,9 +46,10 @@ class _EventStream(EventSourceResponse):
             logger.warning("a stream client stopped reading for %g s: cut", self.send_timeout)
 
 
-def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
+def event_stream(chunks: AsyncIterator[str], meter: Meter) -> EventSourceResponse:
     """SSE response for a stream of JSON chunks. Validation happened before: once the 200 is
-    sent, a failure can only be told in the stream itself, as an OpenAI error event."""
+    sent, a failure can only be told in the stream itself, as an OpenAI error event. The key's
+    slot is freed before `[DONE]` goes out: a client may send its next request on reading it."""
 
     async def guarded() -> AsyncIterator[str]:
         # sse-starlette closes this generator when its client leaves mid-send; each generator
@@ -56,11 +58,14 @@ def event_stream(chunks: AsyncIterator[str]) -> EventSourceResponse:
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
+                    if chunk == "[DONE]":
+                        meter.release_slot()
                     yield chunk
         except (WorkerDeadError, ValueError) as exc:
             status = 503 if isinstance(exc, WorkerDeadError) else 400
             logger.warning("stream ended by an error: %s", exc)
             yield json.dumps(APIError(status, str(exc)).body())
+            meter.release_slot()
             yield "[DONE]"
 
     return _EventStream(guarded(), ping=15, send_timeout=_send_timeout_s)

@@ -359,6 +359,16 @@ def test_max_concurrent_refuses_while_a_stream_runs(server, db):
     assert chat(client).usage.completion_tokens == 2  # the slot is free again
 
 
+def test_max_concurrent_slot_is_free_once_the_answer_is_read(server, db):
+    """A client that sends its next request as soon as it has read an answer (a stream's
+    `[DONE]`, a JSON body) is never refused by its own previous request."""
+    _, key = new_key(db, max_concurrent=1)
+    client = sdk(server, key)
+    for _ in range(8):
+        assert sum(1 for _ in chat(client, max_tokens=2, stream=True)) > 0
+        assert chat(client, max_tokens=1).usage.completion_tokens == 1
+
+
 def test_budget_is_charged_at_catalog_prices_then_refused(server, db):
     name, key = new_key(db, budget=0.05)
     client = sdk(server, key)

@@ -110,7 +110,7 @@ class Gateway:
         key = meter.key
         if key is None or not meter.admitted:
             return
-        key.in_flight -= 1
+        meter.release_slot()
         input_tokens, output_tokens, images = meter.totals()
         key.tokens.correct(meter.take, input_tokens + output_tokens)
         cost = self.cost(meter.model, input_tokens, output_tokens, images)
@@ -266,6 +266,7 @@ class KeyAuth:
                 ]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 response["completed"] = True
+                meter.release_slot()
             await send(message)
 
         try:

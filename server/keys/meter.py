@@ -41,6 +41,7 @@ class Meter:
     output_tokens: int = 0
     images: int = 0
     tracked: list[Counted] = field(default_factory=list)
+    holds_slot: bool = False  # counted in the key's requests in flight
 
     @property
     def admitted(self) -> bool:
@@ -53,6 +54,15 @@ class Meter:
         self.model = model_id
         if self.key is not None and self.take is None:
             self.take = self.key.admit(tokens, time.monotonic())
+            self.holds_slot = True
+
+    def release_slot(self) -> None:
+        """Leave the key's requests in flight (once), as soon as the response's last bytes are
+        handed over: a client that reads the end of one answer and sends its next request at
+        once must find the slot free."""
+        if self.holds_slot:
+            self.holds_slot = False
+            self.key.in_flight -= 1
 
     def record(self, input_tokens: int = 0, output_tokens: int = 0, images: int = 0) -> None:
         self.input_tokens += input_tokens

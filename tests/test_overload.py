@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from pagoda.server.generation import event_stream
+from pagoda.server.keys.meter import Meter
 from tests.serving import Server
 
 MODEL = "tiny"
@@ -192,7 +193,7 @@ def test_a_stream_left_while_sending_closes_its_generators_at_once():
         # held elsewhere too (as a traceback or a reference cycle may hold it), the generator
         # is never finalized: only closing it explicitly frees the request
         held = chunks()
-        await event_stream(held)(scope, receive, send)
+        await event_stream(held, Meter(None, scope["path"]))(scope, receive, send)
         assert closed == ["tokens"]
 
     gc.disable()

@@ -511,6 +511,21 @@ def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one(worker):
     assert not worker.waiting  # its batch has started (or even finished)
 
 
+def test_images_that_waited_through_a_batch_count_beside_its_returning_clients(worker):
+    worker.gather.max_s, worker.gather.share = 60.0, 1e6
+    add(worker, "three", 3, seed=0)
+    worker.step()  # the batch of three starts
+    add(worker, "fourth", 1, seed=10)  # a fourth client's request arrives while it runs
+    outputs = []
+    while not outputs:
+        outputs = worker.step()
+    assert [output[5] for output in outputs] == [3] * 3
+    add(worker, "two-back", 2, seed=20)  # two of the three clients are back: three wait
+    assert worker.step() == [] and worker.running is None  # it waits for the third as well
+    add(worker, "third-back", 1, seed=30)
+    assert [output[5] for output in finish(worker)] == [4] * 4
+
+
 def test_the_thread_governor_reaches_the_pipeline_thread(worker):
     if worker.governor is None:
         pytest.skip("one CPU thread: no governor")

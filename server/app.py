@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pagoda.server import defaults
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
 from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
@@ -37,8 +38,6 @@ from pagoda.server.tokenizer_info import tokenizer_info
 from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
-DEFAULT_MAX_BODY_BYTES = 16 << 20
-DEFAULT_BODY_TIMEOUT_S = 30.0  # a body (chunked, or short of its Content-Length) must arrive
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
     "chat": "/v1/chat/completions and /v1/completions",
@@ -64,8 +63,8 @@ def build_app(
     *,
     api_keys: list[str] = (),
     gateway: Gateway | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_body_bytes: int = defaults.MAX_BODY_BYTES,
+    body_timeout_s: float = defaults.BODY_TIMEOUT_S,
     max_concurrent_requests: int | None = None,
     on_shutdown=None,
     image_store: ImageStore | None = None,

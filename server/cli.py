@@ -1,80 +1,19 @@
-"""`pagoda serve`: start the engines of the catalog (or of one --model), then serve HTTP."""
+"""The `pagoda` command line: `serve`, `keys`, `usage` and `tokenizer export`.
+
+Only `serve` needs the server's modules (torch, transformers, uvicorn: seconds of imports), so
+they are imported when it runs (server/serve.py), not for parsing or the other commands."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
-import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import uvicorn
-from sse_starlette.sse import AppStatus
-
-from pagoda.engine import loader
-from pagoda.engine.config import EngineConfig
-from pagoda.logs import LOG_FORMATS, LogSettings, setup_logging
-from pagoda.server import parallel, tokenizer_export
-from pagoda.server.app import DEFAULT_MAX_BODY_BYTES, Served, build_app
-from pagoda.server.catalog import (
-    DEFAULT_CATALOG,
-    Capabilities,
-    CatalogEntry,
-    CatalogError,
-    load_catalog,
-    parse_bytes,
-    resolve_source,
-)
-from pagoda.server.connections import add_connection_options, uvicorn_limits
-from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
-from pagoda.server.embedding_metrics import EmbeddingStatsCollector
-from pagoda.server.embeddings import start_embedding_models
-from pagoda.server.generation import ServedModel, set_stream_send_timeout
-from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S, ImageStore
-from pagoda.server.images import start_image_models
+from pagoda.logs import LOG_FORMATS
+from pagoda.server import defaults, tokenizer_export
+from pagoda.server.catalog import DEFAULT_CATALOG, parse_bytes
+from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
-from pagoda.server.metrics import Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
-from pagoda.server.process_metrics import register_process_metrics
-from pagoda.server.replicas import ReplicaStatsCollector
-from pagoda.server.request_fields import set_strict_request_fields
-from pagoda.server.request_log import set_log_requests
-from pagoda.server.worker_client import MAX_FAILED_STARTS, set_max_failed_starts
-from pagoda.server.worker_metrics import WorkerCollector
-
-logger = logging.getLogger("pagoda")
-
-# flags that mean what they mean for `vllm serve`, and override the catalog's settings
-ENGINE_FLAGS = (
-    "max_model_len",
-    "dtype",
-    "device",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "kv_cache_memory",
-    "enforce_eager",
-    "cpu_threads",
-    "tensor_parallel_size",
-    "nnodes",
-    "node_rank",
-    "master_addr",
-    "master_port",
-    "distributed_timeout_s",
-)
-
-
-@dataclass
-class ModelToServe:
-    id: str
-    config: EngineConfig
-    owned_by: str = "pagoda"
-    # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
-    capabilities: Capabilities | None = None
-    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
-    data_parallel_size: int = 1  # engine replicas (server/replicas.py)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -109,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fixed CPU threads per chat engine and image worker "
         "(default: all cores, fewer while others use them)",
     )
-    parallel.add_serve_options(serve)
+    add_parallel_options(serve)
     serve.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -122,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="hermes",
         help="how --model's auto tool calls are read (the catalog says it per entry)",
     )
-    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.MAX_BODY_BYTES)
     serve.add_argument(
         "--max-concurrent-requests",
         type=int,
@@ -140,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--max-failed-starts",
         type=int,
-        default=MAX_FAILED_STARTS,
+        default=defaults.MAX_FAILED_STARTS,
         help="restarts in a row that fail before a dead model's worker is given up",
     )
     serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
@@ -181,182 +120,62 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
-    overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
-    dp = args.data_parallel_size
-    if args.model:
-        name = args.served_model_name or args.model
-        capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
-        config = EngineConfig(model=args.model, serving=True, **overrides)
-        waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
-        return [
-            ModelToServe(
-                name,
-                config,
-                capabilities=capabilities,
-                max_waiting_requests=waiting,
-                data_parallel_size=dp,
-            )
-        ]
-    entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
-    return [
-        ModelToServe(
-            e.id,
-            EngineConfig(
-                model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
-            ),
-            e.owned_by,
-            e.capabilities,
-            args.max_waiting_requests or e.max_waiting_requests,
-            dp,
-        )
-        for e in entries
-    ]
-
-
-def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:
-    if args.model:
-        return []
-    return [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "image"]
-
-
-def api_keys(args: argparse.Namespace) -> list[str]:
-    from_env = [k.strip() for k in os.environ.get("PAGODA_API_KEYS", "").split(",")]
-    return [k for k in [*args.api_key, *from_env] if k]
-
-
-async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
-    if not models:
-        return {}
-    clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
-    tokenizers = [
-        asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
-        for m in models
-    ]
-    try:
-        started = await asyncio.gather(*(c.start() for c in clients), *tokenizers)
-    except BaseException:
-        await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
-        raise
-    served = {}
-    for model, client, tokenizer in zip(models, clients, started[len(clients) :]):
-        capabilities = model.capabilities or Capabilities()
-        served[model.id] = ServedModel(
-            model.id,
-            client,
-            tokenizer,
-            owned_by=model.owned_by,
-            max_model_len=client.max_model_len,
-            supports_tools=capabilities.tools,
-            supports_json=capabilities.json_,
-            tool_call_parser=capabilities.tool_call_parser,
-            max_waiting_requests=model.max_waiting_requests,
-        )
-        info = client.info
-        kv_tokens = info["num_kv_blocks"] * info["block_size"]
-        logger.info(
-            "serving %s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens, "
-            "up to %d tokens per step",
-            model.id,
-            info["device"],
-            info["dtype"],
-            info["max_model_len"],
-            info["num_kv_blocks"],
-            kv_tokens,
-            info["max_num_batched_tokens"],
-        )
-    return served
-
-
-async def start_all(args: argparse.Namespace) -> dict[str, Served]:
-    """Every model's worker, started side by side; if one fails, the others are stopped."""
-    starts = [start_models(models_to_serve(args))]
-    if not args.model:
-        starts.append(start_embedding_models(load_catalog(args.catalog)))
-        starts.append(start_image_models(image_entries(args), args.cpu_threads))
-    results = await asyncio.gather(*starts, return_exceptions=True)
-    served = {name: m for r in results if isinstance(r, dict) for name, m in r.items()}
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if failure is not None:
-        await asyncio.gather(*(m.client.shutdown() for m in served.values()))
-        raise failure
-    if not served:
-        raise CatalogError(f"{args.catalog}: no enabled model to serve")
-    return served
-
-
-def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict]]:
-    """The latest worker stats of the models of one kind, for the metrics collectors."""
-    return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
-
-
-async def serve(args: argparse.Namespace) -> None:
-    set_strict_request_fields(args.strict_request_fields)
-    set_max_failed_starts(args.max_failed_starts)
-    set_log_requests(args.log_requests)
-    set_stream_send_timeout(args.stream_send_timeout)
-    gateway = key_commands.open_gateway(args, api_keys(args))
-    served = await start_all(args)
-    # only a server with image models keeps an image folder
-    store = None
-    if any(m.kind == "image" for m in served.values()):
-        store = ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes)
-
-    async def stop_engines() -> None:
-        logger.info("stopping the engines")
-        await asyncio.gather(*(m.client.shutdown() for m in served.values()))
-
-    metrics = Metrics(of_kind(served, "chat"))
-    metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
-    gateway.register_metrics(metrics.registry)
-    register_process_metrics(metrics.registry)
-    clients = {name: model.client for name, model in served.items()}  # each outlives restarts
-    metrics.registry.register(WorkerCollector(clients))
-    metrics.registry.register(ReplicaStatsCollector(parallel.replicas_of(served)))
-    app = build_app(
-        served,
-        metrics,
-        gateway=gateway,
-        max_body_bytes=args.max_request_bytes,
-        body_timeout_s=args.request_body_timeout,
-        max_concurrent_requests=args.max_concurrent_requests,
-        on_shutdown=stop_engines,
-        image_store=store,
-        public_url=args.public_url,
+def add_parallel_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--tensor-parallel-size", type=int, help="ranks (GPUs, or CPU core groups) per model"
     )
-    gate = DrainGate(app)
-    config = uvicorn.Config(
-        gate,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        log_config=None,  # uvicorn's records go through setup_logging's handler
-        timeout_graceful_shutdown=FLUSH_S,  # after the drain: for what it could not end
-        **uvicorn_limits(args),
+    serve.add_argument("--nnodes", type=int, help="machines the ranks span (default 1)")
+    serve.add_argument("--node-rank", type=int, help="this machine's index; node 0 serves HTTP")
+    serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
+    serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
+    serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas per model (each with its own ranks); requests go to the least busy",
     )
-    logger.info(
-        "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
+    serve.add_argument(
+        "--distributed-timeout",
+        dest="distributed_timeout_s",
+        type=float,
+        help="seconds for every rank to join (default 120); then the start fails",
     )
-    # uvicorn drains on SIGINT/SIGTERM, then raises the signal again for the handler that was
-    # there before it: make that one a no-op, so that a drained server exits 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    # Drain: let in-flight streams finish (DrainingServer ends what is left after
-    # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
-    AppStatus.disable_automatic_graceful_drain()
-    await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve()
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (a dependency on Linux and macOS), as uvicorn
-    picks by itself when it makes the loop: the frontend is one Python thread, and with 32
-    single-input embedding clients on 2 cores it answered 3-6% more requests a second. None:
-    asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+def add_connection_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--http",
+        choices=["httptools", "h11"],
+        default="httptools",
+        help="HTTP/1.1 parser: httptools (llhttp, in C) or h11 (pure Python, slower); both "
+        "with the request head bounded at 64 KiB",
+    )
+    serve.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=5,
+        help="seconds an idle keep-alive connection stays open (behind a load balancer: "
+        "more than its idle timeout)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=4096,
+        help="connections and requests at once; beyond it 503 (with Retry-After)",
+    )
+    serve.add_argument("--backlog", type=int, default=2048, help="connections waiting for accept")
+    serve.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=defaults.BODY_TIMEOUT_S,
+        help="seconds a request body may take to arrive; then 408",
+    )
+    serve.add_argument(
+        "--stream-send-timeout",
+        type=float,
+        default=defaults.STREAM_SEND_TIMEOUT_S,
+        help="seconds a stream waits for a client that stopped reading; then it is cut",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,13 +185,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(tokenizer_export.run(args))
     if args.command != "serve":
         sys.exit(key_commands.run(args))
-    setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
-    try:
-        parallel.check_args(args)
-        if parallel.is_rank_node(args):
-            sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(args))
-    except (CatalogError, RuntimeError, ValueError) as exc:
-        logger.error("%s", exc)
-        sys.exit(1)
+    from pagoda.server import serve  # see the module's docstring
+
+    serve.run(args)

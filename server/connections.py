@@ -11,9 +11,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pagoda.server.app import DEFAULT_BODY_TIMEOUT_S
 from pagoda.server.errors import APIError
-from pagoda.server.generation import DEFAULT_STREAM_SEND_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers: long JWTs and cookies fit
@@ -74,42 +72,6 @@ def _over_the_limit(limit: int) -> JSONResponse:
     logger.warning("over --limit-concurrency (%d): answered 503", limit)
     message = f"The server is at its limit of {limit} connections and requests; retry shortly."
     return APIError(503, message, headers={"Retry-After": "1"}).response()
-
-
-def add_connection_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
-        "--http",
-        choices=["httptools", "h11"],
-        default="httptools",
-        help="HTTP/1.1 parser: httptools (llhttp, in C) or h11 (pure Python, slower); both "
-        "with the request head bounded at 64 KiB",
-    )
-    serve.add_argument(
-        "--timeout-keep-alive",
-        type=int,
-        default=5,
-        help="seconds an idle keep-alive connection stays open (behind a load balancer: "
-        "more than its idle timeout)",
-    )
-    serve.add_argument(
-        "--limit-concurrency",
-        type=int,
-        default=4096,
-        help="connections and requests at once; beyond it 503 (with Retry-After)",
-    )
-    serve.add_argument("--backlog", type=int, default=2048, help="connections waiting for accept")
-    serve.add_argument(
-        "--request-body-timeout",
-        type=float,
-        default=DEFAULT_BODY_TIMEOUT_S,
-        help="seconds a request body may take to arrive; then 408",
-    )
-    serve.add_argument(
-        "--stream-send-timeout",
-        type=float,
-        default=DEFAULT_STREAM_SEND_TIMEOUT_S,
-        help="seconds a stream waits for a client that stopped reading; then it is cut",
-    )
 
 
 def uvicorn_limits(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from sse_starlette.sse import SendTimeoutError
 
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import TokenLogprobs
+from pagoda.server import defaults
 from pagoda.server.detokenizer import IncrementalDetokenizer
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
@@ -25,8 +26,7 @@ from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, chat_waiting, q
 from pagoda.server.worker_client import WorkerDeadError
 
 logger = logging.getLogger(__name__)
-DEFAULT_STREAM_SEND_TIMEOUT_S = 30.0
-_send_timeout_s = DEFAULT_STREAM_SEND_TIMEOUT_S
+_send_timeout_s = defaults.STREAM_SEND_TIMEOUT_S
 
 
 def set_stream_send_timeout(seconds: float) -> None:

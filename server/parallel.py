@@ -15,28 +15,6 @@ from pagoda.server.replicas import EngineReplicas
 logger = logging.getLogger("pagoda")
 
 
-def add_serve_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
-        "--tensor-parallel-size", type=int, help="ranks (GPUs, or CPU core groups) per model"
-    )
-    serve.add_argument("--nnodes", type=int, help="machines the ranks span (default 1)")
-    serve.add_argument("--node-rank", type=int, help="this machine's index; node 0 serves HTTP")
-    serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
-    serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
-    serve.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        help="engine replicas per model (each with its own ranks); requests go to the least busy",
-    )
-    serve.add_argument(
-        "--distributed-timeout",
-        dest="distributed_timeout_s",
-        type=float,
-        help="seconds for every rank to join (default 120); then the start fails",
-    )
-
-
 def check_args(args: argparse.Namespace) -> None:
     if args.data_parallel_size < 1:
         raise ValueError("--data-parallel-size must be at least 1")

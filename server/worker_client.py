@@ -21,14 +21,14 @@ import zmq.asyncio
 
 from pagoda.engine.worker import pack, unpack
 from pagoda.logs import current_settings
+from pagoda.server import defaults
 
 logger = logging.getLogger(__name__)
 LOAD_POLL_S = 0.5
 RESTART_BACKOFF_S = 1.0  # the first restart's delay, doubled after each crash in a row
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_S = 60.0  # a process that served this long has not crashed "in a row"
-MAX_FAILED_STARTS = 5  # restarts in a row that never got ready: the model is given up
-_max_failed_starts = MAX_FAILED_STARTS
+_max_failed_starts = defaults.MAX_FAILED_STARTS
 
 
 def set_max_failed_starts(count: int) -> None:

@@ -139,7 +139,8 @@ def test_log_requests_logs_prompts_but_not_keys(server, http):
 
 def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
     from pagoda.server.catalog import CatalogError, load_catalog
-    from pagoda.server.cli import models_to_serve, parse_args
+    from pagoda.server.cli import parse_args
+    from pagoda.server.serve import models_to_serve
 
     catalog = tmp_path / "models.yaml"
     (tmp_path / "c").mkdir()

@@ -121,5 +121,5 @@ class EngineCore:
 def run_engine_core(
     config: EngineConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
-    """Process entry point (a spawn target: module level, picklable arguments)."""
+    """Process entry point (module level, picklable arguments: a worker process's target)."""
     run_worker(partial(EngineCore, config), input_addr, output_addr, log_settings)

@@ -462,6 +462,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def run_embedding_worker(
     config: EmbeddingConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
-    """Process entry point (a spawn target: module level, picklable arguments)."""
+    """Process entry point (module level, picklable arguments: a worker process's target)."""
     load = partial(EmbeddingWorker, config)
     run_worker(load, input_addr, output_addr, log_settings)

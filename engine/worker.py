@@ -99,7 +99,7 @@ def run_worker(
         worker = load()
     except Exception as exc:  # reported to the server, which fails its start-up with it
         outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
-        # A spawned process ends in os._exit, which drops what ZeroMQ has not sent yet: the
+        # A worker's process ends in os._exit, which drops what ZeroMQ has not sent yet: the
         # server would wait for a message that never comes. Deliver it first.
         context.destroy(linger=10_000)
         return

@@ -24,6 +24,9 @@ from pagoda.logs import current_settings
 from pagoda.server import defaults
 
 logger = logging.getLogger(__name__)
+# Workers fork from multiprocessing's forkserver, which `pagoda serve` starts first thing with
+# the workers' modules to import (server/cli.py); started here instead, it imports nothing first.
+_processes = multiprocessing.get_context("forkserver")
 LOAD_POLL_S = 0.5
 RESTART_BACKOFF_S = 1.0  # the first restart's delay, doubled after each crash in a row
 MAX_RESTART_BACKOFF_S = 30.0
@@ -60,7 +63,7 @@ class WorkerClient:
     kind = "worker"
 
     def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
-        """`target(*args, input_addr, output_addr, log_settings)` runs in the spawned
+        """`target(*args, input_addr, output_addr, log_settings)` runs in the worker's
         process (log_settings: this process's, so that every worker logs alike)."""
         self.name = name
         self.info: dict = {}
@@ -111,8 +114,7 @@ class WorkerClient:
         self._inbox.bind(input_addr)
         self._outbox = self._context.socket(zmq.PULL)
         self._outbox.bind(output_addr)
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(
+        self._process = _processes.Process(
             target=self._target,
             args=(*self._args, input_addr, output_addr, current_settings()),
             name=f"pagoda-{self.kind}-{self.name}",

@@ -59,15 +59,9 @@ class Server:
         return self.log_path.read_text()
 
     def engine_pid(self) -> int:
-        """The engine core process (a multiprocessing spawn child of the server)."""
-        children = subprocess.run(
-            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
-        ).stdout.split()
-        for pid in children:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"spawn_main" in cmdline:
-                return int(pid)
-        raise RuntimeError("no engine process found")
+        """The process of the server's one model, as /health reports it."""
+        (state,) = httpx.get(f"{self.url}/health").json()["models"].values()
+        return state["pid"]
 
     def running(self, model: str | None = None) -> float:
         """Sequences running, as /metrics reports them: one model's, or every model's."""

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.gguf_weights import gguf_config, iter_gguf_weights
+from pagoda.engine.gguf_weights import gguf_config, gguf_tokenizer, iter_gguf_weights
 from pagoda.engine.models import model_class
 from pagoda.kernels import backends, linear_bf16, linear_cpu
 from pagoda.logs import progress
@@ -72,7 +72,7 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer)
     if source.gguf_file:
-        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        return gguf_tokenizer(source.gguf_path)
     return AutoTokenizer.from_pretrained(source.folder)
 
 

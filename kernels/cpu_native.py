@@ -27,6 +27,8 @@ from typing import Protocol
 
 import torch
 
+from pagoda.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")
@@ -73,18 +75,13 @@ def empty(*shape: int) -> torch.Tensor:
     return torch.empty(shape) if _recorder is None else _recorder.empty(shape)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "pagoda"
-
-
 def _compile(compiler: str, source: Path) -> Path:
     """Concurrent builders (one engine process per model) each write a temporary file and
     rename it into place."""
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
     digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode())
     digest = digest.hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    target = cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         logger.info("CPU kernel %s: loaded cached %s", source.stem, target)
         return target

@@ -5,7 +5,6 @@ they expire. Past the size bound the oldest files go first."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 import threading
@@ -13,6 +12,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+from pagoda.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{43}\.(png|jpeg|webp)")
 
 
 def default_folder() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "pagoda" / "images"
+    return cache_dir() / "images"
 
 
 @dataclass(slots=True)

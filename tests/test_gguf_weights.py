@@ -9,7 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from pagoda.engine.gguf_weights import _hf_name, _unpermute_rows, gguf_config, iter_gguf_weights
+from pagoda.engine.gguf_weights import (
+    _hf_name,
+    _unpermute_rows,
+    gguf_config,
+    gguf_tokenizer,
+    iter_gguf_weights,
+)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -76,6 +82,35 @@ def test_weights_equal_transformers(weights, reference) -> None:
     for name, tensor in weights.items():
         assert tensor.dtype == torch.float32, name
         torch.testing.assert_close(tensor, state_dict[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_tokenizer_from_the_cache_equals_the_converted_one(gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    converted = gguf_tokenizer(gguf_path)
+    (folder,) = (tmp_path / "pagoda" / "gguf-tokenizers").iterdir()
+    assert (folder / "tokenizer.json").is_file()
+    cached = gguf_tokenizer(gguf_path)  # read from that folder
+    assert cached.get_vocab() == converted.get_vocab()
+    assert cached.all_special_ids == converted.all_special_ids
+    assert cached.eos_token_id == converted.eos_token_id
+    assert cached.bos_token_id == converted.bos_token_id
+    texts = [
+        "Hello world!",
+        "  spaces\tand\n\nnewlines",
+        "héllo 日本語 🙂",
+        "def f(x):\n    return x",
+    ]
+    for text in texts:
+        ids = converted(text).input_ids
+        assert cached(text).input_ids == ids
+        assert cached.decode(ids) == converted.decode(ids)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    template = {"tokenize": False, "add_generation_prompt": True}
+    assert cached.apply_chat_template(messages, **template) == converted.apply_chat_template(
+        messages, **template
+    )
+    (folder / "chat_template.jinja").write_text("from the cache")  # the cache is what is read
+    assert gguf_tokenizer(gguf_path).chat_template == "from the cache"
 
 
 def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -8,7 +8,6 @@ another core meanwhile."""
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import multiprocessing.forkserver
 import sys
 
@@ -199,13 +198,14 @@ def start_forkserver(args: argparse.Namespace) -> None:
     context), so its forks are safe."""
     if (args.node_rank or 0) > 0:  # a rank node starts no workers
         return
-    try:
-        entries = [] if args.model else load_catalog(args.catalog)
-    except CatalogError:
-        return  # the server reports it, once logging is set up
-    context = multiprocessing.get_context("forkserver")
-    kinds = {"chat"} if args.model else {entry.kind for entry in entries if entry.enabled}
-    context.set_forkserver_preload([WORKER_MODULES[kind] for kind in sorted(kinds)])
+    if args.model:
+        kinds = {"chat"}
+    else:
+        try:
+            kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
+        except CatalogError:
+            return  # the server reports it, once logging is set up
+    multiprocessing.forkserver.set_forkserver_preload([WORKER_MODULES[k] for k in sorted(kinds)])
     multiprocessing.forkserver.ensure_running()
 
 

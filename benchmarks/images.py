@@ -1,24 +1,30 @@
 """Images: pagoda's /v1/images/generations over HTTP against the same diffusers pipeline called
 in-process, in one run.
 
-- In-process baseline: the pipeline in this process makes --num-images images one by one (one
-  pipeline call and one PNG encoding per image, with the server's PNG settings:
-  `encode_image`), as a script calling diffusers would, with the
-  memory setting pagoda's workers use (`keep_freed_memory`: glibc keeps freed blocks), so
-  that the two sides differ by the server alone.
+- In-process baseline: the pipeline in this process makes images one by one (one pipeline
+  call and one PNG encoding per image, with the server's PNG settings: `encode_image`), as a
+  script calling diffusers would, with the memory setting pagoda's workers use
+  (`keep_freed_memory`: glibc keeps freed blocks), so that the two sides differ by the server
+  alone.
 - Server: `pagoda serve --catalog <generated catalog>` with the same pipeline, driven over HTTP
-  (b64_json PNG, one image per request, distinct seeds) at each --concurrency.
+  (b64_json PNG, one image per request, distinct seeds).
 - HTTP floor: the same client's round trip on a request the server answers without its worker
   (a 400 for n=0), one at a time: what any request costs before an image is made.
 
 Both sides run on --cpu-threads threads (default: torch's default here), so that the server's
-thread governor cannot give its worker fewer threads than the baseline has. The parts alternate
-for --rounds rounds (in-process, then the server at each concurrency); each ratio is taken
-within its round and the median over rounds is reported. Reports images/s and latency (median,
-p90, pooled over rounds) of each, and the two ratios of issue 12: server overhead at concurrency
-1 (server median latency / in-process median latency - 1, target at most 5%; also in ms, beside
-the floor) and the batching gain at concurrency 4 (server images/s / in-process one-by-one
-images/s; target at least 1.3x on the tiny pipeline on CPU).
+thread governor cannot give its worker fewer threads than the baseline has. Each round has two
+parts:
+
+- overhead at concurrency 1, image by image in pairs: one image in-process, one through the
+  server, the order switching from pair to pair, so that a machine whose speed drifts (a shared
+  host) slows both sides of a pair alike. Reported: the median over all pairs of
+  server / in-process - 1 (target at most 5%), and of their difference in ms, beside the floor;
+- batching: --num-images images in-process one by one, then the same number through the
+  server at each --concurrency above 1 (target at concurrency 4: at least 1.3x the in-process
+  one-by-one images/s on the tiny pipeline on CPU), the ratio taken within its round and the
+  median over rounds reported.
+
+Latencies are pooled over rounds (median, p90); each round's figure is kept in the JSON.
 
     python benchmarks/images.py --tiny --num-images 16 --result-json /tmp/images.json
     python benchmarks/images.py --tiny --size 256x256 --num-images 16  # a larger image
@@ -96,29 +102,27 @@ def summary(latencies: list[float], wall: float) -> dict:
 # -- in-process baseline --------------------------------------------------------------------
 
 
-def in_process(pipe: FluxPipeline, args: argparse.Namespace, seed0: int) -> dict:
+def image_in_process(pipe: FluxPipeline, args: argparse.Namespace, seed: int) -> float:
+    """Seconds to make one image and encode it as the server would."""
     width, height = map(int, args.size.split("x"))
-    device = pipe._execution_device
-
-    def one(index: int) -> bytes:
-        image = pipe(
-            PROMPTS[index % len(PROMPTS)],
-            height=height,
-            width=width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            max_sequence_length=args.max_sequence_length,
-            generator=torch.Generator(device).manual_seed(seed0 + index),
-        ).images[0]
-        return encode_image(image, "png", 100)
-
-    one(-1)  # warm-up
-    latencies = []
     start = time.perf_counter()
-    for index in range(args.num_images):
-        t0 = time.perf_counter()
-        one(index)
-        latencies.append(time.perf_counter() - t0)
+    image = pipe(
+        PROMPTS[seed % len(PROMPTS)],
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        max_sequence_length=args.max_sequence_length,
+        generator=torch.Generator(pipe._execution_device).manual_seed(seed),
+    ).images[0]
+    encode_image(image, "png", 100)
+    return time.perf_counter() - start
+
+
+def in_process(pipe: FluxPipeline, args: argparse.Namespace, seed0: int) -> dict:
+    image_in_process(pipe, args, seed0 - 1)  # warm-up
+    start = time.perf_counter()
+    latencies = [image_in_process(pipe, args, seed0 + i) for i in range(args.num_images)]
     return summary(latencies, time.perf_counter() - start)
 
 
@@ -180,31 +184,59 @@ def start_server(catalog: Path, folder: Path, threads: int) -> tuple[subprocess.
     raise TimeoutError(f"pagoda serve did not come up:\n{log.read_text()}")
 
 
+def image_body(seed: int) -> dict:
+    prompt = PROMPTS[seed % len(PROMPTS)]
+    return {"model": "bench-image", "prompt": prompt, "response_format": "b64_json", "seed": seed}
+
+
+def decoded_png(response: httpx.Response) -> bytes:
+    response.raise_for_status()
+    return base64.b64decode(response.json()["data"][0]["b64_json"])
+
+
 async def over_http(url: str, args: argparse.Namespace, concurrency: int, seed0: int) -> dict:
     slots = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
 
-    async def one(client: httpx.AsyncClient, index: int) -> None:
-        body = {
-            "model": "bench-image",
-            "prompt": PROMPTS[index % len(PROMPTS)],
-            "response_format": "b64_json",
-            "seed": seed0 + index,
-        }
+    async def one(client: httpx.AsyncClient, seed: int) -> None:
         async with slots:
             t0 = time.perf_counter()
-            response = await client.post("/v1/images/generations", json=body)
-            response.raise_for_status()
-            data = base64.b64decode(response.json()["data"][0]["b64_json"])
+            data = decoded_png(await client.post("/v1/images/generations", json=image_body(seed)))
             latencies.append(time.perf_counter() - t0)
         Image.open(io.BytesIO(data)).verify()
 
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        await one(client, -1)  # warm-up
+        await one(client, seed0 - 1)  # warm-up
         latencies.clear()
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, i) for i in range(args.num_images)))
+        await asyncio.gather(*(one(client, seed0 + i) for i in range(args.num_images)))
         return summary(latencies, time.perf_counter() - start)
+
+
+def pairs_at_concurrency_1(pipe: FluxPipeline, url: str, args: argparse.Namespace, seed0: int):
+    """--num-images pairs of one image in-process and one through the server (the same seed),
+    the order switching from pair to pair: {"in_process": [s, ...], "server": [s, ...]}."""
+    sides: dict[str, list[float]] = {"in_process": [], "server": []}
+    with httpx.Client(base_url=url, timeout=None) as client:
+
+        def served(seed: int) -> float:
+            t0 = time.perf_counter()
+            data = decoded_png(client.post("/v1/images/generations", json=image_body(seed)))
+            seconds = time.perf_counter() - t0
+            Image.open(io.BytesIO(data)).verify()
+            return seconds
+
+        served(seed0 - 1)  # warm-up
+        image_in_process(pipe, args, seed0 - 1)
+        for i in range(args.num_images):
+            seed = seed0 + i
+            if i % 2:
+                sides["server"].append(served(seed))
+                sides["in_process"].append(image_in_process(pipe, args, seed))
+            else:
+                sides["in_process"].append(image_in_process(pipe, args, seed))
+                sides["server"].append(served(seed))
+    return sides
 
 
 async def http_floor(url: str, count: int) -> float:
@@ -238,16 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype)
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(args.device)
         pipe.set_progress_bar_config(disable=True)
-        results: dict = {"in_process": [], "server": {str(c): [] for c in args.concurrency}}
+        batching = [c for c in args.concurrency if c > 1]
+        results: dict = {"pairs": [], "in_process": [], "server": {str(c): [] for c in batching}}
         catalog = write_catalog(folder, model, args)
         process, url, log = start_server(catalog, folder, args.cpu_threads)
         try:
             results["http_floor_s"] = asyncio.run(http_floor(url, args.num_images))
             for r in range(args.rounds):
-                results["in_process"].append(in_process(pipe, args, seed0=100_000 * r))
-                for concurrency in args.concurrency:
-                    seed0 = 100_000 * r + 1000 * concurrency
-                    run = asyncio.run(over_http(url, args, concurrency, seed0))
+                seed0 = 100_000 * (r + 1)  # every image of the run has a seed of its own
+                if 1 in args.concurrency:
+                    results["pairs"].append(pairs_at_concurrency_1(pipe, url, args, seed0))
+                if not batching:
+                    continue
+                results["in_process"].append(in_process(pipe, args, seed0 + 10_000))
+                for concurrency in batching:
+                    run = asyncio.run(over_http(url, args, concurrency, seed0 + 1000 * concurrency))
                     results["server"][str(concurrency)].append(run)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -257,13 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def overhead(pair: dict) -> tuple[float, float, dict]:
+    """Median over pairs of server / in-process - 1, and of the difference in ms."""
+    server, local = np.array(pair["server"]), np.array(pair["in_process"])
+    return float(np.median(server / local - 1)), float(np.median(1000 * (server - local))), pair
+
+
 def pool(runs: list[dict]) -> dict:
     return summary([t for run in runs for t in run["latencies_s"]], sum(r["wall_s"] for r in runs))
 
 
 def report(args: argparse.Namespace, results: dict, model: str, server_log: str) -> None:
-    passes = results["in_process"]
-    rows = [("in-process, one by one", pool(passes))]
+    rows = []
+    if results["pairs"]:
+        for side in ("in_process", "server"):
+            latencies = [t for pair in results["pairs"] for t in pair[side]]
+            rows.append((f"{side.replace('_', '-')}, pairs at concurrency 1", latencies))
+    if results["in_process"]:
+        rows.append(("in-process, one by one", pool(results["in_process"])))
     rows += [(f"server, concurrency {c}", pool(runs)) for c, runs in results["server"].items()]
     print(
         f"{args.size}, {args.steps} steps, {args.device} {args.dtype}, {args.cpu_threads} "
@@ -271,6 +319,8 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
     )
     print(f"{'':36} {'images/s':>9} {'median s':>9} {'p90 s':>9}")
     for label, run in rows:
+        if isinstance(run, list):  # a pair's side: one image at a time, back to back
+            run = summary(run, sum(run))
         print(
             f"{label:36} {run['images_per_s']:9.3f} {run['latency_median_s']:9.4f} "
             f"{run['latency_p90_s']:9.4f}"
@@ -278,19 +328,21 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
     floor_ms = 1000 * results["http_floor_s"]
     print(f"HTTP floor (a request refused at validation, same client): {floor_ms:.2f} ms")
     ratios: dict = {}
-    if "1" in results["server"]:
-        pairs = list(zip(results["server"]["1"], passes))
-        over = [s["latency_median_s"] / p["latency_median_s"] - 1 for s, p in pairs]
-        over_ms = [1000 * (s["latency_median_s"] - p["latency_median_s"]) for s, p in pairs]
-        ratios |= {"overhead_c1": float(np.median(over)), "overhead_c1_rounds": over}
-        ratios |= {"overhead_c1_ms": float(np.median(over_ms)), "overhead_c1_ms_rounds": over_ms}
+    if results["pairs"]:
+        rounds = [overhead(pair) for pair in results["pairs"]]
+        pooled = overhead(
+            {side: [t for pair in results["pairs"] for t in pair[side]] for side in rounds[0][2]}
+        )
+        ratios |= {"overhead_c1": pooled[0], "overhead_c1_ms": pooled[1]}
+        ratios |= {"overhead_c1_rounds": [r[0] for r in rounds]}
+        ratios |= {"overhead_c1_ms_rounds": [r[1] for r in rounds]}
         print(
-            f"server overhead at concurrency 1: {100 * ratios['overhead_c1']:+.1f}% = "
-            f"{ratios['overhead_c1_ms']:+.2f} ms per image (median of rounds' median latencies; "
-            f"rounds: {', '.join(f'{100 * o:+.1f}%' for o in over)})"
+            f"server overhead at concurrency 1: {100 * pooled[0]:+.1f}% = {pooled[1]:+.2f} ms "
+            f"per image (median over {len(pooled[2]['server'])} pairs; rounds' medians: "
+            f"{', '.join(f'{100 * r[0]:+.1f}%' for r in rounds)})"
         )
     if "4" in results["server"]:
-        pairs = list(zip(results["server"]["4"], passes))
+        pairs = list(zip(results["server"]["4"], results["in_process"]))
         gain = [s["images_per_s"] / p["images_per_s"] for s, p in pairs]
         ratios |= {"batching_c4": float(np.median(gain)), "batching_c4_rounds": gain}
         print(

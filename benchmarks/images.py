@@ -206,7 +206,10 @@ async def over_http(url: str, args: argparse.Namespace, concurrency: int, seed0:
         Image.open(io.BytesIO(data)).verify()
 
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        await one(client, seed0 - 1)  # warm-up
+        # warm-up at the part's own concurrency: the worker's first batch of that size (its
+        # memory), and a steady state to start from (a burst's first request would start alone
+        # after a part that ended with one, and the rest wait a whole batch behind it)
+        await asyncio.gather(*(one(client, seed0 - 1 - k) for k in range(concurrency)))
         latencies.clear()
         start = time.perf_counter()
         await asyncio.gather(*(one(client, seed0 + i) for i in range(args.num_images)))

@@ -6,11 +6,14 @@ Supports the Llama family: llama (and Mistral, which llama.cpp stores as
 
 import functools
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ import gguf
 import numpy as np
 import torch
 import transformers
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from pagoda.cache import cache_dir
@@ -57,39 +61,44 @@ _LAYER_NAMES = {
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+# tensor types stored as plain numpy items; every other type is blocks of bytes
+_PLAIN_TYPES = {
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F64: np.float64,
+}
+INDEX_VERSION = 1  # of the cached index's layout
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    name: str
+    ggml_type: int
+    dims: list[int]  # innermost first, as GGUF lists them
+    offset: int  # of its data, in bytes from the start of the file
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFIndex:
+    """What the engine needs from a GGUF file's header: its config and where each tensor is.
+
+    gguf's reader parses the whole header, tokenizer vocabulary included: 2.8 s for SmolLM2's
+    49,152 tokens and 48,900 merges on two cores, at every start of an engine. So the index is
+    kept in pagoda's cache, and the weights are read from the file at their offsets."""
+
+    model_type: str
+    config: dict[str, Any]  # AutoConfig.for_model's keyword arguments
+    arch: str
+    num_heads: int
+    num_kv_heads: int
+    tensors: list[TensorEntry]
+
+
 def gguf_config(path: str) -> PretrainedConfig:
     """Build the transformers config of the model stored in a GGUF file."""
-    reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    model_type = _model_type(reader, arch)
-    tensors = {t.name: t for t in reader.tensors}
-
-    def meta(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default)
-
-    hidden_size = meta("embedding_length")
-    num_heads = meta("attention.head_count")
-    config = AutoConfig.for_model(
-        model_type,
-        architectures=[_ARCHITECTURES[model_type]],
-        hidden_size=hidden_size,
-        intermediate_size=meta("feed_forward_length"),
-        num_hidden_layers=meta("block_count"),
-        num_attention_heads=num_heads,
-        num_key_value_heads=meta("attention.head_count_kv", num_heads),
-        head_dim=meta("attention.key_length", hidden_size // num_heads),
-        rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
-        max_position_embeddings=meta("context_length"),
-        # The embedding matrix is authoritative; metadata vocab_size is optional.
-        vocab_size=int(tensors["token_embd.weight"].shape[-1]),
-        rope_parameters=_rope_parameters(reader, arch, tensors),
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-    )
-    if model_type == "mistral":
+    index = gguf_index(path)
+    config = AutoConfig.for_model(index.model_type, **index.config)
+    if index.model_type == "mistral":
         # llama.cpp runs "llama" files with full attention, so do the same.
         config.sliding_window = None
     config.dtype = torch.float32
@@ -101,9 +110,7 @@ def gguf_tokenizer(path: str):
     in pagoda's cache. Converting it reads the whole vocabulary out of the file's metadata:
     about 5 s for SmolLM2's 49,152 tokens on two cores, which the server and its engine each
     paid at every start."""
-    stat = os.stat(path)
-    key = f"{os.path.realpath(path)}:{stat.st_mtime_ns}:{stat.st_size}:{transformers.__version__}"
-    folder = cache_dir() / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    folder = _cache_path("gguf-tokenizers", path, transformers.__version__)
     if folder.is_dir():
         return AutoTokenizer.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
@@ -122,31 +129,87 @@ def gguf_tokenizer(path: str):
 
 def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (transformers parameter name, float32 tensor) for every tensor."""
-    reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    num_heads = _field(reader, f"{arch}.attention.head_count")
-    num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
-    for tensor in reader.tensors:
+    index = gguf_index(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for tensor in index.tensors:
         name = _hf_name(tensor.name)
-        weight = _dequantize(tensor)
-        if arch in _PERMUTED_QK and ".q_proj." in name:
-            weight = _unpermute_rows(weight, num_heads)
-        elif arch in _PERMUTED_QK and ".k_proj." in name:
-            weight = _unpermute_rows(weight, num_kv_heads)
+        weight = _dequantize(data, tensor)
+        if index.arch in _PERMUTED_QK and ".q_proj." in name:
+            weight = _unpermute_rows(weight, index.num_heads)
+        elif index.arch in _PERMUTED_QK and ".k_proj." in name:
+            weight = _unpermute_rows(weight, index.num_kv_heads)
         yield name, torch.from_numpy(weight)
 
 
-def _open(path: str) -> gguf.GGUFReader:
+def gguf_index(path: str) -> GGUFIndex:
     stat = os.stat(path)
-    return _open_cached(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    return _index(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=1)
-def _open_cached(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    # Parsing the metadata (tokenizer vocab) takes seconds, and gguf_config and
-    # iter_gguf_weights are normally called back to back on the same file.
-    # mtime_ns and size are only cache keys, so a rewritten file is reread.
-    return gguf.GGUFReader(path)
+def _index(path: str, mtime_ns: int, size: int) -> GGUFIndex:
+    # gguf_config and iter_gguf_weights are called back to back on the same file; mtime_ns and
+    # size are only cache keys, so that a rewritten file is read again
+    cached = _cache_path("gguf-index", path, str(INDEX_VERSION)).with_suffix(".json")
+    try:
+        fields = json.loads(cached.read_text())
+        return GGUFIndex(**fields | {"tensors": [TensorEntry(**t) for t in fields["tensors"]]})
+    except (OSError, ValueError, TypeError):  # not cached yet (or unreadable)
+        pass
+    index = _read_index(gguf.GGUFReader(path))
+    try:  # written aside, then renamed: two processes may read the same file at once
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cached.parent, delete=False) as staging:
+            json.dump(asdict(index), staging)
+        os.replace(staging.name, cached)
+    except OSError:  # a cache that cannot be written: the header is parsed at every start
+        pass
+    return index
+
+
+def _read_index(reader: gguf.GGUFReader) -> GGUFIndex:
+    arch = _field(reader, "general.architecture")
+    model_type = _model_type(reader, arch)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    hidden_size = meta("embedding_length")
+    num_heads = meta("attention.head_count")
+    num_kv_heads = meta("attention.head_count_kv", num_heads)
+    config = {
+        "architectures": [_ARCHITECTURES[model_type]],
+        "hidden_size": hidden_size,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": meta("attention.key_length", hidden_size // num_heads),
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": meta("context_length"),
+        # The embedding matrix is authoritative; metadata vocab_size is optional.
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "rope_parameters": _rope_parameters(reader, arch, tensors),
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    entries = [
+        TensorEntry(t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset))
+        for t in reader.tensors
+    ]
+    return GGUFIndex(model_type, config, arch, num_heads, num_kv_heads, entries)
+
+
+def _cache_path(kind: str, path: str, version: str) -> Path:
+    """Where pagoda's cache keeps what `version` derived from the file at `path` (keyed by the
+    file's real path, mtime and size)."""
+    stat = os.stat(path)
+    key = f"{os.path.realpath(path)}:{stat.st_mtime_ns}:{stat.st_size}:{version}"
+    return cache_dir() / kind / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -194,10 +257,16 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
 
 
-def _dequantize(tensor: gguf.gguf_reader.ReaderTensor) -> np.ndarray:
-    # GGUF lists dimensions innermost first, numpy outermost first.
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+def _dequantize(data: np.memmap, tensor: TensorEntry) -> np.ndarray:
+    ggml_type = GGMLQuantizationType(tensor.ggml_type)
+    shape = tuple(reversed(tensor.dims))  # numpy lists dimensions outermost first
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    raw = data[tensor.offset : tensor.offset + math.prod(shape) * type_size // block_size]
+    if ggml_type in _PLAIN_TYPES:
+        stored = raw.view(_PLAIN_TYPES[ggml_type]).reshape(shape)
+    else:
+        stored = raw.reshape(quant_shape_to_byte_shape(shape, ggml_type))
+    weight = dequantize(stored, ggml_type).reshape(shape)
     # Unquantized tensors come back as read-only views of the memory map.
     if weight.dtype != np.float32 or not weight.flags.writeable:
         weight = weight.astype(np.float32)

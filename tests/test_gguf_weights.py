@@ -1,6 +1,7 @@
 """engine.gguf_weights against transformers' own GGUF loader on SmolLM2-135M (Q4_1)."""
 
 import importlib.util
+import json
 import os
 
 import gguf
@@ -11,8 +12,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from pagoda.engine.gguf_weights import (
     _hf_name,
+    _index,
     _unpermute_rows,
     gguf_config,
+    gguf_index,
     gguf_tokenizer,
     iter_gguf_weights,
 )
@@ -111,6 +114,26 @@ def test_tokenizer_from_the_cache_equals_the_converted_one(gguf_path, tmp_path, 
     )
     (folder / "chat_template.jinja").write_text("from the cache")  # the cache is what is read
     assert gguf_tokenizer(gguf_path).chat_template == "from the cache"
+
+
+def test_index_from_the_cache_equals_the_parsed_one(gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _index.cache_clear()  # this process's copy
+    parsed = gguf_index(gguf_path)
+    assert len(parsed.tensors) == 272 and parsed.config["vocab_size"] == 49152
+    (cached,) = (tmp_path / "pagoda" / "gguf-index").iterdir()
+    _index.cache_clear()
+    assert gguf_index(gguf_path) == parsed  # read from that file
+    fields = json.loads(cached.read_text())
+    fields["config"]["max_position_embeddings"] = 1234
+    cached.write_text(json.dumps(fields))
+    _index.cache_clear()
+    assert gguf_config(gguf_path).max_position_embeddings == 1234  # the cache is what is read
+    cached.write_text('{"model_type": "llama"')  # damaged: parsed again, and written again
+    _index.cache_clear()
+    assert gguf_index(gguf_path) == parsed
+    assert json.loads(cached.read_text())["config"] == parsed.config
+    _index.cache_clear()
 
 
 def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:

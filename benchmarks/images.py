@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(build_tiny_flux(folder / "tiny-flux"))
         torch.set_num_threads(args.cpu_threads)
-        keep_freed_memory()
+        keep_freed_memory(one_arena=True)  # as the image worker does
         dtype = getattr(torch, args.dtype)
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(args.device)
         pipe.set_progress_bar_config(disable=True)

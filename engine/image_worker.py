@@ -221,4 +221,5 @@ def run_image_worker(
     config: ImageModelConfig, input_addr: str, output_addr: str, log_settings: LogSettings
 ) -> None:
     """Process entry point of an image model's worker."""
-    run_worker(partial(ImageWorker, config), input_addr, output_addr, log_settings)
+    worker = partial(ImageWorker, config)
+    run_worker(worker, input_addr, output_addr, log_settings, model_in_thread=True)

@@ -85,11 +85,14 @@ def run_worker(
     input_addr: str,
     output_addr: str,
     log_settings: LogSettings,
+    model_in_thread: bool = False,
 ) -> None:
-    """Process entry point. Ctrl-C goes to the server, which drains and says shutdown."""
+    """Process entry point. Ctrl-C goes to the server, which drains and says shutdown.
+    `model_in_thread`: the worker runs its model in a thread of its own (see
+    keep_freed_memory)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(log_settings)
-    keep_freed_memory()
+    keep_freed_memory(one_arena=model_in_thread)  # before any thread starts
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -108,7 +111,7 @@ def run_worker(
     context.destroy(linger=1000)
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(one_arena: bool = False) -> bool:
     """Make glibc keep the memory a step frees for the next step, below 1 GiB a block.
 
     By default glibc hands large freed blocks back to the kernel (those it mmapped, and the
@@ -121,21 +124,19 @@ def keep_freed_memory() -> bool:
     The thresholds hold in the main arena only. A thread's first allocation gets an arena of
     its own, made of heaps of at most 64 MiB, and a larger block is mmapped afresh each time
     whatever the threshold: the image worker's pipeline runs in a thread, and a 512x512 image
-    faulted 2,000 pages in (its VAE's 128 MiB activations), 6-20% of its time. One arena for
-    every thread ends that; call this before the process starts threads. False where the C
-    library is not glibc."""
+    faulted 2,000 pages in (its VAE's activations), 6-20% of its time. `one_arena` puts every
+    thread in the main arena, which ends that; call it before the process starts threads. Only
+    for a model run in a thread: where the model runs in the main thread, its OpenMP threads
+    would share the one arena's lock for nothing (a chat engine served 12-16% fewer tokens/s
+    so, in two alternated runs). False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return all(
-        libc.mallopt(param, value) == 1
-        for param, value in (
-            (M_MMAP_THRESHOLD, KEEP_FREED_BYTES),
-            (M_TRIM_THRESHOLD, KEEP_FREED_BYTES),
-            (M_ARENA_MAX, 1),
-        )
-    )
+    settings = [(M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)]
+    if one_arena:
+        settings.append((M_ARENA_MAX, 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 @dataclass(slots=True)

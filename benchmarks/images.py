@@ -216,7 +216,9 @@ async def over_http(url: str, args: argparse.Namespace, concurrency: int, seed0:
         return summary(latencies, time.perf_counter() - start)
 
 
-def pairs_at_concurrency_1(pipe: FluxPipeline, url: str, args: argparse.Namespace, seed0: int):
+def pairs_at_concurrency_1(
+    pipe: FluxPipeline, url: str, args: argparse.Namespace, seed0: int
+) -> dict[str, list[float]]:
     """--num-images pairs of one image in-process and one through the server (the same seed),
     the order switching from pair to pair: {"in_process": [s, ...], "server": [s, ...]}."""
     sides: dict[str, list[float]] = {"in_process": [], "server": []}
@@ -297,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def overhead(pair: dict) -> tuple[float, float, dict]:
+def overhead(pairs: dict[str, list[float]]) -> tuple[float, float]:
     """Median over pairs of server / in-process - 1, and of the difference in ms."""
-    server, local = np.array(pair["server"]), np.array(pair["in_process"])
-    return float(np.median(server / local - 1)), float(np.median(1000 * (server - local))), pair
+    server, local = np.array(pairs["server"]), np.array(pairs["in_process"])
+    return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
 
 
 def pool(runs: list[dict]) -> dict:
@@ -333,15 +335,15 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
     ratios: dict = {}
     if results["pairs"]:
         rounds = [overhead(pair) for pair in results["pairs"]]
-        pooled = overhead(
-            {side: [t for pair in results["pairs"] for t in pair[side]] for side in rounds[0][2]}
-        )
+        sides = ("in_process", "server")
+        all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in sides}
+        pooled = overhead(all_pairs)
         ratios |= {"overhead_c1": pooled[0], "overhead_c1_ms": pooled[1]}
         ratios |= {"overhead_c1_rounds": [r[0] for r in rounds]}
         ratios |= {"overhead_c1_ms_rounds": [r[1] for r in rounds]}
         print(
             f"server overhead at concurrency 1: {100 * pooled[0]:+.1f}% = {pooled[1]:+.2f} ms "
-            f"per image (median over {len(pooled[2]['server'])} pairs; rounds' medians: "
+            f"per image (median over {len(all_pairs['server'])} pairs; rounds' medians: "
             f"{', '.join(f'{100 * r[0]:+.1f}%' for r in rounds)})"
         )
     if "4" in results["server"]:

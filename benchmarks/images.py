@@ -310,11 +310,13 @@ def pool(runs: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace, results: dict, model: str, server_log: str) -> None:
+    sides = ("in_process", "server")
+    all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in sides}
     rows = []
-    if results["pairs"]:
-        for side in ("in_process", "server"):
-            latencies = [t for pair in results["pairs"] for t in pair[side]]
-            rows.append((f"{side.replace('_', '-')}, pairs at concurrency 1", latencies))
+    if results["pairs"]:  # one image at a time, back to back: images/s from their sum
+        for side, latencies in all_pairs.items():
+            label = f"{side.replace('_', '-')}, pairs at concurrency 1"
+            rows.append((label, summary(latencies, sum(latencies))))
     if results["in_process"]:
         rows.append(("in-process, one by one", pool(results["in_process"])))
     rows += [(f"server, concurrency {c}", pool(runs)) for c, runs in results["server"].items()]
@@ -324,8 +326,6 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
     )
     print(f"{'':36} {'images/s':>9} {'median s':>9} {'p90 s':>9}")
     for label, run in rows:
-        if isinstance(run, list):  # a pair's side: one image at a time, back to back
-            run = summary(run, sum(run))
         print(
             f"{label:36} {run['images_per_s']:9.3f} {run['latency_median_s']:9.4f} "
             f"{run['latency_p90_s']:9.4f}"
@@ -335,8 +335,6 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
     ratios: dict = {}
     if results["pairs"]:
         rounds = [overhead(pair) for pair in results["pairs"]]
-        sides = ("in_process", "server")
-        all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in sides}
         pooled = overhead(all_pairs)
         ratios |= {"overhead_c1": pooled[0], "overhead_c1_ms": pooled[1]}
         ratios |= {"overhead_c1_rounds": [r[0] for r in rounds]}

@@ -154,7 +154,7 @@ def _index(path: str, mtime_ns: int, size: int) -> GGUFIndex:
     try:
         fields = json.loads(cached.read_text())
         return GGUFIndex(**fields | {"tensors": [TensorEntry(**t) for t in fields["tensors"]]})
-    except (OSError, ValueError, TypeError):  # not cached yet (or unreadable)
+    except (OSError, ValueError, TypeError, KeyError):  # not cached yet, or damaged
         pass
     index = _read_index(gguf.GGUFReader(path))
     try:  # written aside, then renamed: two processes may read the same file at once

@@ -133,6 +133,9 @@ def test_index_from_the_cache_equals_the_parsed_one(gguf_path, tmp_path, monkeyp
     _index.cache_clear()
     assert gguf_index(gguf_path) == parsed
     assert json.loads(cached.read_text())["config"] == parsed.config
+    cached.write_text('{"model_type": "llama"}')  # complete JSON, fields missing: the same
+    _index.cache_clear()
+    assert gguf_index(gguf_path) == parsed
     _index.cache_clear()
 
 

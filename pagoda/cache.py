@@ -1,5 +1,5 @@
-"""pagoda's folder in the user's cache: compiled CPU kernels, converted GGUF tokenizers, and
-the images behind URLs unless `--image-dir` says otherwise."""
+"""pagoda's folder in the user's cache: compiled CPU kernels, converted GGUF tokenizers and
+GGUF header indexes, and the images behind URLs unless `--image-dir` says otherwise."""
 
 from __future__ import annotations
 

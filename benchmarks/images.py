@@ -10,7 +10,8 @@ in-process, in one run.
   (b64_json PNG, one image per request, distinct seeds) by aiohttp, as benchmarks/embeddings.py
   drives its servers: the client shares the cores with the server, and of aiohttp, httpx and
   the OpenAI SDK it spends the least CPU per request (a refused request's round trip: 0.85 ms
-  against httpx's 1.6 here). Its latency includes reading the JSON and decoding the base64.
+  against httpx's 1.6 here). Its latency includes reading the JSON and decoding the base64
+  (pybase64, as the server encodes it).
 - HTTP floor: the same client's round trip on a request the server answers without its worker
   (a 400 for n=0), one at a time: what any request costs before an image is made.
 
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
 import os
@@ -57,6 +57,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+import pybase64
 import torch
 from diffusers import FluxPipeline
 from embeddings import free_port, session  # benchmarks/ is the script's folder
@@ -193,7 +194,7 @@ async def served_image(client: aiohttp.ClientSession, url: str, seed: int) -> fl
     async with client.post(f"{url}/v1/images/generations", json=image_body(seed)) as response:
         response.raise_for_status()
         body = await response.read()
-    data = base64.b64decode(json.loads(body)["data"][0]["b64_json"])
+    data = pybase64.b64decode(json.loads(body)["data"][0]["b64_json"], validate=True)
     seconds = time.perf_counter() - t0
     Image.open(io.BytesIO(data)).verify()
     return seconds

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 import uuid
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pybase64
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -153,7 +153,7 @@ async def create_embeddings(
 
 def _response(model_id: str, result: Embeddings, encoding_format: str) -> dict:
     if encoding_format == "base64":
-        rows = [base64.b64encode(result.row(i)).decode() for i in range(result.num_rows)]
+        rows = [pybase64.b64encode(result.row(i)).decode() for i in range(result.num_rows)]
     else:
         matrix = np.frombuffer(result.rows, dtype="<f4").reshape(result.num_rows, -1)
         rows = matrix.tolist()

@@ -4,7 +4,6 @@ that `response_format: url` points at."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -12,6 +11,7 @@ import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import pybase64
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -179,7 +179,7 @@ def response_body(head: dict, items: list[dict], inline: list[bytes | None]) -> 
         if data is None:
             parts.append(encoded)
         else:
-            parts += [encoded[:-1], b',"b64_json":"', base64.b64encode(data), b'"}']
+            parts += [encoded[:-1], b',"b64_json":"', pybase64.b64encode(data), b'"}']
     parts.append(b"]}")
     return b"".join(parts)
 

@@ -3,9 +3,9 @@ in-process, in one run.
 
 - In-process baseline: the pipeline in this process makes images one by one (one pipeline
   call and one PNG encoding per image, with the server's PNG settings: `encode_image`), as a
-  script calling diffusers would, with the memory setting pagoda's workers use
-  (`keep_freed_memory`: glibc keeps freed blocks), so that the two sides differ by the server
-  alone.
+  script calling diffusers would, with what pagoda's workers do around the call: glibc keeps
+  freed blocks (`keep_freed_memory`) and the call runs under `torch.inference_mode()` (diffusers
+  runs it under `no_grad`), so that the two sides differ by the server alone.
 - Server: `pagoda serve --catalog <generated catalog>` with the same pipeline, driven over HTTP
   (b64_json PNG, one image per request, distinct seeds) by aiohttp, as benchmarks/embeddings.py
   drives its servers: the client shares the cores with the server, and of aiohttp, httpx and
@@ -111,15 +111,16 @@ def image_in_process(pipe: FluxPipeline, args: argparse.Namespace, seed: int) ->
     """Seconds to make one image and encode it as the server would."""
     width, height = map(int, args.size.split("x"))
     start = time.perf_counter()
-    image = pipe(
-        PROMPTS[seed % len(PROMPTS)],
-        height=height,
-        width=width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        max_sequence_length=args.max_sequence_length,
-        generator=torch.Generator(pipe._execution_device).manual_seed(seed),
-    ).images[0]
+    with torch.inference_mode():  # as the worker calls it (diffusers' own default: no_grad)
+        image = pipe(
+            PROMPTS[seed % len(PROMPTS)],
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            max_sequence_length=args.max_sequence_length,
+            generator=torch.Generator(args.device).manual_seed(seed),
+        ).images[0]
     encode_image(image, "png", 100)
     return time.perf_counter() - start
 

@@ -12,8 +12,10 @@ in-process, in one run.
   the OpenAI SDK it spends the least CPU per request (a refused request's round trip: 0.85 ms
   against httpx's 1.6 here). Its latency includes reading the JSON and decoding the base64
   (pybase64, as the server encodes it).
-- HTTP floor: the same client's round trip on a request the server answers without its worker
-  (a 400 for n=0), one at a time: what any request costs before an image is made.
+- Floors: the same client's round trip on a request the server refuses at validation (a 400
+  for n=0: what any request costs before an image is made), and on one its worker refuses as it
+  arrives (a prompt too long: the whole way of a request but the pipeline call, its batch and
+  the image's bytes). Each follows an in-process image, as half the pairs' server images do.
 
 Both sides run on --cpu-threads threads (default: torch's default here), so that the server's
 thread governor cannot give its worker fewer threads than the baseline has. Each round has two
@@ -22,7 +24,7 @@ parts:
 - overhead at concurrency 1, image by image in pairs: one image in-process, one through the
   server, the order switching from pair to pair, so that a machine whose speed drifts (a shared
   host) slows both sides of a pair alike. Reported: the median over all pairs of
-  server / in-process - 1 (target at most 5%), and of their difference in ms, beside the floor;
+  server / in-process - 1 (target at most 5%), and of their difference in ms, beside the floors;
 - batching: --num-images images in-process one by one, then the same number through the
   server at each --concurrency above 1 (target at concurrency 4: at least 1.3x the in-process
   one-by-one images/s on the tiny pipeline on CPU), the ratio taken within its round and the
@@ -67,6 +69,8 @@ from pagoda.engine.image_worker import encode_image
 from pagoda.engine.worker import keep_freed_memory
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city at night"]
+FLOORS = ("floor_http", "floor_worker")
+SIDES = ("in_process", "server", *FLOORS)
 READY_TIMEOUT_S = 600
 
 
@@ -224,8 +228,12 @@ async def pairs_at_concurrency_1(
     pipe: FluxPipeline, url: str, args: argparse.Namespace, seed0: int
 ) -> dict[str, list[float]]:
     """--num-images pairs of one image in-process and one through the server (the same seed),
-    the order switching from pair to pair: {"in_process": [s, ...], "server": [s, ...]}."""
-    sides: dict[str, list[float]] = {"in_process": [], "server": []}
+    the order switching from pair to pair: {"in_process": [s, ...], "server": [s, ...]}.
+
+    After every pair that ends in-process, one refused request, alternately at validation
+    ("floor_http") and by the worker ("floor_worker"): it meets the server as the pairs' server
+    images that follow an in-process one do, its code out of the caches the pipeline used."""
+    sides: dict[str, list[float]] = {side: [] for side in SIDES}
     async with session(1) as client:
         await served_image(client, url, seed0 - 1)  # warm-up
         image_in_process(pipe, args, seed0 - 1)
@@ -234,24 +242,29 @@ async def pairs_at_concurrency_1(
             if i % 2:
                 sides["server"].append(await served_image(client, url, seed))
                 sides["in_process"].append(image_in_process(pipe, args, seed))
+                floor = FLOORS[(i // 2) % 2]
+                sides[floor].append(await refused(client, url, floor_body(floor, args)))
             else:
                 sides["in_process"].append(image_in_process(pipe, args, seed))
                 sides["server"].append(await served_image(client, url, seed))
     return sides
 
 
-async def http_floor(url: str, count: int) -> float:
-    """Median seconds of a round trip the server refuses at validation (no worker involved)."""
-    body = {"model": "bench-image", "prompt": PROMPTS[0], "n": 0}
-    latencies = []
-    async with session(1) as client:
-        for _ in range(count + 1):  # the first one warms up
-            t0 = time.perf_counter()
-            async with client.post(f"{url}/v1/images/generations", json=body) as response:
-                await response.read()
-            latencies.append(time.perf_counter() - t0)
-            assert response.status == 400, response.status
-    return float(np.median(latencies[1:]))
+def floor_body(floor: str, args: argparse.Namespace) -> dict:
+    """floor_http: n=0, refused before the worker; floor_worker: a prompt of more T5 tokens than
+    the model takes, which the worker refuses as it arrives: the whole way of a request but the
+    pipeline call, its batch and its image's bytes."""
+    if floor == "floor_http":
+        return {"model": "bench-image", "prompt": PROMPTS[0], "n": 0}
+    return {"model": "bench-image", "prompt": "word " * (args.max_sequence_length + 8)}
+
+
+async def refused(client: aiohttp.ClientSession, url: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    async with client.post(f"{url}/v1/images/generations", json=body) as response:
+        await response.read()
+    assert response.status == 400, response.status
+    return time.perf_counter() - t0
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -277,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         catalog = write_catalog(folder, model, args)
         process, url, log = start_server(catalog, folder, args.cpu_threads)
         try:
-            results["http_floor_s"] = asyncio.run(http_floor(url, args.num_images))
             for r in range(args.rounds):
                 seed0 = 100_000 * (r + 1)  # every image of the run has a seed of its own
                 if 1 in args.concurrency:
@@ -308,11 +320,11 @@ def pool(runs: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace, results: dict, model: str, server_log: str) -> None:
-    sides = ("in_process", "server")
-    all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in sides}
+    all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in SIDES}
     rows = []
     if results["pairs"]:  # one image at a time, back to back: images/s from their sum
-        for side, latencies in all_pairs.items():
+        for side in ("in_process", "server"):
+            latencies = all_pairs[side]
             label = f"{side.replace('_', '-')}, pairs at concurrency 1"
             rows.append((label, summary(latencies, sum(latencies))))
     if results["in_process"]:
@@ -328,10 +340,14 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
             f"{label:36} {run['images_per_s']:9.3f} {run['latency_median_s']:9.4f} "
             f"{run['latency_p90_s']:9.4f}"
         )
-    floor_ms = 1000 * results["http_floor_s"]
-    print(f"HTTP floor (a request refused at validation, same client): {floor_ms:.2f} ms")
     ratios: dict = {}
     if results["pairs"]:
+        for floor, what in zip(FLOORS, ("at validation", "by the worker")):
+            ratios[f"{floor}_ms"] = 1000 * float(np.median(all_pairs[floor]))
+            print(
+                f"{floor}: a request refused {what}, after an in-process image: "
+                f"{ratios[f'{floor}_ms']:.2f} ms (median of {len(all_pairs[floor])})"
+            )
         rounds = [overhead(pair) for pair in results["pairs"]]
         pooled = overhead(all_pairs)
         ratios |= {"overhead_c1": pooled[0], "overhead_c1_ms": pooled[1]}

@@ -200,6 +200,8 @@ class ImageWorker:
             logger.info("interrupted a batch of %d images: its requests are gone", len(jobs))
             return []
         requests = [image.request for image in batch.images]
+        if len(pictures) == 1:  # no hand-off to an encoder thread and back (0.3 ms)
+            return [encode_request_image(pictures[0], requests[0])]
         return list(self._encoders.map(encode_request_image, pictures, requests))
 
 

@@ -117,7 +117,12 @@ class ImagePipeline:
         """Refuse a prompt FLUX's T5 encoder would have to cut (other pipelines truncate)."""
         if not self.is_flux:
             return
-        count = len(self.pipe.tokenizer_2(prompt).input_ids)
+        tokenizer = self.pipe.tokenizer_2
+        # a fast tokenizer's own encoder: one call, where transformers' wrapper around it took
+        # twice as long (0.25 ms against 0.12 right after a pipeline call, on the request's way)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        ids = backend.encode(prompt).ids if backend is not None else tokenizer(prompt).input_ids
+        count = len(ids)
         if count > self.max_sequence_length:
             raise Rejected(
                 f"{param}: {count} tokens long; this model takes at most "

@@ -353,6 +353,21 @@ def test_prompt_beyond_the_models_token_limit(client):
     assert "at most 64" in str(info.value)
 
 
+def test_prompt_at_the_token_limit_is_served_and_one_token_more_refused(client, reference):
+    def counted(prompt: str) -> int:  # as FluxPipeline's T5 tokenizer counts it (end included)
+        return len(reference.tokenizer_2(prompt).input_ids)
+
+    at_limit = "fox"
+    while counted(at_limit) < MAX_SEQUENCE_LENGTH:
+        at_limit += " fox"
+    assert counted(at_limit) == MAX_SEQUENCE_LENGTH
+    assert len(generate(client, prompt=at_limit, response_format="b64_json").data) == 1
+    beyond = at_limit + " fox"
+    with pytest.raises(openai.BadRequestError) as info:
+        generate(client, prompt=beyond)
+    assert f"{counted(beyond)} tokens long" in str(info.value)
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError):
         generate(client, model="no-such-model")

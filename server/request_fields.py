@@ -11,6 +11,7 @@ covers the top level of a body and the nested request models it holds (each mess
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 import typing
@@ -47,20 +48,32 @@ def unrecognized(
 ) -> Iterator[tuple[str, str]]:
     """(param, name) of each unrecognized field: `messages.0.foo` and `messages.foo`."""
     ignored = getattr(model_cls, "ignored_fields", frozenset())
+    fields = _declared_fields(model_cls)
     for key, value in data.items():
-        field = model_cls.model_fields.get(key)
-        if field is None:
+        if key not in fields:
             if key not in ignored:
                 yield f"{prefix}{key}", f"{name_prefix}{key}"
             continue
-        nested = _request_models(field.annotation)
-        if len(nested) != 1:  # none, or a union the model tells apart by its own rules
+        nested = fields[key]
+        if nested is None:
             continue
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for index, item in items:
             if isinstance(item, dict):
                 where = f"{prefix}{key}." if index is None else f"{prefix}{key}.{index}."
-                yield from unrecognized(nested[0], item, where, f"{name_prefix}{key}.")
+                yield from unrecognized(nested, item, where, f"{name_prefix}{key}.")
+
+
+@functools.cache
+def _declared_fields(model_cls: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """Each field `model_cls` declares, with the request model its value holds: None where it
+    holds none, or a union the model tells apart by its own rules. Once per class: read from
+    the annotations on every request, this was two thirds of a body's parsing (50 us)."""
+    fields = {}
+    for name, field in model_cls.model_fields.items():
+        nested = _request_models(field.annotation)
+        fields[name] = nested[0] if len(nested) == 1 else None
+    return fields
 
 
 def _request_models(annotation: Any) -> list[type[BaseModel]]:

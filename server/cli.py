@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing.forkserver
+import os
 import sys
 
 from pagoda.logs import LOG_FORMATS
@@ -205,6 +206,11 @@ def start_forkserver(args: argparse.Namespace) -> None:
             kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
         except CatalogError:
             return  # the server reports it, once logging is set up
+    # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).
+    # Asked through the CUDA runtime, that poisons every fork of the forkserver for CUDA (a GPU
+    # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
+    # which torch uses when this is set, it does not.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     multiprocessing.forkserver.set_forkserver_preload([WORKER_MODULES[k] for k in sorted(kinds)])
     multiprocessing.forkserver.ensure_running()
 

@@ -30,3 +30,30 @@ def test_parsing_and_the_keys_command_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
+    """Workers fork from a process that imported their modules: had an import initialised
+    CUDA there (xgrammar's tvm_ffi asks torch.cuda.is_available() as it loads), every GPU
+    worker would fail to start. Here torch is made to look like a CUDA build on a node with
+    one GPU, the server prepares the forkserver's environment, and the workers' modules are
+    imported: none may reach the CUDA runtime."""
+    code = (
+        "import importlib, multiprocessing.forkserver as forkserver, sys, torch, torch.cuda\n"
+        "from pagoda.server import cli\n"
+        "calls = []\n"
+        "# a CUDA build to the availability check only (elsewhere torch would import CUDA's)\n"
+        "answers = ('is_available', 'device_count')\n"
+        "torch.cuda._is_compiled = lambda: sys._getframe(1).f_code.co_name in answers\n"
+        "torch.cuda._device_count_nvml = lambda: 1\n"
+        "torch._C._cuda_getDeviceCount = lambda: calls.append('cudaGetDeviceCount') or 1\n"
+        "forkserver.ensure_running = lambda: None\n"
+        "cli.start_forkserver(cli.parse_args(['serve', '--model', 'unused']))\n"
+        "for module in cli.WORKER_MODULES.values():\n"
+        "    importlib.import_module(module)\n"
+        "assert torch.cuda.is_available()\n"
+        "print(calls)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

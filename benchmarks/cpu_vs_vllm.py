@@ -69,6 +69,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also pagoda with --enforce-eager (no CPU graphs)",
     )
+    p.add_argument(
+        "--pagoda-budgets",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also pagoda with these --max-num-batched-tokens (step budgets), a side each",
+    )
     p.add_argument("--hf-folder", type=Path, default=Path("/tmp/smollm2-hf-bench"))
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/cpu_vs_vllm"))
     p.add_argument("--port", type=int, default=8411)
@@ -122,6 +129,10 @@ def sides(args: argparse.Namespace) -> list[Side]:
     if args.pagoda_eager:
         eager = [*pagoda[:-1], str(args.port + 3), "--enforce-eager"]
         found.append(Side("pagoda-bf16-eager", eager, dict(os.environ), args.port + 3))
+    for k, budget in enumerate(args.pagoda_budgets):
+        port = args.port + 4 + k
+        command = [*pagoda[:-1], str(port), "--max-num-batched-tokens", str(budget)]
+        found.append(Side(f"pagoda-bf16-budget{budget}", command, dict(os.environ), port))
     return found
 
 

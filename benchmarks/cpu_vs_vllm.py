@@ -21,17 +21,20 @@ drifts during a run; the roofline takes the median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 
 BENCH = Path(__file__).parent
@@ -69,6 +72,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also pagoda with --enforce-eager (no CPU graphs)",
     )
+    p.add_argument("--pagoda-fp32", action="store_true", help="also pagoda in fp32")
     p.add_argument(
         "--pagoda-budgets",
         type=int,
@@ -129,6 +133,9 @@ def sides(args: argparse.Namespace) -> list[Side]:
     if args.pagoda_eager:
         eager = [*pagoda[:-1], str(args.port + 3), "--enforce-eager"]
         found.append(Side("pagoda-bf16-eager", eager, dict(os.environ), args.port + 3))
+    if args.pagoda_fp32:
+        fp32 = [*pagoda[:-3], "float32", "--port", str(args.port + 10)]
+        found.append(Side("pagoda-fp32", fp32, dict(os.environ), args.port + 10))
     for k, budget in enumerate(args.pagoda_budgets):
         port = args.port + 4 + k
         command = [*pagoda[:-1], str(port), "--max-num-batched-tokens", str(budget)]
@@ -159,8 +166,53 @@ def signal_group(side: Side, sig: signal.Signals) -> None:
         os.killpg(side.process.pid, sig)
 
 
+class PeakMemory:
+    """The largest sum of PSS over a server's process tree (the server and every process it
+    started), sampled every second while the block runs. PSS rather than RSS: pages that
+    processes share (a forked worker's copy-on-write imports, shared libraries) are counted
+    once, split among them, where a sum of RSS counts them in every process. Read from
+    /proc/<pid>/smaps_rollup, which the kernel sums (psutil's full memory info parses every
+    mapping, and sampled often it slowed the servers it measured)."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(1.0):
+            total = 0
+            for process in [self.root, *self.root.children(recursive=True)]:
+                with contextlib.suppress(OSError, psutil.Error):  # a process that just ended
+                    total += pss_bytes(process.pid)
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def pss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def bench(side: Side, args: argparse.Namespace, run: int, out: Path) -> dict:
-    """One run: the concurrent load, then the one-at-a-time requests; their summaries."""
+    """One run: the concurrent load, then the one-at-a-time requests; their summaries, and the
+    peak memory (PSS) of the server's process tree over both."""
+    with PeakMemory(side.process.pid) as memory:
+        result = bench_parts(side, args, run, out)
+    return {**result, "peak_pss_gb": memory.peak / 1e9}
+
+
+def bench_parts(side: Side, args: argparse.Namespace, run: int, out: Path) -> dict:
     common = ["--base-url", f"http://127.0.0.1:{side.port}/v1", "--model", NAME]
     common += ["--tokenizer", str(args.hf_folder), "--input-len", str(args.input_len)]
     common += ["--output-len", str(args.output_len), "--no-progress"]
@@ -212,6 +264,8 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
 
 
 def metric(run: dict, kind: str, path: str) -> float | None:
+    if not path:
+        return run.get(kind)
     value = run[kind]
     for key in path.split("."):
         value = None if value is None else value.get(key)
@@ -228,6 +282,7 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         "median TTFT, steady state (ms)": ("load", "ttft_steady_ms.median", 1.0),
         "output tok/s, one at a time": ("single", "output_token_throughput", 1.0),
         "batch-1 decode tok/s (1000 / median TPOT)": ("single", "tpot_ms.median", -1.0),
+        "peak memory of the process tree (PSS, GB)": ("peak_pss_gb", "", 1.0),
     }
     values: dict[str, dict[str, list[float]]] = {}
     for side in all_sides:
@@ -249,7 +304,8 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         "|---" * (len(names) + 1) + "|",
     ]
     for label, by_side in values.items():
-        lines.append(f"| {label} | " + " | ".join(spread(by_side[n]) for n in names) + " |")
+        fmt = "{:.2f}" if label.startswith("peak memory") else "{:.1f}"
+        lines.append(f"| {label} | " + " | ".join(spread(by_side[n], fmt) for n in names) + " |")
     ours = names[0]
 
     def med(label: str, name: str) -> float:
@@ -261,7 +317,7 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
             "Ratios of medians, pagoda / pagoda with --enforce-eager (no CPU graphs):",
             "",
         ]
-        for label in values:
+        for label in rows:
             r = med(label, ours) / med(label, "pagoda-bf16-eager")
             lines.append(f"- {label}: {r:.2f}x")
     best = "vllm-cpu-best"

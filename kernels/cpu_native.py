@@ -70,8 +70,13 @@ def call(function: ctypes._CFuncPtr, *args) -> None:
         _recorder.record(function, args)
 
 
-def empty(*shape: int) -> torch.Tensor:
-    """An fp32 output buffer: the recorder's while recording, else a new one."""
+def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An fp32 (or bf16, last dimension even) output buffer: the recorder's while recording,
+    else a new one."""
+    if dtype == torch.bfloat16:
+        assert shape[-1] % 2 == 0
+        return empty(*shape[:-1], shape[-1] // 2).view(torch.bfloat16)
+    assert dtype == torch.float32
     return torch.empty(shape) if _recorder is None else _recorder.empty(shape)
 
 

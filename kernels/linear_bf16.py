@@ -44,7 +44,10 @@ SIGNATURES: cpu_native.Signatures = {
     "pagoda_bf16_packed_size": (I64, [I32, I32]),
     "pagoda_bf16_pack_weight": (None, [PTR, PTR, I32, I32]),
     "pagoda_bf16_linear": (None, [PTR, I64, I32, PTR, PTR, PTR, I64, I32, I32, I32, I32, I32]),
+    "pagoda_bf16_linear_silu_mul": (None, [PTR, I64, I32, PTR, PTR, I64, I32, I32, I32, I32]),
 }
+# gate and up rows per panel half of the fused MLP projection (the kernel's 32-row panels)
+SILU_MUL_ROWS = 16
 
 
 @functools.cache
@@ -167,13 +170,20 @@ def padded_rows(rows: int) -> int:
 
 class Bf16Linear(nn.Module):
     """`nn.Linear` with its weight in bf16, in the kernel's panels for batches of up to
-    `kernel_rows` (every batch, on AMX) and packed by oneDNN for larger ones; takes and gives
-    fp32 or bf16. `amx` (default: where it runs) picks the kernel's instructions."""
+    `kernel_rows` (every batch, on AMX) and packed by oneDNN for larger ones; takes fp32 or
+    bf16 and gives the same, or fp32 always with `fp32_out` (a down_proj reading the bf16 of
+    `Bf16GateUpSiluMul` into the fp32 residual stream). `amx` (default: where it runs) picks
+    the kernel's instructions."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None = None, amx: bool | None = None
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        amx: bool | None = None,
+        fp32_out: bool = False,
     ) -> None:
         super().__init__()
+        self.fp32_out = fp32_out
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().bfloat16().contiguous()
         self.amx = kernel_amx() if amx is None else amx
@@ -198,7 +208,8 @@ class Bf16Linear(nn.Module):
             y = self._onednn(flat.to(torch.bfloat16))
         if x.dim() != 2:
             y = y.view(*shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        out_dtype = torch.float32 if self.fp32_out else x.dtype
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -211,6 +222,55 @@ class Bf16Linear(nn.Module):
         if self.kernel_rows == AMX_ROWS:
             return f"{shape}, AMX kernel"
         return f"{shape}, kernel up to {self.kernel_rows} rows, oneDNN past that"
+
+
+class Bf16GateUpSiluMul(nn.Module):
+    """An MLP's gate_up projection (gate rows, then up rows) with silu(gate) * up applied in
+    the same kernel, on AMX: gives down_proj's input in bf16, the very bits down_proj would
+    round the fp32 product to. The fp32 gate_up (twice the output) is never written, and the
+    activation's own pass over it is gone."""
+
+    applies_silu_and_mul = True
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        width, self.in_features = weight.shape
+        self.out_features = width // 2
+        weight = weight.detach().bfloat16()
+        # gate rows 0-15, up rows 0-15, gate rows 16-31, ...: each panel holds 16 outputs
+        halves = weight.view(2, -1, SILU_MUL_ROWS, self.in_features).transpose(0, 1)
+        self.panels = pack_panels(halves.reshape(width, self.in_features))
+
+    @staticmethod
+    def fits(linear: nn.Module) -> bool:
+        """Whether `linear` (an MLP's gate_up) can be fused: AMX, no bias, whole panels."""
+        width = getattr(linear, "out_features", 1)
+        shape_ok = width % (2 * SILU_MUL_ROWS) == 0 and getattr(linear, "bias", None) is None
+        return shape_ok and type(linear) is nn.Linear and kernel_amx()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(-1) != 1:
+            x = x.reshape(-1, self.in_features).float().contiguous()
+        rows = x.shape[0]
+        out = cpu_native.empty(rows, self.out_features, dtype=torch.bfloat16)
+        if rows:
+            cpu_native.call(
+                kernel_library().pagoda_bf16_linear_silu_mul,
+                x.data_ptr(),
+                x.stride(0),
+                x.dtype == torch.bfloat16,
+                self.panels.data_ptr(),
+                out.data_ptr(),
+                self.out_features,
+                rows,
+                2 * self.out_features,
+                self.in_features,
+                torch.get_num_threads(),
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16, AMX"
 
 
 def child_modules(
@@ -227,12 +287,18 @@ def child_modules(
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear`, and give a model with
-    tied embeddings a packed lm_head. Returns how many were packed."""
+    """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear` (an MLP's gate_up, on
+    AMX, for a `Bf16GateUpSiluMul`), and give a model with tied embeddings a packed lm_head.
+    Returns how many were packed."""
+    mlps = [m for m in model.modules() if Bf16GateUpSiluMul.fits(getattr(m, "gate_up_proj", 0))]
+    for mlp in mlps:
+        mlp.gate_up_proj = Bf16GateUpSiluMul(mlp.gate_up_proj.weight)
+        down = mlp.down_proj
+        mlp.down_proj = Bf16Linear(down.weight, down.bias, fp32_out=True)
     swaps = child_modules(model, lambda child: type(child) is nn.Linear)
     for parent, name, child in swaps:
         setattr(parent, name, Bf16Linear(child.weight, child.bias))
-    count = len(swaps)
+    count = len(swaps) + len(mlps)
     if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
         model.lm_head = Bf16Linear(model.embed_tokens.weight)
         count += 1

@@ -1,6 +1,7 @@
 """`Bf16Linear` (pagoda's kernel, and oneDNN's packed weights past its rows without AMX) against
 torch's bf16 matmul in fp32 (the reference)."""
 
+import copy
 import logging
 
 import pytest
@@ -68,6 +69,27 @@ def test_pack_linears_swaps_every_linear_and_ties_the_lm_head():
     x = torch.randn(2, 16)
     expected = x.bfloat16().float() @ model.embed_tokens.weight.bfloat16().float().t()
     torch.testing.assert_close(model.lm_head(x), expected, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.skipif(not linear_bf16.kernel_amx(), reason="no AMX")
+def test_pack_linears_fuses_the_mlp_activation_into_gate_up(tiny_models):
+    """On AMX an MLP's gate_up takes the activation along and hands down_proj bf16; the
+    layer's output is bit for bit the unfused one's, and stays fp32 for the residual."""
+    llm = LLM(str(tiny_models["llama"]), max_model_len=256, dtype="bfloat16")
+    mlp = llm.engine.runner.model.layers[0].mlp
+    assert type(mlp.gate_up_proj) is linear_bf16.Bf16GateUpSiluMul
+    unfused = copy.copy(mlp)
+    unfused.gate_up_proj = linear_bf16.Bf16Linear(
+        linear_bf16.unpack_panels(mlp.gate_up_proj.panels, 2 * 256, 128)
+        .view(-1, 2, linear_bf16.SILU_MUL_ROWS, 128)
+        .transpose(0, 1)
+        .reshape(2 * 256, 128)
+    )
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, 128)
+        got = mlp(x)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, unfused(x))
 
 
 def test_auto_dtype_on_this_cpu_is_bf16():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from pagoda.kernels import cpu_native, linear_bf16
+from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
 
 pytestmark = pytest.mark.skipif(
     linear_bf16.kernel_library() is None,
@@ -153,3 +153,20 @@ def test_pack_linears_gives_every_layer_the_kernel():
     w, b = weights[0]
     assert_within_order_error(h, x, w, b.detach().bfloat16())
     assert_within_order_error(model[1](h), h, weights[1][0], None)
+
+
+@pytest.mark.skipif(not linear_bf16.kernel_amx(), reason="no AMX")
+@pytest.mark.parametrize(("intermediate", "k"), [(1536, 576), (64, 40), (32, 7)])
+def test_fused_gate_up_gives_the_bits_down_proj_would_read(intermediate, k):
+    """silu(gate) * up inside the gate_up kernel, rounded to bf16, is bit for bit the
+    unfused path's: the same fp32 sums, the same activation code, the same rounding that
+    down_proj applies to its fp32 input."""
+    g = torch.Generator().manual_seed(intermediate + k)
+    w = (torch.randn(2 * intermediate, k, generator=g) / k**0.5).bfloat16()
+    fused, plain = linear_bf16.Bf16GateUpSiluMul(w), linear_bf16.Bf16Linear(w)
+    for rows in ROWS[True] + [512]:
+        x = torch.randn(rows, k, generator=g)
+        got = fused(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, intermediate)
+        assert torch.equal(got, elementwise_cpu.silu_and_mul(plain(x)).bfloat16())
+        assert torch.equal(fused(x.bfloat16()), got)

@@ -92,7 +92,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        if not getattr(self.gate_up_proj, "applies_silu_and_mul", False):  # bf16 on AMX does
+            h = self.ops.silu_and_mul(h)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -126,10 +126,9 @@ void pagoda_silu_and_mul(const float* x, int64_t x_stride, float* out, int T, in
     float* ot = out + (int64_t)t * I;
     for (int i = 0; i < I; i += kLanes) {
       const __mmask16 m = tail_mask(I - i);
-      const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-      const __m512 sig = _mm512_div_ps(
-          _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), pagoda::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm512_mask_storeu_ps(ot + i, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, up + i)));
+      const __m512 h = pagoda::silu_mul(_mm512_maskz_loadu_ps(m, gate + i),
+                                        _mm512_maskz_loadu_ps(m, up + i));
+      _mm512_mask_storeu_ps(ot + i, m, h);
     }
   }
 }

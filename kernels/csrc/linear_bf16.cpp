@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -123,6 +124,36 @@ constexpr int kAmxRows = 2 * kTileRows;
 // stays in a core's L2 beside the panel
 constexpr int kCachedRows = 256;
 
+// x rows [m0, m1) as AMX A tiles, for rows of 16 x [16 pairs of k] read as one contiguous
+// kilobyte each (a tile loaded from x's own rows, 16 strided lines, ran 10-20% slower):
+//
+//   tiles[b][c][i][q] = pair 16 c + q of row 16 b + i       (uint32 pairs, zero past K)
+//
+// Rows from M on (up to m1, the last tile's padding) are zeros. `tiles` is 64-byte aligned: a
+// tile row across two cache lines costs two loads (a third more time at 512 rows).
+void to_tiles(const void* x, int64_t ldx, bool x_bf16, int m0, int m1, int M, int K,
+              uint32_t* tiles) {
+  const int chunks = pairs_of(K) / kChunk;
+  for (int m = m0; m < m1; ++m) {
+    uint32_t* row = tiles + (int64_t)(m / kTileRows) * chunks * 256 + (m % kTileRows) * kChunk;
+    for (int c = 0; c < chunks; ++c) {
+      const int left = m < M ? K - 32 * c : 0;  // values of k left from this chunk on
+      __m512i pairs;
+      if (x_bf16) {
+        const __mmask32 mask = left >= 32 ? ~0u : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+        pairs = _mm512_maskz_loadu_epi16(mask, (const uint16_t*)x + m * ldx + 32 * c);
+      } else {
+        const float* src = (const float*)x + m * ldx + 32 * c;
+        const __mmask16 lo = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        const __mmask16 hi = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+        pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + 16),
+                                             _mm512_maskz_loadu_ps(lo, src));
+      }
+      _mm512_store_si512(row + (int64_t)c * 256, pairs);
+    }
+  }
+}
+
 // tiles: 0, 1 = C of rows 0-15 (low, high columns), 2, 3 = C of rows 16-31, 4, 5 = A of rows
 // 0-15 and 16-31, 6, 7 = B (low, high). Fewer than 16 rows get tiles of that height (a tile
 // instruction's time grows with its rows); more are padded with zero rows to whole tiles.
@@ -136,12 +167,17 @@ void configure_tiles(int M) {
   _tile_loadconfig(&config);
 }
 
-// Rows [0, rows) of x against one panel, the tiles configured by configure_tiles; `c` holds
-// kAmxRows x kPanel floats.
+// Rows [0, rows) of x (tiles from to_tiles) against one panel, the tiles configured by
+// configure_tiles (`tile_rows` to a tile, 16 or fewer); `c` holds kAmxRows x kPanel floats.
+// `prefetch`: the first pass over the panel, which reads it from memory (the later row blocks
+// find it in cache). With `out` (bf16) for y, the panel's two halves are 16 gate and the same
+// 16 up columns of an MLP, and `out` gets silu(gate) * up, rounded to bf16 as the next linear
+// would round it: the fp32 gate_up never leaves the cache.
 void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, const float* bias,
-                          float* y, int64_t ldy, int rows, int cols, float* c) {
+                          float* y, uint16_t* out, int64_t ldy, int rows, int tile_rows,
+                          int cols, bool prefetch, float* c) {
   const bool two = rows > kTileRows;
-  const uint32_t* x2 = x + (int64_t)kTileRows * pairs;
+  const uint32_t* x2 = x + (int64_t)kTileRows * pairs;  // the next 16 rows' tiles
   _tile_zero(0);
   _tile_zero(1);
   if (two) {
@@ -151,24 +187,43 @@ void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, co
   const char* lines = (const char*)panel;
   for (int q = 0; q < pairs; q += kChunk) {
     const char* chunk = lines + (int64_t)q * 128;
-    for (int line = 0; line < 2 * kChunk; ++line)
-      _mm_prefetch(chunk + (int64_t)(kPrefetchLines + line) * 64, _MM_HINT_T1);
+    if (prefetch)
+      for (int line = 0; line < 2 * kChunk; ++line)
+        _mm_prefetch(chunk + (int64_t)(kPrefetchLines + line) * 64, _MM_HINT_T1);
     _tile_loadd(6, chunk, 128);
     _tile_loadd(7, chunk + 64, 128);
-    _tile_loadd(4, x + q, pairs * 4);
+    _tile_loadd(4, x + q * kTileRows, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (two) {
-      _tile_loadd(5, x2 + q, pairs * 4);
+      _tile_loadd(5, x2 + q * kTileRows, 64);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
+  }
+  // whole tiles, nothing to add: straight into y (at 512 rows 5-10% faster than through c)
+  if (!out && !bias && cols == kPanel && (rows == kAmxRows || rows == tile_rows)) {
+    _tile_stored(0, y, ldy * 4);
+    _tile_stored(1, y + 16, ldy * 4);
+    if (two) {
+      _tile_stored(2, y + kTileRows * ldy, ldy * 4);
+      _tile_stored(3, y + kTileRows * ldy + 16, ldy * 4);
+    }
+    return;
   }
   _tile_stored(0, c, kPanel * 4);
   _tile_stored(1, c + 16, kPanel * 4);
   if (two) {
     _tile_stored(2, c + kTileRows * kPanel, kPanel * 4);
     _tile_stored(3, c + kTileRows * kPanel + 16, kPanel * 4);
+  }
+  if (out) {
+    for (int i = 0; i < rows; ++i) {
+      const __m512 h = pagoda::silu_mul(_mm512_load_ps(c + i * kPanel),
+                                        _mm512_load_ps(c + i * kPanel + 16));
+      _mm256_storeu_si256((__m256i*)(out + i * ldy), (__m256i)_mm512_cvtneps_pbh(h));
+    }
+    return;
   }
   const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 mask_hi = cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
@@ -179,6 +234,82 @@ void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, co
     const __m512 hi = _mm512_add_ps(_mm512_load_ps(c + i * kPanel + 16), bias_hi);
     _mm512_mask_storeu_ps(y + i * ldy, mask_lo, lo);
     _mm512_mask_storeu_ps(y + i * ldy + 16, mask_hi, hi);
+  }
+}
+
+// y (fp32) or out (bf16, silu_mul) = x @ W^T: see pagoda_bf16_linear and
+// pagoda_bf16_linear_silu_mul
+void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, const float* bias,
+            float* y, uint16_t* out, int64_t ldy, int M, int N, int K, int threads, int amx) {
+  const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
+  // x as pairs (AMX: as tiles, padded with zero rows to whole tiles); grows to the largest
+  // seen, 64 bytes more for the alignment
+  static thread_local std::vector<uint32_t> scratch;
+  const int whole = (M + kTileRows - 1) / kTileRows * kTileRows;
+  // rows to convert: fewer than a tile's get tiles of their height, more are zero-padded
+  const int padded = amx && M > kTileRows ? whole : M;
+  if ((int64_t)scratch.size() < (int64_t)whole * pairs + 16)
+    scratch.resize((int64_t)whole * pairs + 16);
+  uint32_t* xp = (uint32_t*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
+  const int elem = x_bf16 ? 2 : 4;
+  // rows [m0, m1) of x into xp; m1 == M takes the padding along
+  const auto convert = [&](int m0, int m1) {
+    if (amx)
+      to_tiles(x, ldx, x_bf16, m0, m1 == M ? padded : m1, M, K, xp);
+    else
+      to_pairs((const char*)x + m0 * ldx * elem, ldx, x_bf16, m1 - m0, K,
+               (uint16_t*)(xp + (int64_t)m0 * pairs));
+  };
+  // a prefill's rows are converted by all threads (512 x 1536 take 0.18 ms on one); a few
+  // decode rows are not worth the barrier
+  const bool split_rows = M >= kSplitRows;
+  if (!split_rows) convert(0, M);
+  const int64_t panel_vectors = (int64_t)pairs * 2;  // 64-byte vectors per panel
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    if (split_rows) {
+      // shares of whole tiles of rows
+      const int tiles = (M + kTileRows - 1) / kTileRows;
+      convert(std::min(M, kTileRows * (int)((int64_t)tiles * t / T)),
+              std::min(M, kTileRows * (int)((int64_t)tiles * (t + 1) / T)));
+#pragma omp barrier
+    }
+    // a contiguous run of panels per thread, so that each streams one region of memory
+    const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
+    if (amx) {
+      // panel by panel, all row blocks of a panel while it is in cache, and at most
+      // kCachedRows rows of x (which every panel reads) at a time
+      alignas(64) float c[kAmxRows * kPanel];
+      configure_tiles(M);
+      const int tile_rows = std::min(M, kTileRows);
+      for (int s0 = 0; s0 < M; s0 += kCachedRows) {
+        const int s1 = M - s0 < kCachedRows ? M : s0 + kCachedRows;
+        for (int p = p0; p < p1; ++p) {
+          const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+          const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+          for (int r0 = s0; r0 < s1; r0 += kAmxRows)
+            rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
+                                 bias ? bias + p * kPanel : nullptr,
+                                 y ? y + r0 * ldy + p * kPanel : nullptr,
+                                 out ? out + r0 * ldy + p * kPanel / 2 : nullptr, ldy,
+                                 s1 - r0 < kAmxRows ? s1 - r0 : kAmxRows, tile_rows, cols,
+                                 r0 == s0, c);
+        }
+      }
+      _tile_release();
+    } else {
+      for (int p = p0; p < p1; ++p) {
+        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
+        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+        for (int r0 = 0; r0 < M; r0 += kMaxRows) {
+          const int rows = M - r0 < kMaxRows ? M - r0 : kMaxRows;
+          kRowsFns[rows](xp + (int64_t)r0 * pairs, pairs, panel,
+                         bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
+                         cols);
+        }
+      }
+    }
   }
 }
 
@@ -217,60 +348,15 @@ void pagoda_bf16_pack_weight(const uint16_t* w, uint16_t* packed, int N, int K) 
 void pagoda_bf16_linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed,
                         const float* bias, float* y, int64_t ldy, int M, int N, int K,
                         int threads, int amx) {
-  const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
-  // x as pairs, M rows (AMX: padded with zero rows to whole tiles); grows to the largest seen
-  static thread_local std::vector<uint32_t> scratch;
-  const int64_t padded = amx && M > kTileRows ? (M + kTileRows - 1) / kTileRows * kTileRows : M;
-  if ((int64_t)scratch.size() < padded * pairs) scratch.resize(padded * pairs);
-  std::fill(scratch.begin() + (int64_t)M * pairs, scratch.begin() + padded * pairs, 0u);
-  uint32_t* xp = scratch.data();
-  // a prefill's rows are converted by all threads (512 x 1536 take 0.18 ms on one); a few
-  // decode rows are not worth the barrier
-  const bool split_rows = M >= kSplitRows;
-  if (!split_rows) to_pairs(x, ldx, x_bf16, M, K, (uint16_t*)xp);
-  const int64_t panel_vectors = (int64_t)pairs * 2;  // 64-byte vectors per panel
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    if (split_rows) {
-      const int m0 = (int)((int64_t)M * t / T), m1 = (int)((int64_t)M * (t + 1) / T);
-      const int64_t elem = x_bf16 ? 2 : 4;
-      to_pairs((const char*)x + m0 * ldx * elem, ldx, x_bf16, m1 - m0, K,
-               (uint16_t*)(xp + (int64_t)m0 * pairs));
-#pragma omp barrier
-    }
-    // a contiguous run of panels per thread, so that each streams one region of memory
-    const int p0 = (int)((int64_t)panels * t / T), p1 = (int)((int64_t)panels * (t + 1) / T);
-    if (amx) {
-      // panel by panel, all row blocks of a panel while it is in cache, and at most
-      // kCachedRows rows of x (which every panel reads) at a time
-      alignas(64) float c[kAmxRows * kPanel];
-      configure_tiles(M);
-      for (int s0 = 0; s0 < M; s0 += kCachedRows) {
-        const int s1 = M - s0 < kCachedRows ? M : s0 + kCachedRows;
-        for (int p = p0; p < p1; ++p) {
-          const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
-          const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-          for (int r0 = s0; r0 < s1; r0 += kAmxRows)
-            rows_times_panel_amx(xp + (int64_t)r0 * pairs, pairs, panel,
-                                 bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel,
-                                 ldy, s1 - r0 < kAmxRows ? s1 - r0 : kAmxRows, cols, c);
-        }
-      }
-      _tile_release();
-    } else {
-      for (int p = p0; p < p1; ++p) {
-        const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
-        const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-        for (int r0 = 0; r0 < M; r0 += kMaxRows) {
-          const int rows = M - r0 < kMaxRows ? M - r0 : kMaxRows;
-          kRowsFns[rows](xp + (int64_t)r0 * pairs, pairs, panel,
-                         bias ? bias + p * kPanel : nullptr, y + r0 * ldy + p * kPanel, ldy,
-                         cols);
-        }
-      }
-    }
-  }
+  linear(x, ldx, x_bf16, packed, bias, y, nullptr, ldy, M, N, K, threads, amx);
+}
+
+// An MLP's gate_up linear with silu(gate) * up after it, on AMX: out bf16 [M, N / 2] (row
+// stride ldo) from W packed with its gate and up rows interleaved 16 by 16 (gate 0-15, up
+// 0-15, gate 16-31, ...), so that each panel holds 16 outputs' gate and up columns.
+void pagoda_bf16_linear_silu_mul(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed,
+                                 uint16_t* out, int64_t ldo, int M, int N, int K, int threads) {
+  linear(x, ldx, x_bf16, packed, nullptr, nullptr, out, ldo, M, N, K, threads, 1);
 }
 
 }  // extern "C"

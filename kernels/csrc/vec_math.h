@@ -22,4 +22,12 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// silu(g) * u = g / (1 + e^-g) * u: one definition for the activation kernel and the linear
+// that fuses it, so that both give the same bits
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return _mm512_mul_ps(_mm512_mul_ps(g, sig), u);
+}
+
 }  // namespace pagoda

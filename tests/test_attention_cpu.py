@@ -90,9 +90,11 @@ def test_write_kv_cache_skips_negative_slots():
 
 @pytest.mark.parametrize("seqs", [DECODE, MIXED, LONG_PREFILL], ids=["decode", "mixed", "long"])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
-def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, seed):
-    """fp32 queries over a bf16 cache: the kernel widens each bf16 value exactly and computes
-    in fp32, so it matches the fp32 reference on the widened cache to fp32 rounding."""
+def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, seed, monkeypatch):
+    """fp32 queries over a bf16 cache, prefill chunks kept off the AMX tiles: the kernel widens
+    each bf16 value exactly and computes in fp32, so it matches the fp32 reference on the
+    widened cache to fp32 rounding."""
+    monkeypatch.setattr(attention_cpu, "prefill_on_amx", lambda *_: False)
     assert attention_cpu.supports(torch.float32, num_heads, num_kv_heads, head_dim, torch.bfloat16)
     k_cache, v_cache, meta = _make_batch(seqs, num_kv_heads, head_dim, torch.bfloat16, 16)
     q, _, _ = _qkv_views(sum(n for _, n in seqs), num_heads, num_kv_heads, head_dim, torch.float32)
@@ -102,6 +104,34 @@ def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, s
     torch.testing.assert_close(
         out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}"
     )
+
+
+@pytest.mark.skipif(not attention_cpu.prefill_on_amx(torch.bfloat16, 64), reason="no AMX")
+@pytest.mark.parametrize("seqs", [MIXED, LONG_PREFILL], ids=["mixed", "long"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (8, 1, 32)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_on_amx_matches_reference(
+    seqs, num_heads, num_kv_heads, head_dim, block_size, seed
+):
+    """Prefill chunks on AMX tiles round the queries and the softmax's probabilities to bf16,
+    with fp32 sums. Against the fp32 reference on the same bf16-rounded queries, what is left is
+    the rounding of each probability, at most 2^-9 of it: an output moves by at most about
+    2^-9 of the largest |v| for the numerator's rounding, and as much again for the fp32 sum it
+    is divided by, so 2^-7 of max |v| bounds it with a margin (the worst seen: about 2^-10).
+    Decode rows in the same batch stay exact."""
+    k_cache, v_cache, meta = _make_batch(seqs, num_kv_heads, head_dim, torch.bfloat16, block_size)
+    q, _, _ = _qkv_views(sum(n for _, n in seqs), num_heads, num_kv_heads, head_dim, torch.float32)
+    out = attention_cpu.paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all(), f"seed {seed}"
+    expected = _reference(q.bfloat16().float(), k_cache, v_cache, meta, head_dim**-0.5)
+    v_max = torch.nan_to_num(v_cache.float()).abs().max().item()
+    torch.testing.assert_close(
+        out, expected, atol=2**-7 * v_max, rtol=0, msg=lambda m: f"seed {seed}: {m}"
+    )
+    decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+    rows = meta.query_start_loc[decode].long()
+    exact = _reference(q, k_cache, v_cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(out[rows], exact[rows], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 64), (2, 32)])

@@ -1,0 +1,124 @@
+// Causal attention of prefill chunks over a paged bf16 K/V cache, on AMX tiles: the prefill
+// half of attention_cpu.cpp's work where the CPU has AMX (that kernel keeps the decode rows).
+//
+// A chunk of sequence b is its last `count` tokens of seq_lens[b]; its query i (position
+// base + i, base = seq_len - count) sees keys [0, base + i]. Two phases, each over all threads:
+//   1. each (sequence, KV head) of a chunk lays out its context's K and V as tiles, once
+//      (amx_attention.h), read by every query head of its group and every block of queries;
+//   2. each (sequence, query head, block of 16 queries) rounds its queries to bf16 and runs
+//      attend_block, writing fp32 rows of out.
+// Cache layout as attention_cpu.cpp: cache[num_blocks][block_size][num_kv_heads][head_dim].
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "amx_attention.h"
+
+namespace {
+
+using namespace pagoda::amx_attention;
+
+struct Layout {  // one (sequence, KV head)'s K and V tiles, at these offsets of the buffers
+  int seq, kv_head;
+  size_t keys, values;
+};
+
+struct Block {  // phase 2's unit of work
+  int seq, head, first;  // first: the block's first query within the chunk
+};
+
+// rows[t] = element offset of token t's row of KV head `kv_head`, for t < len
+void token_rows(const int32_t* table, int len, int block_size, int64_t token_stride,
+                int kv_head, int dim, std::vector<int64_t>& rows) {
+  rows.resize(len);
+  for (int t = 0; t < len; ++t)
+    rows[t] = ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride +
+              (int64_t)kv_head * dim;
+}
+
+}  // namespace
+
+extern "C" {
+
+// q: [T, num_heads * head_dim] fp32 rows (row stride q_stride); sequence b owns rows
+// query_start[b] .. query_start[b + 1] - 1. out: [T, num_heads * head_dim] fp32, contiguous.
+// Only chunks of more than one token and at most max_context tokens of context are written
+// (decode rows and long contexts are the caller's). head_dim a multiple of 32; the caller
+// holds the AMX tile permission.
+void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16_t* k_cache,
+                                  const uint16_t* v_cache, const int32_t* block_tables,
+                                  int64_t table_stride, const int32_t* query_start,
+                                  const int32_t* seq_lens, float* out, int B, int num_heads,
+                                  int num_kv_heads, int dim, int block_size, float scale,
+                                  int max_context, int threads) {
+  const int group = num_heads / num_kv_heads;
+  const int64_t token_stride = (int64_t)num_kv_heads * dim, out_stride = (int64_t)num_heads * dim;
+  std::vector<Layout> layouts;
+  std::vector<Block> blocks;
+  std::vector<int> first_layout(B, -1);
+  size_t keys_total = 0, values_total = 0;
+  for (int b = 0; b < B; ++b) {
+    const int count = query_start[b + 1] - query_start[b], len = seq_lens[b];
+    if (count <= 1 || len > max_context) continue;
+    first_layout[b] = (int)layouts.size();
+    for (int h = 0; h < num_kv_heads; ++h) {
+      layouts.push_back({b, h, keys_total, values_total});
+      keys_total += keys_size(len, dim);
+      values_total += values_size(len, dim);
+    }
+    // the longest blocks (the chunk's last queries) first, so that the threads end together
+    for (int first = (count - 1) / kRows * kRows; first >= 0; first -= kRows)
+      for (int h = 0; h < num_heads; ++h) blocks.push_back({b, h, first});
+  }
+  if (blocks.empty()) return;
+  static thread_local std::vector<uint32_t> kt, vt;  // grow to the largest step seen
+  kt.resize(keys_total);
+  vt.resize(values_total);
+  uint32_t *keys = kt.data(), *values = vt.data();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int64_t> rows;
+#pragma omp for schedule(dynamic, 1)
+    for (int n = 0; n < (int)layouts.size(); ++n) {
+      const Layout& l = layouts[n];
+      const int len = seq_lens[l.seq];
+      token_rows(block_tables + l.seq * table_stride, len, block_size, token_stride, l.kv_head,
+                 dim, rows);
+      lay_out_keys(k_cache, rows.data(), len, dim, keys + l.keys);
+      lay_out_values(v_cache, rows.data(), len, dim, values + l.values);
+    }  // (the loop's implied barrier: every layout is done before a block reads it)
+    configure_tiles();
+    Scratch scratch;
+    std::vector<uint16_t> a(kRows * dim);
+    std::vector<float> o(kRows * dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int n = 0; n < (int)blocks.size(); ++n) {
+      const Block& blk = blocks[n];
+      const int count = query_start[blk.seq + 1] - query_start[blk.seq];
+      const int rows_here = std::min(kRows, count - blk.first);
+      const int base = seq_lens[blk.seq] - count + blk.first;  // position of the first query
+      const int64_t row0 = query_start[blk.seq] + blk.first;
+      int lens[kRows];
+      for (int i = 0; i < kRows; ++i) lens[i] = base + std::min(i, rows_here - 1) + 1;
+      for (int i = 0; i < kRows; ++i) {  // the queries in bf16, zero rows past the chunk
+        const float* src = q + (row0 + i) * q_stride + blk.head * dim;
+        for (int d = 0; d < dim; d += 32) {
+          const __m512 lo = i < rows_here ? _mm512_loadu_ps(src + d) : _mm512_setzero_ps();
+          const __m512 hi = i < rows_here ? _mm512_loadu_ps(src + d + 16) : _mm512_setzero_ps();
+          _mm512_storeu_si512(&a[(size_t)i * dim + d], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+      const Layout& l = layouts[first_layout[blk.seq] + blk.head / group];
+      attend_block(a.data(), dim * 2, rows_here, lens, lens[kRows - 1], dim, scale,
+                   keys + l.keys, values + l.values, scratch, o.data());
+      for (int i = 0; i < rows_here; ++i)
+        std::copy_n(&o[(size_t)i * dim], dim, out + (row0 + i) * out_stride + blk.head * dim);
+    }
+    _tile_release();
+  }
+}
+
+}  // extern "C"

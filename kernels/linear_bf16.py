@@ -298,7 +298,7 @@ def pack_linears(model: nn.Module) -> int:
     swaps = child_modules(model, lambda child: type(child) is nn.Linear)
     for parent, name, child in swaps:
         setattr(parent, name, Bf16Linear(child.weight, child.bias))
-    count = len(swaps) + len(mlps)
+    count = len(swaps) + 2 * len(mlps)  # each MLP's gate_up and down
     if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
         model.lm_head = Bf16Linear(model.embed_tokens.weight)
         count += 1

@@ -12,12 +12,16 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
     path before that; fp32 = the fp32 C++ kernels, fp32-eager without CPU graphs)
 
 A replayed step calls its kernels through ctypes alone, which the profiler does not see: the
-tables of `bf16` and `fp32` show what is left around the replay.
+tables of `bf16` and `fp32` show what is left around the replay, and a second table times the
+replayed step's kernels one by one (ms per kernel, summed over the layers). `--prefill N`
+adds a step that prefills N fresh prompts of `--prompt-len` tokens at once, every C++ kernel
+call timed the same way (the rest of the step is Python and torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import statistics
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.kernels import linear_bf16, linear_cpu  # noqa: E402
+from pagoda.kernels import cpu_native, linear_bf16, linear_cpu  # noqa: E402
 from pagoda.kernels.backends import Kernels  # noqa: E402
 
 SETTINGS = {
@@ -85,6 +89,73 @@ def labelled_kernels(llm: LLM) -> Iterator[None]:
                 del module.__dict__[name]  # the class's forward again
 
 
+def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
+    """ms per replayed `batch` step in each C++ kernel (by function), the calls timed one by
+    one; empty where the step is not replayed. The replay rewrites the last step's K/V rows
+    with the same values, from the same inputs."""
+    graphs = llm.engine.runner.graphs
+    graph = getattr(graphs, "graphs", {}).get(batch)
+    if graph is None:
+        return {}
+    totals: dict[str, float] = collections.Counter()
+    for _ in range(repeats):
+        for function, args in graph.calls:
+            t0 = time.perf_counter()
+            function(*args)
+            totals[function.__name__] += time.perf_counter() - t0
+    return {name: t * 1e3 / repeats for name, t in totals.items()}
+
+
+@contextlib.contextmanager
+def timed_kernels(totals: dict[str, float]) -> Iterator[None]:
+    """Add each C++ kernel call's seconds to `totals` (by function) while it lasts."""
+    call = cpu_native.call
+
+    def timed(function, *args) -> None:
+        t0 = time.perf_counter()
+        call(function, *args)
+        totals[function.__name__] += time.perf_counter() - t0
+
+    cpu_native.call = timed
+    try:
+        yield
+    finally:
+        cpu_native.call = call
+
+
+def prefill_step(llm: LLM, prompts: int, prompt_len: int, seed: int, totals) -> float:
+    """ms of one engine step that prefills `prompts` fresh prompts at once (the step budget
+    must hold them), its kernels timed into `totals`."""
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    for i in range(prompts):
+        ids = torch.randint(100, llm.engine.vocab_size - 100, (prompt_len,), generator=g)
+        llm.engine.add_request(f"p{seed}-{i}", ids.tolist(), params)
+    with timed_kernels(totals):
+        t0 = time.perf_counter()
+        llm.engine.step()
+        ms = (time.perf_counter() - t0) * 1e3
+    stop(llm)
+    return ms
+
+
+def kernel_table(
+    splits: dict[str, dict[str, float]], step_ms: dict[str, float] | None = None
+) -> list[str]:
+    """Markdown: ms per kernel (rows) for each setting (columns), their sum, and the whole
+    step's ms where given."""
+    names = sorted({k for split in splits.values() for k in split})
+    lines = ["| kernel | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    for kernel in names:
+        cells = [f"{split.get(kernel, 0.0):.2f}" for split in splits.values()]
+        lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+    sums = [f"{sum(split.values()):.2f}" for split in splits.values()]
+    lines.append("| all kernels | " + " | ".join(sums) + " |")
+    if step_ms:
+        lines.append("| whole step | " + " | ".join(f"{step_ms[n]:.2f}" for n in splits) + " |")
+    return lines + [""]
+
+
 def onednn_only(llm: LLM) -> None:
     """Send every batch of the bf16 linears to oneDNN, as before pagoda's bf16 kernel."""
     for module in llm.engine.runner.model.modules():
@@ -128,6 +199,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="alternated rounds of --steps each")
     p.add_argument("--rows", type=int, default=15, help="profile table rows")
+    p.add_argument("--prefill", type=int, default=0, help="prompts in a timed prefill step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     model = default_model()
@@ -166,6 +238,11 @@ def main() -> None:
         for name, ms in times.items():
             lines.append(f"| {name} | {statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f}) |")
         lines.append("")
+        splits = {name: replay_split(llm, batch) for name, llm in llms.items()}
+        splits = {name: split for name, split in splits.items() if split}
+        if splits:
+            lines += [f"### replayed batch-{batch} step, kernels timed one by one (ms)", ""]
+            lines += kernel_table(splits)
         for name, llm in llms.items():
             with labelled_kernels(llm), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(3):
@@ -174,6 +251,30 @@ def main() -> None:
             lines += [f"### {name}, batch {batch}: 3 decode steps", "", "```", table, "```", ""]
             stop(llm)
         emit(lines, args.out)
+    if args.prefill:
+        emit(prefill_section(llms, args), args.out)
+
+
+def prefill_section(llms: dict[str, LLM], args: argparse.Namespace) -> list[str]:
+    """Prefill steps of `args.prefill` prompts, settings alternated: the step's median and each
+    kernel's median share of it."""
+    steps: dict[str, list[float]] = {name: [] for name in llms}
+    kernels: dict[str, list[dict[str, float]]] = {name: [] for name in llms}
+    for round_ in range(args.rounds * args.steps + 2):
+        for name, llm in llms.items():
+            totals: dict[str, float] = collections.Counter()
+            ms = prefill_step(llm, args.prefill, args.prompt_len, 1000 + round_, totals)
+            if round_ >= 2:  # the first two warm up
+                steps[name].append(ms)
+                kernels[name].append({k: t * 1e3 for k, t in totals.items()})
+    splits = {
+        name: {k: statistics.median(run.get(k, 0.0) for run in runs) for k in set().union(*runs)}
+        for name, runs in kernels.items()
+    }
+    step_ms = {name: statistics.median(ms) for name, ms in steps.items()}
+    title = f"## prefill step: {args.prefill} prompts of {args.prompt_len} tokens at once"
+    lines = [title, "", f"Medians of {len(steps[next(iter(steps))])} steps per setting (ms)."]
+    return lines + [""] + kernel_table(splits, step_ms)
 
 
 def emit(lines: list[str], out: Path | None) -> None:

@@ -157,7 +157,12 @@ def kernel_table(
 
 
 def onednn_only(llm: LLM) -> None:
-    """Send every batch of the bf16 linears to oneDNN, as before pagoda's bf16 kernel."""
+    """Send every batch of the bf16 linears to oneDNN, as before pagoda's bf16 kernel (an
+    MLP's gate_up unfused again, its activation a pass of its own)."""
+    for module in llm.engine.runner.model.modules():
+        fused = getattr(module, "gate_up_proj", None)
+        if isinstance(fused, linear_bf16.Bf16GateUpSiluMul):
+            module.gate_up_proj = linear_bf16.Bf16Linear(fused.weight())
     for module in llm.engine.runner.model.modules():
         if isinstance(module, linear_bf16.Bf16Linear):
             if module.packed is None:  # AMX: the kernel's weights only

@@ -241,6 +241,13 @@ class Bf16GateUpSiluMul(nn.Module):
         halves = weight.view(2, -1, SILU_MUL_ROWS, self.in_features).transpose(0, 1)
         self.panels = pack_panels(halves.reshape(width, self.in_features))
 
+    def weight(self) -> torch.Tensor:
+        """The bf16 [2 * out_features, in_features] weight back: gate rows, then up rows."""
+        width = 2 * self.out_features
+        interleaved = unpack_panels(self.panels, width, self.in_features)
+        halves = interleaved.view(-1, 2, SILU_MUL_ROWS, self.in_features).transpose(0, 1)
+        return halves.reshape(width, self.in_features)
+
     @staticmethod
     def fits(linear: nn.Module) -> bool:
         """Whether `linear` (an MLP's gate_up) can be fused: AMX, no bias, whole panels."""

@@ -79,12 +79,7 @@ def test_pack_linears_fuses_the_mlp_activation_into_gate_up(tiny_models):
     mlp = llm.engine.runner.model.layers[0].mlp
     assert type(mlp.gate_up_proj) is linear_bf16.Bf16GateUpSiluMul
     unfused = copy.copy(mlp)
-    unfused.gate_up_proj = linear_bf16.Bf16Linear(
-        linear_bf16.unpack_panels(mlp.gate_up_proj.panels, 2 * 256, 128)
-        .view(-1, 2, linear_bf16.SILU_MUL_ROWS, 128)
-        .transpose(0, 1)
-        .reshape(2 * 256, 128)
-    )
+    unfused.gate_up_proj = linear_bf16.Bf16Linear(mlp.gate_up_proj.weight())
     for rows in (1, 7, 300):
         x = torch.randn(rows, 128)
         got = mlp(x)

@@ -164,6 +164,7 @@ def test_fused_gate_up_gives_the_bits_down_proj_would_read(intermediate, k):
     g = torch.Generator().manual_seed(intermediate + k)
     w = (torch.randn(2 * intermediate, k, generator=g) / k**0.5).bfloat16()
     fused, plain = linear_bf16.Bf16GateUpSiluMul(w), linear_bf16.Bf16Linear(w)
+    assert torch.equal(fused.weight(), w)  # the interleaved panels hold the whole weight
     for rows in ROWS[True] + [512]:
         x = torch.randn(rows, k, generator=g)
         got = fused(x)

@@ -152,10 +152,11 @@ struct Scratch {
 
 // One block of 16 queries (bf16 rows at a, a_stride bytes apart; the rows past `rows` any
 // finite values) against keys laid out by lay_out_keys / lay_out_values: row i sees keys
-// [0, lens[i]), all below len. o[i][d] (fp32, row stride dim) = row i's attention, i < rows.
+// [0, lens[i]), all below len. o[i][d] (fp32, row stride o_stride floats) = row i's
+// attention, i < rows; all 16 rows of o are written.
 inline void attend_block(const uint16_t* a, int64_t a_stride, int rows, const int* lens, int len,
                          int dim, float scale, const uint32_t* kt, const uint32_t* vt,
-                         Scratch& w, float* o) {
+                         Scratch& w, float* o, int64_t o_stride) {
   const int key_blocks = (len + kRows - 1) / kRows, width = (len + kKeys - 1) / kKeys * kKeys;
   const int qk_chunks = dim / 32, pv_chunks = dim / kRows;
   w.s.resize((size_t)kRows * width);
@@ -180,12 +181,13 @@ inline void attend_block(const uint16_t* a, int64_t a_stride, int rows, const in
       _tile_loadd(4, &w.p[kb * kKeys], width * 2);
       products(n, vt + ((size_t)kb * pv_chunks + c) * kRows * kRows, kRows * kRows);
     }
-    store_tiles(n, o + c * kRows, kRows, dim * 4);
+    store_tiles(n, o + c * kRows, kRows, o_stride * 4);
   }
   for (int i = 0; i < rows; ++i) {
     const __m512 inverse = _mm512_set1_ps(1.0f / sums[i]);
+    float* row = o + i * o_stride;
     for (int d = 0; d < dim; d += 16)
-      _mm512_storeu_ps(o + i * dim + d, _mm512_mul_ps(_mm512_loadu_ps(o + i * dim + d), inverse));
+      _mm512_storeu_ps(row + d, _mm512_mul_ps(_mm512_loadu_ps(row + d), inverse));
   }
 }
 

@@ -53,7 +53,7 @@ void attend_head(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
       a_stride = dim * 2;
     }
     attend_block(a, a_stride, rows, lens, len, dim, scale, w.kt.data(), w.vt.data(), w.block,
-                 w.o.data());
+                 w.o.data(), dim);
     for (int i = 0; i < rows; ++i)
       for (int d = 0; d < dim; d += 16) {
         const __m512 x = _mm512_loadu_ps(&w.o[(size_t)i * dim + d]);

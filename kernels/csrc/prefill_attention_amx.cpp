@@ -26,8 +26,12 @@ struct Layout {  // one (sequence, KV head)'s K and V tiles, at these offsets of
   size_t keys, values;
 };
 
-struct Block {  // phase 2's unit of work
-  int seq, head, first;  // first: the block's first query within the chunk
+// phase 2's unit of work: blocks of 16 queries of one sequence and head, the one starting at
+// query `first` of the chunk and up to kBlocksPerTask - 1 before it (a task per block spent
+// a tenth of the time handing out tasks)
+constexpr int kBlocksPerTask = 4;
+struct Block {
+  int seq, head, first;
 };
 
 // rows[t] = element offset of token t's row of KV head `kv_head`, for t < len
@@ -37,6 +41,26 @@ void token_rows(const int32_t* table, int len, int block_size, int64_t token_str
   for (int t = 0; t < len; ++t)
     rows[t] = ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride +
               (int64_t)kv_head * dim;
+}
+
+// One block of `rows` (at most 16) queries at positions base, base + 1, ...: rounded to bf16
+// (zero rows past `rows`), attended, written to out's rows (`a` and `o`: 16 x dim scratch)
+void query_block(const float* q, int64_t q_stride, int rows, int base, int dim, float scale,
+                 const uint32_t* kt, const uint32_t* vt, float* out, int64_t out_stride,
+                 Scratch& scratch, uint16_t* a, float* o) {
+  int lens[kRows];
+  for (int i = 0; i < kRows; ++i) lens[i] = base + std::min(i, rows - 1) + 1;
+  for (int i = 0; i < kRows; ++i)
+    for (int d = 0; d < dim; d += 32) {
+      const __m512 lo = i < rows ? _mm512_loadu_ps(q + i * q_stride + d) : _mm512_setzero_ps();
+      const __m512 hi = i < rows ? _mm512_loadu_ps(q + i * q_stride + d + 16) : _mm512_setzero_ps();
+      _mm512_storeu_si512(a + (size_t)i * dim + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  // a whole block straight into out; a partial one through o (its tiles have 16 rows)
+  const bool whole = rows == kRows;
+  attend_block(a, dim * 2, rows, lens, lens[kRows - 1], dim, scale, kt, vt, scratch,
+               whole ? out : o, whole ? out_stride : dim);
+  for (int i = 0; i < rows && !whole; ++i) std::copy_n(o + (size_t)i * dim, dim, out + i * out_stride);
 }
 
 }  // namespace
@@ -70,7 +94,7 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
       values_total += values_size(len, dim);
     }
     // the longest blocks (the chunk's last queries) first, so that the threads end together
-    for (int first = (count - 1) / kRows * kRows; first >= 0; first -= kRows)
+    for (int first = (count - 1) / kRows * kRows; first >= 0; first -= kBlocksPerTask * kRows)
       for (int h = 0; h < num_heads; ++h) blocks.push_back({b, h, first});
   }
   if (blocks.empty()) return;
@@ -96,26 +120,17 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
     std::vector<float> o(kRows * dim);
 #pragma omp for schedule(dynamic, 1)
     for (int n = 0; n < (int)blocks.size(); ++n) {
-      const Block& blk = blocks[n];
-      const int count = query_start[blk.seq + 1] - query_start[blk.seq];
-      const int rows_here = std::min(kRows, count - blk.first);
-      const int base = seq_lens[blk.seq] - count + blk.first;  // position of the first query
-      const int64_t row0 = query_start[blk.seq] + blk.first;
-      int lens[kRows];
-      for (int i = 0; i < kRows; ++i) lens[i] = base + std::min(i, rows_here - 1) + 1;
-      for (int i = 0; i < kRows; ++i) {  // the queries in bf16, zero rows past the chunk
-        const float* src = q + (row0 + i) * q_stride + blk.head * dim;
-        for (int d = 0; d < dim; d += 32) {
-          const __m512 lo = i < rows_here ? _mm512_loadu_ps(src + d) : _mm512_setzero_ps();
-          const __m512 hi = i < rows_here ? _mm512_loadu_ps(src + d + 16) : _mm512_setzero_ps();
-          _mm512_storeu_si512(&a[(size_t)i * dim + d], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+      const Block& task = blocks[n];
+      const int count = query_start[task.seq + 1] - query_start[task.seq];
+      const Layout& l = layouts[first_layout[task.seq] + task.head / group];
+      for (int first = task.first; first >= 0 && task.first - first < kBlocksPerTask * kRows;
+           first -= kRows) {
+        const int64_t row0 = query_start[task.seq] + first;
+        query_block(q + row0 * q_stride + task.head * dim, q_stride, std::min(kRows, count - first),
+                    seq_lens[task.seq] - count + first, dim, scale, keys + l.keys,
+                    values + l.values, out + row0 * out_stride + task.head * dim, out_stride,
+                    scratch, a.data(), o.data());
       }
-      const Layout& l = layouts[first_layout[blk.seq] + blk.head / group];
-      attend_block(a.data(), dim * 2, rows_here, lens, lens[kRows - 1], dim, scale,
-                   keys + l.keys, values + l.values, scratch, o.data());
-      for (int i = 0; i < rows_here; ++i)
-        std::copy_n(&o[(size_t)i * dim], dim, out + (row0 + i) * out_stride + blk.head * dim);
     }
     _tile_release();
   }

@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        help="tokens per engine step (default: 8192 on a GPU, 512 on a CPU)",
+        help="tokens per engine step (default: 8192 on a GPU, 256 on a CPU)",
     )
     serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
     serve.add_argument(

@@ -39,7 +39,7 @@ def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():
         assert "Application startup complete" in server.log()
         assert "lifespan' protocol appears unsupported" not in server.log()
         # a CPU server takes prompts in small chunks (time to first token), LLM in big ones
-        assert "up to 512 tokens per step" in server.log()
+        assert "up to 256 tokens per step" in server.log()
     finally:
         assert server.stop() == 0
 

@@ -181,6 +181,16 @@ void store_sums(float* at, int64_t stride, bool two) {
   }
 }
 
+// The C tiles back from store_sums(sums, kPanel, two)
+void load_sums(const float* sums, bool two) {
+  _tile_loadd(0, sums, kPanel * 4);
+  _tile_loadd(1, sums + 16, kPanel * 4);
+  if (two) {
+    _tile_loadd(2, sums + kTileRows * kPanel, kPanel * 4);
+    _tile_loadd(3, sums + kTileRows * kPanel + 16, kPanel * 4);
+  }
+}
+
 // Rows [0, rows) of x (tiles from to_tiles) against one panel, the tiles configured by
 // configure_tiles (`tile_rows` to a tile, 16 or fewer); `c` holds kAmxRows x kPanel floats.
 // `prefetch`: the first pass over the panel, which reads it from memory (the later row blocks
@@ -203,12 +213,7 @@ void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, co
       _tile_zero(3);
     }
   } else {
-    _tile_loadd(0, sums, kPanel * 4);
-    _tile_loadd(1, sums + 16, kPanel * 4);
-    if (two) {
-      _tile_loadd(2, sums + kTileRows * kPanel, kPanel * 4);
-      _tile_loadd(3, sums + kTileRows * kPanel + 16, kPanel * 4);
-    }
+    load_sums(sums, two);  // the slices of k before this one
   }
   const char* lines = (const char*)panel;
   for (int q = q0; q < q1; q += kChunk) {

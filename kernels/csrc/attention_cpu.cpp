@@ -14,6 +14,7 @@
 
 #include <vector>
 
+#include "paged_cache.h"
 #include "vec_math.h"
 
 namespace {
@@ -50,18 +51,6 @@ void to_bf16(const float* x, uint16_t* out, int n) {
     uint32_t b;
     memcpy(&b, x + i, sizeof b);
     out[i] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-  }
-}
-
-// rows[t] = offset of token t's cache row, for t < len (computed once per task, so the loops
-// over tokens do no division).
-void token_rows(const int32_t* table, int len, int block_size, int64_t token_stride,
-                int64_t offset, std::vector<int64_t>& rows) {
-  rows.resize(len);
-  for (int t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-    const int64_t first = (int64_t)table[b] * block_size * token_stride + offset;
-    const int end = t0 + block_size < len ? t0 + block_size : len;
-    for (int t = t0; t < end; ++t) rows[t] = first + (t - t0) * token_stride;
   }
 }
 
@@ -158,7 +147,7 @@ void decode_row(const float* q, const T* k_cache, const T* v_cache,
                 std::vector<float>& top, std::vector<int64_t>& rows) {
   scores.resize((size_t)num_heads * len);
   top.resize(num_heads);
-  token_rows(table, len, block_size, token_stride, 0, rows);
+  pagoda::token_rows(table, len, block_size, token_stride, 0, rows);
   scores_of<C, T>(q, k_cache, v_cache, rows.data(), len, num_heads, group, token_stride, scale,
                scores.data(), top.data());
   softmax_rows(scores.data(), top.data(), num_heads, len);
@@ -279,7 +268,7 @@ struct WideContext {
     float* kw = &k[(size_t)head * capacity * D];
     float* vw = &v[(size_t)head * capacity * D];
     if (done[head] < len) {
-      token_rows(table, len, block_size, token_stride, (int64_t)head * D, cache_rows);
+      pagoda::token_rows(table, len, block_size, token_stride, (int64_t)head * D, cache_rows);
       for (int t = done[head]; t < len; ++t)
         for (int d = 0; d < D; d += kLanes) {
           _mm512_storeu_ps(kw + (size_t)t * D + d, load16(cache + cache_rows[t] + d));
@@ -348,7 +337,7 @@ void attend(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache
         prefill_tile<C, float>(query, q_stride, tile_out, out_stride, rows_here, base, k_wide,
                                v_wide, wide.rows.data(), scale, scores);
       } else {
-        token_rows(table, seen, block_size, token_stride, (int64_t)kv_head * D, rows);
+        pagoda::token_rows(table, seen, block_size, token_stride, (int64_t)kv_head * D, rows);
         prefill_tile<C, T>(query, q_stride, tile_out, out_stride, rows_here, base, k_cache,
                            v_cache, rows.data(), scale, scores);
       }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "amx_attention.h"
+#include "paged_cache.h"
 
 namespace {
 
@@ -33,15 +34,6 @@ constexpr int kBlocksPerTask = 4;
 struct Block {
   int seq, head, first;
 };
-
-// rows[t] = element offset of token t's row of KV head `kv_head`, for t < len
-void token_rows(const int32_t* table, int len, int block_size, int64_t token_stride,
-                int kv_head, int dim, std::vector<int64_t>& rows) {
-  rows.resize(len);
-  for (int t = 0; t < len; ++t)
-    rows[t] = ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride +
-              (int64_t)kv_head * dim;
-}
 
 // One block of `rows` (at most 16) queries at positions base, base + 1, ...: rounded to bf16
 // (zero rows past `rows`), attended, written to out's rows (`a` and `o`: 16 x dim scratch)
@@ -109,8 +101,8 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
     for (int n = 0; n < (int)layouts.size(); ++n) {
       const Layout& l = layouts[n];
       const int len = seq_lens[l.seq];
-      token_rows(block_tables + l.seq * table_stride, len, block_size, token_stride, l.kv_head,
-                 dim, rows);
+      pagoda::token_rows(block_tables + l.seq * table_stride, len, block_size, token_stride,
+                         (int64_t)l.kv_head * dim, rows);
       lay_out_keys(k_cache, rows.data(), len, dim, keys + l.keys);
       lay_out_values(v_cache, rows.data(), len, dim, values + l.values);
     }  // (the loop's implied barrier: every layout is done before a block reads it)

@@ -29,10 +29,15 @@ __all__ = ["seed"]  # the fixture, imported for pytest
 
 # Prefill chunks of several 16-token tiles with ragged ends, fresh and on a cached prefix.
 LONG_PREFILL = [(0, 130), (37, 45), (200, 1), (5, 17), (0, 2)]
+# One decode sequence: its KV heads are tasks of their own (as with fewer than two decode rows
+# a thread), where DECODE's five rows are a task each on up to two threads.
+ONE_DECODE = [(130, 1)]
 
 
 @pytest.mark.parametrize(
-    "seqs", [DECODE, MIXED, LONG_PREFILL], ids=["decode", "mixed", "long_prefill"]
+    "seqs",
+    [DECODE, ONE_DECODE, MIXED, LONG_PREFILL],
+    ids=["decode", "one_decode", "mixed", "long_prefill"],
 )
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 32), (9, 3, 64)]
@@ -88,7 +93,9 @@ def test_write_kv_cache_skips_negative_slots():
     _check_skips_negative_slots(attention_cpu.write_kv_cache)
 
 
-@pytest.mark.parametrize("seqs", [DECODE, MIXED, LONG_PREFILL], ids=["decode", "mixed", "long"])
+@pytest.mark.parametrize(
+    "seqs", [DECODE, ONE_DECODE, MIXED, LONG_PREFILL], ids=["decode", "one", "mixed", "long"]
+)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
 def test_bf16_cache_matches_reference(seqs, num_heads, num_kv_heads, head_dim, seed, monkeypatch):
     """fp32 queries over a bf16 cache, prefill chunks kept off the AMX tiles: the kernel widens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.engine.staging import HostToDevice
+from pagoda.kernels import cpu_native
 from pagoda.kernels.attention import AttentionMetadata
 
 # logits per slice of prompt logprobs: 2^26 fp32 values are 256 MiB (512 rows at 128k vocab)
@@ -46,14 +49,7 @@ class ModelRunner:
         cuda_graphs = decode_graphs is not None and device.type == "cuda"
         spare = 1 if cuda_graphs else 0
         shape = (num_blocks + spare, block_size, attn.num_kv_heads, attn.head_dim)
-        # Zeroed, not empty: masked-out cache slots must hold finite values (0 * NaN = NaN).
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in model.layers
-        ]
+        self.kv_caches = _kv_caches(shape, len(model.layers), dtype, device)
         self.graphs: DecodeGraphs | CpuDecodeGraphs | None = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(
@@ -172,3 +168,25 @@ class ModelRunner:
             seq_lens_host=seq_lens,
         )
         return ids, pos, meta, logit_rows
+
+
+def _kv_caches(
+    shape: tuple[int, ...], layers: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's K and V caches. Zeroed, not empty: masked-out cache slots must hold finite
+    values (0 * NaN = NaN); and written now, so that the memory is the process's from the start
+    rather than met by the OOM killer mid-request. On a CPU they lie on 2 MiB pages
+    (`cpu_native.huge_pages`): decode attention reads every sequence's blocks each step."""
+    if device.type != "cpu":
+        return [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(layers)
+        ]
+    size = math.prod(shape) * dtype.itemsize
+    block = cpu_native.huge_pages(2 * layers * size)
+    block.zero_()
+    caches = block.view(dtype).view(layers, 2, *shape)
+    return [(caches[i, 0], caches[i, 1]) for i in range(layers)]

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -78,6 +79,35 @@ def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return empty(*shape[:-1], shape[-1] // 2).view(torch.bfloat16)
     assert dtype == torch.float32
     return torch.empty(shape) if _recorder is None else _recorder.empty(shape)
+
+
+def huge_pages(nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes (uint8, uninitialised) on 2 MiB pages where Linux gives them (transparent
+    huge pages, `enabled` set to always or madvise), else on the usual 4 KiB pages.
+
+    For what a step streams through: the bf16 weights and the KV cache. Read in 4 KiB pages, a
+    stream misses the TLB every 64 lines and the hardware prefetcher stops at every page's end.
+    With both on 2 MiB pages, a SmolLM2-135M decode step at batch 1 took 7-12% less time and
+    32 concurrent requests got about 4% more tokens/s (2-core AMX machine, alternated runs).
+    The block is an anonymous mapping of its own: torch's allocator would not align it, and
+    freed, glibc would keep it in the heap (engine/worker.py: keep_freed_memory)."""
+    huge = 2 << 20
+    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux
+        return torch.empty(nbytes, dtype=torch.uint8)
+    block = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched
+    whole = torch.frombuffer(block, dtype=torch.uint8)  # keeps `block` mapped while it lives
+    start = -whole.data_ptr() % huge
+    return whole[start : start + nbytes]
+
+
+def huge_pages_enabled() -> bool:
+    """Whether Linux hands out transparent huge pages to a mapping that asks (`huge_pages`)."""
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in setting or "[madvise]" in setting
 
 
 def _compile(compiler: str, source: Path) -> Path:

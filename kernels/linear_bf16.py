@@ -94,14 +94,36 @@ def kernel_rows(amx: bool) -> int:
     return AMX_ROWS if amx else AVX512_ROWS
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 [N, K] weight in the kernel's layout of 32-row panels."""
+def pack_panels(weight: torch.Tensor, arena: PanelArena | None = None) -> torch.Tensor:
+    """A bf16 [N, K] weight in the kernel's layout of 32-row panels (in `arena` if given)."""
     lib = kernel_library()
     n, k = weight.shape
     weight = weight.detach().bfloat16().contiguous()
-    panels = torch.empty(lib.pagoda_bf16_packed_size(n, k), dtype=torch.bfloat16)
+    size = lib.pagoda_bf16_packed_size(n, k)
+    panels = torch.empty(size, dtype=torch.bfloat16) if arena is None else arena.take(size)
     lib.pagoda_bf16_pack_weight(weight.data_ptr(), panels.data_ptr(), n, k)
     return panels
+
+
+class PanelArena:
+    """The packed weights of a model side by side in one block on 2 MiB pages
+    (`cpu_native.huge_pages`), each 64-byte aligned, handed out in turn."""
+
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        sizes = [kernel_library().pagoda_bf16_packed_size(n, k) for n, k in shapes]
+        self.block = cpu_native.huge_pages(2 * sum(_aligned(size) for size in sizes))
+        self.offset = 0  # bytes
+
+    def take(self, size: int) -> torch.Tensor:
+        """The next `size` bf16 values."""
+        start, self.offset = self.offset, self.offset + 2 * _aligned(size)
+        if self.offset > self.block.numel():
+            raise RuntimeError("more weights packed than the arena was sized for")
+        return self.block[start : start + 2 * size].view(torch.bfloat16)
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 32) * 32  # bf16 values: a whole number of 64-byte lines
 
 
 def unpack_panels(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -181,6 +203,7 @@ class Bf16Linear(nn.Module):
         bias: torch.Tensor | None = None,
         amx: bool | None = None,
         fp32_out: bool = False,
+        arena: PanelArena | None = None,
     ) -> None:
         super().__init__()
         self.fp32_out = fp32_out
@@ -188,7 +211,7 @@ class Bf16Linear(nn.Module):
         weight = weight.detach().bfloat16().contiguous()
         self.amx = kernel_amx() if amx is None else amx
         self.kernel_rows = kernel_rows(self.amx)
-        self.panels = pack_panels(weight) if self.kernel_rows else None
+        self.panels = pack_panels(weight, arena) if self.kernel_rows else None
         # an opaque oneDNN tensor: kept as an attribute, as module.to() and state_dict cannot
         # handle it
         self.packed = None
@@ -232,14 +255,14 @@ class Bf16GateUpSiluMul(nn.Module):
 
     applies_silu_and_mul = True
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, arena: PanelArena | None = None) -> None:
         super().__init__()
         width, self.in_features = weight.shape
         self.out_features = width // 2
         weight = weight.detach().bfloat16()
         # gate rows 0-15, up rows 0-15, gate rows 16-31, ...: each panel holds 16 outputs
         halves = weight.view(2, -1, SILU_MUL_ROWS, self.in_features).transpose(0, 1)
-        self.panels = pack_panels(halves.reshape(width, self.in_features))
+        self.panels = pack_panels(halves.reshape(width, self.in_features), arena)
 
     def weight(self) -> torch.Tensor:
         """The bf16 [2 * out_features, in_features] weight back: gate rows, then up rows."""
@@ -296,17 +319,23 @@ def child_modules(
 def pack_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear` (an MLP's gate_up, on
     AMX, for a `Bf16GateUpSiluMul`), and give a model with tied embeddings a packed lm_head.
-    Returns how many were packed."""
+    Returns how many were packed. The kernel's weights share one `PanelArena`."""
     mlps = [m for m in model.modules() if Bf16GateUpSiluMul.fits(getattr(m, "gate_up_proj", 0))]
+    gate_ups = {id(mlp.gate_up_proj) for mlp in mlps}
+    swaps = child_modules(
+        model, lambda child: type(child) is nn.Linear and id(child) not in gate_ups
+    )
+    tied = getattr(model, "tie_word_embeddings", False) and model.lm_head is None
+    weights = [child.weight for _, _, child in swaps] + [m.gate_up_proj.weight for m in mlps]
+    weights += [model.embed_tokens.weight] if tied else []
+    arena = PanelArena([w.shape for w in weights]) if kernel_rows(kernel_amx()) else None
     for mlp in mlps:
-        mlp.gate_up_proj = Bf16GateUpSiluMul(mlp.gate_up_proj.weight)
-        down = mlp.down_proj
-        mlp.down_proj = Bf16Linear(down.weight, down.bias, fp32_out=True)
-    swaps = child_modules(model, lambda child: type(child) is nn.Linear)
+        mlp.gate_up_proj = Bf16GateUpSiluMul(mlp.gate_up_proj.weight, arena)
+    fused_mlps = {id(mlp) for mlp in mlps}
     for parent, name, child in swaps:
-        setattr(parent, name, Bf16Linear(child.weight, child.bias))
-    count = len(swaps) + 2 * len(mlps)  # each MLP's gate_up and down
-    if getattr(model, "tie_word_embeddings", False) and model.lm_head is None:
-        model.lm_head = Bf16Linear(model.embed_tokens.weight)
-        count += 1
-    return count
+        # the down_proj after a fused gate_up reads bf16 and writes the fp32 residual stream
+        fp32_out = id(parent) in fused_mlps and name == "down_proj"
+        setattr(parent, name, Bf16Linear(child.weight, child.bias, fp32_out=fp32_out, arena=arena))
+    if tied:
+        model.lm_head = Bf16Linear(model.embed_tokens.weight, arena=arena)
+    return len(swaps) + len(mlps) + tied

@@ -17,7 +17,7 @@ from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, gguf_tokenizer, iter_gguf_weights
 from pagoda.engine.models import model_class
-from pagoda.kernels import backends, linear_bf16, linear_cpu
+from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
 from pagoda.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -133,9 +133,12 @@ def build_model(
         packed = linear_bf16.pack_linears(model)
         logger.info(
             "bf16 CPU path (%s): %d linear layers packed, bf16 KV cache, fp32 "
-            "activations and accumulation",
+            "activations and accumulation; weights and KV cache on %s",
             linear_bf16.describe(),
             packed,
+            "2 MiB pages"
+            if cpu_native.huge_pages_enabled()
+            else "4 KiB pages (transparent huge pages are off: decode runs slower)",
         )
     elif ops is backends.CPU and dtype == torch.float32:
         packed = linear_cpu.pack_linears(model)

@@ -3,6 +3,8 @@ torch's bf16 matmul in fp32 (the reference)."""
 
 import copy
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import EngineConfig
-from pagoda.kernels import linear_bf16
+from pagoda.kernels import cpu_native, linear_bf16
 
 pytestmark = pytest.mark.skipif(
     not linear_bf16.available(), reason="the CPU runs no native bf16 (AMX, AVX512-BF16)"
@@ -108,3 +110,36 @@ def test_engine_takes_the_bf16_path_and_says_so(tiny_models, caplog):
     assert "bf16 CPU path" in caplog.text and "linear layers packed" in caplog.text
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8))[0]
     assert len(out.outputs[0].token_ids) == 8
+
+
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (kB)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            start, end = (int(part, 16) for part in line.split()[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not cpu_native.huge_pages_enabled(), reason="transparent huge pages are off")
+def test_huge_pages_are_aligned_and_huge():
+    block = cpu_native.huge_pages(6 << 20)
+    block.fill_(1)
+    assert block.data_ptr() % (2 << 20) == 0 and block.numel() == 6 << 20
+    assert anon_huge_kb(block.data_ptr()) >= 2048
+
+
+@pytest.mark.skipif(not cpu_native.huge_pages_enabled(), reason="transparent huge pages are off")
+def test_packed_weights_share_one_arena_and_the_kv_cache_lies_on_huge_pages(tiny_models):
+    llm = LLM(str(tiny_models["qwen2"]), max_model_len=256)
+    runner = llm.engine.runner
+    panels = [m.panels for m in runner.model.modules() if getattr(m, "panels", None) is not None]
+    assert len(panels) > 4
+    assert len({p.untyped_storage().data_ptr() for p in panels}) == 1
+    assert all(p.data_ptr() % 64 == 0 for p in panels)
+    k_cache = runner.kv_caches[0][0]
+    assert k_cache.data_ptr() % (2 << 20) == 0 and anon_huge_kb(k_cache.data_ptr()) >= 2048
+    assert not k_cache.any()  # zeroed

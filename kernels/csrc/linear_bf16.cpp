@@ -10,8 +10,8 @@
 // which is what both instruction sets take: one 64-byte line is 16 rows' products with a
 // broadcast pair of x for `vdpbf16ps`, and 16 such lines (row stride 128 bytes) are an AMX B
 // tile. At a decode step's few rows the matmul is bound by reading W, so the kernel's job is
-// to stream it at memory speed: each thread reads one contiguous run of panels (with
-// vdpbf16ps prefetching ahead of itself; on AMX the hardware prefetcher does it better).
+// to stream it at memory speed: each thread reads one contiguous run of panels, prefetching
+// ahead of itself (on AMX from 17 rows on: below, the hardware prefetcher does it better).
 //
 // Built with -mavx512f only (cpu_native.FLAGS); the target pragma enables the BF16, BW and
 // AMX instructions for this file alone, and the caller uses them only where the CPU has them.
@@ -196,8 +196,9 @@ void load_sums(const float* sums, bool two) {
 
 // Rows [0, rows) of x (tiles from to_tiles) against one panel, the tiles configured by
 // configure_tiles (`tile_rows` to a tile, 16 or fewer); `c` holds kAmxRows x kPanel floats.
-// `next_lines` lines from `next` (the next panel's, or null) are prefetched spread over this
-// call's tile rows of k. With `out` (bf16) for y, the panel's two halves are 16 gate and the same
+// `prefetch`: the first pass over the panel, which reads it from memory, prefetches ahead of
+// itself; `next_lines` lines from `next` (the next panel's, or null) are prefetched spread over
+// this call's tile rows of k. With `out` (bf16) for y, the panel's two halves are 16 gate and the same
 // 16 up columns of an MLP, and `out` gets silu(gate) * up, rounded to bf16 as the next linear
 // would round it: the fp32 gate_up never leaves the cache.
 // Only pairs [q0, q1) of k are summed here: from q0 > 0 on top of the partial sums in `sums`
@@ -205,7 +206,7 @@ void load_sums(const float* sums, bool two) {
 // with the last pairs.
 void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, const float* bias,
                           float* y, uint16_t* out, int64_t ldy, int rows, int tile_rows,
-                          int cols, float* c, int q0, int q1, float* sums,
+                          int cols, bool prefetch, float* c, int q0, int q1, float* sums,
                           const char* next, int next_lines) {
   const int next_per_chunk = (next_lines * kChunk + (q1 - q0) - 1) / (q1 - q0);
   const bool two = rows > kTileRows;
@@ -223,6 +224,9 @@ void rows_times_panel_amx(const uint32_t* x, int pairs, const __m512i* panel, co
   const char* lines = (const char*)panel;
   for (int q = q0; q < q1; q += kChunk) {
     const char* chunk = lines + (int64_t)q * 128;
+    if (prefetch)
+      for (int line = 0; line < 2 * kChunk; ++line)
+        _mm_prefetch(chunk + (int64_t)(kPrefetchLines + line) * 64, _MM_HINT_T1);
     if (next) {
       const int first = (q - q0) / kChunk * next_per_chunk;
       for (int line = first; line < std::min(next_lines, first + next_per_chunk); ++line)
@@ -335,10 +339,11 @@ void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, cons
         // outlast reading a panel from memory: each pass prefetches its share of the next
         // panel, which then arrives under this one's tile arithmetic (all 120 matmuls of
         // SmolLM2-135M, 2 cores: 12-16% less time at 192-320 rows, 5% at 512). With fewer,
-        // the reads outlast the arithmetic and the hardware prefetcher keeps up best alone:
-        // spreading measured 3-14% slower at 64-128 rows, and the first pass prefetching
-        // ahead of itself 5-6% slower at 1-8 rows, the same at 32-128.
+        // the reads outlast the arithmetic (spreading measured 3-14% slower at 64-128 rows)
+        // and the first pass prefetches ahead of itself: on 2 MiB pages 5-7% faster at 24-64
+        // rows. Up to 16 rows the hardware prefetcher keeps up best alone (2-5% at 8-16).
         const bool spread = blocks >= kSpreadBlocks;
+        const bool ahead = !spread && (blocks > 1 || M > kTileRows);
         const int passes = (pairs + slice - 1) / slice * blocks;
         for (int p = p0; p < p1; ++p) {
           const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
@@ -353,7 +358,8 @@ void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, cons
                                    y ? y + r0 * ldy + p * kPanel : nullptr,
                                    out ? out + r0 * ldy + p * kPanel / 2 : nullptr, ldy,
                                    s1 - r0 < kAmxRows ? s1 - r0 : kAmxRows, tile_rows, cols,
-                                   c, q0, std::min(pairs, q0 + slice),
+                                   ahead && r0 == s0 && q0 == 0, c, q0,
+                                   std::min(pairs, q0 + slice),
                                    sums + (r0 - s0) * kPanel,
                                    next ? next + (int64_t)l0 * 64 : nullptr, l1 - l0);
             }

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.worker import keep_freed_memory
+from pagoda.engine.worker import keep_freed_memory, release_freed_memory
 from pagoda.logs import LogSettings, current_settings, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ def run_follower(
     threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
     _init_group(config, rank, local_rank, port)
     engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))
+    release_freed_memory()
     try:
         while (inputs := _receive()) is not None:
             engine.runner.follow(inputs)

@@ -74,3 +74,31 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again(where: str, mib: int
     # forked children of one process all fault alike), so the bound is half the default.
     assert default > 10 * (mib << 8) / 2
     assert kept < default / 2
+
+
+# what a model's load frees (many tensors, freed after the load) stays resident under the kept
+# thresholds until release_freed_memory hands it back
+RELEASE = """
+import torch
+from pagoda.engine.worker import keep_freed_memory, release_freed_memory
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+assert keep_freed_memory()
+loaded = [torch.ones(1 << 20) for _ in range(100)]  # 100 tensors of 4 MiB
+kept = loaded[::10]
+del loaded
+before = rss_mib()
+assert release_freed_memory()
+print(before, rss_mib())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
+def test_release_hands_the_memory_freed_by_a_load_back():
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True
+    )
+    before, after = map(int, out.stdout.split())
+    assert before - after > 300  # of the 360 MiB freed

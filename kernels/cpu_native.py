@@ -95,7 +95,8 @@ def huge_pages(nbytes: int) -> torch.Tensor:
     if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux
         return torch.empty(nbytes, dtype=torch.uint8)
     block = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched
+    with contextlib.suppress(OSError):  # a kernel built without transparent huge pages
+        block.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched
     whole = torch.frombuffer(block, dtype=torch.uint8)  # keeps `block` mapped while it lives
     start = -whole.data_ptr() % huge
     return whole[start : start + nbytes]

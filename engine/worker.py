@@ -130,9 +130,8 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     for a model run in a thread: where the model runs in the main thread, its OpenMP threads
     would share the one arena's lock for nothing (a chat engine served 12-16% fewer tokens/s
     so, in two alternated runs). False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     settings = [(M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)]
     if one_arena:
@@ -145,12 +144,18 @@ def release_freed_memory() -> bool:
     model is loaded: under keep_freed_memory's thresholds, what the load freed would stay
     resident for good (the fp32 weights that the bf16 CPU path packs and drops: 230 MB of
     SmolLM2-135M's engine). False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 @dataclass(slots=True)

@@ -198,9 +198,9 @@ void load_sums(const float* sums, bool two) {
 // configure_tiles (`tile_rows` to a tile, 16 or fewer); `c` holds kAmxRows x kPanel floats.
 // `prefetch`: the first pass over the panel, which reads it from memory, prefetches ahead of
 // itself; `next_lines` lines from `next` (the next panel's, or null) are prefetched spread over
-// this call's tile rows of k. With `out` (bf16) for y, the panel's two halves are 16 gate and the same
-// 16 up columns of an MLP, and `out` gets silu(gate) * up, rounded to bf16 as the next linear
-// would round it: the fp32 gate_up never leaves the cache.
+// this call's tile rows of k. With `out` (bf16) for y, the panel's two halves are 16 gate and
+// the same 16 up columns of an MLP, and `out` gets silu(gate) * up, rounded to bf16 as the
+// next linear would round it: the fp32 gate_up never leaves the cache.
 // Only pairs [q0, q1) of k are summed here: from q0 > 0 on top of the partial sums in `sums`
 // (kAmxRows x kPanel floats), and up to q1 < pairs into them, the output left for the call
 // with the last pairs.
@@ -347,7 +347,8 @@ void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, cons
         const int passes = (pairs + slice - 1) / slice * blocks;
         for (int p = p0; p < p1; ++p) {
           const __m512i* panel = (const __m512i*)packed + p * panel_vectors;
-          const char* next = spread && p + 1 < p1 ? (const char*)(panel + panel_vectors) : nullptr;
+          const char* next =
+              spread && p + 1 < p1 ? (const char*)(panel + panel_vectors) : nullptr;
           const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
           int pass = 0;
           for (int q0 = 0; q0 < pairs; q0 += slice)

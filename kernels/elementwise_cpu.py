@@ -23,6 +23,7 @@ SIGNATURES: cpu_native.Signatures = {
     "pagoda_silu_and_mul": (None, [PTR, I64, PTR, I32, I32, I32]),
     "pagoda_rotary": (None, [PTR, I64, I64, PTR, PTR, PTR, I32, I32, I32, I32]),
     "pagoda_add_layer_norm_bf16": (None, [PTR, PTR, PTR, PTR, PTR, I32, I32, F32, I32]),
+    "pagoda_argmax_rows": (None, [PTR, I64, PTR, I32, I32, I32]),
 }
 
 
@@ -66,6 +67,19 @@ def rms_norm(
         torch.get_num_threads(),
     )
     return out, new_residual
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.max(dim=-1).indices` of fp32 rows [B, V] on the CPU, in one pass: torch's took
+    0.46 ms at 32 x 49,152 (2 cores), the kernel 0.1 (a greedy decode step's sampling)."""
+    if not (_rows(logits) and logits.device.type == "cpu" and available()):
+        return logits.max(dim=-1).indices
+    rows, width = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    _library().pagoda_argmax_rows(
+        logits.data_ptr(), logits.stride(0), out.data_ptr(), rows, width, torch.get_num_threads()
+    )
+    return out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -93,3 +93,31 @@ def test_add_layer_norm_leaves_fp32_to_torch():
     x, residual = torch.randn(3, 64), torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(elementwise_cpu.add_layer_norm(x, residual, layer), layer(x + residual))
+
+
+@pytest.mark.parametrize("rows,width", [(1, 49152), (32, 49152), (3, 1000), (5, 17), (2, 1)])
+def test_argmax_rows_matches_torch(rows, width):
+    torch.manual_seed(rows * width)
+    logits = torch.randn(rows, width)
+    assert torch.equal(elementwise_cpu.argmax_rows(logits), logits.max(dim=-1).indices)
+    strided = torch.randn(rows, width + 7)[:, :width]  # rows `width + 7` apart
+    assert torch.equal(elementwise_cpu.argmax_rows(strided), strided.max(dim=-1).indices)
+
+
+def test_argmax_rows_ties_masks_and_nan_as_torch():
+    """The first of equal maxima (across and within the kernel's 16 lanes), 0 for a row where
+    every token is masked, the first NaN where there is one: torch's max(dim=-1).indices."""
+    logits = torch.full((6, 100), float("-inf"))
+    logits[1, [7, 50, 23]] = 3.0  # lanes 7, 2, 7 of their vectors
+    logits[2, 3], logits[2, 99] = 5.0, float("nan")
+    logits[3, [10, 20]] = float("nan")
+    logits[4] = torch.arange(100) % 4  # many equal maxima: the first is 3
+    logits[5, 96:] = 1.0  # the maximum in the last, partial vector
+    got = elementwise_cpu.argmax_rows(logits)
+    assert got.dtype == torch.int64
+    assert got.tolist() == logits.max(dim=-1).indices.tolist() == [0, 7, 99, 10, 3, 96]
+
+
+def test_argmax_rows_leaves_other_dtypes_to_torch():
+    logits = torch.randn(4, 300, dtype=torch.bfloat16)
+    assert torch.equal(elementwise_cpu.argmax_rows(logits), logits.max(dim=-1).indices)

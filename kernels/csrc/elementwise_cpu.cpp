@@ -88,6 +88,40 @@ __attribute__((target("avx512bw,avx512vl"))) void pagoda_add_layer_norm_bf16(
   }
 }
 
+// out[t] = the index of the largest value of row t of x ([T, V], row stride x_stride), the
+// first of equal ones, or of the first NaN in a row that has one: torch's max(dim=-1).indices.
+// A row of -inf (every token masked) gives 0.
+void pagoda_argmax_rows(const float* x, int64_t x_stride, int64_t* out, int T, int V,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) if ((int64_t)T * V >= kParallelFloats)
+  for (int t = 0; t < T; ++t) {
+    const float* row = x + t * x_stride;
+    // per lane: its largest value so far and where (a strict > keeps the first of equal ones)
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i where = _mm512_setzero_si512(), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                                     9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nan = 0;
+    for (int i = 0; i < V; i += kLanes) {
+      const __mmask16 m = tail_mask(V - i);
+      const __m512 v = _mm512_mask_loadu_ps(best, m, row + i);
+      const __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      best = _mm512_mask_mov_ps(best, larger, v);
+      where = _mm512_mask_mov_epi32(where, larger, at);
+      at = _mm512_add_epi32(at, _mm512_set1_epi32(kLanes));
+    }
+    if (nan) {
+      int i = 0;
+      while (row[i] == row[i]) ++i;
+      out[t] = i;
+      continue;
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+    const __mmask16 tops = _mm512_cmp_ps_mask(best, top, _CMP_EQ_OQ);
+    out[t] = _mm512_mask_reduce_min_epi32(tops, where);
+  }
+}
+
 // new_residual = x + residual (x alone when residual is null), out = weight * new_residual /
 // rms(new_residual). x rows have stride x_stride; the rest is contiguous [T, H].
 void pagoda_rms_norm(const float* x, int64_t x_stride, const float* residual, const float* weight,

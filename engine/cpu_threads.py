@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 # A core counts as taken when others used at least this much of one over a window: a server's
 # own HTTP process and a benchmark client use well under it.
 TAKEN_CORE = 0.75
+# An engine that used less than this over a window was waiting for requests: its threads took
+# nothing from anyone, so the window gives no cores away. A client starting up beside an idle
+# server (seconds of imports and tokenizing) used to cost the engine a thread for the first
+# seconds of the run it started, until three windows of that run gave it back.
+IDLE_CORES = 0.25
 
 
 def threads_for(max_threads: int, num_cpus: int, other_cores: float) -> int:
@@ -48,10 +53,10 @@ def take_sample() -> Sample:
 
 @dataclass(slots=True)
 class ThreadGovernor:
-    """Call `tick` from the engine loop, busy or idle (so that a load is known before requests
-    come); every `interval_s` it looks at the machine, and it changes the thread count when
-    `windows` windows in a row agree, so that a burst of a few seconds (a client starting up)
-    changes nothing."""
+    """Call `tick` from the engine loop, busy or idle; every `interval_s` it looks at the
+    machine, and it changes the thread count when `windows` windows in a row agree, so that a
+    burst of a few seconds changes nothing. Windows in which the engine was idle only give
+    threads back, never take them."""
 
     max_threads: int
     num_cpus: int = field(default_factory=lambda: psutil.cpu_count() or 1)
@@ -74,8 +79,12 @@ class ThreadGovernor:
         last, self._last = self._last, now
         if last is None or now.wall <= last.wall:
             return
-        others = ((now.busy - last.busy) - (now.own - last.own)) / (now.wall - last.wall)
+        seconds = now.wall - last.wall
+        own = (now.own - last.own) / seconds
+        others = (now.busy - last.busy) / seconds - own
         wanted = threads_for(self.max_threads, self.num_cpus, others)
+        if wanted < self.threads and own < IDLE_CORES:
+            wanted = self.threads
         self._streak = self._streak + 1 if wanted == self._verdict else 1
         self._verdict = wanted
         if wanted != self.threads and self._streak >= self.windows:

@@ -79,8 +79,37 @@ def test_a_blip_of_load_changes_nothing():
     assert (governor.threads, calls) == (2, [])
 
 
+def test_an_idle_engine_keeps_its_threads_and_a_busy_one_gives_them():
+    """Others' load while the engine waits for requests (a client starting up beside an idle
+    server) takes no thread; once the engine works beside it, three windows do. Threads come
+    back whether the engine is busy or idle."""
+    machine, calls = Machine(), []
+    governor = ThreadGovernor(
+        2, num_cpus=2, interval_s=0.0, sample=machine.advance, set_threads=calls.append
+    )
+    machine.others, machine.own = 1.0, 0.02  # the engine's idle loop
+    for _ in range(6):
+        governor.tick()
+    assert (governor.threads, calls) == (2, [])
+    machine.own = 1.0  # requests came, and the load stayed
+    for _ in range(3):
+        governor.tick()
+    assert (governor.threads, calls) == (1, [1])
+    machine.others, machine.own = 0.0, 0.02  # both gone
+    for _ in range(3):
+        governor.tick()
+    assert (governor.threads, calls) == (2, [1, 2])
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def test_real_busy_processes_take_cores_away():
-    """Measured, not simulated: two busy loops in other processes."""
+    """Measured, not simulated: two busy loops in other processes, beside this one's own (a
+    busy engine's)."""
     num_cpus = psutil.cpu_count()
     calls: list[int] = []
     governor = ThreadGovernor(num_cpus, interval_s=0.0, set_threads=calls.append)
@@ -89,7 +118,7 @@ def test_real_busy_processes_take_cores_away():
         time.sleep(0.5)
         for _ in range(4):
             governor.tick()
-            time.sleep(0.6)
+            _spin(0.6)
     finally:
         for loop in loops:
             loop.kill()

@@ -15,10 +15,11 @@ out (oneDNN rounds its results to bf16). On AMX tiles it takes every batch: each
 instruction covers 16 rows, so rows cost little while the weights stream, and at prefill
 sizes it keeps level with oneDNN or ahead (`benchmarks/linear_bf16.py`), so the weights are
 held once, in the kernel's layout. A lone row goes through vdpbf16ps even there (faster at
-one row, see the kernel), whose sums may differ from the tiles' in the last bits. With AVX512-BF16 alone its arithmetic shows past 4 rows:
-larger batches go to oneDNN, and the weights are held twice, in both layouts (SmolLM2-135M:
-270 MB more). One plain copy could serve both, as oneDNN also takes an unpacked bf16 weight,
-but it then reorders it on every call, 30-40% slower at 32 and 256 rows.
+one row, see the kernel), whose sums may differ from the tiles' in the last bits. With
+AVX512-BF16 alone its arithmetic shows past 4 rows: larger batches go to oneDNN, and the
+weights are held twice, in both layouts (SmolLM2-135M: 270 MB more). One plain copy could
+serve both, as oneDNN also takes an unpacked bf16 weight, but it then reorders it on every
+call, 30-40% slower at 32 and 256 rows.
 """
 
 from __future__ import annotations

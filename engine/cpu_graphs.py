@@ -1,5 +1,5 @@
-"""CPU graphs for decode steps: a decode step's forward pass captured as the list of its C++
-kernel calls (`kernels.cpu_native.call`), then replayed as that list alone.
+"""CPU graphs: a forward pass captured as the list of its C++ kernel calls
+(`kernels.cpu_native.call`), then run as that list alone.
 
 At batch 1 the kernels of SmolLM2-135M take about 11 ms of a 15 ms step; most of the rest is the
 Python around them (wrappers, modules, views), 330 kernel calls a step. A replay calls the same
@@ -10,19 +10,33 @@ functions with the same arguments, whose pointers lead into:
 - two scratch arenas for every output: decoder layer i allocates from arena i % 2 and reads
   layer i - 1's outputs from the other, which layer i + 1 no longer needs.
 
-One graph per exact batch size (no padding rows), captured on the second decode step of that
-size (a size seen once, as load comes and goes, is not worth the capture's cost: that step run
-eagerly under a guard, about 1.4x an eager step). All graphs share the arenas, sized at the
-first capture for the largest batch (a layer's buffers grow with the batch's rows), and grown,
-dropping the graphs, should a batch need more. The kernels' thread count is one of the recorded
-arguments: when the thread governor (`engine/cpu_threads.py`) changes it, the graphs are dropped
-too. A forward pass that does arithmetic in torch (a kernel falling back to its torch
-reference, a layer with no C++ kernel) cannot be replayed: its capture stops at the first such
-op and decode steps stay eager.
+Decode steps: one graph per exact batch size (no padding rows), captured on the second decode
+step of that size (a size seen once, as load comes and goes, is not worth the capture's cost:
+that step run eagerly under a guard, about 1.4x an eager step). All graphs share the arenas,
+sized at the first capture for the largest batch (a layer's buffers grow with the batch's rows),
+and grown, dropping the graphs, should a batch need more. The kernels' thread count is one of
+the recorded arguments: when the thread governor (`engine/cpu_threads.py`) changes it, the
+graphs are dropped too. A forward pass that does arithmetic in torch (a kernel falling back to
+its torch reference, a layer with no C++ kernel) cannot be replayed: its capture stops at the
+first such op and decode steps stay eager.
+
+Other steps (prefill chunks, alone or among decodes) of up to ONCE_MAX_TOKENS tokens are
+graphs used once (`run_once`). Run eagerly, each kernel's Python wrapper runs right after a
+kernel that evicted what that Python reads, and costs several times what it costs warm (a
+torch.empty: 13-15 us against 0.6): about 14 ms of the forward pass of 32 decodes and two
+130-token prompts (SmolLM2-135M, 2 cores). Recorded first, its Python runs warm (about 6 ms),
+and then the calls back to back: that forward pass took 78.6 ms against 93.6 eagerly (medians
+of 10 alternated). A recording runs no kernel, so nothing its Python reads may come from one:
+the guard against torch arithmetic (`_ViewsOnly`, about 7 ms a step of its own) checks
+the first recording of each token count and context class (what the CPU kernels' Python does
+in torch depends on the model, its dtypes and layouts, the token count through the linears'
+row limits, and whether a prefill's context is past attention_cpu.LONG_PREFILL, where torch
+takes the rest of it); later recordings of the same class run unguarded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -34,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagoda.kernels import cpu_native
 from pagoda.kernels.attention import AttentionMetadata
+from pagoda.kernels.attention_cpu import LONG_PREFILL
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +74,9 @@ VIEW_OPS = {
 # ops that make a view where they can and copy otherwise
 VIEW_OR_COPY_OPS = {aten.reshape, aten.flatten, aten.contiguous}
 ALIGN = 16  # floats: every buffer starts on a 64-byte line
+# the most tokens of a step that is not decode-only run as a graph used once (the arenas then
+# hold its outputs: 50 MB for SmolLM2-135M at 512); past that the kernels dwarf the Python
+ONCE_MAX_TOKENS = 512
 
 
 class NotCapturable(Exception):
@@ -123,7 +141,7 @@ class _Capture:
         return buffer
 
 
-class CpuDecodeGraphs:
+class CpuGraphs:
     def __init__(
         self,
         model: nn.Module,
@@ -146,6 +164,10 @@ class CpuDecodeGraphs:
         self.seen: set[int] = set()  # batch sizes stepped once, not captured yet
         self.threads = torch.get_num_threads()  # that the graphs were captured with
         self.eager_reason: str | None = None
+        # run_once: (tokens, long context) classes checked for torch arithmetic, and the
+        # context classes (long or not) found to have it
+        self.once_checked: set[tuple[int, bool]] = set()
+        self.once_refused: set[bool] = set()
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -177,6 +199,25 @@ class CpuDecodeGraphs:
         self.graphs[batch] = graph
         return graph.hidden
 
+    def run_once(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states of a batch that is not decode-only, valid until the next call: its
+        forward pass recorded, then its kernel calls run back to back."""
+        x, rotary = self.model.embed(input_ids, positions)
+        long = meta.max_seq_len > LONG_PREFILL
+        if self.eager_reason is not None or long in self.once_refused:
+            return self.model.decode(x, rotary, self.kv_caches, meta)
+        key = (x.shape[0], long)
+        try:
+            graph = self._capture(x, rotary, meta, checked=key not in self.once_checked)
+        except NotCapturable as e:
+            self.once_refused.add(long)
+            logger.info("steps with prefills run eagerly, not as graphs: %s", e)
+            return self.model.decode(x, rotary, self.kv_caches, meta)
+        self.once_checked.add(key)
+        return graph.hidden
+
     def _fill(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionMetadata]:
@@ -206,10 +247,16 @@ class CpuDecodeGraphs:
         return static[0], (static[1], static[2]), static_meta
 
     def _capture(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        checked: bool = True,
     ) -> Graph:
-        """Run the step eagerly, recording its kernel calls; grow the arenas and start again
-        while they are too small (a rerun writes the same K/V into the same slots)."""
+        """Record the step (guarded by _ViewsOnly where `checked`), then run its calls. While
+        the arenas are too small, grow them (for this step's rows or the largest decode batch,
+        whichever is more) and record again: nothing has run yet."""
+        rows = x.shape[0]
         while True:
             capture = _Capture(self.arenas)
             hooks = [
@@ -217,16 +264,21 @@ class CpuDecodeGraphs:
                 for i, layer in enumerate(self.model.layers)
             ]
             try:
-                with cpu_native.recording(capture), _ViewsOnly():
+                guard = _ViewsOnly() if checked else contextlib.nullcontext()
+                with cpu_native.recording(capture), guard:
                     hidden = self.model.decode(x, rotary, self.kv_caches, meta)
-                return Graph(capture.calls, hidden)
             except ArenaFull as full:
                 # `needed` is where the layer's first buffer past the end ends: a lower bound of
                 # its buffers, which grow with the rows, at this batch
-                largest = -(-full.needed * self.max_batch // x.shape[0] // ALIGN) * ALIGN
+                most = max(rows, self.max_batch)
+                largest = -(-full.needed * most // rows // ALIGN) * ALIGN
                 floats = max(2 * self.arenas[0].numel(), largest)
                 self.arenas = (torch.empty(floats), torch.empty(floats))
                 self.graphs.clear()  # they point into the old arenas
+                continue
             finally:
                 for hook in hooks:
                     hook.remove()
+            for function, args in capture.calls:
+                function(*args)
+            return Graph(capture.calls, hidden)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pagoda.engine.cpu_graphs import CpuDecodeGraphs
+from pagoda.engine.cpu_graphs import ONCE_MAX_TOKENS, CpuGraphs
 from pagoda.engine.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampler import sample, token_logprobs
 from pagoda.engine.sampling_tensors import SamplingTensors, TokenCounts
@@ -50,14 +50,14 @@ class ModelRunner:
         spare = 1 if cuda_graphs else 0
         shape = (num_blocks + spare, block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = _kv_caches(shape, len(model.layers), dtype, device)
-        self.graphs: DecodeGraphs | CpuDecodeGraphs | None = None
+        self.graphs: DecodeGraphs | CpuGraphs | None = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, num_blocks, block_size, *decode_graphs
             )
             self.graphs.capture()
         elif decode_graphs is not None:  # captured as batch sizes come
-            self.graphs = CpuDecodeGraphs(model, self.kv_caches, block_size, *decode_graphs)
+            self.graphs = CpuGraphs(model, self.kv_caches, block_size, *decode_graphs)
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -100,6 +100,8 @@ class ModelRunner:
         num_seqs = len(meta.seq_lens_host)
         if self.graphs and meta.max_query_len == 1 and num_seqs <= self.graphs.max_batch:
             return self.graphs.run(input_ids, positions, meta)
+        if isinstance(self.graphs, CpuGraphs) and len(input_ids) <= ONCE_MAX_TOKENS:
+            return self.graphs.run_once(input_ids, positions, meta)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _record_prompt_logprobs(

@@ -65,9 +65,11 @@ def recording(recorder: Recorder) -> Iterator[None]:
 
 
 def call(function: ctypes._CFuncPtr, *args) -> None:
-    """Run a kernel (arguments: ints, floats and data pointers), and record it if asked."""
-    function(*args)
-    if _recorder is not None:
+    """Run a kernel (arguments: ints, floats and data pointers), or, while recording, hand it
+    to the recorder instead, which runs it later."""
+    if _recorder is None:
+        function(*args)
+    else:
         _recorder.record(function, args)
 
 

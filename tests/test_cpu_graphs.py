@@ -1,13 +1,14 @@
-"""CPU graphs (`engine/cpu_graphs.py`): decode steps replayed from their recorded kernel calls
-give the same tokens and logprobs as the same steps run eagerly, bit for bit, through batch
-sizes that come, go and outgrow the scratch arenas; a forward pass with torch arithmetic in it
-stays eager."""
+"""CPU graphs (`engine/cpu_graphs.py`): decode steps replayed from their recorded kernel calls,
+and prefill steps run as graphs used once, give the same tokens and logprobs as the same steps
+run eagerly, bit for bit, through batch sizes that come, go and outgrow the scratch arenas,
+guarded or not; a forward pass with torch arithmetic in it stays eager, and so do prefills
+whose context is long enough for torch to take part of their attention."""
 
 import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
-from pagoda.engine.cpu_graphs import CpuDecodeGraphs, NotCapturable, _ViewsOnly
+from pagoda.engine.cpu_graphs import CpuGraphs, NotCapturable, _ViewsOnly
 from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
 from tests.test_smollm2 import smollm2_gguf
 
@@ -40,9 +41,9 @@ def run(llm: LLM, params: SamplingParams) -> list[tuple[list[int], list[float]]]
     return results
 
 
-def graphs_of(llm: LLM) -> CpuDecodeGraphs:
+def graphs_of(llm: LLM) -> CpuGraphs:
     graphs = llm.engine.runner.graphs
-    assert isinstance(graphs, CpuDecodeGraphs)
+    assert isinstance(graphs, CpuGraphs)
     return graphs
 
 
@@ -64,6 +65,52 @@ def test_replays_equal_eager_steps_tiny_llama_fp32(tiny_models, params):
     assert graphs.eager_reason is None
     assert set(graphs.graphs) == {1, 6}
     assert len(graphs.graphs[1].calls) > 4 * replayed.engine.hf_config.num_hidden_layers
+    # every prefill ran as a graph used once, checked once per token count
+    assert graphs.once_checked and all(not long for _, long in graphs.once_checked)
+    assert graphs.once_refused == set()
+
+
+def test_unguarded_prefills_equal_eager_ones(tiny_models):
+    """A token count's second prefill is recorded without the guard: same bits."""
+    folder = str(tiny_models["llama"])
+    eager = LLM(folder, dtype="float32", enforce_eager=True)
+    once = LLM(folder, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        [{"prompt_token_ids": torch.randint(3, 1000, (40,), generator=g).tolist()}]
+        for _ in range(3)
+    ]
+    checked = []
+    for batch in batches:
+        want = eager.generate(batch, params)[0].outputs[0]
+        got = once.generate(batch, params)[0].outputs[0]
+        assert got.token_ids == want.token_ids
+        assert [s[t].logprob for s, t in zip(got.logprobs, got.token_ids)] == [
+            s[t].logprob for s, t in zip(want.logprobs, want.token_ids)
+        ]
+        checked.append(set(graphs_of(once).once_checked))
+    assert (40, False) in checked[0] and checked[0] == checked[1] == checked[2]
+
+
+def test_prefills_past_the_long_context_stay_eager(tiny_models):
+    """Past attention_cpu.LONG_PREFILL tokens of context torch takes part of a prefill's
+    attention: those steps run eagerly, the shorter ones of the same prompt as graphs."""
+    folder = str(tiny_models["llama"])
+    budget = {"max_num_batched_tokens": 256, "max_model_len": 2048}
+    eager = LLM(folder, dtype="float32", enforce_eager=True, **budget)
+    once = LLM(folder, dtype="float32", **budget)
+    g = torch.Generator().manual_seed(4)
+    prompt = [{"prompt_token_ids": torch.randint(3, 1000, (1700,), generator=g).tolist()}]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    want = eager.generate(prompt, params)[0].outputs[0]
+    got = once.generate(prompt, params)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert [s[t].logprob for s, t in zip(got.logprobs, got.token_ids)] == [
+        s[t].logprob for s, t in zip(want.logprobs, want.token_ids)
+    ]
+    graphs = graphs_of(once)
+    assert graphs.once_refused == {True} and (256, False) in graphs.once_checked
 
 
 def test_a_new_thread_count_drops_the_graphs(tiny_models):
@@ -106,7 +153,7 @@ def test_a_forward_with_torch_arithmetic_stays_eager(tiny_models):
     assert run(replayed, params) == run(eager, params)
     graphs = graphs_of(replayed)
     assert "runs in torch" in graphs.eager_reason
-    assert graphs.graphs == {}
+    assert graphs.graphs == {} and graphs.once_checked == set()
 
 
 def test_capture_refuses_arithmetic_and_copies_but_takes_views():

@@ -24,6 +24,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.engine import cpu_graphs  # noqa: E402
 from pagoda.kernels import cpu_native, linear_bf16, linear_cpu  # noqa: E402
 from pagoda.kernels.backends import Kernels  # noqa: E402
 
@@ -108,19 +110,28 @@ def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
 
 @contextlib.contextmanager
 def timed_kernels(totals: dict[str, float]) -> Iterator[None]:
-    """Add each C++ kernel call's seconds to `totals` (by function) while it lasts."""
-    call = cpu_native.call
+    """Add each C++ kernel call's seconds to `totals` (by function) while it lasts: the eager
+    calls, and those of a step recorded as a graph used once, which run after its recording."""
+    call, record = cpu_native.call, cpu_graphs._Capture.record
 
     def timed(function, *args) -> None:
         t0 = time.perf_counter()
-        call(function, *args)
+        function(*args)
         totals[function.__name__] += time.perf_counter() - t0
 
-    cpu_native.call = timed
+    def timed_call(function, *args) -> None:
+        if cpu_native._recorder is not None:
+            return call(function, *args)
+        timed(function, *args)
+
+    def timed_record(capture, function, args: tuple) -> None:
+        record(capture, functools.partial(timed, function), args)
+
+    cpu_native.call, cpu_graphs._Capture.record = timed_call, timed_record
     try:
         yield
     finally:
-        cpu_native.call = call
+        cpu_native.call, cpu_graphs._Capture.record = call, record
 
 
 def prefill_step(llm: LLM, prompts: int, prompt_len: int, seed: int, totals) -> float:

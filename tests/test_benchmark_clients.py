@@ -426,3 +426,55 @@ def test_offline_summaries_take_medians_and_ratios(capsys):
     offline.print_table({"b": "static batch"}, {"b": ours}, {"b": theirs}, machine)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.split() == ["static", "batch", "32.0", "32.0", "1.00x"]
+
+
+# -- benchmarks/cpu_vs_vllm.py: the servers it starts end with it ----------------------------
+
+
+def test_cpu_vs_vllm_stop_kills_a_server_that_ignores_sigterm(tmp_path):
+    """A stopped server group that ignores SIGTERM, with a child, is gone after `stop`."""
+    import importlib.util
+    import signal
+    import time
+
+    path = REPO / "benchmarks" / "cpu_vs_vllm.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_vs_vllm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_cpu_vs_vllm"] = module
+    spec.loader.exec_module(module)
+    pids = tmp_path / "pids"
+    stubborn = (
+        "import os, signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pids)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True)
+    side = module.Side("stubborn", [], {}, 0, process)
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pids.read_text())
+    module.signal_group(side, signal.SIGSTOP)  # as the harness leaves an idle server
+    started = time.monotonic()
+    module.stop(side, grace_s=1.0)
+    assert process.poll() == -signal.SIGKILL and time.monotonic() - started < 10
+    assert _ended(child, within_s=5.0)  # killed with its group
+
+
+def _ended(pid: int, within_s: float) -> bool:
+    """Whether process `pid` is gone or a zombie (an orphan's reaper may take its time)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

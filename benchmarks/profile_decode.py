@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.engine import cpu_graphs  # noqa: E402
 from pagoda.kernels import cpu_native, linear_bf16, linear_cpu  # noqa: E402
 from pagoda.kernels.backends import Kernels  # noqa: E402
 
@@ -111,27 +110,20 @@ def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
 @contextlib.contextmanager
 def timed_kernels(totals: dict[str, float]) -> Iterator[None]:
     """Add each C++ kernel call's seconds to `totals` (by function) while it lasts: the eager
-    calls, and those of a step recorded as a graph used once, which run after its recording."""
-    call, record = cpu_native.call, cpu_graphs._Capture.record
+    calls, and those of a step recorded as a graph used once, which run after its recording
+    (the recorder keeps the timed call)."""
+    call = cpu_native.call
 
     def timed(function, *args) -> None:
         t0 = time.perf_counter()
         function(*args)
         totals[function.__name__] += time.perf_counter() - t0
 
-    def timed_call(function, *args) -> None:
-        if cpu_native._recorder is not None:
-            return call(function, *args)
-        timed(function, *args)
-
-    def timed_record(capture, function, args: tuple) -> None:
-        record(capture, functools.partial(timed, function), args)
-
-    cpu_native.call, cpu_graphs._Capture.record = timed_call, timed_record
+    cpu_native.call = lambda function, *args: call(functools.partial(timed, function), *args)
     try:
         yield
     finally:
-        cpu_native.call, cpu_graphs._Capture.record = call, record
+        cpu_native.call = call
 
 
 def prefill_step(llm: LLM, prompts: int, prompt_len: int, seed: int, totals) -> float:

@@ -270,14 +270,17 @@ def test_guidellm_offline(server, exported, tmp_path):
 # -- benchmarks/serve.py's parsing and summaries on synthetic streams (no server) ------------
 
 
-def _serve_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "serve.py")
+def _bench_module(name: str, filename: str):
+    """A script of `benchmarks/` imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve"] = module  # dataclasses resolve their module by name
+    sys.modules[name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+def _serve_module():
+    return _bench_module("bench_serve", "serve.py")
 
 
 def _sse(*events: object) -> httpx.Response:
@@ -392,14 +395,7 @@ def test_serve_splits_burst_and_steady_state_ttft():
 
 
 def _offline_module():
-    import importlib.util
-
-    path = REPO / "benchmarks" / "offline_throughput.py"
-    spec = importlib.util.spec_from_file_location("bench_offline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_offline"] = module
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("bench_offline", "offline_throughput.py")
 
 
 def test_offline_workload_follows_its_arguments():
@@ -433,15 +429,10 @@ def test_offline_summaries_take_medians_and_ratios(capsys):
 
 def test_cpu_vs_vllm_stop_kills_a_server_that_ignores_sigterm(tmp_path):
     """A stopped server group that ignores SIGTERM, with a child, is gone after `stop`."""
-    import importlib.util
     import signal
     import time
 
-    path = REPO / "benchmarks" / "cpu_vs_vllm.py"
-    spec = importlib.util.spec_from_file_location("bench_cpu_vs_vllm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cpu_vs_vllm"] = module
-    spec.loader.exec_module(module)
+    module = _bench_module("bench_cpu_vs_vllm", "cpu_vs_vllm.py")
     pids = tmp_path / "pids"
     stubborn = (
         "import os, signal, subprocess, sys, time\n"

@@ -24,6 +24,8 @@ SIGNATURES: cpu_native.Signatures = {
     "pagoda_rotary": (None, [PTR, I64, I64, PTR, PTR, PTR, I32, I32, I32, I32]),
     "pagoda_add_layer_norm_bf16": (None, [PTR, PTR, PTR, PTR, PTR, I32, I32, F32, I32]),
     "pagoda_argmax_rows": (None, [PTR, I64, PTR, I32, I32, I32]),
+    "pagoda_kth_largest_rows": (None, [PTR, I64, PTR, PTR, I32, I32, I32]),
+    "pagoda_top_p_cutoff_rows": (None, [PTR, I64, PTR, PTR, I32, I32, I32]),
 }
 
 
@@ -78,6 +80,52 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64)
     _library().pagoda_argmax_rows(
         logits.data_ptr(), logits.stride(0), out.data_ptr(), rows, width, torch.get_num_threads()
+    )
+    return out
+
+
+def kth_largest_rows(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: the k[b]-th largest value of each row of x [B, V] (int64 k; -inf where k >= V),
+    what top-k keeps at and above. On the CPU without sorting (`csrc/elementwise_cpu.cpp`): 0.8
+    ms at 32 x 49,152 and k = 50 (2 cores), where torch's sort of the rows took 48."""
+    rows, width = x.shape
+    if not (_rows(x) and x.device.type == "cpu" and available()):
+        kth = x.sort(dim=-1, descending=True).values.gather(1, (k.clamp(max=width) - 1)[:, None])
+        return torch.where(k[:, None] < width, kth, float("-inf"))
+    k = k.contiguous()
+    out = torch.empty(rows, 1)
+    _library().pagoda_kth_largest_rows(
+        x.data_ptr(),
+        x.stride(0),
+        k.data_ptr(),
+        out.data_ptr(),
+        rows,
+        width,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def top_p_cutoff_rows(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: the smallest probability top-p keeps in each row of probs [B, V] (0 where top_p
+    >= 1): a token is kept when the tokens more probable than it hold less than top_p of the
+    mass, equal ones together. On the CPU a quickselect by mass over the tokens that can be
+    kept: 1.1-1.5 ms at 32 x 49,152 and top_p 0.9 (2 cores), against 48 for torch's sort."""
+    rows, width = probs.shape
+    if not (_rows(probs) and probs.device.type == "cpu" and available()):
+        ranked = probs.sort(dim=-1, descending=True).values
+        kept = (ranked.cumsum(dim=-1) - ranked < top_p[:, None]).sum(dim=-1, keepdim=True)
+        return torch.where(top_p[:, None] < 1, ranked.gather(1, kept - 1), 0.0)
+    top_p = top_p.float().contiguous()
+    out = torch.empty(rows, 1)
+    _library().pagoda_top_p_cutoff_rows(
+        probs.data_ptr(),
+        probs.stride(0),
+        top_p.data_ptr(),
+        out.data_ptr(),
+        rows,
+        width,
+        torch.get_num_threads(),
     )
     return out
 

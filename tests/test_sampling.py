@@ -189,3 +189,53 @@ def test_top_p_and_min_p_restrict_the_draw():
             drawn[row].add(token)
     assert drawn[0] == {0, 1}  # 0.5 alone < 0.6, so the second token is kept
     assert drawn[1] == {0, 1}  # 0.15 < 0.5 * 0.5
+
+
+def test_draws_follow_the_distribution():
+    """The inverse-CDF draw against the probabilities it samples: 40,000 draws of a row whose
+    temperature, top-k and zeroed tokens shape it; each token's count within 5 standard
+    deviations of its expectation, and tokens of zero probability never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, float("-inf"), 0.0, -1.0, -3.0, 1.5]])
+    params = SamplingParams(temperature=0.8, top_k=6)
+    expected = (logits / 0.8).softmax(-1)[0]
+    expected[expected < expected.sort(descending=True).values[5]] = 0.0  # top-k of 6
+    expected /= expected.sum()
+    gen = torch.Generator().manual_seed(1)
+    rows = 1000
+    counts = torch.zeros(8)
+    for _ in range(40):
+        seqs = [_seq([], params) for _ in range(rows)]
+        drawn = sample(logits.expand(rows, -1).clone(), seqs, gen)
+        counts += torch.bincount(torch.tensor([token for token, _ in drawn]), minlength=8)
+    n = counts.sum()
+    sigma = (n * expected * (1 - expected)).sqrt()
+    assert counts[expected == 0].sum() == 0
+    assert ((counts - n * expected).abs() <= 5 * sigma + 1e-9).all(), (counts, n * expected)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_selection_kernels_match_sorting(scale):
+    """top-k's k-th largest value and top-p's smallest kept probability, found without sorting
+    (bisection on vector passes, then a selection over the survivors), against the same
+    values read off sorted rows: rows with -inf, ties, k at and past the vocabulary, top-p off."""
+    from pagoda.kernels import elementwise_cpu
+
+    if not elementwise_cpu.available():
+        pytest.skip("no CPU kernels")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3000, generator=gen) * scale
+    x[0, :500] = float("-inf")
+    x[1, 100:400] = x[1, 7]  # a run of ties
+    k = torch.tensor([1, 40, 2999, 3000, 5000, 300])
+    ranked = x.sort(dim=-1, descending=True).values
+    kth = ranked.gather(1, (k.clamp(max=3000) - 1)[:, None])
+    kth = torch.where(k[:, None] < 3000, kth, float("-inf"))
+    assert torch.equal(elementwise_cpu.kth_largest_rows(x, k), kth)
+
+    probs = (x / 0.7).softmax(dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.95, 1.0, 0.2, 0.99])
+    ranked = probs.sort(dim=-1, descending=True).values
+    before = ranked.double().cumsum(dim=-1) - ranked.double()
+    kept = (before < top_p.double()[:, None]).sum(dim=-1, keepdim=True)
+    cutoff = torch.where(top_p[:, None] < 1, ranked.gather(1, kept - 1), 0.0)
+    assert torch.equal(elementwise_cpu.top_p_cutoff_rows(probs, top_p), cutoff)

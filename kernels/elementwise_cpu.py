@@ -26,6 +26,7 @@ SIGNATURES: cpu_native.Signatures = {
     "pagoda_argmax_rows": (None, [PTR, I64, PTR, I32, I32, I32]),
     "pagoda_kth_largest_rows": (None, [PTR, I64, PTR, PTR, I32, I32, I32]),
     "pagoda_top_p_cutoff_rows": (None, [PTR, I64, PTR, PTR, I32, I32, I32]),
+    "pagoda_sample_rows": (None, [PTR, I64, PTR, PTR, PTR, I32, I32, I32]),
 }
 
 
@@ -122,6 +123,31 @@ def top_p_cutoff_rows(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         probs.data_ptr(),
         probs.stride(0),
         top_p.data_ptr(),
+        out.data_ptr(),
+        rows,
+        width,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor | None:
+    """[B]: a token per row of logits [B, V] from softmax(logits / temperature), the first whose
+    cumulative probability passes uniform [B, 1] of the row's total, in one kernel on the CPU:
+    0.53 ms at 32 x 49,152 (2 cores) against 5.1 for the torch ops. None where the kernel does
+    not take the rows (the caller inverts the distribution with torch)."""
+    if not (_rows(logits) and logits.device.type == "cpu" and available()):
+        return None
+    rows, width = logits.shape
+    temperature, uniform = temperature.float().contiguous(), uniform.float().contiguous()
+    out = torch.empty(rows, dtype=torch.int64)
+    _library().pagoda_sample_rows(
+        logits.data_ptr(),
+        logits.stride(0),
+        temperature.data_ptr(),
+        uniform.data_ptr(),
         out.data_ptr(),
         rows,
         width,

@@ -391,6 +391,21 @@ def test_serve_splits_burst_and_steady_state_ttft():
     assert "TTFT, burst (2 first requests)" in rows and "Median TTFT STEADY (ms):" in rows
 
 
+def test_serve_sends_greedy_unless_asked_to_sample():
+    """Greedy by default, top_p left out; --temperature and --top-p go into every request as
+    given, and values outside the API's ranges stop the run before it starts."""
+    serve = _serve_module()
+    spec = serve.RequestSpec(prompt="hi", prompt_len=1, output_len=4)
+    greedy = serve.build_payload(serve.make_target(serve.parse_args([]), "m"), spec)
+    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
+    args = serve.parse_args(["--temperature", "0.8", "--top-p", "0.9"])
+    sampled = serve.build_payload(serve.make_target(args, "m"), spec)
+    assert sampled["temperature"] == 0.8 and sampled["top_p"] == 0.9
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
 # -- benchmarks/offline_throughput.py's parsing and summaries --------------------------------
 
 

@@ -191,14 +191,19 @@ def test_top_p_and_min_p_restrict_the_draw():
     assert drawn[1] == {0, 1}  # 0.15 < 0.5 * 0.5
 
 
-def test_draws_follow_the_distribution():
-    """The inverse-CDF draw against the probabilities it samples: 40,000 draws of a row whose
-    temperature, top-k and zeroed tokens shape it; each token's count within 5 standard
-    deviations of its expectation, and tokens of zero probability never drawn."""
+@pytest.mark.parametrize(
+    "params,top_k",
+    [(SamplingParams(temperature=0.8), None), (SamplingParams(temperature=0.8, top_k=6), 6)],
+    ids=["temperature", "top_k"],  # one kernel on a CPU; torch's ops after top-k
+)
+def test_draws_follow_the_distribution(params, top_k):
+    """The inverse-CDF draw against the probabilities it samples: 40,000 draws of a row; each
+    token's count within 5 standard deviations of its expectation, and tokens of zero
+    probability (a -inf logit, those past top-k) never drawn."""
     logits = torch.tensor([[2.0, 1.0, 0.5, float("-inf"), 0.0, -1.0, -3.0, 1.5]])
-    params = SamplingParams(temperature=0.8, top_k=6)
     expected = (logits / 0.8).softmax(-1)[0]
-    expected[expected < expected.sort(descending=True).values[5]] = 0.0  # top-k of 6
+    if top_k:
+        expected[expected < expected.sort(descending=True).values[top_k - 1]] = 0.0
     expected /= expected.sum()
     gen = torch.Generator().manual_seed(1)
     rows = 1000
@@ -211,6 +216,26 @@ def test_draws_follow_the_distribution():
     sigma = (n * expected * (1 - expected)).sqrt()
     assert counts[expected == 0].sum() == 0
     assert ((counts - n * expected).abs() <= 5 * sigma + 1e-9).all(), (counts, n * expected)
+
+
+def test_sampling_kernel_inverts_the_distribution_as_torch_does():
+    """The one-kernel draw (temperature only) against torch's softmax, cumsum and search at the
+    same uniform numbers: the same token but where the two orders of summation put a uniform
+    number on either side of a boundary (1 in 1,600 in a trial), never a -inf logit's."""
+    from pagoda.engine.sampler import _inverse_cdf
+    from pagoda.kernels import elementwise_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 5000, generator=gen) * 3
+    logits[0, :4000] = float("-inf")
+    temperature = torch.linspace(0.3, 1.5, 64)
+    uniform = torch.rand(64, 1, generator=gen)
+    drawn = elementwise_cpu.sample_rows(logits, temperature, uniform)
+    if drawn is None:
+        pytest.skip("no CPU kernels")
+    reference = _inverse_cdf((logits / temperature[:, None]).softmax(-1), uniform)
+    assert (drawn == reference).sum() >= 62
+    assert drawn[0] >= 4000
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])

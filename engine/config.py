@@ -137,8 +137,8 @@ class EngineConfig:
         takes prompts in 256-token chunks: measured on 2 cores with 32 prompts arriving at once,
         the median time to first token drops from 3.1 s (2048) to 1.1 s (512) at the same
         throughput (fp32), and in bf16 under 32 concurrent requests 256 cut it by 6-10% against
-        512 (243 against 266 ms, 272 against 289 and 278 against 308 in other rounds) for 2-8%
-        fewer tokens/s.
+        512 (243 against 266 ms, 272 against 289, 278 against 308 and 225 against 250 in other
+        rounds) for 2-8% fewer tokens/s.
         Offline batches keep the larger steps (8% more tokens/s than 512)."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens

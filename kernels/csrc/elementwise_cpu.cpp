@@ -384,29 +384,22 @@ void pagoda_sample_rows(const float* x, int64_t x_stride, const float* temperatu
       }
       const double target = uniform[t] * total;
       double run = 0.0;
-      int64_t token = -1, last = -1;  // last: the last token of nonzero probability seen
+      int64_t token = -1;
       for (int i = 0; i < V && token < 0; i += kLanes) {
         const double block = _mm512_reduce_add_ps(_mm512_loadu_ps(&e[i]));
         if (run + block <= target) {
           run += block;
-          for (int j = std::min(i + kLanes, V) - 1; j >= i && block > 0.0; --j)
-            if (e[j] > 0.0f) {
-              last = j;
-              break;
-            }
           continue;
         }
-        for (int j = i; j < std::min(i + kLanes, V); ++j) {
-          if (e[j] <= 0.0f) continue;
-          last = j;
+        for (int j = i; j < std::min(i + kLanes, V) && token < 0; ++j) {
           run += e[j];
-          if (run > target) {
-            token = j;
-            break;
-          }
+          if (e[j] > 0.0f && run > target) token = j;
         }
       }
-      out[t] = token >= 0 ? token : last;  // (sums in another order fell short of the target)
+      // sums in another order fell short of the target: the last token of nonzero probability
+      for (int j = V - 1; token < 0 && j >= 0; --j)
+        if (e[j] > 0.0f) token = j;
+      out[t] = token;
     }
   }
 }

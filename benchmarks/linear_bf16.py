@@ -14,20 +14,29 @@ few rows: compare the machine's copy bandwidth).
 `--jit N` measures instead what row counts that rarely repeat cost oneDNN (it compiles a
 kernel per shape): one layer of each shape over N random row counts, with the rows as they
 come and rounded up as `Bf16Linear` gives them to oneDNN.
+
+`--tile-peak` measures instead the AMX tiles' own bf16 peak, what the kernel's TFLOP/s are
+judged against: `tile_peak.cpp` runs nothing but tile products, on one thread and on all, with
+random values and with zeros (the tiles run faster on zeros, so a peak measured on zeros
+overstates what any real matmul can reach).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pagoda.kernels import linear_bf16, linear_cpu
+from pagoda.kernels import cpu_native, linear_bf16, linear_cpu
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
 KV = 3 * 64  # 3 KV heads of 64
@@ -146,13 +155,48 @@ def compile_cost(ws: list[torch.Tensor], counts: int) -> dict[str, list[float]]:
     return raw
 
 
+def tile_peak(iterations: int, repeats: int) -> dict[str, list[float]]:
+    """TFLOP/s of the tiles alone (`tile_peak.cpp`) per run, by data and thread count."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    source = Path(__file__).with_name("tile_peak.cpp")
+    peak = ctypes.CDLL(str(cpu_native._compile(compiler, source))).pagoda_tile_peak
+    peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    data = {
+        "random": torch.randn(2048).bfloat16(),
+        "zeros": torch.zeros(2048, dtype=torch.bfloat16),
+    }
+    flops = iterations * 4 * 2 * 16 * 16 * 32  # four 16 x 16 x 32 tile products a round
+    out: dict[str, list[float]] = {}
+    for _ in range(repeats):  # alternated, as the machine's speed drifts
+        for name, values in data.items():
+            for threads in sorted({1, torch.get_num_threads()}):
+                seconds = peak(values.data_ptr(), iterations // threads, threads)
+                if seconds < 0:
+                    raise SystemExit("Linux does not grant this process the AMX tile state")
+                out.setdefault(f"{name}, {threads} thread(s)", []).append(flops / seconds / 1e12)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="write the raw timings here")
     parser.add_argument("--jit", type=int, metavar="N", help="compile cost at N new row counts")
+    parser.add_argument("--tile-peak", action="store_true", help="the AMX tiles' own peak")
     args = parser.parse_args()
+    if args.tile_peak:
+        if not linear_bf16.kernel_amx():
+            raise SystemExit("this CPU has no AMX tiles (or Linux does not grant them)")
+        runs = tile_peak(20_000_000, args.repeats)
+        print("| data, threads | TFLOP/s (median, min-max) |")
+        print("|---|---|")
+        for name, tf in runs.items():
+            print(f"| {name} | {statistics.median(tf):.2f} ({min(tf):.2f}-{max(tf):.2f}) |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "tile_peak_tflops": runs}, f)
+        return
     ws = weights()
     if args.jit:
         print("| variant | ms per call, mean | median | mean of the second half |")

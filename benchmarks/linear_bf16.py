@@ -17,8 +17,8 @@ come and rounded up as `Bf16Linear` gives them to oneDNN.
 
 `--tile-peak` measures instead the AMX tiles' own bf16 peak, what the kernel's TFLOP/s are
 judged against: `tile_peak.cpp` runs nothing but tile products, on one thread and on all, with
-random values and with zeros (the tiles run faster on zeros, so a peak measured on zeros
-overstates what any real matmul can reach).
+random normal values and with zeros (the tiles' speed can depend on the data: arbitrary bit
+patterns, denormals and NaNs among them, ran a tenth to a quarter slower in a scratch loop).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -157,9 +155,9 @@ def compile_cost(ws: list[torch.Tensor], counts: int) -> dict[str, list[float]]:
 
 def tile_peak(iterations: int, repeats: int) -> dict[str, list[float]]:
     """TFLOP/s of the tiles alone (`tile_peak.cpp`) per run, by data and thread count."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     source = Path(__file__).with_name("tile_peak.cpp")
-    peak = ctypes.CDLL(str(cpu_native._compile(compiler, source))).pagoda_tile_peak
+    peak = ctypes.CDLL(str(cpu_native.compile_source(cpu_native.compiler(), source)))
+    peak = peak.pagoda_tile_peak
     peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     data = {
         "random": torch.randn(2048).bfloat16(),

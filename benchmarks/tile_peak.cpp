@@ -1,7 +1,7 @@
 // The AMX tiles' own bf16 peak on this CPU, for benchmarks/linear_bf16.py --tile-peak: each
 // thread loads two A and two B tiles once, then runs `tdpbf16ps` into four C tiles (the
-// kernel's 2 x 2 blocking) `iterations` times, nothing else. The tiles' speed depends on the
-// data (zeros run faster), so the caller passes the values to load.
+// kernel's 2 x 2 blocking) `iterations` times, nothing else. The tiles' speed can depend on
+// the data, so the caller passes the values to load.
 #pragma GCC target("amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <omp.h>

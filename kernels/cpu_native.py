@@ -113,9 +113,15 @@ def huge_pages_enabled() -> bool:
     return "[always]" in setting or "[madvise]" in setting
 
 
-def _compile(compiler: str, source: Path) -> Path:
-    """Concurrent builders (one engine process per model) each write a temporary file and
-    rename it into place."""
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with: $CXX, else c++ or g++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def compile_source(compiler: str, source: Path) -> Path:
+    """The shared library built from `source` with FLAGS, cached by its text, the kernels'
+    headers and the flags. Concurrent builders (one engine process per model) each write a
+    temporary file and rename it into place."""
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
     digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode())
     digest = digest.hexdigest()[:16]
@@ -143,12 +149,12 @@ def _build(name: str) -> ctypes.CDLL | str:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX512", "AMX"):
         return f"the CPU has no AVX-512 (torch reports {capability})"
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         return "no C++ compiler (c++, g++ or $CXX) to build it"
     try:
         # torch's libgomp is loaded already, so the kernels' OpenMP shares its thread pool
-        return ctypes.CDLL(str(_compile(compiler, SOURCES / f"{name}.cpp")))
+        return ctypes.CDLL(str(compile_source(cxx, SOURCES / f"{name}.cpp")))
     except subprocess.CalledProcessError as e:
         return f"building {name}.cpp failed: {e.stderr.strip()[:500]}"
     except OSError as e:

@@ -147,9 +147,9 @@ class WorkerClient:
 
     async def _read_outputs(self) -> None:
         # pyzmq's asyncio recv makes a future and re-arms the event loop's watch on the socket
-        # for every message: a sixth of this process's CPU while one stream runs. Instead the
-        # loop watches the socket's descriptor for good, and each wake takes every message
-        # that came, without blocking.
+        # for every message: a sixth of this process's busy time (py-spy) while one stream
+        # runs. Instead the loop watches the socket's descriptor for good, and each wake takes
+        # every message that came, without blocking.
         socket = zmq.Socket.shadow(self._outbox.underlying)
         readable = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -15,16 +15,21 @@ in-process, in one run.
 - Floors: the same client's round trip on a request the server refuses at validation (a 400
   for n=0: what any request costs before an image is made), and on one its worker refuses as it
   arrives (a prompt too long: the whole way of a request but the pipeline call, its batch and
-  the image's bytes). Each follows an in-process image, as half the pairs' server images do.
+  the image's bytes). Each follows a server image, as a client's next request does.
 
 Both sides run on --cpu-threads threads (default: torch's default here), so that the server's
 thread governor cannot give its worker fewer threads than the baseline has. Each round has two
 parts:
 
-- overhead at concurrency 1, image by image in pairs: one image in-process, one through the
-  server, the order switching from pair to pair, so that a machine whose speed drifts (a shared
-  host) slows both sides of a pair alike. Reported: the median over all pairs of
-  server / in-process - 1 (target at most 5%), and of their difference in ms, beside the floors;
+- overhead at concurrency 1, in blocks: BLOCK + 1 images in-process one after another, then as
+  many through the server (or the other way round, the order switching from block to block),
+  the first of each block left out: it follows the other side's images, whose run evicted
+  what this side keeps in the caches, and a client calling one side in a loop never pays that.
+  (Alternated image by image, in pairs, the in-process images that followed a server image ran
+  2-3 ms slower at 256x256 and the overhead came out 2 points lower.) Short blocks keep a
+  machine whose speed drifts (a shared host) from slowing one side more than the other.
+  Reported: the median over blocks of server / in-process - 1 (each block's median; target at
+  most 5%), and of their difference in ms, beside the floors;
 - batching: --num-images images in-process one by one, then the same number through the
   server at each --concurrency above 1 (target at concurrency 4: at least 1.3x the in-process
   one-by-one images/s on the tiny pipeline on CPU), the ratio taken within its round and the
@@ -71,6 +76,7 @@ from pagoda.engine.worker import keep_freed_memory
 PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city at night"]
 FLOORS = ("floor_http", "floor_worker")
 SIDES = ("in_process", "server", *FLOORS)
+BLOCK = 4  # images a block measures, after one left out
 READY_TIMEOUT_S = 600
 
 
@@ -224,29 +230,31 @@ async def over_http(url: str, args: argparse.Namespace, concurrency: int, seed0:
         return summary(latencies, time.perf_counter() - start)
 
 
-async def pairs_at_concurrency_1(
+async def blocks_at_concurrency_1(
     pipe: FluxPipeline, url: str, args: argparse.Namespace, seed0: int
 ) -> dict[str, list[float]]:
-    """--num-images pairs of one image in-process and one through the server (the same seed),
-    the order switching from pair to pair: {"in_process": [s, ...], "server": [s, ...]}.
-
-    After every pair that ends in-process, one refused request, alternately at validation
-    ("floor_http") and by the worker ("floor_worker"): it meets the server as the pairs' server
-    images that follow an in-process one do, its code out of the caches the pipeline used."""
+    """Blocks of BLOCK images in-process and BLOCK through the server, --num-images a side
+    (rounded up to whole blocks), each block's first image left out: {"in_process": [s, ...],
+    "server": [s, ...], "floor_http": [...], "floor_worker": [...]}, the sides' lists in
+    blocks of BLOCK. After every server block, one refused request, alternately at validation
+    ("floor_http") and by the worker ("floor_worker")."""
     sides: dict[str, list[float]] = {side: [] for side in SIDES}
+    seed = seed0
     async with session(1) as client:
-        await served_image(client, url, seed0 - 1)  # warm-up
-        image_in_process(pipe, args, seed0 - 1)
-        for i in range(args.num_images):
-            seed = seed0 + i
-            if i % 2:
-                sides["server"].append(await served_image(client, url, seed))
-                sides["in_process"].append(image_in_process(pipe, args, seed))
-                floor = FLOORS[(i // 2) % 2]
-                sides[floor].append(await refused(client, url, floor_body(floor, args)))
-            else:
-                sides["in_process"].append(image_in_process(pipe, args, seed))
-                sides["server"].append(await served_image(client, url, seed))
+        for block in range(-(-args.num_images // BLOCK)):
+            order = ("server", "in_process") if block % 2 else ("in_process", "server")
+            for side in order:
+                times = []
+                for _ in range(BLOCK + 1):
+                    seed += 1
+                    if side == "server":
+                        times.append(await served_image(client, url, seed))
+                    else:
+                        times.append(image_in_process(pipe, args, seed))
+                sides[side] += times[1:]
+                if side == "server":
+                    floor = FLOORS[block % 2]
+                    sides[floor].append(await refused(client, url, floor_body(floor, args)))
     return sides
 
 
@@ -286,15 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(args.device)
         pipe.set_progress_bar_config(disable=True)
         batching = [c for c in args.concurrency if c > 1]
-        results: dict = {"pairs": [], "in_process": [], "server": {str(c): [] for c in batching}}
+        results: dict = {"blocks": [], "in_process": [], "server": {str(c): [] for c in batching}}
         catalog = write_catalog(folder, model, args)
         process, url, log = start_server(catalog, folder, args.cpu_threads)
         try:
             for r in range(args.rounds):
                 seed0 = 100_000 * (r + 1)  # every image of the run has a seed of its own
                 if 1 in args.concurrency:
-                    pairs = pairs_at_concurrency_1(pipe, url, args, seed0)
-                    results["pairs"].append(asyncio.run(pairs))
+                    blocks = blocks_at_concurrency_1(pipe, url, args, seed0)
+                    results["blocks"].append(asyncio.run(blocks))
                 if not batching:
                     continue
                 results["in_process"].append(in_process(pipe, args, seed0 + 10_000))
@@ -309,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def overhead(pairs: dict[str, list[float]]) -> tuple[float, float]:
-    """Median over pairs of server / in-process - 1, and of the difference in ms."""
-    server, local = np.array(pairs["server"]), np.array(pairs["in_process"])
+def overhead(blocks: dict[str, list[float]]) -> tuple[float, float]:
+    """Median over blocks of server / in-process - 1 (each block's median), and of the
+    difference in ms."""
+    server = np.median(np.array(blocks["server"]).reshape(-1, BLOCK), axis=1)
+    local = np.median(np.array(blocks["in_process"]).reshape(-1, BLOCK), axis=1)
     return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
 
 
@@ -320,12 +330,12 @@ def pool(runs: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace, results: dict, model: str, server_log: str) -> None:
-    all_pairs = {side: [t for pair in results["pairs"] for t in pair[side]] for side in SIDES}
+    all_blocks = {side: [t for run in results["blocks"] for t in run[side]] for side in SIDES}
     rows = []
-    if results["pairs"]:  # one image at a time, back to back: images/s from their sum
+    if results["blocks"]:  # one image at a time, back to back: images/s from their sum
         for side in ("in_process", "server"):
-            latencies = all_pairs[side]
-            label = f"{side.replace('_', '-')}, pairs at concurrency 1"
+            latencies = all_blocks[side]
+            label = f"{side.replace('_', '-')}, blocks at concurrency 1"
             rows.append((label, summary(latencies, sum(latencies))))
     if results["in_process"]:
         rows.append(("in-process, one by one", pool(results["in_process"])))
@@ -341,22 +351,22 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
             f"{run['latency_p90_s']:9.4f}"
         )
     ratios: dict = {}
-    if results["pairs"]:
+    if results["blocks"]:
         for floor, what in zip(FLOORS, ("at validation", "by the worker")):
-            ratios[f"{floor}_ms"] = 1000 * float(np.median(all_pairs[floor]))
+            ratios[f"{floor}_ms"] = 1000 * float(np.median(all_blocks[floor]))
             print(
-                f"{floor}: a request refused {what}, after an in-process image: "
-                f"{ratios[f'{floor}_ms']:.2f} ms (median of {len(all_pairs[floor])})"
+                f"{floor}: a request refused {what}, after a server image: "
+                f"{ratios[f'{floor}_ms']:.2f} ms (median of {len(all_blocks[floor])})"
             )
-        rounds = [overhead(pair) for pair in results["pairs"]]
-        pooled = overhead(all_pairs)
+        rounds = [overhead(run) for run in results["blocks"]]
+        pooled = overhead(all_blocks)
         ratios |= {"overhead_c1": pooled[0], "overhead_c1_ms": pooled[1]}
         ratios |= {"overhead_c1_rounds": [r[0] for r in rounds]}
         ratios |= {"overhead_c1_ms_rounds": [r[1] for r in rounds]}
         print(
             f"server overhead at concurrency 1: {100 * pooled[0]:+.1f}% = {pooled[1]:+.2f} ms "
-            f"per image (median over {len(all_pairs['server'])} pairs; rounds' medians: "
-            f"{', '.join(f'{100 * r[0]:+.1f}%' for r in rounds)})"
+            f"per image (median over {len(all_blocks['server']) // BLOCK} blocks of {BLOCK}; "
+            f"rounds' medians: {', '.join(f'{100 * r[0]:+.1f}%' for r in rounds)})"
         )
     if "4" in results["server"]:
         pairs = list(zip(results["server"]["4"], results["in_process"]))

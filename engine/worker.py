@@ -22,6 +22,7 @@ msgpack-encoded lists whose first element names them:
 from __future__ import annotations
 
 import ctypes
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -106,6 +107,7 @@ def run_worker(
         # server would wait for a message that never comes. Deliver it first.
         context.destroy(linger=10_000)
         return
+    freeze_heap()
     release_freed_memory()
     outbox.send(pack(["ready", worker.info()]))
     _busy_loop(worker, inbox, outbox)
@@ -137,6 +139,16 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     if one_arena:
         settings.append((M_ARENA_MAX, 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def freeze_heap() -> None:
+    """Collect what loading left behind, then take every object alive (the model, its
+    tokenizers, the modules imported) out of the garbage collector's sight for good. A full
+    collection walks every tracked object: in the frontend, one stalled the event loop, and
+    every stream with it, for 219 ms during a 10 s run at 32 concurrent streams (vLLM's server
+    freezes its start-up heap too). Call it once loading is done."""
+    gc.collect()
+    gc.freeze()
 
 
 def release_freed_memory() -> bool:

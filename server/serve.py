@@ -16,6 +16,7 @@ from sse_starlette.sse import AppStatus
 
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.worker import freeze_heap
 from pagoda.logs import LogSettings, setup_logging
 from pagoda.server import parallel
 from pagoda.server.app import Served, build_app
@@ -238,6 +239,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Drain: let in-flight streams finish (DrainingServer ends what is left after
     # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
+    freeze_heap()
     await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve()
 
 

@@ -1,24 +1,20 @@
 // The AMX tiles' own bf16 peak on this CPU, for benchmarks/linear_bf16.py --tile-peak: each
 // thread loads two A and two B tiles once, then runs `tdpbf16ps` into four C tiles (the
 // kernel's 2 x 2 blocking) `iterations` times, nothing else. The tiles' speed can depend on
-// the data, so the caller passes the values to load.
+// the data, so the caller passes the values to load. The caller has the tile state granted
+// to the process first (linear_bf16.kernel_amx).
 #pragma GCC target("amx-tile,amx-bf16")
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "../kernels/csrc/amx_tiles.h"
 
 extern "C" {
 
 // Seconds that `threads` threads took for `iterations` rounds of four tile products each,
-// with A and B tiles from `values` (2048 bf16: two 16 x 32 tiles, used for both), or -1 when
-// Linux does not grant the tile state.
+// with A and B tiles from `values` (2048 bf16: two 16 x 32 tiles, used for both).
 double pagoda_tile_peak(const uint16_t* values, int64_t iterations, int threads) {
-  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
-  if (syscall(SYS_arch_prctl, kRequestPermission, kTileData) != 0) return -1;
   const double start = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
   {

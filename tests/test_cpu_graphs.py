@@ -13,7 +13,8 @@ from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
 from tests.test_smollm2 import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(
-    not elementwise_cpu.available(), reason=f"no CPU kernels: {cpu_native.unavailable_reason}"
+    not elementwise_cpu.available(),
+    reason=f"no CPU kernels: {cpu_native.unavailable_reason(elementwise_cpu.NAME)}",
 )
 
 # one sequence, then six (the arenas grow, dropping the first graph), then one again

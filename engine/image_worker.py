@@ -92,16 +92,19 @@ class RunningBatch:
 class ImageWorker:
     def __init__(self, config: ImageModelConfig) -> None:
         start = time.monotonic()
-        if config.cpu_threads is not None:
-            torch.set_num_threads(config.cpu_threads)
-        self.pipeline = ImagePipeline(config)
+        # Every torch op of this process runs in this one thread, the load included. libgomp
+        # keeps a pool of OpenMP threads for each thread that runs a parallel region, and once
+        # its threads outnumber the cores, they stop spinning between regions and sleep: a
+        # single parallel region in the main thread (a large model's load converting its
+        # weights has them) made each image of the tiny test pipeline 15-20% slower on 2 cores.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-images")
+        self.pipeline = self._executor.submit(_load_pipeline, config).result()
         self.max_batch_size = config.max_batch_size
         self.load_seconds = time.monotonic() - start
         self.governor = governor_for(self.pipeline.device, config.cpu_threads)
         self.waiting: deque[PendingImage] = deque()
         self.running: RunningBatch | None = None
         self.gather = BatchGather(max_s=GATHER_MAX_S)  # counts images
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagoda-images")
         encoders = min(self.max_batch_size, config.cpu_threads or os.cpu_count() or 1)
         self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="pagoda-encode")
         self._rng = random.SystemRandom()
@@ -203,6 +206,12 @@ class ImageWorker:
         if len(pictures) == 1:  # no hand-off to an encoder thread and back (0.3 ms)
             return [encode_request_image(pictures[0], requests[0])]
         return list(self._encoders.map(encode_request_image, pictures, requests))
+
+
+def _load_pipeline(config: ImageModelConfig) -> ImagePipeline:
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
+    return ImagePipeline(config)
 
 
 def encode_request_image(picture: Image, request: ImageRequest) -> bytes:

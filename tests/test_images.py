@@ -21,7 +21,8 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from pagoda.engine.image_pipeline import ImageModelConfig
+from pagoda.engine import image_worker
+from pagoda.engine.image_pipeline import ImageModelConfig, ImagePipeline
 from pagoda.engine.image_worker import ImageWorker
 from pagoda.server.images import response_body
 from tests.serving import Server
@@ -548,3 +549,21 @@ def test_the_thread_governor_reaches_the_pipeline_thread(worker):
     add(worker, "busy", 1, seed=0)
     finish(worker)
     assert worker._executor.submit(torch.get_num_threads).result() == 1
+
+
+def test_the_worker_loads_its_pipeline_in_the_thread_that_runs_it(flux_dir, monkeypatch):
+    """All of an image worker's torch work in one thread: libgomp keeps an OpenMP pool per thread
+    that ran a parallel region, and with two its threads outnumber two cores and sleep between
+    regions (a large model's load has parallel regions)."""
+    loaded_in = []
+
+    class RecordingPipeline(ImagePipeline):
+        def __init__(self, config: ImageModelConfig) -> None:
+            loaded_in.append(threading.get_ident())
+            super().__init__(config)
+
+    monkeypatch.setattr(image_worker, "ImagePipeline", RecordingPipeline)
+    worker = ImageWorker(ImageModelConfig(str(flux_dir), device="cpu", dtype="float32"))
+    add(worker, "one", 1, seed=0)
+    assert len(finish(worker)) == 1
+    assert loaded_in == [worker._executor.submit(threading.get_ident).result()]

@@ -12,6 +12,10 @@ in-process, in one run.
   the OpenAI SDK it spends the least CPU per request (a refused request's round trip: 0.85 ms
   against httpx's 1.6 here). Its latency includes reading the JSON and decoding the base64
   (pybase64, as the server encodes it).
+- The pipeline call alone, on both sides: in-process timed around the call; in the server its
+  worker's `pagoda:image_pipeline_seconds` (/metrics), read after each server block's left-out
+  image and at its end. Their difference is the part of the overhead that the pipeline itself
+  runs slower (or faster) in the worker; the rest is the request's way.
 - Floors: the same client's round trip on a request the server refuses at validation (a 400
   for n=0: what any request costs before an image is made), and on one its worker refuses as it
   arrives (a prompt too long: the whole way of a request but the pipeline call, its batch and
@@ -69,13 +73,17 @@ import torch
 from diffusers import FluxPipeline
 from embeddings import free_port, session  # benchmarks/ is the script's folder
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda.engine.image_worker import encode_image
 from pagoda.engine.worker import keep_freed_memory
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city at night"]
 FLOORS = ("floor_http", "floor_worker")
-SIDES = ("in_process", "server", *FLOORS)
+# per block: the mean run time of the pipeline calls of its images (the server's read from its
+# metrics after the left-out image and at the block's end)
+CALLS = ("in_process_calls", "server_calls")
+SIDES = ("in_process", "server", *FLOORS, *CALLS)
 BLOCK = 4  # images a block measures, after one left out
 READY_TIMEOUT_S = 600
 
@@ -117,8 +125,11 @@ def summary(latencies: list[float], wall: float) -> dict:
 # -- in-process baseline --------------------------------------------------------------------
 
 
-def image_in_process(pipe: FluxPipeline, args: argparse.Namespace, seed: int) -> float:
-    """Seconds to make one image and encode it as the server would."""
+def image_in_process(
+    pipe: FluxPipeline, args: argparse.Namespace, seed: int
+) -> tuple[float, float]:
+    """Seconds to make one image and encode it as the server would, and of those, the
+    pipeline call's."""
     width, height = map(int, args.size.split("x"))
     start = time.perf_counter()
     with torch.inference_mode():  # as the worker calls it (diffusers' own default: no_grad)
@@ -131,14 +142,15 @@ def image_in_process(pipe: FluxPipeline, args: argparse.Namespace, seed: int) ->
             max_sequence_length=args.max_sequence_length,
             generator=torch.Generator(args.device).manual_seed(seed),
         ).images[0]
+    call = time.perf_counter() - start
     encode_image(image, "png", 100)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, call
 
 
 def in_process(pipe: FluxPipeline, args: argparse.Namespace, seed0: int) -> dict:
     image_in_process(pipe, args, seed0 - 1)  # warm-up
     start = time.perf_counter()
-    latencies = [image_in_process(pipe, args, seed0 + i) for i in range(args.num_images)]
+    latencies = [image_in_process(pipe, args, seed0 + i)[0] for i in range(args.num_images)]
     return summary(latencies, time.perf_counter() - start)
 
 
@@ -235,27 +247,45 @@ async def blocks_at_concurrency_1(
 ) -> dict[str, list[float]]:
     """Blocks of BLOCK images in-process and BLOCK through the server, --num-images a side
     (rounded up to whole blocks), each block's first image left out: {"in_process": [s, ...],
-    "server": [s, ...], "floor_http": [...], "floor_worker": [...]}, the sides' lists in
-    blocks of BLOCK. After every server block, one refused request, alternately at validation
-    ("floor_http") and by the worker ("floor_worker")."""
+    "server": [s, ...], "floor_http": [...], "floor_worker": [...], "in_process_calls": [...],
+    "server_calls": [...]}, the sides' lists in blocks of BLOCK, the calls' one per block.
+    After every server block, one refused request, alternately at validation ("floor_http")
+    and by the worker ("floor_worker")."""
     sides: dict[str, list[float]] = {side: [] for side in SIDES}
     seed = seed0
     async with session(1) as client:
         for block in range(-(-args.num_images // BLOCK)):
             order = ("server", "in_process") if block % 2 else ("in_process", "server")
             for side in order:
-                times = []
-                for _ in range(BLOCK + 1):
+                times, calls = [], []
+                for i in range(BLOCK + 1):
                     seed += 1
                     if side == "server":
                         times.append(await served_image(client, url, seed))
+                        if i in (0, BLOCK):  # after the left-out image, and at the end
+                            calls.append(await pipeline_seconds(client, url))
                     else:
-                        times.append(image_in_process(pipe, args, seed))
+                        total, call = image_in_process(pipe, args, seed)
+                        times.append(total)
+                        calls.append(call)
+                calls_s = calls[1] - calls[0] if side == "server" else sum(calls[1:])
                 sides[side] += times[1:]
+                sides[f"{side}_calls"].append(calls_s / BLOCK)
                 if side == "server":
                     floor = FLOORS[block % 2]
                     sides[floor].append(await refused(client, url, floor_body(floor, args)))
     return sides
+
+
+async def pipeline_seconds(client: aiohttp.ClientSession, url: str) -> float:
+    """The server's pipeline run time so far, summed over its images (its metrics)."""
+    async with client.get(f"{url}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        if family.name == "pagoda:image_pipeline_seconds":  # no sample before the first image
+            sums = [s.value for s in family.samples if s.name.endswith("_sum")]
+            return sum(sums)
+    raise KeyError("pagoda:image_pipeline_seconds is not in the server's metrics")
 
 
 def floor_body(floor: str, args: argparse.Namespace) -> dict:
@@ -325,6 +355,14 @@ def overhead(blocks: dict[str, list[float]]) -> tuple[float, float]:
     return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
 
 
+def pipeline_gap(blocks: dict[str, list[float]]) -> tuple[float, float]:
+    """Median over blocks of the worker's pipeline call / the in-process one - 1, and of the
+    difference in ms: the part of the overhead that the pipeline itself runs slower (or faster)
+    in the worker's process."""
+    server, local = np.array(blocks["server_calls"]), np.array(blocks["in_process_calls"])
+    return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
+
+
 def pool(runs: list[dict]) -> dict:
     return summary([t for run in runs for t in run["latencies_s"]], sum(r["wall_s"] for r in runs))
 
@@ -367,6 +405,12 @@ def report(args: argparse.Namespace, results: dict, model: str, server_log: str)
             f"server overhead at concurrency 1: {100 * pooled[0]:+.1f}% = {pooled[1]:+.2f} ms "
             f"per image (median over {len(all_blocks['server']) // BLOCK} blocks of {BLOCK}; "
             f"rounds' medians: {', '.join(f'{100 * r[0]:+.1f}%' for r in rounds)})"
+        )
+        calls = pipeline_gap(all_blocks)
+        ratios |= {"pipeline_c1": calls[0], "pipeline_c1_ms": calls[1]}
+        print(
+            f"of which the pipeline call in the worker against in-process: {100 * calls[0]:+.1f}% "
+            f"= {calls[1]:+.2f} ms (median over blocks; the rest is the request's way)"
         )
     if "4" in results["server"]:
         pairs = list(zip(results["server"]["4"], results["in_process"]))

@@ -1,8 +1,9 @@
 """The image worker: a diffusers pipeline driven by the shared worker loop (engine/worker.py).
 
 An add's payload is one dict of request fields (see `ImageRequest`); an output is
-`[request_id, index, seed, encoded_image_bytes, error, batch_size]` (error is None, or a
-message with no image; batch_size: the images of the pipeline call it came from). The images
+`[request_id, index, seed, encoded_image_bytes, error, batch_size, pipeline_seconds]` (error is
+None, or a message with no image; batch_size: the images of the pipeline call it came from;
+pipeline_seconds: that call's run time, its encoding left out). The images
 of all waiting requests with the same size, steps and guidance run as one pipeline call (FIFO,
 at most max_batch_size). The call runs in a thread, so that the loop keeps reading its inbox:
 an abort between two denoising steps interrupts a batch whose requests are all gone, and drops
@@ -162,10 +163,14 @@ class ImageWorker:
             self.running = None
             message = f"image generation failed: {type(exc).__name__}: {exc}"
             size = len(batch.images)
-            return [[i.request_id, i.index, i.job.seed, None, message, size] for i in batch.images]
+            return [
+                [i.request_id, i.index, i.job.seed, None, message, size, batch.seconds]
+                for i in batch.images
+            ]
         self.running = None
+        size = len(batch.images)
         return [
-            [image.request_id, image.index, image.job.seed, data, None, len(batch.images)]
+            [image.request_id, image.index, image.job.seed, data, None, size, batch.seconds]
             for image, data in zip(batch.images, encoded)
             if image.request_id not in batch.aborted
         ]

@@ -33,6 +33,16 @@ class ImageMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
         )
+        # beside the latency, on the same buckets: what the request spent outside the pipeline
+        # (queued, its batch gathering, encoding, on its way) is the difference
+        self.pipeline_seconds = Histogram(
+            "pagoda:image_pipeline_seconds",
+            "Run time of the pipeline call that made an image, its encoding left out "
+            "(observed once per image)",
+            labels,
+            buckets=IMAGE_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.latency = Histogram(
             "pagoda:image_request_latency_seconds",
             "Image request latency from arrival to the last image",

@@ -36,6 +36,7 @@ class ImageOutput:
     data: bytes | None  # the encoded image
     error: str | None  # the pipeline failed (e.g. out of memory): no image
     batch_size: int  # images in the pipeline call that made it
+    pipeline_seconds: float  # that call's run time
 
 
 class ImageClient(WorkerClient):
@@ -149,6 +150,7 @@ async def generate_images(
     metrics.steps.labels(model.id).inc(req.n * fields["steps"])
     for output in outputs:
         metrics.batch_size.labels(model.id).observe(output.batch_size)
+        metrics.pipeline_seconds.labels(model.id).observe(output.pipeline_seconds)
     base_url = (public_url or str(request.base_url)).rstrip("/")
     head = {
         "created": int(time.time()),

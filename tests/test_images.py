@@ -469,6 +469,14 @@ def test_metrics_and_startup_log(server, client):
     assert metric(after, steps) == metric(before, steps) + 2 * STEPS
     latency = "pagoda:image_request_latency_seconds_count"
     assert metric(after, latency) == metric(before, latency) + 1
+    # both images came from one pipeline call, which took part of the request's time
+    pipeline = "pagoda:image_pipeline_seconds"
+    assert metric(after, f"{pipeline}_count") == metric(before, f"{pipeline}_count") + 2
+    call = (metric(after, f"{pipeline}_sum") - metric(before, f"{pipeline}_sum")) / 2
+    request = metric(after, "pagoda:image_request_latency_seconds_sum") - metric(
+        before, "pagoda:image_request_latency_seconds_sum"
+    )
+    assert 0 < call < request
     assert metric(after, "pagoda:image_queue_length") == 0
     assert re.search(
         rf"serving {IMAGE_MODEL}: FluxPipeline on cpu \(float32\), loaded in", server.log()

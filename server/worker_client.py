@@ -22,6 +22,7 @@ import zmq.asyncio
 from pagoda.engine.worker import pack, unpack
 from pagoda.logs import current_settings
 from pagoda.server import defaults
+from pagoda.server.errors import APIError
 
 logger = logging.getLogger(__name__)
 # Workers fork from multiprocessing's forkserver, which `pagoda serve` starts first thing with
@@ -171,7 +172,7 @@ class WorkerClient:
             for fields in message[1]:
                 queue = self._queues.get(fields[0])
                 if queue is not None:
-                    queue.put_nowait(self.decode_output(fields))
+                    queue.put_nowait(self._decode(fields))
             self.stats = message[2]
         elif kind == "stats":
             self.stats = message[1]
@@ -179,6 +180,21 @@ class WorkerClient:
             queue = self._queues.get(message[1])
             if queue is not None:
                 queue.put_nowait(RequestRejected(*message[2:]))
+
+    def _decode(self, fields: list) -> Any:
+        """The output, or the error that fails its request: an output the server cannot read
+        (from a worker of another version) must not end the reader, which every request of
+        this worker waits on; the reader dying left them all waiting for good."""
+        try:
+            return self.decode_output(fields)
+        except Exception as exc:
+            logger.exception(
+                "%s: an output from the %s that the server cannot read", self.name, self.kind
+            )
+            return APIError(
+                500,
+                f"the {self.kind} for {self.name!r} sent an output the server cannot read: {exc}",
+            )
 
     async def _supervise(self) -> None:
         crashes = 0

@@ -4,7 +4,10 @@ the event loop reads them all reach their requests, in order."""
 import asyncio
 import time
 
+import pytest
+
 from pagoda.engine.worker import run_worker
+from pagoda.server.errors import APIError
 from pagoda.server.worker_client import WorkerClient
 
 
@@ -80,6 +83,33 @@ def test_outputs_that_pile_up_all_reach_their_requests_in_order():
             assert results == [list(range(n)) for n in counts]
             assert client.num_in_flight == 0
             # the client still reads after the burst: a request sent now is answered
+            assert await asyncio.wait_for(_numbers(client, "after", 3), timeout=30) == [0, 1, 2]
+        finally:
+            await client.shutdown()
+
+    asyncio.run(main())
+
+
+class PickyClient(WorkerClient):
+    """Reads the outputs of requests named "bad..." as a server of another version would: it
+    cannot."""
+
+    def decode_output(self, fields: list) -> list:
+        if fields[0].startswith("bad"):
+            raise TypeError("an output of 3 fields, where this server reads 4")
+        return fields
+
+
+def test_an_output_the_server_cannot_read_fails_its_request_and_no_other():
+    async def main() -> None:
+        client = PickyClient("counter", run_counter, ())
+        await client.start()
+        try:
+            good = asyncio.create_task(_numbers(client, "good", 3000))
+            with pytest.raises(APIError, match="cannot read: an output of 3 fields") as caught:
+                await asyncio.wait_for(_numbers(client, "bad", 5), timeout=30)
+            assert caught.value.status == 500
+            assert await asyncio.wait_for(good, timeout=60) == list(range(3000))
             assert await asyncio.wait_for(_numbers(client, "after", 3), timeout=30) == [0, 1, 2]
         finally:
             await client.shutdown()

@@ -352,14 +352,16 @@ def overhead(blocks: dict[str, list[float]]) -> tuple[float, float]:
     difference in ms."""
     server = np.median(np.array(blocks["server"]).reshape(-1, BLOCK), axis=1)
     local = np.median(np.array(blocks["in_process"]).reshape(-1, BLOCK), axis=1)
-    return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
+    return median_gap(server, local)
 
 
 def pipeline_gap(blocks: dict[str, list[float]]) -> tuple[float, float]:
-    """Median over blocks of the worker's pipeline call / the in-process one - 1, and of the
-    difference in ms: the part of the overhead that the pipeline itself runs slower (or faster)
-    in the worker's process."""
-    server, local = np.array(blocks["server_calls"]), np.array(blocks["in_process_calls"])
+    """The same for the blocks' pipeline calls: the part of the overhead that the pipeline
+    itself runs slower (or faster) in the worker's process."""
+    return median_gap(np.array(blocks["server_calls"]), np.array(blocks["in_process_calls"]))
+
+
+def median_gap(server: np.ndarray, local: np.ndarray) -> tuple[float, float]:
     return float(np.median(server / local - 1)), float(np.median(1000 * (server - local)))
 
 

@@ -3,6 +3,7 @@ size, steps and guidance, with one seeded generator per image."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -70,9 +71,12 @@ class ImageJob:
     prompt: str
     seed: int
     negative_prompt: str | None = None
+    partial_images: int = 0  # previews to decode on the way (0-3)
 
 
 StepCallback = Callable[[], bool]  # called after every denoising step; True: stop the batch
+# a preview: the job's position in the batch, the preview's index, the picture
+PartialCallback = Callable[[int, int, Image], None]
 
 
 class ImagePipeline:
@@ -110,13 +114,30 @@ class ImagePipeline:
             # the request fields this pipeline's __call__ takes beyond the ones all take
             "accepts": sorted(
                 self.call_params & {"guidance_scale", "negative_prompt", "true_cfg_scale"}
-            ),
+            )
+            + (["partial_images"] if self.makes_previews else []),
         }
 
-    def check_prompt(self, prompt: str, param: str) -> None:
-        """Refuse a prompt FLUX's T5 encoder would have to cut (other pipelines truncate)."""
+    @property
+    def makes_previews(self) -> bool:
+        """FLUX only: its previews come from its flow's velocity (see PartialImages). Not
+        with model CPU offload, where each preview's VAE decode would swap the transformer
+        out of the GPU and back."""
+        return self.is_flux and not (self.config.cpu_offload and self.device.type != "cpu")
+
+    def image_tokens(self, shape: BatchShape) -> int:
+        """The image tokens the denoiser makes for one image: FLUX's latent patches (one per
+        16x16 pixels); 0 for other pipelines, whose denoisers do not work on tokens."""
         if not self.is_flux:
-            return
+            return 0
+        patch = 2 * self.pipe.vae_scale_factor
+        return (shape.height // patch) * (shape.width // patch)
+
+    def check_prompt(self, prompt: str, param: str) -> int:
+        """The prompt's tokens in FLUX's T5 encoder (0 for other pipelines, which truncate),
+        or Rejected where T5 would have to cut it."""
+        if not self.is_flux:
+            return 0
         tokenizer = self.pipe.tokenizer_2
         # a fast tokenizer's own encoder: one call, where transformers' wrapper around it took
         # twice as long (0.25 ms against 0.12 right after a pipeline call, on the request's way)
@@ -130,9 +151,17 @@ class ImagePipeline:
                 code="prompt_too_long",
                 param=param,
             )
+        return count
 
-    def run(self, shape: BatchShape, jobs: list[ImageJob], stop: StepCallback) -> list[Image]:
-        """One pipeline call: the images in the order of `jobs` (or fewer, if `stop` said so)."""
+    def run(
+        self,
+        shape: BatchShape,
+        jobs: list[ImageJob],
+        stop: StepCallback,
+        on_partial: PartialCallback | None = None,
+    ) -> list[Image]:
+        """One pipeline call: the images in the order of `jobs` (or fewer, if `stop` said so).
+        `on_partial` gets the previews the jobs ask for, as they are made."""
         kwargs = {
             "prompt": [job.prompt for job in jobs],
             "height": shape.height,
@@ -149,10 +178,81 @@ class ImagePipeline:
             kwargs["true_cfg_scale"] = shape.true_cfg_scale
         if self.is_flux:
             kwargs["max_sequence_length"] = self.max_sequence_length
+        previews = None
+        if on_partial is not None and self.makes_previews and any(j.partial_images for j in jobs):
+            previews = PartialImages(self, shape, jobs, on_partial)
         if "callback_on_step_end" in self.call_params:
-            kwargs["callback_on_step_end"] = _stopper(stop)
-        with torch.inference_mode():
+            kwargs["callback_on_step_end"] = _step_callback(stop, previews)
+        with torch.inference_mode(), previews or contextlib.nullcontext():
             return self.pipe(**kwargs).images
+
+    @torch.inference_mode()
+    def decode_flux(self, latents: torch.Tensor, shape: BatchShape) -> Image:
+        """One image's packed FLUX latents to a picture, as FluxPipeline decodes its output."""
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = pipe._unpack_latents(latents, shape.height, shape.width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def preview_steps(steps: int, count: int) -> list[int]:
+    """After how many of `steps` denoising steps each of `count` previews is decoded: evenly
+    spread, none after the last step (that is the image itself). Fewer when the steps are
+    fewer (OpenAI's API says the final image may come before all the partial ones)."""
+    after = {steps * (k + 1) // (count + 1) for k in range(count)}
+    return sorted(s for s in after if 1 <= s < steps)
+
+
+class PartialImages:
+    """FLUX's previews during one pipeline call, as the context of that call.
+
+    FLUX's flow runs from noise (sigma 1) to the image (sigma 0): x = (1 - sigma) x0 +
+    sigma noise, and the transformer predicts the velocity v = noise - x0, so x0 = x - sigma v.
+    A step moves x by (sigma_next - sigma) v. The step's input (the transformer's hidden
+    states, kept by a forward pre-hook) and its output (the step callback's latents) give v,
+    and so the image the model sees at that point: far sharper than decoding the noisy
+    latents. Nothing here writes to the pipeline's tensors: the final images stay the same."""
+
+    def __init__(
+        self,
+        pipeline: ImagePipeline,
+        shape: BatchShape,
+        jobs: list[ImageJob],
+        emit: PartialCallback,
+    ) -> None:
+        self.pipeline, self.shape, self.emit = pipeline, shape, emit
+        self.wanted = {  # job position -> the step counts after which it gets a preview
+            i: preview_steps(shape.steps, job.partial_images)
+            for i, job in enumerate(jobs)
+            if job.partial_images
+        }
+        self.step_input: torch.Tensor | None = None
+        self._hook = None
+
+    def __enter__(self) -> PartialImages:
+        transformer = self.pipeline.pipe.transformer
+        self._hook = transformer.register_forward_pre_hook(self._keep_input, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._hook.remove()
+
+    def _keep_input(self, module, args, kwargs) -> None:
+        self.step_input = kwargs["hidden_states"]
+
+    def after_step(self, done: int, latents: torch.Tensor) -> None:
+        """`done` steps are done; `latents` is the batch's state after them."""
+        due = [(i, steps.index(done)) for i, steps in self.wanted.items() if done in steps]
+        if not due or self.step_input is None:
+            return
+        sigmas = self.pipeline.pipe.scheduler.sigmas
+        sigma, sigma_next = float(sigmas[done - 1]), float(sigmas[done])
+        x_next = latents.float()
+        velocity = (x_next - self.step_input.float()) / (sigma_next - sigma)
+        for i, index in due:
+            x0 = x_next[i : i + 1] - sigma_next * velocity[i : i + 1]
+            self.emit(i, index, self.pipeline.decode_flux(x0, self.shape))
 
 
 def make_batch_invariant(pipe: DiffusionPipeline) -> None:
@@ -190,10 +290,12 @@ def _pipeline_class(model: str) -> type[DiffusionPipeline]:
     return FluxPipeline if name == "FluxPipeline" else DiffusionPipeline
 
 
-def _stopper(stop: StepCallback):
+def _step_callback(stop: StepCallback, previews: PartialImages | None):
     def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         if stop():
             pipe._interrupt = True  # the pipeline skips the remaining steps
+        elif previews is not None:
+            previews.after_step(step + 1, callback_kwargs["latents"])
         return callback_kwargs
 
     return callback

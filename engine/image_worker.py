@@ -1,9 +1,12 @@
 """The image worker: a diffusers pipeline driven by the shared worker loop (engine/worker.py).
 
 An add's payload is one dict of request fields (see `ImageRequest`); an output is
-`[request_id, index, seed, encoded_image_bytes, error, batch_size, pipeline_seconds]` (error is
-None, or a message with no image; batch_size: the images of the pipeline call it came from;
-pipeline_seconds: that call's run time, its encoding left out). The images
+`[request_id, index, seed, encoded_image_bytes, error, batch_size, pipeline_seconds,
+partial_index, prompt_tokens, image_tokens]` (error is None, or a message with no image;
+batch_size: the images of the pipeline call it came from; pipeline_seconds: that call's run
+time, its encoding left out; partial_index: None for an image, k for its k-th preview, which
+comes before it with 0 for the seconds and tokens; prompt_tokens and image_tokens: the usage,
+see ImagePipeline.check_prompt and image_tokens). The images
 of all waiting requests with the same size, steps and guidance run as one pipeline call (FIFO,
 at most max_batch_size). The call runs in a thread, so that the loop keeps reading its inbox:
 an abort between two denoising steps interrupts a batch whose requests are all gone, and drops
@@ -20,6 +23,7 @@ import io
 import logging
 import os
 import random
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -59,6 +63,7 @@ class ImageRequest:
     true_cfg_scale: float | None = None
     output_format: str = "png"
     output_compression: int = 100  # jpeg and webp quality
+    partial_images: int = 0  # previews each image streams before it (0-3)
 
     def shape(self) -> BatchShape:
         return BatchShape(
@@ -77,6 +82,7 @@ class PendingImage:
     index: int
     request: ImageRequest
     job: ImageJob
+    prompt_tokens: int
 
 
 @dataclass(slots=True)
@@ -85,6 +91,11 @@ class RunningBatch:
     future: Future | None = None
     aborted: set[str] = field(default_factory=set)
     seconds: float = 0.0  # the pipeline call's run time, once it has run
+    # previews, encoded (outputs), and their encodings under way; `wake` is set when one is
+    # done and when the call ends
+    partials: deque[list] = field(default_factory=deque)
+    encoding: list[Future] = field(default_factory=list)
+    wake: threading.Event = field(default_factory=threading.Event)
 
     def all_aborted(self) -> bool:
         return all(image.request_id in self.aborted for image in self.images)
@@ -126,13 +137,13 @@ class ImageWorker:
             request = ImageRequest(**fields)
         except TypeError as exc:  # a server of another version: refuse, do not die
             raise ValueError(f"malformed image request: {exc}") from None
-        self.pipeline.check_prompt(request.prompt, "prompt")
+        tokens = self.pipeline.check_prompt(request.prompt, "prompt")
         if request.negative_prompt is not None:
             self.pipeline.check_prompt(request.negative_prompt, "negative_prompt")
         for index in range(request.n):
             seed = self._rng.getrandbits(63) if request.seed is None else request.seed + index
-            job = ImageJob(request.prompt, seed, request.negative_prompt)
-            self.waiting.append(PendingImage(request_id, index, request, job))
+            job = ImageJob(request.prompt, seed, request.negative_prompt, request.partial_images)
+            self.waiting.append(PendingImage(request_id, index, request, job, tokens))
 
     def abort(self, request_ids: list[str]) -> None:
         gone = set(request_ids)
@@ -150,8 +161,13 @@ class ImageWorker:
                 return []
             self.running = self._start_batch()
         batch = self.running
-        if not wait([batch.future], timeout=WAIT_S).done:
+        if not batch.wake.wait(WAIT_S):
             return []
+        batch.wake.clear()
+        if not batch.future.done():
+            return self._take_partials(batch)
+        wait(batch.encoding)  # an image's previews go out before it
+        partials = self._take_partials(batch)
         # its clients come back on top of the images that arrived meanwhile: counted as served,
         # a batch of 3 with a 4th waiting would start again with 3 as soon as 2 are back
         served = min(len(batch.images) + len(self.waiting), self.max_batch_size)
@@ -163,14 +179,16 @@ class ImageWorker:
             self.running = None
             message = f"image generation failed: {type(exc).__name__}: {exc}"
             size = len(batch.images)
-            return [
-                [i.request_id, i.index, i.job.seed, None, message, size, batch.seconds]
+            return partials + [
+                [i.request_id, i.index, i.job.seed, None, message, size, batch.seconds, None, 0, 0]
                 for i in batch.images
             ]
         self.running = None
         size = len(batch.images)
-        return [
+        image_tokens = self.pipeline.image_tokens(batch.images[0].request.shape())
+        return partials + [
             [image.request_id, image.index, image.job.seed, data, None, size, batch.seconds]
+            + [None, image.prompt_tokens, image_tokens]
             for image, data in zip(batch.images, encoded)
             if image.request_id not in batch.aborted
         ]
@@ -193,7 +211,32 @@ class ImageWorker:
         self.waiting = rest
         batch = RunningBatch(images)
         batch.future = self._executor.submit(self._run, shape, batch)
+        batch.future.add_done_callback(lambda _: batch.wake.set())
         return batch
+
+    def _encode_partial(self, batch: RunningBatch, position: int, index: int, picture) -> None:
+        """A preview from the pipeline's thread: encoded beside the next steps, not in them."""
+        image = batch.images[position]
+        if image.request_id in batch.aborted:
+            return
+
+        def done(encoding: Future) -> None:
+            if encoding.exception() is None:
+                output = [image.request_id, image.index, image.job.seed, encoding.result()]
+                batch.partials.append(output + [None, len(batch.images), 0.0, index, 0, 0])
+            batch.wake.set()
+
+        encoding = self._encoders.submit(encode_request_image, picture, image.request)
+        batch.encoding.append(encoding)
+        encoding.add_done_callback(done)
+
+    def _take_partials(self, batch: RunningBatch) -> list[list]:
+        taken = []
+        while batch.partials:
+            output = batch.partials.popleft()
+            if output[0] not in batch.aborted:
+                taken.append(output)
+        return taken
 
     def _run(self, shape: BatchShape, batch: RunningBatch) -> list[bytes]:
         # torch's thread count belongs to the thread that sets it: the governor ticks in the
@@ -202,7 +245,8 @@ class ImageWorker:
             torch.set_num_threads(self.governor.threads)
         jobs = [image.job for image in batch.images]
         start = time.monotonic()
-        pictures = self.pipeline.run(shape, jobs, stop=batch.all_aborted)
+        previews = partial(self._encode_partial, batch)
+        pictures = self.pipeline.run(shape, jobs, stop=batch.all_aborted, on_partial=previews)
         batch.seconds = time.monotonic() - start
         if batch.all_aborted():
             logger.info("interrupted a batch of %d images: its requests are gone", len(jobs))

@@ -186,12 +186,45 @@ class ImageData(BaseModel):
     b64_json: str | None = None
 
 
+class ImageInputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """The prompt's tokens in the text encoder (FLUX's T5; 0 for other pipelines) and the
+    image tokens the denoiser made (FLUX's 16x16-pixel latent patches; 0 for others)."""
+
+    input_tokens: int
+    input_tokens_details: ImageInputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: Literal["png", "jpeg", "webp"]
     quality: str
     size: str
+    usage: ImageUsage
+
+
+class ImageStreamEvent(BaseModel):
+    """An event of a streamed image request (SSE `event:` is its type): each preview
+    (`image_generation.partial_image`, with its index), then the image
+    (`image_generation.completed`, with its seed and usage)."""
+
+    type: Literal["image_generation.partial_image", "image_generation.completed"]
+    b64_json: str
+    created_at: int
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: str
+    size: str
+    background: Literal["auto", "opaque"]
+    partial_image_index: int | None = None
+    seed: int | None = None
+    usage: ImageUsage | None = None
 
 
 class ModelHealth(BaseModel):

@@ -138,9 +138,7 @@ def build_app(
         meter = request_meter(request)
         model = served(req.model or first_model("image"), meter, "image")
         meter.admit(model.id)
-        response = await generate_images(model, req, request, metrics.images, store, public_url)
-        meter.record(images=req.n)
-        return response
+        return await generate_images(model, req, request, metrics.images, store, public_url, meter)
 
     async def image_files(request: Request) -> Response:
         return await image_file(request, store)

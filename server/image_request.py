@@ -34,6 +34,7 @@ class ImageGenerationRequest(BaseModel):
     background: Literal["auto", "opaque", "transparent"] = "auto"
     moderation: Literal["auto", "low"] = "auto"  # accepted, no effect
     stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)  # previews a stream sends before its image
     user: str | None = None
     # extensions (diffusers' names)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
@@ -59,13 +60,6 @@ class ImageGenerationRequest(BaseModel):
     def _size(cls, value: str) -> str:
         if value != "auto":
             parse_image_size(value)
-        return value
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("streaming partial images is not supported")
         return value
 
     @field_validator("background")
@@ -107,6 +101,8 @@ class ImageGenerationRequest(BaseModel):
         for name in ("guidance_scale", "negative_prompt", "true_cfg_scale"):
             if getattr(self, name) is not None and name not in accepts:
                 raise invalid(f"{name}: this model's pipeline does not take it", param=name)
+        if self.stream:
+            self._check_stream(accepts)
         guidance = settings.default_guidance if self.guidance_scale is None else self.guidance_scale
         return {
             "prompt": self.prompt,
@@ -120,4 +116,20 @@ class ImageGenerationRequest(BaseModel):
             "true_cfg_scale": self.true_cfg_scale,
             "output_format": self.output_format,
             "output_compression": self.output_compression,
+            "partial_images": self.partial_images if self.stream else 0,
         }
+
+    def _check_stream(self, accepts: list[str]) -> None:
+        if self.n > 1:  # the stream's events carry no image index
+            raise invalid(f"n: a streamed request makes one image, got {self.n}", param="n")
+        if self.response_format == "url" and "response_format" in self.model_fields_set:
+            raise invalid(
+                "response_format: streamed images come as b64_json, not url",
+                param="response_format",
+            )
+        if self.partial_images and "partial_images" not in accepts:
+            raise invalid(
+                "partial_images: this model's pipeline does not make previews (FLUX does, "
+                "without cpu_offload)",
+                param="partial_images",
+            )

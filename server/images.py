@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -20,9 +21,11 @@ from pagoda.engine.image_worker import run_image_worker
 from pagoda.server.catalog import CatalogEntry, ImageSettings, resolve_source
 from pagoda.server.disconnect import unless_disconnected
 from pagoda.server.errors import APIError
+from pagoda.server.generation import event_stream
 from pagoda.server.image_metrics import ImageMetrics
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import MEDIA_TYPES, URL_PATH, ImageStore
+from pagoda.server.keys.meter import Meter
 from pagoda.server.overload import queue_full
 from pagoda.server.worker_client import WorkerClient
 
@@ -37,6 +40,9 @@ class ImageOutput:
     error: str | None  # the pipeline failed (e.g. out of memory): no image
     batch_size: int  # images in the pipeline call that made it
     pipeline_seconds: float  # that call's run time
+    partial_index: int | None  # None: the image; k: its k-th preview
+    prompt_tokens: int  # the usage (0 in a preview): see ImagePipeline.check_prompt
+    image_tokens: int  # and ImagePipeline.image_tokens
 
 
 class ImageClient(WorkerClient):
@@ -50,16 +56,27 @@ class ImageClient(WorkerClient):
     def decode_output(self, fields: list) -> ImageOutput:
         return ImageOutput(*fields[1:])
 
-    async def generate(self, request_id: str, fields: dict) -> list[ImageOutput]:
-        """The request's `n` images in index order. Cancelling aborts the request."""
-        outputs: list[ImageOutput] = []
-        finished = lambda _: len(outputs) + 1 == fields["n"]  # noqa: E731
+    async def outputs(self, request_id: str, fields: dict) -> AsyncIterator[ImageOutput]:
+        """The request's outputs as they come, each image's previews before it, until its
+        `n` images. A failed image raises APIError 500; leaving early aborts the request."""
+        left = fields["n"]
+
+        def finished(output: ImageOutput) -> bool:
+            nonlocal left
+            left -= output.partial_index is None
+            return left == 0
+
         async with aclosing(self.stream(request_id, [fields], finished)) as stream:
             async for output in stream:
                 if output.error is not None:  # leaving the stream aborts the other images
                     raise APIError(500, output.error)
-                outputs.append(output)
-        return sorted(outputs, key=lambda output: output.index)
+                yield output
+
+    async def generate(self, request_id: str, fields: dict) -> list[ImageOutput]:
+        """The request's `n` images in index order. Cancelling aborts the request."""
+        async with aclosing(self.outputs(request_id, fields)) as outputs:
+            images = [output async for output in outputs if output.partial_index is None]
+        return sorted(images, key=lambda output: output.index)
 
 
 @dataclass
@@ -133,31 +150,29 @@ async def generate_images(
     metrics: ImageMetrics,
     store: ImageStore,
     public_url: str | None,
+    meter: Meter,
 ) -> Response:
     fields = req.worker_fields(model.settings, model.client.info["accepts"])
     model.admit(req.n)
     metrics.queue.labels(model.id).inc(req.n)
+    head = {
+        "output_format": req.output_format,
+        "quality": req.quality,
+        "size": f"{fields['width']}x{fields['height']}",
+    }
+    if req.stream:
+        head["background"] = req.background
+        return event_stream(image_events(model, fields, head, metrics, meter), meter)
     start = time.monotonic()
     try:
         work = model.client.generate(f"img-{uuid.uuid4().hex}", fields)
         outputs = await unless_disconnected(request, work)
     finally:
-        model.queued -= req.n
-        metrics.queue.labels(model.id).dec(req.n)
-    model.last_latency = time.monotonic() - start
-    metrics.latency.labels(model.id).observe(model.last_latency)
-    metrics.images.labels(model.id).inc(req.n)
-    metrics.steps.labels(model.id).inc(req.n * fields["steps"])
-    for output in outputs:
-        metrics.batch_size.labels(model.id).observe(output.batch_size)
-        metrics.pipeline_seconds.labels(model.id).observe(output.pipeline_seconds)
+        leave_queue(model, metrics, req.n)
+    observe(model, metrics, fields, outputs, start)
+    meter.record(images=req.n)
     base_url = (public_url or str(request.base_url)).rstrip("/")
-    head = {
-        "created": int(time.time()),
-        "output_format": req.output_format,
-        "quality": req.quality,
-        "size": f"{fields['width']}x{fields['height']}",
-    }
+    head = {"created": int(time.time()), **head, "usage": usage(outputs)}
     items, inline = [], []
     for output in outputs:
         item: dict = {"seed": output.seed}  # an extension: the seed that remakes this image
@@ -169,21 +184,89 @@ async def generate_images(
     return Response(response_body(head, items, inline), media_type="application/json")
 
 
+async def image_events(
+    model: ServedImageModel, fields: dict, head: dict, metrics: ImageMetrics, meter: Meter
+) -> AsyncIterator[dict | str]:
+    """A streamed request's SSE events, as OpenAI's images API streams them: each preview
+    (`image_generation.partial_image`), then the image (`image_generation.completed`)."""
+    start = time.monotonic()
+    images = []
+    try:
+        async with aclosing(model.client.outputs(f"img-{uuid.uuid4().hex}", fields)) as outputs:
+            async for output in outputs:
+                event = {"type": "image_generation.completed", **head}
+                if output.partial_index is None:
+                    images.append(output)
+                    meter.record(images=1)
+                    event |= {"seed": output.seed, "usage": usage([output])}
+                else:
+                    event["type"] = "image_generation.partial_image"
+                    event["partial_image_index"] = output.partial_index
+                event["created_at"] = int(time.time())
+                data = with_b64(event, output.data).decode()
+                yield {"event": event["type"], "data": data}
+    except APIError as exc:  # the pipeline failed: after the 200, only an error event can say
+        logger.warning("image stream ended by an error: %s", exc)
+        yield json.dumps(exc.body())
+    finally:
+        leave_queue(model, metrics, fields["n"])
+    if images:
+        observe(model, metrics, fields, images, start)
+    yield "[DONE]"
+
+
+def leave_queue(model: ServedImageModel, metrics: ImageMetrics, n: int) -> None:
+    model.queued -= n
+    metrics.queue.labels(model.id).dec(n)
+
+
+def observe(
+    model: ServedImageModel,
+    metrics: ImageMetrics,
+    fields: dict,
+    outputs: list[ImageOutput],
+    start: float,
+) -> None:
+    model.last_latency = time.monotonic() - start
+    metrics.latency.labels(model.id).observe(model.last_latency)
+    metrics.images.labels(model.id).inc(len(outputs))
+    metrics.steps.labels(model.id).inc(len(outputs) * fields["steps"])
+    for output in outputs:
+        metrics.batch_size.labels(model.id).observe(output.batch_size)
+        metrics.pipeline_seconds.labels(model.id).observe(output.pipeline_seconds)
+
+
+def usage(images: list[ImageOutput]) -> dict:
+    """OpenAI's image usage: the prompt's tokens (counted once) and the image tokens made."""
+    prompt = images[0].prompt_tokens
+    made = sum(image.image_tokens for image in images)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+        "output_tokens": made,
+        "total_tokens": prompt + made,
+    }
+
+
 def response_body(head: dict, items: list[dict], inline: list[bytes | None]) -> bytes:
     """`{**head, "data": items}` as JSON, with `b64_json` added to each item that has inline
-    bytes. The base64 text is written in place: its alphabet needs no JSON escaping, and
-    the JSON encoder held the event loop for 7 ms over the 4 MB of text of a 3 MB PNG."""
+    bytes."""
     parts = [json.dumps(head)[:-1].encode(), b',"data":[']
     for index, (item, data) in enumerate(zip(items, inline)):
         if index:
             parts.append(b",")
-        encoded = json.dumps(item).encode()
-        if data is None:
-            parts.append(encoded)
-        else:
-            parts += [encoded[:-1], b',"b64_json":"', pybase64.b64encode(data), b'"}']
+        parts.append(json.dumps(item).encode() if data is None else with_b64(item, data))
     parts.append(b"]}")
     return b"".join(parts)
+
+
+def with_b64(item: dict, data: bytes) -> bytes:
+    """`{**item, "b64_json": base64 of data}` as JSON. The base64 text is written in place:
+    its alphabet needs no JSON escaping, and the JSON encoder held the event loop for 7 ms
+    over the 4 MB of text of a 3 MB PNG."""
+    return b"".join(
+        [json.dumps(item)[:-1].encode(), b',"b64_json":"', pybase64.b64encode(data), b'"}']
+    )
 
 
 async def image_file(request: Request, store: ImageStore | None) -> Response:

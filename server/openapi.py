@@ -80,6 +80,7 @@ OPERATIONS = (
         "Generate images",
         out.ImagesResponse,
         ImageGenerationRequest,
+        stream=out.ImageStreamEvent,
     ),
     Operation(
         "get",

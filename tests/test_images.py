@@ -22,8 +22,18 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from pagoda.engine import image_worker
-from pagoda.engine.image_pipeline import ImageModelConfig, ImagePipeline
+from pagoda.engine.image_pipeline import (
+    BatchShape,
+    ImageJob,
+    ImageModelConfig,
+    ImagePipeline,
+    preview_steps,
+)
 from pagoda.engine.image_worker import ImageWorker
+from pagoda.server.api_models import ImagesResponse, ImageStreamEvent
+from pagoda.server.catalog import ImageSettings
+from pagoda.server.errors import APIError
+from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.images import response_body
 from tests.serving import Server
 from tests.tiny_flux import build_tiny_flux
@@ -304,6 +314,115 @@ def test_models_list_has_the_image_model(client):
     assert {IMAGE_MODEL, CHAT_MODEL} <= {model.id for model in client.models.list()}
 
 
+# --- usage and streaming -----------------------------------------------------------------
+
+
+def test_usage_counts_the_prompts_t5_tokens_and_the_image_tokens(client, reference):
+    prompt = "a red fox in snow"
+    response = generate(client, prompt=prompt, n=2, size="128x64", response_format="b64_json")
+    tokens = len(reference.tokenizer_2(prompt).input_ids)  # FluxPipeline's T5 count
+    image_tokens = 2 * (128 // 16) * (64 // 16)  # FLUX's latent patches, 16x16 pixels each
+    usage = response.usage
+    assert usage.input_tokens == usage.input_tokens_details.text_tokens == tokens
+    assert usage.output_tokens == image_tokens
+    assert usage.total_tokens == tokens + image_tokens
+
+
+def test_a_stream_sends_previews_then_the_image_it_would_have_sent_whole(client):
+    events = list(generate(client, stream=True, partial_images=3, seed=11, num_inference_steps=8))
+    kinds = [event.type for event in events]
+    assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert [event.partial_image_index for event in events[:3]] == [0, 1, 2]
+    for event in events:
+        assert (event.size, event.output_format, event.background) == ("64x64", "png", "auto")
+    final = decode(base64.b64decode(events[-1].b64_json))
+    whole = generate(client, seed=11, num_inference_steps=8, response_format="b64_json")
+    assert np.array_equal(final, b64_images(whole)[0])
+    counts = lambda usage: (usage.input_tokens, usage.output_tokens)  # noqa: E731
+    assert counts(events[-1].usage) == counts(whole.usage)
+    # each preview is nearer the image than the one before
+    previews = [decode(base64.b64decode(event.b64_json)) for event in events[:3]]
+    gaps = [np.abs(preview.astype(int) - final).mean() for preview in previews]
+    assert gaps[0] > gaps[1] > gaps[2] > 0, gaps
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each event of an SSE body, its comments (pings) left out."""
+    events = []
+    for block in re.split(r"\r?\n\r?\n", text.strip()):
+        lines = [line for line in re.split(r"\r?\n", block) if not line.startswith(":")]
+        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
+        data = "\n".join(line[6:] for line in lines if line.startswith("data: "))
+        if lines:
+            events.append((name, data))
+    return events
+
+
+def test_a_stream_without_previews_is_the_image_in_one_event(http, reference):
+    body = {"model": IMAGE_MODEL, "prompt": "a bowl of ramen", "stream": True, "seed": 3}
+    response = http.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert [name for name, _ in events] == ["image_generation.completed", None]
+    assert events[-1][1] == "[DONE]"
+    completed = ImageStreamEvent.model_validate_json(events[0][1])  # the documented shape
+    assert (completed.type, completed.seed) == ("image_generation.completed", 3)
+    image = decode(base64.b64decode(completed.b64_json))
+    assert np.array_equal(image, diffusers_image(reference, "a bowl of ramen", 3))
+    body |= {"stream": False, "response_format": "b64_json"}
+    whole = ImagesResponse.model_validate_json(http.post("/v1/images/generations", json=body).text)
+    assert whole.data[0].b64_json == completed.b64_json
+    assert whole.usage == completed.usage
+
+
+def test_previews_from_a_pipeline_that_makes_none_are_refused():
+    request = ImageGenerationRequest(prompt="a fox", stream=True, partial_images=2)
+    settings = ImageSettings(default_size="64x64", max_size="64x64")
+    with pytest.raises(APIError) as info:
+        request.worker_fields(settings, accepts=["guidance_scale"])  # e.g. FLUX with cpu_offload
+    assert (info.value.status, info.value.param) == (400, "partial_images")
+    unstreamed = ImageGenerationRequest(prompt="a fox", partial_images=2)  # OpenAI ignores it
+    assert unstreamed.worker_fields(settings, accepts=[])["partial_images"] == 0
+
+
+@pytest.mark.parametrize(
+    ("steps", "count", "after"),
+    [(4, 3, [1, 2, 3]), (8, 3, [2, 4, 6]), (28, 1, [14]), (2, 3, [1]), (1, 2, []), (4, 0, [])],
+)
+def test_previews_spread_over_the_steps_and_never_after_the_last(steps, count, after):
+    assert preview_steps(steps, count) == after
+
+
+def test_a_preview_is_the_models_prediction_of_the_image_at_its_step(flux_dir):
+    """A preview decodes x - sigma * v, the image the transformer's velocity v points at from
+    the step's input x; batched with an image that wants none, and leaving both images as they
+    are without previews."""
+    pipeline = ImagePipeline(ImageModelConfig(str(flux_dir), device="cpu", dtype="float32"))
+    steps = []  # the transformer's input and output at each step
+
+    def keep(module, args, kwargs, output) -> None:
+        steps.append((kwargs["hidden_states"].clone(), output[0].clone()))
+
+    shape = BatchShape(64, 64, 4, GUIDANCE)
+    jobs = [ImageJob("a fox", 1), ImageJob("a cat", 2, partial_images=3)]
+    previews = []
+    hook = pipeline.pipe.transformer.register_forward_hook(keep, with_kwargs=True)
+    try:
+        pictures = pipeline.run(shape, jobs, lambda: False, lambda *p: previews.append(p))
+    finally:
+        hook.remove()
+    assert [(position, index) for position, index, _ in previews] == [(1, 0), (1, 1), (1, 2)]
+    sigmas = pipeline.pipe.scheduler.sigmas
+    for (_, _, picture), after in zip(previews, preview_steps(4, 3)):
+        x, velocity = steps[after - 1]
+        predicted = x[1:2] - float(sigmas[after - 1]) * velocity[1:2]
+        expected = np.asarray(pipeline.decode_flux(predicted, shape), dtype=int)
+        assert np.abs(np.asarray(picture, dtype=int) - expected).max() <= 1
+    alone = pipeline.run(shape, [ImageJob("a fox", 1), ImageJob("a cat", 2)], lambda: False)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pictures, alone))
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 
@@ -333,7 +452,11 @@ def test_models_list_has_the_image_model(client):
         ({"style": "cartoon"}, "style"),
         ({"seed": -1}, "seed"),
         ({"guidance_scale": -1}, "guidance_scale"),
-        ({"stream": True}, "stream"),
+        ({"stream": True, "n": 2}, "n"),  # a stream's events carry no image index
+        ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"stream": True, "partial_images": -1}, "partial_images"),
+        ({"stream": "yes please"}, "stream"),
         ({"background": "transparent"}, "background"),
         ({"model": CHAT_MODEL}, "model"),
     ],
@@ -455,6 +578,25 @@ def test_disconnect_frees_the_batch(server, http):
     assert "interrupted a batch of" in server.log()
     assert metric(httpx.get(f"{server.url}/metrics").text, generated) - before < 10
     # the worker is free again
+    response = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "next"})
+    assert response.status_code == 200
+
+
+def test_a_stream_whose_client_leaves_frees_its_place(server, http):
+    """The client leaves at the first of three previews: the worker reads the abort when the
+    second one wakes its loop, and stops the image before its last steps."""
+    body = {"model": IMAGE_MODEL, "prompt": "left", "stream": True, "partial_images": 3}
+    body |= {"num_inference_steps": 8, "size": "256x128"}
+    with http.stream("POST", "/v1/images/generations", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):  # the first preview, after 2 of the 8 steps
+                break
+    wait_for_queue(server, 0)
+    deadline = time.monotonic() + 60
+    while "interrupted a batch of 1 images" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "interrupted a batch of 1 images" in server.log()
     response = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "next"})
     assert response.status_code == 200
 

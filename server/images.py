@@ -63,7 +63,8 @@ class ImageClient(WorkerClient):
 
         def finished(output: ImageOutput) -> bool:
             nonlocal left
-            left -= output.partial_index is None
+            if output.partial_index is None:  # an image, not a preview
+                left -= 1
             return left == 0
 
         async with aclosing(self.stream(request_id, [fields], finished)) as stream:

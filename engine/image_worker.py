@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -91,10 +91,9 @@ class RunningBatch:
     future: Future | None = None
     aborted: set[str] = field(default_factory=set)
     seconds: float = 0.0  # the pipeline call's run time, once it has run
-    # previews, encoded (outputs), and their encodings under way; `wake` is set when one is
-    # done and when the call ends
-    partials: deque[list] = field(default_factory=deque)
-    encoding: list[Future] = field(default_factory=list)
+    # previews being encoded or encoded, in the order they were made: (image, its preview
+    # index, the encoding); `wake` is set when an encoding is done and when the call ends
+    previews: deque[tuple[PendingImage, int, Future]] = field(default_factory=deque)
     wake: threading.Event = field(default_factory=threading.Event)
 
     def all_aborted(self) -> bool:
@@ -165,9 +164,8 @@ class ImageWorker:
             return []
         batch.wake.clear()
         if not batch.future.done():
-            return self._take_partials(batch)
-        wait(batch.encoding)  # an image's previews go out before it
-        partials = self._take_partials(batch)
+            return self._take_previews(batch)
+        previews = self._take_previews(batch, every=True)  # an image's go out before it
         # its clients come back on top of the images that arrived meanwhile: counted as served,
         # a batch of 3 with a 4th waiting would start again with 3 as soon as 2 are back
         served = min(len(batch.images) + len(self.waiting), self.max_batch_size)
@@ -179,14 +177,14 @@ class ImageWorker:
             self.running = None
             message = f"image generation failed: {type(exc).__name__}: {exc}"
             size = len(batch.images)
-            return partials + [
+            return previews + [
                 [i.request_id, i.index, i.job.seed, None, message, size, batch.seconds, None, 0, 0]
                 for i in batch.images
             ]
         self.running = None
         size = len(batch.images)
         image_tokens = self.pipeline.image_tokens(batch.images[0].request.shape())
-        return partials + [
+        return previews + [
             [image.request_id, image.index, image.job.seed, data, None, size, batch.seconds]
             + [None, image.prompt_tokens, image_tokens]
             for image, data in zip(batch.images, encoded)
@@ -219,24 +217,24 @@ class ImageWorker:
         image = batch.images[position]
         if image.request_id in batch.aborted:
             return
-
-        def done(encoding: Future) -> None:
-            if encoding.exception() is None:
-                output = [image.request_id, image.index, image.job.seed, encoding.result()]
-                batch.partials.append(output + [None, len(batch.images), 0.0, index, 0, 0])
-            batch.wake.set()
-
         encoding = self._encoders.submit(encode_request_image, picture, image.request)
-        batch.encoding.append(encoding)
-        encoding.add_done_callback(done)
+        batch.previews.append((image, index, encoding))
+        encoding.add_done_callback(lambda _: batch.wake.set())
 
-    def _take_partials(self, batch: RunningBatch) -> list[list]:
-        taken = []
-        while batch.partials:
-            output = batch.partials.popleft()
-            if output[0] not in batch.aborted:
-                taken.append(output)
-        return taken
+    def _take_previews(self, batch: RunningBatch, every: bool = False) -> list[list]:
+        """The outputs of the previews encoded so far, in order (`every`: all, waiting for
+        those under way)."""
+        outputs = []
+        while batch.previews and (every or batch.previews[0][2].done()):
+            image, index, encoding = batch.previews.popleft()
+            if encoding.exception() is not None:  # the image itself still comes
+                logger.warning("a preview could not be encoded: %s", encoding.exception())
+                continue
+            if image.request_id in batch.aborted:
+                continue
+            output = [image.request_id, image.index, image.job.seed, encoding.result(), None]
+            outputs.append(output + [len(batch.images), 0.0, index, 0, 0])
+        return outputs
 
     def _run(self, shape: BatchShape, batch: RunningBatch) -> list[bytes]:
         # torch's thread count belongs to the thread that sets it: the governor ticks in the

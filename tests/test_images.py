@@ -717,3 +717,28 @@ def test_the_worker_loads_its_pipeline_in_the_thread_that_runs_it(flux_dir, monk
     add(worker, "one", 1, seed=0)
     assert len(finish(worker)) == 1
     assert loaded_in == [worker._executor.submit(threading.get_ident).result()]
+
+
+def test_each_images_previews_come_before_it_in_order_and_only_for_streams(worker, monkeypatch):
+    """Two streamed requests with previews batched with one without: a slow preview encoder
+    (the pipeline's next steps do not wait for it) still delivers them all, each before its
+    image, in index order."""
+    encode = image_worker.encode_request_image
+
+    def slow_encode(picture, request):
+        time.sleep(0.05)
+        return encode(picture, request)
+
+    worker.gather.max_s = 0.0
+    fields = {"prompt": "a red fox", "n": 1, "height": 64, "width": 64, "steps": 8}
+    fields |= {"guidance_scale": GUIDANCE}
+    for request_id, partial_images, seed in (("a", 3, 1), ("plain", 0, 2), ("b", 2, 3)):
+        worker.add(request_id, fields | {"seed": seed, "partial_images": partial_images})
+    monkeypatch.setattr(image_worker, "encode_request_image", slow_encode)
+    outputs = finish(worker)
+    order = [(output[0], output[7]) for output in outputs]
+    for request_id, previews in (("a", [0, 1, 2]), ("b", [0, 1])):
+        mine = [index for rid, index in order if rid == request_id]
+        assert mine == [*previews, None], order
+    assert [index for rid, index in order if rid == "plain"] == [None]
+    assert {output[5] for output in outputs} == {3}  # one batch

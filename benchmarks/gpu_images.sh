@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/images.py on one GPU with a FLUX.1 [schnell]-shaped pipeline (random weights at
 # the real sizes, benchmarks/flux_shaped.py): 1024x1024, 4 steps, guidance 0, 256 T5 tokens,
-# bf16, HTTP against in-process, in about 6 minutes. For a GPU node that reaches no hub; with
-# the real weights at hand, run images.py with --model black-forest-labs/FLUX.1-schnell.
+# bf16, HTTP against in-process, then streamed previews (image_previews.py), in about 8
+# minutes. For a GPU node that reaches no hub; with the real weights at hand, run images.py
+# with --model black-forest-labs/FLUX.1-schnell.
 #
 # The node has torch, transformers, accelerate, aiohttp, httpx, msgpack, Pillow and
 # prometheus-client; what else `pagoda serve` and images.py import travels as wheels for
@@ -13,7 +14,7 @@
 #       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #       $(cat benchmarks/gpu_images_wheels.txt)
 #
-# Results (images_flux_schnell_shaped_gpu_1024.json, logs) go to "${OUT:-/tmp/gpu-images}".
+# Results (images_flux_schnell_shaped_gpu_1024.json, image_previews_..., logs) go to "${OUT:-/tmp/gpu-images}".
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -44,5 +45,11 @@ timeout "${IMAGES_TIMEOUT_S:-330}" python3 benchmarks/images.py --model "$folder
     --result-json "$OUT/images_flux_schnell_shaped_gpu_1024.json" 2>&1 |
     grep -v -e Warning -e 'Loading' | tee "$OUT/images.log"
 status=$?
+# streamed previews at schnell's 4 steps: 3 previews, one after each of the first 3 steps
+timeout "${PREVIEWS_TIMEOUT_S:-150}" python3 benchmarks/image_previews.py --model "$folder" \
+    --device "$DEVICE" --dtype bfloat16 --size "${IMAGES_SIZE:-1024x1024}" --steps 4 --guidance 0 \
+    --max-sequence-length 256 --blocks "${PREVIEWS_BLOCKS:-3}" \
+    --result-json "$OUT/image_previews_flux_schnell_shaped_gpu_1024.json" 2>&1 |
+    grep -v -e Warning -e 'Loading' | tee "$OUT/image_previews.log"
 rm -rf "$folder"
 exit $status

@@ -89,9 +89,17 @@ READY_TIMEOUT_S = 600
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = pipeline_arguments(__doc__)
+    p.add_argument("--num-images", type=int, default=16, help="per measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    return p.parse_args(argv)
+
+
+def pipeline_arguments(doc: str) -> argparse.ArgumentParser:
+    """The pipeline, its server and the results file: what the image benchmarks share."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a diffusers FLUX folder or hub id")
@@ -102,13 +110,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--guidance", type=float, default=3.5)
     p.add_argument("--max-sequence-length", type=int, default=64, help="FLUX's T5 tokens")
-    p.add_argument("--num-images", type=int, default=16, help="per measurement")
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cpu-threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--max-batch-size", type=int, default=4, help="the server's images per call")
     p.add_argument("--result-json", type=Path)
-    return p.parse_args(argv)
+    return p
+
+
+def pipeline_source(args: argparse.Namespace, folder: Path) -> str:
+    """--model, or the tiny pipeline built under `folder`."""
+    if not args.tiny:
+        return args.model
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tiny_flux import build_tiny_flux
+
+    return str(build_tiny_flux(folder / "tiny-flux"))
 
 
 def summary(latencies: list[float], wall: float) -> dict:
@@ -157,7 +172,7 @@ def in_process(pipe: FluxPipeline, args: argparse.Namespace, seed0: int) -> dict
 # -- server ---------------------------------------------------------------------------------
 
 
-def write_catalog(folder: Path, model: str, args: argparse.Namespace) -> Path:
+def write_catalog(folder: Path, model: str, args: argparse.Namespace, max_queue: int = 64) -> Path:
     path = folder / "models.yaml"
     path.write_text(
         f"""models:
@@ -175,7 +190,7 @@ def write_catalog(folder: Path, model: str, args: argparse.Namespace) -> Path:
       default_guidance: {args.guidance}
       max_sequence_length: {args.max_sequence_length}
       max_batch_size: {args.max_batch_size}
-      max_queue: {max(64, 2 * max(args.concurrency))}
+      max_queue: {max_queue}
 """
     )
     return path
@@ -312,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pagoda-bench-images-") as tmp:
         folder = Path(tmp)
-        model = args.model
-        if args.tiny:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from tests.tiny_flux import build_tiny_flux
-
-            model = str(build_tiny_flux(folder / "tiny-flux"))
+        model = pipeline_source(args, folder)
         torch.set_num_threads(args.cpu_threads)
         keep_freed_memory(one_arena=True)  # as the image worker does
         dtype = getattr(torch, args.dtype)
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.set_progress_bar_config(disable=True)
         batching = [c for c in args.concurrency if c > 1]
         results: dict = {"blocks": [], "in_process": [], "server": {str(c): [] for c in batching}}
-        catalog = write_catalog(folder, model, args)
+        catalog = write_catalog(folder, model, args, max(64, 2 * max(args.concurrency)))
         process, url, log = start_server(catalog, folder, args.cpu_threads)
         try:
             for r in range(args.rounds):

@@ -45,6 +45,7 @@ from images import PROMPTS, pipeline_arguments, pipeline_source, start_server, w
 
 KINDS = ("whole", "stream", "previews")
 BLOCK = 4  # requests a block measures, after one left out
+EVENT_END = b"\r\n\r\n"  # sse-starlette's line separator, twice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,21 +75,22 @@ async def whole(client: aiohttp.ClientSession, url: str, request: dict) -> list[
 async def streamed(client: aiohttp.ClientSession, url: str, request: dict) -> list[float]:
     """Seconds to each event's image, decoded: the previews', then the image's."""
     t0 = time.perf_counter()
-    times, buffer = [], b""
+    times, buffer, scanned = [], bytearray(), 0
     async with client.post(url, json=request) as response:
         response.raise_for_status()
         async for chunk in response.content.iter_any():  # events far longer than a line limit
-            buffer += chunk.replace(b"\r\n", b"\n")
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:
-                data = b"".join(line[6:] for line in event.split(b"\n") if line[:6] == b"data: ")
-                if not data or data == b"[DONE]":
-                    continue
-                payload = json.loads(data)
-                if "error" in payload:
-                    raise RuntimeError(payload["error"])
-                pybase64.b64decode(payload["b64_json"], validate=True)
-                times.append(time.perf_counter() - t0)
+            buffer += chunk
+            while (end := buffer.find(EVENT_END, scanned)) >= 0:
+                event, buffer, scanned = bytes(buffer[:end]), buffer[end + len(EVENT_END) :], 0
+                lines = event.split(b"\r\n")
+                data = b"".join(line[6:] for line in lines if line.startswith(b"data: "))
+                if data and data != b"[DONE]":
+                    payload = json.loads(data)
+                    if "error" in payload:
+                        raise RuntimeError(payload["error"])
+                    pybase64.b64decode(payload["b64_json"], validate=True)
+                    times.append(time.perf_counter() - t0)
+            scanned = max(0, len(buffer) - len(EVENT_END) + 1)
     return times
 
 

@@ -187,7 +187,7 @@ async def generate_images(
 
 async def image_events(
     model: ServedImageModel, fields: dict, head: dict, metrics: ImageMetrics, meter: Meter
-) -> AsyncIterator[dict | str]:
+) -> AsyncIterator[bytes | str]:
     """A streamed request's SSE events, as OpenAI's images API streams them: each preview
     (`image_generation.partial_image`), then the image (`image_generation.completed`)."""
     start = time.monotonic()
@@ -204,8 +204,7 @@ async def image_events(
                     event["type"] = "image_generation.partial_image"
                     event["partial_image_index"] = output.partial_index
                 event["created_at"] = int(time.time())
-                data = with_b64(event, output.data).decode()
-                yield {"event": event["type"], "data": data}
+                yield sse_event(event["type"], with_b64(event, output.data))
     except APIError as exc:  # the pipeline failed: after the 200, only an error event can say
         logger.warning("image stream ended by an error: %s", exc)
         yield json.dumps(exc.body())
@@ -214,6 +213,14 @@ async def image_events(
     if images:
         observe(model, metrics, fields, images, start)
     yield "[DONE]"
+
+
+def sse_event(name: str, data: bytes) -> bytes:
+    """One SSE event with its JSON on one `data:` line, as sse-starlette writes them (`\r\n`
+    ends a line): JSON has no line break. Written here because sse-starlette decodes,
+    regex-splits, copies and encodes again the event's text, the image's base64 included:
+    1.7 ms in the event loop for a 170 KB PNG (256x256), against 0.03 ms for the same bytes."""
+    return b"".join([b"event: ", name.encode(), b"\r\ndata: ", data, b"\r\n\r\n"])
 
 
 def leave_queue(model: ServedImageModel, metrics: ImageMetrics, n: int) -> None:

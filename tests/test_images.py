@@ -742,3 +742,27 @@ def test_each_images_previews_come_before_it_in_order_and_only_for_streams(worke
         assert mine == [*previews, None], order
     assert [index for rid, index in order if rid == "plain"] == [None]
     assert {output[5] for output in outputs} == {3}  # one batch
+
+
+def test_a_batch_that_fails_after_a_preview_sends_the_preview_then_the_error(worker, monkeypatch):
+    """Out of memory midway, say: the preview already made goes out, then the image's error;
+    the worker serves the next request."""
+    run = worker.pipeline.run
+
+    def failing_run(shape, jobs, stop, on_partial=None):
+        on_partial(0, 0, Image.new("RGB", (shape.width, shape.height)))
+        raise RuntimeError("out of memory")
+
+    worker.gather.max_s = 0.0
+    fields = {"prompt": "a red fox", "n": 1, "height": 64, "width": 64, "steps": 4}
+    fields |= {"guidance_scale": GUIDANCE, "seed": 1, "partial_images": 1}
+    worker.add("failed", fields)
+    monkeypatch.setattr(worker.pipeline, "run", failing_run)
+    preview, failure = finish(worker)
+    assert (preview[0], preview[4], preview[7]) == ("failed", None, 0)
+    assert decode(preview[3]).shape == (64, 64, 3)
+    assert failure[0] == "failed" and failure[3] is None and "out of memory" in failure[4]
+    monkeypatch.setattr(worker.pipeline, "run", run)
+    worker.add("next", fields | {"partial_images": 0})
+    (image,) = finish(worker)
+    assert (image[0], image[4], image[7]) == ("next", None, None)

@@ -70,6 +70,20 @@ def test_embeddings_and_images_are_billed_per_key(server):
     assert {row["http_status"] for row in rows} == {200}
 
 
+def test_a_streamed_image_is_billed_once_and_its_preview_not_at_all(server):
+    srv, db = server
+    name, key = new_key(db)
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+    stream = client.images.generate(
+        model=IMAGE, prompt="a red square", stream=True, partial_images=1
+    )
+    kinds = [event.type for event in stream]
+    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 1 and rows, timeout=30)
+    assert (rows[0]["model"], rows[0]["images"], rows[0]["http_status"]) == (IMAGE, 1, 200)
+    assert rows[0]["cost_usd"] == pytest.approx(PER_IMAGE)
+
+
 def test_a_key_without_the_model_cannot_embed(server):
     srv, db = server
     _, key = new_key(db, models=[IMAGE])

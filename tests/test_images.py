@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -597,6 +599,33 @@ def test_a_stream_whose_client_leaves_frees_its_place(server, http):
     while "interrupted a batch of 1 images" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "interrupted a batch of 1 images" in server.log()
+    response = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "next"})
+    assert response.status_code == 200
+
+
+def test_a_stream_whose_worker_dies_ends_with_an_error_event_and_the_worker_returns(server, http):
+    def health() -> httpx.Response:
+        return httpx.get(f"{server.url}/health", params={"model": IMAGE_MODEL}, timeout=5)
+
+    pid = health().json()["pid"]
+    body = {"model": IMAGE_MODEL, "prompt": "doomed", "stream": True, "partial_images": 3}
+    body |= {"num_inference_steps": 8, "size": "256x128"}
+    data = []
+    with http.stream("POST", "/v1/images/generations", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data.append(line[6:])
+                if len(data) == 1:  # the first preview, 6 steps before the image
+                    os.kill(pid, signal.SIGKILL)
+    assert json.loads(data[0])["type"] == "image_generation.partial_image"
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["type"] == "service_unavailable" and "stopped" in error["message"], error
+    wait_for_queue(server, 0)
+    deadline = time.monotonic() + 120
+    while health().status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert health().json()["restarts"] == 1
     response = http.post("/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "next"})
     assert response.status_code == 200
 

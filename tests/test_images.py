@@ -630,6 +630,16 @@ def test_a_stream_whose_worker_dies_ends_with_an_error_event_and_the_worker_retu
     assert response.status_code == 200
 
 
+def test_a_streamed_image_counts_in_the_metrics_as_one_image(server, client):
+    before = httpx.get(f"{server.url}/metrics").text
+    events = list(generate(client, stream=True, partial_images=1, seed=5))
+    assert len(events) == 2  # a preview and the image
+    after = httpx.get(f"{server.url}/metrics").text
+    for name, grew in (("images_generated_total", 1), ("image_steps_total", STEPS)):
+        assert metric(after, f"pagoda:{name}") == metric(before, f"pagoda:{name}") + grew
+    assert metric(after, "pagoda:image_queue_length") == 0
+
+
 def test_metrics_and_startup_log(server, client):
     before = httpx.get(f"{server.url}/metrics").text
     generate(client, n=2, seed=1)

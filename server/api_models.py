@@ -204,6 +204,7 @@ class ImageUsage(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"]
     output_format: Literal["png", "jpeg", "webp"]
     quality: str
     size: str
@@ -221,7 +222,7 @@ class ImageStreamEvent(BaseModel):
     output_format: Literal["png", "jpeg", "webp"]
     quality: str
     size: str
-    background: Literal["auto", "opaque"]
+    background: Literal["opaque"]
     partial_image_index: int | None = None
     seed: int | None = None
     usage: ImageUsage | None = None

@@ -157,12 +157,12 @@ async def generate_images(
     model.admit(req.n)
     metrics.queue.labels(model.id).inc(req.n)
     head = {
+        "background": "opaque",  # as OpenAI reports the image's: these pipelines make no alpha
         "output_format": req.output_format,
         "quality": req.quality,
         "size": f"{fields['width']}x{fields['height']}",
     }
     if req.stream:
-        head["background"] = req.background
         return event_stream(image_events(model, fields, head, metrics, meter), meter)
     start = time.monotonic()
     try:

@@ -336,7 +336,7 @@ def test_a_stream_sends_previews_then_the_image_it_would_have_sent_whole(client)
     assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
     assert [event.partial_image_index for event in events[:3]] == [0, 1, 2]
     for event in events:
-        assert (event.size, event.output_format, event.background) == ("64x64", "png", "auto")
+        assert (event.size, event.output_format, event.background) == ("64x64", "png", "opaque")
     final = decode(base64.b64decode(events[-1].b64_json))
     whole = generate(client, seed=11, num_inference_steps=8, response_format="b64_json")
     assert np.array_equal(final, b64_images(whole)[0])

@@ -91,3 +91,16 @@ def test_a_key_without_the_model_cannot_embed(server):
     with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model=EMBEDDING, input="hello")
     assert caught.value.response.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_embedding_model_asked_for_images_and_an_image_model_for_embeddings_are_400(server):
+    srv, _ = server
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sk-static-workers", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model=EMBEDDING, prompt="a red square")
+    assert refused.value.body["param"] == "model"
+    assert "/v1/embeddings" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=IMAGE, input="a red square")
+    assert refused.value.body["param"] == "model"
+    assert "/v1/images/generations" in refused.value.body["message"]

@@ -195,13 +195,13 @@ async def image_events(
     try:
         async with aclosing(model.client.outputs(f"img-{uuid.uuid4().hex}", fields)) as outputs:
             async for output in outputs:
-                event = {"type": "image_generation.completed", **head}
                 if output.partial_index is None:
                     images.append(output)
                     meter.record(images=1)
-                    event |= {"seed": output.seed, "usage": usage([output])}
+                    event = {"type": "image_generation.completed", **head, "seed": output.seed}
+                    event["usage"] = usage([output])
                 else:
-                    event["type"] = "image_generation.partial_image"
+                    event = {"type": "image_generation.partial_image", **head}
                     event["partial_image_index"] = output.partial_index
                 event["created_at"] = int(time.time())
                 yield sse_event(event["type"], with_b64(event, output.data))

@@ -13,16 +13,14 @@ import openai
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from tests.serving import Server
-from tests.tiny_flux import CLIP_MAX_LENGTH, WIDTH, clip_tokenizer
+from tests.tiny_flux import WIDTH, clip_tokenizer, tiny_clip_encoder, tiny_vae
 
 MODEL = "test-org/tiny-sd"
 STEPS = 3
@@ -33,19 +31,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     two blocks, a VAE with 4 latent channels and 8x downsampling (sizes: multiples of 16)."""
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = tiny_clip_encoder(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -58,17 +44,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = tiny_vae(latent_channels=4)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -40,11 +40,9 @@ def t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_flux(folder: Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
-    """Save a random FluxPipeline as a diffusers folder (model_index.json and components)."""
-    torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-    text_encoder = CLIPTextModel(
+def tiny_clip_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A random CLIP text encoder of width WIDTH, two layers."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=WIDTH,
@@ -58,6 +56,29 @@ def build_tiny_flux(folder: Path, *, guidance_embeds: bool = True, seed: int = 0
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
+    """A random AutoencoderKL of four 8-channel blocks: 8x downsampling, as the real ones."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        **config,
+    )
+
+
+def build_tiny_flux(folder: Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """Save a random FluxPipeline as a diffusers folder (model_index.json and components)."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    text_encoder = tiny_clip_encoder(tokenizer)
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
@@ -84,16 +105,8 @@ def build_tiny_flux(folder: Path, *, guidance_embeds: bool = True, seed: int = 0
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+    vae = tiny_vae(
         latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.1159,

@@ -157,7 +157,8 @@ def tile_peak(iterations: int, repeats: int) -> dict[str, list[float]]:
     """TFLOP/s of the tiles alone (`tile_peak.cpp`) per run, by data and thread count; the
     process holds the tile state already (`linear_bf16.kernel_amx`)."""
     source = Path(__file__).with_name("tile_peak.cpp")
-    peak = ctypes.CDLL(str(cpu_native.compile_source(cpu_native.compiler(), source)))
+    flags = cpu_native.FLAGS["AVX512"]
+    peak = ctypes.CDLL(str(cpu_native.compile_source(cpu_native.compiler(), source, flags)))
     peak = peak.pagoda_tile_peak
     peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     data = {

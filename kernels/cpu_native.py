@@ -1,9 +1,10 @@
-"""Builds and loads the AVX-512 CPU kernels in `kernels/csrc/` (plain C++ with OpenMP).
+"""Builds and loads the CPU kernels in `kernels/csrc/` (plain C++ with OpenMP).
 
 Each source is compiled on first use with the system's C++ compiler (about a second) into the
-user's cache folder, named by a hash of source and flags, and loaded with ctypes. Where the
-CPU lacks AVX-512 or no compiler is installed, `load` returns None and says why once; the
-callers keep torch's ops then.
+user's cache folder, named by a hash of source and flags, and loaded with ctypes, for the
+CPU's vector extension: AVX-512, or AVX2 for the sources written on `csrc/simd.h` (PORTABLE).
+Where the CPU has neither, or no compiler is installed, `load` returns None and says why once;
+the callers keep torch's ops then.
 
 The kernels' Python wrappers call them through `call` and take their outputs from `empty`, so
 that a `Recorder` (`engine/cpu_graphs.py`) can capture a whole forward pass as its list of
@@ -33,7 +34,12 @@ from pagoda.cache import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = {  # by vector extension; AVX2 servers all have FMA and F16C (Haswell, Zen 1 on)
+    "AVX512": ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"),
+    "AVX2": ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
+}
+# the sources that build for AVX2 as well (written on simd.h); the others need AVX-512
+PORTABLE = frozenset({"linear_cpu", "attention_cpu"})
 
 # ctypes types for the kernels' C signatures: {function: (result, [arguments])}
 I32, I64, F32, PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -118,12 +124,12 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def compile_source(compiler: str, source: Path) -> Path:
-    """The shared library built from `source` with FLAGS, cached by its text, the kernels'
+def compile_source(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
+    """The shared library built from `source` with `flags`, cached by its text, the kernels'
     headers and the flags. Concurrent builders (one engine process per model) each write a
     temporary file and rename it into place."""
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode())
     digest = digest.hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
@@ -135,7 +141,7 @@ def compile_source(compiler: str, source: Path) -> Path:
     start = time.monotonic()
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True
+            [compiler, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True
         )
         os.replace(tmp, target)
     finally:
@@ -145,16 +151,27 @@ def compile_source(compiler: str, source: Path) -> Path:
     return target
 
 
-def _build(name: str) -> ctypes.CDLL | str:
+def vector_extension(name: str) -> str | None:
+    """The FLAGS key `csrc/<name>.cpp` builds for on this CPU, or None."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX512", "AMX"):
+    if capability in ("AVX512", "AMX"):
+        return "AVX512"
+    if capability == "AVX2" and name in PORTABLE:
+        return "AVX2"
+    return None
+
+
+def _build(name: str) -> ctypes.CDLL | str:
+    isa = vector_extension(name)
+    if isa is None:
+        capability = torch.backends.cpu.get_cpu_capability()
         return f"the CPU has no AVX-512 (torch reports {capability})"
     cxx = compiler()
     if cxx is None:
         return "no C++ compiler (c++, g++ or $CXX) to build it"
     try:
         # torch's libgomp is loaded already, so the kernels' OpenMP shares its thread pool
-        return ctypes.CDLL(str(compile_source(cxx, SOURCES / f"{name}.cpp")))
+        return ctypes.CDLL(str(compile_source(cxx, SOURCES / f"{name}.cpp", FLAGS[isa])))
     except subprocess.CalledProcessError as e:
         return f"building {name}.cpp failed: {e.stderr.strip()[:500]}"
     except OSError as e:

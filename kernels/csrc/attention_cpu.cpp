@@ -1,4 +1,4 @@
-// Paged attention on AVX-512 CPUs over a flat batch of decode tokens and prefill chunks, reading
+// Paged attention on AVX-512 or AVX2 CPUs (simd.h) over a flat batch of decode tokens and prefill chunks, reading
 // K/V in place through the block tables (no gathered copy of the context).
 //
 // Cache layout (K and V alike): cache[num_blocks][block_size][num_kv_heads][head_dim]; token t
@@ -7,7 +7,7 @@
 // arithmetic are fp32.
 // Decode: one task per sequence, so a token's K (then V) row of all KV heads is one contiguous
 // run, read once for every query head of the group that shares it (GQA).
-#include <immintrin.h>
+#include <immintrin.h>  // _mm_prefetch
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -15,21 +15,15 @@
 #include <vector>
 
 #include "paged_cache.h"
+#include "simd.h"
 #include "vec_math.h"
 
 namespace {
 
-constexpr int kLanes = 16;
+using namespace pagoda::simd;
 
-__mmask16 tail_mask(int remaining) {
-  return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
-}
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+inline f32x16 load16(const float* p) { return load(p); }
+inline f32x16 load16(const uint16_t* p) { return load_bf16(p); }
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
   const uint32_t bits = (uint32_t)x << 16;
@@ -41,12 +35,7 @@ inline float to_float(uint16_t x) {
 // n floats to bf16, rounding to nearest even (as torch's .bfloat16())
 void to_bf16(const float* x, uint16_t* out, int n) {
   int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x + i));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  }
+  for (; i + kLanes <= n; i += kLanes) store_bf16(out + i, load(x + i));
   for (; i < n; ++i) {
     uint32_t b;
     memcpy(&b, x + i, sizeof b);
@@ -85,13 +74,13 @@ void scores_of(const float* q, const T* k_cache, const T* v_cache, const int64_t
       prefetch(v_cache + rows[t + kAhead] + first, count);
     }
     for (int h = kv0; h < kv1; ++h) {
-      __m512 kr[C];
+      f32x16 kr[C];
       for (int c = 0; c < C; ++c) kr[c] = load16(k + (h * C + c) * kLanes);
       for (int head = h * group; head < (h + 1) * group; ++head) {
         const float* qh = q + head * C * kLanes;
-        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), kr[0]);
-        for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c * kLanes), kr[c], s);
-        const float score = _mm512_reduce_add_ps(s) * scale;
+        f32x16 s = mul(load(qh), kr[0]);
+        for (int c = 1; c < C; ++c) s = fmadd(load(qh + c * kLanes), kr[c], s);
+        const float score = reduce_add(s) * scale;
         scores[(size_t)head * len + t] = score;
         top[head] = score > top[head] ? score : top[head];
       }
@@ -103,18 +92,18 @@ void scores_of(const float* q, const T* k_cache, const T* v_cache, const int64_t
 void softmax_rows(float* scores, const float* top, int head0, int head1, int len) {
   for (int head = head0; head < head1; ++head) {
     float* row = scores + (size_t)head * len;
-    const __m512 shift = _mm512_set1_ps(top[head]);
-    __m512 sums = _mm512_setzero_ps();
+    const f32x16 shift = set1(top[head]);
+    f32x16 sums = zero();
     for (int t = 0; t < len; t += kLanes) {
-      const __mmask16 m = tail_mask(len - t);
-      const __m512 p = pagoda::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));
-      _mm512_mask_storeu_ps(row + t, m, p);
-      sums = _mm512_mask_add_ps(sums, m, sums, p);
+      const mask16 m = tail_mask(len - t);
+      const f32x16 p = pagoda::exp_ps(sub(load(m, row + t), shift));
+      store(row + t, m, p);
+      sums = add(sums, m, sums, p);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sums));
+    const f32x16 inv = set1(1.0f / reduce_add(sums));
     for (int t = 0; t < len; t += kLanes) {
-      const __mmask16 m = tail_mask(len - t);
-      _mm512_mask_storeu_ps(row + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + t), inv));
+      const mask16 m = tail_mask(len - t);
+      store(row + t, m, mul(load(m, row + t), inv));
     }
   }
 }
@@ -127,16 +116,16 @@ void weighted_values(const float* probs, const T* v_cache, const int64_t* rows, 
   for (int head = head0; head < head1; ++head) {
     const int h = head / group;
     const float* p = probs + (size_t)head * len;
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    f32x16 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = zero();
     for (int t = 0; t < len; ++t) {
       const T* v = v_cache + rows[t] + h * C * kLanes;
       if (head % group == 0 && t + kAhead < len)
         prefetch(v_cache + rows[t + kAhead] + h * C * kLanes, C * kLanes);
-      const __m512 pt = _mm512_set1_ps(p[t]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, load16(v + c * kLanes), acc[c]);
+      const f32x16 pt = set1(p[t]);
+      for (int c = 0; c < C; ++c) acc[c] = fmadd(pt, load16(v + c * kLanes), acc[c]);
     }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (head * C + c) * kLanes, acc[c]);
+    for (int c = 0; c < C; ++c) store(out + (head * C + c) * kLanes, acc[c]);
   }
 }
 
@@ -164,23 +153,26 @@ void decode_row(const float* q, const T* k_cache, const T* v_cache, const int32_
 //
 //   qt[d][lane] = q[lane][d] * scale      s[t][lane] = sum_d qt[d][lane] * k[t][d]
 //   o[d][lane]  = sum_t p[t][lane] * v[t][d], written back as out[lane][d]
+// keys scored, and output dimensions summed, per pass of the tile loops: accumulators that fit
+// in registers beside their operands (AVX2 has half the f32x16 registers of AVX-512)
+constexpr int kKeys = kRegisters == 32 ? 8 : 4;
+constexpr int kDims = kRegisters == 32 ? kLanes : 4;
+
 template <int C, int J, typename T>
 void score_keys(const float (*qt)[kLanes], const T* k_cache, const int64_t* rows, int t,
-                int base, float* s, __m512& top) {
-  __m512 acc[J];
-  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+                int base, float* s, f32x16& top) {
+  f32x16 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = zero();
   for (int d = 0; d < C * kLanes; ++d) {
-    const __m512 qd = _mm512_load_ps(qt[d]);
+    const f32x16 qd = load_aligned(qt[d]);
     for (int j = 0; j < J; ++j)
-      acc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(to_float(k_cache[rows[t + j] + d])), acc[j]);
+      acc[j] = fmadd(qd, set1(to_float(k_cache[rows[t + j] + d])), acc[j]);
   }
   for (int j = 0; j < J; ++j) {
     const int hidden = t + j - base;  // lanes below this one may not see key t + j yet
-    if (hidden > 0)
-      acc[j] = _mm512_mask_mov_ps(acc[j], (__mmask16)((1u << hidden) - 1),
-                                  _mm512_set1_ps(-INFINITY));
-    top = _mm512_max_ps(top, acc[j]);
-    _mm512_store_ps(s + (size_t)(t + j) * kLanes, acc[j]);
+    if (hidden > 0) acc[j] = select((mask16)((1u << hidden) - 1), acc[j], set1(-INFINITY));
+    top = max(top, acc[j]);
+    store_aligned(s + (size_t)(t + j) * kLanes, acc[j]);
   }
 }
 
@@ -192,32 +184,33 @@ void prefill_rows(const float (*qt)[kLanes], int count, int base, int len, const
   s_buf.resize((size_t)len * kLanes + kLanes);
   float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
 
-  __m512 top = _mm512_set1_ps(-INFINITY);
+  f32x16 top = set1(-INFINITY);
   int t = 0;
-  for (; t + 8 <= len; t += 8) score_keys<C, 8, T>(qt, k_cache, rows, t, base, s, top);
+  for (; t + kKeys <= len; t += kKeys) score_keys<C, kKeys, T>(qt, k_cache, rows, t, base, s, top);
   for (; t < len; ++t) score_keys<C, 1, T>(qt, k_cache, rows, t, base, s, top);
 
-  __m512 sums = _mm512_setzero_ps();
+  f32x16 sums = zero();
   for (t = 0; t < len; ++t) {
-    __m512 p = pagoda::exp_ps(_mm512_sub_ps(_mm512_load_ps(s + (size_t)t * kLanes), top));
+    f32x16 p = pagoda::exp_ps(sub(load_aligned(s + (size_t)t * kLanes), top));
     const int hidden = t - base;
-    if (hidden > 0) p = _mm512_maskz_mov_ps((__mmask16)~((1u << hidden) - 1), p);
-    sums = _mm512_add_ps(sums, p);
-    _mm512_store_ps(s + (size_t)t * kLanes, p);
+    if (hidden > 0) p = zero_unless((mask16)~((1u << hidden) - 1), p);
+    sums = add(sums, p);
+    store_aligned(s + (size_t)t * kLanes, p);
   }
-  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sums);
+  const f32x16 inv = div(set1(1.0f), sums);
 
   alignas(64) float o[kLanes][kLanes];  // o[j][lane]: dimension c * 16 + j of each row
   for (int c = 0; c < C; ++c) {
-    __m512 acc[kLanes];
-    for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
-    for (t = 0; t < len; ++t) {
-      const __m512 p = _mm512_load_ps(s + (size_t)t * kLanes);
-      const T* v = v_cache + rows[t] + c * kLanes;
-      for (int j = 0; j < kLanes; ++j)
-        acc[j] = _mm512_fmadd_ps(p, _mm512_set1_ps(to_float(v[j])), acc[j]);
+    for (int j0 = 0; j0 < kLanes; j0 += kDims) {
+      f32x16 acc[kDims];
+      for (int j = 0; j < kDims; ++j) acc[j] = zero();
+      for (t = 0; t < len; ++t) {
+        const f32x16 p = load_aligned(s + (size_t)t * kLanes);
+        const T* v = v_cache + rows[t] + c * kLanes + j0;
+        for (int j = 0; j < kDims; ++j) acc[j] = fmadd(p, set1(to_float(v[j])), acc[j]);
+      }
+      for (int j = 0; j < kDims; ++j) store_aligned(o[j0 + j], mul(acc[j], inv));
     }
-    for (int j = 0; j < kLanes; ++j) _mm512_store_ps(o[j], _mm512_mul_ps(acc[j], inv));
     for (int i = 0; i < count; ++i)
       for (int j = 0; j < kLanes; ++j) out[i * out_stride + c * kLanes + j] = o[j][i];
   }
@@ -273,8 +266,8 @@ struct WideContext {
       pagoda::token_rows(table, len, block_size, token_stride, (int64_t)head * D, cache_rows);
       for (int t = done[head]; t < len; ++t)
         for (int d = 0; d < D; d += kLanes) {
-          _mm512_storeu_ps(kw + (size_t)t * D + d, load16(cache + cache_rows[t] + d));
-          _mm512_storeu_ps(vw + (size_t)t * D + d, load16(other_cache + cache_rows[t] + d));
+          store(kw + (size_t)t * D + d, load16(cache + cache_rows[t] + d));
+          store(vw + (size_t)t * D + d, load16(other_cache + cache_rows[t] + d));
         }
       done[head] = len;
     }

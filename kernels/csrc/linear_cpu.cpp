@@ -1,4 +1,4 @@
-// fp32 y = x @ W^T (+ bias) on CPUs with AVX-512, W packed once after loading.
+// fp32 y = x @ W^T (+ bias) on CPUs with AVX-512 or AVX2, W packed once after loading.
 //
 // Packed layout: W [N, K] (row-major, as nn.Linear keeps it) becomes panels of 32 output
 // columns; a panel holds its K rows of 32 floats one after another, zero-padded past N:
@@ -6,18 +6,26 @@
 //   packed[p][k][j] = W[32 p + j][k]        p < ceil(N / 32), k < K, j < 32
 //
 // A call streams each panel once from memory while up to 12 rows of x against it accumulate
-// in 24 zmm registers. Each output is one fused multiply-add chain over k = 0 .. K-1 in
+// in 24 zmm registers (AVX2: 3 rows in 12 ymm). Each output is one fused multiply-add chain over k = 0 .. K-1 in
 // order, whatever M is, so a row's result does not depend on the rows batched with it.
 //
 // Why not MKL: at the M of a decode step (1-64 rows) it reaches 40-55% of the FMA peak here,
 // where this reaches 65-75% by overlapping the weight stream with the arithmetic.
-#include <immintrin.h>
 #include <stdint.h>
+
+#include <array>
+#include <utility>
+
+#include "simd.h"
 
 namespace {
 
+using namespace pagoda::simd;
+
 constexpr int kPanel = 32;
-constexpr int kMaxRows = 12;
+// rows of x per pass over a panel: two accumulators a row, beside the panel's row and x's
+// broadcast (AVX-512: 24 of 32 registers; AVX2: 12 of 16)
+constexpr int kMaxRows = kRegisters == 32 ? 12 : 3;
 
 // Rows [0, R) of x against one panel. `prefetch` (or null) points into the next panel: this
 // call pulls one of its k rows into L2 every `prefetch_every` steps, so that the row blocks of
@@ -26,11 +34,11 @@ template <int R>
 void rows_times_panel(const float* x, int64_t ldx, const float* panel, const float* bias,
                       float* y, int64_t ldy, int K, int cols, const float* prefetch,
                       int prefetch_every) {
-  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
-  const __mmask16 mask_hi = cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
-  const __m512 bias_lo = bias ? _mm512_maskz_loadu_ps(mask_lo, bias) : _mm512_setzero_ps();
-  const __m512 bias_hi = bias ? _mm512_maskz_loadu_ps(mask_hi, bias + 16) : _mm512_setzero_ps();
-  __m512 lo[R], hi[R];
+  const mask16 mask_lo = tail_mask(cols);
+  const mask16 mask_hi = cols <= 16 ? 0 : (mask16)((1u << (cols - 16)) - 1);
+  const f32x16 bias_lo = bias ? load(mask_lo, bias) : zero();
+  const f32x16 bias_hi = bias ? load(mask_hi, bias + 16) : zero();
+  f32x16 lo[R], hi[R];
   for (int i = 0; i < R; ++i) {
     lo[i] = bias_lo;
     hi[i] = bias_hi;
@@ -45,39 +53,30 @@ void rows_times_panel(const float* x, int64_t ldx, const float* panel, const flo
     }
     const int k1 = k0 + prefetch_every < K ? k0 + prefetch_every : K;
     for (int k = k0; k < k1; ++k) {
-      const __m512 w_lo = _mm512_loadu_ps(panel + (int64_t)k * kPanel);
-      const __m512 w_hi = _mm512_loadu_ps(panel + (int64_t)k * kPanel + 16);
+      const f32x16 w_lo = load(panel + (int64_t)k * kPanel);
+      const f32x16 w_hi = load(panel + (int64_t)k * kPanel + 16);
       for (int i = 0; i < R; ++i) {
-        const __m512 a = _mm512_set1_ps(x[i * ldx + k]);
-        lo[i] = _mm512_fmadd_ps(a, w_lo, lo[i]);
-        hi[i] = _mm512_fmadd_ps(a, w_hi, hi[i]);
+        const f32x16 a = set1(x[i * ldx + k]);
+        lo[i] = fmadd(a, w_lo, lo[i]);
+        hi[i] = fmadd(a, w_hi, hi[i]);
       }
     }
   }
   for (int i = 0; i < R; ++i) {
-    _mm512_mask_storeu_ps(y + i * ldy, mask_lo, lo[i]);
-    _mm512_mask_storeu_ps(y + i * ldy + 16, mask_hi, hi[i]);
+    store(y + i * ldy, mask_lo, lo[i]);
+    store(y + i * ldy + 16, mask_hi, hi[i]);
   }
 }
 
 using RowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int,
                         int, const float*, int);
 
-constexpr RowsFn kRowsFns[kMaxRows + 1] = {
-    nullptr,
-    rows_times_panel<1>,
-    rows_times_panel<2>,
-    rows_times_panel<3>,
-    rows_times_panel<4>,
-    rows_times_panel<5>,
-    rows_times_panel<6>,
-    rows_times_panel<7>,
-    rows_times_panel<8>,
-    rows_times_panel<9>,
-    rows_times_panel<10>,
-    rows_times_panel<11>,
-    rows_times_panel<12>,
-};
+// kRowsFns[r] = rows_times_panel<r> for r = 1 .. kMaxRows
+template <int... R>
+constexpr std::array<RowsFn, kMaxRows + 1> rows_fns(std::integer_sequence<int, R...>) {
+  return {nullptr, rows_times_panel<R + 1>...};
+}
+constexpr auto kRowsFns = rows_fns(std::make_integer_sequence<int, kMaxRows>());
 
 }  // namespace
 

@@ -1,0 +1,202 @@
+// The CPU kernels' vector: 16 fp32 lanes and a 16-bit lane mask, so that one kernel source
+// builds for AVX-512 and for AVX2 (with FMA and F16C, which every AVX2 server CPU has).
+//
+//   AVX-512: f32x16 is one zmm register, mask16 a k register, and every operation below is
+//            the one intrinsic it wraps: the kernels compile to the same code as when they
+//            were written with the intrinsics directly.
+//   AVX2:    f32x16 is two ymm registers {lanes 0-7, lanes 8-15}, run one after the other;
+//            mask16 is a plain 16-bit integer, widened to lane masks for vmaskmov (which, like
+//            AVX-512's masked loads, leaves masked-off memory untouched, so a row's tail may
+//            end at a page's end).
+//
+// A kernel keeps as many f32x16 live as its loops need; on AVX2 that is twice the registers
+// (16 ymm against 32 zmm), so register-blocked loops take their block size from kRegisters.
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+
+#define PAGODA_INLINE inline __attribute__((always_inline))
+
+namespace pagoda::simd {
+
+constexpr int kLanes = 16;
+
+#if defined(__AVX512F__)
+
+constexpr int kRegisters = 32;  // f32x16 values that fit in registers
+using f32x16 = __m512;
+using mask16 = __mmask16;
+
+PAGODA_INLINE f32x16 zero() { return _mm512_setzero_ps(); }
+PAGODA_INLINE f32x16 set1(float x) { return _mm512_set1_ps(x); }
+PAGODA_INLINE f32x16 load(const float* p) { return _mm512_loadu_ps(p); }
+PAGODA_INLINE f32x16 load_aligned(const float* p) { return _mm512_load_ps(p); }
+PAGODA_INLINE f32x16 load(mask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+PAGODA_INLINE void store(float* p, f32x16 x) { _mm512_storeu_ps(p, x); }
+PAGODA_INLINE void store_aligned(float* p, f32x16 x) { _mm512_store_ps(p, x); }
+PAGODA_INLINE void store(float* p, mask16 m, f32x16 x) { _mm512_mask_storeu_ps(p, m, x); }
+
+PAGODA_INLINE f32x16 add(f32x16 a, f32x16 b) { return _mm512_add_ps(a, b); }
+PAGODA_INLINE f32x16 sub(f32x16 a, f32x16 b) { return _mm512_sub_ps(a, b); }
+PAGODA_INLINE f32x16 mul(f32x16 a, f32x16 b) { return _mm512_mul_ps(a, b); }
+PAGODA_INLINE f32x16 div(f32x16 a, f32x16 b) { return _mm512_div_ps(a, b); }
+PAGODA_INLINE f32x16 max(f32x16 a, f32x16 b) { return _mm512_max_ps(a, b); }
+PAGODA_INLINE f32x16 min(f32x16 a, f32x16 b) { return _mm512_min_ps(a, b); }
+PAGODA_INLINE f32x16 fmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+PAGODA_INLINE f32x16 fnmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fnmadd_ps(a, b, c); }
+// a + b in the lanes of m, src elsewhere
+PAGODA_INLINE f32x16 add(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return _mm512_mask_add_ps(src, m, a, b);
+}
+// b in the lanes of m, a elsewhere; a in the lanes of m, 0 elsewhere
+PAGODA_INLINE f32x16 select(mask16 m, f32x16 a, f32x16 b) { return _mm512_mask_mov_ps(a, m, b); }
+PAGODA_INLINE f32x16 zero_unless(mask16 m, f32x16 a) { return _mm512_maskz_mov_ps(m, a); }
+
+PAGODA_INLINE float reduce_add(f32x16 x) { return _mm512_reduce_add_ps(x); }
+PAGODA_INLINE float reduce_max(f32x16 x) { return _mm512_reduce_max_ps(x); }
+
+// x rounded to the nearest integer (ties to even); p * 2^n for integral n
+PAGODA_INLINE f32x16 round_nearest(f32x16 x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+PAGODA_INLINE f32x16 times_pow2(f32x16 p, f32x16 n) { return _mm512_scalef_ps(p, n); }
+
+// 16 bf16 values (the upper halves of fp32s) widened to fp32
+PAGODA_INLINE f32x16 load_bf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+// x rounded to the nearest bf16, ties to even (as torch's .bfloat16()); no NaNs come here
+PAGODA_INLINE void store_bf16(uint16_t* p, f32x16 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+#else  // AVX2
+
+constexpr int kRegisters = 8;
+struct f32x16 {
+  __m256 lo, hi;
+};
+using mask16 = uint16_t;  // bit i: lane i
+
+// the 8 lanes whose bits are set in `bits`, as all-ones 32-bit lanes
+PAGODA_INLINE __m256i lanes(unsigned bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
+}
+PAGODA_INLINE __m256 lanes_ps(unsigned bits) { return _mm256_castsi256_ps(lanes(bits)); }
+
+PAGODA_INLINE f32x16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+PAGODA_INLINE f32x16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+PAGODA_INLINE f32x16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+PAGODA_INLINE f32x16 load_aligned(const float* p) {
+  return {_mm256_load_ps(p), _mm256_load_ps(p + 8)};
+}
+PAGODA_INLINE f32x16 load(mask16 m, const float* p) {
+  return {_mm256_maskload_ps(p, lanes(m & 0xFF)), _mm256_maskload_ps(p + 8, lanes(m >> 8))};
+}
+PAGODA_INLINE void store(float* p, f32x16 x) {
+  _mm256_storeu_ps(p, x.lo);
+  _mm256_storeu_ps(p + 8, x.hi);
+}
+PAGODA_INLINE void store_aligned(float* p, f32x16 x) {
+  _mm256_store_ps(p, x.lo);
+  _mm256_store_ps(p + 8, x.hi);
+}
+PAGODA_INLINE void store(float* p, mask16 m, f32x16 x) {
+  _mm256_maskstore_ps(p, lanes(m & 0xFF), x.lo);
+  _mm256_maskstore_ps(p + 8, lanes(m >> 8), x.hi);
+}
+
+#define PAGODA_LANEWISE(name, op)                                           \
+  PAGODA_INLINE f32x16 name(f32x16 a, f32x16 b) {                           \
+    return {op(a.lo, b.lo), op(a.hi, b.hi)};                                \
+  }
+PAGODA_LANEWISE(add, _mm256_add_ps)
+PAGODA_LANEWISE(sub, _mm256_sub_ps)
+PAGODA_LANEWISE(mul, _mm256_mul_ps)
+PAGODA_LANEWISE(div, _mm256_div_ps)
+PAGODA_LANEWISE(max, _mm256_max_ps)
+PAGODA_LANEWISE(min, _mm256_min_ps)
+#undef PAGODA_LANEWISE
+PAGODA_INLINE f32x16 fmadd(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+PAGODA_INLINE f32x16 fnmadd(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+PAGODA_INLINE f32x16 select(mask16 m, f32x16 a, f32x16 b) {
+  return {_mm256_blendv_ps(a.lo, b.lo, lanes_ps(m & 0xFF)),
+          _mm256_blendv_ps(a.hi, b.hi, lanes_ps(m >> 8))};
+}
+PAGODA_INLINE f32x16 add(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return select(m, src, add(a, b));
+}
+PAGODA_INLINE f32x16 zero_unless(mask16 m, f32x16 a) {
+  return {_mm256_and_ps(a.lo, lanes_ps(m & 0xFF)), _mm256_and_ps(a.hi, lanes_ps(m >> 8))};
+}
+
+// the same tree as GCC's _mm512_reduce_add_ps (halves, quarters, pairs), so the same bits
+PAGODA_INLINE float reduce_add(f32x16 x) {
+  const __m256 h = _mm256_add_ps(x.hi, x.lo);
+  const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(p) + _mm_cvtss_f32(_mm_shuffle_ps(p, p, 1));
+}
+PAGODA_INLINE float reduce_max(f32x16 x) {
+  const __m256 h = _mm256_max_ps(x.hi, x.lo);
+  const __m128 q = _mm_max_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_max_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  const float a = _mm_cvtss_f32(p), b = _mm_cvtss_f32(_mm_shuffle_ps(p, p, 1));
+  return a > b ? a : b;
+}
+
+PAGODA_INLINE f32x16 round_nearest(f32x16 x) {
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(x.lo, mode), _mm256_round_ps(x.hi, mode)};
+}
+// p * 2^n for integral n in [-252, 254], as two exact power-of-two factors 2^(n/2) (each a
+// normal float): rounded once, where the product leaves the normal range, as vscalefps rounds
+PAGODA_INLINE __m256 times_pow2(__m256 p, __m256 n) {
+  const __m256i whole = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(whole, 1);
+  const __m256i rest = _mm256_sub_epi32(whole, half);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+PAGODA_INLINE f32x16 times_pow2(f32x16 p, f32x16 n) {
+  return {times_pow2(p.lo, n.lo), times_pow2(p.hi, n.hi)};
+}
+
+PAGODA_INLINE __m256 widen_bf16(__m128i eight) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(eight), 16));
+}
+PAGODA_INLINE f32x16 load_bf16(const uint16_t* p) {
+  return {widen_bf16(_mm_loadu_si128((const __m128i*)p)),
+          widen_bf16(_mm_loadu_si128((const __m128i*)(p + 8)))};
+}
+PAGODA_INLINE __m256i round_bf16(__m256 x) {  // the bf16 in the lower half of each lane
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_srli_epi32(r, 16);
+}
+PAGODA_INLINE void store_bf16(uint16_t* p, f32x16 x) {
+  // packus interleaves 128-bit halves: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> lane order
+  const __m256i packed = _mm256_packus_epi32(round_bf16(x.lo), round_bf16(x.hi));
+  _mm256_storeu_si256((__m256i*)p, _mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+#endif
+
+// the first `remaining` lanes (all 16 from 16 on)
+PAGODA_INLINE mask16 tail_mask(int remaining) {
+  return remaining >= kLanes ? (mask16)0xFFFF : (mask16)((1u << remaining) - 1);
+}
+
+}  // namespace pagoda::simd

@@ -22,7 +22,7 @@ from tests.serving import Server
 MODEL = "tiny-llama"
 KEY = "sk-operations-key"
 COMMON = ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "512"]
-HAS_CPU_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+HAS_CPU_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AMX")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_weights_loading_logs_lines_not_a_bar(json_server):
     assert any(re.fullmatch(r"Loading weights: \d+ tensors in [\d.]+ s", m) for m in messages)
 
 
-@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the C++ kernels need AVX-512")
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="the C++ kernels need AVX2 or AVX-512")
 def test_cpu_kernel_builds_are_logged(json_server):
     messages = [e["message"] for e in json_lines(json_server)]
     for name in ("attention_cpu", "elementwise_cpu", "linear_cpu"):

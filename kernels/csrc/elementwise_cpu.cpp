@@ -1,8 +1,7 @@
-// The per-token elementwise ops of a decoder layer, fp32, AVX-512. At decode batch sizes torch
+// The per-token elementwise ops of a decoder layer, fp32, AVX-512 or AVX2 (simd.h). At decode batch sizes torch
 // spends most of their time dispatching its 3-8 small ops each; one pass here does the same
 // arithmetic in a few microseconds. And an encoder's residual add and LayerNorm in bf16, and the
 // sampler's reductions over rows of the vocabulary.
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -10,64 +9,63 @@
 #include <functional>
 #include <vector>
 
+#include "simd.h"
 #include "vec_math.h"
 
 namespace {
 
-constexpr int kLanes = 16;
+using namespace pagoda::simd;
 
 // Rows are split between threads only when there is enough work to pay for waking them.
 constexpr int64_t kParallelFloats = 1 << 14;
 
-__mmask16 tail_mask(int remaining) {
-  return remaining >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
-}
+alignas(64) constexpr float kLaneIndices[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 // Vector passes over a row for the sampler's selections: how many values, and how much mass,
 // lie at or above a threshold; and those values, compressed into out (returns their count).
 int64_t count_at_least(const float* x, int V, float tau) {
-  const __m512 t = _mm512_set1_ps(tau);
+  const f32x16 t = set1(tau);
   int64_t n = 0;
   for (int i = 0; i < V; i += kLanes) {
-    const __mmask16 m = tail_mask(V - i);
-    n += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + i), t, _CMP_GE_OQ));
+    const mask16 m = tail_mask(V - i);
+    n += __builtin_popcount(at_least(m, load(m, x + i), t));
   }
   return n;
 }
 
 double mass_at_least(const float* x, int V, float tau) {
-  const __m512 t = _mm512_set1_ps(tau);
-  __m512 sum = _mm512_setzero_ps();
+  const f32x16 t = set1(tau);
+  f32x16 sum = zero();
   for (int i = 0; i < V; i += kLanes) {
-    const __mmask16 m = tail_mask(V - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    sum = _mm512_mask_add_ps(sum, _mm512_mask_cmp_ps_mask(m, v, t, _CMP_GE_OQ), sum, v);
+    const mask16 m = tail_mask(V - i);
+    const f32x16 v = load(m, x + i);
+    sum = add(sum, at_least(m, v, t), sum, v);
   }
-  return _mm512_reduce_add_ps(sum);
+  return reduce_add(sum);
 }
 
 // the smallest value above -inf and the largest (inf and -inf when there is none)
 void finite_range(const float* x, int V, float* lo, float* hi) {
-  __m512 small = _mm512_set1_ps(INFINITY), large = _mm512_set1_ps(-INFINITY);
+  f32x16 small = set1(INFINITY), large = set1(-INFINITY);
   for (int i = 0; i < V; i += kLanes) {
-    const __mmask16 m = tail_mask(V - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __mmask16 finite = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
-    small = _mm512_mask_min_ps(small, finite, small, v);
-    large = _mm512_mask_max_ps(large, finite, large, v);
+    const mask16 m = tail_mask(V - i);
+    const f32x16 v = load(m, x + i);
+    const mask16 finite = greater(m, v, set1(-INFINITY));
+    small = min(small, finite, small, v);
+    large = max(large, finite, large, v);
   }
-  *lo = _mm512_reduce_min_ps(small);
-  *hi = _mm512_reduce_max_ps(large);
+  *lo = reduce_min(small);
+  *hi = reduce_max(large);
 }
 
 int compress_at_least(const float* x, int V, float tau, float* out) {
-  const __m512 t = _mm512_set1_ps(tau);
+  const f32x16 t = set1(tau);
   int n = 0;
   for (int i = 0; i < V; i += kLanes) {
-    const __mmask16 m = tail_mask(V - i);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, v, t, _CMP_GE_OQ);
-    _mm512_mask_compressstoreu_ps(out + n, keep, v);
+    const mask16 m = tail_mask(V - i);
+    const f32x16 v = load(m, x + i);
+    const mask16 keep = at_least(m, v, t);
+    compress_store(out + n, keep, v);
     n += __builtin_popcount(keep);
   }
   return n;
@@ -112,27 +110,6 @@ float top_p_select(float* v, size_t n, double top_p) {
   return -1.0f;
 }
 
-// the bf16 kernel's 16-bit loads and stores (every CPU torch counts as AVX512 has them)
-#pragma GCC push_options
-#pragma GCC target("avx512bw,avx512vl")
-inline __m512 load_bf16(__mmask16 m, const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// fp32 rounded to the nearest bf16, ties to even (as torch's .bfloat16()), in the upper half
-// of the lanes; no NaNs come here
-inline __m512i round_bf16(__m512 x) {
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000));
-}
-inline void store_bf16(uint16_t* p, __mmask16 m, __m512 x) {
-  const __m512i r = _mm512_srli_epi32(round_bf16(x), 16);
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
-}
-#pragma GCC pop_options
 
 }  // namespace
 
@@ -141,7 +118,7 @@ extern "C" {
 // out = layer_norm(x + residual) * weight + bias over rows of H, all bf16 and contiguous [T, H]
 // (residual, weight, bias may be null), the sum and the statistics in fp32, as torch's bf16
 // LayerNorm computes them.
-__attribute__((target("avx512bw,avx512vl"))) void pagoda_add_layer_norm_bf16(
+PAGODA_BF16_TAILS void pagoda_add_layer_norm_bf16(
     const uint16_t* x, const uint16_t* residual, const uint16_t* weight, const uint16_t* bias,
     uint16_t* out, int T, int H, float eps, int threads) {
 #pragma omp parallel num_threads(threads) if ((int64_t)T * H >= kParallelFloats)
@@ -151,29 +128,29 @@ __attribute__((target("avx512bw,avx512vl"))) void pagoda_add_layer_norm_bf16(
     for (int t = 0; t < T; ++t) {
       const uint16_t* xt = x + (int64_t)t * H;
       const uint16_t* rt = residual ? residual + (int64_t)t * H : nullptr;
-      __m512 sum = _mm512_setzero_ps();
+      f32x16 sum = zero();
       for (int i = 0; i < H; i += kLanes) {
-        const __mmask16 m = tail_mask(H - i);
-        __m512 v = load_bf16(m, xt + i);
+        const mask16 m = tail_mask(H - i);
+        f32x16 v = load_bf16(m, xt + i);
         // the sum rounded to bf16, as torch's bf16 add leaves it for its LayerNorm
-        if (rt) v = _mm512_castsi512_ps(round_bf16(_mm512_add_ps(v, load_bf16(m, rt + i))));
-        _mm512_mask_storeu_ps(&row[i], m, v);
-        sum = _mm512_add_ps(sum, v);
+        if (rt) v = round_bf16(add(v, load_bf16(m, rt + i)));
+        store(&row[i], m, v);
+        sum = add(sum, v);
       }
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / H);
-      __m512 squares = _mm512_setzero_ps();
+      const f32x16 mean = set1(reduce_add(sum) / H);
+      f32x16 squares = zero();
       for (int i = 0; i < H; i += kLanes) {
-        const __mmask16 m = tail_mask(H - i);
-        const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, &row[i]), mean);
-        squares = _mm512_fmadd_ps(d, d, squares);
+        const mask16 m = tail_mask(H - i);
+        const f32x16 d = zero_unless(m, sub(load(m, &row[i]), mean));
+        squares = fmadd(d, d, squares);
       }
-      const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / H + eps));
+      const f32x16 inv = set1(1.0f / sqrtf(reduce_add(squares) / H + eps));
       uint16_t* ot = out + (int64_t)t * H;
       for (int i = 0; i < H; i += kLanes) {
-        const __mmask16 m = tail_mask(H - i);
-        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, &row[i]), mean), inv);
-        if (weight) v = _mm512_mul_ps(v, load_bf16(m, weight + i));
-        if (bias) v = _mm512_add_ps(v, load_bf16(m, bias + i));
+        const mask16 m = tail_mask(H - i);
+        f32x16 v = mul(sub(load(m, &row[i]), mean), inv);
+        if (weight) v = mul(v, load_bf16(m, weight + i));
+        if (bias) v = add(v, load_bf16(m, bias + i));
         store_bf16(ot + i, m, v);
       }
     }
@@ -188,19 +165,18 @@ void pagoda_argmax_rows(const float* x, int64_t x_stride, int64_t* out, int T, i
 #pragma omp parallel for num_threads(threads) if ((int64_t)T * V >= kParallelFloats)
   for (int t = 0; t < T; ++t) {
     const float* row = x + t * x_stride;
-    // per lane: its largest value so far and where (a strict > keeps the first of equal ones)
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __m512i where = _mm512_setzero_si512(), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
-                                                                     9, 10, 11, 12, 13, 14, 15);
-    __mmask16 nan = 0;
+    // per lane: its largest value so far and where (a strict > keeps the first of equal ones),
+    // the index as a float, exact below 2^24 (a vocabulary is far smaller)
+    f32x16 best = set1(-INFINITY), where = zero(), at = load(kLaneIndices);
+    mask16 nan = 0;
     for (int i = 0; i < V; i += kLanes) {
-      const __mmask16 m = tail_mask(V - i);
-      const __m512 v = _mm512_mask_loadu_ps(best, m, row + i);
-      const __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      best = _mm512_mask_mov_ps(best, larger, v);
-      where = _mm512_mask_mov_epi32(where, larger, at);
-      at = _mm512_add_epi32(at, _mm512_set1_epi32(kLanes));
+      const mask16 m = tail_mask(V - i);
+      const f32x16 v = select(m, best, load(m, row + i));
+      const mask16 larger = greater(0xFFFF, v, best);
+      nan |= is_nan(v);
+      best = select(larger, best, v);
+      where = select(larger, where, at);
+      at = add(at, set1((float)kLanes));
     }
     if (nan) {
       int i = 0;
@@ -208,9 +184,8 @@ void pagoda_argmax_rows(const float* x, int64_t x_stride, int64_t* out, int T, i
       out[t] = i;
       continue;
     }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-    const __mmask16 tops = _mm512_cmp_ps_mask(best, top, _CMP_EQ_OQ);
-    out[t] = _mm512_mask_reduce_min_epi32(tops, where);
+    const mask16 tops = equal(best, set1(reduce_max(best)));
+    out[t] = (int64_t)reduce_min(select(tops, set1(INFINITY), where));
   }
 }
 
@@ -223,21 +198,21 @@ void pagoda_rms_norm(const float* x, int64_t x_stride, const float* residual, co
     const float* xt = x + t * x_stride;
     const float* rt = residual ? residual + (int64_t)t * H : nullptr;
     float* nt = new_residual ? new_residual + (int64_t)t * H : nullptr;
-    __m512 squares = _mm512_setzero_ps();
+    f32x16 squares = zero();
     for (int i = 0; i < H; i += kLanes) {
-      const __mmask16 m = tail_mask(H - i);
-      __m512 v = _mm512_maskz_loadu_ps(m, xt + i);
-      if (rt) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rt + i));
-      if (nt) _mm512_mask_storeu_ps(nt + i, m, v);
-      squares = _mm512_fmadd_ps(v, v, squares);
+      const mask16 m = tail_mask(H - i);
+      f32x16 v = load(m, xt + i);
+      if (rt) v = add(v, load(m, rt + i));
+      if (nt) store(nt + i, m, v);
+      squares = fmadd(v, v, squares);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / H + eps));
+    const f32x16 inv = set1(1.0f / sqrtf(reduce_add(squares) / H + eps));
     const float* src = nt ? nt : xt;
     float* ot = out + (int64_t)t * H;
     for (int i = 0; i < H; i += kLanes) {
-      const __mmask16 m = tail_mask(H - i);
-      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + i), inv);
-      _mm512_mask_storeu_ps(ot + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + i), v));
+      const mask16 m = tail_mask(H - i);
+      const f32x16 v = mul(load(m, src + i), inv);
+      store(ot + i, m, mul(load(m, weight + i), v));
     }
   }
 }
@@ -251,10 +226,8 @@ void pagoda_silu_and_mul(const float* x, int64_t x_stride, float* out, int T, in
     const float* up = gate + I;
     float* ot = out + (int64_t)t * I;
     for (int i = 0; i < I; i += kLanes) {
-      const __mmask16 m = tail_mask(I - i);
-      const __m512 h = pagoda::silu_mul(_mm512_maskz_loadu_ps(m, gate + i),
-                                        _mm512_maskz_loadu_ps(m, up + i));
-      _mm512_mask_storeu_ps(ot + i, m, h);
+      const mask16 m = tail_mask(I - i);
+      store(ot + i, m, pagoda::silu_mul(load(m, gate + i), load(m, up + i)));
     }
   }
 }
@@ -272,15 +245,13 @@ void pagoda_rotary(const float* x, int64_t x_stride_t, int64_t x_stride_h, const
       const float* xh = x + t * x_stride_t + h * x_stride_h;
       float* oh = out + ((int64_t)t * H + h) * D;
       for (int i = 0; i < half; i += kLanes) {
-        const __mmask16 m = tail_mask(half - i);
-        const __m512 lo = _mm512_maskz_loadu_ps(m, xh + i);
-        const __m512 hi = _mm512_maskz_loadu_ps(m, xh + half + i);
-        const __m512 lo_out = _mm512_fnmadd_ps(hi, _mm512_maskz_loadu_ps(m, s + i),
-                                               _mm512_mul_ps(lo, _mm512_maskz_loadu_ps(m, c + i)));
-        const __m512 hi_out = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(m, s + half + i),
-                                              _mm512_mul_ps(hi, _mm512_maskz_loadu_ps(m, c + half + i)));
-        _mm512_mask_storeu_ps(oh + i, m, lo_out);
-        _mm512_mask_storeu_ps(oh + half + i, m, hi_out);
+        const mask16 m = tail_mask(half - i);
+        const f32x16 lo = load(m, xh + i);
+        const f32x16 hi = load(m, xh + half + i);
+        const f32x16 lo_out = fnmadd(hi, load(m, s + i), mul(lo, load(m, c + i)));
+        const f32x16 hi_out = fmadd(lo, load(m, s + half + i), mul(hi, load(m, c + half + i)));
+        store(oh + i, m, lo_out);
+        store(oh + half + i, m, hi_out);
       }
     }
   }
@@ -372,21 +343,21 @@ void pagoda_sample_rows(const float* x, int64_t x_stride, const float* temperatu
       const float* row = x + t * x_stride;
       float lo, top;
       finite_range(row, V, &lo, &top);
-      const __m512 shift = _mm512_set1_ps(top), inv = _mm512_set1_ps(1.0f / temperature[t]);
+      const f32x16 shift = set1(top), inv = set1(1.0f / temperature[t]);
       double total = 0.0;
       for (int i = 0; i < V; i += kLanes) {
-        const __mmask16 m = tail_mask(V - i);
-        const __m512 v = _mm512_maskz_loadu_ps(m, row + i);
-        const __mmask16 finite = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
-        const __m512 p = _mm512_maskz_mov_ps(finite, pagoda::exp_ps(_mm512_mul_ps(_mm512_sub_ps(v, shift), inv)));
-        _mm512_storeu_ps(&e[i], p);
-        total += _mm512_reduce_add_ps(p);
+        const mask16 m = tail_mask(V - i);
+        const f32x16 v = load(m, row + i);
+        const mask16 finite = greater(m, v, set1(-INFINITY));
+        const f32x16 p = zero_unless(finite, pagoda::exp_ps(mul(sub(v, shift), inv)));
+        store(&e[i], p);
+        total += reduce_add(p);
       }
       const double target = uniform[t] * total;
       double run = 0.0;
       int64_t token = -1;
       for (int i = 0; i < V && token < 0; i += kLanes) {
-        const double block = _mm512_reduce_add_ps(_mm512_loadu_ps(&e[i]));
+        const double block = reduce_add(load(&e[i]));
         if (run + block <= target) {
           run += block;
           continue;

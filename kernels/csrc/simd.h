@@ -74,6 +74,47 @@ PAGODA_INLINE void store_bf16(uint16_t* p, f32x16 x) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
+// lanes of m where a >= b, a > b, a == b (ordered: false where either is NaN); lanes that are NaN
+PAGODA_INLINE mask16 at_least(mask16 m, f32x16 a, f32x16 b) {
+  return _mm512_mask_cmp_ps_mask(m, a, b, _CMP_GE_OQ);
+}
+PAGODA_INLINE mask16 greater(mask16 m, f32x16 a, f32x16 b) {
+  return _mm512_mask_cmp_ps_mask(m, a, b, _CMP_GT_OQ);
+}
+PAGODA_INLINE mask16 equal(f32x16 a, f32x16 b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+PAGODA_INLINE mask16 is_nan(f32x16 a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+// min, max of a and b in the lanes of m, src elsewhere
+PAGODA_INLINE f32x16 min(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return _mm512_mask_min_ps(src, m, a, b);
+}
+PAGODA_INLINE f32x16 max(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return _mm512_mask_max_ps(src, m, a, b);
+}
+PAGODA_INLINE float reduce_min(f32x16 x) { return _mm512_reduce_min_ps(x); }
+// the lanes of m, stored one after another from p
+PAGODA_INLINE void compress_store(float* p, mask16 m, f32x16 x) {
+  _mm512_mask_compressstoreu_ps(p, m, x);
+}
+
+// bf16 rows' tails: 16-bit masked moves (AVX512BW and VL, which every CPU with AVX512 in torch's
+// sense has); callers carry PAGODA_BF16_TAILS themselves
+#define PAGODA_BF16_TAILS __attribute__((target("avx512bw,avx512vl")))
+PAGODA_BF16_TAILS PAGODA_INLINE f32x16 load_bf16(mask16 m, const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+// x rounded to the nearest bf16 (ties to even), kept as fp32 (the low half zero)
+PAGODA_INLINE f32x16 round_bf16(f32x16 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+PAGODA_BF16_TAILS PAGODA_INLINE void store_bf16(uint16_t* p, mask16 m, f32x16 x) {
+  const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(x)), 16);
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
 #else  // AVX2
 
 constexpr int kRegisters = 8;
@@ -190,6 +231,56 @@ PAGODA_INLINE void store_bf16(uint16_t* p, f32x16 x) {
   // packus interleaves 128-bit halves: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> lane order
   const __m256i packed = _mm256_packus_epi32(round_bf16(x.lo), round_bf16(x.hi));
   _mm256_storeu_si256((__m256i*)p, _mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// a lane mask from two 8-lane compare results
+PAGODA_INLINE mask16 bits(__m256 lo, __m256 hi) {
+  return (mask16)(_mm256_movemask_ps(lo) | _mm256_movemask_ps(hi) << 8);
+}
+template <int Op>
+PAGODA_INLINE mask16 compare(f32x16 a, f32x16 b) {
+  return bits(_mm256_cmp_ps(a.lo, b.lo, Op), _mm256_cmp_ps(a.hi, b.hi, Op));
+}
+PAGODA_INLINE mask16 at_least(mask16 m, f32x16 a, f32x16 b) { return m & compare<_CMP_GE_OQ>(a, b); }
+PAGODA_INLINE mask16 greater(mask16 m, f32x16 a, f32x16 b) { return m & compare<_CMP_GT_OQ>(a, b); }
+PAGODA_INLINE mask16 equal(f32x16 a, f32x16 b) { return compare<_CMP_EQ_OQ>(a, b); }
+PAGODA_INLINE mask16 is_nan(f32x16 a) { return compare<_CMP_UNORD_Q>(a, a); }
+PAGODA_INLINE f32x16 min(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return select(m, src, min(a, b));
+}
+PAGODA_INLINE f32x16 max(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
+  return select(m, src, max(a, b));
+}
+PAGODA_INLINE float reduce_min(f32x16 x) {
+  const __m256 h = _mm256_min_ps(x.hi, x.lo);
+  const __m128 q = _mm_min_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_min_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  const float a = _mm_cvtss_f32(p), b = _mm_cvtss_f32(_mm_shuffle_ps(p, p, 1));
+  return a < b ? a : b;
+}
+PAGODA_INLINE void compress_store(float* p, mask16 m, f32x16 x) {
+  alignas(32) float lanes[kLanes];
+  store_aligned(lanes, x);
+  for (unsigned rest = m; rest; rest &= rest - 1) *p++ = lanes[__builtin_ctz(rest)];
+}
+
+#define PAGODA_BF16_TAILS
+// bf16 rows' tails: AVX2 has no 16-bit masked moves, so the lanes go through a buffer
+PAGODA_INLINE f32x16 load_bf16(mask16 m, const uint16_t* p) {
+  if (m == 0xFFFF) return load_bf16(p);
+  uint16_t lanes[kLanes] = {};
+  for (unsigned rest = m; rest; rest &= rest - 1) lanes[__builtin_ctz(rest)] = p[__builtin_ctz(rest)];
+  return load_bf16(lanes);
+}
+PAGODA_INLINE f32x16 round_bf16(f32x16 x) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(round_bf16(x.lo), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16(x.hi), 16))};
+}
+PAGODA_INLINE void store_bf16(uint16_t* p, mask16 m, f32x16 x) {
+  if (m == 0xFFFF) return store_bf16(p, x);
+  uint16_t lanes[kLanes];
+  store_bf16(lanes, x);
+  for (unsigned rest = m; rest; rest &= rest - 1) p[__builtin_ctz(rest)] = lanes[__builtin_ctz(rest)];
 }
 
 #endif

@@ -115,11 +115,13 @@ def build_model(
         model = cls(config, ops)
         if layout is not None:
             tensor_parallel.shard_model(model, layout)
-    # bf16 on a CPU with AMX or AVX512-BF16: bf16 linear layers and KV cache, fp32 for the rest
-    native_bf16 = dtype == torch.bfloat16 and ops is backends.CPU and linear_bf16.available()
+    # bf16 on a CPU with the C++ kernels: bf16 linear weights and KV cache, fp32 for the rest;
+    # the linears multiply in bf16 with AMX or AVX512-BF16, else widen the weights to fp32
+    cpu_bf16 = dtype == torch.bfloat16 and ops is backends.CPU
+    native_bf16 = cpu_bf16 and linear_bf16.available()
     # Cast on the meta device, then allocate: built in fp32 and cast afterwards, the load would
     # peak at twice the model's bf16 size (and on a GPU leave that much in torch's cache).
-    model.to(torch.float32 if native_bf16 else dtype)
+    model.to(torch.float32 if cpu_bf16 else dtype)
     model.to_empty(device=device)
     if engine_config.load_format == "dummy":
         _fill_dummy(model, engine_config.seed)
@@ -139,6 +141,14 @@ def build_model(
             "2 MiB pages"
             if cpu_native.huge_pages_enabled()
             else "4 KiB pages (transparent huge pages are off: decode runs slower)",
+        )
+    elif cpu_bf16:
+        packed = linear_cpu.pack_linears(model, torch.bfloat16)
+        logger.info(
+            "bf16 CPU path (no AMX or AVX512-BF16: bf16 weights widened to fp32 in the CPU "
+            "linear kernel): %d linear layers packed, bf16 KV cache, fp32 activations and "
+            "arithmetic",
+            packed,
         )
     elif ops is backends.CPU and dtype == torch.float32:
         packed = linear_cpu.pack_linears(model)

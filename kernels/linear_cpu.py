@@ -1,10 +1,14 @@
-"""fp32 linear layers on AVX-512 CPUs through a GEMM of our own (`csrc/linear_cpu.cpp`).
+"""fp32 linear layers on AVX-512 and AVX2 CPUs through a GEMM of our own (`csrc/linear_cpu.cpp`).
 
 A decode step multiplies a few dozen rows by every weight of the model. MKL, which `F.linear`
 calls, is built for large products: at 32 rows it reaches 110-120 GFLOP/s on the 2-core
-machines here, where the kernel, streaming each weight panel once while it computes, reaches
-about 200; on prefill-sized batches it stays within 10% of MKL. Weights are repacked once,
-after loading, into the kernel's panel layout (same size as the original).
+AVX-512 machines here, where the kernel, streaming each weight panel once while it computes,
+reaches about 200 (AVX2 EPYC: 87 against 149); on prefill-sized batches it stays within 10% of
+MKL. Weights are repacked once, after loading, into the kernel's panel layout.
+
+The panels may hold bf16 instead of fp32 (`weight_dtype`): the kernel widens them as they load
+and computes in fp32, so a CPU without bf16 arithmetic (AVX2, AVX-512 before AVX512-BF16)
+streams half the bytes where a decode step is bound by reading the weights.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ I32, I64, PTR = cpu_native.I32, cpu_native.I64, cpu_native.PTR
 SIGNATURES: cpu_native.Signatures = {
     "pagoda_packed_size": (I64, [I32, I32]),
     "pagoda_pack_weight": (None, [PTR, PTR, I32, I32]),
+    "pagoda_pack_weight_bf16": (None, [PTR, PTR, I32, I32]),
     "pagoda_linear": (None, [PTR, I64, PTR, PTR, PTR, I64, I32, I32, I32, I32]),
+    "pagoda_linear_bf16_weights": (None, [PTR, I64, PTR, PTR, PTR, I64, I32, I32, I32, I32]),
 }
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -32,21 +39,34 @@ def _library() -> ctypes.CDLL | None:
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear` (fp32, CPU) with its weight in the kernel's panel layout."""
+    """`nn.Linear` (fp32 input and output, CPU) with its weight in the kernel's panel layout,
+    held in `weight_dtype` (fp32, or bf16 rounded to nearest even)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        weight_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         lib = _library()
         if lib is None:
             raise RuntimeError(f"{NAME} is unavailable: {cpu_native.unavailable_reason(NAME)}")
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"PackedLinear takes fp32 CPU weights, got {weight.dtype}")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be fp32 or bf16, got {weight_dtype}")
         self._lib = lib
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().contiguous()
-        packed = torch.empty(lib.pagoda_packed_size(self.out_features, self.in_features))
-        lib.pagoda_pack_weight(
-            weight.data_ptr(), packed.data_ptr(), self.out_features, self.in_features
+        size = lib.pagoda_packed_size(self.out_features, self.in_features)
+        packed = torch.empty(size, dtype=weight_dtype)
+        pack = (
+            lib.pagoda_pack_weight if weight_dtype == torch.float32 else lib.pagoda_pack_weight_bf16
+        )
+        pack(weight.data_ptr(), packed.data_ptr(), self.out_features, self.in_features)
+        self._linear = (
+            lib.pagoda_linear if weight_dtype == torch.float32 else lib.pagoda_linear_bf16_weights
         )
         self.register_buffer("packed", packed)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -60,7 +80,7 @@ class PackedLinear(nn.Module):
         y = cpu_native.empty(rows, self.out_features)
         if rows:
             cpu_native.call(
-                self._lib.pagoda_linear,
+                self._linear,
                 x.data_ptr(),
                 x.stride(0),
                 self.packed.data_ptr(),
@@ -75,12 +95,16 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight_dtype={self.packed.dtype}"
+        )
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every fp32 `nn.Linear` of a loaded CPU model for a `PackedLinear`, and give a model
-    with tied embeddings a packed lm_head. Returns how many were packed (0 without the kernel)."""
+def pack_linears(model: nn.Module, weight_dtype: torch.dtype = torch.float32) -> int:
+    """Swap every fp32 `nn.Linear` of a loaded CPU model for a `PackedLinear` holding its weight
+    in `weight_dtype`, and give a model with tied embeddings a packed lm_head. Returns how many
+    were packed (0 without the kernel)."""
     if _library() is None:
         return 0
     swaps = [
@@ -90,10 +114,10 @@ def pack_linears(model: nn.Module) -> int:
         if type(child) is nn.Linear and child.weight.dtype == torch.float32
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, PackedLinear(child.weight, child.bias, weight_dtype))
     count = len(swaps)
     tied = getattr(model, "tie_word_embeddings", False) and model.lm_head is None
     if tied and model.embed_tokens.weight.dtype == torch.float32:
-        model.lm_head = PackedLinear(model.embed_tokens.weight)
+        model.lm_head = PackedLinear(model.embed_tokens.weight, weight_dtype=weight_dtype)
         count += 1
     return count

@@ -1,5 +1,6 @@
 """The bf16 CPU path (bf16 linear layers, bf16 KV cache, fp32 activations) against
-transformers, on the real SmolLM2-135M-Instruct.
+transformers, on the real SmolLM2-135M-Instruct: with AMX or AVX512-BF16 the linears multiply
+in bf16 (`linear_bf16`), elsewhere (AVX2) they widen the bf16 weights to fp32 (`linear_cpu`).
 
 pagoda generates long greedy runs in bf16; transformers then scores the same token sequences
 (teacher forcing, so one early near-tie does not make the rest of the run diverge) in bf16
@@ -25,11 +26,12 @@ import torch
 import transformers
 
 from pagoda.engine import LLM, SamplingParams
-from pagoda.kernels import linear_bf16
+from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
 from tests.test_smollm2 import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(
-    not linear_bf16.available(), reason="the CPU runs no native bf16 (AMX, AVX512-BF16)"
+    backends.select("auto", torch.device("cpu")) is not backends.CPU,
+    reason=f"no CPU kernels: {cpu_native.unavailable_reason('attention_cpu')}",
 )
 
 QUESTIONS = [
@@ -45,7 +47,11 @@ def runs() -> list[tuple[list[int], list[int], list[float]]]:
     """(prompt ids, generated ids, pagoda's logprob of each generated token) per question."""
     llm = LLM(str(smollm2_gguf()), dtype="bfloat16", max_model_len=1024)
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
-    assert type(llm.engine.runner.model.lm_head) is linear_bf16.Bf16Linear
+    lm_head = llm.engine.runner.model.lm_head
+    if linear_bf16.available():
+        assert type(lm_head) is linear_bf16.Bf16Linear
+    else:
+        assert type(lm_head) is linear_cpu.PackedLinear and lm_head.packed.dtype == torch.bfloat16
     prompts = [
         llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True

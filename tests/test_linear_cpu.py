@@ -104,3 +104,62 @@ def test_engine_packs_on_cpu_and_keeps_greedy_output(tiny_models):
     a = [o.outputs[0].token_ids for o in packed.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert a == b
+
+
+# -- bf16 weights, widened to fp32 in the kernel ----------------------------------------------
+
+BF16_ROWS = [1, 3, 4, 12, 13, 32, 100]  # one row block (read directly) and more (widened once)
+
+
+@pytest.mark.parametrize("rows", BF16_ROWS)
+@pytest.mark.parametrize(("n", "k"), [(64, 48), (50, 37), (832, 576), (7, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_weights_match_f_linear_on_the_rounded_weight(rows, n, k, bias):
+    """The weight rounded to bf16 (nearest even, as torch rounds), x and the sums in fp32."""
+    w, b = make(n, k, bias)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    layer = linear_cpu.PackedLinear(w, b, weight_dtype=torch.bfloat16)
+    assert layer.packed.dtype == torch.bfloat16
+    assert layer.packed.numel() == -(-n // 32) * 32 * k  # half the bytes of the fp32 panels
+    expected = F.linear(x, w.bfloat16().float(), b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # and not the fp32 weight's product: the rounding is there
+    assert not torch.allclose(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weights_give_a_row_the_same_bits_whatever_its_batch():
+    """Rows read the panels directly in a batch of one block and from a widened copy in larger
+    ones: the same fused multiply-adds in the same order either way."""
+    w, b = make(96, 200, True)
+    layer = linear_cpu.PackedLinear(w, b, weight_dtype=torch.bfloat16)
+    x = torch.randn(37, 200)
+    together = layer(x)
+    for i in (0, 2, 3, 36):
+        assert torch.equal(layer(x[i : i + 1]), together[i : i + 1])
+    assert torch.equal(layer(x[:3]), together[:3])
+    assert torch.equal(layer(x[5:30]), together[5:30])
+
+
+def test_bf16_weights_refuse_other_dtypes():
+    w, _ = make(8, 8, False)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        linear_cpu.PackedLinear(w, weight_dtype=torch.float16)
+
+
+def test_engine_in_bf16_without_native_bf16_packs_bf16_weights(tiny_models, monkeypatch):
+    """On a CPU without AMX or AVX512-BF16 (forced here where it has them), dtype bfloat16
+    gives bf16 weight panels, a bf16 KV cache and fp32 activations. (Its accuracy against
+    transformers, on real weights: tests/test_bf16_cpu.py.)"""
+    from pagoda.engine import LLM, SamplingParams
+    from pagoda.kernels import linear_bf16
+
+    monkeypatch.setattr(linear_bf16, "available", lambda: False)
+    llm = LLM(str(tiny_models["qwen2"]), dtype="bfloat16")
+    runner = llm.engine.runner
+    layer = runner.model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer, linear_cpu.PackedLinear) and layer.packed.dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.float32
+    assert runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert runner.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    out = llm.generate([{"prompt_token_ids": list(range(5, 45))}], SamplingParams(max_tokens=8))
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -115,6 +115,11 @@ PAGODA_BF16_TAILS PAGODA_INLINE void store_bf16(uint16_t* p, mask16 m, f32x16 x)
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
+// bf16 weights in a kernel's own layout, in the order that widens fastest: 16 values that
+// load_bf16_packed returns in lanes 0-15 are stored at slots kBf16Slot[0..15] (AVX-512: in order)
+constexpr int kBf16Slot[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+PAGODA_INLINE f32x16 load_bf16_packed(const uint16_t* p) { return load_bf16(p); }
+
 #else  // AVX2
 
 constexpr int kRegisters = 8;
@@ -281,6 +286,17 @@ PAGODA_INLINE void store_bf16(uint16_t* p, mask16 m, f32x16 x) {
   uint16_t lanes[kLanes];
   store_bf16(lanes, x);
   for (unsigned rest = m; rest; rest &= rest - 1) p[__builtin_ctz(rest)] = lanes[__builtin_ctz(rest)];
+}
+
+// AVX2: one 256-bit load, and each half widened by one unpack against zero (the bf16 into the
+// upper 16 bits of its lane), where load_bf16 takes a zero-extension and a shift; unpack works
+// within 128-bit halves, so lanes 4-7 and 8-11 trade places in memory
+constexpr int kBf16Slot[kLanes] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+PAGODA_INLINE f32x16 load_bf16_packed(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  const __m256i z = _mm256_setzero_si256();
+  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
+          _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v))};
 }
 
 #endif

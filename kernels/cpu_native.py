@@ -110,6 +110,26 @@ def huge_pages(nbytes: int) -> torch.Tensor:
     return whole[start : start + nbytes]
 
 
+class Arena:
+    """Tensors of one dtype side by side in one block on 2 MiB pages (`huge_pages`), each
+    64-byte aligned, handed out in turn: a model's packed weights, which every step streams."""
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.block = huge_pages(sum(self._aligned(size) for size in sizes))
+        self.offset = 0  # bytes
+
+    def _aligned(self, size: int) -> int:
+        return -(-size * self.dtype.itemsize // 64) * 64
+
+    def take(self, size: int) -> torch.Tensor:
+        """The next `size` values."""
+        start, self.offset = self.offset, self.offset + self._aligned(size)
+        if self.offset > self.block.numel():
+            raise RuntimeError("more weights packed than the arena was sized for")
+        return self.block[start : start + size * self.dtype.itemsize].view(self.dtype)
+
+
 def huge_pages_enabled() -> bool:
     """Whether Linux hands out transparent huge pages to a mapping that asks (`huge_pages`)."""
     try:

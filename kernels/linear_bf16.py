@@ -96,7 +96,7 @@ def kernel_rows(amx: bool) -> int:
     return AMX_ROWS if amx else AVX512_ROWS
 
 
-def pack_panels(weight: torch.Tensor, arena: PanelArena | None = None) -> torch.Tensor:
+def pack_panels(weight: torch.Tensor, arena: cpu_native.Arena | None = None) -> torch.Tensor:
     """A bf16 [N, K] weight in the kernel's layout of 32-row panels (in `arena` if given)."""
     lib = kernel_library()
     n, k = weight.shape
@@ -105,27 +105,6 @@ def pack_panels(weight: torch.Tensor, arena: PanelArena | None = None) -> torch.
     panels = torch.empty(size, dtype=torch.bfloat16) if arena is None else arena.take(size)
     lib.pagoda_bf16_pack_weight(weight.data_ptr(), panels.data_ptr(), n, k)
     return panels
-
-
-class PanelArena:
-    """The packed weights of a model side by side in one block on 2 MiB pages
-    (`cpu_native.huge_pages`), each 64-byte aligned, handed out in turn."""
-
-    def __init__(self, shapes: list[tuple[int, int]]) -> None:
-        sizes = [kernel_library().pagoda_bf16_packed_size(n, k) for n, k in shapes]
-        self.block = cpu_native.huge_pages(2 * sum(_aligned(size) for size in sizes))
-        self.offset = 0  # bytes
-
-    def take(self, size: int) -> torch.Tensor:
-        """The next `size` bf16 values."""
-        start, self.offset = self.offset, self.offset + 2 * _aligned(size)
-        if self.offset > self.block.numel():
-            raise RuntimeError("more weights packed than the arena was sized for")
-        return self.block[start : start + 2 * size].view(torch.bfloat16)
-
-
-def _aligned(size: int) -> int:
-    return -(-size // 32) * 32  # bf16 values: a whole number of 64-byte lines
 
 
 def unpack_panels(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -205,7 +184,7 @@ class Bf16Linear(nn.Module):
         bias: torch.Tensor | None = None,
         amx: bool | None = None,
         fp32_out: bool = False,
-        arena: PanelArena | None = None,
+        arena: cpu_native.Arena | None = None,
     ) -> None:
         super().__init__()
         self.fp32_out = fp32_out
@@ -257,7 +236,7 @@ class Bf16GateUpSiluMul(nn.Module):
 
     applies_silu_and_mul = True
 
-    def __init__(self, weight: torch.Tensor, arena: PanelArena | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, arena: cpu_native.Arena | None = None) -> None:
         super().__init__()
         width, self.in_features = weight.shape
         self.out_features = width // 2
@@ -321,7 +300,7 @@ def child_modules(
 def pack_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear` (an MLP's gate_up, on
     AMX, for a `Bf16GateUpSiluMul`), and give a model with tied embeddings a packed lm_head.
-    Returns how many were packed. The kernel's weights share one `PanelArena`."""
+    Returns how many were packed. The kernel's weights share one `cpu_native.Arena`."""
     mlps = [m for m in model.modules() if Bf16GateUpSiluMul.fits(getattr(m, "gate_up_proj", 0))]
     gate_ups = {id(mlp.gate_up_proj) for mlp in mlps}
     swaps = child_modules(
@@ -330,7 +309,8 @@ def pack_linears(model: nn.Module) -> int:
     tied = getattr(model, "tie_word_embeddings", False) and model.lm_head is None
     weights = [child.weight for _, _, child in swaps] + [m.gate_up_proj.weight for m in mlps]
     weights += [model.embed_tokens.weight] if tied else []
-    arena = PanelArena([w.shape for w in weights]) if kernel_rows(kernel_amx()) else None
+    sizes = [kernel_library().pagoda_bf16_packed_size(n, k) for n, k in (w.shape for w in weights)]
+    arena = cpu_native.Arena(sizes, torch.bfloat16) if kernel_rows(kernel_amx()) else None
     for mlp in mlps:
         mlp.gate_up_proj = Bf16GateUpSiluMul(mlp.gate_up_proj.weight, arena)
     fused_mlps = {id(mlp) for mlp in mlps}

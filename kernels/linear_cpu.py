@@ -40,13 +40,14 @@ def _library() -> ctypes.CDLL | None:
 
 class PackedLinear(nn.Module):
     """`nn.Linear` (fp32 input and output, CPU) with its weight in the kernel's panel layout,
-    held in `weight_dtype` (fp32, or bf16 rounded to nearest even)."""
+    held in `weight_dtype` (fp32, or bf16 rounded to nearest even), in `arena` if given."""
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         weight_dtype: torch.dtype = torch.float32,
+        arena: cpu_native.Arena | None = None,
     ) -> None:
         super().__init__()
         lib = _library()
@@ -60,7 +61,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().contiguous()
         size = lib.pagoda_packed_size(self.out_features, self.in_features)
-        packed = torch.empty(size, dtype=weight_dtype)
+        packed = torch.empty(size, dtype=weight_dtype) if arena is None else arena.take(size)
         pack = (
             lib.pagoda_pack_weight if weight_dtype == torch.float32 else lib.pagoda_pack_weight_bf16
         )
@@ -103,9 +104,10 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, weight_dtype: torch.dtype = torch.float32) -> int:
     """Swap every fp32 `nn.Linear` of a loaded CPU model for a `PackedLinear` holding its weight
-    in `weight_dtype`, and give a model with tied embeddings a packed lm_head. Returns how many
-    were packed (0 without the kernel)."""
-    if _library() is None:
+    in `weight_dtype`, and give a model with tied embeddings a packed lm_head, all in one
+    `cpu_native.Arena` (2 MiB pages). Returns how many were packed (0 without the kernel)."""
+    lib = _library()
+    if lib is None:
         return 0
     swaps = [
         (parent, name, child)
@@ -113,11 +115,14 @@ def pack_linears(model: nn.Module, weight_dtype: torch.dtype = torch.float32) ->
         for name, child in parent.named_children()
         if type(child) is nn.Linear and child.weight.dtype == torch.float32
     ]
-    for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias, weight_dtype))
-    count = len(swaps)
     tied = getattr(model, "tie_word_embeddings", False) and model.lm_head is None
-    if tied and model.embed_tokens.weight.dtype == torch.float32:
-        model.lm_head = PackedLinear(model.embed_tokens.weight, weight_dtype=weight_dtype)
-        count += 1
-    return count
+    tied = tied and model.embed_tokens.weight.dtype == torch.float32
+    weights = [child.weight for _, _, child in swaps] + (
+        [model.embed_tokens.weight] if tied else []
+    )
+    arena = cpu_native.Arena([lib.pagoda_packed_size(*w.shape) for w in weights], weight_dtype)
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child.weight, child.bias, weight_dtype, arena))
+    if tied:
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, weight_dtype, arena)
+    return len(weights)

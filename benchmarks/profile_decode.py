@@ -49,6 +49,7 @@ SETTINGS = {
     "bf16-torch": {"dtype": "bfloat16", "kernel_backend": "torch"},
     "fp32": {"dtype": "float32"},
     "fp32-eager": {"dtype": "float32", "enforce_eager": True},
+    "fp32-torch": {"dtype": "float32", "kernel_backend": "torch"},
 }
 
 
@@ -216,16 +217,22 @@ def main() -> None:
     llms = {name: LLM(model, max_model_len=2048, **SETTINGS[name]) for name in args.settings}
     if "bf16-onednn" in llms:
         onednn_only(llms["bf16-onednn"])
+    bf16_linears = (
+        linear_bf16.describe()
+        if linear_bf16.available()
+        else "no bf16 arithmetic: bf16 weights widened to fp32 in pagoda's CPU linear kernel"
+    )
     lines = [
         f"# Decode-step profile, SmolLM2-135M (`{Path(model).name}`)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompts of "
         f"{args.prompt_len} random tokens; settings alternated in one run ({args.rounds} rounds"
-        f" x {args.steps} steps each). bf16 = the bf16 CPU path ({linear_bf16.describe()}, "
+        f" x {args.steps} steps each). bf16 = the bf16 CPU path ({bf16_linears}, "
         "bf16 KV cache, fp32 elsewhere, decode steps replayed from CPU graphs); bf16-eager = the "
         "same run eagerly (before CPU graphs); bf16-onednn = eager with oneDNN at every batch "
         "size; bf16-torch = bf16 through torch ops (before it); fp32 = the fp32 C++ kernels, "
-        "fp32-eager the same run eagerly. The profiler does not see replayed kernels (ctypes "
+        "fp32-eager the same run eagerly, fp32-torch through torch ops (a CPU without the C++ "
+        "kernels). The profiler does not see replayed kernels (ctypes "
         "calls): the `bf16` and `fp32` tables show what is left around them.",
         "",
     ]

@@ -1,5 +1,5 @@
-"""Paged attention on AVX-512 CPUs: decode rows and prefill chunks of one step in one call to
-`csrc/attention_cpu.cpp`, which reads each sequence's K/V in place through its block table
+"""Paged attention on AVX-512 and AVX2 CPUs: decode rows and prefill chunks of one step in one
+call to `csrc/attention_cpu.cpp`, which reads each sequence's K/V in place through its block table
 (with AMX and a bf16 cache, the prefill chunks go to `csrc/prefill_attention_amx.cpp`).
 
 The torch path copies every sequence's whole context out of the cache each layer (index_select)

@@ -41,7 +41,7 @@ TORCH = Kernels(
 )
 
 
-# fp32 on AVX-512 CPUs: kernels in C++ (`csrc/`) that fall back to the torch references for
+# fp32 on AVX-512 and AVX2 CPUs: kernels in C++ (`csrc/`) that fall back to the torch references for
 # other dtypes and layouts; the loader gives the model's linear layers the CPU GEMM there too
 # (`linear_cpu`).
 CPU = Kernels(

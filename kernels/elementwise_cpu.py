@@ -1,7 +1,8 @@
-"""RMSNorm, SiLU-and-mul and rotary for fp32 on AVX-512 CPUs (`csrc/elementwise_cpu.cpp`), with
-the signatures of the torch references in `norm.py`, `activation.py` and `rotary.py`, which
-take every other dtype or layout. At decode batch sizes the references cost 11 ms of a 120 ms
-step here (their 3-8 small ops each, 90 times a step), the kernels about 5.
+"""RMSNorm, SiLU-and-mul and rotary for fp32 on AVX-512 and AVX2 CPUs
+(`csrc/elementwise_cpu.cpp`), with the signatures of the torch references in `norm.py`,
+`activation.py` and `rotary.py`, which take every other dtype or layout. At decode batch sizes
+the references cost 11 ms of a 120 ms step here (their 3-8 small ops each, 90 times a step),
+the kernels about 5.
 
 And an encoder's residual add and LayerNorm in bf16 (`add_layer_norm`): torch's add and bf16
 LayerNorm took 0.22 ms over 1,450 rows of 384 (2 cores), the kernel's one pass 0.12-0.14 ms."""

@@ -103,7 +103,9 @@ void linear(const float* x, int64_t ldx, const W* packed, const float* bias, flo
   const bool widen = sizeof(W) == 2 && blocks > 1;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> wide(widen ? (size_t)K * kPanel : 0);
+    // kept by each pool thread across calls, not allocated and zeroed in every call
+    static thread_local std::vector<float> wide;
+    if (widen && wide.size() < (size_t)K * kPanel) wide.resize((size_t)K * kPanel);
 #pragma omp for schedule(static)
     for (int p = 0; p < panels; ++p) {
       const W* panel = packed + (int64_t)p * K * kPanel;

@@ -68,7 +68,7 @@ def labelled_kernels(llm: LLM) -> Iterator[None]:
 
     saved = []
     for module in llm.engine.runner.model.modules():
-        if isinstance(module, linear_cpu.PackedLinear):  # the fp32 GEMM, also through ctypes
+        if isinstance(module, linear_cpu.PackedLinear):  # the CPU GEMM, also through ctypes
             saved.append((module, "forward"))
             module.forward = labelled("linear_cpu", module.forward)
         if isinstance(module, linear_bf16.Bf16Linear):  # pagoda's kernel or oneDNN inside

@@ -57,18 +57,15 @@ class PackedLinear(nn.Module):
             raise ValueError(f"PackedLinear takes fp32 CPU weights, got {weight.dtype}")
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be fp32 or bf16, got {weight_dtype}")
-        self._lib = lib
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().contiguous()
         size = lib.pagoda_packed_size(self.out_features, self.in_features)
         packed = torch.empty(size, dtype=weight_dtype) if arena is None else arena.take(size)
-        pack = (
-            lib.pagoda_pack_weight if weight_dtype == torch.float32 else lib.pagoda_pack_weight_bf16
-        )
+        if weight_dtype == torch.float32:
+            pack, self._linear = lib.pagoda_pack_weight, lib.pagoda_linear
+        else:
+            pack, self._linear = lib.pagoda_pack_weight_bf16, lib.pagoda_linear_bf16_weights
         pack(weight.data_ptr(), packed.data_ptr(), self.out_features, self.in_features)
-        self._linear = (
-            lib.pagoda_linear if weight_dtype == torch.float32 else lib.pagoda_linear_bf16_weights
-        )
         self.register_buffer("packed", packed)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 

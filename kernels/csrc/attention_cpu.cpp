@@ -1,5 +1,6 @@
-// Paged attention on AVX-512 or AVX2 CPUs (simd.h) over a flat batch of decode tokens and prefill chunks, reading
-// K/V in place through the block tables (no gathered copy of the context).
+// Paged attention on AVX-512 or AVX2 CPUs (simd.h) over a flat batch of decode tokens and
+// prefill chunks, reading K/V in place through the block tables (no gathered copy of the
+// context).
 //
 // Cache layout (K and V alike): cache[num_blocks][block_size][num_kv_heads][head_dim]; token t
 // of sequence b sits in block block_tables[b][t / block_size] at offset t % block_size.

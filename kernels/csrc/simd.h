@@ -141,8 +141,19 @@ PAGODA_INLINE f32x16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_l
 PAGODA_INLINE f32x16 load_aligned(const float* p) {
   return {_mm256_load_ps(p), _mm256_load_ps(p + 8)};
 }
+// 8 lanes at p where `bits` are set (0 elsewhere), touching no other memory. Whole halves take
+// the plain moves: vmaskmov is microcoded on AMD's Zen, and on a Zen 3 EPYC the plain moves made
+// RMSNorm, SiLU and rotary 1.7-2.6x faster at 32-256 rows and the linear 8-14% at 96-256.
+PAGODA_INLINE __m256 load_half(unsigned bits, const float* p) {
+  if (bits == 0xFF) return _mm256_loadu_ps(p);
+  return _mm256_maskload_ps(p, lanes(bits));
+}
+PAGODA_INLINE void store_half(float* p, unsigned bits, __m256 x) {
+  if (bits == 0xFF) return _mm256_storeu_ps(p, x);
+  if (bits) _mm256_maskstore_ps(p, lanes(bits), x);
+}
 PAGODA_INLINE f32x16 load(mask16 m, const float* p) {
-  return {_mm256_maskload_ps(p, lanes(m & 0xFF)), _mm256_maskload_ps(p + 8, lanes(m >> 8))};
+  return {load_half(m & 0xFF, p), load_half(m >> 8, p + 8)};
 }
 PAGODA_INLINE void store(float* p, f32x16 x) {
   _mm256_storeu_ps(p, x.lo);
@@ -153,8 +164,8 @@ PAGODA_INLINE void store_aligned(float* p, f32x16 x) {
   _mm256_store_ps(p + 8, x.hi);
 }
 PAGODA_INLINE void store(float* p, mask16 m, f32x16 x) {
-  _mm256_maskstore_ps(p, lanes(m & 0xFF), x.lo);
-  _mm256_maskstore_ps(p + 8, lanes(m >> 8), x.hi);
+  store_half(p, m & 0xFF, x.lo);
+  store_half(p + 8, m >> 8, x.hi);
 }
 
 #define PAGODA_LANEWISE(name, op)                                           \

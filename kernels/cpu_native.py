@@ -38,8 +38,9 @@ FLAGS = {  # by vector extension; AVX2 servers all have FMA and F16C (Haswell, Z
     "AVX512": ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"),
     "AVX2": ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
 }
-# the sources that build for AVX2 as well (written on simd.h); the others need AVX-512
-PORTABLE = frozenset({"linear_cpu", "attention_cpu", "elementwise_cpu"})
+# the sources that build for AVX2 as well (written on simd.h, or with no vector code); the
+# others need AVX-512
+PORTABLE = frozenset({"linear_cpu", "attention_cpu", "elementwise_cpu", "replay"})
 
 # ctypes types for the kernels' C signatures: {function: (result, [arguments])}
 I32, I64, F32, PTR = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p

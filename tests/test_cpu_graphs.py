@@ -4,11 +4,13 @@ run eagerly, bit for bit, through batch sizes that come, go and outgrow the scra
 guarded or not; a forward pass with torch arithmetic in it stays eager, and so do prefills
 whose context is long enough for torch to take part of their attention."""
 
+import functools
+
 import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
-from pagoda.engine.cpu_graphs import CpuGraphs, NotCapturable, _ViewsOnly
+from pagoda.engine.cpu_graphs import CpuGraphs, NotCapturable, _ViewsOnly, packed_calls
 from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
 from tests.test_smollm2 import smollm2_gguf
 
@@ -134,6 +136,37 @@ def test_a_new_thread_count_drops_the_graphs(tiny_models):
     assert all(
         args[-1] == threads for function, args in first.calls if "rms_norm" in function.__name__
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replay_cpp_writes_the_bits_of_the_python_loop(tiny_models, dtype):
+    """replay.cpp reaches every kernel through one function type (floats among the ints, as
+    RMSNorm's eps and attention's scale): a decode step replayed through it and through the
+    Python loop over the same calls writes the same bits, from arenas zeroed before each."""
+    llm = LLM(str(tiny_models["llama"]), dtype=dtype)
+    llm.generate(prompts(1, seed=0), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    graphs = graphs_of(llm)
+    graph = graphs.graphs[1]
+    assert graph.packed is not None and len(graph.packed) == len(graph.calls)
+    names = {function.__name__ for function, _ in graph.calls}
+    assert {"pagoda_rms_norm", "pagoda_rotary"} <= names
+    assert any(name.startswith("pagoda_paged_attention") for name in names)
+
+    def replayed(packed) -> torch.Tensor:
+        with torch.inference_mode():  # the arenas are inference tensors
+            for arena in graphs.arenas:
+                arena.zero_()
+            graph.packed = packed
+            return graph.replay().clone()
+
+    packed = graph.packed
+    through_c, through_python = replayed(packed), replayed(None)
+    graph.packed = packed
+    assert through_c.abs().sum() > 0
+    assert torch.equal(through_c, through_python)
+    # a call that is not a kernel's own ctypes function cannot be packed: the loop runs it
+    function, args = graph.calls[0]
+    assert packed_calls([(functools.partial(function), args)]) is None
 
 
 @pytest.mark.skipif(not linear_bf16.available(), reason="the CPU runs no native bf16")

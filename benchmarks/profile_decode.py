@@ -11,9 +11,10 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
     batch on oneDNN (before pagoda's bf16 kernel), bf16-torch = bf16 through torch ops, the
     path before that; fp32 = the fp32 C++ kernels, fp32-eager without CPU graphs)
 
-A replayed step calls its kernels through ctypes alone, which the profiler does not see: the
-tables of `bf16` and `fp32` show what is left around the replay, and a second table times the
-replayed step's kernels one by one (ms per kernel, summed over the layers). `--prefill N`
+A replayed step calls its kernels from C (`kernels/csrc/replay.cpp`), which the profiler does
+not see: the tables of `bf16` and `fp32` show what is left around the replay, and a second
+table times the replayed step's kernels one by one, in C (ms per kernel, summed over the
+layers). `--prefill N`
 adds a step that prefills N fresh prompts of `--prompt-len` tokens at once, every C++ kernel
 call timed the same way (the rest of the step is Python and torch).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import statistics
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import default_model  # noqa: E402
 
 from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.engine import cpu_graphs  # noqa: E402
 from pagoda.kernels import cpu_native, linear_bf16, linear_cpu  # noqa: E402
 from pagoda.kernels.backends import Kernels  # noqa: E402
 
@@ -92,19 +95,27 @@ def labelled_kernels(llm: LLM) -> Iterator[None]:
 
 
 def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
-    """ms per replayed `batch` step in each C++ kernel (by function), the calls timed one by
-    one; empty where the step is not replayed. The replay rewrites the last step's K/V rows
-    with the same values, from the same inputs."""
+    """ms per replayed `batch` step in each C++ kernel (by function), each call timed in C as
+    csrc/replay.cpp runs it (in Python where the graph is not packed for it: each call then
+    carries about 1.5 us of ctypes); empty where the step is not replayed. The replay rewrites
+    the last step's K/V rows with the same values, from the same inputs."""
     graphs = llm.engine.runner.graphs
     graph = getattr(graphs, "graphs", {}).get(batch)
     if graph is None:
         return {}
+    seconds = (ctypes.c_double * len(graph.calls))()
     totals: dict[str, float] = collections.Counter()
     for _ in range(repeats):
-        for function, args in graph.calls:
-            t0 = time.perf_counter()
-            function(*args)
-            totals[function.__name__] += time.perf_counter() - t0
+        if graph.packed is not None:
+            lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
+            lib.pagoda_replay_timed(graph.packed, len(graph.packed), seconds)
+        else:
+            for i, (function, args) in enumerate(graph.calls):
+                t0 = time.perf_counter()
+                function(*args)
+                seconds[i] = time.perf_counter() - t0
+        for (function, _), t in zip(graph.calls, seconds):
+            totals[function.__name__] += t
     return {name: t * 1e3 / repeats for name, t in totals.items()}
 
 
@@ -232,8 +243,9 @@ def main() -> None:
         "same run eagerly (before CPU graphs); bf16-onednn = eager with oneDNN at every batch "
         "size; bf16-torch = bf16 through torch ops (before it); fp32 = the fp32 C++ kernels, "
         "fp32-eager the same run eagerly, fp32-torch through torch ops (a CPU without the C++ "
-        "kernels). The profiler does not see replayed kernels (ctypes "
-        "calls): the `bf16` and `fp32` tables show what is left around them.",
+        "kernels). The profiler does not see replayed kernels (called from C, "
+        "csrc/replay.cpp): the `bf16` and `fp32` tables show what is left around them, and "
+        "the replayed kernels are timed one by one in C.",
         "",
     ]
     emit(lines, args.out)

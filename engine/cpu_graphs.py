@@ -114,6 +114,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 REPLAY = "replay"
 REPLAY_SIGNATURES: cpu_native.Signatures = {
     "pagoda_replay": (None, [cpu_native.PTR, cpu_native.I32]),
+    "pagoda_replay_timed": (None, [cpu_native.PTR, cpu_native.I32, cpu_native.PTR]),
     "pagoda_replay_ints": (cpu_native.I32, []),
     "pagoda_replay_floats": (cpu_native.I32, []),
 }

@@ -4,12 +4,13 @@ run eagerly, bit for bit, through batch sizes that come, go and outgrow the scra
 guarded or not; a forward pass with torch arithmetic in it stays eager, and so do prefills
 whose context is long enough for torch to take part of their attention."""
 
+import ctypes
 import functools
 
 import pytest
 import torch
 
-from pagoda.engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams, cpu_graphs
 from pagoda.engine.cpu_graphs import CpuGraphs, NotCapturable, _ViewsOnly, packed_calls
 from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
 from tests.test_smollm2 import smollm2_gguf
@@ -164,6 +165,15 @@ def test_replay_cpp_writes_the_bits_of_the_python_loop(tiny_models, dtype):
     graph.packed = packed
     assert through_c.abs().sum() > 0
     assert torch.equal(through_c, through_python)
+    # the timed replay (benchmarks/profile_decode.py) runs the same calls, each timed
+    seconds = (ctypes.c_double * len(packed))()
+    with torch.inference_mode():
+        for arena in graphs.arenas:
+            arena.zero_()
+        lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
+        lib.pagoda_replay_timed(packed, len(packed), seconds)
+        assert torch.equal(graph.hidden, through_python)
+    assert all(0 < t < 1 for t in seconds)
     # a call that is not a kernel's own ctypes function cannot be packed: the loop runs it
     function, args = graph.calls[0]
     assert packed_calls([(functools.partial(function), args)]) is None

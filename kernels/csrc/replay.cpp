@@ -10,6 +10,8 @@
 // its 64-bit slot) and the caller pops the stack slots it does not read.
 #include <stdint.h>
 
+#include <chrono>
+
 #if !defined(__x86_64__) || defined(_WIN32)
 #error "replay.cpp relies on the x86-64 System V calling convention"
 #endif
@@ -44,6 +46,16 @@ void pagoda_replay(const Call* calls, int count) {
     reinterpret_cast<AnyKernel>(calls[c].function)(i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7],
                                                    i[8], i[9], i[10], i[11], i[12], i[13], i[14],
                                                    i[15], f[0], f[1]);
+  }
+}
+
+// The same, each call's seconds into seconds[c]: benchmarks/profile_decode.py's split of a
+// step by kernel.
+void pagoda_replay_timed(const Call* calls, int count, double* seconds) {
+  for (int c = 0; c < count; ++c) {
+    const auto start = std::chrono::steady_clock::now();
+    pagoda_replay(calls + c, 1);
+    seconds[c] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 }
 

@@ -95,16 +95,17 @@ def labelled_kernels(llm: LLM) -> Iterator[None]:
 
 
 def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
-    """ms per replayed `batch` step in each C++ kernel (by function), each call timed in C as
-    csrc/replay.cpp runs it (in Python where the graph is not packed for it: each call then
-    carries about 1.5 us of ctypes); empty where the step is not replayed. The replay rewrites
-    the last step's K/V rows with the same values, from the same inputs."""
+    """ms per replayed `batch` step in each C++ kernel (by function; the median over `repeats`
+    replays of its calls' sum), each call timed in C as csrc/replay.cpp runs it (in Python
+    where the graph is not packed for it: each call then carries about 1.5 us of ctypes);
+    empty where the step is not replayed. The replay rewrites the last step's K/V rows with the
+    same values, from the same inputs."""
     graphs = llm.engine.runner.graphs
     graph = getattr(graphs, "graphs", {}).get(batch)
     if graph is None:
         return {}
     seconds = (ctypes.c_double * len(graph.calls))()
-    totals: dict[str, float] = collections.Counter()
+    sums: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(repeats):
         if graph.packed is not None:
             lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
@@ -114,9 +115,12 @@ def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
                 t0 = time.perf_counter()
                 function(*args)
                 seconds[i] = time.perf_counter() - t0
+        totals: dict[str, float] = collections.Counter()
         for (function, _), t in zip(graph.calls, seconds):
             totals[function.__name__] += t
-    return {name: t * 1e3 / repeats for name, t in totals.items()}
+        for name, t in totals.items():
+            sums[name].append(t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in sums.items()}
 
 
 @contextlib.contextmanager

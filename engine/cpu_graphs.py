@@ -120,9 +120,15 @@ REPLAY_SIGNATURES: cpu_native.Signatures = {
 }
 
 
+# the argument types replay.cpp passes, by register class (a double, a struct or a 16-bit
+# value would need a convention of its own)
+INTEGER_KINDS = (cpu_native.PTR, cpu_native.I64, cpu_native.I32)
+
+
 def packed_calls(calls: list[tuple[ctypes._CFuncPtr, tuple]]) -> ctypes.Array | None:
     """`calls` as `csrc/replay.cpp`'s array of Call, which it runs in one ctypes call; None
-    where it does not build, or a kernel has more arguments of a class than it passes."""
+    where it does not build, or a kernel takes an argument of another type or more of a class
+    than it passes."""
     lib = cpu_native.load(REPLAY, REPLAY_SIGNATURES)
     if lib is None:
         return None
@@ -138,9 +144,9 @@ def packed_calls(calls: list[tuple[ctypes._CFuncPtr, tuple]]) -> ctypes.Array | 
     packed = (Call * len(calls))()
     for entry, (function, args) in zip(packed, calls):
         kinds = getattr(function, "argtypes", None)  # None: a wrapper (benchmarks time calls)
-        if kinds is None:
+        if kinds is None or any(k not in INTEGER_KINDS and k is not cpu_native.F32 for k in kinds):
             return None
-        ints = [arg or 0 for arg, kind in zip(args, kinds) if kind is not cpu_native.F32]
+        ints = [arg or 0 for arg, kind in zip(args, kinds) if kind in INTEGER_KINDS]
         floats = [arg for arg, kind in zip(args, kinds) if kind is cpu_native.F32]
         if len(ints) > most_ints or len(floats) > most_floats:
             return None

@@ -12,7 +12,14 @@ import torch
 
 from pagoda.engine import LLM, SamplingParams, cpu_graphs
 from pagoda.engine.cpu_graphs import CpuGraphs, NotCapturable, _ViewsOnly, packed_calls
-from pagoda.kernels import cpu_native, elementwise_cpu, linear_bf16
+from pagoda.kernels import (
+    attention_cpu,
+    cpu_native,
+    elementwise_cpu,
+    linear_bf16,
+    linear_cpu,
+    packed_attention,
+)
 from tests.test_smollm2 import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(
@@ -177,6 +184,36 @@ def test_replay_cpp_writes_the_bits_of_the_python_loop(tiny_models, dtype):
     # a call that is not a kernel's own ctypes function cannot be packed: the loop runs it
     function, args = graph.calls[0]
     assert packed_calls([(functools.partial(function), args)]) is None
+
+
+def test_packed_calls_take_only_the_argument_types_replay_cpp_passes():
+    """Every CPU kernel's signature fits replay.cpp's call type (its ints and floats), and a
+    function with a double (passed in a float register as 8 bytes), or more ints than it
+    passes, is left to the Python loop."""
+    lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
+    most_ints, most_floats = lib.pagoda_replay_ints(), lib.pagoda_replay_floats()
+    signatures = {
+        **attention_cpu.SIGNATURES,
+        **attention_cpu.AMX_SIGNATURES,
+        **elementwise_cpu.SIGNATURES,
+        **linear_bf16.SIGNATURES,
+        **linear_cpu.SIGNATURES,
+        **packed_attention.SIGNATURES,
+    }
+    for name, (_, kinds) in signatures.items():
+        assert all(k in cpu_graphs.INTEGER_KINDS or k is cpu_native.F32 for k in kinds), name
+        assert sum(k is cpu_native.F32 for k in kinds) <= most_floats, name
+        assert sum(k in cpu_graphs.INTEGER_KINDS for k in kinds) <= most_ints, name
+
+    def function(argtypes: list) -> ctypes._CFuncPtr:
+        f = ctypes.CDLL(lib._name).pagoda_replay_ints  # a handle of its own to declare
+        f.argtypes = argtypes
+        return f
+
+    assert packed_calls([(function([cpu_native.I64, cpu_native.F32]), (1, 0.5))]) is not None
+    assert packed_calls([(function([ctypes.c_double]), (0.5,))]) is None
+    too_many = [cpu_native.I64] * (most_ints + 1)
+    assert packed_calls([(function(too_many), (0,) * len(too_many))]) is None
 
 
 @pytest.mark.skipif(not linear_bf16.available(), reason="the CPU runs no native bf16")

@@ -120,8 +120,8 @@ REPLAY_SIGNATURES: cpu_native.Signatures = {
 }
 
 
-# the argument types replay.cpp passes, by register class (a double, a struct or a 16-bit
-# value would need a convention of its own)
+# the argument types replay.cpp passes in integer registers (with F32 in float ones): a double
+# or a struct would need a convention of its own, and the kernels take no other type
 INTEGER_KINDS = (cpu_native.PTR, cpu_native.I64, cpu_native.I32)
 
 

@@ -37,11 +37,12 @@ PAGODA_INLINE f32x16 load_weights(const uint16_t* p) { return load_bf16_packed(p
 // Rows [0, R) of x against one panel of W (fp32 or bf16). `prefetch` (or null) points into the
 // next panel, whose k rows are `row_bytes` long: this call pulls one of them into L2 every
 // `prefetch_every` steps, so that the row blocks of a panel between them fetch the whole next
-// panel while they compute.
+// panel while they compute. `wide` (or null; bf16 panels only) receives the panel's rows
+// widened to fp32 as they load, for the row blocks after this one.
 template <int R, typename W>
 void rows_times_panel(const float* x, int64_t ldx, const W* panel, const float* bias, float* y,
                       int64_t ldy, int K, int cols, const char* prefetch, int row_bytes,
-                      int prefetch_every) {
+                      int prefetch_every, float* wide) {
   const mask16 mask_lo = tail_mask(cols);
   const mask16 mask_hi = cols <= 16 ? 0 : (mask16)((1u << (cols - 16)) - 1);
   const f32x16 bias_lo = bias ? load(mask_lo, bias) : zero();
@@ -63,6 +64,12 @@ void rows_times_panel(const float* x, int64_t ldx, const W* panel, const float* 
     for (int k = k0; k < k1; ++k) {
       const f32x16 w_lo = load_weights(panel + (int64_t)k * kPanel);
       const f32x16 w_hi = load_weights(panel + (int64_t)k * kPanel + 16);
+      if constexpr (sizeof(W) == 2) {
+        if (wide) {
+          store(wide + (int64_t)k * kPanel, w_lo);
+          store(wide + (int64_t)k * kPanel + 16, w_hi);
+        }
+      }
       for (int i = 0; i < R; ++i) {
         const f32x16 a = set1(x[i * ldx + k]);
         lo[i] = fmadd(a, w_lo, lo[i]);
@@ -78,7 +85,7 @@ void rows_times_panel(const float* x, int64_t ldx, const W* panel, const float* 
 
 template <typename W>
 using RowsFn = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int, int,
-                        const char*, int, int);
+                        const char*, int, int, float*);
 
 // rows_fns<W>()[r] = rows_times_panel<r, W> for r = 1 .. kMaxRows
 template <typename W, int... R>
@@ -88,14 +95,12 @@ constexpr std::array<RowsFn<W>, kMaxRows + 1> rows_fns(std::integer_sequence<int
 template <typename W>
 constexpr auto kRowsFns = rows_fns<W>(std::make_integer_sequence<int, kMaxRows>());
 
-// bf16 panels feed more than one row block widened once, into an fp32 copy that stays in L2
-// (K x 32 floats: 72 KiB at K = 576): widened in every block instead, the conversion's vector
-// work halved the FMA rate from 4 rows on (AVX2, 32 rows: 80 against 155 GFLOP/s).
-void widen_panel(const uint16_t* panel, float* wide, int K) {
-  for (int64_t i = 0; i < (int64_t)K * kPanel; i += kLanes)
-    store(wide + i, load_bf16_packed(panel + i));
-}
-
+// A bf16 panel that feeds more than one row block is widened once, into an fp32 copy that stays
+// in L2 (K x 32 floats: 72 KiB at K = 576): widened in every block instead, the conversion's
+// vector work halved the FMA rate from 4 rows on (AVX2, 32 rows: 80 against 155 GFLOP/s). The
+// first block writes the copy as it widens its own loads; a widening pass of its own before
+// the blocks took the model's linears 1.25x the time at 8 rows, 1.13x at 16, 1.05x at 32
+// (2-core Zen 3 EPYC, 8-10 alternated runs; level at 128 rows and at 1-3, which do not widen).
 template <typename W>
 void linear(const float* x, int64_t ldx, const W* packed, const float* bias, float* y,
             int64_t ldy, int M, int N, int K, int threads) {
@@ -111,8 +116,6 @@ void linear(const float* x, int64_t ldx, const W* packed, const float* bias, flo
     for (int p = 0; p < panels; ++p) {
       const W* panel = packed + (int64_t)p * K * kPanel;
       const int cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
-      if constexpr (sizeof(W) == 2)
-        if (widen) widen_panel(panel, wide.data(), K);
       int r0 = 0;
       for (int b = 0; b < blocks; ++b) {
         // blocks of near-equal height: 32 rows run as 10 + 11 + 11, not 12 + 12 + 8
@@ -124,12 +127,12 @@ void linear(const float* x, int64_t ldx, const W* packed, const float* bias, flo
         const W* next = p + 1 < panels ? panel + ((int64_t)K + k0) * kPanel : nullptr;
         const char* prefetch = (const char*)next;
         constexpr int row_bytes = kPanel * sizeof(W);
-        if (widen)
+        if (widen && b > 0)
           kRowsFns<float>[r1 - r0](xb, ldx, wide.data(), bias_p, yb, ldy, K, cols, prefetch,
-                                   row_bytes, blocks);
+                                   row_bytes, blocks, nullptr);
         else
           kRowsFns<W>[r1 - r0](xb, ldx, panel, bias_p, yb, ldy, K, cols, prefetch, row_bytes,
-                               blocks);
+                               blocks, widen ? wide.data() : nullptr);
         r0 = r1;
       }
     }

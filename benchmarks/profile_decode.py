@@ -14,9 +14,8 @@ Each setting gets `--batch` sequences of `--prompt-len` random tokens, prefilled
 A replayed step calls its kernels from C (`kernels/csrc/replay.cpp`), which the profiler does
 not see: the tables of `bf16` and `fp32` show what is left around the replay, and a second
 table times the replayed step's kernels one by one, in C (ms per kernel, summed over the
-layers). `--prefill N`
-adds a step that prefills N fresh prompts of `--prompt-len` tokens at once, every C++ kernel
-call timed the same way (the rest of the step is Python and torch).
+layers). `--prefill N` adds a step that prefills N fresh prompts of `--prompt-len` tokens at
+once, every C++ kernel call timed the same way (the rest of the step is Python and torch).
 """
 
 from __future__ import annotations
@@ -106,9 +105,9 @@ def replay_split(llm: LLM, batch: int, repeats: int = 10) -> dict[str, float]:
         return {}
     seconds = (ctypes.c_double * len(graph.calls))()
     sums: dict[str, list[float]] = collections.defaultdict(list)
+    lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
     for _ in range(repeats):
         if graph.packed is not None:
-            lib = cpu_native.load(cpu_graphs.REPLAY, cpu_graphs.REPLAY_SIGNATURES)
             lib.pagoda_replay_timed(graph.packed, len(graph.packed), seconds)
         else:
             for i, (function, args) in enumerate(graph.calls):

@@ -144,10 +144,16 @@ def packed_calls(calls: list[tuple[ctypes._CFuncPtr, tuple]]) -> ctypes.Array | 
     packed = (Call * len(calls))()
     for entry, (function, args) in zip(packed, calls):
         kinds = getattr(function, "argtypes", None)  # None: a wrapper (benchmarks time calls)
-        if kinds is None or any(k not in INTEGER_KINDS and k is not cpu_native.F32 for k in kinds):
+        if kinds is None:
             return None
-        ints = [arg or 0 for arg, kind in zip(args, kinds) if kind in INTEGER_KINDS]
-        floats = [arg for arg, kind in zip(args, kinds) if kind is cpu_native.F32]
+        ints, floats = [], []
+        for arg, kind in zip(args, kinds):
+            if kind is cpu_native.F32:
+                floats.append(arg)
+            elif kind in INTEGER_KINDS:
+                ints.append(arg or 0)
+            else:
+                return None
         if len(ints) > most_ints or len(floats) > most_floats:
             return None
         entry.function = ctypes.cast(function, ctypes.c_void_p).value

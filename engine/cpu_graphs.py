@@ -23,7 +23,9 @@ and grown, dropping the graphs, should a batch need more. The kernels' thread co
 the recorded arguments: when the thread governor (`engine/cpu_threads.py`) changes it, the
 graphs are dropped too. A forward pass that does arithmetic in torch (a kernel falling back to
 its torch reference, a layer with no C++ kernel) cannot be replayed: its capture stops at the
-first such op and decode steps stay eager.
+first such op and decode steps stay eager. Where that op comes from the batch's size alone (bf16
+linears on AVX512-BF16 without AMX hand batches past 4 rows to oneDNN), only decode steps of
+that size stay eager.
 
 Other steps (prefill chunks, alone or among decodes) of up to ONCE_MAX_TOKENS tokens are
 graphs used once (`run_once`). Run eagerly, each kernel's Python wrapper runs right after a
@@ -45,6 +47,7 @@ import contextlib
 import ctypes
 import logging
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +232,13 @@ class CpuGraphs:
         self.seen: set[int] = set()  # batch sizes stepped once, not captured yet
         self.threads = torch.get_num_threads()  # that the graphs were captured with
         self.eager_reason: str | None = None
+        # the most rows every linear takes in C++ (bf16 linears on AVX512-BF16 alone: 4, then
+        # oneDNN, through torch); a decode batch past it refused capture for its size alone
+        self.kernel_rows = min(
+            (m.kernel_rows for m in model.modules() if hasattr(m, "kernel_rows")),
+            default=sys.maxsize,
+        )
+        self.refused: dict[int, str] = {}  # batch size -> why it runs eagerly
         # run_once: (tokens, long context) classes checked for torch arithmetic, and the
         # context classes (long or not) found to have it
         self.once_checked: set[tuple[int, bool]] = set()
@@ -240,9 +250,9 @@ class CpuGraphs:
         """Hidden states of a decode-only batch (one token per sequence), valid until the next
         call."""
         x, rotary = self.model.embed(input_ids, positions)
-        if self.eager_reason is not None:
-            return self.model.decode(x, rotary, self.kv_caches, meta)
         batch = x.shape[0]
+        if self.eager_reason is not None or batch in self.refused:
+            return self.model.decode(x, rotary, self.kv_caches, meta)
         x, rotary, static_meta = self._fill(x, rotary, meta)
         if torch.get_num_threads() != self.threads:
             self.graphs.clear()
@@ -256,8 +266,12 @@ class CpuGraphs:
         try:
             graph = self._capture(x, rotary, static_meta)
         except NotCapturable as e:
-            self.eager_reason = str(e)
-            logger.info("decode steps run eagerly, not from CPU graphs: %s", e)
+            if batch > self.kernel_rows:
+                self.refused[batch] = str(e)
+                logger.info("decode steps of %d sequences run eagerly: %s", batch, e)
+            else:
+                self.eager_reason = str(e)
+                logger.info("decode steps run eagerly, not from CPU graphs: %s", e)
             return self.model.decode(x, rotary, self.kv_caches, static_meta)
         graph.packed = packed_calls(graph.calls)
         self.graphs[batch] = graph

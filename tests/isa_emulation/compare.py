@@ -39,12 +39,11 @@ def records(path: str) -> dict[str, bytes]:
 
 
 def floats(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data, np.float32).copy())
+    return torch.frombuffer(bytearray(data), dtype=torch.float32)
 
 
 def bf16(data: bytes) -> torch.Tensor:
-    wide = torch.from_numpy(np.frombuffer(data, np.uint16).astype(np.int32) << 16)
-    return wide.view(torch.float32)
+    return torch.frombuffer(bytearray(data), dtype=torch.bfloat16).float()
 
 
 class Check:

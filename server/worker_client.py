@@ -150,7 +150,8 @@ class WorkerClient:
         # pyzmq's asyncio recv makes a future and re-arms the event loop's watch on the socket
         # for every message: a sixth of this process's busy time (py-spy) while one stream
         # runs. Instead the loop watches the socket's descriptor for good, and each wake takes
-        # every message that came, without blocking.
+        # every message that came, without blocking. `get(zmq.EVENTS)` is the plain int:
+        # the `socket.EVENTS` attribute wraps it in an enum (2.0 against 5.1 us a read).
         socket = zmq.Socket.shadow(self._outbox.underlying)
         readable = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -158,10 +159,10 @@ class WorkerClient:
         try:
             while True:
                 # the descriptor signals a change only: drain before waiting on it again
-                while socket.EVENTS & zmq.POLLIN:
+                while socket.get(zmq.EVENTS) & zmq.POLLIN:
                     self._dispatch(unpack(socket.recv(zmq.NOBLOCK)))
                 readable.clear()
-                if not socket.EVENTS & zmq.POLLIN:
+                if not socket.get(zmq.EVENTS) & zmq.POLLIN:
                     await readable.wait()
         finally:
             loop.remove_reader(socket.FD)

@@ -98,8 +98,8 @@ constexpr auto kRowsFns = rows_fns<W>(std::make_integer_sequence<int, kMaxRows>(
 
 // A pool thread's fp32 copy of a widened panel, kept across calls (not allocated and zeroed in
 // every call). 64-byte aligned: at malloc's 16 bytes, half the 32-byte loads that re-read it
-// split a cache line, and the model's bf16 linears took 1.10-1.25x the time at 8-32 rows (AVX2,
-// 2-core Zen 3 EPYC, 25 alternated runs; the same at a 48-byte offset, level at 0 and 32).
+// split a cache line, and the model's bf16 linears took 1.10-1.19x the time at 4-32 rows (AVX2,
+// 2-core Zen 3 EPYC, 25 alternated runs; 1.06-1.16x at a 48-byte offset, level at 32).
 class WidePanel {
  public:
   float* reserve(size_t floats) {

@@ -17,9 +17,8 @@
 #include <stdint.h>
 
 #include <array>
-#include <cstdlib>
-#include <memory>
 #include <utility>
+#include <vector>
 
 #include "simd.h"
 
@@ -96,28 +95,6 @@ constexpr std::array<RowsFn<W>, kMaxRows + 1> rows_fns(std::integer_sequence<int
 template <typename W>
 constexpr auto kRowsFns = rows_fns<W>(std::make_integer_sequence<int, kMaxRows>());
 
-// A pool thread's fp32 copy of a widened panel, kept across calls (not allocated and zeroed in
-// every call). 64-byte aligned: at malloc's 16 bytes, half the 32-byte loads that re-read it
-// split a cache line, and the model's bf16 linears took 1.10-1.19x the time at 4-32 rows (AVX2,
-// 2-core Zen 3 EPYC, 25 alternated runs; 1.06-1.16x at a 48-byte offset, level at 32).
-class WidePanel {
- public:
-  float* reserve(size_t floats) {
-    if (floats > size_) {
-      data_.reset(static_cast<float*>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64)));
-      size_ = floats;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float[], Free> data_;
-  size_t size_ = 0;
-};
-
 // A bf16 panel that feeds more than one row block is widened once, into an fp32 copy that stays
 // in L2 (K x 32 floats: 72 KiB at K = 576): widened in every block instead, the conversion's
 // vector work halved the FMA rate from 4 rows on (AVX2, 32 rows: 80 against 155 GFLOP/s). The
@@ -132,8 +109,14 @@ void linear(const float* x, int64_t ldx, const W* packed, const float* bias, flo
   const bool widen = sizeof(W) == 2 && blocks > 1;
 #pragma omp parallel num_threads(threads)
   {
-    static thread_local WidePanel wide;
-    float* const wide_panel = widen ? wide.reserve((size_t)K * kPanel) : nullptr;
+    // kept by each pool thread across calls, not allocated and zeroed in every call; 64-byte
+    // aligned, as linear_bf16.cpp's scratch: at malloc's 16 bytes half the 32-byte loads that
+    // re-read it split a cache line, and the model's bf16 linears took 1.10-1.19x the time at
+    // 4-32 rows (AVX2, 2-core Zen 3 EPYC, 25 alternated runs; 1.06-1.16x at a 48-byte offset)
+    static thread_local std::vector<float> wide;
+    if (widen && wide.size() < (size_t)K * kPanel + 16) wide.resize((size_t)K * kPanel + 16);
+    float* const wide_panel =
+        widen ? (float*)(((uintptr_t)wide.data() + 63) & ~(uintptr_t)63) : nullptr;
 #pragma omp for schedule(static)
     for (int p = 0; p < panels; ++p) {
       const W* panel = packed + (int64_t)p * K * kPanel;

@@ -74,7 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--max-waiting-requests",
         type=int,
-        help="per chat model: requests waiting for a batch slot beyond it get 429 at once "
+        help="per chat model: requests waiting for a batch slot beyond it get 429 at once; "
+        "a request's n choices count n "
         f"(default: the catalog's max_waiting_requests, {DEFAULT_MAX_WAITING_REQUESTS})",
     )
     serve.add_argument(

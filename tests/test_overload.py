@@ -31,17 +31,27 @@ LONG = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    srv = Server(
+def start(tiny_models, *flags: str) -> Server:
+    return Server(
         [
             *("--model", str(tiny_models["llama"]), "--served-model-name", MODEL),
             *("--api-key", KEY, "--dtype", "float32", "--max-model-len", "2048"),
-            *("--max-num-seqs", "2", "--max-waiting-requests", "2"),
-            *("--stream-send-timeout", str(SEND_TIMEOUT_S), "--timeout-keep-alive", "1"),
-            "--log-requests",
+            *("--max-num-seqs", "2", "--stream-send-timeout", str(SEND_TIMEOUT_S)),
+            *flags,
         ]
     ).wait_ready()
+
+
+def client(server: Server) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    srv = start(
+        tiny_models, "--max-waiting-requests", "2", "--timeout-keep-alive", "1", "--log-requests"
+    )
     yield srv
     assert srv.stop() == 0, srv.log()
     assert KEY not in srv.log()
@@ -49,16 +59,19 @@ def server(tiny_models):
 
 @pytest.fixture(scope="module")
 def http(server):
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
-        yield client
+    with client(server) as http:
+        yield http
 
 
-def gauge(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def gauge(http: httpx.Client, name: str) -> float:
+    return metric(http.get("/metrics").text, name)
 
 
 def wait_idle(http: httpx.Client, timeout: float = 60) -> None:
@@ -91,12 +104,44 @@ def test_waiting_queue_limit_answers_429_at_once(server, http):
     assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
     assert "2 requests waiting" in error["message"]
     assert elapsed < 10  # answered at once, not after the queue drained (minutes of tokens)
+
+
+def test_each_choice_waits_for_a_batch_slot_of_its_own(server, http):
+    """The limit counts what the engine schedules: a request for n choices is n sequences, so
+    n=8 on a batch of 2 leaves 6 waiting, which is over the limit of 2."""
+    wait_idle(http)  # the engine's count of the streams closed before this test is at 0
+
+    async def run() -> tuple[list[float], httpx.Response]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+            body = {**LONG, "n": 8}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as held:
+                # read on, so that the stream is never cut for a full socket buffer
+                assert held.status_code == 200, await held.aread()
+                reading = asyncio.create_task(held.aread())
+                seen, deadline = [], time.monotonic() + 30
+                while not seen or seen[-1] != 6:
+                    assert time.monotonic() < deadline, f"waiting sequences seen: {seen}"
+                    metrics = (await client.get("/metrics")).text
+                    seen.append(metric(metrics, "pagoda:num_requests_waiting"))
+                    await asyncio.sleep(0.05)
+                refused = await client.post("/v1/chat/completions", json={**LONG, "stream": False})
+                reading.cancel()
+                return seen, refused
+
+    seen, refused = asyncio.run(run())
+    assert refused.status_code == 429, (seen, refused.text)
+    assert "2 requests waiting" in refused.json()["error"]["message"]
+    wait_idle(http)  # the closed stream's 8 choices were aborted
     wait_idle(http)  # the closed streams were aborted
     ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200
 
 
-def test_client_that_stops_reading_is_cut_and_holds_up_nobody(server, http):
+def test_client_that_stops_reading_is_cut_and_holds_up_nobody(tiny_models):
+    # a server of its own, without the waiting limit of 2: the stalled request's 8 choices
+    # (the output of 8 sequences a step fills the socket buffers fast) leave 6 waiting
+    srv = start(tiny_models)
     body = json.dumps({**LONG, "n": 8, "logprobs": True, "top_logprobs": 20}).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
@@ -104,20 +149,22 @@ def test_client_that_stops_reading_is_cut_and_holds_up_nobody(server, http):
     ).encode()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.connect(("127.0.0.1", server.port))
+    stalled.connect(("127.0.0.1", srv.port))
     try:
-        stalled.sendall(head + body)  # and never read a byte
-        # another client is served meanwhile, to the end
-        ok = http.post(
-            "/v1/chat/completions",
-            json={**LONG, "stream": False, "max_tokens": 20},
-        )
-        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 20
-        # the stalled stream is aborted in the engine while its socket is still open
-        wait_idle(http, timeout=120)
-        assert "a stream client stopped reading for 2 s: cut" in server.log()
+        with client(srv) as http:
+            stalled.sendall(head + body)  # and never read a byte
+            # another client is served meanwhile, to the end
+            ok = http.post(
+                "/v1/chat/completions",
+                json={**LONG, "stream": False, "max_tokens": 20},
+            )
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 20
+            # the stalled stream is aborted in the engine while its socket is still open
+            wait_idle(http, timeout=120)
+            assert "a stream client stopped reading for 2 s: cut" in srv.log()
     finally:
         stalled.close()
+        assert srv.stop() == 0, srv.log()
 
 
 def test_idle_keep_alive_connection_is_closed(server):

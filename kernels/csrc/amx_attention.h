@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace pagoda::amx_attention {
@@ -145,7 +146,7 @@ inline float softmax_row(const float* s, int len, int width, float scale, uint16
   return _mm512_reduce_add_ps(sum);
 }
 
-struct Scratch {
+struct Scratch {  // handed out through aligned_scratch
   std::vector<uint16_t> q, p;  // a query block (zero rows past the end); P in bf16
   std::vector<float> s;        // scores
 };
@@ -159,8 +160,8 @@ inline void attend_block(const uint16_t* a, int64_t a_stride, int rows, const in
                          Scratch& w, float* o, int64_t o_stride) {
   const int key_blocks = (len + kRows - 1) / kRows, width = (len + kKeys - 1) / kKeys * kKeys;
   const int qk_chunks = dim / 32, pv_chunks = dim / kRows;
-  w.s.resize((size_t)kRows * width);
-  w.p.resize((size_t)kRows * width);
+  float* const s = aligned_scratch(w.s, (size_t)kRows * width);
+  uint16_t* const p = aligned_scratch(w.p, (size_t)kRows * width);
   const size_t kt_step = (size_t)qk_chunks * kRows * kRows;  // one key block of kt
   for (int kb = 0; kb < key_blocks; kb += 4) {
     const int n = std::min(4, key_blocks - kb);
@@ -169,16 +170,16 @@ inline void attend_block(const uint16_t* a, int64_t a_stride, int rows, const in
       _tile_loadd(4, a + c * 32, a_stride);
       products(n, kt + kb * kt_step + (size_t)c * kRows * kRows, kt_step);
     }
-    store_tiles(n, &w.s[kb * kRows], kRows, width * 4);
+    store_tiles(n, s + kb * kRows, kRows, width * 4);
   }
   float sums[kRows];
   for (int i = 0; i < rows; ++i)
-    sums[i] = softmax_row(&w.s[(size_t)i * width], lens[i], width, scale, &w.p[(size_t)i * width]);
+    sums[i] = softmax_row(s + (size_t)i * width, lens[i], width, scale, p + (size_t)i * width);
   for (int c = 0; c < pv_chunks; c += 4) {
     const int n = std::min(4, pv_chunks - c);
     zero_tiles(n);
     for (int kb = 0; kb < width / kKeys; ++kb) {
-      _tile_loadd(4, &w.p[kb * kKeys], width * 2);
+      _tile_loadd(4, p + kb * kKeys, width * 2);
       products(n, vt + ((size_t)kb * pv_chunks + c) * kRows * kRows, kRows * kRows);
     }
     store_tiles(n, o + c * kRows, kRows, o_stride * 4);

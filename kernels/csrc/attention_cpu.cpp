@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "paged_cache.h"
+#include "scratch.h"
 #include "simd.h"
 #include "vec_math.h"
 
@@ -182,8 +183,7 @@ template <int C, typename T>
 void prefill_rows(const float (*qt)[kLanes], int count, int base, int len, const T* k_cache,
                   const T* v_cache, const int64_t* rows, float* out, int64_t out_stride,
                   std::vector<float>& s_buf) {
-  s_buf.resize((size_t)len * kLanes + kLanes);
-  float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
+  float* const s = pagoda::aligned_scratch(s_buf, (size_t)len * kLanes);
 
   f32x16 top = set1(-INFINITY);
   int t = 0;

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace {
@@ -292,15 +293,12 @@ void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, cons
   // time than the tiles at every SmolLM2-135M shape, lm_head included (2 cores)
   if (M == 1) amx = 0;
   const int panels = (N + kPanel - 1) / kPanel, pairs = pairs_of(K);
-  // x as pairs (AMX: as tiles, padded with zero rows to whole tiles); grows to the largest
-  // seen, 64 bytes more for the alignment
+  // x as pairs (AMX: as tiles, padded with zero rows to whole tiles)
   static thread_local std::vector<uint32_t> scratch;
   const int whole = (M + kTileRows - 1) / kTileRows * kTileRows;
   // rows to convert: fewer than a tile's get tiles of their height, more are zero-padded
   const int padded = amx && M > kTileRows ? whole : M;
-  if ((int64_t)scratch.size() < (int64_t)whole * pairs + 16)
-    scratch.resize((int64_t)whole * pairs + 16);
-  uint32_t* xp = (uint32_t*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
+  uint32_t* xp = pagoda::aligned_scratch(scratch, (size_t)whole * pairs);
   const int elem = x_bf16 ? 2 : 4;
   // rows [m0, m1) of x into xp; m1 == M takes the padding along
   const auto convert = [&](int m0, int m1) {
@@ -338,8 +336,7 @@ void linear(const void* x, int64_t ldx, int x_bf16, const uint16_t* packed, cons
       // six at K = 1536.)
       alignas(64) float c[kAmxRows * kPanel];
       static thread_local std::vector<float> sums_buffer;
-      sums_buffer.resize((size_t)kCachedRows * kPanel + 16);
-      float* sums = (float*)(((uintptr_t)sums_buffer.data() + 63) & ~(uintptr_t)63);
+      float* sums = pagoda::aligned_scratch(sums_buffer, (size_t)kCachedRows * kPanel);
       const int chunks = pairs / kChunk;
       const int slices = M > kAmxRows ? (chunks + kSliceChunks - 1) / kSliceChunks : 1;
       const int slice = (chunks + slices - 1) / slices * kChunk;  // pairs of k per slice

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "scratch.h"
 #include "simd.h"
 
 namespace {
@@ -109,14 +110,11 @@ void linear(const float* x, int64_t ldx, const W* packed, const float* bias, flo
   const bool widen = sizeof(W) == 2 && blocks > 1;
 #pragma omp parallel num_threads(threads)
   {
-    // kept by each pool thread across calls, not allocated and zeroed in every call; 64-byte
-    // aligned, as linear_bf16.cpp's scratch: at malloc's 16 bytes half the 32-byte loads that
-    // re-read it split a cache line, and the model's bf16 linears took 1.10-1.19x the time at
-    // 4-32 rows (AVX2, 2-core Zen 3 EPYC, 25 alternated runs; 1.06-1.16x at a 48-byte offset)
+    // kept by each pool thread across calls, not allocated and zeroed in every call; aligned:
+    // unaligned, the model's bf16 linears took 1.10-1.19x the time at 4-32 rows (AVX2, 2-core
+    // Zen 3 EPYC, 25 alternated runs; 1.06-1.16x at a 48-byte offset)
     static thread_local std::vector<float> wide;
-    if (widen && wide.size() < (size_t)K * kPanel + 16) wide.resize((size_t)K * kPanel + 16);
-    float* const wide_panel =
-        widen ? (float*)(((uintptr_t)wide.data() + 63) & ~(uintptr_t)63) : nullptr;
+    float* const wide_panel = widen ? pagoda::aligned_scratch(wide, (size_t)K * kPanel) : nullptr;
 #pragma omp for schedule(static)
     for (int p = 0; p < panels; ++p) {
       const W* panel = packed + (int64_t)p * K * kPanel;

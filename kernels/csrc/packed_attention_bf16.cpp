@@ -22,6 +22,7 @@ namespace {
 using namespace pagoda::amx_attention;
 
 // Per thread: the head's K and V laid out as B tiles, its rows, the blocks' scratch and output
+// (the tiles' buffers handed out through aligned_scratch)
 struct HeadScratch {
   std::vector<uint32_t> kt, vt;
   std::vector<int64_t> rows;
@@ -32,14 +33,14 @@ struct HeadScratch {
 void attend_head(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride,
                  const uint16_t* v, int64_t v_stride, uint16_t* out, int64_t out_stride, int len,
                  int dim, float scale, HeadScratch& w) {
-  w.kt.resize(keys_size(len, dim));
-  w.vt.resize(values_size(len, dim));
-  w.o.resize((size_t)kRows * dim);
+  uint32_t* const kt = pagoda::aligned_scratch(w.kt, keys_size(len, dim));
+  uint32_t* const vt = pagoda::aligned_scratch(w.vt, values_size(len, dim));
+  float* const o = pagoda::aligned_scratch(w.o, (size_t)kRows * dim);
   w.rows.resize(len);
   for (int t = 0; t < len; ++t) w.rows[t] = t * k_stride;
-  lay_out_keys(k, w.rows.data(), len, dim, w.kt.data());
+  lay_out_keys(k, w.rows.data(), len, dim, kt);
   for (int t = 0; t < len; ++t) w.rows[t] = t * v_stride;
-  lay_out_values(v, w.rows.data(), len, dim, w.vt.data());
+  lay_out_values(v, w.rows.data(), len, dim, vt);
   int lens[kRows];
   std::fill(lens, lens + kRows, len);  // no mask: every query sees the whole sequence
   for (int i0 = 0; i0 < len; i0 += kRows) {
@@ -47,16 +48,16 @@ void attend_head(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
     const uint16_t* a = q + i0 * q_stride;
     int64_t a_stride = q_stride * 2;
     if (rows < kRows) {  // the last block: copy, so that no tile reads past the tokens
-      w.block.q.assign((size_t)kRows * dim, 0);
-      for (int i = 0; i < rows; ++i) memcpy(&w.block.q[(size_t)i * dim], a + i * q_stride, dim * 2);
-      a = w.block.q.data();
+      uint16_t* const block = pagoda::aligned_scratch(w.block.q, (size_t)kRows * dim);
+      std::fill_n(block, (size_t)kRows * dim, 0);
+      for (int i = 0; i < rows; ++i) memcpy(block + (size_t)i * dim, a + i * q_stride, dim * 2);
+      a = block;
       a_stride = dim * 2;
     }
-    attend_block(a, a_stride, rows, lens, len, dim, scale, w.kt.data(), w.vt.data(), w.block,
-                 w.o.data(), dim);
+    attend_block(a, a_stride, rows, lens, len, dim, scale, kt, vt, w.block, o, dim);
     for (int i = 0; i < rows; ++i)
       for (int d = 0; d < dim; d += 16) {
-        const __m512 x = _mm512_loadu_ps(&w.o[(size_t)i * dim + d]);
+        const __m512 x = _mm512_loadu_ps(o + (size_t)i * dim + d);
         _mm256_storeu_si256((__m256i*)(out + (i0 + i) * out_stride + d), (__m256i)_mm512_cvtneps_pbh(x));
       }
   }

@@ -91,9 +91,8 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
   }
   if (blocks.empty()) return;
   static thread_local std::vector<uint32_t> kt, vt;  // grow to the largest step seen
-  kt.resize(keys_total);
-  vt.resize(values_total);
-  uint32_t *keys = kt.data(), *values = vt.data();
+  uint32_t* const keys = pagoda::aligned_scratch(kt, keys_total);
+  uint32_t* const values = pagoda::aligned_scratch(vt, values_total);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> rows;
@@ -108,8 +107,10 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
     }  // (the loop's implied barrier: every layout is done before a block reads it)
     configure_tiles();
     Scratch scratch;
-    std::vector<uint16_t> a(kRows * dim);
-    std::vector<float> o(kRows * dim);
+    std::vector<uint16_t> a_buffer;
+    std::vector<float> o_buffer;
+    uint16_t* const a = pagoda::aligned_scratch(a_buffer, (size_t)kRows * dim);
+    float* const o = pagoda::aligned_scratch(o_buffer, (size_t)kRows * dim);
 #pragma omp for schedule(dynamic, 1)
     for (int n = 0; n < (int)blocks.size(); ++n) {
       const Block& task = blocks[n];
@@ -121,7 +122,7 @@ void pagoda_prefill_attention_amx(const float* q, int64_t q_stride, const uint16
         query_block(q + row0 * q_stride + task.head * dim, q_stride, std::min(kRows, count - first),
                     seq_lens[task.seq] - count + first, dim, scale, keys + l.keys,
                     values + l.values, out + row0 * out_stride + task.head * dim, out_stride,
-                    scratch, a.data(), o.data());
+                    scratch, a, o);
       }
     }
     _tile_release();

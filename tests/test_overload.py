@@ -116,8 +116,8 @@ def test_each_choice_waits_for_a_batch_slot_of_its_own(server, http):
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
             body = {**LONG, "n": 8}
             async with client.stream("POST", "/v1/chat/completions", json=body) as held:
-                # read on, so that the stream is never cut for a full socket buffer
                 assert held.status_code == 200, await held.aread()
+                # read on, so that the stream is never cut for a full socket buffer
                 reading = asyncio.create_task(held.aread())
                 seen, deadline = [], time.monotonic() + 30
                 while not seen or seen[-1] != 6:

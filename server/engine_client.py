@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.core import decode_delta, encode_params, run_engine_core
@@ -18,6 +19,15 @@ class EngineClient(WorkerClient):
         super().__init__(name, run_engine_core, (config,))
         self.config = config
         self.stats = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0, "num_preemptions": 0}
+        self.num_sequences_in_flight = 0  # the unfinished choices of the requests in flight
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a batch slot: the engine's own count (sent with its stats, so
+        a step late), or the sequences in flight beyond what one batch runs (exact at once,
+        for a burst that arrives between two stats)."""
+        beyond_batch = self.num_sequences_in_flight - self.config.max_num_seqs
+        return max(self.stats.get("waiting", 0), beyond_batch)
 
     def decode_output(self, fields: list) -> SequenceDelta:
         return decode_delta(fields)
@@ -26,16 +36,25 @@ class EngineClient(WorkerClient):
     def max_model_len(self) -> int:
         return self.info["max_model_len"]
 
-    def generate(
+    async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[SequenceDelta]:
         """Stream the request's deltas until all its choices finish."""
         unfinished = params.n
+        self.num_sequences_in_flight += unfinished
 
         def finished(delta: SequenceDelta) -> bool:
             nonlocal unfinished
-            unfinished -= delta.finish_reason is not None
+            if delta.finish_reason is not None:
+                unfinished -= 1
+                self.num_sequences_in_flight -= 1
             return unfinished == 0
 
         payload = [prompt_token_ids, encode_params(params)]
-        return self.stream(request_id, payload, finished)
+        try:
+            # closed with this generator, not when collected: its close aborts the request
+            async with aclosing(self.stream(request_id, payload, finished)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self.num_sequences_in_flight -= unfinished

@@ -22,7 +22,7 @@ from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
-from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, chat_waiting, queue_full
+from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, queue_full
 from pagoda.server.worker_client import WorkerDeadError
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class ServedModel:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
 
     def check_queue(self) -> None:
-        """429 at once when the engine has its limit of requests waiting for a batch slot."""
+        """429 at once when the engine has its limit of sequences waiting for a batch slot."""
         limit = self.max_waiting_requests
-        if chat_waiting(self.client, self.client.config.max_num_seqs) >= limit:
+        if self.client.num_waiting >= limit:
             raise queue_full(self.id, f"{limit} requests waiting, its limit")
 
     def token_text(self, token_id: int) -> str:

@@ -19,10 +19,3 @@ def queue_full(model_id: str, what: str, retry_after_s: float = 1.0) -> APIError
         code="rate_limit_exceeded",
         headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
     )
-
-
-def chat_waiting(client, max_num_seqs: int) -> int:
-    """Requests of a chat model that wait for a batch slot: the engine's own count (sent with
-    its stats, so a step late), or the requests in flight beyond what one batch runs (exact at
-    once, for a burst that arrives between two stats)."""
-    return max(client.stats.get("waiting", 0), client.num_in_flight - max_num_seqs)

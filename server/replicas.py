@@ -97,6 +97,10 @@ class EngineReplicas:
         return sum(r.num_in_flight for r in self.replicas)
 
     @property
+    def num_waiting(self) -> int:
+        return sum(r.num_waiting for r in self.replicas)
+
+    @property
     def stats(self) -> dict:
         return merge_stats([r.stats for r in self.replicas])
 

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
+import signal
 import socket
 import time
 
@@ -81,6 +83,32 @@ def wait_idle(http: httpx.Client, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def engines_stopped(pids: list[int]):
+    """The engine processes stopped (SIGSTOP): no step runs and no stats come, so what the
+    server admits meanwhile is decided by its own count of what it sent."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def hold_streams(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> list:
+    """Open a stream for each body, one after the other, each begun in the server (its
+    request sent to the engine) before the next; the caller closes them."""
+    held = []
+    for body in bodies:
+        stream = client.stream("POST", url, json=body)
+        response = await stream.__aenter__()
+        held.append(stream)
+        assert response.status_code == 200, await response.aread()
+        await asyncio.sleep(0.5)  # the 200 goes out before the body's generator starts
+    return held
+
+
 def test_waiting_queue_limit_answers_429_at_once(server, http):
     async def run() -> tuple[list[int], httpx.Response, float]:
         headers = {"Authorization": f"Bearer {KEY}"}
@@ -135,6 +163,70 @@ def test_each_choice_waits_for_a_batch_slot_of_its_own(server, http):
     assert refused.status_code == 429, (seen, refused.text)
     assert "2 requests waiting" in refused.json()["error"]["message"]
     wait_idle(http)  # the closed stream's 8 choices were aborted
+
+
+def test_choices_count_at_once_between_two_engine_stats(server, http):
+    """A burst is refused before the engine reports it: with the engine stopped its last stats
+    say nothing waits, yet the server counts the n=8 it sent, 6 beyond a batch of 2."""
+
+    async def run() -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+            with engines_stopped([server.engine_pid()]):
+                (held,) = await hold_streams(client, "/v1/chat/completions", [{**LONG, "n": 8}])
+                # admitted, it would wait for the stopped engine: 5 s is a failure, not a hang
+                body = {**LONG, "stream": False}
+                refused = await client.post("/v1/chat/completions", json=body, timeout=5)
+                await held.__aexit__(None, None, None)
+            return refused
+
+    refused = asyncio.run(run())
+    assert refused.status_code == 429, refused.text
+    assert "2 requests waiting" in refused.json()["error"]["message"]
+    wait_idle(http)  # the closed stream's request was aborted once the engine went on
+
+
+def test_each_replica_counts_its_own_waiting_sequences(tiny_models):
+    """With two replicas of a batch of 2, four requests all run (two on each): the fifth and
+    sixth wait, one on each replica, and only the seventh finds the limit of 2 reached."""
+    srv = start(tiny_models, "--data-parallel-size", "2", "--max-waiting-requests", "2")
+    url = "/v1/completions"
+
+    def body(i: int) -> dict:
+        # prompts shorter than a KV block: routed by load alone, not to a prefix's replica
+        prompt = [1, 40 + i, 300, 12]
+        return {"model": MODEL, "prompt": prompt, "max_tokens": 1000, "ignore_eos": True}
+
+    async def run() -> tuple[list[int], httpx.Response]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=60) as client:
+            health = (await client.get("/health")).json()["models"][MODEL]
+            pids = [replica["pid"] for replica in health["replicas"]]
+            with engines_stopped(pids):
+                held = await hold_streams(
+                    client, url, [{**body(i), "stream": True} for i in range(6)]
+                )
+                refused = await client.post(url, json=body(6), timeout=5)
+                for stream in held:
+                    await stream.__aexit__(None, None, None)
+            return pids, refused
+
+    try:
+        pids, refused = asyncio.run(run())
+        assert len(set(pids)) == 2
+        assert refused.status_code == 429, refused.text
+        assert "2 requests waiting" in refused.json()["error"]["message"]
+        with client(srv) as http:
+            wait_idle(http)
+            routed = http.get("/metrics").text
+            assert (
+                'pagoda:replica_requests_routed_total{model_name="tiny",replica="0"} 3.0' in routed
+            )
+            assert (
+                'pagoda:replica_requests_routed_total{model_name="tiny",replica="1"} 3.0' in routed
+            )
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 def test_client_that_stops_reading_is_cut_and_holds_up_nobody(tiny_models):

@@ -1,8 +1,9 @@
 """Data parallelism: N engine cores of one model behind one served model.
 
-A request goes to the replica with the fewest requests in flight, unless a replica already
-served a prompt with the same first KV block (a system prompt, a conversation's earlier turns)
-and is not much busier: there its prefix is likely still cached. `/metrics` gains per-replica
+A request goes to the replica with the fewest sequences in flight (each request's unfinished
+choices: one n=8 request is 8 sequences' work), unless a replica already served a prompt with
+the same first KV block (a system prompt, a conversation's earlier turns) and is not much
+busier: there its prefix is likely still cached. `/metrics` gains per-replica
 series (label `replica`).
 """
 
@@ -21,7 +22,7 @@ from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import SequenceDelta
 from pagoda.server.engine_client import EngineClient
 
-PREFIX_SLACK = 4  # in-flight requests a prefix's replica may have beyond the least busy one
+PREFIX_SLACK = 4  # sequences in flight a prefix's replica may have beyond the least busy one
 MAX_PREFIXES = 65536  # first blocks remembered (least recently used go first)
 
 
@@ -106,7 +107,7 @@ class EngineReplicas:
 
     def route(self, prompt_token_ids: list[int]) -> int:
         live = [i for i, r in enumerate(self.replicas) if r.healthy] or [0]
-        load = [r.num_in_flight for r in self.replicas]
+        load = [r.num_sequences_in_flight for r in self.replicas]
         chosen = min(live, key=lambda i: load[i])
         block = self.config.block_size
         if len(prompt_token_ids) >= block:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -84,3 +86,29 @@ class Server:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def engines_stopped(pids: list[int]):
+    """The engine processes stopped (SIGSTOP): no step runs and no stats come, so what the
+    server admits meanwhile is decided by its own count of what it sent."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def hold_streams(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> list:
+    """Open a stream for each body, one after the other, each begun in the server (its
+    request sent to the engine) before the next; the caller closes them."""
+    held = []
+    for body in bodies:
+        stream = client.stream("POST", url, json=body)
+        response = await stream.__aenter__()
+        held.append(stream)
+        assert response.status_code == 200, await response.aread()
+        await asyncio.sleep(0.5)  # the 200 goes out before the body's generator starts
+    return held

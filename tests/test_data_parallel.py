@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ import httpx
 import openai
 
 from pagoda.engine import LLM, SamplingParams
-from tests.serving import Server
+from tests.serving import Server, engines_stopped, hold_streams
 
 PROMPTS = [[1, 40 + i, 300, 12, 9 + i, 845, 33] for i in range(6)]
 LONG = list(range(3, 40))  # more than one KV block of 16 tokens
@@ -69,3 +70,33 @@ def test_two_replicas_serve_concurrent_requests(tiny_models):
         assert _routed(server.url) == {"0": base["0"] + 1, "1": base["1"] + 2}
     finally:
         assert server.stop() == 0
+
+
+def test_routing_weighs_a_request_by_its_choices(tiny_models):
+    """Replica 0 with one request for 4 choices is busier than replica 1 with one or two plain
+    requests: the three plain requests after it all go to replica 1 (counting requests, the
+    second of them went to replica 0)."""
+    model = str(tiny_models["llama"])
+    server = Server(["--model", model, "--dtype", "float32", "--data-parallel-size", "2"])
+    server.wait_ready()
+
+    def body(i: int, n: int) -> dict:
+        # shorter than a KV block: routed by load alone
+        prompt = [1, 40 + i, 300, 12]
+        return {"model": model, "prompt": prompt, "n": n, "max_tokens": 64, "stream": True}
+
+    async def hold_and_release(pids: list[int]) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            # engines stopped: every request stays in flight until it is read, none finishes
+            with engines_stopped(pids):
+                bodies = [body(0, 4)] + [body(i, 1) for i in range(1, 4)]
+                held = await hold_streams(client, "/v1/completions", bodies)
+                for stream in held:
+                    await stream.__aexit__(None, None, None)
+
+    try:
+        replicas = httpx.get(f"{server.url}/health").json()["models"][model]["replicas"]
+        asyncio.run(hold_and_release([r["pid"] for r in replicas]))
+        assert _routed(server.url) == {"0": 1.0, "1": 3.0}
+    finally:
+        assert server.stop() == 0, server.log()

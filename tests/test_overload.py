@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
-import signal
 import socket
 import time
 
@@ -18,7 +16,7 @@ import pytest
 
 from pagoda.server.generation import event_stream
 from pagoda.server.keys.meter import Meter
-from tests.serving import Server
+from tests.serving import Server, engines_stopped, hold_streams
 
 MODEL = "tiny"
 KEY = "sk-overload-test-key"
@@ -81,32 +79,6 @@ def wait_idle(http: httpx.Client, timeout: float = 60) -> None:
     while gauge(http, "pagoda:num_requests_running") or gauge(http, "pagoda:num_requests_waiting"):
         assert time.monotonic() < deadline, "requests still in the engine"
         time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def engines_stopped(pids: list[int]):
-    """The engine processes stopped (SIGSTOP): no step runs and no stats come, so what the
-    server admits meanwhile is decided by its own count of what it sent."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-
-
-async def hold_streams(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> list:
-    """Open a stream for each body, one after the other, each begun in the server (its
-    request sent to the engine) before the next; the caller closes them."""
-    held = []
-    for body in bodies:
-        stream = client.stream("POST", url, json=body)
-        response = await stream.__aenter__()
-        held.append(stream)
-        assert response.status_code == 200, await response.aread()
-        await asyncio.sleep(0.5)  # the 200 goes out before the body's generator starts
-    return held
 
 
 def test_waiting_queue_limit_answers_429_at_once(server, http):

@@ -101,14 +101,13 @@ def engines_stopped(pids: list[int]):
             os.kill(pid, signal.SIGCONT)
 
 
-async def hold_streams(client: httpx.AsyncClient, url: str, bodies: list[dict]) -> list:
-    """Open a stream for each body, one after the other, each begun in the server (its
-    request sent to the engine) before the next; the caller closes them."""
-    held = []
-    for body in bodies:
-        stream = client.stream("POST", url, json=body)
-        response = await stream.__aenter__()
-        held.append(stream)
-        assert response.status_code == 200, await response.aread()
-        await asyncio.sleep(0.5)  # the 200 goes out before the body's generator starts
-    return held
+@contextlib.asynccontextmanager
+async def held_streams(client: httpx.AsyncClient, url: str, bodies: list[dict]):
+    """A stream opened for each body, one after the other, each begun in the server (its
+    request sent to the engine) before the next; all closed on leaving."""
+    async with contextlib.AsyncExitStack() as stack:
+        for body in bodies:
+            response = await stack.enter_async_context(client.stream("POST", url, json=body))
+            assert response.status_code == 200, await response.aread()
+            await asyncio.sleep(0.5)  # the 200 goes out before the body's generator starts
+        yield

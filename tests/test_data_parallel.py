@@ -11,7 +11,7 @@ import httpx
 import openai
 
 from pagoda.engine import LLM, SamplingParams
-from tests.serving import Server, engines_stopped, hold_streams
+from tests.serving import Server, engines_stopped, held_streams
 
 PROMPTS = [[1, 40 + i, 300, 12, 9 + i, 845, 33] for i in range(6)]
 LONG = list(range(3, 40))  # more than one KV block of 16 tokens
@@ -88,11 +88,10 @@ def test_routing_weighs_a_request_by_its_choices(tiny_models):
     async def hold_and_release(pids: list[int]) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             # engines stopped: every request stays in flight until it is read, none finishes
+            bodies = [body(0, 4)] + [body(i, 1) for i in range(1, 4)]
             with engines_stopped(pids):
-                bodies = [body(0, 4)] + [body(i, 1) for i in range(1, 4)]
-                held = await hold_streams(client, "/v1/completions", bodies)
-                for stream in held:
-                    await stream.__aexit__(None, None, None)
+                async with held_streams(client, "/v1/completions", bodies):
+                    pass
 
     try:
         replicas = httpx.get(f"{server.url}/health").json()["models"][model]["replicas"]

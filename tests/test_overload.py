@@ -16,7 +16,7 @@ import pytest
 
 from pagoda.server.generation import event_stream
 from pagoda.server.keys.meter import Meter
-from tests.serving import Server, engines_stopped, hold_streams
+from tests.serving import Server, engines_stopped, held_streams
 
 MODEL = "tiny"
 KEY = "sk-overload-test-key"
@@ -144,13 +144,12 @@ def test_choices_count_at_once_between_two_engine_stats(server, http):
     async def run() -> httpx.Response:
         headers = {"Authorization": f"Bearer {KEY}"}
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
+            url = "/v1/chat/completions"
             with engines_stopped([server.engine_pid()]):
-                (held,) = await hold_streams(client, "/v1/chat/completions", [{**LONG, "n": 8}])
-                # admitted, it would wait for the stopped engine: 5 s is a failure, not a hang
-                body = {**LONG, "stream": False}
-                refused = await client.post("/v1/chat/completions", json=body, timeout=5)
-                await held.__aexit__(None, None, None)
-            return refused
+                async with held_streams(client, url, [{**LONG, "n": 8}]):
+                    # admitted, it would wait for the stopped engine: 5 s is a failure, not a hang
+                    body = {**LONG, "stream": False}
+                    return await client.post(url, json=body, timeout=5)
 
     refused = asyncio.run(run())
     assert refused.status_code == 429, refused.text
@@ -174,14 +173,10 @@ def test_each_replica_counts_its_own_waiting_sequences(tiny_models):
         async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=60) as client:
             health = (await client.get("/health")).json()["models"][MODEL]
             pids = [replica["pid"] for replica in health["replicas"]]
+            streams = [{**body(i), "stream": True} for i in range(6)]
             with engines_stopped(pids):
-                held = await hold_streams(
-                    client, url, [{**body(i), "stream": True} for i in range(6)]
-                )
-                refused = await client.post(url, json=body(6), timeout=5)
-                for stream in held:
-                    await stream.__aexit__(None, None, None)
-            return pids, refused
+                async with held_streams(client, url, streams):
+                    return pids, await client.post(url, json=body(6), timeout=5)
 
     try:
         pids, refused = asyncio.run(run())
@@ -191,12 +186,11 @@ def test_each_replica_counts_its_own_waiting_sequences(tiny_models):
         with client(srv) as http:
             wait_idle(http)
             routed = http.get("/metrics").text
-            assert (
-                'pagoda:replica_requests_routed_total{model_name="tiny",replica="0"} 3.0' in routed
-            )
-            assert (
-                'pagoda:replica_requests_routed_total{model_name="tiny",replica="1"} 3.0' in routed
-            )
+            for replica in "01":
+                series = (
+                    f'pagoda:replica_requests_routed_total{{model_name="tiny",replica="{replica}"}}'
+                )
+                assert f"{series} 3.0" in routed
     finally:
         assert srv.stop() == 0, srv.log()
 

@@ -86,7 +86,9 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        if seq.first_scheduled_time is None:  # a preempted sequence's hits are its own work
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register the blocks that a step has just filled, so that others can hit them."""

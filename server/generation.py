@@ -170,7 +170,8 @@ class Generation:
         async with aclosing(stream) as deltas:
             async for delta in deltas:
                 clock.tick(len(delta.new_token_ids))
-                self.cached_tokens = delta.num_cached_tokens
+                if delta.index == 0:  # the others find the prompt that choice 0 computed
+                    self.cached_tokens = delta.num_cached_tokens
                 if delta.prompt_logprobs is not None:
                     self.prompt_logprobs = delta.prompt_logprobs
                 if done[delta.index]:

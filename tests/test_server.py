@@ -153,6 +153,18 @@ def test_seeded_n_choices_reproducible(client):
     assert a.usage.completion_tokens == 48
 
 
+def test_cached_tokens_count_the_prompt_once(client):
+    messages = [{"role": "user", "content": "A prompt of several blocks, seen once: " * 8}]
+    fresh = chat(client, messages=messages, n=3, max_tokens=2)
+    # choices 1 and 2 reuse the prompt that choice 0 computed; the request's prompt was new
+    assert fresh.usage.prompt_tokens > 32 and fresh.usage.prompt_tokens_details.cached_tokens == 0
+    again = chat(client, messages=messages, max_tokens=2).usage
+    assert again.prompt_tokens == fresh.usage.prompt_tokens
+    assert (
+        again.prompt_tokens - 16 <= again.prompt_tokens_details.cached_tokens < again.prompt_tokens
+    )
+
+
 def test_stop_strings_cut_across_tokens(client):
     free = chat(client, temperature=0, max_tokens=30, ignore_eos=True).choices[0].message.content
     assert len(free) > 12

@@ -7,8 +7,10 @@ blame ("temperature", "messages.0.role"); no pydantic error reaches the caller.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -82,21 +84,34 @@ def _load_json(body: bytes) -> Any:
         )
     except (ValueError, RecursionError) as exc:
         raise invalid(f"The request body is not valid JSON: {exc}") from None
-    # A NUL can only come in escaped; no field means one, and C strings (PostgreSQL's text in
-    # the usage ledger, tokenizers' C APIs, logs) cut or refuse it.
-    if b"\\u0000" in body and _has_nul(data):
-        raise invalid("A string in the request contains a NUL character (\\u0000).")
+    # Both can only come in escaped. No field means a NUL, and C strings (PostgreSQL's text in
+    # the usage ledger, tokenizers' C APIs, logs) cut or refuse it; a lone UTF-16 surrogate
+    # (half an emoji, from a client that cut a string) is no character and no encoder takes it.
+    if b"\\u" in body and (bad := _not_text(data)) is not None:
+        if bad == "\x00":
+            raise invalid("A string in the request contains a NUL character (\\u0000).")
+        raise invalid(
+            f"A string in the request contains an unpaired UTF-16 surrogate (\\u{ord(bad):04x}): "
+            "half of a character, which is not text."
+        )
     return data
 
 
-def _has_nul(value: Any) -> bool:
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _not_text(value: Any) -> str | None:
+    """The first NUL or lone surrogate in the strings (keys included) of a decoded body."""
     if isinstance(value, str):
-        return "\x00" in value
+        found = _NOT_TEXT.search(value)
+        return None if found is None else found.group()
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
+        parts = itertools.chain.from_iterable(value.items())
+    elif isinstance(value, list):
+        parts = value
+    else:
+        return None
+    return next((bad for part in parts if (bad := _not_text(part)) is not None), None)
 
 
 def _reject_constant(name: str) -> None:

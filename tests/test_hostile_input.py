@@ -165,6 +165,24 @@ def test_nul_bytes(http):
     assert http.post("/v1/chat/completions", json=text).status_code == 200
 
 
+def test_lone_surrogates(http):
+    # valid JSON escapes (JavaScript's JSON.stringify writes them for a string cut mid-emoji),
+    # but no character: a 400 naming the problem, not the tokenizer's TypeError as a 500
+    half = '"cut \\ud83c here"'
+    for path, body in (
+        ("/v1/chat/completions", GOOD | {"messages": [{"role": "user", "content": "@"}]}),
+        ("/v1/completions", {"model": MODEL, "prompt": "@", "max_tokens": 2}),
+        ("/v1/chat/completions", GOOD | {"stop": ["@"]}),
+        ("/v1/chat/completions", GOOD | {"metadata": {"@": "key"}}),
+    ):
+        raw = json.dumps(body).replace('"@"', half).encode()
+        error = assert_openai_error(post_raw(http, raw, path), 400)
+        assert "surrogate (\\ud83c)" in error["message"]
+    whole = json.dumps(GOOD | {"messages": [{"role": "user", "content": "\U0001f31f"}]})
+    assert "\\ud83c\\udf1f" in whole  # the pair, escaped: one character
+    assert post_raw(http, whole.encode()).status_code == 200
+
+
 @pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
 def test_out_of_range_numbers(http, number):
     for field in ("temperature", "max_tokens", "seed"):

@@ -109,8 +109,8 @@ class LLM:
             )
         # Tokenize and validate everything before the first request enters the engine.
         encoded = [self._encode(p) for p in prompts]
-        for ids, _ in encoded:
-            self.engine.validate_prompt(ids)
+        for (ids, _), params in zip(encoded, sampling_params):
+            self.engine.validate_prompt(ids, generates=params.max_tokens != 0)
         for params in sampling_params:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here

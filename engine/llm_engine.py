@@ -164,7 +164,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids, generates=params.max_tokens != 0)
         if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
             raise ValueError("prompt_logprobs are not supported with tensor parallelism yet")
         room = self.max_model_len - len(prompt_token_ids)
@@ -214,12 +214,13 @@ class LLMEngine:
         rejected, self.rejected = self.rejected, []
         return rejected
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int], generates: bool = True) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) > self.max_model_len - generates:
+            room = "no room to generate" if generates else "more than the context holds"
             raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room to generate "
+                f"the prompt has {len(prompt_token_ids)} tokens, {room} "
                 f"within max_model_len={self.max_model_len}"
             )
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
@@ -263,13 +264,13 @@ class LLMEngine:
                 SequenceDelta(
                     request_id=seq.request_id,
                     index=seq.index,
-                    new_token_ids=seq.token_ids[-1:],
+                    new_token_ids=seq.token_ids[-1:] if seq.num_output_tokens else [],
                     new_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else [],
                     finish_reason=seq.finish_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_cached_tokens=seq.num_cached_tokens,
                     prompt_logprobs=seq.prompt_logprobs
-                    if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1
+                    if seq.params.prompt_logprobs is not None and seq.num_output_tokens <= 1
                     else None,
                 )
             )

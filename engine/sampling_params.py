@@ -79,7 +79,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0: the prompt only (scoring)
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -118,8 +118,8 @@ class SamplingParams:
                 f"repetition_penalty must be > 0, got {self.repetition_penalty}",
             ),
             (
-                self.max_tokens is None or self.max_tokens >= 1,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
+                self.max_tokens is None or self.max_tokens >= 0,
+                f"max_tokens must be >= 0, got {self.max_tokens}",
             ),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (

@@ -84,6 +84,9 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def append(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        if self.max_tokens == 0:  # the prompt only: what its last position drew is dropped
+            self.finish_reason = "length"
+            return
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)

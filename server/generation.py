@@ -104,22 +104,31 @@ class ServedModel:
             raise invalid(f"token ids must be in [0, {vocab})", param=param)
 
     def sampling_params(self, prompt_len: int, kwargs: dict, param: str) -> SamplingParams:
-        """Engine parameters for a prompt of `prompt_len` tokens, its context checked."""
+        """Engine parameters for a prompt of `prompt_len` tokens, its context checked.
+        `param` names the prompt's field: "messages" or "prompt"."""
         room = self.max_model_len - prompt_len
         max_tokens = kwargs.get("max_tokens")
-        if room < 1 or (max_tokens is not None and max_tokens > room):
+        if room < (max_tokens if max_tokens is not None else 1):
             wanted = "no tokens" if max_tokens is None else f"{max_tokens} tokens"
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {prompt_len + (max_tokens or 0)} tokens ({prompt_len} in the "
-                f"messages, {wanted} for the completion). Please reduce the length of the "
-                "messages or completion.",
+                f"{param}, {wanted} for the completion). Please reduce the length of the "
+                f"{param} or completion.",
                 param=param,
                 code="context_length_exceeded",
             )
+        if max_tokens is None:
+            max_tokens = room
+            if kwargs.get("min_tokens", 0) > room:
+                raise invalid(
+                    f"min_tokens ({kwargs['min_tokens']}) exceeds the {room} tokens that the "
+                    f"context leaves after the {param}",
+                    param="min_tokens",
+                )
         try:
-            return SamplingParams(**{**kwargs, "max_tokens": max_tokens or room})
+            return SamplingParams(**{**kwargs, "max_tokens": max_tokens})
         except ValueError as exc:
             raise invalid(str(exc)) from exc
 

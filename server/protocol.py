@@ -525,11 +525,10 @@ class CompletionRequest(_SamplingRequest):
         return self.max_tokens
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `engine.SamplingParams`. With `echo_only` the engine still
-        generates one token (its minimum), which the server drops."""
+        """Keyword arguments for `engine.SamplingParams` (max_tokens 0: the prompt only)."""
         return {
             **self._common_sampling_kwargs(),
-            "max_tokens": max(self.max_tokens, 1),
+            "max_tokens": self.max_tokens,
             "logprobs": self.logprobs,
             "prompt_logprobs": self.logprobs if self.echo else None,
         }

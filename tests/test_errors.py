@@ -16,7 +16,6 @@ def llm(tiny_models) -> LLM:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": -3}, "max_tokens"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
@@ -40,6 +39,8 @@ def test_prompt_longer_than_max_model_len(llm):
         llm.generate({"prompt_token_ids": [5] * 200}, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="max_model_len=128"):
         llm.engine.add_request("long", [5] * 128, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="more than the context holds"):  # even to score it
+        llm.engine.add_request("long", [5] * 129, SamplingParams(max_tokens=0))
 
 
 def test_bad_prompts(llm):

@@ -142,6 +142,25 @@ def test_prompt_logprobs_match_transformers(arch_case, chunk):
             assert 3 <= len(entry) <= 4
 
 
+def test_scoring_a_prompt_that_fills_the_context(arch_case):
+    """max_tokens 0 computes the prompt alone (its logprobs), so it may fill the context."""
+    folder, hf, _ = arch_case
+    prompt = prompts()[-1]
+    llm = LLM(str(folder), dtype="float32", max_model_len=len(prompt))
+    with pytest.raises(ValueError, match="no room to generate"):
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
+    out = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(max_tokens=0, prompt_logprobs=0)
+    )[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    want = [ref[pos, token].item() for pos, token in enumerate(prompt[1:])]
+    got = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+    assert out.prompt_logprobs[0] is None and got == pytest.approx(want, abs=1e-4)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_triton_kernels_match_transformers(tiny_models, arch):
     """The engine with its Triton kernels (under TRITON_INTERPRET=1 on a CPU) against

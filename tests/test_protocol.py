@@ -300,7 +300,7 @@ def test_echo_scoring():
     assert (kwargs["logprobs"], kwargs["prompt_logprobs"], kwargs["max_tokens"]) == (1, 1, 1)
     req = parse_completion(completion(echo=True, logprobs=5, max_tokens=0))
     assert req.echo_only
-    assert req.sampling_kwargs()["max_tokens"] == 1
+    assert req.sampling_kwargs()["max_tokens"] == 0  # the prompt alone
     SamplingParams(**req.sampling_kwargs())
 
 

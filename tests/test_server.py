@@ -348,8 +348,19 @@ def test_completions_scoring_with_max_tokens_zero(client):
     r = client.completions.create(
         model=MODEL, prompt="abc def", max_tokens=0, echo=True, logprobs=1
     )
-    assert r.choices[0].text == "abc def"
+    assert r.choices[0].text == "abc def" and r.choices[0].finish_reason == "length"
     assert len(r.choices[0].logprobs.tokens) == r.usage.prompt_tokens
+    assert r.usage.completion_tokens == 0  # nothing was generated, so nothing is billed
+    # scoring needs no room after the prompt: one of max_model_len (512) tokens fits
+    full = client.completions.create(
+        model=MODEL, prompt=[7] * 512, max_tokens=0, echo=True, logprobs=0
+    )
+    assert full.usage.prompt_tokens == 512 and full.usage.completion_tokens == 0
+    assert len(full.choices[0].logprobs.token_logprobs) == 512
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=[7] * 513, max_tokens=0, echo=True)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
+    assert "(513 in the prompt, 0 tokens for the completion)" in info.value.message
 
 
 def test_completions_stream(client):

@@ -58,6 +58,8 @@ class _Choice:
         self.model = model
         self.req = req
         self.text = ""
+        self.offset = 0  # of the next token in the text: the text itself lags behind the
+        # tokens while the detokenizer holds back a possible stop string or half a character
         self.finish_reason: str | None = None
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         self.generation = generation
@@ -70,6 +72,7 @@ class _Choice:
             entries = self.generation.prompt_logprobs or [None] * len(prompt)
             self._add_logprobs(prompt, entries)
         self.text += text
+        self.offset = len(self.text)
         return text
 
     def add(self, delta: ChoiceDelta) -> str:
@@ -82,12 +85,11 @@ class _Choice:
         return delta.text
 
     def _add_logprobs(self, tokens: list[int], entries: list[TokenLogprobs | None]) -> None:
-        offset = len(self.text)
         for token, entry in zip(tokens, entries):
             token_text = self.model.token_text(token)
             self.logprobs["tokens"].append(token_text)
-            self.logprobs["text_offset"].append(offset)
-            offset += len(token_text)
+            self.logprobs["text_offset"].append(self.offset)
+            self.offset += len(token_text)
             if entry is None:
                 self.logprobs["token_logprobs"].append(None)
                 self.logprobs["top_logprobs"].append(None)

@@ -344,6 +344,22 @@ def test_completions_echo_with_prompt_logprobs(client, tiny_models):
     assert lp.token_logprobs[:n_prompt] == pytest.approx(want, abs=1e-4)
 
 
+def test_completions_text_offset_follows_the_tokens(client):
+    args = {"model": MODEL, "prompt": "Once upon", "max_tokens": 24, "temperature": 0}
+    free = client.completions.create(**args, logprobs=0).choices[0]
+    # a stop string whose start matches part of the text and never completes: the text is
+    # held back over those tokens, then released, and the offsets must not follow its lag
+    held = free.text[4:12] + "\u2603"
+    for stream in (False, True):
+        r = client.completions.create(**args, logprobs=0, stop=[held], stream=stream)
+        chunks = [c.choices[0] for c in r] if stream else r.choices
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks for t in c.logprobs.tokens]
+        offsets = [o for c in chunks for o in c.logprobs.text_offset]
+        assert text == free.text and tokens == free.logprobs.tokens
+        assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+
+
 def test_completions_scoring_with_max_tokens_zero(client):
     r = client.completions.create(
         model=MODEL, prompt="abc def", max_tokens=0, echo=True, logprobs=1

@@ -215,4 +215,4 @@ def _token_entry(model: ServedModel, token: int, entry: TokenLogprobs, top: int)
 
 def _logprob(model: ServedModel, token: int, logprob: float) -> dict:
     text = model.token_text(token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": list(model.token_bytes(token))}

@@ -9,10 +9,13 @@ diverges (then it is released).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # Prompt tokens fed to the stream as context for the first generated token.
 PROMPT_CONTEXT_TOKENS = 5
@@ -157,3 +160,21 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
         if any(stop.startswith(tail) for stop in stops):
             return len(text) - start
     return 0
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> bytes:
+    """The bytes a token stands for (`text` is its decoded text). A token that holds part of a
+    character decodes to U+FFFD, so its bytes come from its vocabulary piece instead: joined,
+    the tokens' bytes give back the text (OpenAI's `logprobs.content[].bytes`)."""
+    if REPLACEMENT_CHAR not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if (byte := _BYTE_PIECE.fullmatch(piece)) is not None:
+        return bytes([int(byte[1], 16)])
+    if all(char in _BYTE_OF_CHAR for char in piece):
+        return bytes(_BYTE_OF_CHAR[char] for char in piece)
+    return text.encode()

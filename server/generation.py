@@ -17,7 +17,7 @@ from sse_starlette.sse import SendTimeoutError
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server import defaults
-from pagoda.server.detokenizer import IncrementalDetokenizer
+from pagoda.server.detokenizer import IncrementalDetokenizer, token_bytes
 from pagoda.server.engine_client import EngineClient
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
@@ -96,6 +96,9 @@ class ServedModel:
     def token_text(self, token_id: int) -> str:
         return _token_text(self.tokenizer, token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return _token_bytes(self.tokenizer, token_id)
+
     def check_prompt(self, prompt_token_ids: list[int], param: str) -> None:
         if not prompt_token_ids:
             raise invalid("the prompt is empty", param=param)
@@ -136,6 +139,11 @@ class ServedModel:
 @lru_cache(maxsize=1 << 16)
 def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
+
+
+@lru_cache(maxsize=1 << 16)
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+    return token_bytes(tokenizer, token_id, _token_text(tokenizer, token_id))
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pagoda.server.detokenizer import IncrementalDetokenizer
+from pagoda.server.detokenizer import IncrementalDetokenizer, token_bytes
 from tests.tiny_models import CORPUS, train_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,3 +212,21 @@ def test_prompt_ending_inside_a_character_is_not_emitted(tiny_bpe):
 def test_requires_a_fast_tokenizer():
     with pytest.raises(TypeError):
         IncrementalDetokenizer(object())
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tiny_bpe"])
+def test_token_bytes_join_to_the_text(request, name):
+    tokenizer = request.getfixturevalue(name)
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        parts = [token_bytes(tokenizer, i, tokenizer.decode([i])) for i in ids]
+        assert b"".join(parts) == text.encode(), text
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens split a character
+
+
+def test_token_bytes_of_byte_fallback_tokens(sentencepiece_style):
+    tokenizer = sentencepiece_style
+    ids = tokenizer.encode("😀", add_special_tokens=False)
+    split = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
+    parts = [token_bytes(tokenizer, i, tokenizer.decode([i])) for i in split]
+    assert len(split) == 4 and b"".join(parts) == "😀".encode()

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from pagoda.engine import LLM, SamplingParams
 from tests.serving import Server
@@ -179,13 +180,24 @@ def test_logprobs_format(client):
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     for entry in content:
-        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0
+        # part of a character: "\ufffd", with the bytes it stands for (the test above)
+        assert entry.bytes == list(entry.token.encode()) or entry.token == "\ufffd"
         assert len(entry.top_logprobs) == 3
         # greedy: the chosen token is the most likely one
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
         assert [t.logprob for t in entry.top_logprobs] == sorted(
             [t.logprob for t in entry.top_logprobs], reverse=True
         )
+
+
+def test_logprobs_bytes_of_a_token_that_splits_a_character(client, tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    lead = tokenizer.convert_tokens_to_ids("ð")  # byte-level BPE's piece for the byte 0xF0
+    assert tokenizer.decode([lead]) == "\ufffd"  # the first byte of a 4-byte character
+    r = chat(client, max_tokens=1, logprobs=True, logit_bias={str(lead): 100})
+    entry = r.choices[0].logprobs.content[0]
+    assert (entry.token, entry.bytes) == ("\ufffd", [0xF0])
 
 
 def test_text_parts_and_developer_role(client):

@@ -73,8 +73,9 @@ def build_app(
     gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
 
     async def read_body(request: Request) -> bytes:
-        content_type = request.headers.get("content-type", "")
-        if content_type.split(";")[0].strip().lower() != "application/json":
+        content_type = request.headers.get("content-type")
+        # none at all is read as JSON (as vLLM does): plain HTTP clients often send none
+        if content_type and content_type.split(";")[0].strip().lower() != "application/json":
             raise invalid(f"Content-Type must be application/json, got {content_type!r}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:

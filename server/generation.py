@@ -109,6 +109,12 @@ class ServedModel:
     def sampling_params(self, prompt_len: int, kwargs: dict, param: str) -> SamplingParams:
         """Engine parameters for a prompt of `prompt_len` tokens, its context checked.
         `param` names the prompt's field: "messages" or "prompt"."""
+        vocab = self.client.info["vocab_size"]
+        if outside := [t for t in kwargs.get("logit_bias") or () if t >= vocab]:
+            raise invalid(
+                f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab})",
+                param="logit_bias",
+            )
         room = self.max_model_len - prompt_len
         max_tokens = kwargs.get("max_tokens")
         if room < (max_tokens if max_tokens is not None else 1):

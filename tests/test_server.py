@@ -439,6 +439,7 @@ BAD_CHAT = [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
+    ({"logit_bias": {"5": 1, "100000": 5}}, "logit_bias"),  # outside the vocabulary
 ]
 
 
@@ -465,6 +466,9 @@ def test_invalid_json_and_content_type(http):
         "/v1/chat/completions", content=json.dumps(GOOD), headers={"content-type": "text/plain"}
     )
     assert r.status_code == 400 and "Content-Type" in r.json()["error"]["message"]
+    # none at all (`requests.post(url, data=json.dumps(body))`): read as JSON, as vLLM does
+    r = http.post("/v1/chat/completions", content=json.dumps(GOOD).encode())
+    assert "content-type" not in r.request.headers and r.status_code == 200, r.text
 
 
 def test_unknown_model_and_route(http):
@@ -502,6 +506,7 @@ def test_bad_completion_inputs(http):
         ({"prompt": [5, 100000]}, "prompt"),
         ({"suffix": "x"}, "suffix"),
         ({"logprobs": 21}, "logprobs"),
+        ({"logit_bias": {"100000": 5}}, "logit_bias"),
     ]:
         r = http.post("/v1/completions", json={**base, **change})
         assert r.status_code == 400, (change, r.text)

@@ -354,6 +354,17 @@ class ChatMessage(BaseModel):
     def _content(cls, value: Any) -> Any:
         return _check_content(value)
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, value: list[dict[str, Any]] | None) -> Any:
+        for index, call in enumerate(value or ()):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"call {index} needs a 'function' object with a string 'name'")
+            if not isinstance(function.get("arguments"), str | dict):  # a dict: Ollama's habit
+                raise ValueError(f"call {index}'s function needs 'arguments', a JSON string")
+        return value
+
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
@@ -438,8 +449,8 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     # OpenAI sends `arguments` as a JSON string; chat templates expect an object and would
     # otherwise print it JSON-encoded twice.
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+    function = call["function"]  # checked by ChatMessage
+    if not isinstance(function["arguments"], str):
         return call
     try:
         arguments = json.loads(function["arguments"])

@@ -203,6 +203,24 @@ def test_tool_conversation_for_template():
     assert flat[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"id": "c1", "type": "function", "function": None},
+        {"id": "c1", "type": "function", "function": "f"},
+        {"id": "c1", "type": "function", "function": {"arguments": "{}"}},
+        {"id": "c1", "type": "function", "function": {"name": "f"}},
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": 3}},
+        {"bad": 1},
+    ],
+)
+def test_malformed_tool_calls_are_refused(call):
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(APIError) as info:
+        parse_chat(chat(messages=messages))
+    assert info.value.status == 400 and info.value.param == "messages.1.tool_calls"
+
+
 def test_max_completion_tokens_wins():
     req = parse_chat(chat(max_tokens=100, max_completion_tokens=7))
     assert req.sampling_kwargs()["max_tokens"] == 7

@@ -140,9 +140,13 @@ class ImageWorker:
         if request.negative_prompt is not None:
             self.pipeline.check_prompt(request.negative_prompt, "negative_prompt")
         for index in range(request.n):
-            seed = self._rng.getrandbits(63) if request.seed is None else request.seed + index
+            seed = self._random_seed() if request.seed is None else request.seed + index
             job = ImageJob(request.prompt, seed, request.negative_prompt, request.partial_images)
             self.waiting.append(PendingImage(request_id, index, request, job, tokens))
+
+    def _random_seed(self) -> int:
+        # below 2**53: a seed a JavaScript client reads (as a double) and sends back intact
+        return self._rng.getrandbits(53)
 
     def abort(self, request_ids: list[str]) -> None:
         gone = set(request_ids)

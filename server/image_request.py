@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pagoda.server.catalog import ImageSettings, parse_image_size
 from pagoda.server.errors import invalid
@@ -62,6 +69,16 @@ class ImageGenerationRequest(BaseModel):
             parse_image_size(value)
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value + n - 1 > SEED_MAX:  # image i uses seed + i
+            raise ValueError(
+                f"must be at most {SEED_MAX - n + 1} with n={n} (image i uses seed + i)"
+            )
+        return value
+
     @field_validator("background")
     @classmethod
     def _opaque(cls, value: str) -> str:
@@ -80,6 +97,11 @@ class ImageGenerationRequest(BaseModel):
         if self.quality in ("high", "hd"):
             return min(2 * default, settings.max_steps)
         return default
+
+    @property
+    def quality_used(self) -> str:
+        """What the response reports: the quality asked for, in OpenAI's response values."""
+        return {"low": "low", "high": "high", "hd": "high"}.get(self.quality, "medium")
 
     def worker_fields(self, settings: ImageSettings, accepts: list[str]) -> dict[str, Any]:
         """The image worker's request (engine.image_worker.ImageRequest), checked against the

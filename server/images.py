@@ -159,7 +159,7 @@ async def generate_images(
     head = {
         "background": "opaque",  # as OpenAI reports the image's: these pipelines make no alpha
         "output_format": req.output_format,
-        "quality": req.quality,
+        "quality": req.quality_used,
         "size": f"{fields['width']}x{fields['height']}",
     }
     if req.stream:

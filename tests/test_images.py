@@ -275,7 +275,10 @@ def test_concurrent_requests_batch_and_keep_their_images(server, client, http, r
 
 def test_without_a_seed_images_differ(client):
     first, second = (generate(client, response_format="b64_json") for _ in range(2))
-    assert first.data[0].model_extra["seed"] != second.data[0].model_extra["seed"]
+    seeds = [r.data[0].model_extra["seed"] for r in (first, second)]
+    assert seeds[0] != seeds[1]
+    assert all(seed < 2**53 for seed in seeds)  # a JavaScript number holds it exactly
+    assert first.quality == "medium"  # OpenAI's value for the default ("auto")
     assert not np.array_equal(b64_images(first)[0], b64_images(second)[0])
 
 
@@ -453,6 +456,7 @@ def test_a_preview_is_the_models_prediction_of_the_image_at_its_step(flux_dir):
         ({"quality": "ultra"}, "quality"),
         ({"style": "cartoon"}, "style"),
         ({"seed": -1}, "seed"),
+        ({"seed": 2**63 - 2, "n": 3}, "seed"),  # image 2 would need 2**63
         ({"guidance_scale": -1}, "guidance_scale"),
         ({"stream": True, "n": 2}, "n"),  # a stream's events carry no image index
         ({"stream": True, "response_format": "url"}, "response_format"),

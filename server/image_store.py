@@ -1,10 +1,14 @@
 """Generated images behind `response_format: url`: files under a bounded cache folder, each
 named by an unguessable id, readable without the API key (as OpenAI's signed URLs are) until
-they expire. Past the size bound the oldest files go first."""
+they expire. Past the size bound the oldest files go first, never those of the response being
+written. One server owns a folder (a lock held while it runs): two that shared one would evict
+each other's live images by their own bounds."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import secrets
 import threading
@@ -44,6 +48,7 @@ class ImageStore:
     ) -> None:
         self.folder = Path(folder) if folder is not None else default_folder()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _own(self.folder)
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._files: OrderedDict[str, StoredImage] = OrderedDict()  # oldest first
@@ -51,17 +56,32 @@ class ImageStore:
         self._lock = threading.Lock()  # saves run in threads
         self._scan()
 
-    def save(self, data: bytes, output_format: str) -> str:
-        """Write the image; its file name (the id in its URL)."""
-        name = f"{secrets.token_urlsafe(32)}.{output_format}"
-        temporary = self.folder / f".{name}.tmp"
-        temporary.write_bytes(data)
-        temporary.replace(self.folder / name)
+    def save(self, images: list[bytes], output_format: str) -> list[str]:
+        """Write a response's images; their file names (the ids in their URLs). None of them
+        is evicted to make room for another: a response never carries a dead URL."""
+        names = [f"{secrets.token_urlsafe(32)}.{output_format}" for _ in images]
+        for name, data in zip(names, images):
+            temporary = self.folder / f".{name}.tmp"
+            temporary.write_bytes(data)
+            temporary.replace(self.folder / name)
         with self._lock:
-            self._files[name] = StoredImage(time.time(), len(data))
-            self._bytes += len(data)
-            self._evict(keep=name)
-        return name
+            for name, data in zip(names, images):
+                self._files[name] = StoredImage(time.time(), len(data))
+                self._bytes += len(data)
+            self._evict(keep=set(names))
+        if sum(map(len, images)) > self.max_bytes:
+            logger.warning(
+                "a response's %d images (%d bytes) exceed --image-cache-bytes (%d): kept until "
+                "the next images come",
+                len(images),
+                sum(map(len, images)),
+                self.max_bytes,
+            )
+        return names
+
+    def close(self) -> None:
+        """Give the folder up (the process's end does too)."""
+        os.close(self._lock_fd)
 
     def lookup(self, name: str) -> tuple[Path, float] | None:
         """The file of a live image and its seconds left, or None (unknown or expired)."""
@@ -88,14 +108,15 @@ class ImageStore:
             self._files[name] = StoredImage(created, size)
             self._bytes += size
         with self._lock:
-            self._evict(keep=None)
+            self._evict(keep=set())
 
-    def _evict(self, keep: str | None) -> None:
-        """Drop expired images, then the oldest while over the size bound (never `keep`)."""
+    def _evict(self, keep: set[str]) -> None:
+        """Drop expired images, then the oldest while over the size bound, up to the first of
+        `keep` (the newest)."""
         deadline = time.time() - self.ttl_s
         for name, stored in list(self._files.items()):
             expired = stored.created <= deadline
-            if name == keep or not (expired or self._bytes > self.max_bytes):
+            if name in keep or not (expired or self._bytes > self.max_bytes):
                 break
             self._remove(name)
 
@@ -103,3 +124,17 @@ class ImageStore:
         stored = self._files.pop(name)
         self._bytes -= stored.size
         (self.folder / name).unlink(missing_ok=True)
+
+
+def _own(folder: Path) -> int:
+    """Lock the folder for this process, or fail at start-up naming the way out."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"the image folder {folder} is in use by another pagoda server: give each server "
+            "its own --image-dir"
+        ) from None
+    return fd

@@ -174,14 +174,14 @@ async def generate_images(
     meter.record(images=req.n)
     base_url = (public_url or str(request.base_url)).rstrip("/")
     head = {"created": int(time.time()), **head, "usage": usage(outputs)}
-    items, inline = [], []
-    for output in outputs:
-        item: dict = {"seed": output.seed}  # an extension: the seed that remakes this image
-        if req.response_format == "url":
-            name = await asyncio.to_thread(store.save, output.data, req.output_format)
+    # the seed (an extension) remakes the image
+    items: list[dict] = [{"seed": output.seed} for output in outputs]
+    inline = [output.data if req.response_format == "b64_json" else None for output in outputs]
+    if req.response_format == "url":
+        images = [output.data for output in outputs]
+        names = await asyncio.to_thread(store.save, images, req.output_format)
+        for item, name in zip(items, names):
             item["url"] = f"{base_url}{URL_PATH}{name}"
-        items.append(item)
-        inline.append(output.data if req.response_format == "b64_json" else None)
     return Response(response_body(head, items, inline), media_type="application/json")
 
 

@@ -191,11 +191,12 @@ async def serve(args: argparse.Namespace) -> None:
     set_log_requests(args.log_requests)
     set_stream_send_timeout(args.stream_send_timeout)
     gateway = key_commands.open_gateway(args, api_keys(args))
-    served = await start_all(args)
-    # only a server with image models keeps an image folder
+    # only a server with image models keeps an image folder; taken before the models load, so
+    # that a folder another server holds fails the start at once
     store = None
-    if any(m.kind == "image" for m in served.values()):
+    if image_entries(args):
         store = ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes)
+    served = await start_all(args)
 
     async def stop_engines() -> None:
         logger.info("stopping the engines")

@@ -103,6 +103,7 @@ def server(catalog, tmp_path_factory):
     image_dir = tmp_path_factory.mktemp("image_files")
     args = ["--catalog", str(catalog), "--api-key", KEY, "--image-dir", str(image_dir)]
     srv = Server(args).wait_ready()
+    srv.image_dir = image_dir
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -681,6 +682,17 @@ def test_public_url_names_the_proxy(catalog, tmp_path):
         assert httpx.get(f"{srv.url}/v1/images/files/{name}").status_code == 200
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_a_second_server_on_the_same_image_dir_fails_at_once(server, catalog):
+    second = Server(["--catalog", str(catalog), "--image-dir", str(server.image_dir)])
+    try:
+        assert second.process.wait(timeout=60) == 1
+    finally:
+        second.stop()  # if it started after all
+    log = second.log()
+    assert "is in use by another pagoda server: give each server its own --image-dir" in log
+    assert "serving" not in log and "Traceback" not in log  # no model was loaded
 
 
 # -- the worker itself, in this process --------------------------------------------------------

@@ -46,6 +46,7 @@ def server(tmp_path_factory):
     db = f"sqlite:///{root / 'keys.db'}"
     # a static key closes the server from the start (a database without keys leaves it open)
     args = ["--catalog", str(catalog), "--database", db, "--api-key", "sk-static-workers"]
+    args += ["--image-dir", str(root / "images")]  # the default folder may be another's
     srv = Server(args).wait_ready()
     yield srv, db
     assert srv.stop() == 0, srv.log()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pagoda.engine import embedding_bf16
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
+from pagoda.engine.embedding_inputs import EmbeddingInputs
 from pagoda.engine.worker import BatchGather, Rejected, run_worker
 from pagoda.kernels.linear_bf16 import padded_rows
 from pagoda.logs import LogSettings
@@ -121,15 +122,18 @@ class EmbeddingWorker:
             torch.set_num_threads(config.cpu_threads)
         self.model = SentenceTransformer(config.model, device=device).to(self.dtype).eval()
         self.tokenizer = self.model.tokenizer
+        transformer = self.model[0]
         self.max_model_len = config.max_model_len or self.model.max_seq_length
         self.model.max_seq_length = self.max_model_len
         self.dim = self.model.get_embedding_dimension()
-        transformer = self.model[0]
         self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
         self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.left_padding = self.tokenizer.padding_side == "left"
         self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
+        self.inputs = EmbeddingInputs(
+            self.tokenizer, self.prompt, self.vocab_size, self.max_model_len
+        )
         self.fused_linears = 0
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             self.fused_linears = embedding_bf16.fuse_linears(transformer)
@@ -171,6 +175,9 @@ class EmbeddingWorker:
         return {
             "max_model_len": self.max_model_len,
             "vocab_size": self.vocab_size,
+            # what the server loads to tokenize requests before admitting them
+            "tokenizer": self.tokenizer.name_or_path,
+            "prompt": self.prompt,
             "dimensions": self.dim,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -189,65 +196,11 @@ class EmbeddingWorker:
     ) -> None:
         if request_id in self.jobs:
             raise Rejected(f"request id {request_id!r} is already in use")
-        limit = self._truncation_limit(truncate)
-        if inputs and isinstance(inputs[0], str):
-            token_ids = self._tokenize(inputs, limit)
-        else:
-            token_ids = [self._checked_ids(i, ids, limit) for i, ids in enumerate(inputs)]
+        token_ids = self.inputs.token_ids(inputs, truncate)
         rows = torch.empty(len(token_ids), dimensions or self.dim)
         job = Job(request_id, rows, len(token_ids), sum(map(len, token_ids)), dimensions)
         self.jobs[request_id] = job
         self.queue.extend(Item(job, i, ids) for i, ids in enumerate(token_ids))
-
-    def _truncation_limit(self, truncate: int | None) -> int | None:
-        if truncate is None:
-            return None
-        if truncate == -1:
-            return self.max_model_len
-        if not 1 <= truncate <= self.max_model_len:
-            raise Rejected(
-                f"truncate_prompt_tokens must be -1 or between 1 and the model's maximum "
-                f"context length ({self.max_model_len}), got {truncate}",
-                param="truncate_prompt_tokens",
-            )
-        return truncate
-
-    def _tokenize(self, texts: list[str], limit: int | None) -> list[list[int]]:
-        """Token ids as sentence-transformers makes them (special tokens, the model's default
-        prompt); a text over the limit is refused, or cut as the tokenizer cuts it when asked."""
-        texts = [self.prompt + text for text in texts] if self.prompt else texts
-        kwargs = {"add_special_tokens": True, "return_attention_mask": False, "verbose": False}
-        token_ids = self.tokenizer(texts, **kwargs)["input_ids"]
-        for index, ids in enumerate(token_ids):
-            if limit is None:
-                self._check_length(index, ids)
-            elif len(ids) > limit:
-                token_ids[index] = self.tokenizer(
-                    texts[index], truncation=True, max_length=limit, **kwargs
-                )["input_ids"]
-        return token_ids
-
-    def _checked_ids(self, index: int, ids: list[int], limit: int | None) -> list[int]:
-        """Token ids as given (no special tokens added, as vLLM does)."""
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise Rejected(
-                f"input {index}: token ids must be in [0, {self.vocab_size})", param="input"
-            )
-        if limit is None:
-            self._check_length(index, ids)
-        elif len(ids) > limit:
-            return ids[:limit] if self.tokenizer.truncation_side == "right" else ids[-limit:]
-        return ids
-
-    def _check_length(self, index: int, ids: list[int]) -> None:
-        if len(ids) > self.max_model_len:
-            raise Rejected(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"input {index} has {len(ids)} tokens. Please reduce the length of the input, "
-                "or set truncate_prompt_tokens.",
-                code="context_length_exceeded",
-                param="input",
-            )
 
     def abort(self, request_ids: list[str]) -> None:
         gone = {rid for rid in request_ids if self.jobs.pop(rid, None) is not None}

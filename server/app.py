@@ -148,7 +148,6 @@ def build_app(
         req = parse_body(EmbeddingRequest, await read_body(request))
         meter = request_meter(request)
         model = served(req.model, meter, "embedding")
-        meter.admit(model.id)
         return await create_embeddings(model, req, request, metrics.embeddings, meter)
 
     async def tokenize(request: Request) -> Response:

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from pagoda.engine.embedding_inputs import EmbeddingInputs
 from pagoda.engine.embedding_worker import EmbeddingConfig
+from pagoda.engine.worker import Rejected
 from pagoda.server.catalog import CatalogEntry, EmbeddingSettings, resolve_source
 from pagoda.server.disconnect import CLIENT_CLOSED, unless_disconnected
 from pagoda.server.embedding_client import EmbeddingClient, Embeddings
@@ -85,6 +87,7 @@ class ServedEmbeddingModel:
     max_queued_requests: int
     matryoshka: bool = False
     matryoshka_dimensions: list[int] | None = None
+    inputs: EmbeddingInputs | None = None  # the worker's tokenizer and limits, loaded here
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagoda"
     kind: ClassVar[str] = "embedding"
@@ -126,21 +129,19 @@ async def create_embeddings(
     metrics: EmbeddingMetrics,
     meter: Meter,
 ) -> JSONResponse:
-    dimensions = model.output_dimensions(req.dimensions)
-    model.check_queue()
     start = time.monotonic()
-    work = model.client.embed(
-        f"embd-{uuid.uuid4().hex}", req.inputs(), req.truncate_prompt_tokens, dimensions
-    )
     status = "failed"
     try:
-        result = await unless_disconnected(request, work)
+        result = await _embed(model, req, request, meter)
         status = "ok"
     except RequestRejected:
         status = "rejected"
         raise
     except APIError as exc:
-        status = "aborted" if exc.status == CLIENT_CLOSED else status
+        if exc.status == CLIENT_CLOSED:
+            status = "aborted"
+        elif exc.status < 500:
+            status = "rejected"
         raise
     finally:
         metrics.requests.labels(model.id, status).inc()
@@ -149,6 +150,24 @@ async def create_embeddings(
     metrics.input_tokens.labels(model.id).inc(result.num_tokens)
     meter.record(input_tokens=result.num_tokens)
     return JSONResponse(_response(model.id, result, req.encoding_format or "float"))
+
+
+async def _embed(
+    model: ServedEmbeddingModel, req: EmbeddingRequest, request: Request, meter: Meter
+) -> Embeddings:
+    """Checks, tokenizes and admits the request (its tokens count against the key's tpm),
+    then has the worker embed its token ids."""
+    dimensions = model.output_dimensions(req.dimensions)
+    model.check_queue()
+    try:  # in a thread: 2,048 long texts take most of a second
+        token_ids = await asyncio.to_thread(
+            model.inputs.token_ids, req.inputs(), req.truncate_prompt_tokens
+        )
+    except Rejected as exc:
+        raise RequestRejected(str(exc), exc.code, exc.param) from None
+    meter.admit(model.id, sum(map(len, token_ids)))
+    work = model.client.embed(f"embd-{uuid.uuid4().hex}", token_ids, None, dimensions)
+    return await unless_disconnected(request, work)
 
 
 def _response(model_id: str, result: Embeddings, encoding_format: str) -> dict:
@@ -180,15 +199,16 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
     served = {}
     for entry, client in zip(entries, clients):
         settings = entry.embedding or EmbeddingSettings()
+        info = client.info
         served[entry.id] = ServedEmbeddingModel(
             entry.id,
             client,
             settings.max_queued_requests,
             settings.matryoshka,
             settings.matryoshka_dimensions,
+            inputs=await asyncio.to_thread(_inputs, info),
             owned_by=entry.owned_by,
         )
-        info = client.info
         logger.info(
             "serving %s on %s (%s): %d dimensions, max %d tokens, batches of up to %d inputs "
             "and %d padded tokens",
@@ -201,6 +221,14 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
             info["max_batch_tokens"],
         )
     return served
+
+
+def _inputs(info: dict) -> EmbeddingInputs:
+    """The worker's tokenizer, loaded from where the worker loaded it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
+    return EmbeddingInputs(tokenizer, info["prompt"], info["vocab_size"], info["max_model_len"])
 
 
 def _worker_config(entry: CatalogEntry) -> EmbeddingConfig:

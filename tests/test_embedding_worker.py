@@ -82,7 +82,7 @@ def test_short_inputs_share_rows_and_get_the_embeddings_of_padded_batches():
     reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts)
     worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path())))
     assert worker.layout == "rows"  # fp32: the packed-run kernel is bf16
-    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    token_ids = [worker.inputs.token_ids([text], None)[0] for text in texts]
     width = max(map(len, token_ids))
     assert len(_pack([len(ids) for ids in token_ids], width)) < len(texts) / 2
     np.testing.assert_allclose(worker._embed_packed(token_ids), reference, atol=1e-5, rtol=0)
@@ -103,7 +103,7 @@ def test_packed_rows_come_in_few_widths():
     worker._inputs = recording
     texts = [" ".join(["word"] * n) for n in range(1, 40)]
     for start in range(0, len(texts), 3):
-        batch = [worker._tokenize([t], None)[0] for t in texts[start : start + 3]]
+        batch = [worker.inputs.token_ids([t], None)[0] for t in texts[start : start + 3]]
         worker._embed_packed(batch)
     assert len(widths) == 13 and all(w % PACK_WIDTH_STEP == 0 for w in widths)
     assert len(set(widths)) == 2
@@ -115,7 +115,7 @@ def test_a_causal_model_keeps_padded_batches(tiny_models):
     worker = EmbeddingWorker(EmbeddingConfig(folder))
     assert worker.layout == "padded"
     texts = ["a b c d e f", "a b", "c"]
-    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    token_ids = [worker.inputs.token_ids([text], None)[0] for text in texts]
     packed = worker._embed_packed(token_ids)
     assert (packed - worker._embed_padded(token_ids)).abs().max() > 1e-3
     worker.add("a", texts, None, None)
@@ -155,7 +155,7 @@ def test_bfloat16_on_amx_runs_inputs_as_one_run_on_fused_linears():
     texts = [TEXTS[3], *TEXTS[:3], "one", "two words", "and three words"]
     reference = SentenceTransformer(str(get_model_path()), device="cpu").to(torch.bfloat16)
     expected = reference.encode(texts)
-    token_ids = [worker._tokenize([text], None)[0] for text in texts]
+    token_ids = [worker.inputs.token_ids([text], None)[0] for text in texts]
     assert cosine(worker._embed_packed(token_ids, run=True).numpy(), expected).min() >= (
         BF16_MIN_COSINE
     )

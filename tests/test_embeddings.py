@@ -201,6 +201,7 @@ def test_matryoshka_dimensions_truncate_then_renormalize(client, reference):
         ({"input": ["x"] * 2049}, "input", None),
         ({"input": [1, -2]}, "input", None),
         ({"input": [[101, 102], [101, 30522, 102]]}, "input", None),
+        ({"input": [[101, 2**64, 102]]}, "input", None),  # beyond what reaches the worker
         ({"input": ["a", [1, 2]]}, "input", None),
         ({"input": 42}, "input", None),
         ({"input": "word " * 300}, "input", "context_length_exceeded"),
@@ -212,6 +213,7 @@ def test_matryoshka_dimensions_truncate_then_renormalize(client, reference):
         ({"input": "hi", "model": SMALL, "dimensions": 1000}, "dimensions", None),
         ({"input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", None),
         ({"input": "hi", "truncate_prompt_tokens": 257}, "truncate_prompt_tokens", None),
+        ({"input": "hi", "truncate_prompt_tokens": 10**30}, "truncate_prompt_tokens", None),
         ({"input": "hi", "model": CHAT}, "model", None),
     ],
 )
@@ -262,7 +264,8 @@ def test_metrics_count_requests_tokens_and_latency(server, client):
     before = counts()
     r = client.embeddings.create(model=MINILM, input=["hello world", "a b c"])
     assert post(server, input="word " * 300).status_code == 400
-    assert (counts() - before).tolist() == [1, 1, 2, r.usage.prompt_tokens, 1]
+    assert post(server, input="hi", dimensions=64).status_code == 400
+    assert (counts() - before).tolist() == [1, 2, 2, r.usage.prompt_tokens, 1]
     text = httpx.get(f"{server.url}/metrics").text
     assert f'pagoda:embedding_batch_size_count{{model_name="{MINILM}"}}' in text
     # the chat engine's gauges are for chat models only
@@ -291,8 +294,13 @@ def test_queue_limit_answers_429_with_retry_after(server):
     thread = threading.Thread(target=_big_request, args=(server, SMALL, statuses))
     thread.start()
     _wait_for(lambda: metric(server, "pagoda:embedding_requests_running", model=SMALL) >= 1)
+    rejected = metric(server, "pagoda:embedding_requests_total", model=SMALL, status="rejected")
     r = post(server, model=SMALL, input="one more")
     assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert (
+        metric(server, "pagoda:embedding_requests_total", model=SMALL, status="rejected")
+        == rejected + 1
+    )
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     thread.join(120)
     assert statuses == [200]

@@ -5,7 +5,9 @@ at the catalog's prices (embedded tokens, images)."""
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -105,3 +107,51 @@ def test_an_embedding_model_asked_for_images_and_an_image_model_for_embeddings_a
         client.embeddings.create(model=IMAGE, input="a red square")
     assert refused.value.body["param"] == "model"
     assert "/v1/images/generations" in refused.value.body["message"]
+
+
+def post(srv, key: str, route: str, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{srv.url}/v1/{route}", headers=headers, json=body, timeout=120)
+
+
+def test_an_embedding_request_counts_its_input_tokens_against_tpm(server):
+    srv, db = server
+    name, key = new_key(db, tpm=100)
+    # 200 inputs of 252 tokens: alone far larger than the limit, refused before any work
+    big = post(srv, key, "embeddings", model=EMBEDDING, input=["word " * 250] * 200)
+    assert big.status_code == 429, big.text
+    assert big.json()["error"]["type"] == "tokens" and "retry-after" not in big.headers
+    assert "larger than the limit" in big.json()["error"]["message"]
+    small = post(srv, key, "embeddings", model=EMBEDDING, input=["a first text", "and a second"])
+    used = small.json()["usage"]["prompt_tokens"]
+    assert small.status_code == 200 and 0 < used < 100
+    assert small.headers["x-ratelimit-remaining-tokens"] == str(100 - used)
+    more = post(srv, key, "embeddings", model=EMBEDDING, input="word " * (100 - used))
+    assert more.status_code == 429 and more.json()["error"]["type"] == "tokens"
+    assert "retry-after" in more.headers
+    rows = wait_for(lambda: (rows := ledger(db, name)) and rows, timeout=30)
+    time.sleep(1.0)  # a round more: no row for the refused requests
+    assert [(r["http_status"], r["input_tokens"]) for r in ledger(db, name)] == [(200, used)]
+    assert len(rows) == 1
+
+
+def test_requests_refused_after_admission_do_not_count_against_rpm(server):
+    srv, db = server
+    name, key = new_key(db, rpm=2)
+    refused = [
+        post(srv, key, "embeddings", model=EMBEDDING, input="word " * 300),
+        post(srv, key, "embeddings", model=EMBEDDING, input="hi", dimensions=100),
+        post(srv, key, "embeddings", model=EMBEDDING, input=[[101, 10**9, 102]]),
+        post(srv, key, "embeddings", model=EMBEDDING, input=[[101, 2**64, 102]]),
+        post(srv, key, "images/generations", model=IMAGE, prompt="a cat", size="4096x4096"),
+    ]
+    for r in refused:
+        assert r.status_code == 400, r.text
+        assert r.headers["x-ratelimit-remaining-requests"] == "2"
+    ok = [post(srv, key, "embeddings", model=EMBEDDING, input="hello") for _ in range(2)]
+    assert [r.status_code for r in ok] == [200, 200]
+    assert ok[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert post(srv, key, "embeddings", model=EMBEDDING, input="hello").status_code == 429
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows, timeout=30)
+    time.sleep(1.0)
+    assert len(ledger(db, name)) == 2 and {r["http_status"] for r in rows} == {200}

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.server.disconnect import CLIENT_CLOSED
 from pagoda.server.errors import APIError
 from pagoda.server.image_store import URL_PATH
 from pagoda.server.keys import store
@@ -106,11 +107,15 @@ class Gateway:
         return self.by_hash.get(digest)
 
     def finish(self, meter: Meter, status: int, completed: bool) -> None:
-        """Bill an admitted request once its response has ended (or was cut)."""
+        """Bill an admitted request once its response has ended (or was cut); one refused
+        after admission (a 4xx) is not billed and gets no ledger row."""
         key = meter.key
         if key is None or not meter.admitted:
             return
         meter.release_slot()
+        if refused(status):
+            meter.refuse()
+            return
         input_tokens, output_tokens, images = meter.totals()
         key.tokens.correct(meter.take, input_tokens + output_tokens)
         cost = self.cost(meter.model, input_tokens, output_tokens, images)
@@ -259,6 +264,8 @@ class KeyAuth:
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response["status"] = message["status"]
+                if refused(message["status"]):  # before the headers say what is left
+                    meter.refuse()
                 limits = key.headers(time.monotonic())
                 message["headers"] = [
                     *message.get("headers", []),
@@ -298,6 +305,12 @@ class _KeyMetrics:
     def count(self, key: str, model: str, input_tokens: int, output_tokens: int) -> None:
         self.prompt_tokens.labels(key, model).inc(input_tokens)
         self.generation_tokens.labels(key, model).inc(output_tokens)
+
+
+def refused(status: int) -> bool:
+    """A request answered with a client error (bad input, a limit, a full queue), not one the
+    client cut itself (499: it used what ran until then)."""
+    return 400 <= status < 500 and status != CLIENT_CLOSED
 
 
 def _unauthorized(message: str) -> APIError:

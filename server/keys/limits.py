@@ -107,8 +107,9 @@ class KeyState:
     def allows(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
 
-    def admit(self, tokens: int, now: float) -> Take:
-        """Take one request and `tokens` from the windows, or raise the 429 that says why."""
+    def admit(self, tokens: int, now: float) -> tuple[Take, Take]:
+        """Take one request and `tokens` from the windows (their takes, in that order), or
+        raise the 429 that says why."""
         self.requests.expire(now)
         self.tokens.expire(now)
         if self.budget_usd is not None and self.spent_usd + self.pending_usd >= self.budget_usd:
@@ -133,9 +134,8 @@ class KeyState:
                 error_type="requests",
                 headers={"Retry-After": "1"},
             )
-        self.requests.take(1, now)
         self.in_flight += 1
-        return self.tokens.take(tokens, now)
+        return self.requests.take(1, now), self.tokens.take(tokens, now)
 
     def headers(self, now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the limits this key has."""

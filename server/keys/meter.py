@@ -37,6 +37,8 @@ class Meter:
     started: float = field(default_factory=time.monotonic)
     model: str | None = None
     take: Take | None = None  # the tokens held in the key's window since admission
+    request_take: Take | None = None  # the request's place in the key's requests window
+    refused: bool = False  # answered 4xx after admission: taken back out of the windows
     input_tokens: int = 0
     output_tokens: int = 0
     images: int = 0
@@ -53,8 +55,16 @@ class Meter:
     def admit(self, model_id: str, tokens: int = 0) -> None:
         self.model = model_id
         if self.key is not None and self.take is None:
-            self.take = self.key.admit(tokens, time.monotonic())
+            self.request_take, self.take = self.key.admit(tokens, time.monotonic())
             self.holds_slot = True
+
+    def refuse(self) -> None:
+        """Take an admitted request that was then refused back out of the key's windows: a
+        refused request does not count against rpm or tpm (docs/keys.md)."""
+        if self.admitted and not self.refused:
+            self.refused = True
+            self.key.requests.correct(self.request_take, 0)
+            self.key.tokens.correct(self.take, 0)
 
     def release_slot(self) -> None:
         """Leave the key's requests in flight (once), as soon as the response's last bytes are

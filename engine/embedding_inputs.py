@@ -1,0 +1,78 @@
+"""An embedding request's inputs as token ids, checked against the model's limits.
+
+The server tokenizes and checks them before a key's limits admit the request (its tokens count
+against the key's tpm), then sends the worker token ids; the worker checks them again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.engine.worker import Rejected
+
+
+@dataclass(slots=True)
+class EmbeddingInputs:
+    tokenizer: Any  # the model's (sentence-transformers') Hugging Face tokenizer
+    prompt: str  # the model's default prompt, put before every text
+    vocab_size: int
+    max_model_len: int
+
+    def token_ids(
+        self, inputs: list[str] | list[list[int]], truncate: int | None
+    ) -> list[list[int]]:
+        """Every input's token ids; Rejected (a 400) for a bad one."""
+        limit = self.truncation_limit(truncate)
+        if inputs and isinstance(inputs[0], str):
+            return self._tokenize(inputs, limit)
+        return [self._checked_ids(i, ids, limit) for i, ids in enumerate(inputs)]
+
+    def truncation_limit(self, truncate: int | None) -> int | None:
+        if truncate is None:
+            return None
+        if truncate == -1:
+            return self.max_model_len
+        if not 1 <= truncate <= self.max_model_len:
+            raise Rejected(
+                f"truncate_prompt_tokens must be -1 or between 1 and the model's maximum "
+                f"context length ({self.max_model_len}), got {truncate}",
+                param="truncate_prompt_tokens",
+            )
+        return truncate
+
+    def _tokenize(self, texts: list[str], limit: int | None) -> list[list[int]]:
+        """Token ids as sentence-transformers makes them (special tokens, the model's default
+        prompt); a text over the limit is refused, or cut as the tokenizer cuts it when asked."""
+        texts = [self.prompt + text for text in texts] if self.prompt else texts
+        kwargs = {"add_special_tokens": True, "return_attention_mask": False, "verbose": False}
+        token_ids = self.tokenizer(texts, **kwargs)["input_ids"]
+        for index, ids in enumerate(token_ids):
+            if limit is None:
+                self._check_length(index, ids)
+            elif len(ids) > limit:
+                token_ids[index] = self.tokenizer(
+                    texts[index], truncation=True, max_length=limit, **kwargs
+                )["input_ids"]
+        return token_ids
+
+    def _checked_ids(self, index: int, ids: list[int], limit: int | None) -> list[int]:
+        """Token ids as given (no special tokens added, as vLLM does)."""
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise Rejected(
+                f"input {index}: token ids must be in [0, {self.vocab_size})", param="input"
+            )
+        if limit is None:
+            self._check_length(index, ids)
+        elif len(ids) > limit:
+            return ids[:limit] if self.tokenizer.truncation_side == "right" else ids[-limit:]
+        return ids
+
+    def _check_length(self, index: int, ids: list[int]) -> None:
+        if len(ids) > self.max_model_len:
+            raise Rejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"input {index} has {len(ids)} tokens. Please reduce the length of the input, "
+                "or set truncate_prompt_tokens.",
+                code="context_length_exceeded",
+                param="input",
+            )

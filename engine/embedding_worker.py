@@ -123,7 +123,7 @@ class EmbeddingWorker:
         self.model = SentenceTransformer(config.model, device=device).to(self.dtype).eval()
         self.tokenizer = self.model.tokenizer
         transformer = self.model[0]
-        self.max_model_len = config.max_model_len or self.model.max_seq_length
+        self.max_model_len = _max_model_len(config.max_model_len, self.model, transformer)
         self.model.max_seq_length = self.max_model_len
         self.dim = self.model.get_embedding_dimension()
         self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
@@ -155,6 +155,7 @@ class EmbeddingWorker:
             )
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Item] = deque()
+        self.failed: list[tuple[str, str]] = []  # (request id, why): batches that failed
         self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)
         self.batches = 0
         self.batch_size_sum = 0
@@ -218,7 +219,14 @@ class EmbeddingWorker:
             return []
         start = time.monotonic()
         batch = self._next_batch()
-        embeddings = self._embed([item.token_ids for item in batch])
+        try:
+            embeddings = self._embed([item.token_ids for item in batch])
+        except Exception as exc:
+            # a CUDA error may leave the device unusable: the process ends and is restarted
+            if self.device.type == "cuda" and not isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            self._fail(batch, exc)
+            return []
         self.gather.ran(len({id(item.job) for item in batch}), time.monotonic() - start)
         self._count_batch(len(batch))
         outputs = []
@@ -233,6 +241,20 @@ class EmbeddingWorker:
                 rows = job.rows.numpy().astype("<f4", copy=False).tobytes()
                 outputs.append([job.request_id, rows, *job.rows.shape, job.num_tokens])
         return outputs
+
+    def _fail(self, batch: list[Item], exc: Exception) -> None:
+        """End the requests of a batch that failed with an error (their other inputs are
+        dropped); the other requests go on."""
+        failed = {item.job.request_id for item in batch}
+        logger.exception(
+            "a batch of %d inputs failed; its %d requests get an error", len(batch), len(failed)
+        )
+        self.abort(list(failed))
+        self.failed += [(rid, f"embedding failed: {type(exc).__name__}: {exc}") for rid in failed]
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def _next_batch(self) -> list[Item]:
         """The longest of the oldest inputs, as many as the batch size and the token budget
@@ -376,6 +398,22 @@ class EmbeddingWorker:
             "batch_size_sum": self.batch_size_sum,
             "batch_size_counts": self.batch_size_counts,
         }
+
+
+def _max_model_len(wanted: int | None, model, transformer) -> int:
+    """The catalog's max_model_len, which may only lower the model's own limit (the input
+    length sentence-transformers uses, else its position embeddings' count): a longer input
+    would index past the position embeddings and end the process (vLLM refuses it too)."""
+    positions = getattr(transformer.model.config, "max_position_embeddings", None)
+    own = model.max_seq_length or positions
+    if wanted is None:
+        return own
+    if own is not None and wanted > own:
+        raise ValueError(
+            f"max_model_len {wanted} is above this model's limit of {own} tokens: leave it "
+            f"out, or set at most {own}"
+        )
+    return wanted
 
 
 def _run_modules(features: dict, modules: list) -> dict:

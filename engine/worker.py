@@ -16,6 +16,8 @@ msgpack-encoded lists whose first element names them:
                        ["rejected", request_id, message, code, param]  an add that failed
                                                 validation (code and param as in OpenAI's
                                                 error body, or None)
+                       ["error", request_id, message]   a request whose batch failed
+                                                (the worker goes on; the server answers 500)
                        ["stats", stats]         while idle, every STATS_INTERVAL_S
 """
 
@@ -79,6 +81,8 @@ class Worker(Protocol):
         """Requests refused after their add (request id, message): the engine core's whose
         grammar failed to compile in the background."""
         ...
+
+    # optional: take_failed() -> [(request id, message)], requests whose batch failed
 
 
 def run_worker(
@@ -224,6 +228,8 @@ def _busy_loop(worker: Worker, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
                 last_stats = time.monotonic()
             for request_id, message in worker.take_rejected():
                 outbox.send(pack(["rejected", request_id, message, None, None]))
+            for request_id, message in getattr(worker, "take_failed", list)():
+                outbox.send(pack(["error", request_id, message]))
         elif time.monotonic() - last_stats >= STATS_INTERVAL_S:
             outbox.send(pack(["stats", worker.stats()]))
             last_stats = time.monotonic()

@@ -181,6 +181,11 @@ class WorkerClient:
             queue = self._queues.get(message[1])
             if queue is not None:
                 queue.put_nowait(RequestRejected(*message[2:]))
+        elif kind == "error":
+            queue = self._queues.get(message[1])
+            if queue is not None:
+                logger.error("%s: %s", self.name, message[2])
+                queue.put_nowait(APIError(500, message[2]))
 
     def _decode(self, fields: list) -> Any:
         """The output, or the error that fails its request: an output the server cannot read

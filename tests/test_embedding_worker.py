@@ -227,3 +227,24 @@ def test_a_batch_waits_for_the_last_batchs_clients_not_for_a_single_one():
     worker.add("alone-again", TEXTS, None, None)  # a single client: at once, whatever its size
     worker.step()
     assert worker.stats()["batches"] == 4
+
+
+def test_max_model_len_above_the_models_limit_is_refused_at_load():
+    with pytest.raises(ValueError, match="above this model's limit of 256 tokens"):
+        EmbeddingWorker(EmbeddingConfig(str(get_model_path()), max_model_len=1024))
+    assert (
+        EmbeddingWorker(EmbeddingConfig(str(get_model_path()), max_model_len=128)).max_model_len
+        == 128
+    )
+
+
+def test_a_batch_that_fails_ends_its_requests_and_the_worker_goes_on():
+    worker = EmbeddingWorker(EmbeddingConfig(str(get_model_path()), max_batch_size=1))
+    # past the 512 position embeddings (what the check at load now keeps a catalog from asking)
+    worker.inputs.max_model_len = 1024
+    worker.add("long", [[101] * 600], None, None)
+    worker.add("fine", ["hello world"], None, None)
+    assert list(run(worker)) == ["fine"]
+    [(request_id, message)] = worker.take_failed()
+    assert request_id == "long" and "IndexError" in message
+    assert not worker.jobs and not worker.queue

@@ -339,3 +339,20 @@ def test_a_model_that_fails_to_load_names_its_catalog_line(tmp_path):
     assert result.returncode == 1
     assert f"{catalog}:2: entry 1 (id 'broken')" in result.stderr
     assert "failed to load" in result.stderr
+
+
+def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        f"models:\n  - id: mini\n    kind: embedding\n    source: {SOURCE}\n"
+        "    max_model_len: 1024\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "serve", "--catalog", str(catalog)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert f"{catalog}:2: entry 1 (id 'mini')" in result.stderr
+    assert "max_model_len 1024 is above this model's limit of 256 tokens" in result.stderr

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -178,6 +178,35 @@ def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert bad.returncode == 1 and "rpm" in bad.stderr
     report = pagoda("usage", "--json", "--since", "2020-01-01", env=env)
     assert report.returncode == 0 and json.loads(report.stdout) == []
+
+
+def test_times_with_an_offset_are_the_instant_they_name(tmp_path):
+    """`--expires` and `usage --since` with a UTC offset, through the CLI on a real SQLite file
+    (which keeps a time's wall clock and drops its offset)."""
+    env = {"PAGODA_STATE_DIR": str(tmp_path)}
+    plus5 = timezone(timedelta(hours=5))
+    an_hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    created = pagoda("keys", "create", "--name", "tz", "--expires",
+                     an_hour_ago.astimezone(plus5).isoformat(), env=env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    engine = open_database(f"sqlite:///{tmp_path / 'pagoda.db'}")
+    row = store.get_key(engine, "tz")
+    assert abs(store.utc(row["expires_at"]) - an_hour_ago) < timedelta(seconds=1)
+    assert KeyState.from_row(row).expires_at < time.time()  # the server refuses it: expired
+    at = datetime.now(timezone.utc)
+    usage_row = {"key_id": row["id"], "model": MODEL, "endpoint": "/v1/chat/completions",
+                 "input_tokens": 1, "output_tokens": 1, "images": 0, "cost_usd": 0.0,
+                 "http_status": 200, "outcome": "completed", "latency_ms": 1.0,
+                 "created_at": at}  # fmt: skip
+    store.write_usage(engine, [usage_row])
+    engine.dispose()
+    for since, rows in [(at - timedelta(minutes=1), 1), (at + timedelta(minutes=1), 0)]:
+        for zone in (plus5, timezone(timedelta(hours=-5))):
+            report = pagoda(
+                "usage", "--json", "--since", since.astimezone(zone).isoformat(), env=env
+            )
+            assert report.returncode == 0, report.stderr
+            assert len(json.loads(report.stdout)) == rows, since.astimezone(zone)
 
 
 # -- a real server on a SQLite file -----------------------------------------------------------

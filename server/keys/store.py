@@ -43,16 +43,24 @@ class KeySpec(BaseModel):
     @field_validator("expires", mode="before")
     @classmethod
     def _when(cls, value):
-        return parse_when(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            return parse_when(value)
+        return as_utc(value) if isinstance(value, datetime) else value
 
 
 def parse_when(text: str) -> datetime:
-    """`2026-05-01` (midnight UTC) or an ISO 8601 time; without a zone, UTC."""
+    """`2026-05-01` (midnight UTC) or an ISO 8601 time; without a zone, UTC. In UTC: SQLite
+    keeps a time's wall clock and drops its offset."""
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
         raise ValueError(f"expected a date such as 2026-05-01 or an ISO time: {text!r}") from exc
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return as_utc(when)
+
+
+def as_utc(when: datetime) -> datetime:
+    """The same instant in UTC (a naive time is taken as UTC)."""
+    return when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def utc(when: datetime | None) -> datetime | None:

@@ -211,6 +211,7 @@ class Generation:
                 )
                 if finish is not None:
                     self.metrics.requests.labels(self.model.id, finish).inc()
+                    self.metrics.request_success.labels(self.model.id, finish).inc()
                 if all(done):
                     break
         clock.finish(len(self.prompt_token_ids))

@@ -95,6 +95,13 @@ class Metrics:
             [*labels, "finish_reason"],
             registry=self.registry,
         )
+        # vLLM's name and label for the same count, so that its dashboards' panels work
+        self.request_success = Counter(
+            "pagoda:request_success",
+            "Finished requests by finish reason (vLLM's series)",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "pagoda:time_to_first_token_seconds",
             "Time to first token",

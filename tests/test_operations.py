@@ -196,6 +196,18 @@ def test_no_created_series(json_server):
     chat(sdk(json_server))
     text = scrape(json_server)
     assert "pagoda:requests_total" in text
+    # vLLM's series for the same count, under its name and label (its dashboards query it)
+    for reason in ("stop", "length"):
+        assert sample(
+            text, "pagoda:request_success_total", model_name=MODEL, finished_reason=reason
+        ) == sample(text, "pagoda:requests_total", model_name=MODEL, finish_reason=reason)
+    assert (
+        sum(
+            sample(text, "pagoda:request_success_total", model_name=MODEL, finished_reason=r)
+            for r in ("stop", "length")
+        )
+        >= 1
+    )
     assert "_created" not in text
 
 

@@ -8,6 +8,7 @@ another core meanwhile."""
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing.forkserver
 import os
 import sys
@@ -18,6 +19,14 @@ from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, p
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+
+
+def seconds(text: str) -> float:
+    """A duration option's value: a positive, finite number of seconds."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,7 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"(default: the catalog's max_waiting_requests, {DEFAULT_MAX_WAITING_REQUESTS})",
     )
     serve.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM"
+        "--shutdown-timeout", type=seconds, default=30.0, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(
         "--max-failed-starts",
@@ -89,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
     serve.add_argument(
-        "--image-url-ttl", type=float, default=DEFAULT_TTL_S, help="seconds an image URL lives"
+        "--image-url-ttl", type=seconds, default=DEFAULT_TTL_S, help="seconds an image URL lives"
     )
     serve.add_argument(
         "--image-cache-bytes",
@@ -142,7 +151,7 @@ def add_parallel_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--distributed-timeout",
         dest="distributed_timeout_s",
-        type=float,
+        type=seconds,
         help="seconds for every rank to join (default 120); then the start fails",
     )
 
@@ -171,13 +180,13 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--backlog", type=int, default=2048, help="connections waiting for accept")
     serve.add_argument(
         "--request-body-timeout",
-        type=float,
+        type=seconds,
         default=defaults.BODY_TIMEOUT_S,
         help="seconds a request body may take to arrive; then 408",
     )
     serve.add_argument(
         "--stream-send-timeout",
-        type=float,
+        type=seconds,
         default=defaults.STREAM_SEND_TIMEOUT_S,
         help="seconds a stream waits for a client that stopped reading; then it is cut",
     )

@@ -4,10 +4,12 @@ forkserver its workers come from with their modules."""
 import subprocess
 import sys
 
+import pytest
+
 from pagoda.engine.core import run_engine_core
 from pagoda.engine.embedding_worker import run_embedding_worker
 from pagoda.engine.image_worker import run_image_worker
-from pagoda.server.cli import WORKER_MODULES
+from pagoda.server.cli import WORKER_MODULES, parse_args
 
 
 def test_worker_modules_are_those_of_the_workers_entry_points():
@@ -57,3 +59,29 @@ def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--shutdown-timeout",
+        "--image-url-ttl",
+        "--distributed-timeout",
+        "--request-body-timeout",
+        "--stream-send-timeout",
+    ],
+)
+def test_durations_are_positive_and_finite(option, capsys):
+    for bad in ("inf", "nan", "0", "-5", "soon"):
+        with pytest.raises(SystemExit):
+            parse_args(["serve", option, bad])
+        assert f"argument {option}" in capsys.readouterr().err
+    assert 2.5 in vars(parse_args(["serve", option, "2.5"])).values()
+
+
+def test_help_of_the_module_lists_the_commands():
+    run = [sys.executable, "-m", "pagoda"]
+    top = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "{serve," in top and "usage: pagoda [-h]" in top
+    serve = subprocess.run([*run, "--port", "1", "--help"], capture_output=True, text=True)
+    assert serve.stdout.startswith("usage: pagoda serve")  # `serve` left out

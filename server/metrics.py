@@ -29,10 +29,16 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
 class EngineStatsCollector(Collector):
-    """Reads each engine's latest stats at scrape time (no polling of its own)."""
+    """Reads each engine's latest stats at scrape time (no polling of its own); image workers'
+    too, for the running and waiting gauges (images in the batch and queued)."""
 
-    def __init__(self, stats_by_model: Callable[[], dict[str, dict]]) -> None:
+    def __init__(
+        self,
+        stats_by_model: Callable[[], dict[str, dict]],
+        image_stats_by_model: Callable[[], dict[str, dict]] = dict,
+    ) -> None:
         self._stats_by_model = stats_by_model
+        self._image_stats_by_model = image_stats_by_model
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         gauges = {
@@ -75,13 +81,20 @@ class EngineStatsCollector(Collector):
                 bounds, counts, total = stats["queue_time"]
                 buckets = zip([*map(str, map(float, bounds)), "+Inf"], itertools.accumulate(counts))
                 queue_time.add_metric([model], list(buckets), total)
+        for model, stats in self._image_stats_by_model().items():
+            for key in ("running", "waiting"):
+                gauges[key].add_metric([model], float(stats.get(key, 0)))
         yield from (*gauges.values(), preemptions, queue_time)
 
 
 class Metrics:
-    def __init__(self, stats_by_model: Callable[[], dict[str, dict]]) -> None:
+    def __init__(
+        self,
+        stats_by_model: Callable[[], dict[str, dict]],
+        image_stats_by_model: Callable[[], dict[str, dict]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineStatsCollector(stats_by_model))
+        self.registry.register(EngineStatsCollector(stats_by_model, image_stats_by_model))
         labels = ["model_name"]
         self.prompt_tokens = Counter(
             "pagoda:prompt_tokens", "Prompt tokens processed", labels, registry=self.registry

@@ -202,7 +202,7 @@ async def serve(args: argparse.Namespace) -> None:
         logger.info("stopping the engines")
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
-    metrics = Metrics(of_kind(served, "chat"))
+    metrics = Metrics(of_kind(served, "chat"), of_kind(served, "image"))
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
     register_process_metrics(metrics.registry)

@@ -552,10 +552,18 @@ def test_full_queue_answers_429_with_retry_after(server, http):
     response = http.post(
         "/v1/images/generations", json={"model": IMAGE_MODEL, "prompt": "x", "n": 3}
     )
+    # the worker's own count, as for chat models: images in its batch and queued
+    seen = []
+    while worker.is_alive() and not any(seen):
+        text = httpx.get(f"{server.url}/metrics").text
+        seen.append(metric(text, "pagoda:num_requests_running"))
+        assert 0 <= seen[-1] + metric(text, "pagoda:num_requests_waiting") <= 10
+        time.sleep(0.05)
     worker.join()
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) >= 1
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= max(seen) <= 4  # the catalog's max_batch_size
 
 
 def test_disconnect_frees_the_batch(server, http):

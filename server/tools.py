@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pagoda.engine.sampling_params import StructuredOutputsParams
@@ -223,25 +223,24 @@ def tool_call_dicts(calls: list[ParsedCall]) -> list[dict]:
 
 @dataclass
 class ToolCallStream:
-    """One choice's stream: content deltas while there is no call, then call deltas. A named
-    call streams its argument fragments as they come; other calls are sent when the output is
-    complete (the first delta of a call has its id and name, the next its arguments)."""
+    """One choice's stream: content deltas while there is no call, then call deltas, at most
+    one per call in each chunk (clients merge same-index entries only across chunks). A named
+    call streams its argument fragments as they come, the first with the call's id and name;
+    other calls are sent whole when the output is complete."""
 
     plan: ToolPlan
     text: str = ""  # the output so far
     shown: int = 0  # of `text`, how much went out as content
     num_calls: int = 0
-    _named_id: str = field(default_factory=new_call_id)
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """(content delta, tool-call deltas) for newly generated text."""
         self.text += text
         if self.plan.mode == "named":
-            calls = [] if self.num_calls else [self._named_head()]
-            self.num_calls = 1
-            if text:
-                calls.append({"index": 0, "function": {"arguments": text}})
-            return "", calls
+            if not self.num_calls:
+                self.num_calls = 1
+                return "", [self._named_head(text)]
+            return "", [{"index": 0, "function": {"arguments": text}}] if text else []
         if self.plan.mode != "auto":
             return "", []
         marker = self.plan.parser.marker
@@ -264,20 +263,15 @@ class ToolCallStream:
             rest = self.text[self.shown :]
             self.shown = len(self.text)
             return rest, []
-        deltas = []
-        for i, call in enumerate(calls):
-            head = {"index": i, "id": new_call_id(), "type": "function"}
-            deltas.append({**head, "function": {"name": call.name, "arguments": ""}})
-            deltas.append({"index": i, "function": {"arguments": call.arguments}})
         self.num_calls = len(calls)
-        return "", deltas
+        return "", [{"index": i, **call} for i, call in enumerate(tool_call_dicts(calls))]
 
-    def _named_head(self) -> dict:
+    def _named_head(self, arguments: str) -> dict:
         return {
             "index": 0,
-            "id": self._named_id,
+            "id": new_call_id(),
             "type": "function",
-            "function": {"name": self.plan.named, "arguments": ""},
+            "function": {"name": self.plan.named, "arguments": arguments},
         }
 
 

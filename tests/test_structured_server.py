@@ -211,11 +211,14 @@ def _streamed_calls(client, **kwargs) -> tuple[dict[int, dict], list[str]]:
         for choice in chunk.choices:
             if choice.finish_reason is not None:
                 finishes.append(choice.finish_reason)
+            indexes = [delta.index for delta in choice.delta.tool_calls or []]
+            assert len(set(indexes)) == len(indexes), chunk  # one entry per call per chunk
             for delta in choice.delta.tool_calls or []:
-                if delta.index not in calls:  # a call's first delta: id, type, name, ""
+                if delta.index not in calls:  # a call's first delta: id, type, name
                     assert delta.id.startswith("call_") and delta.type == "function"
-                    assert delta.function.name and delta.function.arguments == ""
+                    assert delta.function.name and delta.function.arguments is not None
                     calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                    calls[delta.index]["arguments"] += delta.function.arguments
                 else:  # then fragments only
                     assert delta.id is None and delta.function.name is None
                     calls[delta.index]["arguments"] += delta.function.arguments
@@ -385,6 +388,22 @@ def test_langchain_bind_tools_and_structured_output(server):
     assert isinstance(pet, Pet)
     by_tool = llm.with_structured_output(Pet, method="function_calling").invoke("A pet")
     assert isinstance(by_tool, Pet)
+
+
+def test_langchain_streams_tool_calls(server):
+    llm = ChatOpenAI(
+        model=MODEL, base_url=f"{server.url}/v1", api_key="none", max_tokens=200, temperature=0
+    )
+    for tool_choice in ("GetWeather", "any"):
+        bound = llm.bind_tools([GetWeather], tool_choice=tool_choice, parallel_tool_calls=False)
+        chunks = list(bound.stream("Paris?"))
+        message = sum(chunks[1:], chunks[0])
+        assert not message.invalid_tool_calls, message
+        [call] = message.tool_calls
+        assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+        GetWeather(**call["args"])
+    structured = llm.with_structured_output(Pet, method="function_calling")
+    assert isinstance(list(structured.stream("A pet"))[-1], Pet)
 
 
 def test_catalog_capabilities_refuse_tools_and_json(tiny_models, tmp_path):

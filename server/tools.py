@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.engine.sampling_params import StructuredOutputsParams
+from pagoda.engine.structured_output import SCHEMA_MAPS, VALUES
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.structured import checked_constraint
 from pagoda.server.tool_parsers import PARSERS, ParsedCall, ToolParser
@@ -61,16 +62,19 @@ class ToolPlan:
         return None
 
     def _calls_schema(self) -> dict:
+        defs: dict[str, Any] = {}
         call = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "properties": {"name": {"const": f.name}, "arguments": _hoisted(f, defs)},
                 "required": ["name", "arguments"],
             }
             for f in self.functions
         ]
         items = call[0] if len(call) == 1 else {"anyOf": call}
         schema = {"type": "array", "items": items, "minItems": 1}
+        if defs:
+            schema["$defs"] = defs
         return schema if self.parallel else {**schema, "maxItems": 1}
 
     def calls(self, text: str) -> tuple[str | None, list[ParsedCall]]:
@@ -88,6 +92,61 @@ class ToolPlan:
             calls = calls if self.parallel else calls[:1]
             return (content or None) if calls else content, calls
         return text, []
+
+
+def _hoisted(function: Function, defs: dict[str, Any]) -> dict:
+    """The function's parameters for their place in the calls schema, where refs resolve from
+    the calls schema's root: with refs, the parameters and their definitions move into `defs`
+    under names that start with the function's (no clash between tools), refs rewritten."""
+    parameters = function.parameters
+    if not _has_ref(parameters):
+        return parameters
+    name = function.name  # a function name has no '.', so these keys are all distinct
+    prefixes = {"$defs": f"{name}.defs.", "definitions": f"{name}.definitions."}
+    for key, prefix in prefixes.items():
+        for sub_name, sub in (parameters.get(key) or {}).items():
+            defs[prefix + sub_name] = _rerooted(sub, name, prefixes)
+    body = {k: v for k, v in parameters.items() if k not in prefixes}
+    defs[name] = _rerooted(body, name, prefixes)
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _has_ref(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return any(_has_ref(item) for item in schema)
+    if not isinstance(schema, dict):
+        return False
+    if isinstance(schema.get("$ref"), str):
+        return True
+    return any(
+        _has_ref(list(value.values()) if key in SCHEMA_MAPS and isinstance(value, dict) else value)
+        for key, value in schema.items()
+        if key not in VALUES
+    )
+
+
+def _rerooted(schema: Any, name: str, prefixes: dict[str, str]) -> Any:
+    """`schema` with its local refs pointing where `_hoisted` moved their targets."""
+    if isinstance(schema, list):
+        return [_rerooted(item, name, prefixes) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = _moved_ref(value, name, prefixes)
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {k: _rerooted(v, name, prefixes) for k, v in value.items()}
+        else:
+            out[key] = value if key in VALUES else _rerooted(value, name, prefixes)
+    return out
+
+
+def _moved_ref(ref: str, name: str, prefixes: dict[str, str]) -> str:
+    for key, prefix in prefixes.items():
+        if ref.startswith(start := f"#/{key}/"):
+            return f"#/$defs/{prefix}{ref.removeprefix(start)}"
+    return f"#/$defs/{name}{ref.removeprefix('#')}"  # into the parameters themselves
 
 
 def plan_tools(req, parser_name: str, supports_tools: bool) -> ToolPlan | None:

@@ -176,6 +176,40 @@ def test_required_tool_choice_and_parallel_calls(client):
     assert len(_check_calls(single.choices[0])) == 1
 
 
+class Place(BaseModel):
+    city: str = Field(max_length=8)
+
+
+class Trip(BaseModel):
+    start: Place
+    days: int = Field(ge=1, le=9)
+
+
+# another tool whose own "Place" differs, and a bare "#" ref (a recursive tree)
+TREE = {
+    "type": "object",
+    "$defs": {"Place": {"enum": ["here", "there"]}},
+    "properties": {
+        "at": {"$ref": "#/$defs/Place"},
+        "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1},
+    },
+    "required": ["at", "kids"],
+}
+
+
+def test_required_takes_parameters_with_defs_and_refs(client):
+    tools = [
+        openai.pydantic_function_tool(Trip),
+        {"type": "function", "function": {"name": "tree", "parameters": TREE}},
+    ]
+    schemas = {"Trip": tools[0]["function"]["parameters"], "tree": TREE}
+    assert "$defs" in schemas["Trip"]
+    for offered in (tools, tools[1:]):  # both (a clash of names), and the tree alone
+        kwargs = dict(tools=offered, tool_choice="required", parallel_tool_calls=False)
+        [call] = chat(client, **kwargs, max_tokens=150).choices[0].message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
 def test_none_and_auto_answer_in_the_openai_shape(client):
     out = chat(client, tools=TOOLS, tool_choice="none", max_tokens=30)
     assert out.choices[0].message.tool_calls is None

@@ -23,6 +23,9 @@ from pagoda.server.tool_parsers import PARSERS, ParsedCall, ToolParser
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 NO_PARAMETERS = {"type": "object", "properties": {}}
+# calls in one answer under tool_choice "required": a model that repeats its call stops there
+# rather than at max_tokens
+MAX_CALLS = 16
 
 # For chat templates that know no tools: the tools go into the system prompt, in the format the
 # hermes parser reads.
@@ -75,23 +78,35 @@ class ToolPlan:
         schema = {"type": "array", "items": items, "minItems": 1}
         if defs:
             schema["$defs"] = defs
-        return schema if self.parallel else {**schema, "maxItems": 1}
+        return {**schema, "maxItems": MAX_CALLS if self.parallel else 1}
 
     def calls(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """(content, calls) of a finished output."""
         if self.mode == "named":
             return None, [ParsedCall(self.named, text)]
-        if self.mode == "required":
-            try:
-                values = json.loads(text)
-            except ValueError:  # cut by max_tokens
-                return text, []
+        if self.mode == "required":  # the array may be cut by max_tokens: its complete calls
+            values = _array_items(text)
             return None, [ParsedCall(v["name"], json.dumps(v["arguments"])) for v in values]
         if self.mode == "auto":
             content, calls = self.parser.parse(text)
             calls = calls if self.parallel else calls[:1]
             return (content or None) if calls else content, calls
         return text, []
+
+
+def _array_items(text: str) -> list:
+    """The complete items of the JSON array that `text` is or begins."""
+    decoder = json.JSONDecoder()
+    items, i = [], text.find("[") + 1
+    while i:
+        while text[i : i + 1] in (" ", ","):
+            i += 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except ValueError:  # the end of the array, or where it was cut
+            return items
+        items.append(item)
+    return items
 
 
 def _hoisted(function: Function, defs: dict[str, Any]) -> dict:
@@ -319,7 +334,7 @@ class ToolCallStream:
             return "", []
         content, calls = self.plan.calls(self.text)
         if not calls:
-            rest = self.text[self.shown :]
+            rest = "" if content is None else self.text[self.shown :]
             self.shown = len(self.text)
             return rest, []
         self.num_calls = len(calls)

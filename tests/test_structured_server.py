@@ -166,14 +166,45 @@ def test_required_tool_choice_and_parallel_calls(client):
     for seed in range(3):
         out = chat(client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, n=2)
         for choice in out.choices:
-            if choice.finish_reason == "length":  # a random model may list calls forever
-                assert choice.message.tool_calls is None and choice.message.content
+            if choice.finish_reason == "length":  # a random model may list calls for long
+                assert choice.message.content is None
                 continue
             _check_calls(choice, SCHEMAS)
             stopped += 1
     assert stopped >= 2
     single = chat(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     assert len(_check_calls(single.choices[0])) == 1
+
+
+PING = {"type": "function", "function": {"name": "ping"}}
+SCHEMAS["ping"] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def test_required_cut_by_length_gives_its_complete_calls(client):
+    kwargs = dict(tools=[PING, *TOOLS], tool_choice="required", temperature=1.0, max_tokens=60)
+    cut = 0
+    for seed in range(3):
+        whole = chat(client, **kwargs, seed=seed).choices[0]
+        assert whole.message.content is None  # never the calls array's text
+        for call in whole.message.tool_calls or []:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        cut += whole.finish_reason == "length" and bool(whole.message.tool_calls)
+        content = ""
+        for chunk in chat(client, **kwargs, seed=seed, stream=True):
+            content += chunk.choices[0].delta.content or ""
+        assert content == ""
+        calls, finishes = _streamed_calls(client, **kwargs, seed=seed)
+        assert finishes == [whole.finish_reason]
+        expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == expected
+    assert cut
+
+
+def test_required_calls_are_capped(client):
+    # this model, left alone, lists pings until max_tokens
+    out = chat(client, tools=[PING], tool_choice="required", temperature=1.0, max_tokens=700)
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert len(out.choices[0].message.tool_calls) <= 16
 
 
 class Place(BaseModel):

@@ -200,12 +200,7 @@ def _functions(tools: Any) -> list[Function]:
                 f"{where}.function.name: must be 1-64 letters, digits, '_' or '-'",
                 param=f"{where}.function.name",
             )
-        parameters = spec.get("parameters", NO_PARAMETERS)
-        if not isinstance(parameters, dict):
-            raise invalid(
-                f"{where}.function.parameters: must be a JSON schema object",
-                param=f"{where}.function.parameters",
-            )
+        parameters = _object_schema(spec.get("parameters"), name, f"{where}.function.parameters")
         checked_constraint(
             StructuredOutputsParams(json=parameters), param=f"{where}.function.parameters"
         )
@@ -215,6 +210,29 @@ def _functions(tools: Any) -> list[Function]:
     if len(set(names)) != len(names):
         raise invalid("tools: function names must be unique", param="tools")
     return functions
+
+
+def _object_schema(parameters: Any, name: str, param: str) -> dict:
+    """A function's parameters as a schema whose values are all objects (arguments are one):
+    none or `{}` is the empty object's, as in vLLM; a root without a type gets "object"."""
+    if parameters is None or parameters == {}:
+        return NO_PARAMETERS
+    if not isinstance(parameters, dict):
+        raise invalid(f"{param}: must be a JSON schema object", param=param)
+    kind = parameters.get("type")
+    if kind is None and not any(k in parameters for k in _ROOTS_OF_ANY_TYPE):
+        return {"type": "object", **parameters}
+    if kind != "object":
+        raise invalid(
+            f"{param}: the arguments of '{name}' are an object, so its parameters need "
+            f'"type": "object" at the root (got {json.dumps(kind)})',
+            param=param,
+        )
+    return parameters
+
+
+# root keywords that could allow a non-object without a "type" beside them
+_ROOTS_OF_ANY_TYPE = ("$ref", "anyOf", "oneOf", "enum", "const")
 
 
 def _choice(choice: Any, functions: list[Function]) -> tuple[str, str | None]:

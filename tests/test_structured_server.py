@@ -207,6 +207,15 @@ def test_required_calls_are_capped(client):
     assert len(out.choices[0].message.tool_calls) <= 16
 
 
+def test_empty_parameters_take_the_empty_object(client):
+    for parameters in ({}, None, {"description": "no type"}):
+        tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+        named = {"type": "function", "function": {"name": "f"}}
+        for seed in range(2):
+            out = chat(client, tools=[tool], tool_choice=named, temperature=1.0, seed=seed)
+            assert out.choices[0].message.tool_calls[0].function.arguments == "{}"
+
+
 class Place(BaseModel):
     city: str = Field(max_length=8)
 
@@ -392,6 +401,30 @@ BAD = [
         },
         "tools.0.function.parameters",
         "'not'",
+    ),
+    (
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+            ]
+        },
+        "tools.0.function.parameters",
+        "'f'",
+    ),
+    (
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "integer"}}},
+                {"type": "function", "function": {"name": "g", "parameters": {"enum": [1, 2]}}},
+            ]
+        },
+        "tools.0.function.parameters",
+        '"type": "object"',
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [1]}}}]},
+        "tools.0.function.parameters",
+        "object",
     ),
     ({"tools": "get_weather"}, "tools", ""),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", ""),

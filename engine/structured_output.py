@@ -58,6 +58,22 @@ UNSUPPORTED_KEYWORDS = (
 SCHEMA_MAPS = ("properties", "$defs", "definitions")
 # keywords whose value is not a schema
 VALUES = ("enum", "const", "default", "examples", "required", "description", "title")
+# what may stand beside a "$ref": xgrammar compiles the ref alone, ignoring any other keyword
+REF_SIBLINGS = {
+    "$ref",
+    "$defs",
+    "definitions",
+    "description",
+    "title",
+    "default",
+    "examples",
+    "$comment",
+    "$schema",
+    "$id",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+}
 
 
 def unsupported_feature(schema: Any, path: str = "") -> str | None:
@@ -76,6 +92,11 @@ def unsupported_feature(schema: Any, path: str = "") -> str | None:
     ref = schema.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#"):
         return f"a remote '$ref' ({ref}) at {where}"
+    if ref is not None and (beside := sorted(set(schema) - REF_SIBLINGS)):
+        return f"'{beside[0]}' beside a '$ref' at {where}"
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and (reason := _regex_error(pattern)):
+        return f"a 'pattern' that is not supported ({reason}) at {where}"
     multiple = schema.get("multipleOf")
     if multiple is not None and not (schema.get("type") == "integer" and _integral(multiple)):
         return f"'multipleOf' on a non-integer at {where}"
@@ -91,6 +112,21 @@ def unsupported_feature(schema: Any, path: str = "") -> str | None:
 
 def _integral(value: Any) -> bool:
     return isinstance(value, int | float) and float(value).is_integer()
+
+
+def _regex_error(pattern: str) -> str | None:
+    # a pattern in a schema is compiled leniently: an assertion xgrammar cannot enforce
+    # (lookaround) is dropped with a warning, where the same regex on its own is an error
+    try:
+        xgr.Grammar.from_regex(pattern)
+    except RuntimeError as exc:
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: RuntimeError) -> str:
+    """What xgrammar's parse error says is wrong: its last line, without the location."""
+    return str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
 
 
 def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
@@ -113,9 +149,8 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
             literals = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
             return xgr.Grammar.from_ebnf(f"root ::= {literals}")
         return xgr.Grammar.from_ebnf(text)
-    except RuntimeError as exc:  # xgrammar's parse errors: the last line says what is wrong
-        reason = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-        raise ValueError(f"invalid structured_outputs.{kind}: {reason}") from None
+    except RuntimeError as exc:
+        raise ValueError(f"invalid structured_outputs.{kind}: {_reason(exc)}") from None
 
 
 # xgrammar 0.2.9 writes the characters of a length-bounded string as this class, which lets raw

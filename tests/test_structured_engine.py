@@ -189,6 +189,15 @@ def test_grammars_are_compiled_once_per_schema(llm):
         ({"properties": {"a": {"$ref": "https://example.com/a.json"}}}, "remote '$ref'"),
         ({"type": "number", "multipleOf": 0.5}, "'multipleOf'"),
         ({"type": "object", "patternProperties": {"^x": {}}}, "'patternProperties'"),
+        ({"type": "string", "pattern": "^(?!test)[a-z]{4}$"}, "'pattern'"),
+        ({"items": {"type": "string", "pattern": "(?<=a)b"}}, "Lookbehind"),
+        (
+            {
+                "$defs": {"N": {"type": "string"}},
+                "properties": {"n": {"$ref": "#/$defs/N", "maxLength": 3}},
+            },
+            "'maxLength' beside a '$ref' at /properties/n",
+        ),
     ],
 )
 def test_unenforceable_schemas_are_refused_by_name(llm, schema, named):
@@ -198,6 +207,16 @@ def test_unenforceable_schemas_are_refused_by_name(llm, schema, named):
 
 def test_property_names_are_not_keywords():
     schema = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"enum": [1]}}}
+    assert unsupported_feature(schema) is None
+
+
+def test_annotations_beside_a_ref_and_plain_patterns_are_taken():
+    schema = {
+        "$defs": {"N": {"type": "string", "pattern": "^[A-Z][a-z]+$"}},
+        "$ref": "#/$defs/N",
+        "description": "a name",
+        "title": "Name",
+    }
     assert unsupported_feature(schema) is None
 
 

@@ -445,6 +445,31 @@ BAD = [
         "response_format.json_schema.schema",
         "'allOf'",
     ),
+    (
+        {"response_format": response_format({"type": "string", "pattern": "^(?!test)[a-z]{4}$"})},
+        "response_format.json_schema.schema",
+        "'pattern'",
+    ),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"properties": {"w": {"type": "string", "pattern": "(?=a)"}}},
+                    },
+                }
+            ]
+        },
+        "tools.0.function.parameters",
+        "Lookahead",
+    ),
+    (
+        {"guided_json": {"$defs": {"N": {"type": "string"}}, "$ref": "#/$defs/N", "maxLength": 3}},
+        "guided_json",
+        "'maxLength' beside a '$ref'",
+    ),
     ({"guided_regex": "(?<=a)b"}, "guided_regex", "Lookbehind"),
     ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
     ({"guided_grammar": "root ::= nothing"}, "guided_grammar", "not defined"),

@@ -18,10 +18,14 @@ class ParsedCall:
     arguments: str  # JSON text of an object
 
 
-def _call(obj: object, arguments_key: str = "arguments") -> ParsedCall | None:
+def _call(obj: object) -> ParsedCall | None:
+    """`{"name": ..., "arguments": {...}}` (or "parameters", as Llama writes it) as a call."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    arguments = obj.get(arguments_key, obj.get("arguments", {}))
+    key = next((k for k in ("arguments", "parameters") if k in obj), None)
+    if key is None and len(obj) > 1:  # arguments under some other name: not a call
+        return None
+    arguments = obj[key] if key else {}
     if isinstance(arguments, str):  # some models write the arguments JSON-encoded
         try:
             arguments = json.loads(arguments)
@@ -82,7 +86,7 @@ class Llama3JsonParser:
         if not body.startswith("{"):
             return text, []
         values = _json_values(body)
-        calls = [_call(v, "parameters") for v in values or []]
+        calls = [_call(v) for v in values or []]
         if not values or None in calls:
             return text, []
         return "", calls

@@ -22,6 +22,15 @@ def test_hermes_one_and_several_calls():
     assert _parse("hermes", unclosed) == ("", [("f", {})])
 
 
+def test_arguments_may_be_called_parameters_in_every_family():
+    call = '{"name": "f", "parameters": {"city": "Paris"}}'
+    assert _parse("hermes", f"<tool_call>{call}</tool_call>") == ("", [("f", {"city": "Paris"})])
+    assert _parse("mistral", f"[TOOL_CALLS] [{call}]")[1] == [("f", {"city": "Paris"})]
+    llama = '{"name": "f", "arguments": {"x": 1}}'
+    assert _parse("llama3_json", llama) == ("", [("f", {"x": 1})])
+    assert _parse("hermes", '<tool_call>{"name": "f"}</tool_call>')[1] == [("f", {})]
+
+
 def test_llama3_json_calls():
     assert _parse("llama3_json", '{"name": "f", "parameters": {"x": "y"}}') == (
         "",
@@ -42,6 +51,7 @@ def test_mistral_calls():
         ("hermes", "Just text, no call."),
         ("hermes", "<tool_call>{not json}</tool_call>"),
         ("hermes", '<tool_call>{"arguments": {}}</tool_call>'),  # no name
+        ("hermes", '<tool_call>{"name": "f", "args": {"city": "Paris"}}</tool_call>'),
         ("llama3_json", '{"answer": 42}'),  # JSON, but not a call
         ("llama3_json", "The answer is {1}."),
         ("mistral", "[TOOL_CALLS] [oops"),

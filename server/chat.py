@@ -152,40 +152,49 @@ async def _stream(
 
     async with aclosing(aiter(generation)) as deltas:
         async for delta in deltas:
-            message: dict = {"content": delta.text}
-            finish = delta.finish_reason
-            if calls is not None:
-                message, finish = _tool_delta(calls[delta.index], delta.text, finish)
-            if delta.index not in started:
-                started.add(delta.index)
-                message = {"role": "assistant", **message}
-            choice = {
-                "index": delta.index,
-                "delta": message,
-                "logprobs": {
-                    "content": _logprob_content(generation.model, delta, req.top_logprobs),
-                    "refusal": None,
-                }
-                if req.logprobs
-                else None,
-                "finish_reason": finish,
+            if calls is None:
+                pieces = [({"content": delta.text}, delta.finish_reason)]
+            else:
+                pieces = _tool_pieces(calls[delta.index], delta.text, delta.finish_reason)
+                if not pieces and (delta.index not in started or req.logprobs):
+                    pieces = [({}, None)]  # the role, or the logprobs of held-back tokens
+            logprobs = {
+                "content": _logprob_content(generation.model, delta, req.top_logprobs),
+                "refusal": None,
             }
-            yield chunk([choice])
+            for i, (message, finish) in enumerate(pieces):
+                if delta.index not in started:
+                    started.add(delta.index)
+                    message = {"role": "assistant", "content": None, **message}
+                choice = {
+                    "index": delta.index,
+                    "delta": message,
+                    "logprobs": logprobs if req.logprobs and i == 0 else None,
+                    "finish_reason": finish,
+                }
+                yield chunk([choice])
     if include_usage:
         yield chunk([], usage=usage(generation))
     yield "[DONE]"
 
 
-def _tool_delta(stream: ToolCallStream, text: str, finish: str | None) -> tuple[dict, str | None]:
+def _tool_pieces(
+    stream: ToolCallStream, text: str, finish: str | None
+) -> list[tuple[dict, str | None]]:
+    """(delta, finish_reason) of each chunk for new text: the content or calls, if any, then at
+    the end the finish_reason alone with an empty delta, as OpenAI sends it (the SDK's stream
+    helper reads a chunk's finish_reason before its calls, and so misses a call sent with it)."""
     content, call_deltas = stream.feed(text)
     if finish is not None:
         rest, more = stream.finish()
         content, call_deltas = content + rest, call_deltas + more
         if stream.num_calls and finish == "stop":
             finish = "tool_calls"
+    message: dict = {"content": content} if content else {}
     if call_deltas:
-        return {"content": content or None, "tool_calls": call_deltas}, finish
-    return {"content": content}, finish
+        message["tool_calls"] = call_deltas
+    pieces = [(message, None)] if message else []
+    return pieces if finish is None else [*pieces, ({}, finish)]
 
 
 def usage(generation: Generation) -> dict:

@@ -311,6 +311,35 @@ def test_streamed_calls_reassemble_to_the_non_streamed_ones(client, tool_choice)
     assert [c["arguments"] for c in calls.values()] == [c.function.arguments for c in whole]
 
 
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "GetWeather"}}]
+)
+def test_sdk_stream_helper_sees_every_call_done(server, client, tool_choice):
+    kwargs = dict(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
+        max_tokens=100,
+    )
+    with client.chat.completions.stream(**kwargs) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert len(done) == 1 and isinstance(done[0].parsed_arguments, GetWeather)
+    assert final.choices[0].message.content is None
+
+    # OpenAI's shape: the finish_reason alone in the last chunk, no empty content
+    body = {**kwargs, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    choices = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert choices[-1]["delta"] == {} and choices[-1]["finish_reason"] == "tool_calls"
+    assert all(c["finish_reason"] is None for c in choices[:-1])
+    assert all(c["delta"].get("content") != "" for c in choices)
+    assert choices[0]["delta"]["role"] == "assistant"
+
+
 # a grammar makes the tiny model write what a tool-calling model would (tool_choice auto)
 HERMES_ANSWER = (
     'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'

@@ -178,10 +178,13 @@ class Generation:
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         n = self.params.n
+        # a stop string would cut a grammar's output short of valid, while finish_reason
+        # said "stop" (or "tool_calls"): under a grammar only the grammar's end stops
+        stop = self.stop if self.params.structured_outputs is None else []
         detokenizers = [
             IncrementalDetokenizer(
                 self.model.tokenizer,
-                stop=self.stop,
+                stop=stop,
                 skip_special_tokens=self.params.skip_special_tokens,
                 prompt_token_ids=self.prompt_token_ids,
             )

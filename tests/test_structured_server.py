@@ -119,6 +119,26 @@ def test_json_object(client):
         assert isinstance(json.loads(choice.message.content), dict)
 
 
+def test_stop_strings_do_not_cut_a_grammar(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = chat(client, tools=TOOLS, tool_choice=named, stop=[","], temperature=0)
+    _check_calls(out.choices[0], ["get_weather"])
+    out = chat(client, response_format=response_format(WEATHER), stop=[","], temperature=0)
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), WEATHER)
+    text = client.completions.create(
+        model=MODEL,
+        prompt="Weather",
+        max_tokens=200,
+        stop=[","],
+        extra_body={"guided_json": WEATHER},
+    )
+    jsonschema.validate(json.loads(text.choices[0].text), WEATHER)
+    plain = chat(client, max_tokens=40, temperature=0).choices[0].message.content
+    cut = chat(client, max_tokens=40, temperature=0, stop=[plain[5:8]])
+    assert cut.choices[0].message.content == plain[: plain.index(plain[5:8])]  # unconstrained
+
+
 def test_text_format_is_unconstrained(client):
     plain = chat(client, max_tokens=20, temperature=0).choices[0].message.content
     text = chat(client, max_tokens=20, temperature=0, response_format={"type": "text"})

@@ -16,7 +16,7 @@ from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
-from pagoda.server.structured import extra_constraint, response_format_constraint
+from pagoda.server.structured import extra_constraint, extra_fields, response_format_constraint
 from pagoda.server.tools import (
     ToolCallStream,
     ToolPlan,
@@ -72,12 +72,20 @@ async def chat_completion(
 
 
 def _constraint_kwargs(model: ServedModel, req: ChatCompletionRequest, tools) -> dict:
-    """The grammar that a forced tool call, `response_format` or vLLM's fields ask for."""
-    constraint = tools.constraint if tools is not None else None
-    if constraint is None:
-        constraint = response_format_constraint(req.response_format) or extra_constraint(req)
-        if constraint is not None and not model.supports_json:
-            raise unsupported(model.id, "structured outputs", param="response_format")
+    """The grammar that a forced tool call, `response_format` or vLLM's fields ask for (one
+    at most: a 400 naming them for more)."""
+    given = {
+        "tool_choice": tools.constraint if tools is not None else None,
+        "response_format": response_format_constraint(req.response_format),
+        ", ".join(extra_fields(req)): extra_constraint(req),
+    }
+    given = {name: constraint for name, constraint in given.items() if constraint is not None}
+    if len(given) > 1:
+        names = ", ".join(given)
+        raise invalid(f"give one structured output constraint, got {names}", param=names)
+    name, constraint = next(iter(given.items()), (None, None))
+    if name not in (None, "tool_choice") and not model.supports_json:
+        raise unsupported(model.id, "structured outputs", param=name)
     kwargs = {} if constraint is None else {"structured_outputs": constraint}
     if tools is not None and tools.parser is not None and tools.parser.needs_special_tokens:
         kwargs["skip_special_tokens"] = False  # the parser's marker is a special token

@@ -70,10 +70,15 @@ def response_format_constraint(response_format: Any) -> StructuredOutputsParams 
     return checked_constraint(params, param="response_format.json_schema.schema")
 
 
+def extra_fields(body: Any) -> dict[str, Any]:
+    """vLLM's constraint fields that `body` gives, by name."""
+    given = {name: getattr(body, name) for name in ("structured_outputs", *GUIDED_FIELDS)}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def extra_constraint(body: Any) -> StructuredOutputsParams | None:
     """vLLM's fields: `structured_outputs` (an object) or one of the older `guided_*`."""
-    given = {name: getattr(body, name) for name in ("structured_outputs", *GUIDED_FIELDS)}
-    given = {name: value for name, value in given.items() if value is not None}
+    given = extra_fields(body)
     if not given:
         return None
     if len(given) > 1:

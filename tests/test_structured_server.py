@@ -519,6 +519,30 @@ BAD = [
         "guided_json",
         "'maxLength' beside a '$ref'",
     ),
+    (
+        {"response_format": {"type": "json_object"}, "guided_regex": "[0-9]{3}"},
+        "response_format, guided_regex",
+        "one structured output constraint",
+    ),
+    (
+        {"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}},
+        "response_format, structured_outputs",
+        "",
+    ),
+    (
+        {
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            "response_format": {"type": "json_object"},
+        },
+        "tool_choice, response_format",
+        "",
+    ),
+    (
+        {"tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]},
+        "tool_choice, guided_choice",
+        "",
+    ),
     ({"guided_regex": "(?<=a)b"}, "guided_regex", "Lookbehind"),
     ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
     ({"guided_grammar": "root ::= nothing"}, "guided_grammar", "not defined"),

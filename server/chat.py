@@ -36,11 +36,12 @@ def chat_prompt(
     tools: ToolPlan | None = None,
 ) -> list[int]:
     messages, kwargs = messages_for_template(req), {}
-    if tools is not None and tools.mode != "none":
-        if template_supports_tools(model.tokenizer):
-            kwargs["tools"] = template_tools(tools)
-        else:
-            messages = with_fallback_prompt(messages, tools)
+    offered = tools if tools is not None and tools.mode != "none" else None
+    if template_supports_tools(model.tokenizer):
+        if offered is not None:
+            kwargs["tools"] = template_tools(offered)
+    else:
+        messages = with_fallback_prompt(messages, offered)
     try:
         text = model.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs

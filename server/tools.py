@@ -277,17 +277,20 @@ def template_tools(plan: ToolPlan) -> list[dict]:
     ]
 
 
-def with_fallback_prompt(messages: list[dict], plan: ToolPlan) -> list[dict]:
-    """The messages for a template without tool support: the tools in the system prompt, past
-    calls written as the model is asked to write them."""
-    tools = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in template_tools(plan))
-    system = FALLBACK_PROMPT.format(tools=tools)
+def with_fallback_prompt(messages: list[dict], plan: ToolPlan | None) -> list[dict]:
+    """The messages for a template without tool support: past calls written as the model is
+    asked to write them (always: the template would drop them, and the tool results after
+    them would answer nothing), and the tools in the system prompt when `plan` offers them."""
     out = [dict(m) for m in messages]
     for message in out:
         for call in message.pop("tool_calls", None) or []:
-            function = call.get("function", {})
-            body = {"name": function.get("name"), "arguments": function.get("arguments")}
-            message["content"] += f"\n<tool_call>\n{json.dumps(body)}\n</tool_call>"
+            body = {key: call["function"][key] for key in ("name", "arguments")}
+            written = json.dumps(body, ensure_ascii=False)
+            message["content"] += f"\n<tool_call>\n{written}\n</tool_call>"
+    if plan is None:
+        return out
+    tools = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in template_tools(plan))
+    system = FALLBACK_PROMPT.format(tools=tools)
     if out and out[0]["role"] == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{system}"
     else:

@@ -278,7 +278,7 @@ def test_none_and_auto_answer_in_the_openai_shape(client):
     assert auto.message.tool_calls is None or auto.finish_reason == "tool_calls"
 
 
-def test_history_with_tool_calls_and_results(client):
+def test_history_with_tool_calls_and_results(server, client):
     messages = [
         *MESSAGES,
         {
@@ -296,6 +296,15 @@ def test_history_with_tool_calls_and_results(client):
     ]
     out = chat(client, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=10)
     assert out.choices[0].finish_reason in ("stop", "length")
+    # the template knows no tools: the past call is written into the conversation, also when
+    # no tool is offered now (the template alone would drop it, leaving the result orphaned)
+    url = server.url
+    prompt = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    text = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": prompt["tokens"]})
+    assert '{"name": "get_time", "arguments": {"zone": "UTC"}}' in text.json()["prompt"]
+    for extra in ({"tools": TOOLS, "tool_choice": "none"}, {}):
+        usage = chat(client, messages=messages, max_tokens=1, **extra).usage
+        assert usage.prompt_tokens == prompt["count"]
 
 
 def _streamed_calls(client, **kwargs) -> tuple[dict[int, dict], list[str]]:

@@ -101,6 +101,8 @@ class RunningBatch:
 
 
 class ImageWorker:
+    acknowledges_adds = True  # a streamed request answers 400, not 200, for a bad prompt
+
     def __init__(self, config: ImageModelConfig) -> None:
         start = time.monotonic()
         # Every torch op of this process runs in this one thread, the load included. libgomp

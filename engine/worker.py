@@ -16,6 +16,9 @@ msgpack-encoded lists whose first element names them:
                        ["rejected", request_id, message, code, param]  an add that failed
                                                 validation (code and param as in OpenAI's
                                                 error body, or None)
+                       ["accepted", request_id] an add that passed, from a worker whose
+                                                `acknowledges_adds` is true (image requests:
+                                                a stream's 200 waits for it)
                        ["error", request_id, message]   a request whose batch failed
                                                 (the worker goes on; the server answers 500)
                        ["stats", stats]         while idle, every STATS_INTERVAL_S
@@ -244,6 +247,9 @@ def _handle(worker: Worker, message: list, outbox: zmq.Socket) -> bool:
         except ValueError as exc:
             code, param = getattr(exc, "code", None), getattr(exc, "param", None)
             outbox.send(pack(["rejected", request_id, str(exc), code, param]))
+        else:
+            if getattr(worker, "acknowledges_adds", False):
+                outbox.send(pack(["accepted", request_id]))
     elif kind == "abort":
         worker.abort(message[1])
     elif kind == "shutdown":

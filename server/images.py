@@ -27,7 +27,7 @@ from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import MEDIA_TYPES, URL_PATH, ImageStore
 from pagoda.server.keys.meter import Meter
 from pagoda.server.overload import queue_full
-from pagoda.server.worker_client import WorkerClient
+from pagoda.server.worker_client import ACCEPTED, WorkerClient
 
 logger = logging.getLogger("pagoda")
 
@@ -56,19 +56,23 @@ class ImageClient(WorkerClient):
     def decode_output(self, fields: list) -> ImageOutput:
         return ImageOutput(*fields[1:])
 
-    async def outputs(self, request_id: str, fields: dict) -> AsyncIterator[ImageOutput]:
-        """The request's outputs as they come, each image's previews before it, until its
+    async def outputs(self, request_id: str, fields: dict) -> AsyncIterator[ImageOutput | None]:
+        """None once the worker has accepted the request (RequestRejected, a 400, where it
+        refuses it), then the outputs as they come, each image's previews before it, until its
         `n` images. A failed image raises APIError 500; leaving early aborts the request."""
         left = fields["n"]
 
-        def finished(output: ImageOutput) -> bool:
+        def finished(output: ImageOutput | str) -> bool:
             nonlocal left
-            if output.partial_index is None:  # an image, not a preview
+            if output is not ACCEPTED and output.partial_index is None:  # an image
                 left -= 1
             return left == 0
 
         async with aclosing(self.stream(request_id, [fields], finished)) as stream:
             async for output in stream:
+                if output is ACCEPTED:
+                    yield None
+                    continue
                 if output.error is not None:  # leaving the stream aborts the other images
                     raise APIError(500, output.error)
                 yield output
@@ -76,7 +80,7 @@ class ImageClient(WorkerClient):
     async def generate(self, request_id: str, fields: dict) -> list[ImageOutput]:
         """The request's `n` images in index order. Cancelling aborts the request."""
         async with aclosing(self.outputs(request_id, fields)) as outputs:
-            images = [output async for output in outputs if output.partial_index is None]
+            images = [o async for o in outputs if o is not None and o.partial_index is None]
         return sorted(images, key=lambda output: output.index)
 
 
@@ -163,7 +167,14 @@ async def generate_images(
         "size": f"{fields['width']}x{fields['height']}",
     }
     if req.stream:
-        return event_stream(image_events(model, fields, head, metrics, meter), meter)
+        outputs = model.client.outputs(f"img-{uuid.uuid4().hex}", fields)
+        try:  # the worker's check of the prompt, before the 200: a bad one is a 400 still
+            await unless_disconnected(request, anext(outputs))
+        except BaseException:
+            await outputs.aclose()
+            leave_queue(model, metrics, req.n)
+            raise
+        return event_stream(image_events(model, outputs, fields, head, metrics, meter), meter)
     start = time.monotonic()
     try:
         work = model.client.generate(f"img-{uuid.uuid4().hex}", fields)
@@ -186,14 +197,20 @@ async def generate_images(
 
 
 async def image_events(
-    model: ServedImageModel, fields: dict, head: dict, metrics: ImageMetrics, meter: Meter
+    model: ServedImageModel,
+    outputs: AsyncIterator[ImageOutput | None],
+    fields: dict,
+    head: dict,
+    metrics: ImageMetrics,
+    meter: Meter,
 ) -> AsyncIterator[bytes | str]:
     """A streamed request's SSE events, as OpenAI's images API streams them: each preview
-    (`image_generation.partial_image`), then the image (`image_generation.completed`)."""
+    (`image_generation.partial_image`), then the image (`image_generation.completed`).
+    `outputs`: the request's, past the worker's acceptance."""
     start = time.monotonic()
     images = []
     try:
-        async with aclosing(model.client.outputs(f"img-{uuid.uuid4().hex}", fields)) as outputs:
+        async with aclosing(outputs):
             async for output in outputs:
                 if output.partial_index is None:
                     images.append(output)

@@ -54,6 +54,9 @@ class RequestRejected(ValueError):
         self.param = param
 
 
+ACCEPTED = "accepted"  # in a request's outputs: the worker took it (see engine/worker.py)
+
+
 class WorkerClient:
     """Subclasses name their `kind`, decode their outputs and say what a request sends.
 
@@ -177,6 +180,10 @@ class WorkerClient:
             self.stats = message[2]
         elif kind == "stats":
             self.stats = message[1]
+        elif kind == "accepted":
+            queue = self._queues.get(message[1])
+            if queue is not None:
+                queue.put_nowait(ACCEPTED)
         elif kind == "rejected":
             queue = self._queues.get(message[1])
             if queue is not None:

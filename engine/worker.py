@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ import zmq
 from pagoda.engine.cpu_threads import ThreadGovernor
 from pagoda.logs import LogSettings, setup_logging
 
+logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 1.0
 # glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
@@ -101,6 +108,7 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(log_settings)
     keep_freed_memory(one_arena=model_in_thread)  # before any thread starts
+    exit_with_server()
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -117,8 +125,30 @@ def run_worker(
     freeze_heap()
     release_freed_memory()
     outbox.send(pack(["ready", worker.info()]))
-    _busy_loop(worker, inbox, outbox)
+    try:
+        _busy_loop(worker, inbox, outbox)
+    except Exception:
+        # through the logging setup (one JSON object a line with --log-format json), not as
+        # multiprocessing's raw traceback on stderr; the server restarts the process
+        logger.exception("the worker failed; its process ends")
+        sys.exit(1)
     context.destroy(linger=1000)
+
+
+def exit_with_server() -> None:
+    """End this process as soon as the server's ends: a server killed (the OOM killer, a
+    SIGKILL), or stopped while its models load, leaves no worker behind holding a GPU. A thread
+    waits on the server's sentinel, which turns readable when it ends. (The kernel's
+    PR_SET_PDEATHSIG would follow the forkserver, whose end waits for its workers' own.)"""
+    server = multiprocessing.parent_process()
+    if server is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([server.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pagoda-exit-with-server", daemon=True).start()
 
 
 def keep_freed_memory(one_arena: bool = False) -> bool:

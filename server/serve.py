@@ -185,7 +185,19 @@ def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict
     return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
 
 
+def _stop_while_starting(signum: int, _frame: object) -> None:
+    # SystemExit unwinds the start-up: each worker client that was starting stops its process
+    # (and the interpreter's exit ends what is left: the workers are daemonic)
+    logger.info(
+        "%s while starting: stopping the workers started so far", signal.Signals(signum).name
+    )
+    raise SystemExit(0)
+
+
 async def serve(args: argparse.Namespace) -> None:
+    # until the server listens, a signal stops the start-up, as uvicorn's drain does after
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_while_starting)
     set_strict_request_fields(args.strict_request_fields)
     set_max_failed_starts(args.max_failed_starts)
     set_log_requests(args.log_requests)

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.serving import Server
@@ -152,3 +153,55 @@ def test_requests_beyond_the_limit_get_429(tiny_models):
         assert ok.status_code == 200
     finally:
         assert server.stop() == 0
+
+
+def workers_of(server: Server) -> list[psutil.Process]:
+    """The server's worker processes: the children of the forkserver it started."""
+    forkservers = psutil.Process(server.process.pid).children()
+    return [worker for forkserver in forkservers for worker in forkserver.children()]
+
+
+def gone(process: psutil.Process, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:  # nobody reaps it here; it holds nothing
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_server_leaves_no_worker_behind(tiny_models):
+    server = Server(["--model", str(tiny_models["llama"]), "--dtype", "float32"]).wait_ready()
+    try:
+        (engine,) = workers_of(server)
+        server.process.kill()  # no drain, no shutdown: as the OOM killer ends it
+        server.process.wait()
+        assert gone(engine)  # it watches the server, and ends with it
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_models_load_stops_their_workers_and_exits_zero(tiny_models, sig):
+    server = Server(["--model", str(tiny_models["llama"]), "--dtype", "float32"])
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := workers_of(server)):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.01)
+        (engine,) = workers
+        engine.suspend()  # SIGSTOP: the model cannot finish loading
+        assert httpx.get(f"{server.url}/health").status_code != 200
+    except httpx.ConnectError:  # not listening yet: loading, as wanted
+        pass
+    finally:
+        server.process.send_signal(sig)
+        code = server.process.wait(60)
+    log = server.log()
+    assert code == 0, log
+    assert f"{sig.name} while starting: stopping the workers started so far" in log
+    assert "Traceback" not in log
+    assert gone(engine)

@@ -2,11 +2,15 @@
 the event loop reads them all reach their requests, in order."""
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import pytest
+import zmq
 
-from pagoda.engine.worker import run_worker
+from pagoda.engine.worker import pack, run_worker, unpack
 from pagoda.server.errors import APIError
 from pagoda.server.worker_client import WorkerClient
 
@@ -115,3 +119,42 @@ def test_an_output_the_server_cannot_read_fails_its_request_and_no_other():
             await client.shutdown()
 
     asyncio.run(main())
+
+
+CRASHING_WORKER = """
+import sys
+from pagoda.engine.worker import run_worker
+from pagoda.logs import LogSettings
+
+class Crashing:
+    governor = None
+    def info(self): return {}
+    def add(self, request_id, *payload): self.work = True
+    def abort(self, request_ids): pass
+    def has_work(self): return getattr(self, "work", False)
+    def step(self): raise RuntimeError("a step that fails")
+    def stats(self): return {}
+    def take_rejected(self): return []
+
+run_worker(Crashing, sys.argv[1], sys.argv[2], LogSettings(format="json"))
+"""
+
+
+def test_a_worker_that_fails_logs_its_traceback_in_the_log_format(tmp_path):
+    context = zmq.Context()
+    inbox, outbox = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    inbox.bind(f"ipc://{tmp_path}/in")
+    outbox.bind(f"ipc://{tmp_path}/out")
+    args = [sys.executable, "-c", CRASHING_WORKER, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"]
+    worker = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        assert outbox.poll(60_000) and unpack(outbox.recv())[0] == "ready"
+        inbox.send(pack(["add", "r", 1]))
+        _, stderr = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+        context.destroy(linger=0)
+    assert worker.returncode == 1
+    lines = [json.loads(line) for line in stderr.splitlines()]  # each one JSON, no raw text
+    failed = next(line for line in lines if line["message"].startswith("the worker failed"))
+    assert failed["level"] == "ERROR" and "RuntimeError: a step that fails" in failed["exception"]

@@ -86,7 +86,11 @@ class ToolPlan:
             return None, [ParsedCall(self.named, text)]
         if self.mode == "required":  # the array may be cut by max_tokens: its complete calls
             values = _array_items(text)
-            return None, [ParsedCall(v["name"], json.dumps(v["arguments"])) for v in values]
+            calls = [
+                ParsedCall(v["name"], json.dumps(v["arguments"], ensure_ascii=False))
+                for v in values
+            ]
+            return None, calls
         if self.mode == "auto":
             content, calls = self.parser.parse(text)
             calls = calls if self.parallel else calls[:1]

@@ -196,6 +196,16 @@ def test_required_tool_choice_and_parallel_calls(client):
     assert len(_check_calls(single.choices[0])) == 1
 
 
+def test_required_arguments_keep_their_characters(client):
+    city = {"type": "object", "properties": {"city": {"enum": ["Zürich"]}}, "required": ["city"]}
+    tool = {"type": "function", "function": {"name": "weather", "parameters": city}}
+    kwargs = dict(tools=[tool], parallel_tool_calls=False, max_tokens=100)
+    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
+        (call,) = chat(client, **kwargs, tool_choice=choice).choices[0].message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "Zürich"}
+        assert "Zürich" in call.function.arguments  # not "Z\\u00fcrich", as named calls
+
+
 PING = {"type": "function", "function": {"name": "ping"}}
 SCHEMAS["ping"] = {"type": "object", "properties": {}, "additionalProperties": False}
 

@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def failed_start(*args: str, timeout: float = 300) -> str:
+    """`pagoda serve ARGS` that must fail to start (exit 1): what it wrote to stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 1, result.stderr
+    return result.stderr
+
+
 class Server:
     def __init__(
         self,

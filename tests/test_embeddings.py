@@ -4,8 +4,6 @@ package), driven by the openai SDK and httpx, checked against SentenceTransforme
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +14,7 @@ import openai
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from tests.serving import Server
+from tests.serving import Server, failed_start
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # the same weights, marked Matryoshka (sizes 64 and 128 only) and with a queue of one request
@@ -330,15 +328,8 @@ def test_a_model_that_fails_to_load_names_its_catalog_line(tmp_path):
     (tmp_path / "empty").mkdir()
     catalog = tmp_path / "models.yaml"
     catalog.write_text("models:\n  - id: broken\n    kind: embedding\n    source: ./empty\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", "--catalog", str(catalog)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1
-    assert f"{catalog}:2: entry 1 (id 'broken')" in result.stderr
-    assert "failed to load" in result.stderr
+    stderr = failed_start("--catalog", str(catalog))
+    assert f"{catalog}:2: entry 1 (id 'broken')" in stderr and "failed to load" in stderr
 
 
 def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):
@@ -347,12 +338,6 @@ def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):
         f"models:\n  - id: mini\n    kind: embedding\n    source: {SOURCE}\n"
         "    max_model_len: 1024\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", "--catalog", str(catalog)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1
-    assert f"{catalog}:2: entry 1 (id 'mini')" in result.stderr
-    assert "max_model_len 1024 is above this model's limit of 256 tokens" in result.stderr
+    stderr = failed_start("--catalog", str(catalog))
+    assert f"{catalog}:2: entry 1 (id 'mini')" in stderr
+    assert "max_model_len 1024 is above this model's limit of 256 tokens" in stderr

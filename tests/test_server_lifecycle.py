@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from tests.serving import Server
+from tests.serving import Server, failed_start
 
 
 def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():
@@ -50,15 +48,8 @@ def test_malformed_catalog_fails_at_start(tmp_path):
     catalog.write_text(
         "models:\n  - id: a\n    kind: chat\n    source: x/y\n    engine:\n      block_size: 3\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", "--catalog", str(catalog)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert "models.yaml" in result.stderr and "entry 1" in result.stderr
-    assert "engine.block_size" in result.stderr
+    stderr = failed_start("--catalog", str(catalog), timeout=120)
+    assert "models.yaml" in stderr and "entry 1" in stderr and "engine.block_size" in stderr
 
 
 def test_engine_death_is_reported(tiny_models):

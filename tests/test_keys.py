@@ -178,6 +178,19 @@ def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert bad.returncode == 1 and "rpm" in bad.stderr
     report = pagoda("usage", "--json", "--since", "2020-01-01", env=env)
     assert report.returncode == 0 and json.loads(report.stdout) == []
+    for refused in (
+        ["--budget", "inf"],  # saved, it made `keys list --json` print Infinity
+        ["--models", ""],  # an empty $MODELS: no model, not every model
+        ["--expires", "9999-12-31T23:00:00-05:00"],  # past year 9999 in UTC
+    ):
+        bad = pagoda("keys", "create", "--name", "y", *refused, env=env)
+        assert bad.returncode == 1 and bad.stderr.startswith("error: "), (refused, bad.stderr)
+        assert "Traceback" not in bad.stderr
+    far = pagoda("usage", "--since", "0001-01-01T00:30:00+01:00", env=env)
+    assert (
+        far.returncode == 1 and far.stderr.startswith("error: ") and "Traceback" not in far.stderr
+    )
+    assert json.loads(pagoda("keys", "list", "--json", env=env).stdout)[0]["name"] == "ci"
 
 
 def test_times_with_an_offset_are_the_instant_they_name(tmp_path):
@@ -496,6 +509,20 @@ def test_admin_api(server, db):
     usage = wait_for(lambda: admin.get("/usage", params={"key": "from-admin"}).json()["data"])
     assert usage[0]["requests"] == 1 and usage[0]["input_tokens"] > 0
     assert admin.get("/usage", params={"since": "yesterday"}).status_code == 400
+    for body, param in (
+        ({"name": "inf", "budget": "inf"}, "budget"),  # refused before anything is written
+        ({"name": "far", "expires": "9999-12-31T23:00:00-05:00"}, "expires"),
+        ({"name": "early", "expires": "0001-01-01T00:30:00+01:00"}, "expires"),
+    ):
+        r = admin.post("/keys", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "inf" not in [k["name"] for k in admin.get("/keys").json()["data"]]
+    far = {"since": "9999-12-31T23:00:00-05:00"}
+    assert admin.get("/usage", params=far).status_code == 400
+    # the admin key first, whatever the parameters; as a bearer token only
+    assert httpx.get(f"{server.url}/admin/usage", params=far).status_code == 401
+    basic = httpx.get(f"{server.url}/admin/keys", headers={"Authorization": f"Basic {ADMIN}"})
+    assert basic.status_code == 401
 
 
 def test_the_ledger_survives_a_restart(catalog, db, server):

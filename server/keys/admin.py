@@ -26,8 +26,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
     def check(request: Request) -> None:
         if gateway.engine is None or gateway.admin_key is None:
             raise APIError(404, "The admin API is off: start the server with --admin-key.")
-        _, _, token = request.headers.get("authorization", "").partition(" ")
-        if not hmac.compare_digest(token.strip().encode(), gateway.admin_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, gateway.admin_key.encode()):
             raise APIError(
                 401,
                 "This route needs the admin key: 'Authorization: Bearer <admin key>'.",
@@ -62,6 +63,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse(await call(request, store.revoke_key, name))
 
     async def usage(request: Request) -> Response:
+        check(request)  # before its parameters: without the key, nothing else is said
         since = request.query_params.get("since")
         try:
             since = store.parse_when(since) if since else None

@@ -86,7 +86,11 @@ def _run(engine: sa.Engine, args: argparse.Namespace) -> None:
         rows = store.usage_report(engine, args.key, since)
         print(json.dumps(rows, indent=2) if args.json else _table(rows, USAGE_COLUMNS))
     elif args.action == "create":
-        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+        # "" is no model (refused, as by the admin API), not every model: an empty $MODELS
+        # must not make a key without restrictions
+        models = None
+        if args.models is not None:
+            models = [model for model in map(str.strip, args.models.split(",")) if model]
         spec = store.KeySpec(
             name=args.name,
             models=models,

@@ -30,7 +30,7 @@ class UnknownKey(StoreError):
 class KeySpec(BaseModel):
     """What `pagoda keys create` and POST /admin/keys take."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no infinity
 
     name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
     models: list[str] | None = Field(None, min_length=1)
@@ -52,10 +52,9 @@ def parse_when(text: str) -> datetime:
     """`2026-05-01` (midnight UTC) or an ISO 8601 time; without a zone, UTC. In UTC: SQLite
     keeps a time's wall clock and drops its offset."""
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError as exc:
+        return as_utc(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+    except (ValueError, OverflowError) as exc:  # overflow: 9999-12-31T23:00-05:00 in UTC
         raise ValueError(f"expected a date such as 2026-05-01 or an ISO time: {text!r}") from exc
-    return as_utc(when)
 
 
 def as_utc(when: datetime) -> datetime:

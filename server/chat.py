@@ -57,7 +57,7 @@ async def chat_completion(
     model.check_queue()
     tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
     kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
-    prompt = chat_prompt(model, req, tools=tools)
+    prompt = await model.tokenizing.run(chat_prompt, model, req, tools=tools)
     params = model.sampling_params(len(prompt), kwargs, param="messages")
     meter.admit(model.id, len(prompt) + params.max_tokens * params.n)
     generation = Generation(

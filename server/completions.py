@@ -26,7 +26,7 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
     kwargs = req.sampling_kwargs()
     if (constraint := extra_constraint(req)) is not None:
         kwargs["structured_outputs"] = constraint
-    prompts = [_token_ids(model, p) for p in req.prompts()]
+    prompts = await model.tokenizing.run(lambda: [_token_ids(model, p) for p in req.prompts()])
     generations = []
     for i, prompt in enumerate(prompts):
         model.check_prompt(prompt, param="prompt")

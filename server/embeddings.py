@@ -26,6 +26,7 @@ from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
 from pagoda.server.overload import queue_full
 from pagoda.server.protocol import check_prompt_shape
+from pagoda.server.tokenizer_thread import TokenizerThread
 from pagoda.server.worker_client import RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class ServedEmbeddingModel:
     matryoshka: bool = False
     matryoshka_dimensions: list[int] | None = None
     inputs: EmbeddingInputs | None = None  # the worker's tokenizer and limits, loaded here
+    tokenizing: TokenizerThread = field(default_factory=TokenizerThread)
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagoda"
     kind: ClassVar[str] = "embedding"
@@ -159,8 +161,8 @@ async def _embed(
     then has the worker embed its token ids."""
     dimensions = model.output_dimensions(req.dimensions)
     model.check_queue()
-    try:  # in a thread: 2,048 long texts take most of a second
-        token_ids = await asyncio.to_thread(
+    try:  # off the event loop: 2,048 long texts take most of a second
+        token_ids = await model.tokenizing.run(
             model.inputs.token_ids, req.inputs(), req.truncate_prompt_tokens
         )
     except Rejected as exc:

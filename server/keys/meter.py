@@ -49,6 +49,11 @@ class Meter:
     def admitted(self) -> bool:
         return self.take is not None
 
+    @property
+    def limits_tokens(self) -> bool:
+        """Whether a key's tpm needs the request's tokens before admitting it."""
+        return self.key is not None and self.key.tokens.limit is not None
+
     def allows(self, model_id: str) -> bool:
         return self.key is None or self.key.allows(model_id)
 

@@ -167,10 +167,10 @@ async def _stream(
                 pieces = _tool_pieces(calls[delta.index], delta.text, delta.finish_reason)
                 if not pieces and (delta.index not in started or req.logprobs):
                     pieces = [({}, None)]  # the role, or the logprobs of held-back tokens
-            logprobs = {
-                "content": _logprob_content(generation.model, delta, req.top_logprobs),
-                "refusal": None,
-            }
+            logprobs = None
+            if req.logprobs:  # not built for every delta of the streams that ask none
+                content = _logprob_content(generation.model, delta, req.top_logprobs)
+                logprobs = {"content": content, "refusal": None}
             for i, (message, finish) in enumerate(pieces):
                 if delta.index not in started:
                     started.add(delta.index)
@@ -178,7 +178,7 @@ async def _stream(
                 choice = {
                     "index": delta.index,
                     "delta": message,
-                    "logprobs": logprobs if req.logprobs and i == 0 else None,
+                    "logprobs": logprobs if i == 0 else None,
                     "finish_reason": finish,
                 }
                 yield chunk([choice])

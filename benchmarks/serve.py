@@ -29,7 +29,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME:MS",
         help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:5000",
     )
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds for a whole request"
+    )
     p.add_argument(
         "--no-ignore-eos",
         dest="ignore_eos",
@@ -276,6 +278,7 @@ class Target:
     require_done: bool
     temperature: float = 0.0
     top_p: float | None = None
+    request_timeout: float | None = None  # seconds for the whole request
 
     @property
     def url(self) -> str:
@@ -292,10 +295,13 @@ class RequestResult:
     error: str = ""
     ttft: float | None = None  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between content chunks
-    e2e: float | None = None  # seconds
+    e2e: float | None = None  # seconds, to the last content chunk (as vLLM's latency)
     output_tokens: int = 0
     usage_reported: bool = False  # output_tokens came from the server's usage chunk
     server_prompt_tokens: int | None = None  # usage.prompt_tokens (chat: template included)
+    # usage.prompt_tokens_details.cached_tokens: prompt tokens the server found in its prefix
+    # cache (None: the server does not say)
+    server_cached_tokens: int | None = None
     text: str = ""  # the streamed output
     client_output_tokens: int | None = None  # the client's own count: the text re-tokenized
 
@@ -325,11 +331,43 @@ def build_payload(target: Target, spec: RequestSpec) -> dict[str, Any]:
     return payload
 
 
-def sse_data(line: str) -> str | None:
-    """The payload of a `data:` line; None for blank lines, comments and other fields."""
-    if not line.startswith("data:"):
-        return None
-    return line[len("data:") :].strip()
+@dataclass
+class SSEEvent:
+    data: str
+    event: str = "message"
+
+
+async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
+    """Server-sent events as the spec frames them: `data:` lines (one optional space after the
+    colon) join with newlines until a blank line ends the event; comments (`:`), `id:` and
+    `retry:` carry no data; an `event:` line names the event. An event the stream ends
+    without its blank line is still given."""
+    data: list[str] = []
+    event = "message"
+    async for line in lines:
+        if not line:
+            if data:
+                yield SSEEvent("\n".join(data), event)
+            data, event = [], "message"
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+    if data:
+        yield SSEEvent("\n".join(data), event)
+
+
+def stream_error(event: SSEEvent, chunk: Any) -> str | None:
+    """What an error event says, whatever its shape: OpenAI's and pagoda's `{"error": ...}`,
+    vLLM's older `{"object": "error", "message": ...}`, or an SSE `event: error`."""
+    if isinstance(chunk, dict) and "error" in chunk:
+        return json.dumps(chunk["error"])
+    if event.event == "error" or (isinstance(chunk, dict) and chunk.get("object") == "error"):
+        return json.dumps(chunk)
+    return None
 
 
 def chunk_content(chunk: dict[str, Any], endpoint: str) -> str:
@@ -349,19 +387,20 @@ class StreamError(Exception):
 async def read_stream(
     response: httpx.Response, endpoint: str, send_time: float, result: RequestResult
 ) -> bool:
-    """Fill in result's timings from the SSE stream; True when `[DONE]` arrived."""
+    """Fill in result's timings from the SSE stream; True when `[DONE]` arrived. Until the
+    client counts the text's tokens, output_tokens is the server's usage, else the number of
+    content chunks."""
     last = send_time
     chunks = 0
-    async for line in response.aiter_lines():
-        data = sse_data(line)
-        if not data:
-            continue
-        if data == "[DONE]":
-            result.output_tokens = result.output_tokens or chunks
+    async for event in sse_events(response.aiter_lines()):
+        if event.data.strip() == "[DONE]":
+            if not result.usage_reported:
+                result.output_tokens = chunks
             return True
-        chunk = json.loads(data)
-        if "error" in chunk:
-            raise StreamError(f"error event: {json.dumps(chunk['error'])[:ERROR_TEXT_LIMIT]}")
+        chunk = json.loads(event.data)
+        error = stream_error(event, chunk)
+        if error is not None:
+            raise StreamError(f"error event: {error[:ERROR_TEXT_LIMIT]}")
         content = chunk_content(chunk, endpoint)
         if content:
             result.text += content
@@ -371,13 +410,17 @@ async def read_stream(
             else:
                 result.itl.append(now - last)
             last = now
+            result.e2e = now - send_time
             chunks += 1
         usage = chunk.get("usage")
         if usage and usage.get("completion_tokens") is not None:
             result.output_tokens = int(usage["completion_tokens"])
             result.usage_reported = True
             result.server_prompt_tokens = usage.get("prompt_tokens")
-    result.output_tokens = result.output_tokens or chunks
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            result.server_cached_tokens = None if cached is None else int(cached)
+    if not result.usage_reported:
+        result.output_tokens = chunks
     return False
 
 
@@ -387,15 +430,25 @@ async def send_request(
     result = RequestResult(prompt_len=spec.prompt_len, output_len=spec.output_len)
     send_time = time.perf_counter()
     result.start = send_time - bench_start
-    try:
+
+    async def stream() -> bool:
         async with client.stream(
             "POST", target.url, json=build_payload(target, spec), headers=target.headers
         ) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 raise StreamError(f"HTTP {response.status_code}: {body[:ERROR_TEXT_LIMIT]}")
-            done = await read_stream(response, target.endpoint, send_time, result)
-        result.e2e = time.perf_counter() - send_time
+            return await read_stream(response, target.endpoint, send_time, result)
+
+    try:
+        try:
+            # httpx's timeout bounds each read, not the request: a stream that keeps sending
+            # would never end
+            done = await asyncio.wait_for(stream(), target.request_timeout)
+        except asyncio.TimeoutError:
+            if target.request_timeout is None:
+                raise
+            raise StreamError(f"no whole response within {target.request_timeout:g} s") from None
         if not done and target.require_done:
             raise StreamError("stream ended without 'data: [DONE]'")
         if result.ttft is None:
@@ -543,6 +596,9 @@ class Summary:
     burst_requests: int = 0
     client_output_tokens: int | None = None  # None unless counted for every success
     usage_mismatches: int = 0  # requests whose usage disagrees with the client's count
+    # prompt tokens the server found in its prefix cache, over the successful requests whose
+    # usage tells it (None: none did): above 0, prompts were not all unseen
+    cached_prompt_tokens: int | None = None
 
 
 def meets_slos(result: RequestResult, slos: dict[str, float]) -> bool:
@@ -612,7 +668,7 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
     ok = [r for r in results if r.success]
     burst, steady = burst_split(results)
     counted = [r.client_output_tokens for r in ok if r.client_output_tokens is not None]
-    n_in = sum(r.prompt_len for r in ok)
+    n_in = sum(input_tokens(r) for r in ok)
     n_out = sum(r.output_tokens for r in ok)
     return Summary(
         completed=len(ok),
@@ -634,7 +690,21 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
         burst_requests=len(burst),
         client_output_tokens=sum(counted) if len(counted) == len(ok) else None,
         usage_mismatches=len(usage_mismatches(results)),
+        cached_prompt_tokens=cached_prompt_tokens(ok),
     )
+
+
+def input_tokens(result: RequestResult) -> int:
+    """The server's count where its usage gives one (with a chat template's tokens, which it
+    prefills too), as vLLM's bench serve counts; else the client's."""
+    if result.server_prompt_tokens is not None:
+        return result.server_prompt_tokens
+    return result.prompt_len
+
+
+def cached_prompt_tokens(results: list[RequestResult]) -> int | None:
+    told = [r.server_cached_tokens for r in results if r.server_cached_tokens is not None]
+    return sum(told) if told else None
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -661,6 +731,8 @@ def table_rows(summary: Summary, args: argparse.Namespace, model: str) -> Iterat
     yield row("Total generated tokens:", summary.total_output_tokens)
     if summary.client_output_tokens is not None:
         yield row("Generated tokens, client's count:", summary.client_output_tokens)
+    if summary.cached_prompt_tokens is not None:
+        yield row("Prompt tokens from the prefix cache:", summary.cached_prompt_tokens)
     yield row("Request throughput (req/s):", summary.request_throughput)
     yield row("Output token throughput (tok/s):", summary.output_token_throughput)
     yield row("Total token throughput (tok/s):", summary.total_token_throughput)
@@ -771,6 +843,7 @@ def make_target(args: argparse.Namespace, model: str) -> Target:
         require_done=not args.allow_missing_done,
         temperature=args.temperature,
         top_p=args.top_p,
+        request_timeout=args.request_timeout,
     )
 
 
@@ -789,6 +862,14 @@ def report(
             f"warning: {summary.usage_mismatches} request(s) report usage.completion_tokens "
             "more than 10% away from the client's count of their text's tokens; total "
             f"{summary.total_output_tokens} (server) vs {summary.client_output_tokens} (client)",
+            file=sys.stderr,
+        )
+    if summary.cached_prompt_tokens:
+        print(
+            f"warning: the server found {summary.cached_prompt_tokens} prompt tokens in its "
+            "prefix cache "
+            "(usage.prompt_tokens_details.cached_tokens): prompts it had seen before (the same "
+            "--seed against the same server), or a prefix the chat template adds to every one",
             file=sys.stderr,
         )
     if args.result_json:

@@ -341,6 +341,175 @@ def test_serve_raises_on_an_error_event():
         _read(serve, _sse({"error": {"message": "overloaded", "code": 429}}))
 
 
+def _sse_pieces(*pieces: bytes) -> httpx.Response:
+    """A stream that arrives in these network reads, cut anywhere (mid-line, mid-character)."""
+
+    async def reads():
+        for piece in pieces:
+            yield piece
+
+    return httpx.Response(200, content=reads())
+
+
+def test_serve_reads_events_as_the_sse_spec_frames_them():
+    """Data lines of one event join with a newline; `data:` needs no space; other fields,
+    comments and CRLF line ends are no data; an event cut across network reads, even inside a
+    character, is read whole."""
+    serve = _serve_module()
+    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    stream = (
+        ": ping - 2026-12-06 17:00:00\r\n\r\n"
+        'data: {"choices": [{"index": 0,\ndata:  "text": "Hel"}]}\n\n'  # one JSON, two lines
+        'data:{"choices":[{"index":0,"text":"lo "}]}\r\n\r\n'
+        'id: 3\nevent: message\nretry: 100\ndata: {"choices": [{"index": 0, "text": "日本"}]}\n\n'
+        f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        "data: [DONE]\n\n"
+    ).encode()
+    cut = stream.index("日".encode()) + 1  # inside the character's three bytes
+    pieces = [stream[:7], stream[7:40], stream[40:cut], stream[cut:]]
+    done, result = _read(serve, _sse_pieces(*pieces))
+    assert done and result.text == "Hello 日本"
+    assert len(result.itl) == 2 and result.output_tokens == 3 and result.usage_reported
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        'data: {"object": "error", "message": "overloaded", "type": "x", "code": 503}\n\n',
+        'event: error\ndata: {"message": "overloaded"}\n\n',
+    ],
+)
+def test_serve_fails_a_stream_on_an_error_event_of_any_shape(event):
+    """vLLM before 0.10 sent its errors as `{"object": "error", ...}`; an SSE `event: error`
+    is one too. The stream then ends with [DONE]: the request is a failure, not a short
+    success."""
+    serve = _serve_module()
+    stream = 'data: {"choices": [{"index": 0, "text": "a"}]}\n\n' + event + "data: [DONE]\n\n"
+    with pytest.raises(serve.StreamError, match="overloaded"):
+        _read(serve, _sse_pieces(stream.encode()))
+
+
+def test_serve_keeps_a_usage_of_zero_tokens():
+    """A usage that says 0 completion tokens is the server's word (and disagrees with the
+    text): it is not replaced by the number of chunks, which would hide the disagreement."""
+    serve = _serve_module()
+    usage = {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    words = [{"choices": [{"index": 0, "text": w}]} for w in ("a", " b", " c")]
+    response = _sse(*words, {"choices": [], "usage": usage}, "[DONE]")
+    done, result = _read(serve, response)
+    assert done and result.usage_reported and result.output_tokens == 0
+    result.success = True
+    serve.count_output_tokens([result], _WordTokenizer())
+    assert serve.usage_mismatches([result]) == [0]
+
+
+def test_serve_request_timeout_bounds_the_whole_request():
+    """--request-timeout is the most seconds one request may take, as its help says: a stream
+    that keeps sending, each read well within the limit, still fails once the total passes it."""
+    import asyncio
+    import time
+
+    serve = _serve_module()
+
+    async def slow_stream():
+        for _ in range(6):
+            yield b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
+            await asyncio.sleep(0.2)
+        yield b"data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=slow_stream())
+
+    args = serve.parse_args(["--request-timeout", "0.5"])
+    target = serve.make_target(args, "m")
+    spec = serve.RequestSpec(prompt="hi", prompt_len=1, output_len=6)
+
+    async def send() -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await serve.send_request(client, target, spec, time.perf_counter())
+
+    started = time.perf_counter()
+    result = asyncio.run(send())
+    assert not result.success and "0.5 s" in result.error
+    assert time.perf_counter() - started < 1.0
+
+
+def test_serve_latency_ends_at_the_last_token_as_in_vllm_bench_serve():
+    """vLLM's E2E latency ends at the last chunk that carries tokens, so that latency - TTFT
+    is the sum of the inter-token gaps and TPOT = (latency - TTFT) / (tokens - 1): a server's
+    wait before `[DONE]` is no decode time."""
+    import asyncio
+    import time
+
+    serve = _serve_module()
+    usage = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+
+    async def stream():
+        for word in ("a", " b", " c"):
+            yield f'data: {{"choices": [{{"index": 0, "text": "{word}"}}]}}\n\n'.encode()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream())
+
+    target = serve.make_target(serve.parse_args([]), "m")
+    spec = serve.RequestSpec(prompt="hi", prompt_len=1, output_len=3)
+
+    async def send():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await serve.send_request(client, target, spec, time.perf_counter())
+
+    result = asyncio.run(send())
+    assert result.success and len(result.itl) == 2
+    assert result.e2e == pytest.approx(result.ttft + sum(result.itl), abs=1e-6)
+    assert result.e2e < 0.4
+    assert result.tpot == pytest.approx(sum(result.itl) / 2, abs=1e-6)
+
+
+def test_serve_input_tokens_are_the_servers_where_it_tells():
+    """As in vLLM's bench serve, a request's input tokens are the server's usage.prompt_tokens
+    where it reports them (a chat template's tokens are prefilled too), else the client's."""
+    serve = _serve_module()
+    chat = _result(serve, 0.0, 0.5, 1.0, "a", usage=1)
+    chat.server_prompt_tokens = 46
+    plain = _result(serve, 0.0, 0.5, 1.0, "a")  # prompt_len 10, no usage
+    summary = serve.summarize([chat, plain], 2.0, {})
+    assert summary.total_input_tokens == 56
+    assert summary.total_token_throughput == (56 + 1) / 2.0
+
+
+def test_serve_reports_prompt_tokens_from_the_prefix_cache(capsys):
+    """The unseen-prompt check: usage.prompt_tokens_details.cached_tokens is kept per request,
+    summed, and a warning names it when the server found any of the prompts in its cache."""
+    serve = _serve_module()
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+    done, result = _read(
+        serve, _sse({"choices": [{"index": 0, "text": "a"}]}, {"choices": [], "usage": usage})
+    )
+    assert result.server_cached_tokens == 2
+    fresh = _result(serve, 0.0, 0.5, 1.0, "a", usage=1)
+    fresh.server_cached_tokens = 0
+    unknown = _result(serve, 0.0, 0.5, 1.0, "a", usage=1)  # a server that does not tell
+    result.success, result.e2e = True, 1.0
+    summary = serve.summarize([result, fresh], 1.0, {})
+    assert summary.cached_prompt_tokens == 2
+    assert serve.summarize([fresh, unknown], 1.0, {}).cached_prompt_tokens == 0
+    assert serve.summarize([unknown], 1.0, {}).cached_prompt_tokens is None
+    args = serve.parse_args([])
+    target = serve.make_target(args, "m")
+    serve.report(args, target, _WordTokenizer(), [result, fresh], 1.0)
+    out, err = capsys.readouterr()
+    assert "Prompt tokens from the prefix cache:" in out
+    assert "2 prompt tokens" in err and "prefix cache" in err
+
+
 class _WordTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [len(w) for w in text.split()]

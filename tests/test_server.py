@@ -439,7 +439,7 @@ BAD_CHAT = [
     ({"n": 0}, "n"),
     ({"max_tokens": -1}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ["a"] * 33}, "stop"),  # OpenAI takes 4, lm-eval sends more: 32 here
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),

@@ -95,18 +95,60 @@ class _Choice:
                 self.logprobs["top_logprobs"].append(None)
                 continue
             self.logprobs["token_logprobs"].append(entry[token].logprob)
-            top = sorted(entry.items(), key=lambda item: item[1].rank)[: self.req.logprobs]
             self.logprobs["top_logprobs"].append(
-                {self.model.token_text(t): lp.logprob for t, lp in top}
+                top_logprobs(self.model, token, entry, self.req.logprobs)
             )
 
     def body(self, index: int, text: str | None = None) -> dict:
-        return {
+        body = {
             "index": index,
             "text": self.text if text is None else text,
             "logprobs": self.logprobs if self.req.logprobs is not None else None,
             "finish_reason": self.finish_reason,
         }
+        if self.req.prompt_logprobs is not None:  # never streamed (refused)
+            body["prompt_logprobs"] = self._prompt_logprobs()
+        return body
+
+    def _prompt_logprobs(self) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), its own entry and
+        the top N, keyed by token id: {"logprob", "rank", "decoded_token"}."""
+        prompt = self.generation.prompt_token_ids
+        entries = self.generation.prompt_logprobs or [None] * len(prompt)
+        k = self.req.prompt_logprobs
+        out: list[dict | None] = []
+        for token, entry in zip(prompt, entries):
+            if entry is None:
+                out.append(None)
+                continue
+            ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:k]
+            kept = dict(ranked)
+            kept.setdefault(token, entry[token])
+            out.append(
+                {
+                    str(t): {
+                        "logprob": lp.logprob,
+                        "rank": lp.rank,
+                        "decoded_token": self.model.token_text(t),
+                    }
+                    for t, lp in kept.items()
+                }
+            )
+        return out
+
+
+def top_logprobs(model: ServedModel, token: int, entry: TokenLogprobs, k: int) -> dict[str, float]:
+    """A position's `top_logprobs` as OpenAI's legacy completions give it: the `k` likeliest
+    tokens and the chosen one (so up to k + 1 entries, and the chosen token alone for k = 0),
+    likeliest first, keyed by their text. Tokens whose text is the same (pieces of one
+    character, each "\ufffd") share a key, which keeps the likeliest one's logprob: a client
+    that takes a token as greedy when its logprob is the dict's maximum (lm-eval's is_greedy)
+    must not see a less likely duplicate in place of the top token."""
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+    top: dict[str, float] = {}
+    for t, lp in ranked[:k] + [(token, entry[token])]:
+        top.setdefault(model.token_text(t), lp.logprob)
+    return top
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:

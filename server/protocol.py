@@ -503,6 +503,8 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    # vLLM's: each prompt token's logprob with the top N, as `choices[].prompt_logprobs`
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
@@ -519,6 +521,8 @@ class CompletionRequest(_SamplingRequest):
             raise _FieldError("best_of", "is supported only when null or equal to n")
         if self.max_tokens == 0 and not self.echo:
             raise _FieldError("max_tokens", "must be at least 1 (0 is allowed only with echo)")
+        if self.prompt_logprobs is not None and self.stream:
+            raise _FieldError("prompt_logprobs", "is not available when stream is true")
         return self
 
     @property
@@ -543,8 +547,13 @@ class CompletionRequest(_SamplingRequest):
             **self._common_sampling_kwargs(),
             "max_tokens": self.max_tokens,
             "logprobs": self.logprobs,
-            "prompt_logprobs": self.logprobs if self.echo else None,
+            "prompt_logprobs": max(asked) if (asked := self._prompt_logprobs_asked()) else None,
         }
+
+    def _prompt_logprobs_asked(self) -> list[int]:
+        """How many alternatives each prompt token needs: for the echo, for prompt_logprobs."""
+        echoed = self.logprobs if self.echo else None
+        return [k for k in (echoed, self.prompt_logprobs) if k is not None]
 
 
 # ---------------------------------------------------------------------------------------------

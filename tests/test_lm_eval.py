@@ -19,6 +19,7 @@ import lm_eval
 import pytest
 import yaml
 from lm_eval.models.api_models import LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
+from lm_eval.models.openai_completions import LocalCompletionsAPI
 from lm_eval.tasks import TaskManager
 from transformers import AutoTokenizer
 
@@ -264,3 +265,36 @@ def test_generate_until_and_rolling_on_completions(server, task_manager):
     ).json()["choices"][0]["logprobs"]["token_logprobs"]
     assert rolling == pytest.approx(sum(scored[1:]), abs=1e-3)
 
+
+def test_is_greedy_when_top_tokens_share_their_text(server):
+    """lm-eval's is_greedy: each continuation token's logprob is the maximum of its
+    `top_logprobs` dict. The pieces of one character all decode to "\ufffd" and so share a key;
+    the key must hold the likeliest one's logprob, not the last one written, or a greedy
+    continuation reads as not greedy once more than one piece is among the top tokens."""
+    context, continuation = "I love pizza \U0001f600\U0001f600\U0001f600\U0001f600", "\U0001f600"
+
+    def tokens(text: str) -> list[int]:
+        return httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+
+    ctx = tokens(context)
+    ids = ctx + tokens(context + continuation)[len(ctx) :]
+
+    def score(**fields) -> dict:
+        body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True, **fields}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for logprobs in (5, 1, 0):
+        out = score(logprobs=logprobs)
+        [(_, is_greedy)] = LocalCompletionsAPI.parse_logprobs(out, ctxlens=[len(ctx)])
+        assert is_greedy is True, logprobs  # logprobs 0: the chosen token alone (as vLLM)
+        top = out["choices"][0]["logprobs"]["top_logprobs"]
+        assert all(len(entry) <= logprobs + 1 for entry in top[1:])
+
+    # what made it a test: the emoji's pieces are each their position's likeliest token, and
+    # other pieces ("\ufffd" too) are among the top 5
+    [choice] = score(logprobs=1, prompt_logprobs=5)["choices"]
+    pieces = choice["prompt_logprobs"][len(ctx) :]
+    assert all(entry[str(t)]["rank"] == 1 for t, entry in zip(ids[len(ctx) :], pieces))
+    assert any(sum(e["decoded_token"] == "\ufffd" for e in entry.values()) > 1 for entry in pieces)

@@ -149,6 +149,9 @@ BAD_COMPLETION = [
     (completion(max_tokens=-1), "max_tokens"),
     (completion(max_tokens=0), "max_tokens"),
     (completion(logprobs=21), "logprobs"),
+    (completion(prompt_logprobs=21), "prompt_logprobs"),
+    (completion(prompt_logprobs=-1), "prompt_logprobs"),
+    (completion(prompt_logprobs=1, stream=True), "prompt_logprobs"),
     (completion(best_of=3), "best_of"),
     (completion(n=2, best_of=3), "best_of"),
     (completion(temperature=2.5), "temperature"),
@@ -321,6 +324,14 @@ def test_echo_scoring():
     assert req.echo_only
     assert req.sampling_kwargs()["max_tokens"] == 0  # the prompt alone
     SamplingParams(**req.sampling_kwargs())
+    # vLLM's prompt_logprobs, alone or beside an echo that asks fewer or more alternatives
+    for fields, want in [
+        ({"prompt_logprobs": 3}, 3),
+        ({"prompt_logprobs": 0, "echo": True, "logprobs": 2}, 2),
+        ({"prompt_logprobs": 4, "echo": True, "logprobs": 2}, 4),
+        ({"prompt_logprobs": 4, "logprobs": 2}, 4),
+    ]:
+        assert parse_completion(completion(**fields)).sampling_kwargs()["prompt_logprobs"] == want
 
 
 def test_completion_accepts_best_of_equal_to_n_and_empty_suffix():

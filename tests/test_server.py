@@ -348,7 +348,10 @@ def test_completions_echo_with_prompt_logprobs(client, tiny_models):
     n_prompt = r.usage.prompt_tokens
     assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
-    assert lp.top_logprobs[0] is None and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    # the top 2 and the chosen token, as OpenAI's legacy logprobs (up to logprobs + 1)
+    assert lp.top_logprobs[0] is None and all(len(t) <= 3 for t in lp.top_logprobs[1:])
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] >= logprob and max(top.values()) >= logprob
     assert lp.text_offset == sorted(lp.text_offset)
     # the prompt logprobs are the model's: compare with the offline engine
     llm = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512)
@@ -358,6 +361,28 @@ def test_completions_echo_with_prompt_logprobs(client, tiny_models):
     )[0]
     want = [None] + [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], ids[1:])]
     assert lp.token_logprobs[:n_prompt] == pytest.approx(want, abs=1e-4)
+
+
+def test_completions_prompt_logprobs(http):
+    """vLLM's prompt_logprobs: per prompt token its entry and the top N, keyed by token id."""
+    base = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 1, "temperature": 0}
+    echoed = http.post("/v1/completions", json={**base, "echo": True, "logprobs": 0}).json()
+    r = http.post("/v1/completions", json={**base, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    ids = http.post("/tokenize", json={"prompt": base["prompt"]}).json()["tokens"]
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    want = echoed["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+    assert [entry[str(t)]["logprob"] for t, entry in zip(ids[1:], entries[1:])] == want
+    for entry in entries[1:]:
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[:2] == [1, 2] and len(ranks) <= 3
+        assert all(isinstance(e["decoded_token"], str) for e in entry.values())
+    # not streamed (as vLLM); not given: not in the response
+    r = http.post("/v1/completions", json={**base, "prompt_logprobs": 2, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+    assert "prompt_logprobs" not in echoed["choices"][0]
 
 
 def test_completions_text_offset_follows_the_tokens(client):

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.chat import usage
+from pagoda.server.errors import APIError
 from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
@@ -26,11 +27,21 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
     kwargs = req.sampling_kwargs()
     if (constraint := extra_constraint(req)) is not None:
         kwargs["structured_outputs"] = constraint
-    prompts = await model.tokenizing.run(lambda: [_token_ids(model, p) for p in req.prompts()])
+    given = req.prompts()
+    prompts = await model.tokenizing.run(lambda: [_token_ids(model, p) for p in given])
+    # the echo gives a text prompt back as it came: decoding its ids would add the text of
+    # the special tokens the tokenizer put in (Llama's "<|begin_of_text|>"), and a client
+    # cuts the completion off the echo by the prompt's length
+    texts = [p if isinstance(p, str) else None for p in given]
     generations = []
     for i, prompt in enumerate(prompts):
-        model.check_prompt(prompt, param="prompt")
-        params = model.sampling_params(len(prompt), kwargs, param="prompt")
+        try:
+            model.check_prompt(prompt, param="prompt")
+            params = model.sampling_params(len(prompt), kwargs, param="prompt")
+        except APIError as exc:
+            if len(prompts) > 1 and exc.param == "prompt":  # which of a batch (lm-eval's)
+                exc.message = f"prompt {i} of {len(prompts)}: {exc.message}"
+            raise
         generations.append(
             Generation(model, f"{request_id}-{i}", prompt, params, req.stop_strings(), metrics)
         )
@@ -40,9 +51,9 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
         meter.track(generation)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        stream = _stream(request_id, generations, req, include_usage)
+        stream = _stream(request_id, generations, texts, req, include_usage)
         return event_stream(stream, meter)
-    return JSONResponse(await _complete(request_id, generations, req))
+    return JSONResponse(await _complete(request_id, generations, texts, req))
 
 
 def _token_ids(model: ServedModel, prompt: str | list[int]) -> list[int]:
@@ -54,8 +65,15 @@ def _token_ids(model: ServedModel, prompt: str | list[int]) -> list[int]:
 class _Choice:
     """What one choice accumulates: text, tokens, logprobs (echoed prompt first)."""
 
-    def __init__(self, model: ServedModel, generation: Generation, req: CompletionRequest) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        generation: Generation,
+        req: CompletionRequest,
+        prompt_text: str | None = None,
+    ) -> None:
         self.model = model
+        self.prompt_text = prompt_text  # a text prompt as given; None for token ids
         self.req = req
         self.text = ""
         self.offset = 0  # of the next token in the text: the text itself lags behind the
@@ -67,7 +85,9 @@ class _Choice:
     def echo(self) -> str:
         """The prompt's text and logprobs, placed before the generated ones."""
         prompt = self.generation.prompt_token_ids
-        text = self.model.tokenizer.decode(prompt)
+        text = self.prompt_text
+        if text is None:
+            text = self.model.tokenizer.decode(prompt)
         if self.req.logprobs is not None:
             entries = self.generation.prompt_logprobs or [None] * len(prompt)
             self._add_logprobs(prompt, entries)
@@ -188,12 +208,17 @@ def _choice_index(req: CompletionRequest, prompt_index: int, delta: ChoiceDelta)
     return prompt_index * req.n + delta.index
 
 
-async def _complete(request_id: str, generations: list[Generation], req: CompletionRequest):
+async def _complete(
+    request_id: str,
+    generations: list[Generation],
+    texts: list[str | None],
+    req: CompletionRequest,
+):
     choices: dict[int, _Choice] = {}
     async for i, delta in _merged(generations):
         index = _choice_index(req, i, delta)
         if index not in choices:
-            choices[index] = _Choice(generations[i].model, generations[i], req)
+            choices[index] = _Choice(generations[i].model, generations[i], req, texts[i])
             if req.echo:
                 choices[index].echo()
         choices[index].add(delta)
@@ -209,7 +234,11 @@ async def _complete(request_id: str, generations: list[Generation], req: Complet
 
 
 async def _stream(
-    request_id: str, generations: list[Generation], req: CompletionRequest, include_usage: bool
+    request_id: str,
+    generations: list[Generation],
+    texts: list[str | None],
+    req: CompletionRequest,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     choices: dict[int, _Choice] = {}
@@ -234,7 +263,9 @@ async def _stream(
             choice = choices.get(index)
             seen = len(choice.logprobs["tokens"]) if choice else 0
             if choice is None:
-                choice = choices[index] = _Choice(generations[i].model, generations[i], req)
+                choice = choices[index] = _Choice(
+                    generations[i].model, generations[i], req, texts[i]
+                )
                 if req.echo:
                     text = choice.echo()
             text += choice.add(delta)

@@ -540,6 +540,15 @@ def test_bad_completion_inputs(http):
         r = http.post("/v1/completions", json={**base, **change})
         assert r.status_code == 400, (change, r.text)
         assert r.json()["error"]["param"] == param
+    # a batch (lm-eval sends several prompts a request): the message names the prompt at fault
+    for prompts, message in [
+        ([[5, 6], [5, 100000]], "prompt 1 of 2: token ids must be in [0, "),
+        (["hi", ""], "prompt 1 of 2: the prompt is empty"),
+        ([[5], [5] * 600, [6]], "prompt 1 of 3: This model's maximum context length is 512"),
+    ]:
+        r = http.post("/v1/completions", json={**base, "prompt": prompts})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert r.json()["error"]["message"].startswith(message), r.text
 
 
 def test_tokenize_and_detokenize(server, http, tiny_models):

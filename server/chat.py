@@ -12,7 +12,13 @@ from starlette.responses import JSONResponse
 
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.errors import invalid
-from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.generation import (
+    ChoiceDelta,
+    Generation,
+    ServedModel,
+    event_stream,
+    json_logprob,
+)
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
@@ -233,4 +239,8 @@ def _token_entry(model: ServedModel, token: int, entry: TokenLogprobs, top: int)
 
 def _logprob(model: ServedModel, token: int, logprob: float) -> dict:
     text = model.token_text(token)
-    return {"token": text, "logprob": logprob, "bytes": list(model.token_bytes(token))}
+    return {
+        "token": text,
+        "logprob": json_logprob(logprob),
+        "bytes": list(model.token_bytes(token)),
+    }

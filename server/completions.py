@@ -14,7 +14,13 @@ from starlette.responses import JSONResponse
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.chat import usage
 from pagoda.server.errors import APIError
-from pagoda.server.generation import ChoiceDelta, Generation, ServedModel, event_stream
+from pagoda.server.generation import (
+    ChoiceDelta,
+    Generation,
+    ServedModel,
+    event_stream,
+    json_logprob,
+)
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import CompletionRequest
@@ -114,7 +120,7 @@ class _Choice:
                 self.logprobs["token_logprobs"].append(None)
                 self.logprobs["top_logprobs"].append(None)
                 continue
-            self.logprobs["token_logprobs"].append(entry[token].logprob)
+            self.logprobs["token_logprobs"].append(json_logprob(entry[token].logprob))
             self.logprobs["top_logprobs"].append(
                 top_logprobs(self.model, token, entry, self.req.logprobs)
             )
@@ -147,7 +153,7 @@ class _Choice:
             out.append(
                 {
                     str(t): {
-                        "logprob": lp.logprob,
+                        "logprob": json_logprob(lp.logprob),
                         "rank": lp.rank,
                         "decoded_token": self.model.token_text(t),
                     }
@@ -167,7 +173,7 @@ def top_logprobs(model: ServedModel, token: int, entry: TokenLogprobs, k: int) -
     ranked = sorted(entry.items(), key=lambda item: item[1].rank)
     top: dict[str, float] = {}
     for t, lp in ranked[:k] + [(token, entry[token])]:
-        top.setdefault(model.token_text(t), lp.logprob)
+        top.setdefault(model.token_text(t), json_logprob(lp.logprob))
     return top
 
 

@@ -144,6 +144,16 @@ class ServedModel:
             raise invalid(str(exc)) from exc
 
 
+# What a logprob of -inf (a token a grammar rules out, among the top alternatives) is sent as:
+# JSON has no infinity (the body would not serialize, a stream would carry `-Infinity`), and
+# OpenAI and vLLM send -9999.0.
+MIN_LOGPROB = -9999.0
+
+
+def json_logprob(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 @lru_cache(maxsize=1 << 16)
 def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])

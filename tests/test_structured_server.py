@@ -439,6 +439,26 @@ def test_completions_take_vllm_fields(client):
     assert grammar.text in ("a", "bb")
 
 
+def test_logprobs_of_tokens_the_grammar_rules_out(server):
+    """Under a grammar the top alternatives include tokens it rules out, whose logprob is
+    -inf; JSON has no infinity, so they come as -9999.0, as OpenAI and vLLM send them (the body
+    was a 400, "Out of range float values are not JSON compliant", and a stream carried
+    -Infinity, which JSON.parse and other strict parsers refuse)."""
+    requests = [
+        ("/v1/completions", {"prompt": "Numbers like", "logprobs": 5}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 5}),
+    ]
+    for path, fields in requests:
+        for stream in (False, True):
+            body = {"model": MODEL, "max_tokens": 20, "seed": 3, "stream": stream, **fields}
+            body["guided_choice"] = ["alpha", "beta"]
+            r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert "Infinity" not in r.text and "NaN" not in r.text, r.text
+            # after the choice only the end is allowed: the other four are ruled out
+            assert "-9999.0" in r.text
+
+
 BAD = [
     (
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

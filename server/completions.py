@@ -96,7 +96,12 @@ class _Choice:
             text = self.model.tokenizer.decode(prompt)
         if self.req.logprobs is not None:
             entries = self.generation.prompt_logprobs or [None] * len(prompt)
-            self._add_logprobs(prompt, entries)
+            # a special token the tokenizer put in (a BOS) is not in a text prompt's text:
+            # it stands at its place in the text with no width
+            unwritten = set()
+            if self.prompt_text is not None:
+                unwritten = set(self.model.tokenizer.all_special_ids)
+            self._add_logprobs(prompt, entries, text, unwritten)
         self.text += text
         self.offset = len(self.text)
         return text
@@ -110,12 +115,19 @@ class _Choice:
         self.text += delta.text
         return delta.text
 
-    def _add_logprobs(self, tokens: list[int], entries: list[TokenLogprobs | None]) -> None:
+    def _add_logprobs(
+        self,
+        tokens: list[int],
+        entries: list[TokenLogprobs | None],
+        text: str = "",
+        unwritten: set[int] = frozenset(),
+    ) -> None:
         for token, entry in zip(tokens, entries):
             token_text = self.model.token_text(token)
             self.logprobs["tokens"].append(token_text)
             self.logprobs["text_offset"].append(self.offset)
-            self.offset += len(token_text)
+            if token not in unwritten or text.startswith(token_text, self.offset):
+                self.offset += len(token_text)
             if entry is None:
                 self.logprobs["token_logprobs"].append(None)
                 self.logprobs["top_logprobs"].append(None)

@@ -71,8 +71,14 @@ def test_echo_gives_a_text_prompt_back_as_sent():
         choices = json.loads(response.body)["choices"]
         # a client takes the completion as text[len(prompt):]
         assert [c["text"] for c in choices] == [prompt + generated] * len(choices), body
-        if "logprobs" in body:  # the tokens still include the BOS (as vLLM's)
-            assert choices[0]["logprobs"]["tokens"][0] == tokenizer.bos_token
+        if "logprobs" in body:  # the tokens still include the BOS, with no width in the text
+            logprobs = choices[0]["logprobs"]
+            assert logprobs["tokens"][0] == tokenizer.bos_token
+            assert logprobs["text_offset"][:2] == [0, 0]
+            text = choices[0]["text"]
+            for token, offset in zip(logprobs["tokens"][1:], logprobs["text_offset"][1:]):
+                assert text.startswith(token, offset), (token, offset, text)
+            assert logprobs["text_offset"][-1] == len(prompt)  # the generated token
     # token ids are decoded: there is no other text to give back
     request = CompletionRequest(model="m", echo=True, max_tokens=1, prompt=ids)
     response = asyncio.run(completion(model, request, Metrics(dict), Meter(None, "/v1/x")))

@@ -115,12 +115,17 @@ class LLM:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
-        for (ids, text), params in zip(encoded, sampling_params):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params)
-            output = RequestOutput(request_id, text, ids)
-            requests.append((output, self.engine.sequences(request_id)))
-        self._run(sum(p.n for p in sampling_params), use_tqdm)
+        try:
+            for (ids, text), params in zip(encoded, sampling_params):
+                output = RequestOutput(str(next(self._ids)), text, ids)
+                requests.append((output, []))
+                self.engine.add_request(output.request_id, ids, params)
+                requests[-1] = (output, self.engine.sequences(output.request_id))
+            self._run(sum(p.n for p in sampling_params), use_tqdm)
+        except BaseException:  # Ctrl-C or an error: nothing of this call runs on in the next
+            for output, _ in requests:
+                self.engine.abort_request(output.request_id)
+            raise
         return [self._finish(output, seqs) for output, seqs in requests]
 
     def close(self) -> None:

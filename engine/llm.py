@@ -129,8 +129,15 @@ class LLM:
         return [self._finish(output, seqs) for output, seqs in requests]
 
     def close(self) -> None:
-        """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do)."""
+        """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do).
+        Dropping the LLM, or leaving its `with` block, does it too."""
         self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

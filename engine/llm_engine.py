@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
@@ -32,6 +33,11 @@ class LLMEngine:
             tensor_parallel.Layout.of(self.hf_config, 0, config.tensor_parallel_size)
         # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
         self.leader = distributed.start_leader(config)
+        # an engine dropped without close() still stops its ranks and leaves the process group,
+        # so that the process can start another
+        self._stop_ranks = (
+            None if self.leader is None else weakref.finalize(self, self.leader.close)
+        )
         self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one
@@ -284,8 +290,8 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
-        if self.leader is not None:
-            self.leader.close()
+        if self._stop_ranks is not None:
+            self._stop_ranks()  # runs Leader.close once
             self.leader = None
 
 

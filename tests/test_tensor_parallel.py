@@ -8,6 +8,7 @@ families (each expert's intermediate size split).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -200,3 +201,20 @@ def test_sizes_that_do_not_split_are_refused_before_anything_starts(tmp_path):
         LLM(str(folder), device="cpu", skip_tokenizer_init=True, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="does not split evenly over 2 nodes"):
         LLM(str(folder), tensor_parallel_size=3, nnodes=2, master_port=1)
+
+
+def test_an_llm_dropped_without_close_stops_its_ranks(llama):
+    """vLLM's users rarely call close(): `del llm` must not leave the rank running, nor the
+    process group held (the next tensor-parallel LLM would be refused)."""
+    kwargs = dict(dtype="float32", device="cpu", skip_tokenizer_init=True, kv_cache_blocks=64)
+    llm = LLM(str(llama), tensor_parallel_size=2, **kwargs)
+    rank1 = llm.engine.leader.processes[0]
+    del llm
+    gc.collect()
+    rank1.join(10)
+    assert not rank1.is_alive()
+    with LLM(str(llama), tensor_parallel_size=2, **kwargs) as llm:
+        rank1 = llm.engine.leader.processes[0]
+        assert llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY)[0].outputs[0].token_ids
+    rank1.join(10)
+    assert not rank1.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     enable_prefix_caching: bool = True
-    seed: int = 0
+    seed: int | None = 0  # None: a random one
     kernel_backend: str = "auto"  # auto: Triton on CUDA, the torch reference elsewhere
     enforce_eager: bool = False  # True: no decode graphs (CUDA graphs, or CPU kernel replays)
     skip_tokenizer_init: bool = False  # token ids in and out only (no tokenizer files needed)
@@ -59,6 +60,8 @@ class EngineConfig:
     distributed_timeout_s: float = 120.0  # for every rank to join
 
     def __post_init__(self) -> None:
+        if self.seed is None:  # drawn here, so that every tensor-parallel rank gets the same
+            self.seed = random.SystemRandom().getrandbits(63)
         self._check_parallel()
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")

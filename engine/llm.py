@@ -24,6 +24,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
+    # the sum of the chosen tokens' logprobs, where logprobs were asked for (vLLM's)
+    cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # the stop token id (or string) that ended it
 
 
 @dataclass
@@ -57,7 +60,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
-        seed: int = 0,
+        seed: int | None = 0,
         kernel_backend: str = "auto",
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
@@ -90,6 +93,9 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
     def generate(
         self,
@@ -146,7 +152,11 @@ class LLM:
             return self.tokenizer(prompt).input_ids, prompt
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
-        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return self._encode(prompt["prompt"])
+        raise ValueError(
+            "a prompt is a string, or a dict with 'prompt' (text) or 'prompt_token_ids'"
+        )
 
     def _run(self, total: int, use_tqdm: bool) -> None:
         with tqdm(total=total, desc="Generating", disable=not use_tqdm) as bar:
@@ -165,16 +175,33 @@ class LLM:
 
     def _finish(self, output: RequestOutput, seqs: list[Sequence]) -> RequestOutput:
         for seq in seqs:
+            wanted = seq.params.logprobs is not None
             output.outputs.append(
                 CompletionOutput(
                     index=seq.index,
                     text=self._decode(seq),
                     token_ids=seq.output_token_ids,
                     finish_reason=seq.finish_reason,
-                    logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                    logprobs=seq.logprobs if wanted else None,
+                    cumulative_logprob=_cumulative_logprob(seq) if wanted else None,
+                    stop_reason=_stop_token(seq),
                 )
             )
         output.num_cached_tokens = seqs[0].num_cached_tokens
         if seqs[0].params.prompt_logprobs is not None:
             output.prompt_logprobs = seqs[0].prompt_logprobs
         return output
+
+
+def _cumulative_logprob(seq: Sequence) -> float:
+    return sum(entry[token].logprob for token, entry in zip(seq.output_token_ids, seq.logprobs))
+
+
+def _stop_token(seq: Sequence) -> int | None:
+    """The stop_token_ids entry that ended `seq` (None for EOS, which comes first, as vLLM)."""
+    if seq.finish_reason != "stop" or not seq.output_token_ids:
+        return None
+    last = seq.output_token_ids[-1]
+    if last in seq.eos_token_ids and not seq.params.ignore_eos:
+        return None
+    return last if last in seq.params.stop_token_ids else None

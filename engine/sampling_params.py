@@ -81,7 +81,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     max_tokens: int | None = 16  # None: up to max_model_len; 0: the prompt only (scoring)
     min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: list[int] | None = field(default_factory=list)  # None: none (vLLM's)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the chosen token plus the top k
     prompt_logprobs: int | None = None  # the same for each prompt token (scoring, `echo`)
@@ -93,12 +93,16 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop_token_ids = list(self.stop_token_ids or ())
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()
 
     def _validate(self) -> None:
+        for name in ("n", "seed"):  # a str or float here would fail mid-batch, in torch
+            value = getattr(self, name)
+            if not (isinstance(value, int) or value is None and name == "seed"):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),

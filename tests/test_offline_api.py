@@ -1,6 +1,7 @@
 """The offline API as vLLM's users call it: `LLM(...).generate(...)`, on a tiny random Llama."""
 
 import pytest
+import torch
 
 from pagoda.engine import LLM, SamplingParams
 
@@ -34,3 +35,40 @@ def test_an_interrupted_generate_leaves_nothing_running(llm, monkeypatch):
     out = llm.generate("a b c", greedy(4))[0]
     assert len(out.outputs[0].token_ids) == 4
     assert len(calls) == 104  # one step a token: no leftover request was stepped
+
+
+def test_vllm_prompt_and_parameter_forms(llm, tiny_models):
+    text = llm.generate("a b c", greedy(6))[0]
+    as_dict = llm.generate({"prompt": "a b c"}, greedy(6))[0]  # vLLM's TextPrompt
+    assert (as_dict.prompt, as_dict.prompt_token_ids) == ("a b c", text.prompt_token_ids)
+    assert as_dict.outputs[0].token_ids == text.outputs[0].token_ids
+    assert llm.get_tokenizer() is llm.tokenizer
+    none_stops = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=None)
+    assert llm.generate("a b c", none_stops)[0].outputs[0].token_ids == text.outputs[0].token_ids
+    for field, value in (("n", "2"), ("n", 1.5), ("seed", "x"), ("seed", 1.5)):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})
+    with LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=64, seed=None) as other:
+        assert (
+            other.generate("a b c", greedy(6))[0].outputs[0].token_ids == text.outputs[0].token_ids
+        )
+
+
+def test_cumulative_logprob_and_stop_reason(llm, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    prompt = [1, *range(40, 60)]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=0)
+    out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
+    chosen = logits.log_softmax(-1).gather(1, torch.tensor(out.token_ids).unsqueeze(1))
+    assert out.cumulative_logprob == pytest.approx(chosen.sum().item(), abs=1e-4)
+    assert out.stop_reason is None and out.finish_reason == "length"
+    # stopped by a stop token: stop_reason names it; no logprobs asked: no cumulative_logprob
+    stop = out.token_ids[3]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, stop_token_ids=[stop])
+    out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.token_ids[-1]) == ("stop", stop, stop)
+    assert out.cumulative_logprob is None

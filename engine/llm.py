@@ -11,10 +11,13 @@ from tqdm import tqdm
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.sampling_params import SamplingParams
-from pagoda.engine.sequence import Sequence, TokenLogprobs
+from pagoda.engine.sequence import Sequence, SequenceDelta, TokenLogprobs
 from pagoda.engine.structured_output import build_grammar
+from pagoda.server.detokenizer import IncrementalDetokenizer
 
 Prompt = str | dict
+# per sequence with stop strings, (request id, index): its text so far, cut at a stop string
+Watched = dict[tuple[str, int], IncrementalDetokenizer]
 
 
 @dataclass
@@ -120,6 +123,8 @@ class LLM:
         for params in sampling_params:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here
+            if params.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
         try:
             for (ids, text), params in zip(encoded, sampling_params):
@@ -127,12 +132,13 @@ class LLM:
                 requests.append((output, []))
                 self.engine.add_request(output.request_id, ids, params)
                 requests[-1] = (output, self.engine.sequences(output.request_id))
-            self._run(sum(p.n for p in sampling_params), use_tqdm)
+            watched = self._watch_stop_strings(requests)
+            self._run(sum(p.n for p in sampling_params), use_tqdm, watched)
         except BaseException:  # Ctrl-C or an error: nothing of this call runs on in the next
             for output, _ in requests:
                 self.engine.abort_request(output.request_id)
             raise
-        return [self._finish(output, seqs) for output, seqs in requests]
+        return [self._finish(output, seqs, watched) for output, seqs in requests]
 
     def close(self) -> None:
         """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do).
@@ -158,13 +164,36 @@ class LLM:
             "a prompt is a string, or a dict with 'prompt' (text) or 'prompt_token_ids'"
         )
 
-    def _run(self, total: int, use_tqdm: bool) -> None:
+    def _watch_stop_strings(self, requests: list[tuple[RequestOutput, list[Sequence]]]) -> Watched:
+        return {
+            (seq.request_id, seq.index): IncrementalDetokenizer(
+                self.tokenizer,
+                stop=seq.params.stop,
+                skip_special_tokens=seq.params.skip_special_tokens,
+                prompt_token_ids=output.prompt_token_ids,
+            )
+            for output, seqs in requests
+            for seq in seqs
+            if seq.params.stop
+        }
+
+    def _run(self, total: int, use_tqdm: bool, watched: Watched) -> None:
         with tqdm(total=total, desc="Generating", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 deltas = self.engine.step()
                 for request_id, message in self.engine.take_rejected():
                     raise ValueError(f"request {request_id}: {message}")
-                bar.update(sum(d.finish_reason is not None for d in deltas))
+                bar.update(sum(self._ended(d, watched) for d in deltas))
+
+    def _ended(self, delta: SequenceDelta, watched: Watched) -> bool:
+        """Whether the delta ends its sequence, which a stop string in its text does too."""
+        stops = watched.get((delta.request_id, delta.index)) if watched else None
+        if stops is not None and not stops.stopped:
+            stops.add(delta.new_token_ids)
+            if stops.stopped and delta.finish_reason is None:
+                self.engine.finish_sequence(delta.request_id, delta.index, "stop")
+                return True
+        return delta.finish_reason is not None
 
     def _decode(self, seq: Sequence) -> str:
         if self.tokenizer is None:
@@ -173,18 +202,25 @@ class LLM:
             seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
         )
 
-    def _finish(self, output: RequestOutput, seqs: list[Sequence]) -> RequestOutput:
+    def _finish(
+        self, output: RequestOutput, seqs: list[Sequence], watched: Watched
+    ) -> RequestOutput:
         for seq in seqs:
             wanted = seq.params.logprobs is not None
+            stops = watched.get((seq.request_id, seq.index))
+            stop_str = None if stops is None else stops.stop_str
+            text = self._decode(seq) if stop_str is None else stops.text
+            if stop_str is not None and seq.params.include_stop_str_in_output:
+                text += stop_str
             output.outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=self._decode(seq),
+                    text=text,
                     token_ids=seq.output_token_ids,
-                    finish_reason=seq.finish_reason,
+                    finish_reason=seq.finish_reason if stop_str is None else "stop",
                     logprobs=seq.logprobs if wanted else None,
                     cumulative_logprob=_cumulative_logprob(seq) if wanted else None,
-                    stop_reason=_stop_token(seq),
+                    stop_reason=_stop_token(seq) if stop_str is None else stop_str,
                 )
             )
         output.num_cached_tokens = seqs[0].num_cached_tokens

@@ -242,6 +242,14 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
 
+    def finish_sequence(self, request_id: str, index: int, reason: str) -> None:
+        """End one choice of a request between steps (the offline API's stop strings)."""
+        seqs = self._requests[request_id]
+        seqs[index].finish_reason = reason
+        self.scheduler.finish(seqs[index])
+        if all(s.is_finished for s in seqs):
+            del self._requests[request_id]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

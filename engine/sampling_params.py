@@ -82,6 +82,10 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len; 0: the prompt only (scoring)
     min_tokens: int = 0
     stop_token_ids: list[int] | None = field(default_factory=list)  # None: none (vLLM's)
+    # Stop strings: the offline LLM cuts the text at the first (the server's frontend applies
+    # the request's own `stop`); the engine itself never reads them.
+    stop: str | list[str] | None = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the chosen token plus the top k
     prompt_logprobs: int | None = None  # the same for each prompt token (scoring, `echo`)
@@ -94,6 +98,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids or ())
+        if isinstance(self.stop, str | list | tuple | None):
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()
@@ -103,6 +109,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not (isinstance(value, int) or value is None and name == "seed"):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),

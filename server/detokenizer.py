@@ -49,12 +49,12 @@ class IncrementalDetokenizer:
         self._pending_ids: list[int] = []
         self._held = ""  # decoded text not emitted yet: a possible start of a stop string
         self._pieces: list[str] = []
-        self._stopped = False
+        self.stop_str: str | None = None  # the stop string found, once found
 
     @property
     def stopped(self) -> bool:
         """A stop string was found; nothing more will be emitted."""
-        return self._stopped
+        return self.stop_str is not None
 
     @property
     def text(self) -> str:
@@ -65,7 +65,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Feed newly generated ids; return the text that may be shown now."""
-        if self._stopped:
+        if self.stopped:
             return ""
         chunks = [chunk for token_id in token_ids if (chunk := self._step(token_id))]
         return self._release("".join(chunks))
@@ -76,12 +76,12 @@ class IncrementalDetokenizer:
         That is a possible stop-string prefix that never completed, and the text of trailing
         tokens that do not end on a whole character (decoded with U+FFFD, as `decode` would).
         """
-        if self._stopped:
+        if self.stopped:
             return ""
         tail = self._pending_text()
         self._pending_ids = []
         delta = self._release(tail)
-        if not self._stopped:
+        if not self.stopped:
             delta += self._held
             self._emit(self._held)
             self._held = ""
@@ -107,9 +107,9 @@ class IncrementalDetokenizer:
         if not new_text:
             return ""
         buffer = self._held + new_text
-        cut = _first_stop(buffer, self._stops)
-        if cut is not None:
-            self._stopped = True
+        found = _first_stop(buffer, self._stops)
+        if found is not None:
+            cut, self.stop_str = found
             self._held = ""
             return self._emit(buffer[:cut])
         keep = _stop_prefix_length(buffer, self._stops)
@@ -142,14 +142,15 @@ def _backend_of(tokenizer) -> Tokenizer:
     return backend
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Start of the stop string that is complete first in `text` (by end, then by start)."""
-    best: tuple[int, int] | None = None
+def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Start of the stop string that is complete first in `text` (by end, then by start), and
+    that string."""
+    best: tuple[int, int, str] | None = None
     for stop in stops:
         start = text.find(stop)
-        if start >= 0 and (best is None or (start + len(stop), start) < best):
-            best = (start + len(stop), start)
-    return None if best is None else best[1]
+        if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+            best = (start + len(stop), start, stop)
+    return None if best is None else best[1:]
 
 
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:

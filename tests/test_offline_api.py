@@ -72,3 +72,29 @@ def test_cumulative_logprob_and_stop_reason(llm, tiny_models):
     out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
     assert (out.finish_reason, out.stop_reason, out.token_ids[-1]) == ("stop", stop, stop)
     assert out.cumulative_logprob is None
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_cut_the_text_and_end_the_sequence(llm, include):
+    full = llm.generate("a b c", greedy(40))[0].outputs[0]
+    text = full.text
+    start = next(i for i in range(8, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    stop = text[start : start + 3]
+    cut = text.find(stop)
+    params = SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "never there"],
+        include_stop_str_in_output=include,
+    )  # fmt: skip
+    plain, stopped = llm.generate(["a b c", "a b c"], [greedy(40), params])
+    assert plain.outputs[0].token_ids == full.token_ids  # its neighbour's stop left it alone
+    out = stopped.outputs[0]
+    assert out.text == text[:cut] + (stop if include else "")
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    # generation ended at the token that completed the stop string
+    ids = out.token_ids
+    assert ids == full.token_ids[: len(ids)]
+    decode = llm.tokenizer.decode
+    assert stop in decode(ids) and stop not in decode(ids[:-1])
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=["x", ""])

@@ -16,6 +16,7 @@ from pagoda.engine.structured_output import build_grammar
 from pagoda.server.detokenizer import IncrementalDetokenizer
 
 Prompt = str | dict
+Message = dict  # {"role": ..., "content": ...}, as transformers' chat templates take it
 # per sequence with stop strings, (request id, index): its text so far, cut at a stop string
 Watched = dict[tuple[str, int], IncrementalDetokenizer]
 
@@ -139,6 +140,42 @@ class LLM:
                 self.engine.abort_request(output.request_id)
             raise
         return [self._finish(output, seqs, watched) for output, seqs in requests]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a batch of them, each rendered by the chat
+        template (the tokenizer's, or `chat_template`) and generated as `generate` does."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        batch = messages if messages and isinstance(messages[0], list | tuple) else [messages]
+        prompts = []
+        for conversation in batch:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    list(conversation),
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tools=tools,
+                    tokenize=False,
+                    **(chat_template_kwargs or {}),
+                )
+            except Exception as exc:  # jinja's errors, or a template that rejects a role
+                raise ValueError(f"the chat template rejected the messages: {exc}") from exc
+            # the template wrote the special tokens (BOS) itself
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt_token_ids": ids, "prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def close(self) -> None:
         """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do).

@@ -98,3 +98,30 @@ def test_stop_strings_cut_the_text_and_end_the_sequence(llm, include):
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop=["x", ""])
+
+
+def test_chat_renders_the_template_for_one_conversation_or_a_batch(llm):
+    one = [{"role": "user", "content": "a b c"}]
+    two = [{"role": "system", "content": "d e"}, {"role": "user", "content": "f"}]
+    template = llm.tokenizer.apply_chat_template
+    params = greedy(6)
+
+    def expected(conversation, **kwargs) -> list[int]:
+        ids = template(conversation, tokenize=True, return_dict=False, **kwargs)
+        return llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+
+    single = llm.chat(one, params)
+    assert len(single) == 1
+    assert single[0].prompt == template(one, tokenize=False, add_generation_prompt=True)
+    assert single[0].outputs[0].token_ids == expected(one, add_generation_prompt=True)
+    batch = llm.chat([one, two], [params, params])
+    assert [o.outputs[0].token_ids for o in batch] == [
+        expected(one, add_generation_prompt=True),
+        expected(two, add_generation_prompt=True),
+    ]
+    bare = llm.chat(one, params, add_generation_prompt=False)[0]
+    assert bare.prompt_token_ids == template(one, tokenize=True, return_dict=False)
+    custom = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    assert llm.chat(one, params, chat_template=custom)[0].prompt == "a b c|"
+    with pytest.raises(ValueError, match="2 sampling params given for 1 prompts"):
+        llm.chat(one, [params, params])

@@ -121,6 +121,11 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), params in zip(encoded, sampling_params):
             self.engine.validate_prompt(ids, generates=params.max_tokens != 0)
+            vocab = self.engine.vocab_size
+            if outside := [t for t in params.logit_bias or () if not 0 <= t < vocab]:
+                raise ValueError(
+                    f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab})"
+                )
         for params in sampling_params:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here

@@ -125,3 +125,12 @@ def test_chat_renders_the_template_for_one_conversation_or_a_batch(llm):
     assert llm.chat(one, params, chat_template=custom)[0].prompt == "a b c|"
     with pytest.raises(ValueError, match="2 sampling params given for 1 prompts"):
         llm.chat(one, [params, params])
+
+
+def test_out_of_range_values_are_refused_up_front(llm, tiny_models):
+    """vLLM refuses these; the bias was silently dropped, and a utilization past 1 accepted (on
+    a CPU it is not read; on a GPU it asks for more than the device has)."""
+    with pytest.raises(ValueError, match="token id 5000 in logit_bias"):
+        llm.generate("a", SamplingParams(logit_bias={5000: 10.0}))
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(str(tiny_models["llama"]), gpu_memory_utilization=2.0)

@@ -34,10 +34,12 @@ class LLMEngine:
         # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
         self.leader = distributed.start_leader(config)
         # an engine dropped without close() still stops its ranks and leaves the process group,
-        # so that the process can start another
-        self._stop_ranks = (
-            None if self.leader is None else weakref.finalize(self, self.leader.close)
-        )
+        # so that the process can start another; not at exit, where multiprocessing ends the
+        # (daemon) ranks without waiting on a rank that may be stuck in a collective
+        self._stop_ranks = None
+        if self.leader is not None:
+            self._stop_ranks = weakref.finalize(self, self.leader.close)
+            self._stop_ranks.atexit = False
         self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one

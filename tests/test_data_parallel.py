@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import time
@@ -9,8 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pytest
 
 from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.config import EngineConfig
+from pagoda.server import parallel
+from pagoda.server.replicas import merge_stats, replica_config
 from tests.serving import Server, engines_stopped, held_streams
 
 PROMPTS = [[1, 40 + i, 300, 12, 9 + i, 845, 33] for i in range(6)]
@@ -25,6 +30,11 @@ def _routed(url: str) -> dict[str, float]:
             r'pagoda:replica_requests_routed_total\{.*replica="(\d)"\} (\S+)', text
         )
     }
+
+
+def _prefix_cache_blocks(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(r"pagoda:prefix_cache_blocks\{.*\} (\S+)", text)[1])
 
 
 def test_two_replicas_serve_concurrent_requests(tiny_models):
@@ -68,6 +78,11 @@ def test_two_replicas_serve_concurrent_requests(tiny_models):
         assert _routed(server.url)["1"] == base["1"] + 1
         complete(LONG[:16] + [5, 6])
         assert _routed(server.url) == {"0": base["0"] + 1, "1": base["1"] + 2}
+        # the replicas' cached prefixes (LONG's two full blocks at least), summed: it read 0
+        deadline = time.monotonic() + 10
+        while _prefix_cache_blocks(server.url) < 2:
+            assert time.monotonic() < deadline, httpx.get(f"{server.url}/metrics").text
+            time.sleep(0.2)
     finally:
         assert server.stop() == 0
 
@@ -99,3 +114,35 @@ def test_routing_weighs_a_request_by_its_choices(tiny_models):
         assert _routed(server.url) == {"0": 1.0, "1": 3.0}
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_merged_stats_sum_the_replicas_cached_prefixes():
+    """pagoda:prefix_cache_blocks read 0 under --data-parallel-size, whatever the replicas held."""
+    one = {"running": 1, "waiting": 0, "kv_cache_usage": 0.5, "prefix_cache_blocks": 3}
+    two = {"running": 2, "waiting": 1, "kv_cache_usage": 0.25, "prefix_cache_blocks": 4}
+    merged = merge_stats([one, two])
+    assert merged["prefix_cache_blocks"] == 7
+    assert (merged["running"], merged["waiting"], merged["kv_cache_usage"]) == (3, 1, 0.375)
+
+
+def test_each_replica_meets_its_ranks_on_a_port_of_its_own():
+    """--data-parallel-size 2 --tensor-parallel-size 2 --master-port P: both replicas' ranks met
+    at P, so the second replica failed to start (the port in use) and the server with it."""
+    config = EngineConfig(model="m", device="cpu", tensor_parallel_size=2, master_port=29500)
+    assert [replica_config(config, i).master_port for i in range(3)] == [29500, 29501, 29502]
+    free = EngineConfig(model="m", device="cpu", tensor_parallel_size=2)  # each a free port
+    assert replica_config(free, 1).master_port is None
+
+
+def test_data_parallelism_over_several_nodes_is_refused():
+    args = argparse.Namespace(data_parallel_size=2, nnodes=2, master_port=29500, model="m")
+    with pytest.raises(ValueError, match="--nnodes must be 1"):
+        parallel.check_args(args)
+    parallel.check_args(argparse.Namespace(data_parallel_size=2, nnodes=None, master_port=None))
+
+
+def test_a_master_port_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="master_port must be in 0-65535"):
+        EngineConfig(model="m", tensor_parallel_size=2, master_port=70000)
+    with pytest.raises(ValueError, match="several nodes need master_port"):
+        EngineConfig(model="m", tensor_parallel_size=2, nnodes=2, master_port=0)

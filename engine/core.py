@@ -106,6 +106,11 @@ class EngineCore:
     def take_rejected(self) -> list[tuple[str, str]]:
         return self.engine.take_rejected()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, those of other nodes too (they take the stop and
+        exit 0); with one rank, nothing to do."""
+        self.engine.close()
+
     def stats(self) -> dict:
         scheduler = self.engine.scheduler
         return {

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -106,20 +108,30 @@ def _init_group(config: EngineConfig, rank: int, local_rank: int, port: int) -> 
     os.environ["MASTER_PORT"] = str(port)
     size = config.tensor_parallel_size
     timeout = timedelta(seconds=config.distributed_timeout_s)
+    start = time.monotonic()
     try:
         dist.init_process_group(
             backend, init_method="env://", rank=rank, world_size=size, timeout=timeout
         )
-    except Exception as exc:  # DistStoreError, RuntimeError: all say "did not join in time"
+    except Exception as exc:  # DistStoreError, DistNetworkError, RuntimeError, ValueError
+        # "within N s" only when that is what happened: a port in use fails at once
+        waited = time.monotonic() - start >= 0.9 * config.distributed_timeout_s
+        within = f" within {config.distributed_timeout_s:g} s" if waited else ""
         raise RuntimeError(
             f"tensor parallelism: rank {rank} of {size} could not form the process group at "
-            f"{config.master_addr}:{port} within {config.distributed_timeout_s:g} s (every "
-            f"rank must start, on {config.nnodes} node(s), and reach that address): {exc}"
+            f"{config.master_addr}:{port}{within} (every rank must start, on {config.nnodes} "
+            f"node(s), and reach that address): {_first_line(exc)}"
         ) from exc
     # The forward pass's collectives keep the join timeout; the step channel gets a gloo
     # group of its own that waits through idle time (and carries CPU objects beside NCCL).
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     _GROUP = Group(rank, size, local_rank, control)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's message without the C++ frames torch's distributed errors may carry."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _destroy_group() -> None:
@@ -164,13 +176,21 @@ class Leader:
     def __init__(self, config: EngineConfig) -> None:
         port = config.master_port or _free_port()
         self.processes = _spawn_ranks(config, range(1, ranks_per_node(config)), port)
+        # A process that exits joins its children after a SIGTERM each, which a server's ranks
+        # ignore (they inherit it from the engine core: see engine/worker.py): an engine core
+        # that ends otherwise than by close() (a failed step) would wait on them for good.
+        # This runs first, at its exit.
+        self._finalizer = multiprocessing.util.Finalize(
+            None, _kill, args=(self.processes,), exitpriority=10
+        )
         self.send_seconds = 0.0  # time in `send`, and bytes sent, over the engine's life
         self.send_bytes = 0
         self.num_sends = 0
+        self.closing = False  # the ranks end because they were told to: not a fault
         try:
             _init_group(config, 0, 0, port)
         except BaseException:
-            self.close()
+            self.close(stop=False)
             raise
         if config.serving:
             threading.Thread(target=self._watch, daemon=True, name="pagoda-tp-watch").start()
@@ -194,27 +214,39 @@ class Leader:
     def _watch(self) -> None:
         # A collective waits for a dead rank until the group's timeout (forever on NCCL):
         # the engine core ends instead, and the server fails its requests.
-        while True:
+        while not self.closing:
             try:
                 self.check_alive()
             except RankDiedError as exc:
+                if self.closing:
+                    return
                 logger.error("%s", exc)
                 os._exit(1)
             time.sleep(WATCH_INTERVAL_S)
 
-    def close(self) -> None:
+    def close(self, stop: bool = True) -> None:
         """Stop the ranks (those of other nodes too) and leave the group, so that another
-        engine may form one after."""
-        if _GROUP is not None and all(p.is_alive() for p in self.processes):
+        engine may form one after. `stop=False`: the engine failed to load, and the ranks may
+        wait in a collective of the load rather than for a step: they are killed instead of
+        being sent the stop (a message they would take for their collective's)."""
+        self.closing = True
+        if stop and _GROUP is not None and all(p.is_alive() for p in self.processes):
             try:
                 self.send(None)
             except RuntimeError as exc:  # a rank of another node is gone
                 logger.warning("tensor-parallel ranks did not all take the stop: %s", exc)
         for p in self.processes:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+            p.join(5 if stop else 0)
+        _kill(self.processes)
+        self._finalizer.cancel()
         _destroy_group()
+
+
+def _kill(processes: list[multiprocessing.Process]) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def start_leader(config: EngineConfig) -> Leader | None:
@@ -247,8 +279,14 @@ def run_follower(
     setup_logging(log_settings)
     keep_freed_memory()
     threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
-    _init_group(config, rank, local_rank, port)
-    engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))
+    try:
+        _init_group(config, rank, local_rank, port)
+        engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))
+    except Exception as exc:
+        # one line through the logging setup, not multiprocessing's raw traceback on stderr:
+        # rank 0 reports the failure in full (the same error, or the group that did not form)
+        logger.error("rank %d failed to start: %s: %s", rank, type(exc).__name__, exc)
+        sys.exit(1)
     release_freed_memory()
     try:
         while (inputs := _receive()) is not None:

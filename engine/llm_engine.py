@@ -40,6 +40,18 @@ class LLMEngine:
         if self.leader is not None:
             self._stop_ranks = weakref.finalize(self, self.leader.close)
             self._stop_ranks.atexit = False
+        try:
+            self._load(config, source)
+        except BaseException:
+            # the ranks started, and the group formed: neither may outlive a failed load (the
+            # process could not form another group, and the ranks would wait on it for good)
+            if self._stop_ranks is not None:
+                self._stop_ranks.detach()
+                self.leader.close(stop=False)
+                self.leader = None
+            raise
+
+    def _load(self, config: EngineConfig, source) -> None:
         self.device = distributed.rank_device(self.device)
         if self.device.type == "cuda":
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one

@@ -92,7 +92,8 @@ class Worker(Protocol):
         grammar failed to compile in the background."""
         ...
 
-    # optional: take_failed() -> [(request id, message)], requests whose batch failed
+    # optional: take_failed() -> [(request id, message)], requests whose batch failed;
+    # close(), called once the server said shutdown (the engine core stops its ranks)
 
 
 def run_worker(
@@ -102,10 +103,13 @@ def run_worker(
     log_settings: LogSettings,
     model_in_thread: bool = False,
 ) -> None:
-    """Process entry point. Ctrl-C goes to the server, which drains and says shutdown.
-    `model_in_thread`: the worker runs its model in a thread of its own (see
+    """Process entry point. Ctrl-C and SIGTERM go to the server, which drains and says
+    shutdown: a signal sent to the server's whole process group (a terminal's Ctrl-C, systemd's
+    default KillMode=control-group, `kill -TERM -PGID`) must not end a worker while its requests
+    drain. `model_in_thread`: the worker runs its model in a thread of its own (see
     keep_freed_memory)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(log_settings)
     keep_freed_memory(one_arena=model_in_thread)  # before any thread starts
     exit_with_server()
@@ -132,6 +136,9 @@ def run_worker(
         # multiprocessing's raw traceback on stderr; the server restarts the process
         logger.exception("the worker failed; its process ends")
         sys.exit(1)
+    close = getattr(worker, "close", None)
+    if close is not None:
+        close()
     context.destroy(linger=1000)
 
 

@@ -11,6 +11,7 @@ import argparse
 import math
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 
 from pagoda.logs import LOG_FORMATS
@@ -222,7 +223,16 @@ def start_forkserver(args: argparse.Namespace) -> None:
     # which torch uses when this is set, it does not.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     multiprocessing.forkserver.set_forkserver_preload([WORKER_MODULES[k] for k in sorted(kinds)])
-    multiprocessing.forkserver.ensure_running()
+    # The forkserver ignores SIGTERM (and so do the workers it forks, which inherit it), as it
+    # ignores SIGINT: a SIGTERM sent to the server's whole process group (systemd's default
+    # KillMode=control-group, `kill -TERM -PGID`) ended it, and with it the server's view of every
+    # worker (each one's end is read from the forkserver), so that the drain failed the requests
+    # in flight instead of finishing them. The server stops both itself.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,10 @@ class Server:
         env: dict[str, str] | None = None,
         command: list[str] | None = None,
         cwd: Path | None = None,
+        new_session: bool = False,
     ) -> None:
+        """`new_session`: the server leads a process group of its own, as under a terminal or
+        systemd (its workers are in it too), for signals sent to the whole group."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-test-{self.port}.log"
@@ -52,6 +55,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            start_new_session=new_session,
         )
 
     def wait_ready(self, timeout: float = 180.0) -> Server:

@@ -9,6 +9,7 @@ families (each expert's intermediate size split).
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ import time
 import pytest
 import torch
 
-from pagoda.engine import LLM, SamplingParams
+from pagoda.engine import LLM, SamplingParams, distributed
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.core import EngineCore
 from pagoda.engine.distributed import RankDiedError
 from tests.random_models import Draw, build
 from tests.serving import free_port
@@ -167,6 +170,51 @@ def test_a_rank_that_cannot_join_fails_the_start_after_the_timeout(tiny_models):
     assert "rank 0 of 2 could not form the process group" in result.stderr
     assert "within 3 s" in result.stderr and "on 2 node(s)" in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_a_node_whose_ranks_cannot_meet_exits_1_with_one_line(llama):
+    """Node 1 started without node 0: its rank says why in one log line (it printed
+    multiprocessing's raw traceback), and `pagoda serve --node-rank 1` exits 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "serve", "--model", str(llama), "--device", "cpu"]
+        + ["--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1"]
+        + ["--master-port", str(free_port()), "--distributed-timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "rank 1 failed to start: RuntimeError: tensor parallelism: rank 1 of 2" in result.stderr
+    assert "within 2 s" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_engine_that_fails_to_load_stops_its_ranks(llama, tmp_path):
+    """Rank 0 fails after its ranks started (here: no tokenizer, which rank 0 alone loads): the
+    ranks and the group went on, so the process could never start another TP engine ("already
+    runs a tensor-parallel engine: close() it first", with nothing to close)."""
+    with pytest.raises(OSError):
+        LLM(str(llama), dtype="float32", device="cpu", tokenizer=str(tmp_path / "none"),
+            tensor_parallel_size=2, kv_cache_blocks=64)  # fmt: skip
+    assert distributed.world_size() == 1
+    ranks = [p for p in multiprocessing.active_children() if p.name.startswith("pagoda-tp")]
+    assert ranks == []
+
+
+def test_a_stopped_engine_core_stops_its_ranks(llama):
+    """A server's engine core, told to shut down, stops its ranks: they take the stop and exit 0
+    (those of another node too: `pagoda serve --node-rank 1` then exits 0, where it exited 1
+    on the closed connection). The core's watch does not take their end for a fault."""
+    config = EngineConfig(
+        str(llama), dtype="float32", device="cpu", skip_tokenizer_init=True,
+        tensor_parallel_size=2, kv_cache_blocks=64, serving=True,
+    )  # fmt: skip
+    core = EngineCore(config)
+    (rank,) = core.engine.leader.processes
+    core.close()
+    assert rank.exitcode == 0
+    time.sleep(2 * distributed.WATCH_INTERVAL_S)  # the watch would have ended this process
+    assert distributed.world_size() == 1
 
 
 def test_a_dead_rank_fails_the_next_step(llama):

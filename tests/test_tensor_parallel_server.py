@@ -1,8 +1,10 @@
-"""`pagoda serve --tensor-parallel-size 2` on the CPU: the tokens of one rank, and a rank that
-dies mid-request makes the server report the engine dead (503s, nothing hangs)."""
+"""`pagoda serve --tensor-parallel-size 2` on the CPU: the tokens of one rank; a rank that
+dies mid-request makes the server report the engine dead (503s, nothing hangs) and restart it;
+a SIGTERM to the whole process group drains."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 
 from pagoda.engine import LLM, SamplingParams
 from tests.serving import Server
+from tests.test_server_lifecycle import gone
 
 PROMPT = [1, 57, 300, 12, 9, 845, 33]
 
@@ -38,7 +42,8 @@ def test_tp2_server_serves_the_tokens_of_one_rank_and_reports_a_dead_rank(tiny_m
         .token_ids
     )
     server = Server(
-        ["--model", model, "--dtype", "float32", "--device", "cpu", "--tensor-parallel-size", "2"]
+        ["--model", model, "--dtype", "float32", "--device", "cpu", "--tensor-parallel-size", "2"],
+        new_session=True,
     ).wait_ready()
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
@@ -74,7 +79,37 @@ def test_tp2_server_serves_the_tokens_of_one_rank_and_reports_a_dead_rank(tiny_m
         assert health.status_code == 503
         r = httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["message"]
+        # the engine core exited: it is started again, with new ranks
+        server.wait_ready(timeout=120)
+        _drains_on_a_group_sigterm(server, model)
     finally:
         assert server.stop() == 0
     # the engine core's watch saw the rank exit, or its step failed on the closed connection
     assert "RankDiedError: " in server.log() or "tensor-parallel pagoda-tp-rank1" in server.log()
+
+
+def _drains_on_a_group_sigterm(server: Server, model: str) -> None:
+    """SIGTERM to the server's whole process group, as systemd's default KillMode
+    (control-group), `kill -TERM -PGID` or `timeout` send it: the engine core and its rank
+    ignore it while the server drains (they died of it, and the stream in flight ended with a
+    503 instead of finishing); then the core stops its rank and every process ends."""
+    engine = psutil.Process(server.engine_pid())
+    (rank,) = [psutil.Process(pid) for pid in _rank_pids(engine.pid)]
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}
+    events: list[str] = []
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    os.killpg(server.process.pid, signal.SIGTERM)
+    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events[:-1])
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    stopped = time.monotonic()
+    assert server.process.wait(60) == 0
+    assert gone(engine) and gone(rank)
+    # the rank took the stop (the engine's exit did not wait on it until the server killed it)
+    assert time.monotonic() - stopped < 8, server.log()
+    assert "restarting" not in server.log().split("draining:")[1]

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,6 +269,19 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail at once on an address that uvicorn could not bind once the models have loaded (a
+    port another server holds): the start failed only then, minutes later for a big model,
+    with uvicorn's exit status 3. Bound as uvicorn binds it, then let go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
 def run(args: argparse.Namespace) -> None:
     """The `serve` command, its arguments parsed (server/cli.py)."""
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
@@ -275,6 +289,7 @@ def run(args: argparse.Namespace) -> None:
         parallel.check_args(args)
         if parallel.is_rank_node(args):
             sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
+        check_port(args.host, args.port)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(args))
     except (CatalogError, RuntimeError, ValueError) as exc:

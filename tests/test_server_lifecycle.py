@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -13,6 +14,20 @@ import psutil
 import pytest
 
 from tests.serving import Server, failed_start
+
+
+def test_a_port_in_use_fails_the_start_before_the_models_load(tiny_models):
+    """It failed once the models had loaded (minutes, for a big one), with uvicorn's status 3;
+    under tensor parallelism after its ranks had started too."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stderr = failed_start(
+            "--model", str(tiny_models["llama"]), "--port", str(port), "--tensor-parallel-size", "2"
+        )
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
+    assert "Loading weights" not in stderr and "Traceback" not in stderr
 
 
 def test_default_catalog_serves_smollm2_and_minilm_open_with_a_warning():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def free_port() -> int:
@@ -102,6 +103,19 @@ class Server:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def gone(process: psutil.Process, timeout: float = 30) -> bool:
+    """Whether the process ends within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:  # nobody reaps it here; it holds nothing
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @contextlib.contextmanager

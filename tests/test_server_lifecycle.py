@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tests.serving import Server, failed_start
+from tests.serving import Server, failed_start, gone
 
 
 def test_a_port_in_use_fails_the_start_before_the_models_load(tiny_models):
@@ -165,18 +165,6 @@ def workers_of(server: Server) -> list[psutil.Process]:
     """The server's worker processes: the children of the forkserver it started."""
     forkservers = psutil.Process(server.process.pid).children()
     return [worker for forkserver in forkservers for worker in forkserver.children()]
-
-
-def gone(process: psutil.Process, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:  # nobody reaps it here; it holds nothing
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_killed_server_leaves_no_worker_behind(tiny_models):

@@ -17,8 +17,7 @@ import openai
 import psutil
 
 from pagoda.engine import LLM, SamplingParams
-from tests.serving import Server
-from tests.test_server_lifecycle import gone
+from tests.serving import Server, gone
 
 PROMPT = [1, 57, 300, 12, 9, 845, 33]
 

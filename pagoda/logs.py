@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROBE_PATHS = frozenset(("/health", "/metrics"))
 PROGRESS_INTERVAL_S = 10.0
 ACCESS_LOGGER = "uvicorn.access"

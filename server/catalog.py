@@ -54,6 +54,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _PACKAGE_SOURCE = re.compile(r"package://([A-Za-z_]\w*)/(.+)")
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _IMAGE_SIZE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class CatalogError(ValueError):
@@ -86,7 +87,7 @@ class EngineSettings(_Strict):
     """The engine.EngineConfig fields a catalog entry may set; unset ones keep their defaults."""
 
     dtype: Literal[DTYPE_NAMES] = "auto"  # type: ignore[valid-type]
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=f"^({DEVICE_PATTERN.pattern})$")
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)

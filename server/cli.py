@@ -13,10 +13,19 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
+from collections.abc import Callable
 
-from pagoda.logs import LOG_FORMATS
+from pagoda import __version__
+from pagoda.logs import LOG_FORMATS, LOG_LEVELS
 from pagoda.server import defaults, tokenizer_export
-from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, parse_bytes
+from pagoda.server.catalog import (
+    DEFAULT_CATALOG,
+    DEVICE_PATTERN,
+    DTYPE_NAMES,
+    CatalogError,
+    load_catalog,
+    parse_bytes,
+)
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
@@ -30,15 +39,56 @@ def seconds(text: str) -> float:
     return value
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer option's type: `minimum` or more (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    value = at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1-65535, got {value}")
+    return value
+
+
+def size(text: str) -> int:
+    """A byte size option's value (`2GiB`, `512MiB`, a number of bytes): positive."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pagoda", description="OpenAI-compatible LLM server")
+    parser.add_argument("--version", action="version", version=f"pagoda {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the catalog, or one model")
-    serve.add_argument("--model", help="serve this one model (hub id, folder or .gguf)")
+    what = serve.add_mutually_exclusive_group()
+    what.add_argument("--model", help="serve this one model (hub id, folder or .gguf)")
+    what.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to serve")
     serve.add_argument("--served-model-name", help="the id clients use for --model")
-    serve.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to serve")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.add_argument(
         "--api-key",
         action="append",
@@ -46,19 +96,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="accepted bearer key (repeatable; also PAGODA_API_KEYS, comma-separated)",
     )
     key_commands.add_serve_options(serve)
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--dtype")
-    serve.add_argument("--device")
-    serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-model-len", type=at_least(1))
+    serve.add_argument("--dtype", choices=DTYPE_NAMES)
+    serve.add_argument("--device", type=device, help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--max-num-seqs", type=at_least(1))
     serve.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=at_least(1),
         help="tokens per engine step (default: 8192 on a GPU, 256 on a CPU)",
     )
-    serve.add_argument("--kv-cache-memory", type=parse_bytes, help="bytes, or e.g. 2GiB")
+    serve.add_argument("--kv-cache-memory", type=size, help="bytes, or e.g. 2GiB")
     serve.add_argument(
         "--cpu-threads",
-        type=int,
+        type=at_least(1),
         help="fixed CPU threads per chat engine and image worker "
         "(default: all cores, fewer while others use them)",
     )
@@ -72,18 +122,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument(
         "--tool-call-parser",
         choices=["hermes", "llama3_json", "mistral"],
-        default="hermes",
-        help="how --model's auto tool calls are read (the catalog says it per entry)",
+        help="how --model's auto tool calls are read (default hermes; the catalog says it "
+        "per entry)",
     )
-    serve.add_argument("--max-request-bytes", type=int, default=defaults.MAX_BODY_BYTES)
+    serve.add_argument("--max-request-bytes", type=at_least(1), default=defaults.MAX_BODY_BYTES)
     serve.add_argument(
         "--max-concurrent-requests",
-        type=int,
+        type=at_least(1),
         help="per model; requests beyond it get 429 (default: no limit)",
     )
     serve.add_argument(
         "--max-waiting-requests",
-        type=int,
+        type=at_least(1),
         help="per chat model: requests waiting for a batch slot beyond it get 429 at once; "
         "a request's n choices count n "
         f"(default: the catalog's max_waiting_requests, {DEFAULT_MAX_WAITING_REQUESTS})",
@@ -93,7 +143,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument(
         "--max-failed-starts",
-        type=int,
+        type=at_least(0),
         default=defaults.MAX_FAILED_STARTS,
         help="restarts in a row that fail before a dead model's worker is given up",
     )
@@ -103,14 +153,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument(
         "--image-cache-bytes",
-        type=parse_bytes,
+        type=size,
         default=DEFAULT_MAX_BYTES,
         help="bound on --image-dir (bytes, or e.g. 2GiB): the oldest images go first",
     )
     serve.add_argument(
         "--public-url", help="the server's URL as clients see it (behind a proxy), for image URLs"
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
     serve.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="json: one object a line"
     )
@@ -132,20 +182,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     tokenizer_export.add_parser(commands)
     key_commands.add_commands(commands)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "serve" and not args.model:
+        for option in ("served_model_name", "tool_call_parser"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                serve.error(f"{flag} names how --model is served: give --model")
+    return args
 
 
 def add_parallel_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
-        "--tensor-parallel-size", type=int, help="ranks (GPUs, or CPU core groups) per model"
+        "--tensor-parallel-size",
+        type=at_least(1),
+        help="ranks (GPUs, or CPU core groups) per model",
     )
-    serve.add_argument("--nnodes", type=int, help="machines the ranks span (default 1)")
-    serve.add_argument("--node-rank", type=int, help="this machine's index; node 0 serves HTTP")
+    serve.add_argument("--nnodes", type=at_least(1), help="machines the ranks span (default 1)")
+    serve.add_argument(
+        "--node-rank", type=at_least(0), help="this machine's index; node 0 serves HTTP"
+    )
     serve.add_argument("--master-addr", help="node 0's address, where the ranks meet")
-    serve.add_argument("--master-port", type=int, help="a free port on node 0 for the ranks")
+    serve.add_argument("--master-port", type=port, help="a free port on node 0 for the ranks")
     serve.add_argument(
         "--data-parallel-size",
-        type=int,
+        type=at_least(1),
         default=1,
         help="engine replicas per model (each with its own ranks); requests go to the least busy",
     )
@@ -167,18 +227,20 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--timeout-keep-alive",
-        type=int,
+        type=at_least(0),
         default=5,
         help="seconds an idle keep-alive connection stays open (behind a load balancer: "
         "more than its idle timeout)",
     )
     serve.add_argument(
         "--limit-concurrency",
-        type=int,
+        type=at_least(1),
         default=4096,
         help="connections and requests at once; beyond it 503 (with Retry-After)",
     )
-    serve.add_argument("--backlog", type=int, default=2048, help="connections waiting for accept")
+    serve.add_argument(
+        "--backlog", type=at_least(1), default=2048, help="connections waiting for accept"
+    )
     serve.add_argument(
         "--request-body-timeout",
         type=seconds,

@@ -82,7 +82,8 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     dp = args.data_parallel_size
     if args.model:
         name = args.served_model_name or args.model
-        capabilities = Capabilities(tools=True, json=True, tool_call_parser=args.tool_call_parser)
+        parser = args.tool_call_parser or "hermes"
+        capabilities = Capabilities(tools=True, json=True, tool_call_parser=parser)
         config = EngineConfig(model=args.model, serving=True, **overrides)
         waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
         return [

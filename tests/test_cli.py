@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import pagoda
 from pagoda.engine.core import run_engine_core
 from pagoda.engine.embedding_worker import run_embedding_worker
 from pagoda.engine.image_worker import run_image_worker
@@ -85,3 +86,80 @@ def test_help_of_the_module_lists_the_commands():
     assert "{serve," in top and "usage: pagoda [-h]" in top
     serve = subprocess.run([*run, "--port", "1", "--help"], capture_output=True, text=True)
     assert serve.stdout.startswith("usage: pagoda serve")  # `serve` left out
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("--port", "0"),
+        ("--port", "70000"),
+        ("--port", "-1"),
+        ("--master-port", "65536"),
+        ("--max-model-len", "0"),
+        ("--max-model-len", "-5"),
+        ("--max-num-seqs", "0"),
+        ("--max-num-batched-tokens", "0"),
+        ("--cpu-threads", "0"),
+        ("--tensor-parallel-size", "0"),
+        ("--nnodes", "0"),
+        ("--node-rank", "-1"),
+        ("--data-parallel-size", "0"),
+        ("--max-request-bytes", "0"),
+        ("--max-concurrent-requests", "0"),
+        ("--max-waiting-requests", "0"),
+        ("--max-waiting-requests", "-1"),
+        ("--max-failed-starts", "-1"),
+        ("--timeout-keep-alive", "-1"),
+        ("--limit-concurrency", "0"),
+        ("--backlog", "-1"),
+        ("--kv-cache-memory", "0"),
+        ("--image-cache-bytes", "0"),
+        ("--dtype", "fp8"),
+        ("--device", "gpu"),
+        ("--log-level", "verbose"),
+        ("--max-num-seqs", "2.5"),
+    ],
+)
+def test_counts_sizes_and_names_are_checked_as_they_are_parsed(option, bad, capsys):
+    """Before: `--max-waiting-requests 0` served with the default 512, `-1` refused every
+    request with a 429, `--max-concurrent-requests 0` too, `--port 70000` started, `--port -1`
+    and `--max-model-len -5` failed only after the models had loaded."""
+    with pytest.raises(SystemExit):
+        parse_args(["serve", option, bad])
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_log_level_takes_any_case():
+    assert parse_args(["serve", "--log-level", "DEBUG"]).log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "m", "--catalog", "c.yaml"], "argument --catalog: not allowed with"),
+        (["--served-model-name", "x"], "--served-model-name names how --model is served"),
+        (["--tool-call-parser", "mistral"], "--tool-call-parser names how --model is served"),
+    ],
+)
+def test_options_of_model_are_refused_with_the_catalog(args, expected, capsys):
+    """Before, each was accepted and ignored: the catalog (or --model) served as if unsaid."""
+    with pytest.raises(SystemExit):
+        parse_args(["serve", *args])
+    assert expected in capsys.readouterr().err
+
+
+def test_a_bad_log_level_is_one_line_not_a_traceback():
+    """Before: `pagoda serve --log-level bogus` ended in setup_logging's ValueError traceback."""
+    run = [sys.executable, "-m", "pagoda", "serve", "--log-level", "bogus"]
+    result = subprocess.run(run, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("pagoda serve: error: argument --log-level")
+
+
+def test_version():
+    """Before: `python -m pagoda --version` was read as `serve --version`, an unknown option."""
+    run = [sys.executable, "-m", "pagoda", "--version"]
+    result = subprocess.run(run, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pagoda {pagoda.__version__}"

@@ -5,6 +5,7 @@ error event and [DONE], and the server exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -108,3 +109,26 @@ def test_a_second_sigterm_ends_the_drain_at_once(tiny_models, tmp_path):
     (events,) = streams
     assert events[-1] == "[DONE]" and "shutting down" in events[-2]
     assert server.stop(timeout=60) == 0  # long before the 600 s
+
+
+def test_sigterm_to_every_process_still_drains(tiny_models, tmp_path):
+    """systemd's default KillMode (control-group), `timeout` and Ctrl-C signal every process
+    of the server, its model's engine included. Before, the engine died of the SIGTERM: the
+    stream in flight ended with a 503 instead of finishing, and the server began restarting
+    the engine while it drained."""
+    model = _long_model(tiny_models, tmp_path)
+    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
+    server = Server(args).wait_ready()
+    streams: list[list] = []
+    started = threading.Event()
+    thread = threading.Thread(target=_stream, args=(server.url, model, SHORT, started, streams))
+    thread.start()
+    assert started.wait(60)
+    os.kill(server.engine_pid(), signal.SIGTERM)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    (events,) = streams
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert server.stop() == 0
+    assert "restarting" not in server.log()

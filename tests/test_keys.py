@@ -149,6 +149,21 @@ def test_schema_is_versioned_and_migrated_on_first_use(tmp_path):
     open_database(url).dispose()  # a second start finds it migrated
 
 
+@pytest.mark.parametrize(
+    "url", ["bogus://x", "sqlite+nodriver:///x.db", "://x", "postgresql://u:pw@h:port/db"]
+)
+def test_a_database_url_that_names_no_database_is_one_line(url):
+    """Before: `--database bogus://x` ended `pagoda keys list` and `pagoda serve` in
+    SQLAlchemy's NoSuchModuleError traceback (`://x` in its ArgumentError's, a port that is not
+    a number in a ValueError's)."""
+    for command in (["keys", "list"], ["serve", "--model", "unused"]):
+        run = [sys.executable, "-m", "pagoda", *command, "--database", url]
+        result = subprocess.run(run, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "cannot open the database" in result.stderr.splitlines()[-1]
+
+
 def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     env = {"PAGODA_STATE_DIR": str(tmp_path)}  # the default database: a file created here
     created = pagoda("keys", "create", "--name", "ci", "--models", "a,b", "--rpm", "5",

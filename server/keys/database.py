@@ -53,12 +53,18 @@ def shown(url: sa.URL) -> str:
 def open_database(url: str) -> sa.Engine:
     """An engine on `url` with the schema migrated to the newest version; a file database and
     its folder are created on first use."""
-    parsed = normalize(url)
+    try:
+        parsed = normalize(url)
+    except (sa.exc.ArgumentError, ValueError):  # not echoed: it may hold a password
+        raise DatabaseError(
+            "cannot open the database: not a URL such as sqlite:///FILE or postgresql://..."
+        ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = sa.create_engine(parsed, pool_pre_ping=True)
-    except ModuleNotFoundError as exc:  # a driver that is not installed
+    # a driver that is not installed, or a dialect SQLAlchemy does not know (bogus://)
+    except (ModuleNotFoundError, sa.exc.ArgumentError) as exc:
         raise DatabaseError(f"cannot open the database {shown(parsed)}: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)

@@ -479,7 +479,7 @@ def resolve_source(entry: CatalogEntry, base_dir: Path | None = None) -> str:
         return str(path)
     if _looks_like_hub_id(source):
         return source
-    raise _source_error(entry, f"{path} does not exist")
+    raise source_error(entry, f"{path} does not exist")
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -490,20 +490,21 @@ def _looks_like_hub_id(source: str) -> bool:
 def _package_path(entry: CatalogEntry, package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise _source_error(
+        raise source_error(
             entry,
             f"Python package {package!r} is not installed "
             f"(pip install the distribution that provides it)",
         )
     if spec.submodule_search_locations is None:
-        raise _source_error(entry, f"{package!r} is a module, not a package")
+        raise source_error(entry, f"{package!r} is a module, not a package")
     folders = [Path(folder) for folder in spec.submodule_search_locations]
     for folder in folders:
         if (folder / relative).exists():
             return (folder / relative).resolve()
-    raise _source_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
+    raise source_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
 
 
-def _source_error(entry: CatalogEntry, message: str) -> CatalogError:
+def source_error(entry: CatalogEntry, message: str) -> CatalogError:
+    """An error about the entry's `source`, naming the file, line and entry."""
     where = entry._where or f"id {entry.id!r}"
     return CatalogError(f"{where}: source: {message}")

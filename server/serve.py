@@ -27,6 +27,7 @@ from pagoda.server.catalog import (
     CatalogError,
     load_catalog,
     resolve_source,
+    source_error,
 )
 from pagoda.server.connections import uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
@@ -99,9 +100,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     return [
         ModelToServe(
             e.id,
-            EngineConfig(
-                model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
-            ),
+            EngineConfig(model=_weights(e), serving=True, **{**e.engine_kwargs(), **overrides}),
             e.owned_by,
             e.capabilities,
             args.max_waiting_requests or e.max_waiting_requests,
@@ -109,6 +108,17 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         )
         for e in entries
     ]
+
+
+def _weights(entry: CatalogEntry) -> str:
+    """The entry's source, its weights found (a hub id's downloaded) before any worker starts,
+    so that an error names the catalog's file and entry."""
+    source = resolve_source(entry)
+    try:
+        loader.resolve_source(source)
+    except ValueError as exc:
+        raise source_error(entry, str(exc)) from None
+    return source
 
 
 def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:

@@ -15,6 +15,7 @@ from pagoda.server.catalog import (
     parse_bytes,
     resolve_source,
 )
+from tests.serving import failed_start
 
 GOOD_ENTRY = """\
   - id: {id}
@@ -313,3 +314,34 @@ def test_bad_embedding_settings(tmp_path: Path, kind: str, section: str, expecte
     text = f"models:\n  - id: e\n    kind: {kind}\n    source: org/e\n    {section}\n"
     message = catalog_error(tmp_path, text)
     assert "entry 1 (id 'e')" in message and expected in message
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("models/nosuch", "is neither a local path nor a downloadable hub id"),
+        ("empty", "has no config.json"),
+    ],
+)
+def test_weights_that_cannot_be_found_name_the_catalog_entry(
+    tiny_models: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    expected: str,
+) -> None:
+    """Before: `model 'models/nosuch' is neither a local path nor a downloadable hub id`
+    (relative, without ./, it reads as a hub id), or `model folder '/abs/empty' has no
+    config.json`: neither said which file and entry, and a second chat entry's error also left
+    `coroutine 'to_thread' was never awaited` in the log."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    catalog = tmp_path / "cat.yaml"
+    catalog.write_text(
+        f"models:\n  - id: first\n    kind: chat\n    source: {tiny_models['llama']}\n"
+        f"  - id: tiny\n    kind: chat\n    source: {source}\n"
+    )
+    stderr = failed_start("--catalog", str(catalog), "--port", "1")
+    assert f"{catalog}:5: entry 2 (id 'tiny'): source: " in stderr
+    assert expected in stderr
+    assert "Traceback" not in stderr and "never awaited" not in stderr

@@ -192,6 +192,20 @@ async def start_all(args: argparse.Namespace) -> dict[str, Served]:
     return served
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the models load, so that a port in use or an address
+    this machine does not have fails the start at once, not minutes later. It listens (uvicorn
+    makes it) only once they have: until then a connection is refused, not left waiting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict]]:
     """The latest worker stats of the models of one kind, for the metrics collectors."""
     return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
@@ -215,6 +229,7 @@ async def serve(args: argparse.Namespace) -> None:
     set_log_requests(args.log_requests)
     set_stream_send_timeout(args.stream_send_timeout)
     gateway = key_commands.open_gateway(args, api_keys(args))
+    sock = bind(args.host, args.port)
     # only a server with image models keeps an image folder; taken before the models load, so
     # that a folder another server holds fails the start at once
     store = None
@@ -265,7 +280,7 @@ async def serve(args: argparse.Namespace) -> None:
     # --shutdown-timeout) instead of sse-starlette's default of cutting them at once.
     AppStatus.disable_automatic_graceful_drain()
     freeze_heap()
-    await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve()
+    await DrainingServer(config, gate, clients.values(), args.shutdown_timeout).serve([sock])
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -280,19 +295,6 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail at once on an address that uvicorn could not bind once the models have loaded (a
-    port another server holds): the start failed only then, minutes later for a big model,
-    with uvicorn's exit status 3. Bound as uvicorn binds it, then let go."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-
-
 def run(args: argparse.Namespace) -> None:
     """The `serve` command, its arguments parsed (server/cli.py)."""
     setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
@@ -300,7 +302,6 @@ def run(args: argparse.Namespace) -> None:
         parallel.check_args(args)
         if parallel.is_rank_node(args):
             sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
-        check_port(args.host, args.port)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(args))
     except (CatalogError, RuntimeError, ValueError) as exc:

@@ -199,3 +199,22 @@ def test_a_signal_while_the_models_load_stops_their_workers_and_exits_zero(tiny_
     assert f"{sig.name} while starting: stopping the workers started so far" in log
     assert "Traceback" not in log
     assert gone(engine)
+
+
+def test_a_port_in_use_or_an_unknown_host_fails_before_the_models_load(tiny_models):
+    """Before: the model loaded first, then uvicorn logged `[Errno 98] ... address already in
+    use` (or `[Errno -2] Name or service not known`) and the server exited 3."""
+    model = ["--model", str(tiny_models["llama"]), "--dtype", "float32"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stderr = failed_start(*model, "--port", str(port))
+    assert stderr.splitlines()[-1].endswith(
+        f"ERROR pagoda: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    in_use = stderr
+    unknown = failed_start(*model, "--host", "no.such.host.invalid")
+    assert "ERROR pagoda: cannot listen on no.such.host.invalid:8000: " in unknown
+    for log in (in_use, unknown):
+        assert "loaded" not in log and "Traceback" not in log

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pagoda.server.arg_types import at_least
 from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, resolve_source
 from pagoda.server.tokenizer_info import LOCATION_KEYS
 
@@ -36,7 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to read")
     export.add_argument(
         "--max-model-len",
-        type=int,
+        type=at_least(1),
         help="model_max_length to write (default: the catalog's, else the model's own)",
     )
 

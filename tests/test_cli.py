@@ -163,3 +163,13 @@ def test_version():
     result = subprocess.run(run, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"pagoda {pagoda.__version__}"
+
+
+def test_tokenizer_export_refuses_a_max_model_len_below_one(tmp_path):
+    """Before: `pagoda tokenizer export MODEL DIR --max-model-len -3` wrote
+    `"model_max_length": -3` and exited 0."""
+    run = [sys.executable, "-m", "pagoda", "tokenizer", "export", "unused", str(tmp_path / "out")]
+    result = subprocess.run([*run, "--max-model-len", "-3"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "argument --max-model-len: must be at least 1, got -3" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,57 @@
+"""The types of the command line's values: each checks its value as argparse reads it, so that
+a bad one is a one-line error naming the option, before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+from pagoda.server.catalog import DEVICE_PATTERN, parse_bytes
+
+
+def seconds(text: str) -> float:
+    """A duration option's value: a positive, finite number of seconds."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer option's type: `minimum` or more (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    value = at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1-65535, got {value}")
+    return value
+
+
+def size(text: str) -> int:
+    """A byte size option's value (`2GiB`, `512MiB`, a number of bytes): positive."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text

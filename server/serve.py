@@ -76,6 +76,7 @@ class ModelToServe:
     capabilities: Capabilities | None = None
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     data_parallel_size: int = 1  # engine replicas (server/replicas.py)
+    entry: CatalogEntry | None = None  # where it comes from, for errors (None: --model)
 
 
 def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
@@ -100,25 +101,17 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     return [
         ModelToServe(
             e.id,
-            EngineConfig(model=_weights(e), serving=True, **{**e.engine_kwargs(), **overrides}),
+            EngineConfig(
+                model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
+            ),
             e.owned_by,
             e.capabilities,
             args.max_waiting_requests or e.max_waiting_requests,
             dp,
+            e,
         )
         for e in entries
     ]
-
-
-def _weights(entry: CatalogEntry) -> str:
-    """The entry's source, its weights found (a hub id's downloaded) before any worker starts,
-    so that an error names the catalog's file and entry."""
-    source = resolve_source(entry)
-    try:
-        loader.resolve_source(source)
-    except ValueError as exc:
-        raise source_error(entry, str(exc)) from None
-    return source
 
 
 def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:
@@ -132,14 +125,22 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return [k for k in [*args.api_key, *from_env] if k]
 
 
+def _weights(model: ModelToServe) -> loader.ModelSource:
+    """The model's weights, found (a hub id's downloaded); an error names the catalog entry."""
+    try:
+        return loader.resolve_source(model.config.model)
+    except ValueError as exc:
+        if model.entry is None:
+            raise
+        raise source_error(model.entry, str(exc)) from None
+
+
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     if not models:
         return {}
+    sources = [_weights(m) for m in models]  # before a worker starts
     clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
-    tokenizers = [
-        asyncio.to_thread(loader.load_tokenizer, loader.resolve_source(m.config.model))
-        for m in models
-    ]
+    tokenizers = [asyncio.to_thread(loader.load_tokenizer, source) for source in sources]
     try:
         started = await asyncio.gather(*(c.start() for c in clients), *tokenizers)
     except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROBE_PATHS = frozenset(("/health", "/metrics"))
 PROGRESS_INTERVAL_S = 10.0
 ACCESS_LOGGER = "uvicorn.access"
+# query parameters whose values the access log hides: a client that puts its key in the URL
+# (`?api_key=`, `?token=`, Azure's `?api-key=`) must not find it in the logs
+SECRET_QUERY = re.compile(
+    r"([?&][^=&]*(?:key|token|secret|password|auth|signature|sig)[^=&]*=)[^&]*", re.IGNORECASE
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ def setup_logging(settings: LogSettings) -> None:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {settings.format!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else _text_formatter())
+    handler.addFilter(_hide_query_secrets)
     if not settings.probe_requests:
         handler.addFilter(_not_a_probe)
     root = logging.getLogger()
@@ -94,6 +101,15 @@ def _access_fields(record: logging.LogRecord) -> dict | None:
         return None
     client, method, path, _, status = record.args
     return {"client": client, "method": method, "path": path, "status": status}
+
+
+def _hide_query_secrets(record: logging.LogRecord) -> bool:
+    access = _access_fields(record)
+    if access is not None and "?" in str(access["path"]):
+        client, method, path, version, status = record.args
+        path = SECRET_QUERY.sub(r"\1***", str(path))
+        record.args = (client, method, path, version, status)
+    return True
 
 
 def _not_a_probe(record: logging.LogRecord) -> bool:

@@ -125,6 +125,20 @@ def test_cpu_kernel_builds_are_logged(json_server):
         assert any(re.fullmatch(pattern, m) for m in messages), name
 
 
+def test_keys_in_a_query_string_stay_out_of_the_log(json_server, strict_server):
+    # the server reads keys from the Authorization header only, but a client may put one in
+    # the URL (Azure's SDK sends ?api-key=); the access log shows the rest of the query
+    query = "?api_key=sk-in-the-url&api-key=sk-azure&model=m&limit=2"
+    for server in (json_server, strict_server):  # JSON and text lines
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{server.url}/v1/models{query}", headers=headers).status_code == 200
+        assert httpx.get(f"{server.url}/nope{query}").status_code in (401, 404)
+        log = server.log()
+        assert "sk-in-the-url" not in log and "sk-azure" not in log
+        assert "/v1/models?api_key=***&api-key=***&model=m&limit=2" in log
+    assert "/v1/models?api_key=***&api-key=***&model=m&limit=2" in access_paths(json_server)
+
+
 def test_probes_stay_out_of_the_access_log(json_server):
     for _ in range(3):
         assert httpx.get(f"{json_server.url}/health").status_code == 200

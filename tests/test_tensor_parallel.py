@@ -24,7 +24,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.distributed import RankDiedError
 from tests.random_models import Draw, build
-from tests.serving import free_port
+from tests.serving import failed_start, free_port
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
@@ -158,35 +158,28 @@ def test_two_nodes_on_one_machine_give_the_tokens_of_one_rank(llama):
 def test_a_rank_that_cannot_join_fails_the_start_after_the_timeout(tiny_models):
     """Node 1 never starts: node 0's server exits 1 with a message that says what to check."""
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", "--model", str(tiny_models["llama"])]
-        + ["--device", "cpu", "--tensor-parallel-size", "2", "--nnodes", "2"]
-        + ["--master-port", str(free_port()), "--distributed-timeout", "3"],
-        capture_output=True,
-        text=True,
+    stderr = failed_start(
+        *["--model", str(tiny_models["llama"]), "--device", "cpu", "--tensor-parallel-size", "2"],
+        *["--nnodes", "2", "--master-port", str(free_port()), "--distributed-timeout", "3"],
         timeout=120,
     )
-    assert result.returncode == 1
-    assert "rank 0 of 2 could not form the process group" in result.stderr
-    assert "within 3 s" in result.stderr and "on 2 node(s)" in result.stderr
+    assert "rank 0 of 2 could not form the process group" in stderr
+    assert "within 3 s" in stderr and "on 2 node(s)" in stderr
     assert time.monotonic() - start < 60
 
 
 def test_a_node_whose_ranks_cannot_meet_exits_1_with_one_line(llama):
     """Node 1 started without node 0: its rank says why in one log line (it printed
     multiprocessing's raw traceback), and `pagoda serve --node-rank 1` exits 1."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", "--model", str(llama), "--device", "cpu"]
-        + ["--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1"]
-        + ["--master-port", str(free_port()), "--distributed-timeout", "2"],
-        capture_output=True,
-        text=True,
+    stderr = failed_start(
+        *["--model", str(llama), "--device", "cpu", "--tensor-parallel-size", "2"],
+        *["--nnodes", "2", "--node-rank", "1"],
+        *["--master-port", str(free_port()), "--distributed-timeout", "2"],
         timeout=120,
     )
-    assert result.returncode == 1
-    assert "rank 1 failed to start: RuntimeError: tensor parallelism: rank 1 of 2" in result.stderr
-    assert "within 2 s" in result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+    assert "rank 1 failed to start: RuntimeError: tensor parallelism: rank 1 of 2" in stderr
+    assert "within 2 s" in stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def test_an_engine_that_fails_to_load_stops_its_ranks(llama, tmp_path):

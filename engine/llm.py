@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams, check_logit_bias
 from pagoda.engine.sequence import Sequence, SequenceDelta, TokenLogprobs
 from pagoda.engine.structured_output import build_grammar
 from pagoda.server.detokenizer import IncrementalDetokenizer
@@ -121,11 +121,7 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), params in zip(encoded, sampling_params):
             self.engine.validate_prompt(ids, generates=params.max_tokens != 0)
-            vocab = self.engine.vocab_size
-            if outside := [t for t in params.logit_bias or () if not 0 <= t < vocab]:
-                raise ValueError(
-                    f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab})"
-                )
+            check_logit_bias(params.logit_bias, self.engine.vocab_size)
         for params in sampling_params:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here

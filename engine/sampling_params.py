@@ -162,3 +162,11 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
+    """Its token ids are the model's (SamplingParams alone cannot know the vocabulary)."""
+    if outside := [t for t in logit_bias or () if not 0 <= t < vocab_size]:
+        raise ValueError(
+            f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab_size})"
+        )

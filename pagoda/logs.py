@@ -26,7 +26,7 @@ ACCESS_LOGGER = "uvicorn.access"
 # query parameters whose values the access log hides: a client that puts its key in the URL
 # (`?api_key=`, `?token=`, Azure's `?api-key=`) must not find it in the logs
 SECRET_QUERY = re.compile(
-    r"([?&][^=&]*(?:key|token|secret|password|auth|signature|sig)[^=&]*=)[^&]*", re.IGNORECASE
+    r"([?&][^=&]*(?:key|token|secret|password|auth|sig)[^=&]*=)[^&]*", re.IGNORECASE
 )
 
 T = TypeVar("T")

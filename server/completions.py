@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
-from pagoda.engine.sequence import TokenLogprobs
+from pagoda.engine.sequence import Logprob, TokenLogprobs
 from pagoda.server.chat import usage
 from pagoda.server.errors import APIError
 from pagoda.server.generation import (
@@ -159,9 +159,7 @@ class _Choice:
             if entry is None:
                 out.append(None)
                 continue
-            ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:k]
-            kept = dict(ranked)
-            kept.setdefault(token, entry[token])
+            kept = dict(_top_and_chosen(token, entry, k))
             out.append(
                 {
                     str(t): {
@@ -182,11 +180,16 @@ def top_logprobs(model: ServedModel, token: int, entry: TokenLogprobs, k: int) -
     character, each "\ufffd") share a key, which keeps the likeliest one's logprob: a client
     that takes a token as greedy when its logprob is the dict's maximum (lm-eval's is_greedy)
     must not see a less likely duplicate in place of the top token."""
-    ranked = sorted(entry.items(), key=lambda item: item[1].rank)
     top: dict[str, float] = {}
-    for t, lp in ranked[:k] + [(token, entry[token])]:
+    for t, lp in _top_and_chosen(token, entry, k):
         top.setdefault(model.token_text(t), json_logprob(lp.logprob))
     return top
+
+
+def _top_and_chosen(token: int, entry: TokenLogprobs, k: int) -> list[tuple[int, Logprob]]:
+    """A position's `k` likeliest tokens, likeliest first, then the chosen one (which may be
+    among them)."""
+    return sorted(entry.items(), key=lambda item: item[1].rank)[:k] + [(token, entry[token])]
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:

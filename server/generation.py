@@ -14,7 +14,7 @@ from typing import ClassVar
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
-from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams, check_logit_bias
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server import defaults
 from pagoda.server.detokenizer import IncrementalDetokenizer, token_bytes
@@ -111,12 +111,10 @@ class ServedModel:
     def sampling_params(self, prompt_len: int, kwargs: dict, param: str) -> SamplingParams:
         """Engine parameters for a prompt of `prompt_len` tokens, its context checked.
         `param` names the prompt's field: "messages" or "prompt"."""
-        vocab = self.client.info["vocab_size"]
-        if outside := [t for t in kwargs.get("logit_bias") or () if t >= vocab]:
-            raise invalid(
-                f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab})",
-                param="logit_bias",
-            )
+        try:
+            check_logit_bias(kwargs.get("logit_bias"), self.client.info["vocab_size"])
+        except ValueError as exc:
+            raise invalid(str(exc), param="logit_bias") from None
         room = self.max_model_len - prompt_len
         max_tokens = kwargs.get("max_tokens")
         if room < (max_tokens if max_tokens is not None else 1):

@@ -16,8 +16,6 @@ logger = logging.getLogger("pagoda")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.data_parallel_size < 1:
-        raise ValueError("--data-parallel-size must be at least 1")
     if args.data_parallel_size > 1 and (args.nnodes or 1) > 1:
         raise ValueError(
             "--data-parallel-size runs its replicas on one machine: --nnodes must be 1 with it"

@@ -543,17 +543,17 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `engine.SamplingParams` (max_tokens 0: the prompt only)."""
+        # each prompt token gets as many alternatives as the echo's logprobs or
+        # prompt_logprobs ask, the larger
+        asked = [
+            k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None
+        ]
         return {
             **self._common_sampling_kwargs(),
             "max_tokens": self.max_tokens,
             "logprobs": self.logprobs,
-            "prompt_logprobs": max(asked) if (asked := self._prompt_logprobs_asked()) else None,
+            "prompt_logprobs": max(asked, default=None),
         }
-
-    def _prompt_logprobs_asked(self) -> list[int]:
-        """How many alternatives each prompt token needs: for the echo, for prompt_logprobs."""
-        echoed = self.logprobs if self.echo else None
-        return [k for k in (echoed, self.prompt_logprobs) if k is not None]
 
 
 # ---------------------------------------------------------------------------------------------

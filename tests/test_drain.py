@@ -47,6 +47,23 @@ def _long_model(tiny_models, tmp_path) -> str:
     return str(folder)
 
 
+def _one_stream(
+    tiny_models, tmp_path, shutdown_timeout: float, max_tokens: int
+) -> tuple[Server, threading.Thread, list[list]]:
+    """A server of the long model with one stream running (its first event arrived)."""
+    model = _long_model(tiny_models, tmp_path)
+    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(shutdown_timeout)]
+    server = Server(args).wait_ready()
+    streams: list[list] = []
+    started = threading.Event()
+    thread = threading.Thread(
+        target=_stream, args=(server.url, model, max_tokens, started, streams)
+    )
+    thread.start()
+    assert started.wait(60)
+    return server, thread, streams
+
+
 def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_models, tmp_path):
     model = _long_model(tiny_models, tmp_path)
     args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
@@ -94,14 +111,7 @@ def test_sigterm_drains_finishes_what_fits_ends_the_rest_and_exits_zero(tiny_mod
 
 
 def test_a_second_sigterm_ends_the_drain_at_once(tiny_models, tmp_path):
-    model = _long_model(tiny_models, tmp_path)
-    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", "600"]
-    server = Server(args).wait_ready()
-    streams: list[list] = []
-    started = threading.Event()
-    thread = threading.Thread(target=_stream, args=(server.url, model, LONG, started, streams))
-    thread.start()
-    assert started.wait(60)
+    server, thread, streams = _one_stream(tiny_models, tmp_path, 600, LONG)
     server.process.send_signal(signal.SIGTERM)
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
     server.process.send_signal(signal.SIGTERM)
@@ -116,14 +126,7 @@ def test_sigterm_to_every_process_still_drains(tiny_models, tmp_path):
     of the server, its model's engine included. Before, the engine died of the SIGTERM: the
     stream in flight ended with a 503 instead of finishing, and the server began restarting
     the engine while it drained."""
-    model = _long_model(tiny_models, tmp_path)
-    args = ["--model", model, "--dtype", "float32", "--shutdown-timeout", str(TIMEOUT_S)]
-    server = Server(args).wait_ready()
-    streams: list[list] = []
-    started = threading.Event()
-    thread = threading.Thread(target=_stream, args=(server.url, model, SHORT, started, streams))
-    thread.start()
-    assert started.wait(60)
+    server, thread, streams = _one_stream(tiny_models, tmp_path, TIMEOUT_S, SHORT)
     os.kill(server.engine_pid(), signal.SIGTERM)
     server.process.send_signal(signal.SIGTERM)
     thread.join(60)

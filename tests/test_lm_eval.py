@@ -154,20 +154,30 @@ def task_manager(tmp_path_factory) -> TaskManager:
     return TaskManager(include_path=str(root), include_defaults=False)
 
 
-def loglikelihoods(server, tokenizer_dir, task_manager, **model_args) -> tuple[float, list]:
-    """(accuracy, per-document [(loglikelihood, is_greedy) per choice]) from local-completions."""
-    out = lm_eval.simple_evaluate(
+def local_completions(server, task_manager, tasks: list[str], **model_args) -> dict:
+    """lm-eval's local-completions model on the server, for `tasks`."""
+    return lm_eval.simple_evaluate(
         model="local-completions",
         model_args={
             "base_url": f"{server.url}/v1/completions",
             "model": MODEL,
-            "tokenizer_backend": "huggingface",
-            "tokenizer": tokenizer_dir,
             "max_retries": 1,  # a failed request fails the test instead of being retried
             **model_args,
         },
-        tasks=[MC_TASK],
+        tasks=tasks,
         task_manager=task_manager,
+    )
+
+
+def loglikelihoods(server, tokenizer_dir, task_manager, **model_args) -> tuple[float, list]:
+    """(accuracy, per-document [(loglikelihood, is_greedy) per choice]) from local-completions."""
+    out = local_completions(
+        server,
+        task_manager,
+        [MC_TASK],
+        tokenizer_backend="huggingface",
+        tokenizer=tokenizer_dir,
+        **model_args,
     )
     samples = sorted(out["samples"][MC_TASK], key=lambda s: s["doc_id"])
     return out["results"][MC_TASK]["acc,none"], [s["filtered_resps"] for s in samples]
@@ -228,17 +238,8 @@ def test_generate_until_and_rolling_on_completions(server, task_manager):
     """local-completions with the server's tokenizer (/tokenize, as lm-eval picks by itself):
     a generate_until task whose four `until` strings lm-eval sends with the EOS text (five stop
     strings: a 400 when the server took OpenAI's four), and a perplexity task."""
-    out = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={
-            "base_url": f"{server.url}/v1/completions",
-            "model": MODEL,
-            "tokenizer_backend": "remote",
-            "max_retries": 1,
-        },
-        tasks=[COMPLETION_GEN_TASK, ROLLING_TASK],
-        task_manager=task_manager,
-    )
+    tasks = [COMPLETION_GEN_TASK, ROLLING_TASK]
+    out = local_completions(server, task_manager, tasks, tokenizer_backend="remote")
     samples = sorted(out["samples"][COMPLETION_GEN_TASK], key=lambda s: s["doc_id"])
     texts = [sample["resps"][0][0] for sample in samples]
     assert [text.strip() for text in texts] == [doc["answer"] for doc in COUNT_DOCS], texts

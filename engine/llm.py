@@ -209,6 +209,7 @@ class LLM:
                 stop=seq.params.stop,
                 skip_special_tokens=seq.params.skip_special_tokens,
                 prompt_token_ids=output.prompt_token_ids,
+                min_tokens=seq.params.min_tokens,
             )
             for output, seqs in requests
             for seq in seqs

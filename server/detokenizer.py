@@ -4,7 +4,8 @@ Token ids go through `tokenizers.decoders.DecodeStream`, which withholds a token
 ends on a whole character, so byte-level BPE and byte-fallback tokens never show half a UTF-8
 character as U+FFFD mid-stream. On top of that, text that may be the start of a stop string is
 held back until it either completes the stop string (then it and everything after is dropped) or
-diverges (then it is released).
+diverges (then it is released). As in vLLM, a stop string counts only where it ends in the
+text of a token after the first `min_tokens`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class IncrementalDetokenizer:
         stop: str | Sequence[str] = (),
         skip_special_tokens: bool = True,
         prompt_token_ids: Sequence[int] | None = None,
+        min_tokens: int = 0,
     ) -> None:
         self._backend = _backend_of(tokenizer)
         self._skip_special_tokens = skip_special_tokens
@@ -49,6 +51,11 @@ class IncrementalDetokenizer:
         self._pending_ids: list[int] = []
         self._held = ""  # decoded text not emitted yet: a possible start of a stop string
         self._pieces: list[str] = []
+        self._emitted = 0  # characters emitted so far
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
+        # characters of text that the first min_tokens tokens gave; None while they are not out
+        self._stops_end_after: int | None = 0 if min_tokens == 0 else None
         self.stop_str: str | None = None  # the stop string found, once found
 
     @property
@@ -67,8 +74,13 @@ class IncrementalDetokenizer:
         """Feed newly generated ids; return the text that may be shown now."""
         if self.stopped:
             return ""
-        chunks = [chunk for token_id in token_ids if (chunk := self._step(token_id))]
-        return self._release("".join(chunks))
+        new_text = ""
+        for token_id in token_ids:
+            new_text += self._step(token_id) or ""
+            self._num_tokens += 1
+            if self._num_tokens == self._min_tokens:
+                self._stops_end_after = self._emitted + len(self._held) + len(new_text)
+        return self._release(new_text)
 
     def flush(self) -> str:
         """At the end of generation, return the text still held back.
@@ -107,7 +119,9 @@ class IncrementalDetokenizer:
         if not new_text:
             return ""
         buffer = self._held + new_text
-        found = _first_stop(buffer, self._stops)
+        found = None
+        if self._stops_end_after is not None:
+            found = _first_stop(buffer, self._stops, self._stops_end_after - self._emitted)
         if found is not None:
             cut, self.stop_str = found
             self._held = ""
@@ -119,6 +133,7 @@ class IncrementalDetokenizer:
     def _emit(self, delta: str) -> str:
         if delta:
             self._pieces.append(delta)
+            self._emitted += len(delta)
         return delta
 
     def _decode(self, ids: list[int]) -> str:
@@ -142,12 +157,12 @@ def _backend_of(tokenizer) -> Tokenizer:
     return backend
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """Start of the stop string that is complete first in `text` (by end, then by start), and
-    that string."""
+def _first_stop(text: str, stops: Sequence[str], end_after: int = 0) -> tuple[int, str] | None:
+    """Start of the stop string that is complete first in `text` (by end, then by start) and
+    ends after `end_after` characters, and that string."""
     best: tuple[int, int, str] | None = None
     for stop in stops:
-        start = text.find(stop)
+        start = text.find(stop, max(0, end_after - len(stop) + 1))
         if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
             best = (start + len(stop), start, stop)
     return None if best is None else best[1:]

@@ -197,6 +197,7 @@ class Generation:
                 stop=stop,
                 skip_special_tokens=self.params.skip_special_tokens,
                 prompt_token_ids=self.prompt_token_ids,
+                min_tokens=self.params.min_tokens,
             )
             for _ in range(n)
         ]

@@ -230,3 +230,31 @@ def test_token_bytes_of_byte_fallback_tokens(sentencepiece_style):
     split = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
     parts = [token_bytes(tokenizer, i, tokenizer.decode([i])) for i in split]
     assert len(split) == 4 and b"".join(parts) == "😀".encode()
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_stop_strings_wait_for_min_tokens(smollm2, chunk):
+    # As in vLLM: a stop string counts only where it ends in the text of a token after the
+    # first min_tokens; the ones before stay in the output.
+    text = "Hello, my name is Lee, and I'm a student in the college of engineering"
+    ids = encode(smollm2, text)
+    for min_tokens in (0, 3, 6):
+        detok = IncrementalDetokenizer(smollm2, stop="e", min_tokens=min_tokens)
+        out = "".join(stream(detok, ids, chunk))
+        first_free = len(smollm2.decode(ids[:min_tokens]))
+        assert detok.stopped
+        assert out == text[: text.index("e", first_free)], min_tokens
+    assert len(smollm2.decode(ids[:6])) > text.index("e") + 1  # the last two cases differ
+
+
+def test_a_stop_string_ending_after_min_tokens_counts_from_before(smollm2):
+    ids = encode(smollm2, "Hello world")  # Hello | world
+    detok = IncrementalDetokenizer(smollm2, stop="lo wo", min_tokens=1)
+    assert "".join(stream(detok, ids)) == "Hel"
+
+
+def test_no_stop_strings_within_min_tokens(smollm2):
+    ids = encode(smollm2, "Hello world")
+    detok = IncrementalDetokenizer(smollm2, stop="o", min_tokens=len(ids))
+    assert "".join(stream(detok, ids)) == "Hello world"
+    assert not detok.stopped

@@ -100,6 +100,18 @@ def test_stop_strings_cut_the_text_and_end_the_sequence(llm, include):
         SamplingParams(stop=["x", ""])
 
 
+def test_stop_strings_wait_for_min_tokens(llm):
+    full = llm.generate("a b c", greedy(40))[0].outputs[0]
+    decode = llm.tokenizer.decode
+    k = next(k for k in range(4, 40) if "\ufffd" not in decode(full.token_ids[:k]))
+    head = decode(full.token_ids[:k])
+    stop = next(c for c in head if c != "\ufffd")  # found before the k-th token ends
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop, min_tokens=k)
+    out = llm.generate("a b c", params)[0].outputs[0]
+    end = full.text.find(stop, len(head))
+    assert out.text == (full.text if end < 0 else full.text[:end])
+
+
 def test_chat_renders_the_template_for_one_conversation_or_a_batch(llm):
     one = [{"role": "user", "content": "a b c"}]
     two = [{"role": "system", "content": "d e"}, {"role": "user", "content": "f"}]

@@ -179,6 +179,25 @@ def test_stop_strings_cut_across_tokens(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_stop_strings_wait_for_min_tokens(client):
+    free = chat(client, temperature=0, max_tokens=30, ignore_eos=True, logprobs=True).choices[0]
+    text, tokens = free.message.content, free.logprobs.content
+    stop = next(c for c in text if c != "\ufffd")
+    r = chat(client, temperature=0, max_tokens=30, stop=stop)
+    assert r.choices[0].message.content == text[: text.index(stop)]
+    # the text of the first k tokens (the tiny model writes stray bytes, decoded as U+FFFD)
+    heads = (
+        bytes(b for t in tokens[:k] for b in t.bytes).decode(errors="replace") for k in range(31)
+    )
+    k, head = next(
+        (k, h) for k, h in enumerate(heads) if text.startswith(h) and len(h) > text.index(stop)
+    )
+    r = chat(client, temperature=0, max_tokens=30, stop=stop, extra_body={"min_tokens": k})
+    end = text.find(stop, len(head))
+    assert r.choices[0].message.content == (text if end < 0 else text[:end])
+    assert r.choices[0].finish_reason == ("length" if end < 0 else "stop")
+
+
 def test_logprobs_format(client):
     r = chat(client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)
     content = r.choices[0].logprobs.content

@@ -10,7 +10,12 @@ from tqdm import tqdm
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.engine.sampling_params import SamplingParams, check_logit_bias
+from pagoda.engine.sampling_params import (
+    VOCABULARY_FIELDS,
+    SamplingParams,
+    check_token_ids,
+    tokenize_bad_words,
+)
 from pagoda.engine.sequence import Sequence, SequenceDelta, TokenLogprobs
 from pagoda.engine.structured_output import build_grammar
 from pagoda.server.detokenizer import IncrementalDetokenizer
@@ -121,12 +126,17 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), params in zip(encoded, sampling_params):
             self.engine.validate_prompt(ids, generates=params.max_tokens != 0)
-            check_logit_bias(params.logit_bias, self.engine.vocab_size)
+            for name in VOCABULARY_FIELDS:
+                check_token_ids(name, getattr(params, name), self.engine.vocab_size)
         for params in sampling_params:
             if params.structured_outputs is not None:
                 build_grammar(params.structured_outputs)  # a bad constraint fails here
-            if params.stop and self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer (skip_tokenizer_init is set)")
+            if (params.stop or params.bad_words) and self.tokenizer is None:
+                raise ValueError(
+                    "stop strings and bad_words need a tokenizer (skip_tokenizer_init is set)"
+                )
+            if params.bad_words and params.bad_words_token_ids is None:
+                params.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
         try:
             for (ids, text), params in zip(encoded, sampling_params):

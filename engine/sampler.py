@@ -1,10 +1,11 @@
 """Batched sampling over sequences with different parameters.
 
-Order of logit processing (vLLM's): the grammar's token bitmask (structured outputs), logit_bias,
-min_tokens (stops masked), penalties, then greedy argmax, or temperature, top-k, top-p, min-p
-and a draw. Logprobs are those of the model distribution, constrained by the grammar where there
-is one. A draw inverts the row's cumulative distribution at one uniform number, a seeded
-sequence's from its own generator, so its draws do not depend on its batch.
+Order of logit processing (vLLM's): the grammar's token bitmask (structured outputs),
+allowed_token_ids, logit_bias, banned tokens (stops before min_tokens, bad words), penalties,
+then greedy argmax, or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the
+model distribution, constrained by the grammar where there is one. A draw inverts the row's
+cumulative distribution at one uniform number, a seeded sequence's from its own generator, so
+its draws do not depend on its batch.
 
 The step's parameters reach the device in one copy (`SamplingTensors`, through the runner's
 staging buffer), and penalties read token counts kept on the device (`TokenCounts`), so a
@@ -33,10 +34,12 @@ def sample(
         tensors = SamplingTensors.build(seqs, logits.shape[-1], TokenCounts(logits.device))
     apply_bitmask(logits, seqs)
     raw = logits
+    if tensors.allowed is not None:
+        logits = _unless_nothing_left(_keep_allowed_tokens(logits.clone(), tensors), logits)
     if tensors.bias_rows is not None:
         logits = _apply_logit_bias(logits.clone(), tensors)
-    if tensors.stop_rows is not None:
-        logits = _mask_stops_before_min_tokens(logits.clone(), tensors)
+    if tensors.banned_rows is not None:
+        logits = _unless_nothing_left(_mask_banned_tokens(logits.clone(), tensors), logits)
     if tensors.penalty_rows is not None:
         logits = _apply_penalties(logits.clone(), tensors)
 
@@ -77,13 +80,29 @@ def token_logprobs(
     return entries
 
 
+def _unless_nothing_left(masked: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """`masked`, except rows where it left no token drawable: those keep `before`. Constraints
+    that leave nothing (allowed_token_ids outside a grammar, or only stops before min_tokens)
+    give way in the order they were applied: the later one yields. Without this a greedy row
+    would take token 0 and a drawn one an index past the vocabulary."""
+    alive = torch.isfinite(masked).any(dim=-1, keepdim=True)
+    return torch.where(alive, masked, before)
+
+
 def _apply_logit_bias(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits.index_put_((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
 
 
-def _mask_stops_before_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+def _keep_allowed_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    keep = torch.zeros(len(t.allowed), logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[t.allowed_pairs, t.allowed_tokens] = True
+    logits[t.allowed] = logits[t.allowed].masked_fill_(~keep, float("-inf"))
+    return logits
+
+
+def _mask_banned_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     masked = torch.full((), float("-inf"), device=logits.device)
-    return logits.index_put_((t.stop_rows, t.stop_tokens), masked)
+    return logits.index_put_((t.banned_rows, t.banned_tokens), masked)
 
 
 def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

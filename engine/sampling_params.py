@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # None: all; else only these may be drawn
+    # Words never to complete: their token sequences come from `tokenize_bad_words`, which
+    # the offline LLM and the server call (the engine has no tokenizer).
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     max_tokens: int | None = 16  # None: up to max_model_len; 0: the prompt only (scoring)
     min_tokens: int = 0
     stop_token_ids: list[int] | None = field(default_factory=list)  # None: none (vLLM's)
@@ -102,6 +108,10 @@ class SamplingParams:
             self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self._validate()
 
     def _validate(self) -> None:
@@ -111,6 +121,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.allowed_token_ids is not None and not (
+            self.allowed_token_ids and all(isinstance(t, int) for t in self.allowed_token_ids)
+        ):
+            raise ValueError(f"allowed_token_ids must be token ids, got {self.allowed_token_ids!r}")
+        if self.bad_words is not None and not all(
+            isinstance(w, str) and w.strip() for w in self.bad_words
+        ):
+            raise ValueError(f"bad_words must be non-blank strings, got {self.bad_words!r}")
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
@@ -164,9 +182,27 @@ class SamplingParams:
         )
 
 
-def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
-    """Its token ids are the model's (SamplingParams alone cannot know the vocabulary)."""
-    if outside := [t for t in logit_bias or () if not 0 <= t < vocab_size]:
+VOCABULARY_FIELDS = ("logit_bias", "allowed_token_ids")  # fields that hold token ids
+
+
+def check_token_ids(name: str, token_ids: Iterable[int] | None, vocab_size: int) -> None:
+    """The ids of field `name` are the model's (SamplingParams alone cannot know the vocabulary):
+    a bias or an allowed id computed with another tokenizer would otherwise do nothing."""
+    if outside := [t for t in token_ids or () if not 0 <= t < vocab_size]:
         raise ValueError(
-            f"token id {outside[0]} in logit_bias is outside the vocabulary [0, {vocab_size})"
+            f"token id {outside[0]} in {name} is outside the vocabulary [0, {vocab_size})"
         )
+
+
+def tokenize_bad_words(tokenizer: Any, words: list[str] | None) -> list[list[int]] | None:
+    """Each bad word's token sequences: as written and after a space, as it reads mid-text
+    (a word-initial token differs from the same word's token after a space)."""
+    if not words:
+        return None
+    sequences: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences

@@ -70,8 +70,13 @@ class SamplingTensors:
     bias_rows: torch.Tensor | None = None  # logit_bias as (row, token, value) triples
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
-    stop_rows: torch.Tensor | None = None  # (row, token) pairs masked before min_tokens
-    stop_tokens: torch.Tensor | None = None
+    # (row, token) pairs that must not be drawn this step: stops before min_tokens, and the
+    # tokens that would complete a bad word
+    banned_rows: torch.Tensor | None = None
+    banned_tokens: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None  # rows with allowed_token_ids
+    allowed_pairs: torch.Tensor | None = None  # (index into `allowed`, token) pairs
+    allowed_tokens: torch.Tensor | None = None
     penalty_rows: torch.Tensor | None = None  # rows of the batch with penalties
     penalty_counts_rows: torch.Tensor | None = None  # their rows in `counts`
     penalty_seqs: list[Sequence] = field(default_factory=list)
@@ -97,13 +102,20 @@ class SamplingTensors:
             for token, value in (p.logit_bias or {}).items()
             if 0 <= token < vocab
         ]
-        stops = [(row, token) for row, s in enumerate(seqs) for token in _stops_now(s, vocab)]
+        banned = [(row, token) for row, s in enumerate(seqs) for token in _banned_now(s, vocab)]
+        allowed = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
+        allowed_pairs = [
+            (i, token)
+            for i, row in enumerate(allowed)
+            for token in params[row].allowed_token_ids
+            if 0 <= token < vocab
+        ]
         penalised = [row for row, p in enumerate(params) if p.uses_penalties]
         wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
         counts.release_finished()
         counts_rows = [counts.row_of(seqs[row], vocab) for row in penalised]
         history = _history_to_send(counts, [seqs[row] for row in penalised], counts_rows)
-        needed = not all_greedy or bias or stops or penalised or wanted
+        needed = not all_greedy or bias or banned or allowed or penalised or wanted
         if not needed:
             return cls(counts)
         ints = [
@@ -111,8 +123,11 @@ class SamplingTensors:
             [int(p.greedy) for p in params],
             [b[0] for b in bias],
             [b[1] for b in bias],
-            [r for r, _ in stops],
-            [t for _, t in stops],
+            [r for r, _ in banned],
+            [t for _, t in banned],
+            allowed,
+            [i for i, _ in allowed_pairs],
+            [t for _, t in allowed_pairs],
             penalised,
             counts_rows,
             wanted,
@@ -129,10 +144,9 @@ class SamplingTensors:
         ]
         staging = staging or HostToDevice(counts.device)
         device_ints, device_floats = staging.send(ints, floats)
-        top_k, greedy, b_rows, b_tokens, s_rows, s_tokens, pen_rows, pen_counts, lp_rows = (
-            device_ints[:9]
-        )
-        clear, prompt_rows, prompt_ids, out_rows, out_ids = device_ints[9:]
+        top_k, greedy, b_rows, b_tokens, ban_rows, ban_tokens = device_ints[:6]
+        allowed_rows, allowed_index, allowed_ids, pen_rows, pen_counts, lp_rows = device_ints[6:12]
+        clear, prompt_rows, prompt_ids, out_rows, out_ids = device_ints[12:]
         temperature, top_p, min_p, repetition, frequency, presence, b_values = device_floats
         if penalised:
             counts.output.index_fill_(0, clear, 0.0)
@@ -160,8 +174,11 @@ class SamplingTensors:
             bias_rows=b_rows if bias else None,
             bias_tokens=b_tokens,
             bias_values=b_values,
-            stop_rows=s_rows if stops else None,
-            stop_tokens=s_tokens,
+            banned_rows=ban_rows if banned else None,
+            banned_tokens=ban_tokens,
+            allowed=allowed_rows if allowed else None,
+            allowed_pairs=allowed_index,
+            allowed_tokens=allowed_ids,
             penalty_rows=pen_rows if penalised else None,
             penalty_counts_rows=pen_counts,
             penalty_seqs=[seqs[row] for row in penalised],
@@ -182,14 +199,21 @@ class SamplingTensors:
             self.counts.counted[seq] += 1
 
 
-def _stops_now(seq: Sequence, vocab: int) -> list[int]:
-    """Tokens that must not be drawn yet: the stops, before min_tokens are out."""
-    if seq.num_output_tokens >= seq.params.min_tokens:
-        return []
-    stops = set(seq.params.stop_token_ids)
-    if not seq.params.ignore_eos:
-        stops |= seq.eos_token_ids
-    return sorted(t for t in stops if 0 <= t < vocab)
+def _banned_now(seq: Sequence, vocab: int) -> list[int]:
+    """Tokens that must not be drawn next: the stops, before min_tokens are out, and the last
+    token of each bad word whose other tokens end the output (vLLM's meaning: the output never
+    completes a bad word's token sequence)."""
+    params = seq.params
+    banned: set[int] = set()
+    if seq.num_output_tokens < params.min_tokens:
+        banned.update(params.stop_token_ids)
+        if not params.ignore_eos:
+            banned |= seq.eos_token_ids
+    for word in params.bad_words_token_ids or ():
+        *head, last = word
+        if not head or seq.output_token_ids[-len(head) :] == head:
+            banned.add(last)
+    return sorted(t for t in banned if 0 <= t < vocab)
 
 
 def _history_to_send(counts: TokenCounts, seqs: list[Sequence], rows: list[int]) -> list[list[int]]:

@@ -14,7 +14,12 @@ from typing import ClassVar
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
-from pagoda.engine.sampling_params import SamplingParams, check_logit_bias
+from pagoda.engine.sampling_params import (
+    VOCABULARY_FIELDS,
+    SamplingParams,
+    check_token_ids,
+    tokenize_bad_words,
+)
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server import defaults
 from pagoda.server.detokenizer import IncrementalDetokenizer, token_bytes
@@ -111,10 +116,11 @@ class ServedModel:
     def sampling_params(self, prompt_len: int, kwargs: dict, param: str) -> SamplingParams:
         """Engine parameters for a prompt of `prompt_len` tokens, its context checked.
         `param` names the prompt's field: "messages" or "prompt"."""
-        try:
-            check_logit_bias(kwargs.get("logit_bias"), self.client.info["vocab_size"])
-        except ValueError as exc:
-            raise invalid(str(exc), param="logit_bias") from None
+        for name in VOCABULARY_FIELDS:
+            try:
+                check_token_ids(name, kwargs.get(name), self.client.info["vocab_size"])
+            except ValueError as exc:
+                raise invalid(str(exc), param=name) from None
         room = self.max_model_len - prompt_len
         max_tokens = kwargs.get("max_tokens")
         if room < (max_tokens if max_tokens is not None else 1):
@@ -136,8 +142,11 @@ class ServedModel:
                     f"context leaves after the {param}",
                     param="min_tokens",
                 )
+        bad_words = tokenize_bad_words(self.tokenizer, kwargs.get("bad_words"))
         try:
-            return SamplingParams(**{**kwargs, "max_tokens": max_tokens})
+            return SamplingParams(
+                **{**kwargs, "max_tokens": max_tokens, "bad_words_token_ids": bad_words}
+            )
         except ValueError as exc:
             raise invalid(str(exc)) from exc
 

@@ -50,6 +50,7 @@ MAX_TOP_LOGPROBS = 20
 # clients that ask for more than 5 would otherwise fail for no reason.
 MAX_COMPLETION_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
+MAX_BAD_WORDS = 256  # each is matched against the output at every step (vLLM has no limit)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -250,6 +251,8 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     skip_special_tokens: bool = True
     # vLLM's structured outputs (server/structured.py checks them)
     structured_outputs: Any = None
@@ -272,6 +275,13 @@ class _SamplingRequest(BaseModel):
     @classmethod
     def _logit_bias(cls, value: Any) -> Any:
         return _check_logit_bias(value)
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(word.strip() for word in value):
+            raise ValueError("must be strings that are not blank")
+        return value
 
     @model_validator(mode="after")
     def _shared_rules(self) -> _SamplingRequest:
@@ -308,6 +318,8 @@ class _SamplingRequest(BaseModel):
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
             "stop_token_ids": list(self.stop_token_ids or []),
+            "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
             "skip_special_tokens": self.skip_special_tokens,
         }
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
+from tests.tiny_models import a_bad_word
 
 
 @pytest.fixture(scope="module")
@@ -144,5 +145,63 @@ def test_out_of_range_values_are_refused_up_front(llm, tiny_models):
     a CPU it is not read; on a GPU it asks for more than the device has)."""
     with pytest.raises(ValueError, match="token id 5000 in logit_bias"):
         llm.generate("a", SamplingParams(logit_bias={5000: 10.0}))
+    with pytest.raises(ValueError, match="token id 5000 in allowed_token_ids"):
+        llm.generate("a", SamplingParams(allowed_token_ids=[5, 5000]))
+    for bad in ({"allowed_token_ids": []}, {"bad_words": ["ok", " "]}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(str(tiny_models["llama"]), gpu_memory_utilization=2.0)
+
+
+def test_allowed_token_ids_are_the_only_ones_drawn(llm):
+    free = llm.generate("a b c", SamplingParams(temperature=0, max_tokens=1, logprobs=20))
+    top = free[0].outputs[0].logprobs[0]
+    by_rank = sorted(top, key=lambda t: top[t].rank)
+    allowed = [by_rank[4], by_rank[2], *(t for t in (11, 17) if t not in by_rank[:3])]
+    for sampled in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):
+        params = SamplingParams(
+            **sampled, max_tokens=12, ignore_eos=True, logprobs=1, allowed_token_ids=allowed
+        )
+        out = llm.generate("a b c", params)[0].outputs[0]
+        assert len(out.token_ids) == 12 and set(out.token_ids) <= set(allowed)
+        # logprobs stay the model's: ranks among the whole vocabulary
+        assert out.logprobs[0][out.token_ids[0]].rank > 1
+        if sampled["temperature"] == 0:  # the likeliest allowed token
+            assert out.token_ids[0] == by_rank[2]
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_constraints_that_leave_no_token_give_way(llm, temperature):
+    # only EOS allowed, and EOS banned until min_tokens: the ban yields to allowed_token_ids
+    # (a row with nothing drawable had taken token 0, or crashed the step past the vocabulary)
+    eos = llm.tokenizer.eos_token_id
+    params = SamplingParams(
+        temperature=temperature, seed=1, max_tokens=6, min_tokens=3, allowed_token_ids=[eos]
+    )
+    out = llm.generate("a b c", params)[0].outputs[0]
+    assert out.token_ids == [eos] * 4 and out.finish_reason == "stop"
+
+
+def test_bad_words_are_never_completed(llm):
+    full = llm.generate("a b c", greedy(40))[0].outputs[0]
+    ids = full.token_ids
+    word = a_bad_word(llm.tokenizer, ids)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, bad_words=[word])
+    out = llm.generate("a b c", params)[0].outputs[0]
+    sequences = params.bad_words_token_ids
+
+    def completes(ids: list[int]) -> int | None:  # where a bad word's sequence first ends
+        ends = [
+            i + len(seq)
+            for seq in sequences
+            for i in range(len(ids) - len(seq) + 1)
+            if ids[i : i + len(seq)] == seq
+        ]
+        return min(ends, default=None)
+
+    end = completes(ids)
+    assert end is not None and completes(out.token_ids) is None
+    # greedy: the same tokens up to the one that would have completed it, then another
+    assert out.token_ids[: end - 1] == ids[: end - 1]
+    assert out.token_ids[end - 1] != ids[end - 1]

@@ -109,6 +109,11 @@ BAD_CHAT = [
     (chat(repetition_penalty=0), "repetition_penalty"),
     (chat(min_tokens=-1), "min_tokens"),
     (chat(max_tokens=4, min_tokens=5), "min_tokens"),
+    (chat(allowed_token_ids=[]), "allowed_token_ids"),
+    (chat(allowed_token_ids=[5, -1]), "allowed_token_ids.1"),
+    (chat(bad_words="word"), "bad_words"),
+    (chat(bad_words=["ok", ""]), "bad_words"),
+    (chat(bad_words=["w"] * 257), "bad_words"),
 ]
 
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from pagoda.engine import LLM, SamplingParams
 from tests.serving import Server
+from tests.tiny_models import a_bad_word
 
 MODEL = "test-org/tiny-llama"  # has a "/" like hub ids
 KEY = "sk-test-key"
@@ -196,6 +197,23 @@ def test_stop_strings_wait_for_min_tokens(client):
     end = text.find(stop, len(head))
     assert r.choices[0].message.content == (text if end < 0 else text[:end])
     assert r.choices[0].finish_reason == ("length" if end < 0 else "stop")
+
+
+def test_allowed_token_ids_and_bad_words_as_the_offline_engine(client, tiny_models):
+    """vLLM's two token constraints, sent as the SDK sends them, give what the offline engine
+    (tested token by token in test_offline_api) gives."""
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512)
+    prompt = [5, 6, 7, 8]
+    free = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=24))
+    word = a_bad_word(llm.tokenizer, free[0].outputs[0].token_ids)
+    for extra in ({"allowed_token_ids": [11, 17, 40, 41]}, {"bad_words": [word]}):
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, temperature=0, max_tokens=24, extra_body=extra
+        )
+        out = llm.generate(
+            {"prompt_token_ids": prompt}, SamplingParams(**extra, temperature=0, max_tokens=24)
+        )
+        assert r.choices[0].text == out[0].outputs[0].text != free[0].outputs[0].text, extra
 
 
 def test_logprobs_format(client):
@@ -488,6 +506,9 @@ BAD_CHAT = [
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"logit_bias": {"5": 1, "100000": 5}}, "logit_bias"),  # outside the vocabulary
+    ({"allowed_token_ids": [5, 100000]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": ["fine", "  "]}, "bad_words"),
 ]
 
 

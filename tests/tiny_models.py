@@ -9,6 +9,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from pagoda.engine.sampling_params import tokenize_bad_words
+
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 EOS_ID = 2
@@ -104,3 +106,14 @@ def build_tiny_model(
     GenerationConfig(bos_token_id=1, eos_token_id=EOS_ID).save_pretrained(folder)
     train_tokenizer().save_pretrained(folder)
     return folder
+
+
+def a_bad_word(tokenizer, token_ids: list[int]) -> str:
+    """The text of two adjacent tokens of `token_ids` that are one of that text's own token
+    sequences (a random model writes stray bytes, whose text does not tokenize back)."""
+    return next(
+        text
+        for i in range(len(token_ids) - 1)
+        if (text := tokenizer.decode(token_ids[i : i + 2]).strip())
+        and token_ids[i : i + 2] in tokenize_bad_words(tokenizer, [text])
+    )

@@ -156,9 +156,7 @@ def build_app(
         model = served(req.model or first_model(), request_meter(request))
         if req.messages is not None:
             tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
-            ids = await model.tokenizing.run(
-                chat_prompt, model, req, req.add_generation_prompt, tools
-            )
+            ids = await model.tokenizing.run(chat_prompt, model, req, tools)
         else:
             special = req.add_special_tokens
             ids = await model.tokenizing.run(

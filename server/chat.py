@@ -36,12 +36,9 @@ from pagoda.server.tools import (
 
 
 def chat_prompt(
-    model: ServedModel,
-    req: ChatCompletionRequest | TokenizeRequest,
-    add_generation_prompt=True,
-    tools: ToolPlan | None = None,
+    model: ServedModel, req: ChatCompletionRequest | TokenizeRequest, tools: ToolPlan | None = None
 ) -> list[int]:
-    messages, kwargs = messages_for_template(req), {}
+    messages, kwargs = messages_for_template(req), dict(req.chat_template_kwargs or {})
     offered = tools if tools is not None and tools.mode != "none" else None
     if template_supports_tools(model.tokenizer):
         if offered is not None:
@@ -50,7 +47,11 @@ def chat_prompt(
         messages = with_fallback_prompt(messages, offered)
     try:
         text = model.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            messages,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            **kwargs,
         )
     except Exception as exc:  # a template that rejects the conversation (roles, order)
         raise invalid(f"the chat template rejected the messages: {exc}", param="messages") from exc

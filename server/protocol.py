@@ -394,7 +394,54 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+# apply_chat_template's own arguments, which chat_template_kwargs must not set
+_TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+class ChatTemplateOptions(BaseModel):
+    """vLLM's fields for how the messages become the prompt."""
+
+    add_generation_prompt: bool = True  # end with the assistant's header
+    continue_final_message: bool = False  # end inside the last (assistant) message: a prefill
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables
+
+    @model_validator(mode="after")
+    def _template_rules(self) -> ChatTemplateOptions:
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise _FieldError(
+                    "continue_final_message", "needs add_generation_prompt to be false"
+                )
+            if self.messages and self.messages[-1].role != "assistant":
+                raise _FieldError(
+                    "continue_final_message", "needs the last message to be the assistant's"
+                )
+        if reserved := sorted(_TEMPLATE_ARGUMENTS & set(self.chat_template_kwargs or ())):
+            raise _FieldError(
+                "chat_template_kwargs", f"{reserved[0]} is a request field or not a variable"
+            )
+        return self
+
+
+class ChatCompletionRequest(ChatTemplateOptions, _SamplingRequest):
     # OpenAI fields with no effect here: storage, billing, caching and safety hints
     ignored_fields: ClassVar = frozenset(
         {
@@ -572,14 +619,13 @@ class CompletionRequest(_SamplingRequest):
 # vLLM's tokenizer endpoints (lm-eval and other clients use them to count tokens remotely)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateOptions):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # as in vLLM: the first served model (lm-eval sends none)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # for `prompt`
-    add_generation_prompt: bool = True  # for `messages`
     # for `messages`: the prompt a chat request with these tools would have
     tools: Any = None
     tool_choice: Any = None

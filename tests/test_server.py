@@ -591,6 +591,44 @@ def test_bad_completion_inputs(http):
         assert r.json()["error"]["message"].startswith(message), r.text
 
 
+def test_chat_template_options(http, tiny_models):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking), continue_final_message (an
+    assistant prefill) and add_generation_prompt, on chat and /tokenize, as transformers
+    renders them."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    user = [{"role": "user", "content": "Tell me a story"}]
+    prefill = [*user, {"role": "assistant", "content": "Once upon a"}]
+    for messages, options in [
+        (user, {"chat_template_kwargs": {"enable_thinking": False}}),
+        (user, {"add_generation_prompt": False}),
+        (prefill, {"add_generation_prompt": False, "continue_final_message": True}),
+    ]:
+        variables = options.get("chat_template_kwargs", {})
+        flags = {"add_generation_prompt": True}  # the server's default, not transformers'
+        flags.update((k, v) for k, v in options.items() if k != "chat_template_kwargs")
+        expected = tokenizer.apply_chat_template(messages, **variables, **flags, return_dict=False)
+        body = {"messages": messages, **options}
+        assert http.post("/tokenize", json=body).json()["tokens"] == expected
+        r = http.post("/v1/chat/completions", json={**GOOD, **body})
+        assert r.json()["usage"]["prompt_tokens"] == len(expected), r.text
+    plain = http.post("/tokenize", json={"messages": user}).json()["count"]
+    thinking_off = tokenizer.apply_chat_template(
+        user, add_generation_prompt=True, enable_thinking=False, return_dict=False
+    )
+    assert plain + 4 <= len(thinking_off)  # the variable did change the prompt
+    for options, message in [
+        ({"continue_final_message": True}, "add_generation_prompt"),
+        ({"continue_final_message": True, "add_generation_prompt": False}, "the assistant's"),
+        ({"chat_template_kwargs": {"tokenize": True}}, "tokenize"),
+        ({"chat_template_kwargs": ["x"]}, "dictionary"),
+    ]:
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = http.post(path, json={**GOOD, **options})
+            assert r.status_code == 400, (options, r.text)
+            error = r.json()["error"]
+            assert error["param"] == next(iter(options)) and message in error["message"]
+
+
 def test_tokenize_and_detokenize(server, http, tiny_models):
     llm_tokenizer = LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=512).tokenizer
     r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello there"})

@@ -28,7 +28,10 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<s>assistant\n"
+    # Qwen3's switch, read from chat_template_kwargs
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
 )
 
 _COMMON = dict(

@@ -316,12 +316,12 @@ def test_unrecognized_names_the_path_of_each_field():
         ],
         "stream_options": {"include_usage": True, "include_obfuscation": False},
         "store": True,
-        "chat_template_kwargs": {},
+        "priority": 1,
     }
     assert list(unrecognized(ChatCompletionRequest, body)) == [
         ("messages.0.content.0.colour", "messages.content.colour"),
         ("messages.1.extra", "messages.extra"),
-        ("chat_template_kwargs", "chat_template_kwargs"),
+        ("priority", "priority"),
     ]
     assert list(unrecognized(CompletionRequest, {"model": "m", "prompt": "p", "echo": 1})) == []
 

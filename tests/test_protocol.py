@@ -237,7 +237,7 @@ def test_max_completion_tokens_wins():
 
 
 def test_unknown_fields_are_tolerated():
-    body = chat(chat_template_kwargs={"x": 1}, metadata={"a": "b"}, store=False)
+    body = chat(priority=1, metadata={"a": "b"}, store=False)
     body["messages"] = [{"role": "user", "content": "hi", "cache_control": {}}]
     assert parse_chat(body).messages[0].text() == "hi"
     assert parse_completion(completion(foo=[1, 2])).prompt == "Once upon a time"

@@ -28,6 +28,8 @@ Four kernels; a step launches one (write, extend) or two (decode):
 KV tiles of `TILE_N` positions are gathered position by position (block id from the table,
 offset within the block), so the tile size does not depend on the cache's block size, and every
 table or cache read past the sequence's length is masked off.
+Heads of any size run in a tile of the next power of two (at least 16) with the extra columns
+masked off: 80, 96 or 112 wide heads cost a 128-wide tile.
 
 Precision: scores, softmax and accumulators are fp32. fp16/bf16 operands go to `tl.dot`
 natively on a GPU; fp32 operands use `input_precision="ieee"` (no tf32). Under the Triton
@@ -67,12 +69,13 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     heads = tl.arange(0, HEADS_PAD)
-    d = tl.arange(0, D)
-    mask = (heads < num_kv_heads)[:, None] & (slot >= 0)
+    d = tl.arange(0, D_PAD)
+    mask = (heads < num_kv_heads)[:, None] & (d < D)[None, :] & (slot >= 0)
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     dst = block * stride_cb + offset * stride_ct + heads[:, None] * stride_ch + d[None, :]
@@ -105,6 +108,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr,  # tokens: a split covers at least this much context
@@ -124,18 +128,19 @@ def _decode_split_kernel(
     end = tl.minimum(start + split_len, seq_len)
 
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
     n = tl.arange(0, TILE_N)
     heads = kv_head * GROUP + g
     q = tl.load(
         q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=(g < GROUP)[:, None],
+        mask=(g < GROUP)[:, None] & d_mask[None, :],
         other=0.0,
     ).to(COMPUTE_DTYPE)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table = block_tables_ptr + seq * stride_bt
     for tile_start in range(start, end, TILE_N):
         pos = tile_start + n
@@ -147,20 +152,22 @@ def _decode_split_kernel(
             + kv_head * stride_ch
             + d[None, :]
         )
-        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(COMPUTE_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(COMPUTE_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision="ieee")
         m_i = m_new
 
     part = (seq * num_heads + heads) * num_splits + split
     head_mask = g < GROUP
-    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=head_mask[:, None])
+    acc_mask = head_mask[:, None] & d_mask[None, :]
+    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=acc_mask)
     tl.store(part_max_ptr + part, m_i, mask=head_mask)
     tl.store(part_sum_ptr + part, l_i, mask=head_mask)
 
@@ -178,6 +185,7 @@ def _decode_reduce_kernel(
     num_splits,
     SPLITS_PAD: tl.constexpr,
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -185,19 +193,22 @@ def _decode_reduce_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) == row:
         return
     splits = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
     part = (seq * num_heads + head) * num_splits + splits
     in_range = splits < num_splits
     m = tl.load(part_max_ptr + part, mask=in_range, other=float("-inf"))
     sums = tl.load(part_sum_ptr + part, mask=in_range, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=in_range[:, None], other=0.0)
+    acc_mask = in_range[:, None] & d_mask[None, :]
+    acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=acc_mask, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: output 0, not NaN
     w = tl.exp2(m - m_max)
     denom = tl.sum(sums * w, 0)
     denom = tl.where(denom == 0.0, 1.0, denom)
     o = tl.sum(acc * w[:, None], 0) / denom
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+    out = out_ptr + row * stride_ot + head * stride_oh + d
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -238,6 +249,7 @@ def _extend_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per tile; the tile has BLOCK_Q * GROUP_PAD rows
     D: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -260,11 +272,12 @@ def _extend_kernel(
     g = r % GROUP_PAD
     heads = kv_head * GROUP + g
     row_mask = (i < q_len) & (g < GROUP)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
     n = tl.arange(0, TILE_N)
     q = tl.load(
         q_ptr + (q_start + i)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=row_mask[:, None],
+        mask=row_mask[:, None] & d_mask[None, :],
         other=0.0,
     ).to(COMPUTE_DTYPE)
     # Rows past q_len (or past the group) see a longer causal window; their results are
@@ -273,7 +286,7 @@ def _extend_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table = block_tables_ptr + seq * stride_bt
     kv_end = tl.minimum(context + (q_tile + 1) * BLOCK_Q, seq_len)  # causal bound of the tile
     for tile_start in range(0, kv_end, TILE_N):
@@ -286,20 +299,21 @@ def _extend_kernel(
             + kv_head * stride_ch
             + d[None, :]
         )
-        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(COMPUTE_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(COMPUTE_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v, input_precision="ieee")
         m_i = m_new
 
     o = acc / l_i[:, None]
     out = out_ptr + (q_start + i)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def _compute_dtype(dtype: torch.dtype, on_gpu: bool):
@@ -318,9 +332,21 @@ def _tile_n(dtype: torch.dtype) -> int:
 # Launch configurations: constexprs plus num_warps, shared with the ahead-of-time test.
 
 
+def _padded(head_dim: int) -> int:
+    """The head's tile width: `tl.arange` lengths are powers of two and `tl.dot` needs K >= 16,
+    so head sizes such as 80, 96 or 112 run in a masked 128-wide tile."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _write_kv_config(num_kv_heads: int, head_dim: int, block_size: int) -> dict:
     heads_pad = triton.next_power_of_2(num_kv_heads)
-    return {"BLOCK_SIZE": block_size, "HEADS_PAD": heads_pad, "D": head_dim, "num_warps": 4}
+    return {
+        "BLOCK_SIZE": block_size,
+        "HEADS_PAD": heads_pad,
+        "D": head_dim,
+        "D_PAD": _padded(head_dim),
+        "num_warps": 4,
+    }
 
 
 def _decode_config(
@@ -330,6 +356,7 @@ def _decode_config(
         "GROUP": group,
         "GROUP_PAD": max(16, triton.next_power_of_2(group)),
         "D": head_dim,
+        "D_PAD": _padded(head_dim),
         "BLOCK_SIZE": block_size,
         "TILE_N": _tile_n(dtype),
         "MIN_SPLIT": _MIN_TILES_PER_SPLIT * _tile_n(dtype),
@@ -340,7 +367,12 @@ def _decode_config(
 
 def _reduce_config(num_splits: int, head_dim: int) -> dict:
     splits_pad = triton.next_power_of_2(num_splits)
-    return {"SPLITS_PAD": splits_pad, "D": head_dim, "num_warps": 1 if head_dim <= 64 else 2}
+    return {
+        "SPLITS_PAD": splits_pad,
+        "D": head_dim,
+        "D_PAD": _padded(head_dim),
+        "num_warps": 1 if head_dim <= 64 else 2,
+    }
 
 
 def _extend_config(
@@ -363,18 +395,17 @@ def _extend_config(
         "GROUP_PAD": group_pad,
         "BLOCK_Q": block_m // group_pad,
         "D": head_dim,
+        "D_PAD": _padded(head_dim),
         "BLOCK_SIZE": block_size,
         "TILE_N": _tile_n(dtype),
         "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
-        "num_warps": 8 if block_m * head_dim >= 64 * 128 else 4,
+        "num_warps": 8 if block_m * _padded(head_dim) >= 64 * 128 else 4,
     }
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.stride(3) == 1, "cache rows must be contiguous in head_dim"
-    head_dim = k_cache.shape[3]
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim: a power of two >= 16"
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,19 @@ def test_mixed_batch(dtype, num_heads, num_kv_heads, head_dim, seed):
     _check_attention(MIXED, num_heads, num_kv_heads, head_dim, dtype, 16, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(8, 2, 80), (6, 2, 96), (7, 1, 112), (4, 2, 8)]
+)
+def test_head_size_not_a_power_of_two(dtype, num_heads, num_kv_heads, head_dim, seed):
+    """Head sizes of real models (80: h2o-danube, 96, 112) and a tiny one run in a padded,
+    masked tile: decode and mixed steps, contexts ending on and one past a block boundary."""
+    decode = [(0, 1), (15, 1), (16, 1), (70, 1)]
+    mixed = [(0, 17), (16, 1), (31, 3), (5, 1)]
+    for seqs in (decode, mixed):
+        _check_attention(seqs, num_heads, num_kv_heads, head_dim, dtype, 16, seed)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_many_query_tiles(head_dim, seed):
     """A long fresh prompt and a long chunk on a prefix: several query tiles per sequence."""
@@ -254,7 +267,7 @@ def test_captured_decode_spreads_a_short_context_over_every_split(monkeypatch, s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128), (2, 32)])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (3, 128), (2, 32), (2, 80)])
 def test_write_kv_cache(dtype, num_kv_heads, head_dim, seed):
     _check_write_kv_cache(tri.write_kv_cache, dtype, num_kv_heads, head_dim, seed)
 
@@ -350,7 +363,7 @@ def _source(fn, dtype, constexprs):
 
 CAPABILITIES = [80, 90]
 DTYPES = ["fp32", "fp16", "bf16"]
-HEAD_DIMS = [32, 64, 128]
+HEAD_DIMS = [32, 64, 80, 128]  # 80: a padded, masked head tile
 
 
 def _compile_all() -> dict[str, str]:

@@ -385,8 +385,12 @@ def _extend_config(
 ) -> dict:
     group_pad = triton.next_power_of_2(group)
     # Tile rows are (query token, head of the group) pairs: 64 of them for real prefill
-    # chunks (32 in fp32, see _tile_n), 16 when every query of the batch is short.
+    # chunks (32 in fp32, see _tile_n), 16 when every query of the batch is short. Heads
+    # wider than 128 take half as many rows: a 64 x 256 tile needs 104 KiB of shared memory,
+    # past the 99 KiB of sm_86/sm_89 cards (RTX 30xx/40xx, A10, L4, L40).
     block_m = 64 if dtype.itemsize == 2 else 32
+    if _padded(head_dim) > 128:
+        block_m //= 2
     if max_query_len * group_pad <= 16:
         block_m = 16
     block_m = max(block_m, group_pad)

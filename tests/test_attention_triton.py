@@ -363,7 +363,7 @@ def _source(fn, dtype, constexprs):
 
 CAPABILITIES = [80, 90]
 DTYPES = ["fp32", "fp16", "bf16"]
-HEAD_DIMS = [32, 64, 80, 128]  # 80: a padded, masked head tile
+HEAD_DIMS = [32, 64, 80, 128, 256]  # 80: a padded, masked head tile
 
 
 def _compile_all() -> dict[str, str]:
@@ -388,6 +388,12 @@ def _compile_all() -> dict[str, str]:
                         continue
                     if not compiled.asm.get("cubin"):
                         problems.append(f"{fn.__name__}: no cubin")
+                    # an sm_80 build runs on sm_86/sm_89 cards too, which have 99 KiB per block
+                    limit = (99 if capability == 80 else 227) << 10
+                    if compiled.metadata.shared > limit:
+                        problems.append(
+                            f"{fn.__name__}: {compiled.metadata.shared} B of shared memory"
+                        )
                     # 16-bit operands must reach the tensor cores, not fall back to FMA loops.
                     ptx = compiled.asm["ptx"]
                     if dtype != "fp32" and "COMPUTE_DTYPE" in constexprs and "mma" not in ptx:

@@ -160,7 +160,7 @@ def test_head_size_not_a_power_of_two(dtype, num_heads, num_kv_heads, head_dim, 
         _check_attention(seqs, num_heads, num_kv_heads, head_dim, dtype, 16, seed)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])  # 256: half-height tiles
 def test_prefill_many_query_tiles(head_dim, seed):
     """A long fresh prompt and a long chunk on a prefix: several query tiles per sequence."""
     seqs = [(0, 150), (70, 90), (5, 1)]

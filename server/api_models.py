@@ -104,6 +104,9 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: None
+    # vLLM's, when the request asks `prompt_logprobs`: per prompt token (None for the first),
+    # keyed by token id
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class ToolCallDelta(BaseModel):

@@ -18,6 +18,7 @@ from pagoda.server.generation import (
     ServedModel,
     event_stream,
     json_logprob,
+    prompt_logprobs,
 )
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
@@ -132,7 +133,7 @@ async def _complete(
                 "finish_reason": finish_reason,
             }
         )
-    return {
+    body = {
         "id": generation.request_id,
         "object": "chat.completion",
         "created": int(time.time()),
@@ -141,6 +142,9 @@ async def _complete(
         "usage": usage(generation),
         "system_fingerprint": None,
     }
+    if req.prompt_logprobs is not None:  # never streamed (refused)
+        body["prompt_logprobs"] = prompt_logprobs(generation, req.prompt_logprobs)
+    return body
 
 
 async def _stream(

@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
-from pagoda.engine.sequence import Logprob, TokenLogprobs
+from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.chat import usage
 from pagoda.server.errors import APIError
 from pagoda.server.generation import (
@@ -20,6 +20,8 @@ from pagoda.server.generation import (
     ServedModel,
     event_stream,
     json_logprob,
+    prompt_logprobs,
+    top_and_chosen,
 )
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
@@ -145,32 +147,8 @@ class _Choice:
             "finish_reason": self.finish_reason,
         }
         if self.req.prompt_logprobs is not None:  # never streamed (refused)
-            body["prompt_logprobs"] = self._prompt_logprobs()
+            body["prompt_logprobs"] = prompt_logprobs(self.generation, self.req.prompt_logprobs)
         return body
-
-    def _prompt_logprobs(self) -> list[dict | None]:
-        """vLLM's `prompt_logprobs`: per prompt token (None for the first), its own entry and
-        the top N, keyed by token id: {"logprob", "rank", "decoded_token"}."""
-        prompt = self.generation.prompt_token_ids
-        entries = self.generation.prompt_logprobs or [None] * len(prompt)
-        k = self.req.prompt_logprobs
-        out: list[dict | None] = []
-        for token, entry in zip(prompt, entries):
-            if entry is None:
-                out.append(None)
-                continue
-            kept = dict(_top_and_chosen(token, entry, k))
-            out.append(
-                {
-                    str(t): {
-                        "logprob": json_logprob(lp.logprob),
-                        "rank": lp.rank,
-                        "decoded_token": self.model.token_text(t),
-                    }
-                    for t, lp in kept.items()
-                }
-            )
-        return out
 
 
 def top_logprobs(model: ServedModel, token: int, entry: TokenLogprobs, k: int) -> dict[str, float]:
@@ -181,15 +159,9 @@ def top_logprobs(model: ServedModel, token: int, entry: TokenLogprobs, k: int) -
     that takes a token as greedy when its logprob is the dict's maximum (lm-eval's is_greedy)
     must not see a less likely duplicate in place of the top token."""
     top: dict[str, float] = {}
-    for t, lp in _top_and_chosen(token, entry, k):
+    for t, lp in top_and_chosen(token, entry, k):
         top.setdefault(model.token_text(t), json_logprob(lp.logprob))
     return top
-
-
-def _top_and_chosen(token: int, entry: TokenLogprobs, k: int) -> list[tuple[int, Logprob]]:
-    """A position's `k` likeliest tokens, likeliest first, then the chosen one (which may be
-    among them)."""
-    return sorted(entry.items(), key=lambda item: item[1].rank)[:k] + [(token, entry[token])]
 
 
 async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:

@@ -20,7 +20,7 @@ from pagoda.engine.sampling_params import (
     check_token_ids,
     tokenize_bad_words,
 )
-from pagoda.engine.sequence import TokenLogprobs
+from pagoda.engine.sequence import Logprob, TokenLogprobs
 from pagoda.server import defaults
 from pagoda.server.detokenizer import IncrementalDetokenizer, token_bytes
 from pagoda.server.engine_client import EngineClient
@@ -159,6 +159,32 @@ MIN_LOGPROB = -9999.0
 
 def json_logprob(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
+
+
+def top_and_chosen(token: int, entry: TokenLogprobs, k: int) -> list[tuple[int, Logprob]]:
+    """A position's `k` likeliest tokens, likeliest first, then the chosen one (which may be
+    among them)."""
+    return sorted(entry.items(), key=lambda item: item[1].rank)[:k] + [(token, entry[token])]
+
+
+def prompt_logprobs(generation: Generation, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), its own entry and the
+    top k, keyed by token id: {"logprob", "rank", "decoded_token"}."""
+    prompt, model = generation.prompt_token_ids, generation.model
+    entries = generation.prompt_logprobs or [None] * len(prompt)
+    return [
+        None
+        if entry is None
+        else {
+            str(t): {
+                "logprob": json_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": model.token_text(t),
+            }
+            for t, lp in dict(top_and_chosen(token, entry, k)).items()
+        }
+        for token, entry in zip(prompt, entries)
+    ]
 
 
 @lru_cache(maxsize=1 << 16)

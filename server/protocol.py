@@ -251,6 +251,9 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    # each prompt token's logprob with the top N: completions' `choices[].prompt_logprobs`,
+    # chat's top-level `prompt_logprobs`
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
     bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     skip_special_tokens: bool = True
@@ -287,6 +290,8 @@ class _SamplingRequest(BaseModel):
     def _shared_rules(self) -> _SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise _FieldError("stream_options", "only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM
+            raise _FieldError("prompt_logprobs", "is not available when stream is true")
         limit = self.max_tokens_limit()
         if limit is not None and self.min_tokens > limit:
             raise _FieldError("min_tokens", f"must not exceed max_tokens ({limit})")
@@ -486,6 +491,7 @@ class ChatCompletionRequest(ChatTemplateOptions, _SamplingRequest):
             **self._common_sampling_kwargs(),
             "max_tokens": self.max_tokens_limit(),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
 
@@ -562,8 +568,6 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    # vLLM's: each prompt token's logprob with the top N, as `choices[].prompt_logprobs`
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
@@ -580,8 +584,6 @@ class CompletionRequest(_SamplingRequest):
             raise _FieldError("best_of", "is supported only when null or equal to n")
         if self.max_tokens == 0 and not self.echo:
             raise _FieldError("max_tokens", "must be at least 1 (0 is allowed only with echo)")
-        if self.prompt_logprobs is not None and self.stream:
-            raise _FieldError("prompt_logprobs", "is not available when stream is true")
         return self
 
     @property

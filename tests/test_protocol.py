@@ -109,6 +109,8 @@ BAD_CHAT = [
     (chat(repetition_penalty=0), "repetition_penalty"),
     (chat(min_tokens=-1), "min_tokens"),
     (chat(max_tokens=4, min_tokens=5), "min_tokens"),
+    (chat(prompt_logprobs=21), "prompt_logprobs"),
+    (chat(prompt_logprobs=1, stream=True), "prompt_logprobs"),
     (chat(allowed_token_ids=[]), "allowed_token_ids"),
     (chat(allowed_token_ids=[5, -1]), "allowed_token_ids.1"),
     (chat(bad_words="word"), "bad_words"),

@@ -216,6 +216,27 @@ def test_allowed_token_ids_and_bad_words_as_the_offline_engine(client, tiny_mode
         assert r.choices[0].text == out[0].outputs[0].text != free[0].outputs[0].text, extra
 
 
+def test_chat_prompt_logprobs_as_completions_give_them(http):
+    """vLLM's prompt_logprobs on chat: top-level, per prompt token, as completions give them for
+    the same token ids (which test_lm_eval checks against transformers)."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    chat = http.post(
+        "/v1/chat/completions", json={**GOOD, "messages": messages, "prompt_logprobs": 2}
+    ).json()
+    scored = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2},
+    ).json()
+    got = chat["prompt_logprobs"]
+    assert len(got) == len(ids) == chat["usage"]["prompt_tokens"] and got[0] is None
+    assert all(str(token) in entry for token, entry in zip(ids[1:], got[1:]))
+    assert got == scored["choices"][0]["prompt_logprobs"]
+    assert "prompt_logprobs" not in http.post("/v1/chat/completions", json=GOOD).json()
+    refused = http.post("/v1/chat/completions", json={**GOOD, "prompt_logprobs": 1, "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_logprobs_format(client):
     r = chat(client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)
     content = r.choices[0].logprobs.content

@@ -250,6 +250,8 @@ class Generation:
                     continue
                 detokenizer = detokenizers[delta.index]
                 text = detokenizer.add(delta.new_token_ids)
+                if detokenizer.stopped and self.params.include_stop_str_in_output:
+                    text += detokenizer.stop_str
                 finish = "stop" if detokenizer.stopped else delta.finish_reason
                 if finish is not None and not detokenizer.stopped:
                     text += detokenizer.flush()

@@ -250,6 +250,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[TokenId] | None = None
     # each prompt token's logprob with the top N: completions' `choices[].prompt_logprobs`,
     # chat's top-level `prompt_logprobs`
@@ -322,6 +323,7 @@ class _SamplingRequest(BaseModel):
             "logit_bias": dict(self.logit_bias) if self.logit_bias else None,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
             "stop_token_ids": list(self.stop_token_ids or []),
             "allowed_token_ids": self.allowed_token_ids,
             "bad_words": self.bad_words,

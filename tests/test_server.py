@@ -178,6 +178,10 @@ def test_stop_strings_cut_across_tokens(client):
     r = chat(client, temperature=0, max_tokens=30, ignore_eos=True, stop=[stop, "\u2603never"])
     assert r.choices[0].message.content == free[: free.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+    # vLLM's include_stop_str_in_output: the text up to the stop string's end
+    extra = {"include_stop_str_in_output": True}
+    r = chat(client, temperature=0, max_tokens=30, ignore_eos=True, stop=stop, extra_body=extra)
+    assert r.choices[0].message.content == free[: free.index(stop)] + stop
 
 
 def test_stop_strings_wait_for_min_tokens(client):

@@ -237,35 +237,49 @@ class Generation:
             for _ in range(n)
         ]
         done = [False] * n
-        clock = _Clock(self.metrics, self.model.id)
+        clock = _Clock(self.metrics, self.model.id, n)
         stream = self.model.client.generate(self.request_id, self.prompt_token_ids, self.params)
-        async with aclosing(stream) as deltas:
-            async for delta in deltas:
-                clock.tick(len(delta.new_token_ids))
-                if delta.index == 0:  # the others find the prompt that choice 0 computed
-                    self.cached_tokens = delta.num_cached_tokens
-                if delta.prompt_logprobs is not None:
-                    self.prompt_logprobs = delta.prompt_logprobs
-                if done[delta.index]:
-                    continue
-                detokenizer = detokenizers[delta.index]
-                text = detokenizer.add(delta.new_token_ids)
-                if detokenizer.stopped and self.params.include_stop_str_in_output:
-                    text += detokenizer.stop_str
-                finish = "stop" if detokenizer.stopped else delta.finish_reason
-                if finish is not None and not detokenizer.stopped:
-                    text += detokenizer.flush()
-                self.completion_tokens += len(delta.new_token_ids)
-                done[delta.index] = finish is not None
-                yield ChoiceDelta(
-                    delta.index, text, delta.new_token_ids, delta.new_logprobs, finish
-                )
-                if finish is not None:
-                    self.metrics.requests.labels(self.model.id, finish).inc()
-                    self.metrics.request_success.labels(self.model.id, finish).inc()
-                if all(done):
-                    break
-        clock.finish(len(self.prompt_token_ids))
+        ran = True
+        try:
+            async with aclosing(stream) as deltas:
+                async for delta in deltas:
+                    if delta.index == 0:  # the others find the prompt that choice 0 computed
+                        self.cached_tokens = delta.num_cached_tokens
+                    if delta.prompt_logprobs is not None:
+                        self.prompt_logprobs = delta.prompt_logprobs
+                    if done[delta.index]:  # cut by a stop string: nothing more is sent
+                        continue
+                    clock.tick(delta.index)
+                    detokenizer = detokenizers[delta.index]
+                    text = detokenizer.add(delta.new_token_ids)
+                    if detokenizer.stopped and self.params.include_stop_str_in_output:
+                        text += detokenizer.stop_str
+                    finish = "stop" if detokenizer.stopped else delta.finish_reason
+                    if finish is not None and not detokenizer.stopped:
+                        text += detokenizer.flush()
+                    self.completion_tokens += len(delta.new_token_ids)
+                    done[delta.index] = finish is not None
+                    yield ChoiceDelta(
+                        delta.index, text, delta.new_token_ids, delta.new_logprobs, finish
+                    )
+                    if finish is not None:
+                        self._count_finished(finish)
+                    if all(done):
+                        break
+        except ValueError:  # the engine refused the request (a 400): nothing ran
+            ran = False
+            raise
+        finally:
+            # a choice cut short (its client left, its engine died, the drain ended it)
+            # counts as "abort", and the request's tokens and latency count all the same
+            if ran:
+                self._count_finished("abort", done.count(False))
+                clock.finish(len(self.prompt_token_ids), self.completion_tokens)
+
+    def _count_finished(self, reason: str, choices: int = 1) -> None:
+        if choices:
+            self.metrics.requests.labels(self.model.id, reason).inc(choices)
+            self.metrics.request_success.labels(self.model.id, reason).inc(choices)
 
     @property
     def prompt_tokens(self) -> int:
@@ -273,25 +287,26 @@ class Generation:
 
 
 class _Clock:
-    """TTFT, inter-token latency and end-to-end latency of one request."""
+    """TTFT, inter-token latency and end-to-end latency of one request. The time between
+    tokens is each choice's own: the n choices of a step arrive together."""
 
-    def __init__(self, metrics: Metrics, model_id: str) -> None:
+    def __init__(self, metrics: Metrics, model_id: str, n: int) -> None:
         self.metrics = metrics
         self.model_id = model_id
         self.itl = metrics.itl.labels(model_id)  # once: `labels` costs more than `observe`
-        self.start = self.last = time.monotonic()
-        self.tokens = 0
+        self.start = time.monotonic()
+        self.last: list[float | None] = [None] * n  # each choice's latest token
 
-    def tick(self, new_tokens: int) -> None:
+    def tick(self, index: int) -> None:
         now = time.monotonic()
-        if self.tokens == 0:
+        last = self.last[index]
+        if last is not None:
+            self.itl.observe(now - last)
+        elif all(t is None for t in self.last):
             self.metrics.ttft.labels(self.model_id).observe(now - self.start)
-        else:
-            self.itl.observe(now - self.last)
-        self.last = now
-        self.tokens += new_tokens
+        self.last[index] = now
 
-    def finish(self, prompt_tokens: int) -> None:
+    def finish(self, prompt_tokens: int, generation_tokens: int) -> None:
         self.metrics.e2e.labels(self.model_id).observe(time.monotonic() - self.start)
         self.metrics.prompt_tokens.labels(self.model_id).inc(prompt_tokens)
-        self.metrics.generation_tokens.labels(self.model_id).inc(self.tokens)
+        self.metrics.generation_tokens.labels(self.model_id).inc(generation_tokens)

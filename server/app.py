@@ -17,6 +17,7 @@ from starlette.routing import Route
 from pagoda.server import defaults
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
+from pagoda.server.disconnect import unless_disconnected
 from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.image_request import ImageGenerationRequest
@@ -124,12 +125,14 @@ def build_app(
     async def chat(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await read_body(request))
         meter = request_meter(request)
-        return await chat_completion(served(req.model, meter), req, metrics, meter)
+        work = chat_completion(served(req.model, meter), req, metrics, meter)
+        return await unless_disconnected(request, work)
 
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await read_body(request))
         meter = request_meter(request)
-        return await completion(served(req.model, meter), req, metrics, meter)
+        work = completion(served(req.model, meter), req, metrics, meter)
+        return await unless_disconnected(request, work)
 
     def first_model(kind: str = "chat") -> str:
         """The model a request without `model` gets (vLLM serves one; here the first)."""

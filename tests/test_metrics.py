@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving import Server
+from tests.serving import Server, engines_stopped
 
 MODEL = "tiny"
 LABELS = {"model_name": MODEL}
@@ -126,3 +126,17 @@ def test_an_aborted_stream_counts(server):
     assert moved(before, after, "pagoda:e2e_request_latency_seconds_count") == 1
     assert 3 <= moved(before, after, "pagoda:generation_tokens_total") < 400
     assert moved(before, after, "pagoda:prompt_tokens_total") > 0
+
+
+def test_a_client_that_leaves_a_plain_request_ends_it(server):
+    """A non-streamed request whose client hangs up is aborted in the engine (it no longer
+    holds a batch slot) and answered 499, not finished and counted as a 200."""
+    before = idle(server)
+    with engines_stopped([server.engine_pid()]), pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=story(max_tokens=400), timeout=1.0)
+    after = idle(server)
+    route = {"route": "/v1/chat/completions"}
+    assert moved(before, after, "pagoda:http_responses_total", **route, status="499") == 1
+    assert moved(before, after, "pagoda:http_responses_total", **route, status="200") == 0
+    assert moved(before, after, "pagoda:requests_total", finish_reason="abort") == 1
+    assert moved(before, after, "pagoda:requests_total", finish_reason="length") == 0

@@ -14,6 +14,7 @@ from pagoda.server.worker_client import WorkerClient
 
 class EngineClient(WorkerClient):
     kind = "engine"
+    load_gauges = ("running", "waiting", "kv_cache_usage", "prefix_cache_blocks")
 
     def __init__(self, config: EngineConfig, name: str) -> None:
         super().__init__(name, run_engine_core, (config,))

@@ -65,6 +65,8 @@ class WorkerClient:
     worker is not ready."""
 
     kind = "worker"
+    # the keys of `stats` that describe what the process holds now: a dead one holds nothing
+    load_gauges: tuple[str, ...] = ("running", "waiting")
 
     def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
         """`target(*args, input_addr, output_addr, log_settings)` runs in the worker's
@@ -224,6 +226,7 @@ class WorkerClient:
                 len(self._queues),
             )
             self.fail_in_flight(WorkerDeadError(f"the {self.kind} for {self.name!r} stopped"))
+            self.stats = {**self.stats, **dict.fromkeys(self.load_gauges, 0)}
             await self._stop_process(timeout=0)
             crashes = 1 if time.monotonic() - self._started_at >= STABLE_S else crashes + 1
             if not await self._restart(crashes):

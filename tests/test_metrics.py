@@ -3,14 +3,17 @@ the responses say, whatever the request's n, its stop strings or how it ended.""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving import Server, engines_stopped
+from tests.serving import Server, engines_stopped, gone
 
 MODEL = "tiny"
 LABELS = {"model_name": MODEL}
@@ -140,3 +143,23 @@ def test_a_client_that_leaves_a_plain_request_ends_it(server):
     assert moved(before, after, "pagoda:http_responses_total", **route, status="200") == 0
     assert moved(before, after, "pagoda:requests_total", finish_reason="abort") == 1
     assert moved(before, after, "pagoda:requests_total", finish_reason="length") == 0
+
+
+def test_a_dead_engine_runs_nothing(server):
+    """While a killed engine restarts, /metrics does not show the dead process's last load."""
+    body = story(max_tokens=400, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        deadline = time.monotonic() + 30
+        while value(scrape(server), "pagoda:num_requests_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        engine = psutil.Process(server.engine_pid())
+        os.kill(engine.pid, signal.SIGKILL)
+        assert gone(engine)
+        response.read()
+    samples = scrape(server)  # within the restart's backoff (a second)
+    assert value(samples, "pagoda:model_ready") == 0
+    assert value(samples, "pagoda:num_requests_running") == 0
+    assert value(samples, "pagoda:kv_cache_usage_perc") == 0
+    server.wait_ready()

@@ -274,7 +274,22 @@ class Generation:
             # counts as "abort", and the request's tokens and latency count all the same
             if ran:
                 self._count_finished("abort", done.count(False))
-                clock.finish(len(self.prompt_token_ids), self.completion_tokens)
+                clock.finish()
+                self._count_tokens(prefix_known=clock.last[0] is not None)
+
+    def _count_tokens(self, prefix_known: bool) -> None:
+        """The request's usage in /metrics; its prefix cache lookup once choice 0 told it."""
+        metrics, model, prompt = self.metrics, self.model.id, len(self.prompt_token_ids)
+        metrics.prompt_tokens.labels(model).inc(prompt)
+        metrics.generation_tokens.labels(model).inc(self.completion_tokens)
+        metrics.request_prompt_tokens.labels(model).observe(prompt)
+        metrics.request_generation_tokens.labels(model).observe(self.completion_tokens)
+        looked_up = self.model.client.config.enable_prefix_caching and (
+            self.params.prompt_logprobs is None  # such a prompt is computed whole
+        )
+        if prefix_known and looked_up:
+            metrics.prefix_cache_queries.labels(model).inc(prompt)
+            metrics.prefix_cache_hits.labels(model).inc(self.cached_tokens)
 
     def _count_finished(self, reason: str, choices: int = 1) -> None:
         if choices:
@@ -306,7 +321,5 @@ class _Clock:
             self.metrics.ttft.labels(self.model_id).observe(now - self.start)
         self.last[index] = now
 
-    def finish(self, prompt_tokens: int, generation_tokens: int) -> None:
+    def finish(self) -> None:
         self.metrics.e2e.labels(self.model_id).observe(time.monotonic() - self.start)
-        self.metrics.prompt_tokens.labels(self.model_id).inc(prompt_tokens)
-        self.metrics.generation_tokens.labels(self.model_id).inc(generation_tokens)

@@ -26,6 +26,8 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+# tokens per request, 1-2-5 steps as vLLM's (its are cut at max_model_len; these fit every model)
+LENGTH_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
 
 
 class EngineStatsCollector(Collector):
@@ -101,6 +103,32 @@ class Metrics:
         )
         self.generation_tokens = Counter(
             "pagoda:generation_tokens", "Tokens generated", labels, registry=self.registry
+        )
+        self.request_prompt_tokens = Histogram(
+            "pagoda:request_prompt_tokens",
+            "Prompt tokens per request",
+            labels,
+            buckets=LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_generation_tokens = Histogram(
+            "pagoda:request_generation_tokens",
+            "Tokens generated per request (all its choices)",
+            labels,
+            buckets=LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.prefix_cache_queries = Counter(
+            "pagoda:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            labels,
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "pagoda:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            labels,
+            registry=self.registry,
         )
         self.requests = Counter(
             "pagoda:requests",

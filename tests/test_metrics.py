@@ -163,3 +163,24 @@ def test_a_dead_engine_runs_nothing(server):
     assert value(samples, "pagoda:num_requests_running") == 0
     assert value(samples, "pagoda:kv_cache_usage_perc") == 0
     server.wait_ready()
+
+
+def test_prefix_cache_hits_and_request_lengths(server, client):
+    """vLLM's prefix-cache counters (in prompt tokens) and per-request length histograms move
+    by the responses' usage."""
+    before = idle(server)
+    prompt = "a long shared system prompt " * 12
+    usages = [
+        sdk_chat(client, messages=[{"role": "user", "content": prompt}], max_tokens=3 + i).usage
+        for i in range(2)
+    ]
+    after = idle(server)
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    assert cached[0] < cached[1]  # the second found the first's prompt
+    prompt_tokens = sum(u.prompt_tokens for u in usages)
+    assert moved(before, after, "pagoda:prefix_cache_queries_total") == prompt_tokens
+    assert moved(before, after, "pagoda:prefix_cache_hits_total") == sum(cached)
+    assert moved(before, after, "pagoda:request_prompt_tokens_count") == 2
+    assert moved(before, after, "pagoda:request_prompt_tokens_sum") == prompt_tokens
+    assert moved(before, after, "pagoda:request_generation_tokens_sum") == 3 + 4
+    assert moved(before, after, "pagoda:request_generation_tokens_bucket", le="5.0") == 2

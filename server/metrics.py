@@ -26,6 +26,7 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+FINISH_REASONS = ("stop", "length", "abort")  # what the server counts (a tool call is a stop)
 # tokens per request, 1-2-5 steps as vLLM's (its are cut at max_model_len; these fit every model)
 LENGTH_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
 
@@ -173,6 +174,27 @@ class Metrics:
         self.images = ImageMetrics(self.registry)
 
         self.embeddings = EmbeddingMetrics(self.registry)
+
+    def start_series(self, chat_models: Iterable[str]) -> None:
+        """Each chat model's request series at 0 from the start, as vLLM's: a series that
+        appears at its first count loses that count to `rate()` and `increase()`, and a
+        panel shows "no data" instead of 0."""
+        for model in chat_models:
+            for metric in (
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.request_prompt_tokens,
+                self.request_generation_tokens,
+                self.prefix_cache_queries,
+                self.prefix_cache_hits,
+                self.ttft,
+                self.itl,
+                self.e2e,
+            ):
+                metric.labels(model)
+            for reason in FINISH_REASONS:
+                self.requests.labels(model, reason)
+                self.request_success.labels(model, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -243,6 +243,7 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
     metrics = Metrics(of_kind(served, "chat"), of_kind(served, "image"))
+    metrics.start_series(name for name, model in served.items() if model.kind == "chat")
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
     gateway.register_metrics(metrics.registry)
     register_process_metrics(metrics.registry)

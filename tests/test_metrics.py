@@ -184,3 +184,32 @@ def test_prefix_cache_hits_and_request_lengths(server, client):
     assert moved(before, after, "pagoda:request_prompt_tokens_sum") == prompt_tokens
     assert moved(before, after, "pagoda:request_generation_tokens_sum") == 3 + 4
     assert moved(before, after, "pagoda:request_generation_tokens_bucket", le="5.0") == 2
+
+
+def test_request_series_start_at_zero(tiny_models):
+    """Before its first request a model's series are there at 0 (as vLLM's), so that
+    `increase()` counts the first request and panels show 0, not "no data"."""
+    fresh = Server(
+        ["--model", str(tiny_models["llama"]), "--served-model-name", MODEL]
+        + ["--dtype", "float32", "--max-model-len", "512"]
+    ).wait_ready()
+    try:
+        samples = scrape(fresh)
+    finally:
+        assert fresh.stop() == 0
+    for name in (
+        "pagoda:prompt_tokens_total",
+        "pagoda:generation_tokens_total",
+        "pagoda:prefix_cache_queries_total",
+        "pagoda:time_to_first_token_seconds_count",
+        "pagoda:e2e_request_latency_seconds_count",
+        "pagoda:request_generation_tokens_count",
+    ):
+        assert (name, frozenset(LABELS.items())) in samples, name
+    for reason in ("stop", "length", "abort"):
+        assert value(samples, "pagoda:requests_total", finish_reason=reason) == 0
+        key = (
+            "pagoda:request_success_total",
+            frozenset({**LABELS, "finished_reason": reason}.items()),
+        )
+        assert samples[key] == 0

@@ -26,7 +26,7 @@ from pagoda.server.images import generate_images, image_file
 from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
 from pagoda.server.keys.meter import Meter, request_meter
-from pagoda.server.metrics import HTTPResponseCounter, Metrics
+from pagoda.server.metrics import Metrics
 from pagoda.server.openapi import openapi_json
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -249,8 +249,6 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(KeyAuth, gateway=gateway)
-    # outermost, so that auth rejections and handled errors are counted too
-    app.add_middleware(HTTPResponseCounter, counter=metrics.http_responses, routes=app.routes)
     return app
 
 

@@ -37,7 +37,7 @@ from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import ImageStore
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
-from pagoda.server.metrics import Metrics
+from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.replicas import ReplicaStatsCollector
@@ -262,8 +262,10 @@ async def serve(args: argparse.Namespace) -> None:
         public_url=args.public_url,
     )
     gate = DrainGate(app)
+    # outermost, so that auth rejections, errors and the drain's 503s are counted too
+    counted = HTTPResponseCounter(gate, metrics.http_responses, app.routes)
     config = uvicorn.Config(
-        gate,
+        counted,
         host=args.host,
         port=args.port,
         log_level=args.log_level,

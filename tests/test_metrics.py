@@ -213,3 +213,31 @@ def test_request_series_start_at_zero(tiny_models):
             frozenset({**LABELS, "finished_reason": reason}.items()),
         )
         assert samples[key] == 0
+
+
+def test_the_drains_503s_are_counted(tiny_models):
+    """After SIGTERM, the 503s that refuse new requests count in http_responses_total, which
+    /metrics serves on through the drain."""
+    draining = Server(
+        ["--model", str(tiny_models["llama"]), "--served-model-name", MODEL]
+        + ["--dtype", "float32", "--max-model-len", "512", "--shutdown-timeout", "20"]
+    ).wait_ready()
+    chat = f"{draining.url}/v1/chat/completions"
+    try:
+        with (
+            engines_stopped([draining.engine_pid()]),
+            httpx.stream("POST", chat, json=story(max_tokens=50, stream=True)) as held,
+        ):
+            assert held.status_code == 200
+            draining.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{draining.url}/health").status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert httpx.post(chat, json=story(max_tokens=2)).status_code == 503
+            samples = scrape(draining)
+        route = {"route": "/v1/chat/completions"}
+        assert value(samples, "pagoda:http_responses_total", **route, status="503") == 1
+        assert value(samples, "pagoda:http_responses_total", route="/health", status="503") >= 1
+    finally:
+        assert draining.stop() == 0

@@ -126,6 +126,11 @@ class ImageGenerationRequest(BaseModel):
         if self.stream:
             self._check_stream(accepts)
         guidance = settings.default_guidance if self.guidance_scale is None else self.guidance_scale
+        negative = self.negative_prompt
+        if negative is None and self.true_cfg_scale is not None and self.true_cfg_scale > 1:
+            # guided against the empty prompt, as classifier-free guidance is: diffusers would
+            # drop true CFG without a negative prompt, and the field would do nothing
+            negative = ""
         return {
             "prompt": self.prompt,
             "n": self.n,
@@ -134,7 +139,7 @@ class ImageGenerationRequest(BaseModel):
             "steps": steps,
             "guidance_scale": guidance,
             "seed": self.seed,
-            "negative_prompt": self.negative_prompt,
+            "negative_prompt": negative,
             "true_cfg_scale": self.true_cfg_scale,
             "output_format": self.output_format,
             "output_compression": self.output_compression,

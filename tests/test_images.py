@@ -296,6 +296,10 @@ def test_steps_guidance_and_quality_change_the_image(client):
     assert np.array_equal(image(quality="low"), image(num_inference_steps=STEPS // 2))
     assert np.array_equal(image(quality="hd"), image(num_inference_steps=2 * STEPS))
     assert not np.array_equal(base, image(negative_prompt="blurry", true_cfg_scale=2.0))
+    # true CFG without a negative prompt guides against the empty one (diffusers skips it)
+    guided = image(true_cfg_scale=2.0)
+    assert not np.array_equal(base, guided)
+    assert np.array_equal(guided, image(negative_prompt="", true_cfg_scale=2.0))
 
 
 @pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])

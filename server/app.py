@@ -22,7 +22,12 @@ from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH, ImageStore
-from pagoda.server.images import generate_images, image_file
+from pagoda.server.images import (
+    UNSERVED_PATHS,
+    generate_images,
+    image_file,
+    unserved_image_endpoint,
+)
 from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
 from pagoda.server.keys.meter import Meter, request_meter
@@ -233,6 +238,7 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/images/generations", images, methods=["POST"]),
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
+            *(Route(path, unserved_image_endpoint, methods=["POST"]) for path in UNSERVED_PATHS),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),

@@ -294,6 +294,18 @@ def with_b64(item: dict, data: bytes) -> bytes:
     )
 
 
+# OpenAI's other image endpoints, which an SDK user may call: told plainly, not "Unknown route"
+UNSERVED_PATHS = ("/v1/images/edits", "/v1/images/variations")
+
+
+async def unserved_image_endpoint(request: Request) -> Response:
+    raise APIError(
+        404,
+        f"{request.url.path} is not served here: pagoda makes images from a prompt only, "
+        "with POST /v1/images/generations (no edits or variations).",
+    )
+
+
 async def image_file(request: Request, store: ImageStore | None) -> Response:
     """GET /v1/images/files/<name>: open to anyone who has the URL, until it expires."""
     name = request.path_params["name"]

@@ -520,6 +520,21 @@ def test_unknown_model_is_404(client):
         generate(client, model="no-such-model")
 
 
+def test_edits_and_variations_say_they_are_not_served(client):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    image = ("a.png", png.getvalue(), "image/png")
+    calls = {
+        "/v1/images/edits": lambda: client.images.edit(model=IMAGE_MODEL, image=image, prompt="x"),
+        "/v1/images/variations": lambda: client.images.create_variation(image=image),
+    }
+    for path, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        message = info.value.body["message"]
+        assert path in message and "/v1/images/generations" in message, message
+
+
 def test_image_model_asked_for_chat(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(

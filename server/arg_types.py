@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import urllib.parse
 from collections.abc import Callable
 
 from pagoda.server.catalog import DEVICE_PATTERN, parse_bytes
@@ -54,4 +55,15 @@ def size(text: str) -> int:
 def device(text: str) -> str:
     if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def public_url(text: str) -> str:
+    """--public-url: the absolute http(s) URL clients reach the server at (image URLs start
+    with it; without a scheme they would be relative paths no client can fetch)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL such as https://example.com/pagoda, got {text!r}"
+        )
     return text

@@ -16,7 +16,7 @@ import sys
 from pagoda import __version__
 from pagoda.logs import LOG_FORMATS, LOG_LEVELS
 from pagoda.server import defaults, tokenizer_export
-from pagoda.server.arg_types import at_least, device, port, seconds, size
+from pagoda.server.arg_types import at_least, device, port, public_url, seconds, size
 from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES, CatalogError, load_catalog
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
@@ -103,7 +103,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="bound on --image-dir (bytes, or e.g. 2GiB): the oldest images go first",
     )
     serve.add_argument(
-        "--public-url", help="the server's URL as clients see it (behind a proxy), for image URLs"
+        "--public-url",
+        type=public_url,
+        help="the server's URL as clients see it (behind a proxy), for image URLs",
     )
     serve.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
     serve.add_argument(

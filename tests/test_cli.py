@@ -114,6 +114,9 @@ def test_help_of_the_module_lists_the_commands():
         ("--backlog", "-1"),
         ("--kv-cache-memory", "0"),
         ("--image-cache-bytes", "0"),
+        ("--public-url", "images.example.com/pagoda"),  # image URLs a client cannot fetch
+        ("--public-url", "ftp://images.example.com"),
+        ("--public-url", "https://"),
         ("--dtype", "fp8"),
         ("--device", "gpu"),
         ("--log-level", "verbose"),
@@ -127,6 +130,11 @@ def test_counts_sizes_and_names_are_checked_as_they_are_parsed(option, bad, caps
     with pytest.raises(SystemExit):
         parse_args(["serve", option, bad])
     assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_public_url_takes_an_http_or_https_url():
+    for url in ("https://images.example.com/pagoda/", "http://10.0.0.5:8000"):
+        assert parse_args(["serve", "--public-url", url]).public_url == url
 
 
 def test_log_level_takes_any_case():

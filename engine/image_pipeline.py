@@ -17,6 +17,7 @@ from PIL.Image import Image
 
 from pagoda.engine.config import DTYPES
 from pagoda.engine.worker import Rejected
+from pagoda.logs import route_diffusers_logs
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -286,6 +287,7 @@ def _pipeline_class(model: str) -> type[DiffusionPipeline]:
     # imports, and transformers' warnings before logging is set up)
     from diffusers import DiffusionPipeline, FluxPipeline
 
+    route_diffusers_logs()
     name = DiffusionPipeline.load_config(model).get("_class_name")
     return FluxPipeline if name == "FluxPipeline" else DiffusionPipeline
 

@@ -29,6 +29,10 @@ SECRET_QUERY = re.compile(
     r"([?&][^=&]*(?:key|token|secret|password|auth|sig)[^=&]*=)[^&]*", re.IGNORECASE
 )
 
+# diffusers' pipelines warn with the words a text encoder cut off a prompt (CLIP takes 77
+# tokens of FLUX's prompts, which T5 takes whole): the warning stays, the words go
+CUT_PROMPT_WARNING = "The following part of your input was truncated"
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ def setup_logging(settings: LogSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else _text_formatter())
     handler.addFilter(_hide_query_secrets)
+    handler.addFilter(_hide_cut_prompt_words)
     if not settings.probe_requests:
         handler.addFilter(_not_a_probe)
     root = logging.getLogger()
@@ -112,6 +117,14 @@ def _hide_query_secrets(record: logging.LogRecord) -> bool:
     return True
 
 
+def _hide_cut_prompt_words(record: logging.LogRecord) -> bool:
+    """Prompts are logged only with --log-requests."""
+    if isinstance(record.msg, str) and record.msg.startswith(CUT_PROMPT_WARNING):
+        why = record.getMessage().partition(" tokens: ")[0]
+        record.msg, record.args = f"{why} tokens (the words cut are not logged)", ()
+    return True
+
+
 def _not_a_probe(record: logging.LogRecord) -> bool:
     access = _access_fields(record)
     return access is None or str(access["path"]).partition("?")[0] not in PROBE_PATHS
@@ -128,6 +141,18 @@ def _route_library_logs() -> None:
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
         disable_progress_bars()
+
+
+def route_diffusers_logs() -> None:
+    """diffusers, like transformers, logs through a handler of its own (its own format, and
+    progress bars into files): its records go to ours. An image worker calls this as it imports
+    diffusers, which the server process never does."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_default_handler()
+    diffusers_logging.enable_propagation()
+    if not sys.stderr.isatty():
+        diffusers_logging.disable_progress_bar()
 
 
 def progress(items: Iterable[T], desc: str, unit: str) -> Iterator[T]:

@@ -11,6 +11,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -797,6 +799,31 @@ def test_the_thread_governor_reaches_the_pipeline_thread(worker):
     add(worker, "busy", 1, seed=0)
     finish(worker)
     assert worker._executor.submit(torch.get_num_threads).result() == 1
+
+
+LONG_PROMPT_RUN = """
+import sys
+from pagoda.engine.image_pipeline import BatchShape, ImageJob, ImageModelConfig, ImagePipeline
+from pagoda.logs import LogSettings, setup_logging
+setup_logging(LogSettings(format="json"))  # as an image worker's process starts
+pipeline = ImagePipeline(ImageModelConfig(sys.argv[1], device="cpu", dtype="float32"))
+pipeline.run(BatchShape(64, 64, 1, 3.5), [ImageJob(sys.argv[2], 0)], lambda: False)
+"""
+
+
+def test_diffusers_logs_in_the_servers_format_without_the_prompts_words(flux_dir):
+    """FLUX's CLIP encoder takes 77 tokens of a prompt that T5 takes whole; diffusers warns with
+    the words it cut. That warning came through diffusers' own handler: a plain line in a JSON
+    log, with the prompt's words in it (prompts are logged only with --log-requests)."""
+    prompt = "a lighthouse at dusk " * 8 + "hiddentail"  # about 170 CLIP tokens, under T5's 512
+    run = [sys.executable, "-c", LONG_PROMPT_RUN, str(flux_dir), prompt]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # each one a JSON object
+    cut = [line for line in lines if "truncated because CLIP" in line["message"]]
+    assert len(cut) == 1 and cut[0]["level"] == "WARNING", lines
+    assert "hiddentail" not in done.stderr and "lighthouse" not in done.stderr
+    assert "Loading pipeline components" not in done.stderr  # no bar where no terminal is
 
 
 def test_the_worker_loads_its_pipeline_in_the_thread_that_runs_it(flux_dir, monkeypatch):

@@ -47,8 +47,13 @@ class ImageStore:
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.folder = Path(folder) if folder is not None else default_folder()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _own(self.folder)
+        try:  # at start-up: one line naming the folder, not a traceback
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _own(self.folder)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot keep images in {self.folder}: {exc.strerror or exc}"
+            ) from None
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._files: OrderedDict[str, StoredImage] = OrderedDict()  # oldest first

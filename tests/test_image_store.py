@@ -73,3 +73,12 @@ def test_one_server_owns_a_folder(tmp_path: Path) -> None:
     assert store.lookup(name) is not None
     store.close()
     ImageStore(tmp_path, ttl_s=60).close()
+
+
+def test_a_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    """`--image-dir` naming a file ended the start-up in a FileExistsError traceback."""
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    for folder in (taken, taken / "images"):
+        with pytest.raises(RuntimeError, match=f"cannot keep images in {folder}: "):
+            ImageStore(folder, ttl_s=60)

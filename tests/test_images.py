@@ -522,6 +522,7 @@ def test_unknown_model_is_404(client):
         generate(client, model="no-such-model")
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # create_variation
 def test_edits_and_variations_say_they_are_not_served(client):
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, format="PNG")

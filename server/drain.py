@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda.server.errors import APIError
+from pagoda.server.image_store import URL_PATH
 from pagoda.server.worker_client import WorkerClient, WorkerDeadError
 
 logger = logging.getLogger("pagoda")
@@ -45,12 +46,13 @@ class DrainGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBES and not self.draining:
             await self.app(scope, receive, send)
-        elif self.draining and scope["path"] != "/metrics":
-            await self._refuse(scope, receive, send)
-        elif self.draining:
-            await self.app(scope, receive, send)
-        else:
+        # draining, the images behind the URLs it gave out still serve: no other server has them
+        elif not self.draining or scope["path"].startswith(URL_PATH):
             await self._count(scope, receive, send)
+        elif scope["path"] != "/metrics":
+            await self._refuse(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     async def _count(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.in_flight += 1

@@ -730,6 +730,36 @@ def test_public_url_names_the_proxy(catalog, tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+def test_image_urls_stay_served_while_the_server_drains(catalog, tmp_path):
+    """SIGTERM with a request in flight: the server drains, refusing new work with a 503 (the
+    balancer sends it elsewhere), but a URL it gave out still serves its image, which no other
+    server has (it answered 503 'retry on another one')."""
+    srv = Server(["--catalog", str(catalog), "--image-dir", str(tmp_path)]).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        url = generate(client, seed=4).data[0].url
+        # a request in flight for the drain to wait on: its body is still coming
+        with socket.create_connection(("127.0.0.1", srv.port)) as in_flight:
+            in_flight.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            time.sleep(0.5)  # its headers reach the app
+            srv.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{srv.url}/health").status_code != 503:
+                assert time.monotonic() < deadline, srv.log()
+                time.sleep(0.05)
+            assert "1 requests in flight" in srv.log()
+            fetched = httpx.get(url)
+            assert fetched.status_code == 200, fetched.text
+            assert decode(fetched.content).shape == (64, 64, 3)
+            late = httpx.post(f"{srv.url}/v1/images/generations", json={"prompt": "late"})
+            assert late.status_code == 503
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 def test_a_second_server_on_the_same_image_dir_fails_at_once(server, catalog):
     second = Server(["--catalog", str(catalog), "--image-dir", str(server.image_dir)])
     try:

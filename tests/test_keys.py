@@ -99,24 +99,19 @@ def wait_for(condition, timeout: float = 10.0, step: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
+def key_state(**limits) -> KeyState:
+    """A key as the server holds it, without a database: `limits` over no limits at all."""
+    row = {"id": 1, "name": "k", "models": None, "rpm": None, "tpm": None,
+           "max_concurrent": None, "budget_usd": None, "expires_at": None, "revoked_at": None,
+           "spent_usd": 0.0}  # fmt: skip
+    return KeyState.from_row({**row, **limits})
+
+
 # -- the limits, without a server ------------------------------------------------------------
 
 
 def test_windows_admit_exactly_their_limit_and_say_when_to_retry():
-    key = KeyState.from_row(
-        {
-            "id": 1,
-            "name": "k",
-            "models": None,
-            "rpm": 10,
-            "tpm": 1000,
-            "max_concurrent": None,
-            "budget_usd": None,
-            "expires_at": None,
-            "revoked_at": None,
-            "spent_usd": 0.0,
-        }
-    )
+    key = key_state(rpm=10, tpm=1000)
     admitted = 0
     for i in range(64):
         try:
@@ -134,6 +129,24 @@ def test_windows_admit_exactly_their_limit_and_say_when_to_retry():
     assert window.fits(20) and window.remaining() == 60
     assert window.wait(101, now=0.0) is None  # larger than the limit: never
     assert [duration(s) for s in (0.02, 6.5, 60.0)] == ["20ms", "6.5s", "1m0s"]
+
+
+def test_a_refunded_request_leaves_nothing_behind_in_the_reset_headers():
+    """Before: a request taken back out of the windows (refused after admission) stayed in
+    them as an empty take, and x-ratelimit-reset-* said when that take would leave: a key with
+    nothing used was told to wait a minute, and one with a real request behind the refund was
+    told a reset that freed nothing."""
+    key = key_state(rpm=2, tpm=100)
+    refunded = key.admit(10, now=100.0)
+    for window, take in zip((key.requests, key.tokens), refunded):
+        window.correct(take, 0)  # what Meter.refuse does
+    headers = key.headers(now=101.0)
+    assert headers["x-ratelimit-remaining-requests"] == "2"
+    assert headers["x-ratelimit-reset-requests"] == headers["x-ratelimit-reset-tokens"] == "0ms"
+    key.admit(10, now=130.0)
+    headers = key.headers(now=131.0)  # the request at 130.0 leaves at 190.0, not 160.0
+    assert headers["x-ratelimit-reset-requests"] == headers["x-ratelimit-reset-tokens"] == "59s"
+    assert headers["x-ratelimit-remaining-tokens"] == "90"
 
 
 # -- the database and the commands ------------------------------------------------------------

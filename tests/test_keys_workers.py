@@ -150,6 +150,7 @@ def test_requests_refused_after_admission_do_not_count_against_rpm(server):
     for r in refused:
         assert r.status_code == 400, r.text
         assert r.headers["x-ratelimit-remaining-requests"] == "2"
+        assert r.headers["x-ratelimit-reset-requests"] == "0ms"  # nothing in the window
     ok = [post(srv, key, "embeddings", model=EMBEDDING, input="hello") for _ in range(2)]
     assert [r.status_code for r in ok] == [200, 200]
     assert ok[-1].headers["x-ratelimit-remaining-requests"] == "0"

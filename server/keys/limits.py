@@ -33,7 +33,10 @@ class Window:
     used: int = 0
 
     def expire(self, now: float) -> None:
-        while self.takes and self.takes[0].at <= now - WINDOW_S:
+        """Drop the takes that left the window, and the empty ones ahead of the rest (a
+        refunded request, an image's tokens): the reset is when the oldest take that holds
+        something leaves."""
+        while self.takes and (self.takes[0].at <= now - WINDOW_S or not self.takes[0].amount):
             take = self.takes.popleft()
             take.live = False
             self.used -= take.amount

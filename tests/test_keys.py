@@ -177,6 +177,23 @@ def test_a_database_url_that_names_no_database_is_one_line(url):
         assert "cannot open the database" in result.stderr.splitlines()[-1]
 
 
+def test_a_database_a_newer_pagoda_migrated_is_refused_in_one_line(tmp_path):
+    """After a downgrade of pagoda, its database is at a revision this code does not know.
+    Before: `pagoda keys list` and `pagoda serve` ended in Alembic's CommandError traceback."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    engine = open_database(url)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for command in (["keys", "list"], ["serve", "--model", "unused"]):
+        run = [sys.executable, "-m", "pagoda", *command, "--database", url]
+        result = subprocess.run(run, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert "revision 9999" in last and "a newer pagoda migrated it" in last, last
+
+
 def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     env = {"PAGODA_STATE_DIR": str(tmp_path)}  # the default database: a file created here
     created = pagoda("keys", "create", "--name", "ci", "--models", "a,b", "--rpm", "5",

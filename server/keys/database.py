@@ -70,6 +70,9 @@ def open_database(url: str) -> sa.Engine:
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     try:
         migrate(engine)
+    except DatabaseError:
+        engine.dispose()
+        raise
     except sa.exc.SQLAlchemyError as exc:
         engine.dispose()
         reason = getattr(exc, "orig", None) or exc
@@ -78,20 +81,33 @@ def open_database(url: str) -> sa.Engine:
 
 
 def migrate(engine: sa.Engine) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    """To the newest schema; a database that a newer pagoda migrated is refused, untouched
+    (Alembic would fail on its unknown revision)."""
+    config = _alembic_config()
     with engine.begin() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        script = ScriptDirectory.from_config(config)
+        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+            raise DatabaseError(
+                f"cannot open the database {shown(engine.url)}: its schema is at revision "
+                f"{current}, which this pagoda does not know (its newest is "
+                f"{script.get_current_head()}): a newer pagoda migrated it"
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
 
 def schema_version(engine: sa.Engine) -> tuple[str | None, str]:
     """(the database's revision, the newest revision this code knows)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision(), head
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -525,6 +526,30 @@ def test_ledger_equals_the_usage_clients_received_and_usage_command_reports_it(s
     assert f'pagoda:key_requests_total{{{labels},status="200"}} 5.0' in metrics
     prompt = sum(r["input_tokens"] for r in rows)
     assert f"pagoda:key_prompt_tokens_total{{{labels}}} {prompt}.0" in metrics
+
+
+def test_a_locked_sqlite_file_delays_the_ledger_but_refuses_no_key(server, db):
+    """Another writer holding the SQLite file (an operator's sqlite3 shell, a VACUUM) past the
+    busy timeout: the keys can still be read, so requests go on and the rows wait. Before: the
+    failed ledger write closed the server to every database key with 503 until the lock went."""
+    name, key = new_key(db)
+    client = sdk(server, key)
+    assert chat(client, max_tokens=1).usage.completion_tokens == 1  # the server knows the key
+    served = 1
+    holder = sqlite3.connect(db.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held past busy_timeout (5 s)
+    try:
+        held = time.monotonic()
+        while time.monotonic() - held < 7.0:
+            assert chat(client, max_tokens=1).usage.completion_tokens == 1
+            served += 1
+            time.sleep(0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == served and rows)
+    assert {(r["http_status"], r["output_tokens"]) for r in rows} == {(200, 1)}
+    assert "database is locked" in server.log()
 
 
 def test_admin_api(server, db):

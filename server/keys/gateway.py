@@ -51,6 +51,7 @@ class Gateway:
         self.admin_key = admin_key
         self.refresh_s = refresh_s
         self.available = True
+        self.ledger_failing = False  # rows could not be written in the last rounds
         self.by_hash: dict[str, KeyState] = {}
         self.by_id: dict[int, KeyState] = {}
         self.rows: list[dict] = []  # ledger rows not yet written
@@ -175,22 +176,37 @@ class Gateway:
         self.engine.dispose()
 
     async def sync(self) -> bool:
-        """Write the pending ledger rows, then re-read the keys; False if the database failed."""
+        """Write the pending ledger rows, then re-read the keys; False if either failed. Only
+        a failed read closes the server to database keys: rows that could not be written (a
+        SQLite file another writer holds locked past the busy timeout) wait for the next
+        round while the keys are still checked."""
         async with self._lock:
             rows, self.rows = self.rows, []
             try:
-                loaded = await asyncio.to_thread(self._round, rows)
+                loaded, unwritten = await asyncio.to_thread(self._round, rows)
             except Exception as exc:
                 self.rows[:0] = rows
                 if self.available:
                     self.available = False
-                    reason = getattr(exc, "orig", None) or exc
                     logger.error(
                         "the key database is unreachable; database keys get 503 until it "
                         "is back (%s)",
-                        str(reason).strip().splitlines()[0] if str(reason).strip() else reason,
+                        _first_line(exc),
                     )
                 return False
+            if unwritten is not None:
+                self.rows[:0] = rows
+                if not self.ledger_failing:
+                    self.ledger_failing = True
+                    logger.warning(
+                        "usage rows cannot be written (%s); kept and written once the "
+                        "database takes them",
+                        _first_line(unwritten),
+                    )
+                rows = []
+            elif rows and self.ledger_failing:
+                self.ledger_failing = False
+                logger.info("the usage rows are written again (%d)", len(rows))
             for row in rows:
                 if row["key_id"] in self.by_id:
                     self.by_id[row["key_id"]].pending_usd -= row["cost_usd"]
@@ -198,7 +214,7 @@ class Gateway:
             if not self.available:
                 self.available = True
                 logger.info("the key database is back; %d usage rows written", len(rows))
-            return True
+            return unwritten is None
 
     async def _run(self) -> None:
         while True:
@@ -215,10 +231,15 @@ class Gateway:
                     if not waiter.done():
                         waiter.set_result(None)
 
-    def _round(self, rows: list[dict]) -> list[dict]:
+    def _round(self, rows: list[dict]) -> tuple[list[dict], Exception | None]:
+        """The keys, and why `rows` were not written (None: they were)."""
+        unwritten = None
         if rows:
-            store.write_usage(self.engine, rows)
-        return store.load_keys(self.engine)
+            try:
+                store.write_usage(self.engine, rows)  # one transaction: all or nothing
+            except sa.exc.SQLAlchemyError as exc:
+                unwritten = exc
+        return store.load_keys(self.engine), unwritten
 
     def _apply(self, rows: list[dict]) -> None:
         by_id = {}
@@ -311,6 +332,12 @@ def refused(status: int) -> bool:
     """A request answered with a client error (bad input, a limit, a full queue), not one the
     client cut itself (499: it used what ran until then)."""
     return 400 <= status < 500 and status != CLIENT_CLOSED
+
+
+def _first_line(exc: Exception) -> str:
+    """A database error's reason, without SQLAlchemy's statement and parameters."""
+    reason = str(getattr(exc, "orig", None) or exc).strip()
+    return reason.splitlines()[0] if reason else type(exc).__name__
 
 
 def _unauthorized(message: str) -> APIError:

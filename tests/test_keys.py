@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -608,6 +611,39 @@ def test_the_ledger_survives_a_restart(catalog, db, server):
     finally:
         assert again.stop() == 0
     assert key not in again.log()
+
+
+def test_a_request_the_engine_failed_is_recorded_but_billed_nothing(catalog, db):
+    """Its client got a 503 and no usage. Before: the row billed the prompt and the tokens
+    made until the engine stopped, against the key's budget, and they stayed in its tpm."""
+    own = start_server(catalog, db)  # its engine is killed: not the module's server
+    try:
+        name, key = new_key(db, tpm=1000, budget=1.0)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 480, "ignore_eos": True}  # fmt: skip
+        replies = []
+        url = f"{own.url}/v1/chat/completions"
+        thread = threading.Thread(
+            target=lambda: replies.append(httpx.post(url, headers=auth, json=body, timeout=60))
+        )
+        thread.start()
+        wait_for(lambda: own.running() > 0, timeout=30)
+        time.sleep(0.5)  # some tokens made
+        os.kill(own.engine_pid(), signal.SIGKILL)
+        thread.join(60)
+        (reply,) = replies
+        assert reply.status_code == 503 and "usage" not in reply.json()
+        (row,) = wait_for(lambda: ledger(db, name))
+        assert (row["http_status"], row["outcome"]) == (503, "error")
+        assert (row["input_tokens"], row["output_tokens"], row["cost_usd"]) == (0, 0, 0.0)
+        models = httpx.get(f"{own.url}/v1/models", headers=auth)
+        assert models.headers["x-ratelimit-remaining-tokens"] == "1000"
+    finally:
+        own.stop()
+    engine = open_database(db)
+    assert store.get_key(engine, name)["spent_usd"] == 0.0
+    engine.dispose()
 
 
 def test_an_unreachable_database_fails_start_up(catalog):

@@ -109,7 +109,8 @@ class Gateway:
 
     def finish(self, meter: Meter, status: int, completed: bool) -> None:
         """Bill an admitted request once its response has ended (or was cut); one refused
-        after admission (a 4xx) is not billed and gets no ledger row."""
+        after admission (a 4xx) is not billed and gets no ledger row. A server error (5xx)
+        gets a row but reports no usage, so it bills nothing: its client got nothing."""
         key = meter.key
         if key is None or not meter.admitted:
             return
@@ -117,7 +118,7 @@ class Gateway:
         if refused(status):
             meter.refuse()
             return
-        input_tokens, output_tokens, images = meter.totals()
+        input_tokens, output_tokens, images = meter.totals() if status < 500 else (0, 0, 0)
         key.tokens.correct(meter.take, input_tokens + output_tokens)
         cost = self.cost(meter.model, input_tokens, output_tokens, images)
         key.pending_usd += cost

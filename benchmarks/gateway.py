@@ -58,7 +58,7 @@ def endpoint_app():
     async def chat(request: Request):
         meter = request_meter(request)
         assert meter.allows(MODEL)
-        meter.admit(MODEL, 32 + 16)
+        meter.admit(MODEL, 32, 16)
         meter.record(input_tokens=32, output_tokens=16)
         return JSONResponse({"usage": {"prompt_tokens": 32, "completion_tokens": 16}})
 

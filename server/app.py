@@ -147,7 +147,7 @@ def build_app(
         req = parse_body(ImageGenerationRequest, await read_body(request))
         meter = request_meter(request)
         model = served(req.model or first_model("image"), meter, "image")
-        meter.admit(model.id)
+        meter.admit(model.id, images=req.n)
         return await generate_images(model, req, request, metrics.images, store, public_url, meter)
 
     async def image_files(request: Request) -> Response:

@@ -67,7 +67,7 @@ async def chat_completion(
     kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
     prompt = await model.tokenizing.run(chat_prompt, model, req, tools=tools)
     params = model.sampling_params(len(prompt), kwargs, param="messages")
-    meter.admit(model.id, len(prompt) + params.max_tokens * params.n)
+    meter.admit(model.id, len(prompt), params.max_tokens * params.n)
     generation = Generation(
         model, f"chatcmpl-{uuid.uuid4().hex}", prompt, params, req.stop_strings(), metrics
     )

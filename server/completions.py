@@ -53,8 +53,8 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
         generations.append(
             Generation(model, f"{request_id}-{i}", prompt, params, req.stop_strings(), metrics)
         )
-    most = sum(g.prompt_tokens + g.params.max_tokens * g.params.n for g in generations)
-    meter.admit(model.id, most)
+    prompt_tokens = sum(g.prompt_tokens for g in generations)
+    meter.admit(model.id, prompt_tokens, sum(g.params.max_tokens * g.params.n for g in generations))
     for generation in generations:
         meter.track(generation)
     if req.stream:

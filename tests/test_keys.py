@@ -478,6 +478,32 @@ def test_budget_is_charged_at_catalog_prices_then_refused(server, db):
     engine.dispose()
 
 
+def test_requests_sent_at_once_near_the_budget_cross_it_by_one_at_most(server, db):
+    """Each admitted request holds the most it may cost until it ends. Before: 16 requests
+    sent at once to a key with a $0.05 budget were all admitted on the same (nil) spend and
+    spent $0.46."""
+    name, key = new_key(db, budget=0.05)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 4, "ignore_eos": True}  # fmt: skip
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        ) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body) for _ in range(16))
+            )
+
+    replies = asyncio.run(run())
+    served = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code != 200]
+    assert {r.json()["error"]["code"] for r in refused} == {"insufficient_quota"}
+    costs = [r.json()["usage"]["prompt_tokens"] * 0.001 + 4 * 0.002 for r in served]
+    assert sum(costs) - max(costs) < 0.05  # only the last admitted may cross the budget
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == len(served) and rows)
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(sum(costs))
+
+
 def test_ledger_equals_the_usage_clients_received_and_usage_command_reports_it(server, db):
     name, key = new_key(db)
     client = sdk(server, key)

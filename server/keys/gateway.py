@@ -115,6 +115,7 @@ class Gateway:
         if key is None or not meter.admitted:
             return
         meter.release_slot()
+        key.held_usd -= meter.held_usd  # what it cost replaces the most it could have
         if refused(status):
             meter.refuse()
             return
@@ -277,7 +278,7 @@ class KeyAuth:
             except APIError as error:
                 await error.response()(scope, receive, send)
                 return
-        meter = scope[SCOPE_KEY] = Meter(key, scope["path"])
+        meter = scope[SCOPE_KEY] = Meter(key, scope["path"], self.gateway.cost)
         if key is None:
             await self.app(scope, receive, send)
             return

@@ -87,6 +87,7 @@ class KeyState:
     tokens: Window
     in_flight: int = 0
     pending_usd: float = 0.0  # spent by requests whose ledger rows are not written yet
+    held_usd: float = 0.0  # the most that the requests in flight may still cost
 
     @classmethod
     def from_row(cls, row: dict) -> KeyState:
@@ -110,12 +111,15 @@ class KeyState:
     def allows(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
 
-    def admit(self, tokens: int, now: float) -> tuple[Take, Take]:
-        """Take one request and `tokens` from the windows (their takes, in that order), or
-        raise the 429 that says why."""
+    def admit(self, tokens: int, now: float, cost: float = 0.0) -> tuple[Take, Take]:
+        """Take one request and `tokens` from the windows (their takes, in that order) and hold
+        `cost`, the most the request may cost, against the budget until it ends; or raise the
+        429 that says why. Held costs count: requests sent at once near the budget cannot all
+        be admitted on the same spend (only one may cross it)."""
         self.requests.expire(now)
         self.tokens.expire(now)
-        if self.budget_usd is not None and self.spent_usd + self.pending_usd >= self.budget_usd:
+        committed = self.spent_usd + self.pending_usd + self.held_usd
+        if self.budget_usd is not None and committed >= self.budget_usd:
             raise APIError(
                 429,
                 f"Key '{self.name}' has used its budget of ${self.budget_usd:g}.",
@@ -138,6 +142,7 @@ class KeyState:
                 headers={"Retry-After": "1"},
             )
         self.in_flight += 1
+        self.held_usd += cost
         return self.requests.take(1, now), self.tokens.take(tokens, now)
 
     def headers(self, now: float) -> dict[str, str]:

@@ -3,8 +3,9 @@
 An endpoint that serves a model calls, in order:
     meter = request_meter(request)
     meter.allows(model_id)        # False: answer 404 model_not_found, as for an unknown model
-    meter.admit(model_id, tokens) # raises the 429 of a limit; `tokens`: the input's tokens plus
-                                  # the most the request may produce (0 for images)
+    meter.admit(model_id, input_tokens, output_tokens, images)
+                                  # raises the 429 of a limit; the input's tokens, and the
+                                  # most tokens and images the request may produce
     meter.record(input_tokens=..., output_tokens=..., images=...)   # what it used, or
     meter.track(generation)       # an object whose prompt_tokens/completion_tokens are final
                                   # when the response ends (streams cut by the client included)
@@ -15,6 +16,7 @@ The gateway bills the request when its response ends. Without a managed key (a s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +25,8 @@ from starlette.requests import Request
 from pagoda.server.keys.limits import KeyState, Take
 
 SCOPE_KEY = "pagoda.meter"
+# a model's price: (model, input tokens, output tokens, images) -> USD
+Pricing = Callable[[str, int, int, int], float]
 
 
 class Counted(Protocol):
@@ -34,6 +38,7 @@ class Counted(Protocol):
 class Meter:
     key: KeyState | None  # None: no limits, no ledger
     endpoint: str
+    price: Pricing | None = None  # with a key: what its requests cost
     started: float = field(default_factory=time.monotonic)
     model: str | None = None
     take: Take | None = None  # the tokens held in the key's window since admission
@@ -44,6 +49,7 @@ class Meter:
     images: int = 0
     tracked: list[Counted] = field(default_factory=list)
     holds_slot: bool = False  # counted in the key's requests in flight
+    held_usd: float = 0.0  # held against the key's budget while the request runs
 
     @property
     def admitted(self) -> bool:
@@ -57,10 +63,17 @@ class Meter:
     def allows(self, model_id: str) -> bool:
         return self.key is None or self.key.allows(model_id)
 
-    def admit(self, model_id: str, tokens: int = 0) -> None:
+    def admit(
+        self, model_id: str, input_tokens: int = 0, output_tokens: int = 0, images: int = 0
+    ) -> None:
+        """Admit the request against the key's limits: its input tokens, and the most tokens
+        and images it may produce (the tpm counts both kinds of tokens)."""
         self.model = model_id
         if self.key is not None and self.take is None:
-            self.request_take, self.take = self.key.admit(tokens, time.monotonic())
+            most = self.price(model_id, input_tokens, output_tokens, images) if self.price else 0
+            tokens = input_tokens + output_tokens
+            self.request_take, self.take = self.key.admit(tokens, time.monotonic(), most)
+            self.held_usd = most
             self.holds_slot = True
 
     def refuse(self) -> None:

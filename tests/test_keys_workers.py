@@ -5,6 +5,7 @@ at the catalog's prices (embedded tokens, images)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +88,23 @@ def test_a_streamed_image_is_billed_once_and_its_preview_not_at_all(server):
     rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 1 and rows, timeout=30)
     assert (rows[0]["model"], rows[0]["images"], rows[0]["http_status"]) == (IMAGE, 1, 200)
     assert rows[0]["cost_usd"] == pytest.approx(PER_IMAGE)
+
+
+def test_an_embedding_request_its_client_leaves_is_recorded_as_aborted(server):
+    """docs/keys.md: `aborted` for a response the client cut. Before: an embedding request
+    whose client left (499) was recorded as an `error`."""
+    srv, db = server
+    name, key = new_key(db)
+    body = json.dumps({"model": EMBEDDING, "input": ["word " * 250] * 400}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as client:
+        client.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(1.0)  # admitted and embedding: 400 texts of 252 tokens take seconds here
+    (row,) = wait_for(lambda: ledger(db, name), timeout=30)
+    assert (row["http_status"], row["outcome"], row["input_tokens"]) == (499, "aborted", 0)
 
 
 def test_a_key_without_the_model_cannot_embed(server):

@@ -123,7 +123,10 @@ class Gateway:
         key.tokens.correct(meter.take, input_tokens + output_tokens)
         cost = self.cost(meter.model, input_tokens, output_tokens, images)
         key.pending_usd += cost
-        outcome = "error" if status >= 400 else "completed" if completed else "aborted"
+        if status == CLIENT_CLOSED or (status < 400 and not completed):
+            outcome = "aborted"  # the client left: before its answer (499) or during it
+        else:
+            outcome = "error" if status >= 400 else "completed"
         self.rows.append(
             {
                 "key_id": key.id,

@@ -181,6 +181,31 @@ def test_a_database_url_that_names_no_database_is_one_line(url):
         assert "cannot open the database" in result.stderr.splitlines()[-1]
 
 
+def create_keys_at_once(url: str, count: int = 4) -> list[subprocess.CompletedProcess]:
+    """`pagoda keys create` in `count` processes started together on `url`."""
+    command = [sys.executable, "-m", "pagoda", "keys", "create", "--database", url, "--name"]
+    processes = [
+        subprocess.Popen([*command, f"at-once-{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(count)
+    ]
+    return [
+        subprocess.CompletedProcess(p.args, p.wait(120), *map(bytes.decode, p.communicate()))
+        for p in processes
+    ]
+
+
+def test_processes_starting_on_a_new_sqlite_file_at_once_all_migrate_it(tmp_path):
+    """Before: each created the tables (pysqlite runs DDL outside a transaction), and those
+    that lost the race failed with `table alembic_version already exists`."""
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
+        for done in create_keys_at_once(url):
+            assert done.returncode == 0, done.stderr
+        engine = open_database(url)
+        assert len(store.list_keys(engine)) == 4
+        engine.dispose()
+
+
 def test_a_database_a_newer_pagoda_migrated_is_refused_in_one_line(tmp_path):
     """After a downgrade of pagoda, its database is at a revision this code does not know.
     Before: `pagoda keys list` and `pagoda serve` ended in Alembic's CommandError traceback."""

@@ -10,7 +10,16 @@ import pytest
 from pagoda.server.keys import store
 from pagoda.server.keys.database import open_database, schema_version
 from tests.serving import Server
-from tests.test_keys import MODEL, STATIC, chat, ledger, new_key, sdk, wait_for
+from tests.test_keys import (
+    MODEL,
+    STATIC,
+    chat,
+    create_keys_at_once,
+    ledger,
+    new_key,
+    sdk,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,18 @@ def test_schema_and_operations_on_postgres(postgres):
         store.revoke_key(engine, "b")
     engine.dispose()
     open_database(url).dispose()  # migrated already: nothing to do
+
+
+def test_processes_starting_on_a_new_database_at_once_all_migrate_it(postgres):
+    """Before: each created the tables in its own transaction, and those that lost the race
+    failed on PostgreSQL's unique index of type names (`alembic_version already exists`)."""
+    for attempt in range(2):
+        url = postgres.create_database(f"pagoda_at_once_{attempt}")
+        for done in create_keys_at_once(url):
+            assert done.returncode == 0, done.stderr
+        engine = open_database(url)
+        assert len(store.list_keys(engine)) == 4
+        engine.dispose()
 
 
 def _row(key_id: int, cost: float) -> dict:

@@ -13,6 +13,7 @@ from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_ENV = "PAGODA_DATABASE_URL"
+MIGRATION_LOCK_ID = 0x7061676F6461  # "pagoda": PostgreSQL's advisory lock for migrations
 
 
 class DatabaseError(RuntimeError):
@@ -84,17 +85,32 @@ def migrate(engine: sa.Engine) -> None:
     """To the newest schema; a database that a newer pagoda migrated is refused, untouched
     (Alembic would fail on its unknown revision)."""
     config = _alembic_config()
+    script = ScriptDirectory.from_config(config)
     with engine.begin() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
-        script = ScriptDirectory.from_config(config)
+        if current == script.get_current_head():
+            return
         if current is not None and current not in {r.revision for r in script.walk_revisions()}:
             raise DatabaseError(
                 f"cannot open the database {shown(engine.url)}: its schema is at revision "
                 f"{current}, which this pagoda does not know (its newest is "
                 f"{script.get_current_head()}): a newer pagoda migrated it"
             )
+        _lock_for_migration(connection)
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, "head")  # from the revision found under the lock
+
+
+def _lock_for_migration(connection: sa.Connection) -> None:
+    """One process migrates at a time; the others wait, then find the schema migrated.
+    Without it, processes that start on a new database at once (replicas, a script creating
+    keys) each created the tables, and those that lost the race failed: `... already
+    exists`."""
+    if connection.dialect.name == "sqlite":
+        # pysqlite runs DDL outside a transaction: take the write lock now (busy_timeout waits)
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
 
 
 def schema_version(engine: sa.Engine) -> tuple[str | None, str]:

@@ -267,6 +267,23 @@ def test_cli_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert json.loads(pagoda("keys", "list", "--json", env=env).stdout)[0]["name"] == "ci"
 
 
+def test_a_command_on_a_locked_sqlite_file_fails_in_one_line(tmp_path):
+    """Another writer holds the file past the busy timeout. Before: SQLAlchemy's
+    OperationalError traceback, with the statement and its parameters (the new key's hash)."""
+    path = tmp_path / "keys.db"
+    open_database(f"sqlite:///{path}").dispose()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for command in (["keys", "create", "--name", "a"], ["keys", "revoke", "a"]):
+            result = pagoda(*command, "--database", str(path))
+            assert result.returncode == 1
+            assert result.stderr == "error: the database failed: database is locked\n"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_times_with_an_offset_are_the_instant_they_name(tmp_path):
     """`--expires` and `usage --since` with a UTC offset, through the CLI on a real SQLite file
     (which keeps a time's wall clock and drops its offset)."""

@@ -22,6 +22,7 @@ from pagoda.server.keys.database import (
     default_url,
     normalize,
     open_database,
+    reason,
     shown,
 )
 from pagoda.server.keys.gateway import Gateway
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
             engine.dispose()
     except (store.StoreError, DatabaseError, ValueError) as exc:
         print(f"error: {_reason(exc)}", file=sys.stderr)
+        return 1
+    except sa.exc.SQLAlchemyError as exc:  # locked past the busy timeout, or gone meanwhile
+        print(f"error: the database failed: {reason(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -76,9 +76,15 @@ def open_database(url: str) -> sa.Engine:
         raise
     except sa.exc.SQLAlchemyError as exc:
         engine.dispose()
-        reason = getattr(exc, "orig", None) or exc
-        raise DatabaseError(f"cannot open the database {shown(parsed)}: {reason}") from exc
+        raise DatabaseError(f"cannot open the database {shown(parsed)}: {reason(exc)}") from exc
     return engine
+
+
+def reason(exc: Exception) -> str:
+    """A database error's first line: the driver's reason, without SQLAlchemy's statement and
+    its parameters (a key's hash among them) or PostgreSQL's DETAIL lines."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def migrate(engine: sa.Engine) -> None:

@@ -24,6 +24,7 @@ from pagoda.server.disconnect import CLIENT_CLOSED
 from pagoda.server.errors import APIError
 from pagoda.server.image_store import URL_PATH
 from pagoda.server.keys import store
+from pagoda.server.keys.database import reason
 from pagoda.server.keys.limits import KeyState
 from pagoda.server.keys.meter import SCOPE_KEY, Meter
 
@@ -196,7 +197,7 @@ class Gateway:
                     logger.error(
                         "the key database is unreachable; database keys get 503 until it "
                         "is back (%s)",
-                        _first_line(exc),
+                        reason(exc),
                     )
                 return False
             if unwritten is not None:
@@ -206,7 +207,7 @@ class Gateway:
                     logger.warning(
                         "usage rows cannot be written (%s); kept and written once the "
                         "database takes them",
-                        _first_line(unwritten),
+                        reason(unwritten),
                     )
                 rows = []
             elif rows and self.ledger_failing:
@@ -337,12 +338,6 @@ def refused(status: int) -> bool:
     """A request answered with a client error (bad input, a limit, a full queue), not one the
     client cut itself (499: it used what ran until then)."""
     return 400 <= status < 500 and status != CLIENT_CLOSED
-
-
-def _first_line(exc: Exception) -> str:
-    """A database error's reason, without SQLAlchemy's statement and parameters."""
-    reason = str(getattr(exc, "orig", None) or exc).strip()
-    return reason.splitlines()[0] if reason else type(exc).__name__
 
 
 def _unauthorized(message: str) -> APIError:

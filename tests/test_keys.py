@@ -546,6 +546,37 @@ def test_requests_sent_at_once_near_the_budget_cross_it_by_one_at_most(server, d
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(sum(costs))
 
 
+def test_the_sdk_does_not_retry_a_429_that_retrying_cannot_help(server, db):
+    """The OpenAI SDK (and LangChain over it) retries a 429 twice by default, after a backoff:
+    a spent budget or a request larger than the key's tpm would be sent three times and the
+    caller kept waiting for the same answer. `x-should-retry: false` stops it; a 429 that
+    waiting cures keeps its Retry-After and no such header."""
+    _, spent = new_key(db, budget=0.0)
+    _, small = new_key(db, tpm=50)
+    for key in (spent, small):
+        retrying = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key)  # max_retries=2
+        before = _refused(server)
+        with pytest.raises(openai.RateLimitError) as caught:
+            chat(retrying, max_tokens=100)
+        assert _refused(server) == before + 1
+        assert caught.value.response.headers["x-should-retry"] == "false"
+    _, one = new_key(db, max_concurrent=1)
+    client = sdk(server, one)
+    stream = chat(client, max_tokens=300, stream=True)
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client)
+    assert "x-should-retry" not in caught.value.response.headers
+    stream.close()
+
+
+def _refused(server: Server) -> float:
+    """The 429s the server has answered on /v1/chat/completions."""
+    metrics = httpx.get(f"{server.url}/metrics").text
+    line = 'pagoda:http_responses_total{route="/v1/chat/completions",status="429"}'
+    return next((float(m.split()[-1]) for m in metrics.splitlines() if m.startswith(line)), 0.0)
+
+
 def test_ledger_equals_the_usage_clients_received_and_usage_command_reports_it(server, db):
     name, key = new_key(db)
     client = sdk(server, key)

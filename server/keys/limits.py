@@ -13,6 +13,9 @@ from pagoda.server.errors import APIError
 from pagoda.server.keys.store import utc
 
 WINDOW_S = 60.0
+# a 429 that waiting cannot cure: the OpenAI SDK (and LangChain over it) would otherwise retry
+# it twice after a backoff, for the same answer
+NO_RETRY = {"x-should-retry": "false"}
 
 
 @dataclass(slots=True)
@@ -125,6 +128,7 @@ class KeyState:
                 f"Key '{self.name}' has used its budget of ${self.budget_usd:g}.",
                 code="insufficient_quota",
                 error_type="insufficient_quota",
+                headers=NO_RETRY,
             )
         if not self.requests.fits(1):
             wait = self.requests.wait(1, now)
@@ -179,6 +183,7 @@ def _rate_limited(
             message + f"Requested {asked}. The request is larger than the limit.",
             code="rate_limit_exceeded",
             error_type=kind,
+            headers=NO_RETRY,
         )
     return APIError(
         429,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -11,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagoda.engine import LLM, SamplingParams
-from tests.serving import Server
+from tests.serving import Server, engines_stopped
 from tests.tiny_models import a_bad_word
 
 MODEL = "test-org/tiny-llama"  # has a "/" like hub ids
@@ -376,6 +377,37 @@ def test_disconnects_free_every_block(server, client):
     assert usage == 0.0
     after = chat(client, temperature=0, max_tokens=12, ignore_eos=True).choices[0].message.content
     assert after == before
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_client_that_times_out_has_its_request_aborted(server, client, endpoint):
+    """The SDK gives up on a slow JSON answer (its timeout) and retries it, twice by default:
+    each attempt it left must be aborted in the engine, not generated to its end for nobody
+    while the retries pile up beside it."""
+    impatient = client.with_options(timeout=1.0, max_retries=2)
+    long = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}
+    finished = _finished_choices(server)
+    with engines_stopped([server.engine_pid()]), pytest.raises(openai.APITimeoutError):
+        if endpoint == "chat":
+            chat(impatient, **long)
+        else:
+            impatient.completions.create(model=MODEL, prompt="Once", **long)
+    # the engine reads its inbox in order: each attempt's add and abort, then this request
+    chat(client, max_tokens=2)
+    deadline = time.monotonic() + 60
+    while server.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _finished_choices(server) == finished + 1  # the short request's only
+
+
+def _finished_choices(server) -> float:
+    """Choices generated to their end (an aborted one counts as finish_reason "abort")."""
+    metrics = httpx.get(f"{server.url}/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in metrics
+        if line.startswith("pagoda:requests_total{") and 'finish_reason="abort"' not in line
+    )
 
 
 def _gauge(metrics: str, name: str) -> float:

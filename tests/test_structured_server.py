@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
@@ -639,6 +640,38 @@ def test_langchain_streams_tool_calls(server):
         GetWeather(**call["args"])
     structured = llm.with_structured_output(Pet, method="function_calling")
     assert isinstance(list(structured.stream("A pet"))[-1], Pet)
+
+
+def test_langchain_agent_round_trip_with_usage_on_streams(server):
+    """An agent's loop: a forced call, its ToolMessage result sent back, the answer invoked
+    and streamed; with stream_usage (docs/compatibility.md) the stream's usage_metadata has
+    the invoke's counts, the prompt now read from the prefix cache."""
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{server.url}/v1",
+        api_key="none",
+        max_tokens=200,
+        temperature=0,
+        stream_usage=True,
+        max_retries=0,
+    )
+    bound = llm.bind_tools([GetWeather], tool_choice="GetWeather", parallel_tool_calls=False)
+    messages = [HumanMessage("Weather in Paris?")]
+    asked = bound.invoke(messages)
+    [call] = asked.tool_calls
+    messages += [asked, ToolMessage("Sunny, 21 C", tool_call_id=call["id"])]
+    answerer = llm.bind(max_tokens=12)
+    answer = answerer.invoke(messages)
+    assert answer.content and not answer.tool_calls
+    assert 0 < answer.usage_metadata["output_tokens"] <= 12
+    chunks = list(answerer.stream(messages))
+    streamed = sum(chunks[1:], chunks[0])
+    assert streamed.content == answer.content
+    counts = ("input_tokens", "output_tokens", "total_tokens")
+    assert [streamed.usage_metadata[k] for k in counts] == [
+        answer.usage_metadata[k] for k in counts
+    ]
+    assert streamed.usage_metadata["input_token_details"]["cache_read"] > 0  # the same prompt
 
 
 def test_catalog_capabilities_refuse_tools_and_json(tiny_models, tmp_path):

@@ -713,7 +713,7 @@ def test_the_ledger_survives_a_restart(catalog, db, server):
 
 
 def test_a_request_the_engine_failed_is_recorded_but_billed_nothing(catalog, db):
-    """Its client got a 503 and no usage. Before: the row billed the prompt and the tokens
+    """Its client got a 503 and no usage. Before: the row billed the prompt and any tokens
     made until the engine stopped, against the key's budget, and they stayed in its tpm."""
     own = start_server(catalog, db)  # its engine is killed: not the module's server
     try:
@@ -726,10 +726,13 @@ def test_a_request_the_engine_failed_is_recorded_but_billed_nothing(catalog, db)
         thread = threading.Thread(
             target=lambda: replies.append(httpx.post(url, headers=auth, json=body, timeout=60))
         )
+        # the engine stopped before the request, so that it cannot end before the kill (its
+        # prompt was billed before, tokens made or not)
+        engine_pid = own.engine_pid()
+        os.kill(engine_pid, signal.SIGSTOP)
         thread.start()
-        wait_for(lambda: own.running() > 0, timeout=30)
-        time.sleep(0.5)  # some tokens made
-        os.kill(own.engine_pid(), signal.SIGKILL)
+        time.sleep(1.0)  # admitted and sent to the engine
+        os.kill(engine_pid, signal.SIGKILL)
         thread.join(60)
         (reply,) = replies
         assert reply.status_code == 503 and "usage" not in reply.json()

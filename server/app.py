@@ -30,8 +30,9 @@ from pagoda.server.images import (
 )
 from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
-from pagoda.server.keys.meter import Meter, request_meter
+from pagoda.server.keys.meter import request_meter
 from pagoda.server.metrics import Metrics
+from pagoda.server.model_slots import GiveBackSlots, ModelSlots
 from pagoda.server.openapi import openapi_json
 from pagoda.server.protocol import (
     ChatCompletionRequest,
@@ -78,6 +79,7 @@ def build_app(
     public_url: str | None = None,
 ) -> Starlette:
     gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
+    slots = ModelSlots(max_concurrent_requests)
 
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type")
@@ -99,7 +101,8 @@ def build_app(
             raise APIError(408, message, headers={"Connection": "close"}) from None
         return bytes(body)
 
-    def served(model_id: str, meter: Meter, kind: str = "chat") -> Any:
+    def served(request: Request, model_id: str, kind: str = "chat") -> Any:
+        meter = request_meter(request)
         model = models.get(model_id)
         if model is None or not meter.allows(model_id):
             raise APIError(
@@ -116,27 +119,27 @@ def build_app(
             )
         if not model.client.healthy:
             why = f" ({model.client.reason})" if model.client.reason else ""
-            raise APIError(503, f"The engine serving '{model_id}' is not running{why}.")
-        limit = max_concurrent_requests
-        if limit is not None and model.client.num_in_flight >= limit:
+            # a model being restarted is worth a retry (the SDK waits Retry-After); one given
+            # up on is not (the SDK would retry it twice for the same answer)
+            retry = {"x-should-retry": "false"} if model.client.state == "failed" else {}
             raise APIError(
-                429,
-                f"'{model_id}' is serving its limit of {limit} concurrent requests: retry later.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
+                503,
+                f"The engine serving '{model_id}' is not running{why}.",
+                headers=retry or {"Retry-After": "5"},
             )
+        slots.take(request.scope, model_id)
         return model
 
     async def chat(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await read_body(request))
         meter = request_meter(request)
-        work = chat_completion(served(req.model, meter), req, metrics, meter)
+        work = chat_completion(served(request, req.model), req, metrics, meter)
         return await unless_disconnected(request, work)
 
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await read_body(request))
         meter = request_meter(request)
-        work = completion(served(req.model, meter), req, metrics, meter)
+        work = completion(served(request, req.model), req, metrics, meter)
         return await unless_disconnected(request, work)
 
     def first_model(kind: str = "chat") -> str:
@@ -146,7 +149,7 @@ def build_app(
     async def images(request: Request) -> Response:
         req = parse_body(ImageGenerationRequest, await read_body(request))
         meter = request_meter(request)
-        model = served(req.model or first_model("image"), meter, "image")
+        model = served(request, req.model or first_model("image"), "image")
         meter.admit(model.id, images=req.n)
         return await generate_images(model, req, request, metrics.images, store, public_url, meter)
 
@@ -156,12 +159,12 @@ def build_app(
     async def embeddings(request: Request) -> Response:
         req = parse_body(EmbeddingRequest, await read_body(request))
         meter = request_meter(request)
-        model = served(req.model, meter, "embedding")
+        model = served(request, req.model, "embedding")
         return await create_embeddings(model, req, request, metrics.embeddings, meter)
 
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(req.model or first_model(), request_meter(request))
+        model = served(request, req.model or first_model())
         if req.messages is not None:
             tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
             ids = await model.tokenizing.run(chat_prompt, model, req, tools)
@@ -177,7 +180,7 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(req.model or first_model(), request_meter(request))
+        model = served(request, req.model or first_model())
         if req.tokens:  # none is the empty text, as /tokenize gives for it
             model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
@@ -194,7 +197,7 @@ def build_app(
         return JSONResponse(_model_card(models[model_id]))
 
     async def get_tokenizer_info(request: Request) -> Response:
-        model = served(request.query_params.get("model") or first_model(), request_meter(request))
+        model = served(request, request.query_params.get("model") or first_model())
         return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:
@@ -254,6 +257,7 @@ def build_app(
         },
         lifespan=lifespan,
     )
+    app.add_middleware(GiveBackSlots, slots=slots)
     app.add_middleware(KeyAuth, gateway=gateway)
     return app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -157,8 +158,19 @@ def test_requests_beyond_the_limit_get_429(tiny_models):
                 break
             time.sleep(0.1)
         assert ok.status_code == 200
+        # a burst: the limit holds before the prompts are tokenized (it counted only requests
+        # the engine had been sent, and 8 sent at once all ran)
+        burst = {**body, "stream": False, "max_tokens": 500}
+        codes = asyncio.run(_post_at_once(f"{server.url}/v1/chat/completions", burst, 8))
+        assert sorted(codes) == [200] + [429] * 7
     finally:
         assert server.stop() == 0
+
+
+async def _post_at_once(url: str, body: dict, count: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        replies = await asyncio.gather(*(client.post(url, json=body) for _ in range(count)))
+    return [r.status_code for r in replies]
 
 
 def workers_of(server: Server) -> list[psutil.Process]:

@@ -119,6 +119,8 @@ def test_killed_worker_fails_its_requests_restarts_and_serves_again(server):
     refused = httpx.post(f"{url}/v1/chat/completions", json=_body("a", False), timeout=60)
     message = refused.json()["error"]["message"]
     assert refused.status_code == 503 and "not running" in message and "SIGKILL" in message
+    # worth a retry: the OpenAI SDK waits Retry-After before each of its retries
+    assert refused.headers["retry-after"] == "5" and "x-should-retry" not in refused.headers
 
     back = _wait_for(lambda: _health(url, "a").status_code == 200, 120, "a to come back")
     assert back
@@ -146,7 +148,9 @@ def test_a_worker_failing_at_every_start_is_given_up_and_others_serve(server):
     overall = _health(url)
     assert overall.status_code == 200 and overall.json()["status"] == "degraded"
     r = httpx.post(f"{url}/v1/chat/completions", json={**_body("b", False)}, timeout=60)
-    assert r.status_code == 503
+    # not worth one: the SDK would send it three times for the same answer
+    assert r.status_code == 503 and r.headers["x-should-retry"] == "false"
+    assert "retry-after" not in r.headers
     r = httpx.post(f"{url}/v1/chat/completions", json={**_body("a", False)}, timeout=60)
     assert r.status_code == 200
     assert 'pagoda:model_ready{model_name="b"} 0.0' in httpx.get(f"{url}/metrics").text

@@ -204,8 +204,11 @@ def _banned_now(seq: Sequence, vocab: int) -> list[int]:
     token of each bad word whose other tokens end the output (vLLM's meaning: the output never
     completes a bad word's token sequence)."""
     params = seq.params
+    held_back = seq.num_output_tokens < params.min_tokens
+    if not held_back and not params.bad_words_token_ids:  # most sequences, every step
+        return []
     banned: set[int] = set()
-    if seq.num_output_tokens < params.min_tokens:
+    if held_back:
         banned.update(params.stop_token_ids)
         if not params.ignore_eos:
             banned |= seq.eos_token_ids

@@ -121,11 +121,11 @@ def build_app(
             why = f" ({model.client.reason})" if model.client.reason else ""
             # a model being restarted is worth a retry (the SDK waits Retry-After); one given
             # up on is not (the SDK would retry it twice for the same answer)
-            retry = {"x-should-retry": "false"} if model.client.state == "failed" else {}
+            given_up = model.client.state == "failed"
             raise APIError(
                 503,
                 f"The engine serving '{model_id}' is not running{why}.",
-                headers=retry or {"Retry-After": "5"},
+                headers={"x-should-retry": "false"} if given_up else {"Retry-After": "5"},
             )
         slots.take(request.scope, model_id)
         return model

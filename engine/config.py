@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,6 +59,9 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     distributed_timeout_s: float = 120.0  # for every rank to join
+    # the defaults of the sampling fields a request leaves unset (engine/sampling_defaults.py)
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:  # drawn here, so that every tensor-parallel rank gets the same

@@ -75,6 +75,8 @@ class LLM:
         skip_tokenizer_init: bool = False,
         cpu_threads: int | None = None,
         tensor_parallel_size: int = 1,
+        generation_config: str = "auto",
+        override_generation_config: dict | None = None,
         **parallel,  # nnodes, node_rank, master_addr, master_port, distributed_timeout_s
     ) -> None:
         config = EngineConfig(
@@ -97,6 +99,8 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init,
             cpu_threads=cpu_threads,
             tensor_parallel_size=tensor_parallel_size,
+            generation_config=generation_config,
+            override_generation_config=override_generation_config,
             **parallel,
         )
         self.engine = LLMEngine(config)
@@ -105,6 +109,11 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` uses without sampling params: the model's recommended values
+        (its generation_config.json, unless `generation_config="vllm"`), else the defaults."""
+        return SamplingParams(**self.engine.sampling_defaults)
 
     def generate(
         self,
@@ -115,7 +124,7 @@ class LLM:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

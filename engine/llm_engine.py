@@ -13,6 +13,7 @@ from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.sampling_defaults import sampling_defaults
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
@@ -60,6 +61,18 @@ class LLMEngine:
             None if config.skip_tokenizer_init else loader.load_tokenizer(source, config.tokenizer)
         )
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
+        self.sampling_defaults = sampling_defaults(
+            None if source.gguf_file else source.folder,
+            config.generation_config,
+            config.override_generation_config,
+        )
+        if self.sampling_defaults:
+            logger.info(
+                "sampling fields a request leaves unset default to %s (generation_config %s%s)",
+                self.sampling_defaults,
+                config.generation_config,
+                " and override_generation_config" if config.override_generation_config else "",
+            )
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
         if config.cpu_threads is not None:

@@ -4,6 +4,7 @@ a bad one is a one-line error naming the option, before anything loads."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import urllib.parse
 from collections.abc import Callable
@@ -67,3 +68,17 @@ def public_url(text: str) -> str:
             f"expected an http:// or https:// URL such as https://example.com/pagoda, got {text!r}"
         )
     return text
+
+
+def generation_overrides(text: str) -> dict:
+    """--override-generation-config: a JSON object (its fields are checked as the engine
+    starts, engine/sampling_defaults.py)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"temperature\": 0.7}}', got {text!r}"
+        )
+    return value

@@ -98,6 +98,8 @@ class EngineSettings(_Strict):
     enable_prefix_caching: bool | None = None
     seed: int | None = Field(None, ge=0)
     tensor_parallel_size: int | None = Field(None, ge=1)
+    generation_config: str | None = None  # auto, vllm or a folder (engine/sampling_defaults.py)
+    override_generation_config: dict[str, float | int] | None = None
 
     @field_validator("block_size")
     @classmethod

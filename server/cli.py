@@ -16,7 +16,15 @@ import sys
 from pagoda import __version__
 from pagoda.logs import LOG_FORMATS, LOG_LEVELS
 from pagoda.server import defaults, tokenizer_export
-from pagoda.server.arg_types import at_least, device, port, public_url, seconds, size
+from pagoda.server.arg_types import (
+    at_least,
+    device,
+    generation_overrides,
+    port,
+    public_url,
+    seconds,
+    size,
+)
 from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES, CatalogError, load_catalog
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
@@ -44,6 +52,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--max-model-len", type=at_least(1))
     serve.add_argument("--dtype", choices=DTYPE_NAMES)
     serve.add_argument("--device", type=device, help="auto, cpu, cuda or cuda:N")
+    serve.add_argument(
+        "--generation-config",
+        help="where the sampling fields a request leaves unset take their defaults from: auto "
+        "(the model's generation_config.json, the default), vllm (OpenAI's defaults) or a folder",
+    )
+    serve.add_argument(
+        "--override-generation-config",
+        type=generation_overrides,
+        help="sampling defaults over the generation config, e.g. '{\"temperature\": 0.7}'",
+    )
     serve.add_argument("--max-num-seqs", type=at_least(1))
     serve.add_argument(
         "--max-num-batched-tokens",

@@ -134,8 +134,9 @@ class ServedModel:
                 param=param,
                 code="context_length_exceeded",
             )
+        defaults = self.client.info["sampling_defaults"]
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = min(room, defaults.get("max_tokens", room))
             if kwargs.get("min_tokens", 0) > room:
                 raise invalid(
                     f"min_tokens ({kwargs['min_tokens']}) exceeds the {room} tokens that the "
@@ -145,7 +146,12 @@ class ServedModel:
         bad_words = tokenize_bad_words(self.tokenizer, kwargs.get("bad_words"))
         try:
             return SamplingParams(
-                **{**kwargs, "max_tokens": max_tokens, "bad_words_token_ids": bad_words}
+                **{
+                    **defaults,
+                    **kwargs,
+                    "max_tokens": max_tokens,
+                    "bad_words_token_ids": bad_words,
+                }
             )
         except ValueError as exc:
             raise invalid(str(exc)) from exc

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from pagoda.engine.sampling_defaults import SAMPLING_FIELDS
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.request_fields import check_request_fields
 from pagoda.server.request_log import log_request
@@ -233,21 +234,23 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # None: the model's default (its generation_config.json, engine/sampling_defaults.py),
+    # else OpenAI's (temperature 1, top_p 1, no penalties)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling parameters, under vLLM's names
-    top_k: int = Field(0, ge=-1)  # 0 or -1: disabled
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: disabled
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -310,16 +313,13 @@ class _SamplingRequest(BaseModel):
         return [stop for stop in stops if stop]  # an empty string would stop at once
 
     def _common_sampling_kwargs(self) -> dict[str, Any]:
+        """The engine's sampling fields; those with a model default only where the client set
+        them (ServedModel.sampling_params fills in the rest)."""
+        defaulted = {name: getattr(self, name) for name in SAMPLING_FIELDS}
         return {
+            **{name: value for name, value in defaulted.items() if value is not None},
             "n": self.n,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
             "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
             "logit_bias": dict(self.logit_bias) if self.logit_bias else None,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,

@@ -64,6 +64,8 @@ ENGINE_FLAGS = (
     "master_addr",
     "master_port",
     "distributed_timeout_s",
+    "generation_config",
+    "override_generation_config",
 )
 
 

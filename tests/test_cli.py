@@ -121,6 +121,8 @@ def test_help_of_the_module_lists_the_commands():
         ("--device", "gpu"),
         ("--log-level", "verbose"),
         ("--max-num-seqs", "2.5"),
+        ("--override-generation-config", "temperature=0.7"),
+        ("--override-generation-config", '["temperature", 0.7]'),
     ],
 )
 def test_counts_sizes_and_names_are_checked_as_they_are_parsed(option, bad, capsys):

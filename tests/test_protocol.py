@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pagoda.engine import SamplingParams
+from pagoda.engine.sampling_defaults import SAMPLING_FIELDS
 from pagoda.server.errors import APIError
 from pagoda.server.protocol import (
     MAX_STOP_STRINGS,
@@ -174,9 +175,12 @@ def test_bad_completion_request(body, param):
 
 
 def test_chat_defaults_follow_openai():
+    """Unset sampling fields are left to the model's defaults (its generation_config.json),
+    whose own defaults are OpenAI's."""
     kwargs = parse_chat(chat()).sampling_kwargs()
-    assert kwargs["temperature"] == 1.0
-    assert kwargs["top_p"] == 1.0
+    assert not set(SAMPLING_FIELDS) & set(kwargs)
+    assert (SamplingParams().temperature, SamplingParams().top_p) == (1.0, 1.0)
+    assert parse_chat(chat(temperature=0.5)).sampling_kwargs()["temperature"] == 0.5
     assert kwargs["n"] == 1
     assert kwargs["max_tokens"] is None  # the server fills it from the context room
     assert kwargs["logprobs"] is None
@@ -184,7 +188,7 @@ def test_chat_defaults_follow_openai():
 
 def test_null_means_default():
     req = parse_chat(chat(temperature=None, n=None, stop=None, stream=None, max_tokens=None))
-    assert (req.temperature, req.n, req.stream) == (1.0, 1, False)
+    assert (req.temperature, req.n, req.stream) == (None, 1, False)
     assert req.stop_strings() == []
     assert parse_completion(completion(max_tokens=None)).max_tokens == 16
 

@@ -98,6 +98,13 @@ class EngineCore:
         for request_id in request_ids:
             self.engine.abort_request(request_id)
 
+    def finish(self, request_id: str, index: int) -> list[list]:
+        """End one choice of a request whose other choices go on (the server found a stop
+        string in its text). Its last output says so, unless it had ended already and said so
+        then: each choice ends in exactly one output with a finish reason."""
+        delta = self.engine.finish_sequence(request_id, index, "stop")
+        return [] if delta is None else [encode_delta(delta)]
+
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
 

@@ -269,13 +269,20 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
 
-    def finish_sequence(self, request_id: str, index: int, reason: str) -> None:
-        """End one choice of a request between steps (the offline API's stop strings)."""
-        seqs = self._requests[request_id]
-        seqs[index].finish_reason = reason
-        self.scheduler.finish(seqs[index])
+    def finish_sequence(self, request_id: str, index: int, reason: str) -> SequenceDelta | None:
+        """End one choice of a request between steps (a stop string found in its text): its
+        last delta, without tokens; None where it had ended already (or its request had)."""
+        seqs = self._requests.get(request_id)
+        if seqs is None or seqs[index].is_finished:
+            return None
+        seq = seqs[index]
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
         if all(s.is_finished for s in seqs):
             del self._requests[request_id]
+        return SequenceDelta(
+            request_id, index, [], [], None, reason, seq.num_prompt_tokens, seq.num_cached_tokens
+        )
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -6,6 +6,8 @@ msgpack-encoded lists whose first element names them:
 
     server -> worker   ["add", request_id, *payload]   the payload is the worker kind's own
                        ["abort", [request_id, ...]]
+                       ["finish", request_id, index]   one choice of a request ends (the
+                                                engine core's); answered by "outputs"
                        ["shutdown"]
     worker -> server   ["ready", info]          once the model is loaded
                        ["failed", message]      the model could not be loaded
@@ -93,7 +95,8 @@ class Worker(Protocol):
         ...
 
     # optional: take_failed() -> [(request id, message)], requests whose batch failed;
-    # close(), called once the server said shutdown (the engine core stops its ranks)
+    # close(), called once the server said shutdown (the engine core stops its ranks);
+    # finish(request_id, index) -> outputs, the engine core's
 
 
 def run_worker(
@@ -289,6 +292,10 @@ def _handle(worker: Worker, message: list, outbox: zmq.Socket) -> bool:
                 outbox.send(pack(["accepted", request_id]))
     elif kind == "abort":
         worker.abort(message[1])
+    elif kind == "finish":
+        outputs = worker.finish(message[1], message[2])
+        if outputs:
+            outbox.send(pack(["outputs", outputs, worker.stats()]))
     elif kind == "shutdown":
         return False
     return True

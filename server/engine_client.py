@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -9,7 +10,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.core import decode_delta, encode_params, run_engine_core
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import SequenceDelta
-from pagoda.server.worker_client import WorkerClient
+from pagoda.server.worker_client import WorkerClient, WorkerDeadError
 
 
 class EngineClient(WorkerClient):
@@ -59,3 +60,9 @@ class EngineClient(WorkerClient):
                     yield delta
         finally:
             self.num_sequences_in_flight -= unfinished
+
+    async def finish(self, request_id: str, index: int) -> None:
+        """End one choice of a request whose other choices go on; its stream gets the choice's
+        last output (finish reason "stop") unless the choice had ended already."""
+        with contextlib.suppress(WorkerDeadError):  # a dead process has nothing running
+            await self._send(["finish", request_id, index])

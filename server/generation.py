@@ -272,6 +272,9 @@ class Generation:
                         self._count_finished(finish)
                     if all(done):
                         break
+                    if detokenizer.stopped and delta.finish_reason is None:
+                        # the engine would go on with it until the other choices end
+                        await self.model.client.finish(self.request_id, delta.index)
         except ValueError:  # the engine refused the request (a 400): nothing ran
             ran = False
             raise

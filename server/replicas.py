@@ -133,6 +133,10 @@ class EngineReplicas:
         replica = self.replicas[self.route(prompt_token_ids)]
         return replica.generate(request_id, prompt_token_ids, params)
 
+    async def finish(self, request_id: str, index: int) -> None:
+        """EngineClient.finish, sent to every replica: the others have no such request."""
+        await asyncio.gather(*(r.finish(request_id, index) for r in self.replicas if r.healthy))
+
 
 def merge_stats(stats: list[dict]) -> dict:
     """One model's stats from its replicas': counts summed, KV cache usage averaged."""

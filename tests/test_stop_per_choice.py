@@ -35,15 +35,16 @@ def test_a_finished_choice_says_so_once_and_steps_no_more(tiny_models):
     assert core.finish("r", 1) == [] and core.finish("gone", 0) == []
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-engine", "two-replicas"])
+def server(request, tiny_models, tmp_path_factory):
     catalog = tmp_path_factory.mktemp("catalog") / "models.yaml"
     catalog.write_text(
         f"models:\n  - id: m\n    kind: chat\n    source: {tiny_models['llama']}\n"
         f"    max_model_len: 256\n    engine:\n      dtype: float32\n"
         f"      kv_cache_blocks: {KV_CACHE_BLOCKS}\n"
     )
-    srv = Server(["--catalog", str(catalog)]).wait_ready()
+    srv = Server(["--catalog", str(catalog), "--data-parallel-size", str(request.param)])
+    srv.wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()
 

@@ -46,6 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import DTYPES, LOAD_FORMATS
 from pagoda.engine.loader import ModelSource, load_config, resolve_source
+from pagoda.kernels.rotary import context_length
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN_ID_MARGIN = 100  # keep clear of special tokens at both ends of the vocabulary
@@ -434,11 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     source = resolve_source(args.model)
     config: PretrainedConfig = load_config(source)
     work = make_workload(args, config.vocab_size)
-    if work.max_len > config.max_position_embeddings:
-        sys.exit(
-            f"prompts + output need {work.max_len} positions, "
-            f"the model has {config.max_position_embeddings}"
-        )
+    positions = context_length(config.rope_parameters, config.max_position_embeddings)
+    if work.max_len > positions:
+        sys.exit(f"prompts + output need {work.max_len} positions, the model has {positions}")
     labels = {
         BATCH: f"static batch {args.num_prompts} x {args.output_len}",
         SINGLE: f"batch 1 ({args.batch1_input_len} + {args.output_len})",

@@ -18,6 +18,7 @@ from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
 from pagoda.engine.structured_output import GrammarCompiler, attach, start_matcher
+from pagoda.kernels.rotary import context_length
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -123,17 +124,21 @@ class LLMEngine:
         )
 
     def _resolve_max_model_len(self) -> int:
-        limit = self.hf_config.max_position_embeddings
-        window = _sliding_window(self.hf_config)
+        config = self.hf_config
+        limit = context_length(config.rope_parameters, config.max_position_embeddings)
+        why = "max_position_embeddings and its rope scaling"
+        window = _sliding_window(config)
         if window is not None and window < limit:
             # Within the window, sliding-window attention is plain causal attention.
             logger.warning("sliding window of %d tokens: max_model_len capped to it", window)
-            limit = window
+            limit, why = window, "its sliding window"
         wanted = self.config.max_model_len
         if wanted is None:
             return limit
         if wanted > limit:
-            raise ValueError(f"max_model_len {wanted} exceeds what the model supports ({limit})")
+            raise ValueError(
+                f"max_model_len {wanted} exceeds what the model supports ({limit}, {why})"
+            )
         return wanted
 
     def _num_kv_blocks(self, model: torch.nn.Module) -> int:

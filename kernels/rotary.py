@@ -61,8 +61,39 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-# "dynamic" (NTK) rescales only past max_position_embeddings, which max_model_len never exceeds
+def _dynamic_ntk_inv_freq(
+    head_dim: int, params: dict, max_positions: int, max_position_embeddings: int
+) -> torch.Tensor:
+    """Dynamic NTK, fixed at the table's length: the base that transformers computes for a
+    sequence of `max_positions` tokens, used at every position. Transformers recomputes it from
+    each forward's own length, which a paged cache cannot follow: keys are rotated once, when
+    written, and shared by every request with the same prefix. At or below the original length
+    the base is the model's own, as in transformers."""
+    factor = params["factor"]
+    theta = params.get("rope_theta", 10000.0)
+    if max_positions > max_position_embeddings:
+        stretch = factor * max_positions / max_position_embeddings - (factor - 1)
+        theta = theta * stretch ** (head_dim / (head_dim - 2))
+    return _default_inv_freq(head_dim, theta)
+
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def context_length(rope_parameters: dict, max_position_embeddings: int) -> int:
+    """How many positions the model's rope scaling is made for, derived as vLLM does: linear
+    and dynamic stretch max_position_embeddings by their factor, YaRN stretches its
+    original_max_position_embeddings; llama3 checkpoints state the stretched length as
+    max_position_embeddings already."""
+    rope_type = rope_parameters.get("rope_type", "default")
+    factor = rope_parameters.get("factor")
+    if not factor:
+        return max_position_embeddings
+    if rope_type in ("linear", "dynamic"):
+        return int(max_position_embeddings * factor)
+    if rope_type == "yarn":
+        return int(rope_parameters["original_max_position_embeddings"] * factor)
+    return max_position_embeddings
 
 
 def rotary_cos_sin_cache(
@@ -72,13 +103,14 @@ def rotary_cos_sin_cache(
     max_position_embeddings: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 tables of shape [max_positions, head_dim] for cos and sin; max_positions is at most
-    the model's max_position_embeddings (the default for it)."""
+    `context_length` (max_position_embeddings, the default for it, with no rope scaling)."""
     rope_type = rope_parameters.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         supported = ", ".join(SUPPORTED_ROPE_TYPES)
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {supported}")
     if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor other than 1 is not supported")
+    max_position_embeddings = max_position_embeddings or max_positions
     inv_freq = _default_inv_freq(head_dim, rope_parameters.get("rope_theta", 10000.0))
     scale = 1.0
     if rope_type == "linear":
@@ -86,8 +118,10 @@ def rotary_cos_sin_cache(
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
     elif rope_type == "yarn":
-        inv_freq, scale = _yarn_inv_freq(
-            head_dim, rope_parameters, max_position_embeddings or max_positions
+        inv_freq, scale = _yarn_inv_freq(head_dim, rope_parameters, max_position_embeddings)
+    elif rope_type == "dynamic":
+        inv_freq = _dynamic_ntk_inv_freq(
+            head_dim, rope_parameters, max_positions, max_position_embeddings
         )
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]

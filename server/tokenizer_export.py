@@ -78,8 +78,10 @@ def load_served_tokenizer(source: str) -> Any:
 
 def model_context_length(source: str) -> int:
     from pagoda.engine import loader
+    from pagoda.kernels.rotary import context_length
 
-    return loader.load_config(loader.resolve_source(source)).max_position_embeddings
+    config = loader.load_config(loader.resolve_source(source))
+    return context_length(config.rope_parameters, config.max_position_embeddings)
 
 
 def save_tokenizer_folder(tokenizer: Any, folder: Path, max_model_len: int) -> list[Path]:

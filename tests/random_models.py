@@ -198,6 +198,10 @@ def draw(seed: int, index: int, families: tuple[str, ...] | None = None) -> Draw
         engine["max_num_batched_tokens"] = rng.randint(4, 48)
     if pressure:
         engine.update(kv_cache_blocks=PRESSURE_BLOCKS, max_model_len=PRESSURE_MODEL_LEN)
+    elif config["rope_parameters"]["rope_type"] == "dynamic":
+        # served at its original length, where dynamic NTK is the model's own rope for the
+        # engine and transformers alike (past it, tests/test_long_context.py compares)
+        engine["max_model_len"] = config["max_position_embeddings"]
     lengths = _prompt_lengths(rng, pressure)
     vocab = config["vocab_size"]
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pagoda.server import defaults
+from pagoda.server import defaults, request_ids
 from pagoda.server.chat import chat_completion, chat_prompt
 from pagoda.server.completions import completion
 from pagoda.server.disconnect import unless_disconnected
@@ -313,5 +313,9 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error on %s", request.url.path)
+    logger.exception(
+        "unexpected error on %s (x-request-id %s)",
+        request.url.path,
+        request.scope.get(request_ids.SCOPE_KEY),
+    )
     return APIError(500, "The server had an error while processing your request.").response()

@@ -42,6 +42,7 @@ from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
+from pagoda.server.request_ids import RequestIds
 from pagoda.server.request_log import set_log_requests
 from pagoda.server.worker_client import set_max_failed_starts
 from pagoda.server.worker_metrics import WorkerCollector
@@ -267,7 +268,7 @@ async def serve(args: argparse.Namespace) -> None:
     # outermost, so that auth rejections, errors and the drain's 503s are counted too
     counted = HTTPResponseCounter(gate, metrics.http_responses, app.routes)
     config = uvicorn.Config(
-        counted,
+        RequestIds(counted),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -716,3 +717,31 @@ def test_tokenize_and_detokenize(server, http, tiny_models):
     assert http.post("/tokenize", json={"prompt": "x", "tools": [tool]}).status_code == 400
     empty = http.post("/tokenize", json={"prompt": ""}).json()["tokens"]
     assert http.post("/detokenize", json={"tokens": empty}).json() == {"prompt": ""}
+
+
+def test_every_response_carries_an_x_request_id(server, client):
+    """As OpenAI's responses do (the SDK keeps it as `_request_id`); a client's own usable
+    X-Request-Id comes back. Before: no such header."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    first = raw.headers["x-request-id"]
+    assert re.fullmatch(r"req_[0-9a-f]{32}", first)
+    assert raw.parse()._request_id == first
+    again = client.models.with_raw_response.list().headers["x-request-id"]
+    assert again != first
+    traced = {"X-Request-Id": "gateway-trace-42"}
+    keyed = {**traced, "Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, timeout=60) as plain:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True}
+        answers = [
+            plain.post("/v1/completions", json=body, headers=keyed),
+            plain.post("/v1/completions", json=body, headers=traced),  # 401
+            plain.get("/v1/models/no-such-model", headers=keyed),
+            plain.get("/health", headers=traced),
+        ]
+        assert [a.status_code for a in answers] == [200, 401, 404, 200]
+        assert {a.headers["x-request-id"] for a in answers} == {"gateway-trace-42"}
+        for unusable in ("has space", "x" * 129):
+            answer = plain.get("/health", headers={"X-Request-Id": unusable})
+            assert re.fullmatch(r"req_[0-9a-f]{32}", answer.headers["x-request-id"])

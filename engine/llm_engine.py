@@ -232,7 +232,7 @@ class LLMEngine:
             raise ValueError("structured outputs need the tokenizer (skip_tokenizer_init is set)")
         compiled = self.grammars.submit(params.structured_outputs)
         for seq in seqs:
-            attach(seq, compiled)
+            attach(seq, compiled, params.structured_outputs)
         self._compiling[request_id] = seqs
 
     def _start_matchers(self) -> None:

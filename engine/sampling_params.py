@@ -22,6 +22,11 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # A reasoning model thinks freely, and the constraint holds from the end of its thinking:
+    # the (start, end) token ids of its tags, and whether the output starts in the thinking
+    # (None: its first token says, the start tag or one the constraint allows).
+    thinking_tags: list[int] | None = None
+    thinking: bool | None = False
 
     def __post_init__(self) -> None:
         if isinstance(self.json, str):
@@ -43,6 +48,9 @@ class StructuredOutputsParams:
             self.choice = list(choice) if isinstance(choice, list | tuple) else []
             if not self.choice or not all(isinstance(c, str) for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        tags = self.thinking_tags
+        if tags is not None and not (len(tags) == 2 and all(isinstance(t, int) for t in tags)):
+            raise ValueError("structured_outputs.thinking_tags must be two token ids")
         given = [name for name, value in self._constraints().items() if value not in (None, False)]
         if len(given) != 1:
             raise ValueError(

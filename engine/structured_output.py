@@ -168,11 +168,25 @@ def _no_control_characters(grammar: xgr.Grammar) -> xgr.Grammar:
 
 @dataclass(slots=True)
 class SequenceGrammar:
-    """One sequence's grammar: compiling (`matcher` None) or ready."""
+    """One sequence's grammar: compiling (`matcher` None) or ready; a reasoning model's only
+    once its thinking ended (StructuredOutputsParams.thinking_tags)."""
 
     compiled: Future
     matcher: xgr.GrammarMatcher | None = None
     broken: bool = False  # the matcher refused a token (stops masked by min_tokens, ignore_eos)
+    tags: list[int] | None = None  # the thinking's (start, end) token ids
+    thinking: bool | None = False  # None: the next token is the output's first
+
+    def advance(self, token: int) -> bool:
+        """Take a sampled token; False where the grammar refused it."""
+        if self.thinking is None:
+            self.thinking = token == self.tags[0]
+            if self.thinking:
+                return True
+        if self.thinking:
+            self.thinking = token != self.tags[1]
+            return True
+        return self.matcher.accept_token(token)
 
 
 class GrammarCompiler:
@@ -204,8 +218,9 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def attach(seq: Sequence, compiled: Future) -> None:
-    seq.grammar = SequenceGrammar(compiled)
+def attach(seq: Sequence, compiled: Future, params: StructuredOutputsParams) -> None:
+    thinking = params.thinking if params.thinking_tags else False
+    seq.grammar = SequenceGrammar(compiled, tags=params.thinking_tags, thinking=thinking)
 
 
 def start_matcher(seq: Sequence) -> None:
@@ -213,7 +228,7 @@ def start_matcher(seq: Sequence) -> None:
     grammar = seq.grammar
     grammar.matcher = xgr.GrammarMatcher(grammar.compiled.result())
     for token in seq.output_token_ids:
-        grammar.matcher.accept_token(token)
+        grammar.advance(token)
 
 
 def apply_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -223,7 +238,11 @@ def apply_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         return
     bitmask = _bitmask(len(seqs), logits.shape[-1])
     for i in rows:  # each fill writes its whole row: rows from earlier steps need no reset
-        seqs[i].grammar.matcher.fill_next_token_bitmask(bitmask, i)
+        grammar = seqs[i].grammar
+        grammar.matcher.fill_next_token_bitmask(bitmask, i)
+        if grammar.thinking is None:  # the first token may open the thinking instead
+            start = grammar.tags[0]
+            bitmask.numpy().view(np.uint32)[i, start >> 5] |= np.uint32(1 << (start & 31))
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
@@ -269,13 +288,13 @@ def _bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
 
 def accept_tokens(seqs: list[Sequence], tokens: list[int]) -> None:
     for seq, token in zip(seqs, tokens):
-        if _active(seq) and not seq.grammar.matcher.accept_token(token):
+        if _ready(seq) and not seq.grammar.advance(token):
             # only when another rule forced a token the grammar forbids
             logger.warning("request %s left its grammar at token %d", seq.request_id, token)
             seq.grammar.broken = True
 
 
-def _active(seq: Sequence) -> bool:
+def _ready(seq: Sequence) -> bool:
     grammar = seq.grammar
     return (
         grammar is not None
@@ -283,3 +302,8 @@ def _active(seq: Sequence) -> bool:
         and not grammar.broken
         and not grammar.matcher.is_terminated()
     )
+
+
+def _active(seq: Sequence) -> bool:
+    """Whether the grammar constrains the sequence's next token (not while it thinks)."""
+    return _ready(seq) and seq.grammar.thinking is not True

@@ -148,6 +148,8 @@ class Capabilities(_Strict):
     vision: bool = False
     # how `tool_choice: "auto"` output is read (server/tool_parsers.py)
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
+    # where a reasoning model's thinking is split from its answer (server/reasoning.py)
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
 
 
 class Pricing(_Strict):
@@ -481,7 +483,7 @@ def resolve_source(entry: CatalogEntry, base_dir: Path | None = None) -> str:
         return str(path)
     if _looks_like_hub_id(source):
         return source
-    raise source_error(entry, f"{path} does not exist")
+    raise entry_error(entry, f"{path} does not exist")
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -492,21 +494,21 @@ def _looks_like_hub_id(source: str) -> bool:
 def _package_path(entry: CatalogEntry, package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise source_error(
+        raise entry_error(
             entry,
             f"Python package {package!r} is not installed "
             f"(pip install the distribution that provides it)",
         )
     if spec.submodule_search_locations is None:
-        raise source_error(entry, f"{package!r} is a module, not a package")
+        raise entry_error(entry, f"{package!r} is a module, not a package")
     folders = [Path(folder) for folder in spec.submodule_search_locations]
     for folder in folders:
         if (folder / relative).exists():
             return (folder / relative).resolve()
-    raise source_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
+    raise entry_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
 
 
-def source_error(entry: CatalogEntry, message: str) -> CatalogError:
-    """An error about the entry's `source`, naming the file, line and entry."""
+def entry_error(entry: CatalogEntry, message: str, field: str = "source") -> CatalogError:
+    """An error about one of the entry's fields, naming the file, line and entry."""
     where = entry._where or f"id {entry.id!r}"
-    return CatalogError(f"{where}: source: {message}")
+    return CatalogError(f"{where}: {field}: {message}")

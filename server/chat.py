@@ -23,6 +23,7 @@ from pagoda.server.generation import (
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.protocol import ChatCompletionRequest, TokenizeRequest, messages_for_template
+from pagoda.server.reasoning import ReasoningStream
 from pagoda.server.structured import extra_constraint, extra_fields, response_format_constraint
 from pagoda.server.tools import (
     ToolCallStream,
@@ -65,7 +66,13 @@ async def chat_completion(
     model.check_queue()
     tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
     kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
+    if model.reasoning is not None and model.reasoning.tags_are_special:
+        kwargs["skip_special_tokens"] = False  # the tags must reach the reasoning parser
     prompt = await model.tokenizing.run(chat_prompt, model, req, tools=tools)
+    if model.reasoning is not None and "structured_outputs" in kwargs:
+        kwargs["structured_outputs"] = model.reasoning.after_thinking(
+            kwargs["structured_outputs"], prompt
+        )
     params = model.sampling_params(len(prompt), kwargs, param="messages")
     meter.admit(model.id, len(prompt), params.max_tokens * params.n)
     generation = Generation(
@@ -78,6 +85,25 @@ async def chat_completion(
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return event_stream(_stream(generation, req, include_usage, tools), meter)
     return JSONResponse(await _complete(generation, req, tools))
+
+
+def _reasoning_streams(generation: Generation) -> list[ReasoningStream] | None:
+    parser = generation.model.reasoning
+    if parser is None:
+        return None
+    return [parser.stream(generation.prompt_token_ids) for _ in range(generation.params.n)]
+
+
+def _split(stream: ReasoningStream, text: str) -> tuple[str | None, str]:
+    """A whole output's (reasoning, content); None where it did not think."""
+    reasoning, content = stream.feed(text)
+    rest = stream.finish()
+    return (reasoning + rest[0] if stream.thought else None), content + rest[1]
+
+
+def _reasoning_fields(reasoning: str) -> dict:
+    # vLLM's name, and the one DeepSeek's API and earlier vLLM releases use
+    return {"reasoning": reasoning, "reasoning_content": reasoning}
 
 
 def _constraint_kwargs(model: ServedModel, req: ChatCompletionRequest, tools) -> dict:
@@ -123,8 +149,14 @@ async def _complete(
         if req.logprobs:
             logprobs[delta.index] += _logprob_content(generation.model, delta, req.top_logprobs)
     choices = []
+    splits = _reasoning_streams(generation)
     for i in range(n):
-        message, finish_reason = _message(texts[i], finish[i], tools)
+        reasoning, text = (None, texts[i]) if splits is None else _split(splits[i], texts[i])
+        message, finish_reason = _message(text, finish[i], tools)
+        if reasoning is not None:
+            message["content"] = message["content"] or None  # all of it was thinking
+            if req.include_reasoning:
+                message.update(_reasoning_fields(reasoning))
         choices.append(
             {
                 "index": i,
@@ -156,6 +188,7 @@ async def _stream(
     created = int(time.time())
     started: set[int] = set()
     calls = [ToolCallStream(tools) for _ in range(generation.params.n)] if tools else None
+    splits = _reasoning_streams(generation)
 
     def chunk(choices: list[dict], **extra) -> str:
         body = {
@@ -172,10 +205,17 @@ async def _stream(
 
     async with aclosing(aiter(generation)) as deltas:
         async for delta in deltas:
+            text, thought = delta.text, {}
+            if splits is not None:
+                reasoning, text = _split_delta(splits[delta.index], delta)
+                if reasoning and req.include_reasoning:
+                    thought = _reasoning_fields(reasoning)
             if calls is None:
-                pieces = [({"content": delta.text}, delta.finish_reason)]
+                message = {**thought, "content": text} if text or not thought else thought
+                pieces = [(message, delta.finish_reason)]
             else:
-                pieces = _tool_pieces(calls[delta.index], delta.text, delta.finish_reason)
+                pieces = _tool_pieces(calls[delta.index], text, delta.finish_reason)
+                pieces = [(thought, None), *pieces] if thought else pieces
                 if not pieces and (delta.index not in started or req.logprobs):
                     pieces = [({}, None)]  # the role, or the logprobs of held-back tokens
             logprobs = None
@@ -196,6 +236,14 @@ async def _stream(
     if include_usage:
         yield chunk([], usage=usage(generation))
     yield "[DONE]"
+
+
+def _split_delta(stream: ReasoningStream, delta: ChoiceDelta) -> tuple[str, str]:
+    reasoning, content = stream.feed(delta.text)
+    if delta.finish_reason is None:
+        return reasoning, content
+    rest = stream.finish()
+    return reasoning + rest[0], content + rest[1]
 
 
 def _tool_pieces(

@@ -88,6 +88,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="how --model's auto tool calls are read (default hermes; the catalog says it "
         "per entry)",
     )
+    serve.add_argument(
+        "--reasoning-parser",
+        choices=["qwen3", "deepseek_r1"],
+        help="split --model's thinking (<think>...</think>) into the message's reasoning "
+        "(the catalog says it per entry)",
+    )
     serve.add_argument("--max-request-bytes", type=at_least(1), default=defaults.MAX_BODY_BYTES)
     serve.add_argument(
         "--max-concurrent-requests",
@@ -149,7 +155,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     key_commands.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "serve" and not args.model:
-        for option in ("served_model_name", "tool_call_parser"):
+        for option in ("served_model_name", "tool_call_parser", "reasoning_parser"):
             if getattr(args, option) is not None:
                 flag = "--" + option.replace("_", "-")
                 serve.error(f"{flag} names how --model is served: give --model")

@@ -126,7 +126,7 @@ class IncrementalDetokenizer:
             cut, self.stop_str = found
             self._held = ""
             return self._emit(buffer[:cut])
-        keep = _stop_prefix_length(buffer, self._stops)
+        keep = held_back_length(buffer, self._stops)
         self._held = buffer[len(buffer) - keep :]
         return self._emit(buffer[: len(buffer) - keep])
 
@@ -168,12 +168,13 @@ def _first_stop(text: str, stops: Sequence[str], end_after: int = 0) -> tuple[in
     return None if best is None else best[1:]
 
 
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper prefix of some stop string."""
-    longest = max((len(stop) for stop in stops), default=0)
+def held_back_length(text: str, strings: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of one of `strings`: what a
+    stream holds back until it knows whether one of them follows."""
+    longest = max((len(string) for string in strings), default=0)
     for start in range(max(0, len(text) - longest + 1), len(text)):
         tail = text[start:]
-        if any(stop.startswith(tail) for stop in stops):
+        if any(string.startswith(tail) for string in strings):
             return len(text) - start
     return 0
 

@@ -28,6 +28,7 @@ from pagoda.server.errors import APIError, invalid
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS, queue_full
+from pagoda.server.reasoning import ReasoningParser
 from pagoda.server.tokenizer_thread import TokenizerThread
 from pagoda.server.worker_client import WorkerDeadError
 
@@ -91,6 +92,7 @@ class ServedModel:
     supports_tools: bool = True
     supports_json: bool = True
     tool_call_parser: str = "hermes"  # a key of server.tool_parsers.PARSERS
+    reasoning: ReasoningParser | None = None  # --reasoning-parser
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     tokenizing: TokenizerThread = field(default_factory=TokenizerThread)
 

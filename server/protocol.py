@@ -369,6 +369,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # an assistant turn's thinking, sent back (vLLM's name, and DeepSeek's): the templates
+    # of reasoning models read reasoning_content
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -474,6 +478,7 @@ class ChatCompletionRequest(ChatTemplateOptions, _SamplingRequest):
     tool_choice: Any = None
     response_format: Any = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # vLLM's: false leaves the thinking out of the response
 
     @model_validator(mode="after")
     def _chat_rules(self) -> ChatCompletionRequest:
@@ -512,6 +517,9 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
         out["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    reasoning = message.reasoning_content or message.reasoning
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
     return out
 
 

@@ -25,9 +25,9 @@ from pagoda.server.catalog import (
     Capabilities,
     CatalogEntry,
     CatalogError,
+    entry_error,
     load_catalog,
     resolve_source,
-    source_error,
 )
 from pagoda.server.connections import uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
@@ -40,6 +40,7 @@ from pagoda.server.keys import commands as key_commands
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
+from pagoda.server.reasoning import ReasoningParser, reasoning_parser
 from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.request_ids import RequestIds
@@ -88,7 +89,12 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
     if args.model:
         name = args.served_model_name or args.model
         parser = args.tool_call_parser or "hermes"
-        capabilities = Capabilities(tools=True, json=True, tool_call_parser=parser)
+        capabilities = Capabilities(
+            tools=True,
+            json=True,
+            tool_call_parser=parser,
+            reasoning_parser=args.reasoning_parser,
+        )
         config = EngineConfig(model=args.model, serving=True, **overrides)
         waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
         return [
@@ -135,7 +141,19 @@ def _weights(model: ModelToServe) -> loader.ModelSource:
     except ValueError as exc:
         if model.entry is None:
             raise
-        raise source_error(model.entry, str(exc)) from None
+        raise entry_error(model.entry, str(exc)) from None
+
+
+def _reasoning_parser(model: ModelToServe, tokenizer) -> ReasoningParser | None:
+    name = model.capabilities.reasoning_parser if model.capabilities else None
+    if name is None:
+        return None
+    try:
+        return reasoning_parser(name, tokenizer)
+    except ValueError as exc:
+        if model.entry is None:
+            raise
+        raise entry_error(model.entry, str(exc), "capabilities.reasoning_parser") from None
 
 
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
@@ -146,11 +164,13 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     tokenizers = [asyncio.to_thread(loader.load_tokenizer, source) for source in sources]
     try:
         started = await asyncio.gather(*(c.start() for c in clients), *tokenizers)
+        tokenizers = started[len(clients) :]
+        reasoning = [_reasoning_parser(m, t) for m, t in zip(models, tokenizers)]
     except BaseException:
         await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
         raise
     served = {}
-    for model, client, tokenizer in zip(models, clients, started[len(clients) :]):
+    for model, client, tokenizer, parser in zip(models, clients, tokenizers, reasoning):
         capabilities = model.capabilities or Capabilities()
         served[model.id] = ServedModel(
             model.id,
@@ -161,6 +181,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
             supports_tools=capabilities.tools,
             supports_json=capabilities.json_,
             tool_call_parser=capabilities.tool_call_parser,
+            reasoning=parser,
             max_waiting_requests=model.max_waiting_requests,
         )
         info = client.info

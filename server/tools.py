@@ -17,6 +17,7 @@ from typing import Any
 
 from pagoda.engine.sampling_params import StructuredOutputsParams
 from pagoda.engine.structured_output import SCHEMA_MAPS, VALUES
+from pagoda.server.detokenizer import held_back_length
 from pagoda.server.errors import APIError, invalid
 from pagoda.server.structured import checked_constraint
 from pagoda.server.tool_parsers import PARSERS, ParsedCall, ToolParser
@@ -345,7 +346,7 @@ class ToolCallStream:
         marker = self.plan.parser.marker
         held = self.text.find(marker)
         if held < 0:  # hold back what may be the start of the marker
-            held = len(self.text) - _prefix_overlap(self.text, marker)
+            held = len(self.text) - held_back_length(self.text, [marker])
         if marker == "{" and not self.text[: max(held, 0)].strip():
             held = 0  # llama3_json: a call is the whole answer
         held = len(self.text[:held].rstrip())  # whitespace before a call is not content
@@ -372,14 +373,6 @@ class ToolCallStream:
             "type": "function",
             "function": {"name": self.plan.named, "arguments": arguments},
         }
-
-
-def _prefix_overlap(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that starts `marker`."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def unsupported(model_id: str, what: str, param: str) -> APIError:

@@ -94,13 +94,6 @@ def _reasoning_streams(generation: Generation) -> list[ReasoningStream] | None:
     return [parser.stream(generation.prompt_token_ids) for _ in range(generation.params.n)]
 
 
-def _split(stream: ReasoningStream, text: str) -> tuple[str | None, str]:
-    """A whole output's (reasoning, content); None where it did not think."""
-    reasoning, content = stream.feed(text)
-    rest = stream.finish()
-    return (reasoning + rest[0] if stream.thought else None), content + rest[1]
-
-
 def _reasoning_fields(reasoning: str) -> dict:
     # vLLM's name, and the one DeepSeek's API and earlier vLLM releases use
     return {"reasoning": reasoning, "reasoning_content": reasoning}
@@ -140,23 +133,27 @@ async def _complete(
     generation: Generation, req: ChatCompletionRequest, tools: ToolPlan | None
 ) -> dict:
     n = generation.params.n
-    texts = [""] * n
+    texts, thoughts = [""] * n, [""] * n
     finish: list[str | None] = [None] * n
     logprobs: list[list[dict]] = [[] for _ in range(n)]
-    async for delta in generation:
-        texts[delta.index] += delta.text
-        finish[delta.index] = delta.finish_reason or finish[delta.index]
-        if req.logprobs:
-            logprobs[delta.index] += _logprob_content(generation.model, delta, req.top_logprobs)
-    choices = []
     splits = _reasoning_streams(generation)
+    async for delta in generation:
+        i = delta.index
+        if splits is None:
+            texts[i] += delta.text
+        else:
+            reasoning, text = _split_delta(splits[i], delta)
+            thoughts[i], texts[i] = thoughts[i] + reasoning, texts[i] + text
+        finish[i] = delta.finish_reason or finish[i]
+        if req.logprobs:
+            logprobs[i] += _logprob_content(generation.model, delta, req.top_logprobs)
+    choices = []
     for i in range(n):
-        reasoning, text = (None, texts[i]) if splits is None else _split(splits[i], texts[i])
-        message, finish_reason = _message(text, finish[i], tools)
-        if reasoning is not None:
+        message, finish_reason = _message(texts[i], finish[i], tools)
+        if splits is not None and splits[i].thought:
             message["content"] = message["content"] or None  # all of it was thinking
             if req.include_reasoning:
-                message.update(_reasoning_fields(reasoning))
+                message.update(_reasoning_fields(thoughts[i]))
         choices.append(
             {
                 "index": i,
@@ -171,7 +168,7 @@ async def _complete(
         "created": int(time.time()),
         "model": req.model,
         "choices": choices,
-        "usage": usage(generation),
+        "usage": usage(generation, splits),
         "system_fingerprint": None,
     }
     if req.prompt_logprobs is not None:  # never streamed (refused)
@@ -234,12 +231,12 @@ async def _stream(
                 }
                 yield chunk([choice])
     if include_usage:
-        yield chunk([], usage=usage(generation))
+        yield chunk([], usage=usage(generation, splits))
     yield "[DONE]"
 
 
 def _split_delta(stream: ReasoningStream, delta: ChoiceDelta) -> tuple[str, str]:
-    reasoning, content = stream.feed(delta.text)
+    reasoning, content = stream.feed(delta.text, len(delta.token_ids))
     if delta.finish_reason is None:
         return reasoning, content
     rest = stream.finish()
@@ -265,13 +262,17 @@ def _tool_pieces(
     return pieces if finish is None else [*pieces, ({}, finish)]
 
 
-def usage(generation: Generation) -> dict:
-    return {
+def usage(generation: Generation, splits: list[ReasoningStream] | None = None) -> dict:
+    body = {
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": generation.completion_tokens,
         "total_tokens": generation.prompt_tokens + generation.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
     }
+    if splits is not None:  # a reasoning model's, as vLLM and OpenAI count them
+        reasoning = sum(split.reasoning_tokens for split in splits)
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return body
 
 
 def _logprob_content(model: ServedModel, delta: ChoiceDelta, top: int | None) -> list[dict]:

@@ -80,8 +80,21 @@ class ReasoningStream:
     thinks_untagged: bool
     held: str = ""
     thought: bool = False  # whether the output had a thinking part (even an empty one)
+    reasoning_tokens: int = 0  # the tokens of the thinking, not its tags
 
-    def feed(self, text: str) -> tuple[str, str]:
+    def feed(self, text: str, num_tokens: int = 0) -> tuple[str, str]:
+        """The new text's (reasoning, content); its `num_tokens` count as reasoning where it
+        comes and leaves inside the thinking (a tag's token opens or closes it)."""
+        inside = self._thinking_now()
+        split = self._split(text)
+        if inside and self._thinking_now():
+            self.reasoning_tokens += num_tokens
+        return split
+
+    def _thinking_now(self) -> bool:
+        return self.thinks_untagged if self.thinking is None else self.thinking
+
+    def _split(self, text: str) -> tuple[str, str]:
         self.held += text
         reasoning = content = ""
         while True:
@@ -112,8 +125,7 @@ class ReasoningStream:
     def finish(self) -> tuple[str, str]:
         """What was held back, at the output's end."""
         held, self.held = self.held, ""
-        thinking = self.thinks_untagged if self.thinking is None else self.thinking
-        if thinking:
+        if self._thinking_now():
             self.thought = True
             return held, ""
         return "", held

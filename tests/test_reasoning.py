@@ -123,6 +123,8 @@ def test_thinking_is_split_from_the_answer(client):
         assert message["reasoning_content"] == message["reasoning"]
         assert re.fullmatch("\n\n[a-z]{3,8}", message["content"])
         assert choice.finish_reason == "stop"
+    reasoning_tokens = answer.usage.completion_tokens_details.reasoning_tokens
+    assert 2 <= reasoning_tokens < answer.usage.completion_tokens  # not the tags nor the answer
     hidden = think(client, n=2, extra_body={"include_reasoning": False})
     for shown, choice in zip(answer.choices, hidden.choices):
         assert choice.message.content == shown.message.content
@@ -130,10 +132,14 @@ def test_thinking_is_split_from_the_answer(client):
 
 
 def test_streams_send_the_thinking_then_the_answer(client):
-    whole = think(client).choices[0].message.model_dump()
+    answer = think(client)
+    whole = answer.choices[0].message.model_dump()
     reasoning = content = ""
     order = []
-    for chunk in think(client, stream=True):
+    options = {"include_usage": True}
+    for chunk in think(client, stream=True, stream_options=options):
+        if chunk.usage is not None:
+            assert chunk.usage.model_dump() == answer.usage.model_dump()
         for choice in chunk.choices:
             delta = choice.delta.model_dump()
             if delta.get("reasoning"):
@@ -152,6 +158,7 @@ def test_an_answer_without_thinking_is_all_content(client):
         answer = think(client, extra_body={"guided_regex": "[a-z]{3,8}", **kwargs})
         message = answer.choices[0].message.model_dump()
         assert re.fullmatch("[a-z]{3,8}", message["content"]) and "reasoning" not in message
+        assert answer.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_tool_calls_are_read_after_the_thinking(client):
@@ -208,6 +215,7 @@ def test_a_grammar_holds_from_the_end_of_the_thinking(client):
     message = free.choices[0].message.model_dump()
     assert free.choices[0].finish_reason == "length" and message["content"] is None
     assert not re.fullmatch("[0-9]*", message["reasoning"])  # no regex while it thinks
+    assert free.usage.completion_tokens_details.reasoning_tokens == 8
     closed = think(client, 8, model="r1", extra_body=digits, logit_bias={str(end): 100})
     message = closed.choices[0].message.model_dump()
     assert message["reasoning"] == "" and re.fullmatch("[0-9]{3}", message["content"])

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+from pagoda.server.tool_parsers import PARSERS
 
 # shipped inside the package (pagoda/models.yaml, a link to the repository's models.yaml)
 DEFAULT_CATALOG = Path(str(importlib.resources.files("pagoda").joinpath("models.yaml")))
@@ -147,7 +148,7 @@ class Capabilities(_Strict):
     json_: bool = Field(False, alias="json")  # `json` would shadow BaseModel.json
     vision: bool = False
     # how `tool_choice: "auto"` output is read (server/tool_parsers.py)
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
+    tool_call_parser: Literal[tuple(PARSERS)] = "hermes"  # type: ignore[valid-type]
     # where a reasoning model's thinking is split from its answer (server/reasoning.py)
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
 

@@ -29,6 +29,7 @@ from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES, CatalogError, lo
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+from pagoda.server.tool_parsers import PARSERS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -84,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     serve.add_argument(
         "--tool-call-parser",
-        choices=["hermes", "llama3_json", "mistral"],
+        choices=list(PARSERS),
         help="how --model's auto tool calls are read (default hermes; the catalog says it "
         "per entry)",
     )

@@ -7,6 +7,7 @@ looks like a call but does not parse stays content: nothing the model wrote is l
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -52,12 +53,20 @@ def _json_values(text: str) -> list[object] | None:
         values.append(value)
 
 
-class HermesParser:
+class _Parser:
+    marker: str  # the text that opens the first call
+    needs_special_tokens = False  # the marker is a special token: keep their text
+    whole_answer = False  # the calls are the whole answer (blank text before them is held)
+
+    def __init__(self, schemas: dict[str, dict] | None = None) -> None:
+        self.schemas = schemas or {}  # each function's parameters schema, by name
+
+
+class HermesParser(_Parser):
     """Qwen, Hermes and most ChatML models: `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>`, one block per call (also the fallback prompt's format)."""
 
     marker = "<tool_call>"
-    needs_special_tokens = False
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
     def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
@@ -74,12 +83,12 @@ class HermesParser:
         return text[:start].rstrip(), calls
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_Parser):
     """Llama 3.x: the whole answer is `{"name": ..., "parameters": {...}}` (several separated by
     ';'), possibly after `<|python_tag|>`."""
 
     marker = "{"
-    needs_special_tokens = False
+    whole_answer = True
 
     def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
         body = text.strip().removeprefix("<|python_tag|>").strip()
@@ -92,7 +101,7 @@ class Llama3JsonParser:
         return "", calls
 
 
-class MistralParser:
+class MistralParser(_Parser):
     """Mistral: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (a special token, so the
     output is detokenized with special tokens kept)."""
 
@@ -111,5 +120,80 @@ class MistralParser:
         return text[:start].rstrip(), calls
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
-ToolParser = HermesParser | Llama3JsonParser | MistralParser
+class PythonicParser(_Parser):
+    """Llama 3.2 and 4 and others: the whole answer is a Python list of calls with keyword
+    arguments, `[get_weather(city="Paris"), now()]` (Llama 4 wraps it in special tokens,
+    which detokenizing drops)."""
+
+    marker = "["
+    whole_answer = True
+
+    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
+        try:
+            tree = ast.parse(text.strip(), mode="eval").body
+        except SyntaxError:
+            return text, []
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, []
+        calls = [_python_call(node) for node in tree.elts]
+        return ("", calls) if None not in calls else (text, [])
+
+
+def _python_call(node: ast.expr) -> ParsedCall | None:
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        return None
+    try:
+        arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+    except ValueError:  # not a literal (a name, an expression)
+        return None
+    if None in arguments:  # **kwargs
+        return None
+    return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False))
+
+
+class Qwen3CoderParser(_Parser):
+    """Qwen3-Coder: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
+    </tool_call>`, each value as plain text: it is read as JSON where the function's schema
+    gives the parameter another type than string."""
+
+    marker = "<tool_call>"
+    _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+    _function = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+    _parameter = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
+        start = text.find(self.marker)
+        if start < 0:
+            return text, []
+        calls = []
+        for body in self._block.findall(text[start:]):
+            match = self._function.fullmatch(body.strip())
+            if match is None:
+                return text, []
+            name, inside = match.group(1).strip(), match.group(2)
+            arguments = {
+                key.strip(): self._value(name, key.strip(), value)
+                for key, value in self._parameter.findall(inside)
+            }
+            calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False)))
+        return text[:start].rstrip(), calls
+
+    def _value(self, function: str, key: str, text: str) -> object:
+        schema = self.schemas.get(function, {}).get("properties", {}).get(key, {})
+        if schema.get("type", "string") == "string":
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            lowered = text.strip().lower()
+            return {"true": True, "false": False}.get(lowered, text)
+
+
+PARSERS = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+    "pythonic": PythonicParser,
+    "qwen3_coder": Qwen3CoderParser,
+}
+ToolParser = _Parser

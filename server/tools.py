@@ -181,7 +181,7 @@ def plan_tools(req, parser_name: str, supports_tools: bool) -> ToolPlan | None:
         raise invalid(f"The model '{req.model}' does not support tools.", param="tools")
     plan = ToolPlan(functions, mode, named, req.parallel_tool_calls is not False)
     if mode == "auto":
-        plan.parser = PARSERS[parser_name]()
+        plan.parser = PARSERS[parser_name]({f.name: f.parameters for f in functions})
     if (constraint := plan.constraint) is not None:
         checked_constraint(constraint, param="tools")
     return plan
@@ -347,8 +347,8 @@ class ToolCallStream:
         held = self.text.find(marker)
         if held < 0:  # hold back what may be the start of the marker
             held = len(self.text) - held_back_length(self.text, [marker])
-        if marker == "{" and not self.text[: max(held, 0)].strip():
-            held = 0  # llama3_json: a call is the whole answer
+        if self.plan.parser.whole_answer and not self.text[: max(held, 0)].strip():
+            held = 0  # llama3_json, pythonic: the calls are the whole answer
         held = len(self.text[:held].rstrip())  # whitespace before a call is not content
         content = self.text[self.shown : max(held, self.shown)]
         self.shown += len(content)

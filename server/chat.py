@@ -82,8 +82,7 @@ async def chat_completion(
     if tools is not None and tools.mode == "none":
         tools = None
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return event_stream(_stream(generation, req, include_usage, tools), meter)
+        return event_stream(_stream(generation, req, tools), meter)
     return JSONResponse(await _complete(generation, req, tools))
 
 
@@ -179,10 +178,10 @@ async def _complete(
 async def _stream(
     generation: Generation,
     req: ChatCompletionRequest,
-    include_usage: bool,
     tools: ToolPlan | None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
+    at_end, every_chunk = req.stream_usage()
     started: set[int] = set()
     calls = [ToolCallStream(tools) for _ in range(generation.params.n)] if tools else None
     splits = _reasoning_streams(generation)
@@ -195,7 +194,7 @@ async def _stream(
             "model": req.model,
             "system_fingerprint": None,
             "choices": choices,
-            **({"usage": None} if include_usage else {}),
+            **({"usage": usage(generation, splits) if every_chunk else None} if at_end else {}),
             **extra,
         }
         return json.dumps(body, ensure_ascii=False)
@@ -230,7 +229,7 @@ async def _stream(
                     "finish_reason": finish,
                 }
                 yield chunk([choice])
-    if include_usage:
+    if at_end:
         yield chunk([], usage=usage(generation, splits))
     yield "[DONE]"
 

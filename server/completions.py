@@ -58,8 +58,7 @@ async def completion(model: ServedModel, req: CompletionRequest, metrics: Metric
     for generation in generations:
         meter.track(generation)
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        stream = _stream(request_id, generations, texts, req, include_usage)
+        stream = _stream(request_id, generations, texts, req)
         return event_stream(stream, meter)
     return JSONResponse(await _complete(request_id, generations, texts, req))
 
@@ -231,9 +230,9 @@ async def _stream(
     generations: list[Generation],
     texts: list[str | None],
     req: CompletionRequest,
-    include_usage: bool,
 ) -> AsyncIterator[str]:
     created = int(time.time())
+    at_end, every_chunk = req.stream_usage()
     choices: dict[int, _Choice] = {}
 
     def chunk(body_choices: list[dict], **extra) -> str:
@@ -244,7 +243,7 @@ async def _stream(
             "model": req.model,
             "system_fingerprint": None,
             "choices": body_choices,
-            **({"usage": None} if include_usage else {}),
+            **({"usage": _total_usage(generations) if every_chunk else None} if at_end else {}),
             **extra,
         }
         return json.dumps(body, ensure_ascii=False)
@@ -266,7 +265,7 @@ async def _stream(
             if body["logprobs"] is not None:  # only this chunk's entries
                 body["logprobs"] = {key: value[seen:] for key, value in choice.logprobs.items()}
             yield chunk([body])
-    if include_usage:
+    if at_end:
         yield chunk([], usage=_total_usage(generations))
     yield "[DONE]"
 

@@ -226,6 +226,7 @@ class StreamOptions(BaseModel):
     ignored_fields: ClassVar = frozenset({"include_obfuscation"})  # nothing is obfuscated
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage in every chunk
 
 
 class _SamplingRequest(BaseModel):
@@ -304,6 +305,14 @@ class _SamplingRequest(BaseModel):
     def max_tokens_limit(self) -> int | None:
         """The output-length cap the client gave, or None where the server picks it."""
         raise NotImplementedError
+
+    def stream_usage(self) -> tuple[bool, bool]:
+        """Whether a stream ends with a usage chunk, and whether every chunk has the usage
+        so far (vLLM's continuous_usage_stats, which needs include_usage as in vLLM)."""
+        options = self.stream_options
+        if options is None or not options.include_usage:
+            return False, False
+        return True, options.continuous_usage_stats
 
     def stop_strings(self) -> list[str]:
         """The stop strings (matched by the server on the text, not by the engine)."""

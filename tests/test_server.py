@@ -745,3 +745,26 @@ def test_every_response_carries_an_x_request_id(server, client):
         for unusable in ("has space", "x" * 129):
             answer = plain.get("/health", headers={"X-Request-Id": unusable})
             assert re.fullmatch(r"req_[0-9a-f]{32}", answer.headers["x-request-id"])
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(http):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage, as vLLM). Before: an
+    unrecognized field, and only the last chunk had usage."""
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi", "n": 2}),
+    ):
+        body = {"model": MODEL, "max_tokens": 6, "stream": True, "ignore_eos": True, **body}
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        with http.stream("POST", path, json={**body, "stream_options": options}) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line[6:7] == "{"]
+        usages = [event["usage"] for event in events]
+        counts = [u["completion_tokens"] for u in usages]
+        assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 6 * body.get("n", 1)
+        assert {u["prompt_tokens"] for u in usages} == {usages[-1]["prompt_tokens"]}
+        assert events[-1]["choices"] == []
+        alone = {"continuous_usage_stats": True}  # without include_usage: no usage
+        with http.stream("POST", path, json={**body, "stream_options": alone}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line[6:7] == "{"]
+        assert all("usage" not in event for event in events)

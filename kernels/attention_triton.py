@@ -32,12 +32,16 @@ Heads of any size run in a tile of the next power of two (at least 16) with the 
 masked off: 80, 96 or 112 wide heads cost a 128-wide tile.
 
 Precision: scores, softmax and accumulators are fp32. fp16/bf16 operands go to `tl.dot`
-natively on a GPU; fp32 operands use `input_precision="ieee"` (no tf32). Under the Triton
+natively on a GPU; fp32 operands use `input_precision="ieee"` (no tf32). From sm_80 on, 16-bit
+dots run on the tensor cores; on sm_75 (Turing) Triton lowers every dot to FMA loops, so there
+they take the smaller tiles of the fp32 path (`_fma_dot`). Under the Triton
 interpreter (CPU tensors, TRITON_INTERPRET=1) bf16 is only raw bits, so loads are converted
 to fp32 before any math (`COMPUTE_DTYPE`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -323,10 +327,32 @@ def _compute_dtype(dtype: torch.dtype, on_gpu: bool):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _tile_n(dtype: torch.dtype) -> int:
-    """KV positions per step. fp32 operands take the FMA path, whose operand layouts live in
-    shared memory: 64-wide fp32 tiles need over 100 KB of it at head_dim 128."""
-    return 64 if dtype.itemsize == 2 else 32
+def _device_capability(device: torch.device) -> int | None:
+    """A CUDA device's compute capability as one number (7.5 -> 75); None for the CPU
+    tensors of the interpreter, which take the sm_80+ launch configurations."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _fma_dot(dtype: torch.dtype, capability: int | None) -> bool:
+    """Whether `tl.dot` runs as FMA loops instead of tensor-core MMA: fp32 operands (ieee
+    precision), and every dtype before sm_80, where Triton emits no MMA (sm_75, Turing)."""
+    return dtype.itemsize == 4 or (capability is not None and capability < 80)
+
+
+def _tile_n(dtype: torch.dtype, capability: int | None) -> int:
+    """KV positions per step. The FMA path keeps its operand layouts in shared memory: 64-wide
+    fp32 tiles need over 100 KB of it at head_dim 128, and on sm_75 64-wide fp16 tiles need
+    80-96 KiB at head_dim 256, past its 64 KiB per block (32-wide: 48 KiB)."""
+    return 32 if _fma_dot(dtype, capability) else 64
 
 
 # Launch configurations: constexprs plus num_warps, shared with the ahead-of-time test.
@@ -350,17 +376,18 @@ def _write_kv_config(num_kv_heads: int, head_dim: int, block_size: int) -> dict:
 
 
 def _decode_config(
-    group: int, head_dim: int, block_size: int, dtype: torch.dtype, on_gpu: bool
+    group: int, head_dim: int, block_size: int, dtype: torch.dtype, capability: int | None
 ) -> dict:
+    tile_n = _tile_n(dtype, capability)
     return {
         "GROUP": group,
         "GROUP_PAD": max(16, triton.next_power_of_2(group)),
         "D": head_dim,
         "D_PAD": _padded(head_dim),
         "BLOCK_SIZE": block_size,
-        "TILE_N": _tile_n(dtype),
-        "MIN_SPLIT": _MIN_TILES_PER_SPLIT * _tile_n(dtype),
-        "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
+        "TILE_N": tile_n,
+        "MIN_SPLIT": _MIN_TILES_PER_SPLIT * tile_n,
+        "COMPUTE_DTYPE": _compute_dtype(dtype, capability is not None),
         "num_warps": 4,
     }
 
@@ -380,15 +407,15 @@ def _extend_config(
     head_dim: int,
     block_size: int,
     dtype: torch.dtype,
-    on_gpu: bool,
+    capability: int | None,
     max_query_len: int,
 ) -> dict:
     group_pad = triton.next_power_of_2(group)
     # Tile rows are (query token, head of the group) pairs: 64 of them for real prefill
-    # chunks (32 in fp32, see _tile_n), 16 when every query of the batch is short. Heads
-    # wider than 128 take half as many rows: a 64 x 256 tile needs 104 KiB of shared memory,
-    # past the 99 KiB of sm_86/sm_89 cards (RTX 30xx/40xx, A10, L4, L40).
-    block_m = 64 if dtype.itemsize == 2 else 32
+    # chunks (32 on the FMA path, see _tile_n), 16 when every query of the batch is short.
+    # Heads wider than 128 take half as many rows: a 64 x 256 tile needs 104 KiB of shared
+    # memory, past the 99 KiB of sm_86/sm_89 cards (RTX 30xx/40xx, A10, L4, L40).
+    block_m = 32 if _fma_dot(dtype, capability) else 64
     if _padded(head_dim) > 128:
         block_m //= 2
     if max_query_len * group_pad <= 16:
@@ -401,8 +428,8 @@ def _extend_config(
         "D": head_dim,
         "D_PAD": _padded(head_dim),
         "BLOCK_SIZE": block_size,
-        "TILE_N": _tile_n(dtype),
-        "COMPUTE_DTYPE": _compute_dtype(dtype, on_gpu),
+        "TILE_N": _tile_n(dtype, capability),
+        "COMPUTE_DTYPE": _compute_dtype(dtype, capability is not None),
         "num_warps": 8 if block_m * _padded(head_dim) >= 64 * 128 else 4,
     }
 
@@ -485,13 +512,13 @@ def paged_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    on_gpu = q.device.type == "cuda"
+    capability = _device_capability(q.device)
     scale_log2 = scale * _LOG2E
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     table_stride = meta.block_tables.stride(0)
 
     if meta.max_query_len == 1:
-        config = _decode_config(group, head_dim, block_size, k_cache.dtype, on_gpu)
+        config = _decode_config(group, head_dim, block_size, k_cache.dtype, capability)
         tile_n = config["TILE_N"]
         num_splits = _num_splits(meta.max_seq_len, batch, num_kv_heads, tile_n)
         part_acc, part_max, part_sum = _partials(batch, num_heads, num_splits, head_dim, q.device)
@@ -509,7 +536,9 @@ def paged_attention(
         )  # fmt: skip
         return out
 
-    config = _extend_config(group, head_dim, block_size, k_cache.dtype, on_gpu, meta.max_query_len)
+    config = _extend_config(
+        group, head_dim, block_size, k_cache.dtype, capability, meta.max_query_len
+    )
     grid = _extend_grid(num_tokens, batch, num_kv_heads, config["BLOCK_Q"])
     _extend_kernel[grid](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,

@@ -24,6 +24,7 @@ DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: NVIDIA's first GPUs with bf16 arithmetic
 
 logger = logging.getLogger(__name__)
 
@@ -131,22 +132,28 @@ class EngineConfig:
     def resolve_dtype(
         self, device: torch.device, checkpoint_dtype: torch.dtype | None
     ) -> torch.dtype:
-        """`auto`: the checkpoint's half-precision dtype on a GPU; on a CPU bf16 where it runs
-        natively (AMX or AVX512-BF16, as vLLM does), fp32 elsewhere (torch's bf16 without them
-        is slower than fp32)."""
+        """`auto`: the checkpoint's half-precision dtype on a GPU, float16 on one without bf16
+        arithmetic (compute capability below 8.0: Turing's T4, RTX 20xx), as vLLM does; on a
+        CPU bf16 where it runs natively (AMX or AVX512-BF16, as vLLM does), fp32 elsewhere
+        (torch's bf16 without them is slower than fp32). An explicit bf16 on a GPU without
+        bf16 arithmetic is an error that says to use float16."""
         if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            if self.dtype not in DTYPES:
-                raise ValueError(
-                    f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
-                )
-            return DTYPES[self.dtype]
-        if device.type == "cpu":
-            return torch.bfloat16 if linear_bf16.available() else torch.float32
-        if checkpoint_dtype in (torch.float16, torch.bfloat16):
-            return checkpoint_dtype
-        return torch.bfloat16
+            dtype = self.dtype
+        elif self.dtype == "auto":
+            return _auto_dtype(device, checkpoint_dtype)
+        elif self.dtype in DTYPES:
+            dtype = DTYPES[self.dtype]
+        else:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if dtype == torch.bfloat16 and device.type == "cuda" and not _gpu_has_bf16(device):
+            raise ValueError(
+                f"dtype {str(self.dtype).removeprefix('torch.')!r}: {_describe_gpu(device)} has "
+                f"no bfloat16 arithmetic (it needs compute capability "
+                f"{'.'.join(map(str, BF16_MIN_CAPABILITY))} or newer); set dtype to 'float16' "
+                "(--dtype float16, or dtype: float16 in the catalog) or 'auto', which serves "
+                "float16 on this GPU"
+            )
+        return dtype
 
     def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
         """The per-step token budget. On a CPU a step's time grows with its tokens, so a server
@@ -161,6 +168,34 @@ class EngineConfig:
         if device.type == "cuda":
             return 8192
         return 256 if self.serving else 2048
+
+
+def _auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.bfloat16 if linear_bf16.available() else torch.float32
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        dtype = checkpoint_dtype
+    else:
+        dtype = torch.bfloat16
+    if dtype == torch.bfloat16 and not _gpu_has_bf16(device):
+        logger.warning(
+            "%s has no bfloat16 arithmetic: dtype auto serves float16 instead of bfloat16 "
+            "(checkpoint dtype: %s); values past float16's range (+-65504) overflow, so set "
+            "dtype float32 if the output turns to inf or nan",
+            _describe_gpu(device),
+            str(checkpoint_dtype).removeprefix("torch."),
+        )
+        return torch.float16
+    return dtype
+
+
+def _gpu_has_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY
+
+
+def _describe_gpu(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} ({device}, compute capability {major}.{minor})"
 
 
 def _check_gpu(device: torch.device) -> None:

@@ -6,6 +6,7 @@ What needs a GPU to show (KV blocks after profiling, decode at 4k under a 32k gr
 step of 256 decodes and an 8k chunk) is in benchmarks/gpu_check.py."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,71 @@ def test_bf16_load_peaks_near_its_own_size():
 
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPU")
+
+T4, A100, H100 = "Tesla T4", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
+
+
+def _pretend_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.device:
+    """No GPU here: the device's name and compute capability are patched, for the unit tests
+    of the dtype rule only (nothing runs on the device)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "name,capability,checkpoint,served",
+    [
+        # Turing has no bf16 arithmetic: auto serves fp16, as vLLM does
+        (T4, (7, 5), torch.bfloat16, torch.float16),
+        (T4, (7, 5), torch.float32, torch.float16),
+        (T4, (7, 5), None, torch.float16),
+        (T4, (7, 5), torch.float16, torch.float16),
+        (A100, (8, 0), torch.bfloat16, torch.bfloat16),
+        (A100, (8, 0), torch.float16, torch.float16),
+        (A100, (8, 0), torch.float32, torch.bfloat16),
+        (H100, (9, 0), torch.bfloat16, torch.bfloat16),
+        (H100, (9, 0), torch.float16, torch.float16),
+        (H100, (9, 0), None, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_on_a_gpu(monkeypatch, caplog, name, capability, checkpoint, served):
+    """dtype auto on a GPU: the checkpoint's half type, float16 where the GPU has no bf16
+    (compute capability below 8.0), and the start-up log says so when it differs. The GPU's
+    properties are patched (see _pretend_gpu)."""
+    device = _pretend_gpu(monkeypatch, name, capability)
+    with caplog.at_level(logging.WARNING, logger="pagoda.engine.config"):
+        assert EngineConfig(model="unused").resolve_dtype(device, checkpoint) == served
+    warned = [r.getMessage() for r in caplog.records if "bfloat16 arithmetic" in r.getMessage()]
+    if capability < (8, 0) and checkpoint != torch.float16:
+        assert len(warned) == 1 and "Tesla T4 (cuda:0, compute capability 7.5)" in warned[0]
+        assert "serves float16 instead of bfloat16" in warned[0]
+    else:
+        assert warned == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bf16", torch.bfloat16])
+def test_explicit_bf16_on_a_gpu_without_it_is_a_start_up_error(monkeypatch, dtype):
+    """As vLLM: an explicit bf16 on a T4 fails at start-up, naming the GPU and the way out,
+    instead of running bf16 that the GPU cannot compute natively. The GPU's properties are
+    patched (see _pretend_gpu)."""
+    device = _pretend_gpu(monkeypatch, T4, (7, 5))
+    config = EngineConfig(model="unused", dtype=dtype)
+    with pytest.raises(ValueError) as error:
+        config.resolve_dtype(device, torch.bfloat16)
+    message = str(error.value)
+    assert "Tesla T4 (cuda:0, compute capability 7.5) has no bfloat16 arithmetic" in message
+    assert "set dtype to 'float16' (--dtype float16, or dtype: float16 in the catalog)" in message
+    for other, expected in (("float16", torch.float16), ("float32", torch.float32)):
+        assert EngineConfig(model="unused", dtype=other).resolve_dtype(device, None) == expected
+
+
+@pytest.mark.parametrize("name,capability", [(A100, (8, 0)), (H100, (9, 0))])
+def test_explicit_bf16_runs_from_ampere_on(monkeypatch, name, capability):
+    """The GPU's properties are patched (see _pretend_gpu)."""
+    device = _pretend_gpu(monkeypatch, name, capability)
+    config = EngineConfig(model="unused", dtype="bfloat16")
+    assert config.resolve_dtype(device, torch.float16) == torch.bfloat16
 
 
 @needs_no_gpu

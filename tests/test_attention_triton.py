@@ -167,6 +167,18 @@ def test_prefill_many_query_tiles(head_dim, seed):
     _check_attention(seqs, 4, 4, head_dim, torch.float16, 16, seed)
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_fp16_in_the_sm75_tiles(monkeypatch, head_dim, seed):
+    """fp16 in the tiles that a Turing GPU gets (32 KV positions, 32- and 16-row query tiles):
+    decode, mixed and multi-tile prefill steps, run here by the interpreter."""
+    monkeypatch.setattr(tri, "_device_capability", lambda device: 75)
+    config = tri._extend_config(4, head_dim, 16, torch.float16, 75, 150)
+    assert tri._decode_config(4, head_dim, 16, torch.float16, 75)["TILE_N"] == 32
+    assert config["BLOCK_Q"] * config["GROUP_PAD"] == (32 if head_dim <= 128 else 16)
+    for seqs in (DECODE, MIXED, [(0, 150), (70, 90), (5, 1)]):
+        _check_attention(seqs, 8, 2, head_dim, torch.float16, 16, seed)
+
+
 @pytest.mark.parametrize("mode", ["decode", "mixed"])
 def test_block_size_32(mode, seed):
     seqs = DECODE if mode == "decode" else MIXED

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.gguf_weights import gguf_config, gguf_tokenizer, iter_gguf_weights
-from pagoda.engine.models import model_class
+from pagoda.engine.models import MODEL_REGISTRY, model_class, unsupported_architecture
 from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
 from pagoda.logs import progress
 
@@ -65,15 +65,35 @@ def _download(repo_id: str) -> str:
 def load_config(source: ModelSource) -> PretrainedConfig:
     if source.gguf_file:
         return gguf_config(source.gguf_path)
-    return AutoConfig.from_pretrained(source.folder)
+    try:
+        # never a model's own code: left to transformers, a terminal would be asked whether
+        # to run it
+        return AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
+    except ValueError:
+        _refuse_unknown_model_type(source.folder)
+        raise
+
+
+def _refuse_unknown_model_type(folder: Path) -> None:
+    """A config transformers cannot read names a model pagoda does not run: say so, with what
+    it does run, rather than transformers' advice to pass trust_remote_code=True."""
+    raw = json.loads((folder / "config.json").read_text())
+    architectures = raw.get("architectures")
+    if any(arch in MODEL_REGISTRY for arch in architectures or []):
+        return  # a supported architecture with a config transformers refuses: its own error
+    own_code = " (its own code, config.json's auto_map, which pagoda never runs)"
+    raise ValueError(
+        f"{unsupported_architecture(architectures)}; model_type {raw.get('model_type')!r}"
+        + (own_code if "auto_map" in raw else "")
+    ) from None
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
     if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer)
+        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     if source.gguf_file:
         return gguf_tokenizer(source.gguf_path)
-    return AutoTokenizer.from_pretrained(source.folder)
+    return AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
 
 
 def eos_token_ids(source: ModelSource, config: PretrainedConfig, tokenizer) -> frozenset[int]:

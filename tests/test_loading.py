@@ -1,11 +1,14 @@
 """Weight formats: sharded safetensors, dummy weights; a hub id that cannot be had."""
 
+import json
+import shutil
 import statistics
 
 import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
+from tests.serving import failed_start
 from tests.tiny_models import build_tiny_model
 
 PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40)]
@@ -95,3 +98,23 @@ def test_kernel_selection():
     assert backends.select("auto", torch.device("cuda"), block_size=16).name == "triton"
     with pytest.raises(ValueError, match="kernel backend"):
         backends.select("cudnn", torch.device("cpu"))
+
+
+def test_a_model_with_its_own_code_is_refused_in_one_line(tiny_models, tmp_path):
+    """Before: transformers asked `Do you wish to run the custom code? [y/N]` on the engine's
+    terminal (a `y` ran the repository's code), then failed with three lines advising
+    `trust_remote_code=True`, an option pagoda does not have."""
+    folder = tmp_path / "own-code"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "model_type": "mymodel",
+        "architectures": ["MyModelForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_mymodel.MyModelConfig"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    stderr = failed_start("--model", str(folder), "--port", "1")
+    (line,) = [line for line in stderr.splitlines() if "MyModelForCausalLM" in line]
+    assert "unsupported model architecture ['MyModelForCausalLM']" in line
+    assert "supported: LlamaForCausalLM" in line and "never runs" in line
+    assert "trust_remote_code" not in stderr and "Do you wish" not in stderr

@@ -27,7 +27,11 @@ def model_class(architectures: list[str] | None) -> type[nn.Module]:
     for arch in architectures or []:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    raise ValueError(
+    raise ValueError(unsupported_architecture(architectures))
+
+
+def unsupported_architecture(architectures: list[str] | None) -> str:
+    return (
         f"unsupported model architecture {architectures}; "
         f"supported: {', '.join(sorted(MODEL_REGISTRY))}"
     )

@@ -26,6 +26,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from pagoda.cache import cache_dir
+from pagoda.kernels.rotary import default_inv_freq, llama3_inv_freq
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -57,6 +58,9 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+# llama.cpp's per-frequency rope divisors (Llama 3.x), in place of rope_parameters
+ROPE_FACTORS = "rope_freqs.weight"
 
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -132,6 +136,8 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     index = gguf_index(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for tensor in index.tensors:
+        if tensor.name == ROPE_FACTORS:  # read into the config's rope_parameters
+            continue
         name = _hf_name(tensor.name)
         weight = _dequantize(data, tensor)
         if index.arch in _PERMUTED_QK and ".q_proj." in name:
@@ -178,6 +184,7 @@ def _read_index(reader: gguf.GGUFReader) -> GGUFIndex:
     hidden_size = meta("embedding_length")
     num_heads = meta("attention.head_count")
     num_kv_heads = meta("attention.head_count_kv", num_heads)
+    head_dim = meta("attention.key_length", hidden_size // num_heads)
     config = {
         "architectures": [_ARCHITECTURES[model_type]],
         "hidden_size": hidden_size,
@@ -185,12 +192,12 @@ def _read_index(reader: gguf.GGUFReader) -> GGUFIndex:
         "num_hidden_layers": meta("block_count"),
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
-        "head_dim": meta("attention.key_length", hidden_size // num_heads),
+        "head_dim": head_dim,
         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
         "max_position_embeddings": meta("context_length"),
         # The embedding matrix is authoritative; metadata vocab_size is optional.
         "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
-        "rope_parameters": _rope_parameters(reader, arch, tensors),
+        "rope_parameters": _rope_parameters(reader, arch, tensors, head_dim),
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
@@ -224,15 +231,15 @@ def _model_type(reader: gguf.GGUFReader, arch: str) -> str:
     return "mistral" if arch == "llama" and "mistral" in name else arch
 
 
-def _rope_parameters(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    if "rope_freqs.weight" in tensors:
-        # Llama 3.1+ stores its rope scaling only as precomputed frequency
-        # factors, from which the HF rope_parameters cannot be recovered.
-        raise NotImplementedError("GGUF rope_freqs (llama3 rope scaling)")
+def _rope_parameters(
+    reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any], head_dim: int
+) -> dict[str, Any]:
     params: dict[str, Any] = {
         "rope_type": "default",
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
     }
+    if ROPE_FACTORS in tensors:
+        return _llama3_rope(params["rope_theta"], tensors[ROPE_FACTORS].data, head_dim)
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "none":
         return params
@@ -244,6 +251,43 @@ def _rope_parameters(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any]
         original = _field(reader, f"{arch}.rope.scaling.original_context_length")
         params["original_max_position_embeddings"] = int(original)
     return params
+
+
+def _llama3_rope(theta: float, divisors: np.ndarray, head_dim: int) -> dict[str, Any]:
+    """Llama 3.x rope scaling from the per-frequency divisors llama.cpp stores in its place:
+    1 for the short wavelengths, `factor` for the long ones, smoothly between. Meta's models
+    all keep low_freq_factor 1 and high_freq_factor 4, so the original context length is the
+    one unknown left; the parameters found must give back every divisor."""
+    inv_freq = default_inv_freq(head_dim, theta)
+    divisors = torch.as_tensor(np.array(divisors, dtype=np.float32)).flatten()
+    factor = float(divisors.max())
+    if divisors.shape != inv_freq.shape or factor <= 1 or divisors.min() < 1 - 1e-6:
+        raise ValueError(f"GGUF {ROPE_FACTORS} holds no Llama 3 rope scaling: {divisors.tolist()}")
+    wavelength = 2 * math.pi / inv_freq
+    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if (
+        between.any()
+    ):  # a divisor d there comes from smooth = (1/d - 1/f) / (1 - 1/f) = (L/w - 1) / 3
+        smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+        original = float((wavelength[between] * (3 * smooth + 1)).median())
+    else:  # no smoothed band: the shortest slowed wavelength is as good a bound as any
+        original = float(wavelength[divisors >= factor * (1 - 1e-6)].min())
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": round(original),
+    }
+    for value in (round(original), original):
+        params["original_max_position_embeddings"] = value
+        if torch.allclose(llama3_inv_freq(inv_freq, params), inv_freq / divisors, rtol=1e-5):
+            return params
+    raise ValueError(
+        f"GGUF {ROPE_FACTORS} is not Llama 3 rope scaling with low_freq_factor 1 and "
+        f"high_freq_factor 4: {divisors.tolist()}"
+    )
 
 
 def _hf_name(gguf_name: str) -> str:

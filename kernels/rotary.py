@@ -5,12 +5,12 @@ import math
 import torch
 
 
-def _default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     return 1.0 / (theta**exponents)
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
+def llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band in
     # between interpolated smoothly.
     factor = params["factor"]
@@ -74,7 +74,7 @@ def _dynamic_ntk_inv_freq(
     if max_positions > max_position_embeddings:
         stretch = factor * max_positions / max_position_embeddings - (factor - 1)
         theta = theta * stretch ** (head_dim / (head_dim - 2))
-    return _default_inv_freq(head_dim, theta)
+    return default_inv_freq(head_dim, theta)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
@@ -111,12 +111,12 @@ def rotary_cos_sin_cache(
     if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor other than 1 is not supported")
     max_position_embeddings = max_position_embeddings or max_positions
-    inv_freq = _default_inv_freq(head_dim, rope_parameters.get("rope_theta", 10000.0))
+    inv_freq = default_inv_freq(head_dim, rope_parameters.get("rope_theta", 10000.0))
     scale = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / rope_parameters["factor"]
     elif rope_type == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
+        inv_freq = llama3_inv_freq(inv_freq, rope_parameters)
     elif rope_type == "yarn":
         inv_freq, scale = _yarn_inv_freq(head_dim, rope_parameters, max_position_embeddings)
     elif rope_type == "dynamic":

@@ -3,16 +3,21 @@
 import importlib.util
 import json
 import os
+import re
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from pagoda.engine.gguf_weights import (
+    _LAYER_NAMES,
+    _TOP_LEVEL_NAMES,
+    ROPE_FACTORS,
     _hf_name,
     _index,
+    _llama3_rope,
     _unpermute_rows,
     gguf_config,
     gguf_index,
@@ -278,3 +283,119 @@ def test_mistral_is_recognised_by_model_name(tmp_path) -> None:
     config = gguf_config(path)
     assert config.architectures == ["MistralForCausalLM"]
     assert config.sliding_window is None
+
+
+def _llama_cpp_rope_freqs(theta: float, head_dim: int, rope: dict) -> np.ndarray:
+    # What llama.cpp's converter stores for Llama 3.x rope scaling: per frequency, the divisor
+    # of its rotation speed (1 kept, `factor` slowed, smoothly between).
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    divisors = []
+    for freq in inv_freq.tolist():
+        wavelength = 2 * np.pi / freq
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def _write_llama3_gguf(path: str, model: LlamaForCausalLM) -> None:
+    """`model` as llama.cpp converts a Llama 3.x checkpoint: fp32 tensors, q/k rows permuted,
+    the rope scaling as rope_freqs.weight and no rope metadata beyond the base."""
+    config = model.config
+    rope = config.rope_parameters
+    top_level = {hf: g for g, hf in _TOP_LEVEL_NAMES.items()}
+    in_layer = {hf: g for g, hf in _LAYER_NAMES.items()}
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny llama 3")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer.add_tensor(ROPE_FACTORS, _llama_cpp_rope_freqs(rope["rope_theta"], head_dim, rope))
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        if base in top_level:
+            gguf_name = f"{top_level[base]}.{suffix}"
+        else:
+            layer, part = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base).groups()
+            gguf_name = f"blk.{layer}.{in_layer[part]}.{suffix}"
+        weight = tensor.numpy()
+        if base.endswith("q_proj"):
+            weight = _llama_cpp_permute(weight, config.num_attention_heads)
+        elif base.endswith("k_proj"):
+            weight = _llama_cpp_permute(weight, config.num_key_value_heads)
+        writer.add_tensor(gguf_name, weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_llama3_gguf_serves_as_its_checkpoint(tmp_path) -> None:
+    """Llama 3.x GGUFs keep their rope scaling as rope_freqs.weight. Before: refused with
+    `NotImplementedError: GGUF rope_freqs (llama3 rope scaling)`, so no Llama 3.1 or 3.2 GGUF
+    could be served (transformers' own GGUF loader drops the tensor and runs the default rope)."""
+    from pagoda.engine import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    # head_dim 64 and an original context of 64: three frequencies in the smoothed band
+    rope = LLAMA3_ROPE | {"rope_type": "llama3", "rope_theta": 500000.0}
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        rope_parameters=rope | {"original_max_position_embeddings": 64},
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    _write_llama3_gguf(str(tmp_path / "llama3.gguf"), model)
+
+    assert gguf_config(str(tmp_path / "llama3.gguf")).rope_parameters == config.rope_parameters
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (7, 150)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = [
+        LLM(str(source), dtype="float32", skip_tokenizer_init=True).generate(prompts, greedy)
+        for source in (tmp_path / "hf", tmp_path / "llama3.gguf")
+    ]
+    from_checkpoint, from_gguf = ([o.outputs[0].token_ids for o in out] for out in outputs)
+    assert from_gguf == from_checkpoint
+
+
+@pytest.mark.parametrize(("factor", "head_dim"), [(8.0, 128), (32.0, 128), (32.0, 64)])
+def test_llama3_rope_read_back_at_meta_sizes(tmp_path, factor: float, head_dim: int) -> None:
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) over an original context of 8192 tokens."""
+    rope = LLAMA3_ROPE | {"factor": factor, "original_max_position_embeddings": 8192}
+    divisors = _llama_cpp_rope_freqs(500000.0, head_dim, rope)
+    expected = rope | {"rope_type": "llama3", "rope_theta": 500000.0}
+    assert _llama3_rope(500000.0, divisors, head_dim) == expected
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused() -> None:
+    divisors = _llama_cpp_rope_freqs(
+        500000.0, 128, LLAMA3_ROPE | {"original_max_position_embeddings": 8192}
+    )
+    divisors[3] = 5.0  # amid the kept frequencies
+    with pytest.raises(ValueError, match="not Llama 3 rope scaling"):
+        _llama3_rope(500000.0, divisors, 128)

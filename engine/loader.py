@@ -55,7 +55,10 @@ def _download(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        if not _weight_files(Path(folder), SAFETENSORS):  # an older repository: .bin weights
+            folder = snapshot_download(repo_id, allow_patterns=[PYTORCH_BIN.pattern])
+        return folder
     except Exception as exc:  # offline, unknown repo, gated repo, ...
         raise ValueError(
             f"model {repo_id!r} is neither a local path nor a downloadable hub id: {exc}"
@@ -185,21 +188,44 @@ def _iter_weights(source: ModelSource, load_format: str) -> Iterator[tuple[str, 
             raise ValueError(f"load_format='gguf' but {source.folder} holds no .gguf file")
         yield from iter_gguf_weights(source.gguf_path)
         return
-    files = _safetensors_files(source.folder)
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
+    files = _weight_files(source.folder, SAFETENSORS)
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        return
+    files = [] if load_format == "safetensors" else _weight_files(source.folder, PYTORCH_BIN)
     if not files:
-        raise ValueError(f"no .safetensors weights in {folder}")
+        kinds = "" if load_format == "safetensors" else " nor pytorch_model*.bin"
+        raise ValueError(f"no .safetensors weights{kinds} in {source.folder}")
+    for file in files:
+        # weights_only: a pickle may name any Python callable; this reads tensors and nothing else
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightFormat:
+    index: str  # the index of a sharded checkpoint: which file holds each tensor
+    pattern: str  # the files, where there is no index
+
+
+SAFETENSORS = WeightFormat("model.safetensors.index.json", "*.safetensors")
+# Hugging Face's names: a folder may hold other .bin files (training_args.bin, optimizer.bin)
+PYTORCH_BIN = WeightFormat("pytorch_model.bin.index.json", "pytorch_model*.bin")
+
+
+def _weight_files(folder: Path, weight_format: WeightFormat) -> list[Path]:
+    index = folder / weight_format.index
+    if not index.exists():
+        return sorted(folder.glob(weight_format.pattern))
+    files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(
+            f"{index} names {len(missing)} weight file(s) missing from {folder} (an unfinished "
+            f"download or copy?): {', '.join(missing[:4])}"
+        )
     return files
 
 

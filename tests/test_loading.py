@@ -3,6 +3,7 @@
 import json
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,72 @@ def test_a_model_with_its_own_code_is_refused_in_one_line(tiny_models, tmp_path)
     assert "unsupported model architecture ['MyModelForCausalLM']" in line
     assert "supported: LlamaForCausalLM" in line and "never runs" in line
     assert "trust_remote_code" not in stderr and "Do you wish" not in stderr
+
+
+def _bin_checkpoint(source: Path, folder: Path, shards: int) -> Path:
+    """`source` with its weights as pytorch_model.bin, or `shards` files and their index."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(source / "model.safetensors")
+    if shards == 1:
+        torch.save(tensors, folder / "pytorch_model.bin")
+        return folder
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(shards):
+        file = f"pytorch_model-{shard + 1:05d}-of-{shards:05d}.bin"
+        part = {name: tensors[name] for name in names[shard::shards]}
+        torch.save(part, folder / file)
+        weight_map |= dict.fromkeys(part, file)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_pytorch_bin_checkpoints_equal_safetensors(tiny_models, tmp_path):
+    """Before: `no .safetensors weights in FOLDER` for a checkpoint saved as pytorch_model.bin
+    (older models and many fine-tunes), which vLLM serves."""
+    single = [o.outputs[0].token_ids for o in tiny_llm(tiny_models["llama"])]
+    for shards in (1, 3):
+        folder = _bin_checkpoint(tiny_models["llama"], tmp_path / f"bin-{shards}", shards)
+        (folder / "training_args.bin").write_bytes(b"not weights")  # beside them, as trainers leave
+        assert [o.outputs[0].token_ids for o in tiny_llm(folder)] == single
+
+
+def test_safetensors_win_over_pytorch_bin(tiny_models, tmp_path):
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "pytorch_model.bin").write_bytes(b"a broken download")  # never read
+    assert tiny_llm(folder)[0].outputs[0].token_ids
+
+
+def tiny_llm(folder: Path | str):
+    return LLM(str(folder), dtype="float32").generate(PROMPTS, GREEDY)
+
+
+def test_an_index_naming_a_missing_shard_is_refused_naming_it(tiny_models, tmp_path):
+    """Before: `FileNotFoundError: No such file or directory: .../model-00003-of-00005...`."""
+    folder = build_tiny_model("llama", tmp_path / "sharded", shard_size="200KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    with pytest.raises(
+        ValueError, match=rf"index.json names 1 weight file\(s\) missing .*{shard.name}"
+    ):
+        LLM(str(folder), dtype="float32")
+
+
+def test_a_hub_id_in_the_offline_cache_with_pytorch_bin_weights(tiny_models, tmp_path, monkeypatch):
+    """A repository of .bin weights, in the hub cache of a machine without a network."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-bin" / "snapshots" / ("0" * 40)
+    _bin_checkpoint(tiny_models["llama"], snapshot, shards=1)
+    (tmp_path / "hub" / "models--acme--tiny-bin" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-bin" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    single = [o.outputs[0].token_ids for o in tiny_llm(tiny_models["llama"])]
+    assert [o.outputs[0].token_ids for o in tiny_llm("acme/tiny-bin")] == single
+    with pytest.raises(ValueError, match="'acme/other' is neither a local path nor"):
+        LLM("acme/other")

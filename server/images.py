@@ -27,7 +27,7 @@ from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import MEDIA_TYPES, URL_PATH, ImageStore
 from pagoda.server.keys.meter import Meter
 from pagoda.server.overload import queue_full
-from pagoda.server.worker_client import ACCEPTED, WorkerClient
+from pagoda.server.worker_client import ACCEPTED, WorkerClient, start_side_by_side
 
 logger = logging.getLogger("pagoda")
 
@@ -126,7 +126,7 @@ async def start_image_models(
     --cpu-threads)."""
     clients = [ImageClient(image_model_config(e, cpu_threads), e.id) for e in entries]
     try:
-        await asyncio.gather(*(client.start() for client in clients))
+        await start_side_by_side([client.start() for client in clients])
     except BaseException:
         await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
         raise

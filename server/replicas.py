@@ -21,6 +21,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import SequenceDelta
 from pagoda.server.engine_client import EngineClient
+from pagoda.server.worker_client import start_side_by_side
 
 PREFIX_SLACK = 4  # sequences in flight a prefix's replica may have beyond the least busy one
 MAX_PREFIXES = 65536  # first blocks remembered (least recently used go first)
@@ -52,7 +53,7 @@ class EngineReplicas:
         self._owners: OrderedDict[int, int] = OrderedDict()  # first-block hash -> replica
 
     async def start(self) -> None:
-        await asyncio.gather(*(r.start() for r in self.replicas))
+        await start_side_by_side([r.start() for r in self.replicas])
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         await asyncio.gather(*(r.shutdown(timeout) for r in self.replicas))

@@ -45,7 +45,7 @@ from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.request_ids import RequestIds
 from pagoda.server.request_log import set_log_requests
-from pagoda.server.worker_client import set_max_failed_starts
+from pagoda.server.worker_client import set_max_failed_starts, start_side_by_side
 from pagoda.server.worker_metrics import WorkerCollector
 
 logger = logging.getLogger("pagoda")
@@ -163,7 +163,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
     tokenizers = [asyncio.to_thread(loader.load_tokenizer, source) for source in sources]
     try:
-        started = await asyncio.gather(*(c.start() for c in clients), *tokenizers)
+        started = await start_side_by_side([*(c.start() for c in clients), *tokenizers])
         tokenizers = started[len(clients) :]
         reasoning = [_reasoning_parser(m, t) for m, t in zip(models, tokenizers)]
     except BaseException:

@@ -12,7 +12,7 @@ import multiprocessing
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,20 @@ class WorkerClient:
         self.state = "stopped"
         self._context.destroy(linger=0)
         self._ipc_dir.cleanup()
+
+
+async def start_side_by_side(starts: list[Awaitable[Any]]) -> list[Any]:
+    """Await every start at once; on the first failure cancel the others and raise it. Left
+    running (asyncio.gather's way), a worker still loading went on to its "ready" after the
+    caller had stopped it, and its supervisor took the stop for a crash and restarted it."""
+    tasks = [asyncio.ensure_future(start) for start in starts]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()  # a worker still loading stops its process (WorkerClient._spawn)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _exited(process: multiprocessing.Process) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from pagoda.engine import LLM, SamplingParams
 from tests.serving import failed_start
@@ -188,3 +189,26 @@ def test_a_hub_id_in_the_offline_cache_with_pytorch_bin_weights(tiny_models, tmp
     assert [o.outputs[0].token_ids for o in tiny_llm("acme/tiny-bin")] == single
     with pytest.raises(ValueError, match="'acme/other' is neither a local path nor"):
         LLM("acme/other")
+
+
+def test_a_model_that_fails_to_load_stops_the_start_in_one_line(tiny_models, tmp_path):
+    """One entry of an unsupported architecture beside a good one. Before: the good engine,
+    still loading when the other failed, went on to "ready" after the server had stopped it;
+    its supervisor took that for a crash (`first: the engine process exited with code 0`),
+    scheduled a restart, or died with `InvalidStateError` in a "Task exception was never
+    retrieved" traceback."""
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(gpt2)
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        f"models:\n  - id: first\n    kind: chat\n    source: {tiny_models['llama']}\n"
+        f"  - id: gpt\n    kind: chat\n    source: {gpt2}\n"
+    )
+    stderr = failed_start("--catalog", str(catalog), "--port", "1")
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, stderr
+    assert "model 'gpt' failed to load: ValueError: unsupported model architecture" in errors[0]
+    assert "['GPT2LMHeadModel']; supported: LlamaForCausalLM" in errors[0]
+    assert "Traceback" not in stderr and "restarting" not in stderr

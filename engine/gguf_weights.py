@@ -162,7 +162,11 @@ def _index(path: str, mtime_ns: int, size: int) -> GGUFIndex:
         return GGUFIndex(**fields | {"tensors": [TensorEntry(**t) for t in fields["tensors"]]})
     except (OSError, ValueError, TypeError, KeyError):  # not cached yet, or damaged
         pass
-    index = _read_index(gguf.GGUFReader(path))
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:  # numpy's reshape of a tensor past the file's end
+        raise ValueError(f"{path} is not a readable GGUF file (cut short?): {exc}") from None
+    index = _read_index(reader)
     try:  # written aside, then renamed: two processes may read the same file at once
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=cached.parent, delete=False) as staging:
@@ -226,7 +230,11 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 
 def _model_type(reader: gguf.GGUFReader, arch: str) -> str:
     if arch not in _ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+        supported = ", ".join(a for a in _ARCHITECTURES if a != "mistral")
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; supported: {supported} "
+            "(llama.cpp writes Mistral as llama)"
+        )
     name = str(_field(reader, "general.name", "")).lower()
     return "mistral" if arch == "llama" and "mistral" in name else arch
 

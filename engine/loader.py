@@ -15,10 +15,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from pagoda.engine import distributed, tensor_parallel
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.gguf_weights import gguf_config, gguf_tokenizer, iter_gguf_weights
+from pagoda.engine.gguf_weights import gguf_config, gguf_index, gguf_tokenizer, iter_gguf_weights
 from pagoda.engine.models import MODEL_REGISTRY, model_class, unsupported_architecture
 from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
-from pagoda.logs import progress
+from pagoda.logs import describe_error, progress
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,18 @@ class ModelSource:
 
 
 def resolve_source(model: str) -> ModelSource:
+    """Where the model is; a GGUF file's header is read (and kept in the cache) here, so that
+    a damaged file or an unsupported architecture fails before anything starts."""
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {model!r} is not a .gguf file")
+        gguf_index(str(path))
         return ModelSource(path.parent, path.name)
     if path.is_dir():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
+            gguf_index(str(path / ggufs[0]))
             return ModelSource(path, ggufs[0])
         if not (path / "config.json").exists():
             raise ValueError(f"model folder {model!r} has no config.json (nor a single .gguf file)")
@@ -61,7 +65,8 @@ def _download(repo_id: str) -> str:
         return folder
     except Exception as exc:  # offline, unknown repo, gated repo, ...
         raise ValueError(
-            f"model {repo_id!r} is neither a local path nor a downloadable hub id: {exc}"
+            f"model {repo_id!r} is neither a local path nor a downloadable hub id: "
+            + describe_error(exc)
         ) from exc
 
 

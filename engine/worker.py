@@ -46,7 +46,7 @@ import msgpack
 import zmq
 
 from pagoda.engine.cpu_threads import ThreadGovernor
-from pagoda.logs import LogSettings, setup_logging
+from pagoda.logs import LogSettings, describe_error, setup_logging
 
 logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 1.0
@@ -124,7 +124,7 @@ def run_worker(
     try:
         worker = load()
     except Exception as exc:  # reported to the server, which fails its start-up with it
-        outbox.send(pack(["failed", f"{type(exc).__name__}: {exc}"]))
+        outbox.send(pack(["failed", describe_error(exc)]))
         # A worker's process ends in os._exit, which drops what ZeroMQ has not sent yet: the
         # server would wait for a message that never comes. Deliver it first.
         context.destroy(linger=10_000)

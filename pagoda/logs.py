@@ -155,6 +155,13 @@ def route_diffusers_logs() -> None:
         diffusers_logging.disable_progress_bar()
 
 
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` on one line: a start-up failure is one line of the log, whatever the
+    library raising it wrapped into its message (transformers' run to five lines)."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    return f"{type(exc).__name__}: {' '.join(line for line in lines if line)}"
+
+
 def progress(items: Iterable[T], desc: str, unit: str) -> Iterator[T]:
     """tqdm's bar on a terminal. Elsewhere (a log file, journald, `kubectl logs`), where a
     bar's carriage returns would glue lines together: a log line every PROGRESS_INTERVAL_S

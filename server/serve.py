@@ -18,7 +18,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.worker import freeze_heap
-from pagoda.logs import LogSettings, setup_logging
+from pagoda.logs import LogSettings, describe_error, setup_logging
 from pagoda.server import parallel
 from pagoda.server.app import Served, build_app
 from pagoda.server.catalog import (
@@ -156,12 +156,22 @@ def _reasoning_parser(model: ModelToServe, tokenizer) -> ReasoningParser | None:
         raise entry_error(model.entry, str(exc), "capabilities.reasoning_parser") from None
 
 
+async def _tokenizer(model: ModelToServe, source: loader.ModelSource):
+    """The server's copy of the model's tokenizer; a failure names the model, on one line."""
+    try:
+        return await asyncio.to_thread(loader.load_tokenizer, source)
+    except Exception as exc:  # a missing or damaged file: OSError, ValueError, a library's own
+        raise RuntimeError(
+            f"model {model.id!r} failed to load its tokenizer: {describe_error(exc)}"
+        ) from None
+
+
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     if not models:
         return {}
     sources = [_weights(m) for m in models]  # before a worker starts
     clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
-    tokenizers = [asyncio.to_thread(loader.load_tokenizer, source) for source in sources]
+    tokenizers = [_tokenizer(m, source) for m, source in zip(models, sources)]
     try:
         started = await start_side_by_side([*(c.start() for c in clients), *tokenizers])
         tokenizers = started[len(clients) :]

@@ -186,7 +186,7 @@ def test_hf_name_rejects_unknown_tensors(gguf_name: str) -> None:
 TINY = {"hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "ffn": 96, "vocab": 128}
 
 
-def _tiny_hf_weights(bias: bool, qk_norm: bool, tied: bool) -> dict[str, np.ndarray]:
+def tiny_hf_weights(bias: bool, qk_norm: bool, tied: bool) -> dict[str, np.ndarray]:
     """Random weights in transformers' layout, keyed by GGUF tensor name."""
     hidden, ffn, head_dim = TINY["hidden"], TINY["ffn"], TINY["head_dim"]
     q_rows, kv_rows = TINY["heads"] * head_dim, TINY["kv_heads"] * head_dim
@@ -220,7 +220,7 @@ def _tiny_hf_weights(bias: bool, qk_norm: bool, tied: bool) -> dict[str, np.ndar
     }
 
 
-def _write_tiny_gguf(
+def write_tiny_gguf(
     path: str, arch: str, hf_weights: dict[str, np.ndarray], name: str = "tiny test model"
 ) -> None:
     writer = gguf.GGUFWriter(path, arch)
@@ -258,9 +258,9 @@ def _write_tiny_gguf(
 def test_tiny_gguf_round_trip(
     tmp_path, arch: str, bias: bool, qk_norm: bool, tied: bool, architecture: str
 ) -> None:
-    hf_weights = _tiny_hf_weights(bias, qk_norm, tied)
+    hf_weights = tiny_hf_weights(bias, qk_norm, tied)
     path = str(tmp_path / f"{arch}.gguf")
-    _write_tiny_gguf(path, arch, hf_weights)
+    write_tiny_gguf(path, arch, hf_weights)
 
     loaded = dict(iter_gguf_weights(path))
     assert set(loaded) == {_hf_name(name) for name in hf_weights}
@@ -279,7 +279,7 @@ def test_tiny_gguf_round_trip(
 
 def test_mistral_is_recognised_by_model_name(tmp_path) -> None:
     path = str(tmp_path / "mistral.gguf")
-    _write_tiny_gguf(path, "llama", _tiny_hf_weights(False, False, True), "Mistral 7B Instruct")
+    write_tiny_gguf(path, "llama", tiny_hf_weights(False, False, True), "Mistral 7B Instruct")
     config = gguf_config(path)
     assert config.architectures == ["MistralForCausalLM"]
     assert config.sliding_window is None

@@ -5,12 +5,15 @@ import shutil
 import statistics
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from pagoda.engine import LLM, SamplingParams
 from tests.serving import failed_start
+from tests.test_gguf_weights import tiny_hf_weights, write_tiny_gguf
 from tests.tiny_models import build_tiny_model
 
 PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40)]
@@ -212,3 +215,56 @@ def test_a_model_that_fails_to_load_stops_the_start_in_one_line(tiny_models, tmp
     assert "model 'gpt' failed to load: ValueError: unsupported model architecture" in errors[0]
     assert "['GPT2LMHeadModel']; supported: LlamaForCausalLM" in errors[0]
     assert "Traceback" not in stderr and "restarting" not in stderr
+
+
+def _damaged(kind: str, tiny_models, tmp_path: Path) -> Path:
+    folder = tmp_path / kind
+    if kind == "config-not-json":
+        shutil.copytree(tiny_models["llama"], folder)
+        (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    elif kind == "no-tokenizer":
+        shutil.copytree(tiny_models["llama"], folder, ignore=shutil.ignore_patterns("tok*"))
+    elif kind == "gguf-cut-short":
+        whole = tmp_path / "whole.gguf"
+        write_tiny_gguf(str(whole), "qwen2", tiny_hf_weights(False, False, True))
+        folder = tmp_path / "cut.gguf"
+        folder.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    elif kind == "gguf-gemma2":
+        folder = tmp_path / "gemma2.gguf"
+        writer = gguf.GGUFWriter(str(folder), "gemma2")
+        writer.add_tensor("token_embd.weight", np.ones((32, 64), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (
+            "config-not-json",
+            "model 'x' failed to load its tokenizer: OSError: It looks like the config file",
+        ),
+        ("no-tokenizer", "model 'x' failed to load its tokenizer: ValueError: Couldn't"),
+        ("gguf-cut-short", "(id 'x'): source: /"),
+        ("gguf-gemma2", "(id 'x'): source: unsupported GGUF architecture 'gemma2'; supported: "),
+    ],
+)
+def test_damaged_or_unsupported_weights_fail_the_start_in_one_line(
+    tiny_models, tmp_path, kind: str, expected: str
+):
+    """Before: a config.json that is not JSON ended `pagoda serve` with five tracebacks (the
+    server's tokenizer load raised OSError); a folder without tokenizer files logged five lines
+    naming no model; a GGUF cut short logged `cannot reshape array of size 3214336 into shape
+    (49152,612)` alone, and a gemma2 GGUF a tokenizer error naming no model."""
+    catalog = tmp_path / "models.yaml"
+    source = _damaged(kind, tiny_models, tmp_path)
+    catalog.write_text(f"models:\n  - id: x\n    kind: chat\n    source: {source}\n")
+    stderr = failed_start("--catalog", str(catalog), "--port", "1")
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and expected in errors[0], stderr
+    assert "Traceback" not in stderr
+    if kind == "gguf-cut-short":
+        assert "is not a readable GGUF file (cut short?)" in errors[0]

@@ -9,6 +9,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from pagoda.engine.gguf_weights import (
@@ -399,3 +401,43 @@ def test_rope_freqs_that_are_not_llama3_are_refused() -> None:
     divisors[3] = 5.0  # amid the kept frequencies
     with pytest.raises(ValueError, match="not Llama 3 rope scaling"):
         _llama3_rope(500000.0, divisors, 128)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random scales: some inf or NaN
+@pytest.mark.parametrize(
+    "ggml_type",
+    [
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.Q4_K,
+        GGMLQuantizationType.Q5_K,
+        GGMLQuantizationType.Q6_K,
+        GGMLQuantizationType.IQ4_XS,
+    ],
+    ids=lambda ggml_type: ggml_type.name,
+)
+def test_quantized_tensors_read_as_gguf_dequantizes_them(tmp_path, ggml_type) -> None:
+    """Random blocks of each type, two tensors of different sizes in one file: each must come
+    back as the gguf package dequantizes its own bytes (offsets and lengths read right)."""
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (64, 256), "blk.0.attn_q.weight": (256, 512)}
+    blocks = {
+        n: rng.integers(0, 256, quant_shape_to_byte_shape(s, ggml_type), dtype=np.uint8)
+        for n, s in shapes.items()
+    }
+    path = str(tmp_path / f"{ggml_type.name}.gguf")
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_embedding_length(256)
+    writer.add_head_count(4)
+    for name, raw in blocks.items():
+        writer.add_tensor(name, raw, raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    loaded = dict(iter_gguf_weights(path))
+    for name, raw in blocks.items():
+        expected = dequantize(raw, ggml_type)
+        assert expected.shape == shapes[name]
+        np.testing.assert_array_equal(loaded[_hf_name(name)].numpy(), expected)

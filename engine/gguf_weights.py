@@ -181,6 +181,14 @@ def _read_index(reader: gguf.GGUFReader) -> GGUFIndex:
     arch = _field(reader, "general.architecture")
     model_type = _model_type(reader, arch)
     tensors = {t.name: t for t in reader.tensors}
+    for name in tensors:  # a tensor the engine has no place for fails here, before it loads
+        if "_exps." in name:  # llama.cpp writes Mixtral as "llama", with stacked experts
+            raise ValueError(
+                f"mixture-of-experts GGUF files are not supported ({name}): serve the "
+                "model's safetensors checkpoint"
+            )
+        if name != ROPE_FACTORS:
+            _hf_name(name)
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)

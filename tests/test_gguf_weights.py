@@ -441,3 +441,15 @@ def test_quantized_tensors_read_as_gguf_dequantizes_them(tmp_path, ggml_type) ->
         expected = dequantize(raw, ggml_type)
         assert expected.shape == shapes[name]
         np.testing.assert_array_equal(loaded[_hf_name(name)].numpy(), expected)
+
+
+def test_a_mixture_of_experts_gguf_is_refused_as_such(tmp_path) -> None:
+    """llama.cpp writes Mixtral as "llama" with stacked expert tensors. Before: its header was
+    taken for a dense Llama, and the load failed later on `unexpected GGUF tensor
+    'blk.0.ffn_gate_exps.weight'`."""
+    weights = tiny_hf_weights(False, False, True)
+    weights["blk.0.ffn_gate_exps.weight"] = np.zeros((4, TINY["ffn"], TINY["hidden"]), np.float32)
+    path = str(tmp_path / "mixtral.gguf")
+    write_tiny_gguf(path, "llama", weights)
+    with pytest.raises(ValueError, match=r"mixture-of-experts GGUF .*blk\.0\.ffn_gate_exps"):
+        gguf_config(path)

@@ -71,7 +71,7 @@ _PLAIN_TYPES = {
     GGMLQuantizationType.F32: np.float32,
     GGMLQuantizationType.F64: np.float64,
 }
-INDEX_VERSION = 1  # of the cached index's layout
+INDEX_VERSION = 2  # of the cached index's layout, and of the checks made as it is read
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,14 +142,16 @@ def build_app(
         work = completion(served(request, req.model), req, metrics, meter)
         return await unless_disconnected(request, work)
 
-    def first_model(kind: str = "chat") -> str:
-        """The model a request without `model` gets (vLLM serves one; here the first)."""
-        return next((m.id for m in models.values() if m.kind == kind), "")
+    def first_model(request: Request, kind: str = "chat") -> str:
+        """The model a request without `model` gets (vLLM serves one; here the first that the
+        request's key may use: a key limited to some models never hears of the others)."""
+        meter = request_meter(request)
+        return next((m.id for m in models.values() if m.kind == kind and meter.allows(m.id)), "")
 
     async def images(request: Request) -> Response:
         req = parse_body(ImageGenerationRequest, await read_body(request))
         meter = request_meter(request)
-        model = served(request, req.model or first_model("image"), "image")
+        model = served(request, req.model or first_model(request, "image"), "image")
         meter.admit(model.id, images=req.n)
         return await generate_images(model, req, request, metrics.images, store, public_url, meter)
 
@@ -162,9 +164,17 @@ def build_app(
         model = served(request, req.model, "embedding")
         return await create_embeddings(model, req, request, metrics.embeddings, meter)
 
+    def tokenizer_of(request: Request, model_id: str | None) -> Any:
+        """The model whose tokenizer /tokenize, /detokenize and /tokenizer_info use. A key's
+        models apply, and its rpm and max_concurrent count the request as any other; it
+        generates nothing, so it costs nothing and takes no tokens from the tpm."""
+        model = served(request, model_id or first_model(request))
+        request_meter(request).admit(model.id)
+        return model
+
     async def tokenize(request: Request) -> Response:
         req = parse_body(TokenizeRequest, await read_body(request))
-        model = served(request, req.model or first_model())
+        model = tokenizer_of(request, req.model)
         if req.messages is not None:
             tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
             ids = await model.tokenizing.run(chat_prompt, model, req, tools)
@@ -180,7 +190,7 @@ def build_app(
 
     async def detokenize(request: Request) -> Response:
         req = parse_body(DetokenizeRequest, await read_body(request))
-        model = served(request, req.model or first_model())
+        model = tokenizer_of(request, req.model)
         if req.tokens:  # none is the empty text, as /tokenize gives for it
             model.check_prompt(req.tokens, param="tokens")
         return JSONResponse({"prompt": model.tokenizer.decode(req.tokens)})
@@ -197,7 +207,7 @@ def build_app(
         return JSONResponse(_model_card(models[model_id]))
 
     async def get_tokenizer_info(request: Request) -> Response:
-        model = served(request, request.query_params.get("model") or first_model())
+        model = tokenizer_of(request, request.query_params.get("model"))
         return JSONResponse(tokenizer_info(model.tokenizer, model.max_model_len))
 
     async def health(request: Request) -> Response:

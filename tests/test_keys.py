@@ -753,3 +753,47 @@ def test_an_unreachable_database_fails_start_up(catalog):
     assert srv.process.wait(120) == 1
     srv.stop()
     assert "cannot open the database postgresql+psycopg://nobody@127.0.0.1:1/x" in srv.log()
+
+
+def test_the_tokenizer_routes_keep_to_the_keys_models_and_count_against_its_rpm(
+    catalog, db, tiny_models, tmp_path
+):
+    """A key limited to one model tokenizes with that model's tokenizer only, and each
+    /tokenize, /detokenize and /tokenizer_info request counts against its rpm, as any request.
+    Before: they were not counted at all (a key with `--rpm 3` tokenized without end), and one
+    that named no model got the server's first model, one the key may not use: a 404 that
+    named a model the key is not to hear of."""
+    other = {"id": "test-org/other", "kind": "chat", "source": str(tiny_models["qwen2"]),
+             "max_model_len": 256, "engine": {"dtype": "float32"}}  # fmt: skip
+    entries = json.loads(catalog.read_text())["models"]
+    two = tmp_path / "models.yaml"
+    two.write_text(json.dumps({"models": [other, *entries]}))  # the other model first
+    own = start_server(two, db)
+    try:
+        name, key = new_key(db, models=[MODEL], rpm=4)
+        http = httpx.Client(base_url=own.url, headers={"Authorization": f"Bearer {key}"})
+        refused = http.post("/tokenize", json={"model": other["id"], "prompt": "a b"})
+        assert refused.status_code == 404
+        assert refused.json()["error"]["code"] == "model_not_found"
+        assert http.get("/tokenizer_info", params={"model": other["id"]}).status_code == 404
+        tokenized = http.post("/tokenize", json={"prompt": "a b"})  # the key's model
+        assert tokenized.status_code == 200, tokenized.text
+        assert tokenized.json()["max_model_len"] == 512
+        assert tokenized.headers["x-ratelimit-remaining-requests"] == "3"
+        tokens = tokenized.json()["tokens"]
+        detokenized = http.post("/detokenize", json={"tokens": tokens})
+        assert detokenized.json()["prompt"] == "a b"
+        assert detokenized.headers["x-ratelimit-remaining-requests"] == "2"
+        assert http.get("/tokenizer_info").headers["x-ratelimit-remaining-requests"] == "1"
+        assert http.post("/tokenize", json={"model": MODEL, "prompt": "c"}).status_code == 200
+        limited = http.post("/tokenize", json={"prompt": "a b"})
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "retry-after" in limited.headers
+        rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 4 and rows)
+        assert [r["endpoint"] for r in rows] == [
+            "/tokenize", "/detokenize", "/tokenizer_info", "/tokenize"
+        ]  # fmt: skip
+        assert {(r["model"], r["input_tokens"], r["cost_usd"]) for r in rows} == {(MODEL, 0, 0.0)}
+    finally:
+        assert own.stop() == 0, own.log()

@@ -56,7 +56,8 @@ class _EventStream(EventSourceResponse):
 def event_stream(chunks: AsyncIterator[str], meter: Meter) -> EventSourceResponse:
     """SSE response for a stream of JSON chunks. Validation happened before: once the 200 is
     sent, a failure can only be told in the stream itself, as an OpenAI error event. The key's
-    slot is freed before `[DONE]` goes out: a client may send its next request on reading it."""
+    slot and budget hold are released before `[DONE]` goes out: a client may send its next
+    request on reading it."""
 
     async def guarded() -> AsyncIterator[str]:
         # sse-starlette closes this generator when its client leaves mid-send; each generator
@@ -66,13 +67,13 @@ def event_stream(chunks: AsyncIterator[str], meter: Meter) -> EventSourceRespons
             async with aclosing(chunks):
                 async for chunk in chunks:
                     if chunk == "[DONE]":
-                        meter.release_slot()
+                        meter.release()
                     yield chunk
         except (WorkerDeadError, ValueError) as exc:
             status = 503 if isinstance(exc, WorkerDeadError) else 400
             logger.warning("stream ended by an error: %s", exc)
             yield json.dumps(APIError(status, str(exc)).body())
-            meter.release_slot()
+            meter.release()
             yield "[DONE]"
 
     return _EventStream(guarded(), ping=15, send_timeout=_send_timeout_s)

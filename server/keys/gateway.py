@@ -115,7 +115,7 @@ class Gateway:
         key = meter.key
         if key is None or not meter.admitted:
             return
-        meter.release_slot()
+        meter.release()
         key.held_usd -= meter.held_usd  # what it cost replaces the most it could have
         if refused(status):
             meter.refuse()
@@ -300,7 +300,7 @@ class KeyAuth:
                 ]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 response["completed"] = True
-                meter.release_slot()
+                meter.release()
             await send(message)
 
         try:

@@ -84,13 +84,17 @@ class Meter:
             self.key.requests.correct(self.request_take, 0)
             self.key.tokens.correct(self.take, 0)
 
-    def release_slot(self) -> None:
-        """Leave the key's requests in flight (once), as soon as the response's last bytes are
-        handed over: a client that reads the end of one answer and sends its next request at
-        once must find the slot free."""
+    def release(self) -> None:
+        """Leave the key's requests in flight and shrink the budget hold to what the request
+        cost (once), as soon as its answer is complete (a stream's `[DONE]`, a body's last
+        bytes): a client that reads the end of one answer and sends its next request at once
+        must find neither the slot nor the most the request could have cost still taken."""
         if self.holds_slot:
             self.holds_slot = False
             self.key.in_flight -= 1
+            cost = self.price(self.model, *self.totals()) if self.price else 0.0
+            self.key.held_usd += cost - self.held_usd
+            self.held_usd = cost
 
     def record(self, input_tokens: int = 0, output_tokens: int = 0, images: int = 0) -> None:
         self.input_tokens += input_tokens

@@ -800,36 +800,48 @@ def test_the_tokenizer_routes_keep_to_the_keys_models_and_count_against_its_rpm(
         assert own.stop() == 0, own.log()
 
 
-def test_a_streams_budget_hold_ends_with_its_done_event(server, db):
-    """A budget that fits one request's hold at a time: a client that reads a stream's
-    `[DONE]` and sends its next request at once must find the hold replaced by what the stream
-    cost. Before: the hold (the prompt and max_tokens at the catalog's prices) stayed until the
-    response object ended, after `[DONE]` was sent, and the next request got 429
-    insufficient_quota now and then on a budget nearly unspent (1 and 7 of 40 in two runs)."""
-    name, key = new_key(db, budget=0.95)
-    # the first token ends the sequence: each request costs $0.003 at most (a prompt token or
-    # two and one generated) while it holds 480 tokens' worth, $0.96, more than the budget
-    body = {"model": MODEL, "prompt": "a", "max_tokens": 480, "logit_bias": {str(EOS_ID): 100}}
+# the first token ends the sequence: a request uses a prompt token or two and one generated,
+# while it holds 480 tokens (at the catalog's prices, $0.96) until its answer is complete
+EARLY_END = {"model": MODEL, "prompt": "a", "max_tokens": 480, "logit_bias": {str(EOS_ID): 100}}
+
+
+def next_request_on_done(server: Server, key: str, times: int, follow: list[str]) -> list[str]:
+    """`times` streams, each followed as soon as its `[DONE]` is read, its response still
+    open, by a request to `follow[i % len(follow)]`: the errors those requests got."""
     url = f"{server.url}/v1/completions"
-    replies = []
-    with httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
-    ) as client:
+    errors = []
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=server.url, headers=auth, timeout=60) as client:
         client.get("/v1/models")  # a connection ready for the requests sent on [DONE]
-        for i in range(40):
-            with httpx.stream(
-                "POST", url, headers=client.headers, json={**body, "stream": True}
-            ) as r:
+        for i in range(times):
+            with httpx.stream("POST", url, headers=auth, json={**EARLY_END, "stream": True}) as r:
                 assert r.status_code == 200, r.read()
                 for line in r.iter_lines():
                     if line == "data: [DONE]":
                         break
-                # at once, the stream's response still open: a request to the same model, or
-                # one that is admitted without tokenizing first
-                if i % 2:
-                    replies.append(client.post("/tokenize", json={"prompt": "a"}))
-                else:
-                    replies.append(client.post("/v1/completions", json=body))
-    assert [r.text for r in replies if r.status_code != 200] == []
+                path = follow[i % len(follow)]
+                body = {"prompt": "a"} if path == "/tokenize" else EARLY_END
+                reply = client.post(path, json=body)
+                if reply.status_code != 200:
+                    errors.append(reply.text)
+    return errors
+
+
+def test_a_streams_budget_hold_ends_with_its_done_event(server, db):
+    """A budget that fits one request's hold at a time: a client that reads a stream's
+    `[DONE]` and sends its next request at once must find the hold replaced by what the stream
+    cost. Before: the hold stayed until the response object ended, after `[DONE]` was sent,
+    and the next request got 429 insufficient_quota now and then on a budget nearly unspent
+    (1 and 7 of 40 in two runs). /tokenize is admitted without tokenizing first."""
+    name, key = new_key(db, budget=0.95)
+    assert next_request_on_done(server, key, 40, ["/v1/completions", "/tokenize"]) == []
     rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 80 and rows)
     assert sum(r["cost_usd"] for r in rows) < 0.2
+
+
+def test_a_streams_tpm_hold_ends_with_its_done_event(server, db):
+    """The same for the tokens a stream holds in its key's tpm window (its prompt and
+    max_tokens) until it ends: a tpm of 960 fits one such hold (481 tokens), not two. Before:
+    the next request got 429 on tokens now and then (7 of 80 in each of two runs)."""
+    _, key = new_key(db, tpm=960)  # 160 requests of 2 tokens: the window keeps room for one hold
+    assert next_request_on_done(server, key, 80, ["/v1/completions"]) == []

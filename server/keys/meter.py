@@ -85,14 +85,19 @@ class Meter:
             self.key.tokens.correct(self.take, 0)
 
     def release(self) -> None:
-        """Leave the key's requests in flight and shrink the budget hold to what the request
-        cost (once), as soon as its answer is complete (a stream's `[DONE]`, a body's last
-        bytes): a client that reads the end of one answer and sends its next request at once
-        must find neither the slot nor the most the request could have cost still taken."""
+        """Leave the key's requests in flight, and shrink what the request holds of the tpm
+        window and of the budget to what it used (once), as soon as its answer is complete (a
+        stream's `[DONE]`, a body's last bytes): a client that reads the end of one answer and
+        sends its next request at once must find neither the slot nor the most the request
+        could have used still taken."""
         if self.holds_slot:
             self.holds_slot = False
             self.key.in_flight -= 1
-            cost = self.price(self.model, *self.totals()) if self.price else 0.0
+            input_tokens, output_tokens, images = self.totals()
+            self.key.tokens.correct(self.take, input_tokens + output_tokens)
+            cost = (
+                self.price(self.model, input_tokens, output_tokens, images) if self.price else 0.0
+            )
             self.key.held_usd += cost - self.held_usd
             self.held_usd = cost
 

@@ -845,3 +845,102 @@ def test_a_streams_tpm_hold_ends_with_its_done_event(server, db):
     the next request got 429 on tokens now and then (7 of 80 in each of two runs)."""
     _, key = new_key(db, tpm=960)  # 160 requests of 2 tokens: the window keeps room for one hold
     assert next_request_on_done(server, key, 80, ["/v1/completions"]) == []
+
+
+def test_keys_update_changes_limits_on_a_running_server_and_keeps_the_spend(server, db):
+    """`pagoda keys update NAME` sets or clears (`none`) a key's limits in place: the same
+    secret, the spend kept, on a running server within a second, as a revoke. Before: there
+    was no way but to revoke the key and hand out a new secret."""
+    name, key = new_key(db, models=["some-other-model"], rpm=2, budget=0.02)
+    client = sdk(server, key)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def update(*options: str) -> subprocess.CompletedProcess:
+        return pagoda("keys", "update", name, *options, "--database", db)
+
+    with pytest.raises(openai.NotFoundError):
+        chat(client)
+    done = update("--models", f"{MODEL},some-other-model")
+    assert done.returncode == 0, done.stderr
+    assert f"updated key '{name}'" in done.stdout
+    changed = time.monotonic()
+    wait_for(lambda: httpx.get(f"{server.url}/v1/models/{MODEL}", headers=auth).status_code == 200)
+    assert time.monotonic() - changed < 1.0
+    spent = 0.0
+    while True:  # the rpm (2, the GET above was one) or the budget, whichever comes first
+        try:
+            usage = chat(client, max_tokens=4).usage
+        except openai.RateLimitError as exc:
+            code = exc.response.json()["error"]["code"]
+            assert code in ("rate_limit_exceeded", "insufficient_quota")
+            break
+        spent += usage.prompt_tokens * 0.001 + usage.completion_tokens * 0.002
+    done = update("--rpm", "none", "--budget", "none", "--tpm", "100000", "--expires", "2099-01-01")
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: "x-ratelimit-limit-requests" not in httpx.get(
+        f"{server.url}/v1/models", headers=auth).headers)  # fmt: skip
+    for _ in range(4):  # no rpm, no budget: more than either allowed before
+        usage = chat(client, max_tokens=4).usage
+        spent += usage.prompt_tokens * 0.001 + usage.completion_tokens * 0.002
+    engine = open_database(db)
+    # the ledger's spend, before the update and after
+    row = wait_for(
+        lambda: (row := store.get_key(engine, name))["spent_usd"] == pytest.approx(spent) and row
+    )
+    engine.dispose()
+    assert row["key_hash"] == hashlib.sha256(key.encode()).hexdigest()
+    assert (row["rpm"], row["tpm"], row["budget_usd"]) == (None, 100000, None)
+    assert row["models"] == [MODEL, "some-other-model"]
+    assert store.utc(row["expires_at"]) == datetime(2099, 1, 1, tzinfo=timezone.utc)
+    # a budget below the spend refuses at once; clearing the models lets every model through
+    assert update("--budget", "0.01", "--models", "none").returncode == 0
+    wait_for(lambda: admitted(server, key) == 429)
+    (listed,) = [k for k in json.loads(pagoda("keys", "list", "--json", "--database", db).stdout)
+                 if k["name"] == name]  # fmt: skip
+    assert listed["models"] is None and listed["budget_usd"] == 0.01
+    assert listed["spent_usd"] == pytest.approx(spent)
+    for options, error in [
+        ((), "nothing to change"),
+        (("--rpm", "0"), "rpm"),
+        (("--rpm", "many"), "rpm"),
+        (("--budget", "inf"), "budget"),
+        (("--models", ""), "models"),
+        (("--expires", "soon"), "expires"),
+    ]:
+        bad = update(*options)
+        assert bad.returncode == 1 and bad.stderr.startswith("error: "), (options, bad.stderr)
+        assert error in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    unknown = pagoda("keys", "update", "nobody", "--rpm", "1", "--database", db)
+    assert unknown.returncode == 1 and "no key named 'nobody'" in unknown.stderr
+    assert pagoda("keys", "revoke", name, "--database", db).returncode == 0
+    revoked = update("--budget", "none")
+    assert revoked.returncode == 1 and "revoked" in revoked.stderr
+
+
+def admitted(server: Server, key: str) -> int:
+    """The status of a /tokenize request: admitted as any request, but free."""
+    auth = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{server.url}/tokenize", headers=auth, json={"prompt": "a"}).status_code
+
+
+def test_admin_api_updates_a_key(server, db):
+    """PATCH /admin/keys/{name}: the fields given are set, null clears one, effective at once."""
+    admin = httpx.Client(
+        base_url=f"{server.url}/admin", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    name, key = new_key(db, budget=0.0, rpm=5)
+    assert admitted(server, key) == 429  # the budget is spent
+    r = admin.patch(f"/keys/{name}", json={"budget": 1.5, "rpm": None, "max_concurrent": 2})
+    assert r.status_code == 200, r.text
+    entry = r.json()
+    assert (entry["budget_usd"], entry["rpm"], entry["max_concurrent"]) == (1.5, None, 2)
+    assert "key" not in entry and "key_hash" not in entry
+    assert admitted(server, key) == 200  # at once
+    assert httpx.patch(f"{server.url}/admin/keys/{name}", json={"rpm": 1}).status_code == 401
+    for body, param in (({}, None), ({"rpm": 0}, "rpm"), ({"name": "x"}, "name")):
+        r = admin.patch(f"/keys/{name}", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert admin.patch("/keys/nobody", json={"rpm": 1}).status_code == 404
+    assert admin.delete(f"/keys/{name}").status_code == 200
+    assert admin.patch(f"/keys/{name}", json={"rpm": 1}).status_code == 409
+    assert admin.request("PUT", f"/keys/{name}").headers["allow"] == "PATCH, DELETE"

@@ -42,7 +42,14 @@ def test_schema_and_operations_on_postgres(postgres):
     assert report["requests"] == 2 and report["cost_usd"] == pytest.approx(0.75)
     assert store.get_key(engine, "a")["spent_usd"] == pytest.approx(0.75)
     assert store.usage_report(engine, since=store.parse_when("2999-01-01")) == []
+    change = store.KeyUpdate(models=None, rpm=7, budget=None)  # models: null, not JSON null
+    row = store.update_key(engine, "a", change)
+    assert (row["models"], row["rpm"], row["budget_usd"]) == (None, 7, None)
+    assert row["spent_usd"] == pytest.approx(0.75)
+    assert store.get_key(engine, "a")["key_hash"] == store.key_hash(secret)
     store.revoke_key(engine, "a")
+    with pytest.raises(store.StoreError, match="revoked"):
+        store.update_key(engine, "a", change)
     with pytest.raises(store.UnknownKey):
         store.revoke_key(engine, "b")
     engine.dispose()

@@ -3,6 +3,7 @@
 GET    /admin/keys                      the keys (no secrets)
 POST   /admin/keys                      {"name", "models", "rpm", "tpm", "max_concurrent",
                                          "budget", "expires"} -> 201, the key once in "key"
+PATCH  /admin/keys/{name}               {"rpm": 20, "budget": null, ...}: set or clear limits
 DELETE /admin/keys/{name}               revoke
 GET    /admin/usage?key=NAME&since=DATE per key and model
 """
@@ -58,6 +59,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         row, secret = await call(request, store.create_key, spec)
         return JSONResponse({**row, "key": secret}, status_code=201)
 
+    async def update_key(request: Request) -> Response:
+        check(request)
+        change = parse_body(store.KeyUpdate, await request.body())
+        name = request.path_params["name"]
+        return JSONResponse(await call(request, store.update_key, name, change))
+
     async def revoke_key(request: Request) -> Response:
         name = request.path_params["name"]
         return JSONResponse(await call(request, store.revoke_key, name))
@@ -76,8 +83,11 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         # one route for both methods, so that a 405 on /admin/keys lists both in Allow
         return await (create_key if request.method == "POST" else list_keys)(request)
 
+    async def key(request: Request) -> Response:
+        return await (update_key if request.method == "PATCH" else revoke_key)(request)
+
     return [
         Route("/admin/keys", keys, methods=["GET", "POST"]),
-        Route("/admin/keys/{name}", revoke_key, methods=["DELETE"]),
+        Route("/admin/keys/{name}", key, methods=["PATCH", "DELETE"]),
         Route("/admin/usage", usage, methods=["GET"]),
     ]

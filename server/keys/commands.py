@@ -1,4 +1,4 @@
-"""`pagoda keys create|list|revoke`, `pagoda usage`, and the options `pagoda serve` takes for
+"""`pagoda keys create|update|list|revoke`, `pagoda usage`, and the options `pagoda serve` takes for
 keys (--database, --admin-key)."""
 
 from __future__ import annotations
@@ -45,16 +45,16 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    keys = commands.add_parser("keys", help="create, update, list and revoke API keys")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="a new key, printed once as the last line")
     create.add_argument("--name", required=True)
-    create.add_argument("--models", help="comma-separated model ids (default: all)")
-    create.add_argument("--rpm", type=int, help="requests per minute")
-    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + max_tokens)")
-    create.add_argument("--max-concurrent", type=int, help="requests in flight at once")
-    create.add_argument("--budget", type=float, help="USD, priced from the catalog")
-    create.add_argument("--expires", help="date or ISO time (UTC unless it says)")
+    add_limit_options(create)
+    update = actions.add_parser(
+        "update", help="set a key's limits (`none` clears one); its secret and spend stay"
+    )
+    update.add_argument("name")
+    add_limit_options(update, clearable=True)
     listing = actions.add_parser("list", help="the keys, without secrets")
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="refuse a key from now on")
@@ -63,8 +63,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     usage.add_argument("--key", help="only this key's usage")
     usage.add_argument("--since", help="date or ISO time")
     usage.add_argument("--json", action="store_true")
-    for parser in (create, listing, revoke, usage):
+    for parser in (create, update, listing, revoke, usage):
         add_database_option(parser)
+
+
+def add_limit_options(parser: argparse.ArgumentParser, clearable: bool = False) -> None:
+    """The limits' options, as text: pydantic checks them, as it checks the admin API's."""
+    clears = "; `none`: no limit" if clearable else ""
+    every = "`none`: all" if clearable else "default: all"
+    parser.add_argument("--models", help=f"comma-separated model ids ({every})")
+    parser.add_argument("--rpm", help=f"requests per minute{clears}")
+    parser.add_argument("--tpm", help=f"tokens per minute (prompt + max_tokens){clears}")
+    parser.add_argument("--max-concurrent", help=f"requests in flight at once{clears}")
+    parser.add_argument("--budget", help=f"USD, priced from the catalog{clears}")
+    never = "; `none`: never" if clearable else ""
+    parser.add_argument("--expires", help=f"date or ISO time (UTC unless it says){never}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,30 +103,37 @@ def _run(engine: sa.Engine, args: argparse.Namespace) -> None:
         rows = store.usage_report(engine, args.key, since)
         print(json.dumps(rows, indent=2) if args.json else _table(rows, USAGE_COLUMNS))
     elif args.action == "create":
-        # "" is no model (refused, as by the admin API), not every model: an empty $MODELS
-        # must not make a key without restrictions
-        models = None
-        if args.models is not None:
-            models = [model for model in map(str.strip, args.models.split(",")) if model]
-        spec = store.KeySpec(
-            name=args.name,
-            models=models,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            max_concurrent=args.max_concurrent,
-            budget=args.budget,
-            expires=args.expires,
-        )
-        row, secret = store.create_key(engine, spec)
+        row, secret = store.create_key(engine, store.KeySpec(name=args.name, **_given(args)))
         print(f"created key '{row['name']}' ({_limits(row)})")
         print("This is the only time the key is shown; only its hash is stored:")
         print(secret)
+    elif args.action == "update":
+        row = store.update_key(engine, args.name, store.KeyUpdate(**_given(args, clear=True)))
+        print(f"updated key '{row['name']}' ({_limits(row)}; spent ${row['spent_usd']:g})")
     elif args.action == "list":
         rows = store.list_keys(engine)
         print(json.dumps(rows, indent=2) if args.json else _table(rows, KEY_COLUMNS))
     elif args.action == "revoke":
         store.revoke_key(engine, args.name)
         print(f"revoked key '{args.name}'")
+
+
+def _given(args: argparse.Namespace, clear: bool = False) -> dict:
+    """The limit options given on the command line; with `clear`, `none` clears a limit."""
+    given = {}
+    for field in store.KeyLimits.model_fields:
+        text = getattr(args, field)
+        if text is None:
+            continue
+        if clear and text.strip().lower() == "none":
+            given[field] = None
+        elif field == "models":
+            # "" is no model (refused, as by the admin API), not every model: an empty $MODELS
+            # must not make a key without restrictions
+            given[field] = [model for model in map(str.strip, text.split(",")) if model]
+        else:
+            given[field] = text
+    return given
 
 
 def open_gateway(args: argparse.Namespace, api_keys: list[str]) -> Gateway:
@@ -190,5 +210,7 @@ def _table(rows: list[dict], columns: dict[str, str]) -> str:
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return "; ".join(
+            ": ".join(filter(None, [".".join(map(str, e["loc"])), e["msg"]])) for e in exc.errors()
+        )
     return str(exc)

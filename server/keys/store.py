@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pagoda.server.keys.schema import api_keys, usage
 
@@ -27,12 +27,11 @@ class UnknownKey(StoreError):
     status = 404
 
 
-class KeySpec(BaseModel):
-    """What `pagoda keys create` and POST /admin/keys take."""
+class KeyLimits(BaseModel):
+    """A key's limits: None is no limit (every model, for `models`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no infinity
 
-    name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
     models: list[str] | None = Field(None, min_length=1)
     rpm: int | None = Field(None, ge=1, le=INT32)
     tpm: int | None = Field(None, ge=1, le=INT32)
@@ -46,6 +45,27 @@ class KeySpec(BaseModel):
         if isinstance(value, str):
             return parse_when(value)
         return as_utc(value) if isinstance(value, datetime) else value
+
+
+class KeySpec(KeyLimits):
+    """What `pagoda keys create` and POST /admin/keys take."""
+
+    name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
+
+
+class KeyUpdate(KeyLimits):
+    """What `pagoda keys update` and PATCH /admin/keys/{name} take: the limits given replace
+    the key's, null clears one; the others stay."""
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> KeyUpdate:
+        if not self.model_fields_set:
+            raise ValueError(f"nothing to change: give one of {', '.join(KeyLimits.model_fields)}")
+        return self
+
+
+# the limits' columns, where their names differ
+COLUMNS = {"budget": "budget_usd", "expires": "expires_at"}
 
 
 def parse_when(text: str) -> datetime:
@@ -129,6 +149,21 @@ def revoke_key(engine: sa.Engine, name: str) -> dict:
     if done.rowcount == 0:
         get_key(engine, name)  # raises for an unknown name
         raise StoreError(f"the key {name!r} is revoked already")
+    return _public(get_key(engine, name))
+
+
+def update_key(engine: sa.Engine, name: str, change: KeyUpdate) -> dict:
+    """Set or clear the limits `change` gives; its secret and its spend stay."""
+    values = {COLUMNS.get(f, f): getattr(change, f) for f in change.model_fields_set}
+    with engine.begin() as c:
+        done = c.execute(
+            api_keys.update()
+            .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
+            .values(values)
+        )
+    if done.rowcount == 0:
+        get_key(engine, name)  # raises for an unknown name
+        raise StoreError(f"the key {name!r} is revoked: create a new one")
     return _public(get_key(engine, name))
 
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,9 +25,12 @@ import openai
 import pytest
 import sqlalchemy as sa
 
+from pagoda.server.catalog import Pricing
 from pagoda.server.keys import store
 from pagoda.server.keys.database import open_database, schema_version
+from pagoda.server.keys.gateway import Gateway
 from pagoda.server.keys.limits import KeyState, Window, duration
+from pagoda.server.keys.meter import Meter
 from tests.serving import Server
 from tests.tiny_models import EOS_ID
 
@@ -152,6 +156,32 @@ def test_a_refunded_request_leaves_nothing_behind_in_the_reset_headers():
     headers = key.headers(now=131.0)  # the request at 130.0 leaves at 190.0, not 160.0
     assert headers["x-ratelimit-reset-requests"] == headers["x-ratelimit-reset-tokens"] == "59s"
     assert headers["x-ratelimit-remaining-tokens"] == "90"
+
+
+@dataclass
+class Used:
+    """What a generation reports: its prompt and completion tokens so far."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+
+def test_a_request_refused_after_admission_is_taken_back_once_its_answer_is_sent():
+    """A 4xx after admission (an engine that refuses a request's grammar): KeyAuth takes it
+    back out of the windows as its response starts, then its last bytes release its slot and
+    hold. Before: that release put its prompt back into the tpm window, where the refused
+    request then counted against the key for a minute."""
+    key = key_state(tpm=1000, budget=1.0)
+    gateway = Gateway(prices={MODEL: Pricing(**PRICING)})
+    meter = Meter(key, "/v1/chat/completions", gateway.cost)
+    meter.admit(MODEL, 100, 400)
+    meter.track(Used(prompt_tokens=100))
+    assert key.tokens.used == 500 and key.held_usd == pytest.approx(0.9)
+    meter.refuse()  # the 400's response starts
+    meter.release()  # its last bytes are sent
+    gateway.finish(meter, 400, completed=True)
+    assert (key.tokens.used, key.requests.used, key.in_flight) == (0, 0, 0)
+    assert key.held_usd == key.pending_usd == 0.0 and gateway.rows == []
 
 
 # -- the database and the commands ------------------------------------------------------------

@@ -89,17 +89,19 @@ class Meter:
         window and of the budget to what it used (once), as soon as its answer is complete (a
         stream's `[DONE]`, a body's last bytes): a client that reads the end of one answer and
         sends its next request at once must find neither the slot nor the most the request
-        could have used still taken."""
-        if self.holds_slot:
-            self.holds_slot = False
-            self.key.in_flight -= 1
+        could have used still taken. A refused request uses nothing: refuse() took it back."""
+        if not self.holds_slot:
+            return
+        self.holds_slot = False
+        self.key.in_flight -= 1
+        cost = 0.0
+        if not self.refused:
             input_tokens, output_tokens, images = self.totals()
             self.key.tokens.correct(self.take, input_tokens + output_tokens)
-            cost = (
-                self.price(self.model, input_tokens, output_tokens, images) if self.price else 0.0
-            )
-            self.key.held_usd += cost - self.held_usd
-            self.held_usd = cost
+            if self.price is not None:
+                cost = self.price(self.model, input_tokens, output_tokens, images)
+        self.key.held_usd += cost - self.held_usd
+        self.held_usd = cost
 
     def record(self, input_tokens: int = 0, output_tokens: int = 0, images: int = 0) -> None:
         self.input_tokens += input_tokens

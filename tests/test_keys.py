@@ -728,108 +728,6 @@ def test_admin_api(server, db):
     assert basic.status_code == 401
 
 
-def test_the_ledger_survives_a_restart(catalog, db, server):
-    name, key = new_key(db, budget=100.0)
-    usage = chat(sdk(server, key), max_tokens=3).usage
-    assert server.stop() == 0  # flushed on shutdown, not only by the periodic round
-    (row,) = ledger(db, name)
-    assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, 3)
-    again = start_server(catalog, db)
-    try:
-        assert chat(sdk(again, key)).usage.completion_tokens == 2
-        assert len(wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows)) == 2
-    finally:
-        assert again.stop() == 0
-    assert key not in again.log()
-
-
-def test_a_request_the_engine_failed_is_recorded_but_billed_nothing(catalog, db):
-    """Its client got a 503 and no usage. Before: the row billed the prompt and any tokens
-    made until the engine stopped, against the key's budget, and they stayed in its tpm."""
-    own = start_server(catalog, db)  # its engine is killed: not the module's server
-    try:
-        name, key = new_key(db, tpm=1000, budget=1.0)
-        auth = {"Authorization": f"Bearer {key}"}
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}],
-                "max_tokens": 480, "ignore_eos": True}  # fmt: skip
-        replies = []
-        url = f"{own.url}/v1/chat/completions"
-        thread = threading.Thread(
-            target=lambda: replies.append(httpx.post(url, headers=auth, json=body, timeout=60))
-        )
-        # the engine stopped before the request, so that it cannot end before the kill (its
-        # prompt was billed before, tokens made or not)
-        engine_pid = own.engine_pid()
-        os.kill(engine_pid, signal.SIGSTOP)
-        thread.start()
-        time.sleep(1.0)  # admitted and sent to the engine
-        os.kill(engine_pid, signal.SIGKILL)
-        thread.join(60)
-        (reply,) = replies
-        assert reply.status_code == 503 and "usage" not in reply.json()
-        (row,) = wait_for(lambda: ledger(db, name))
-        assert (row["http_status"], row["outcome"]) == (503, "error")
-        assert (row["input_tokens"], row["output_tokens"], row["cost_usd"]) == (0, 0, 0.0)
-        models = httpx.get(f"{own.url}/v1/models", headers=auth)
-        assert models.headers["x-ratelimit-remaining-tokens"] == "1000"
-    finally:
-        own.stop()
-    engine = open_database(db)
-    assert store.get_key(engine, name)["spent_usd"] == 0.0
-    engine.dispose()
-
-
-def test_an_unreachable_database_fails_start_up(catalog):
-    srv = Server(["--catalog", str(catalog), "--database", "postgresql://nobody@127.0.0.1:1/x"])
-    assert srv.process.wait(120) == 1
-    srv.stop()
-    assert "cannot open the database postgresql+psycopg://nobody@127.0.0.1:1/x" in srv.log()
-
-
-def test_the_tokenizer_routes_keep_to_the_keys_models_and_count_against_its_rpm(
-    catalog, db, tiny_models, tmp_path
-):
-    """A key limited to one model tokenizes with that model's tokenizer only, and each
-    /tokenize, /detokenize and /tokenizer_info request counts against its rpm, as any request.
-    Before: they were not counted at all (a key with `--rpm 3` tokenized without end), and one
-    that named no model got the server's first model, one the key may not use: a 404 that
-    named a model the key is not to hear of."""
-    other = {"id": "test-org/other", "kind": "chat", "source": str(tiny_models["qwen2"]),
-             "max_model_len": 256, "engine": {"dtype": "float32"}}  # fmt: skip
-    entries = json.loads(catalog.read_text())["models"]
-    two = tmp_path / "models.yaml"
-    two.write_text(json.dumps({"models": [other, *entries]}))  # the other model first
-    own = start_server(two, db)
-    try:
-        name, key = new_key(db, models=[MODEL], rpm=4)
-        http = httpx.Client(base_url=own.url, headers={"Authorization": f"Bearer {key}"})
-        refused = http.post("/tokenize", json={"model": other["id"], "prompt": "a b"})
-        assert refused.status_code == 404
-        assert refused.json()["error"]["code"] == "model_not_found"
-        assert http.get("/tokenizer_info", params={"model": other["id"]}).status_code == 404
-        tokenized = http.post("/tokenize", json={"prompt": "a b"})  # the key's model
-        assert tokenized.status_code == 200, tokenized.text
-        assert tokenized.json()["max_model_len"] == 512
-        assert tokenized.headers["x-ratelimit-remaining-requests"] == "3"
-        tokens = tokenized.json()["tokens"]
-        detokenized = http.post("/detokenize", json={"tokens": tokens})
-        assert detokenized.json()["prompt"] == "a b"
-        assert detokenized.headers["x-ratelimit-remaining-requests"] == "2"
-        assert http.get("/tokenizer_info").headers["x-ratelimit-remaining-requests"] == "1"
-        assert http.post("/tokenize", json={"model": MODEL, "prompt": "c"}).status_code == 200
-        limited = http.post("/tokenize", json={"prompt": "a b"})
-        assert limited.status_code == 429, limited.text
-        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-        assert "retry-after" in limited.headers
-        rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 4 and rows)
-        assert [r["endpoint"] for r in rows] == [
-            "/tokenize", "/detokenize", "/tokenizer_info", "/tokenize"
-        ]  # fmt: skip
-        assert {(r["model"], r["input_tokens"], r["cost_usd"]) for r in rows} == {(MODEL, 0, 0.0)}
-    finally:
-        assert own.stop() == 0, own.log()
-
-
 # the first token ends the sequence: a request uses a prompt token or two and one generated,
 # while it holds 480 tokens (at the catalog's prices, $0.96) until its answer is complete
 EARLY_END = {"model": MODEL, "prompt": "a", "max_tokens": 480, "logit_bias": {str(EOS_ID): 100}}
@@ -974,3 +872,105 @@ def test_admin_api_updates_a_key(server, db):
     assert admin.delete(f"/keys/{name}").status_code == 200
     assert admin.patch(f"/keys/{name}", json={"rpm": 1}).status_code == 409
     assert admin.request("PUT", f"/keys/{name}").headers["allow"] == "PATCH, DELETE"
+
+
+def test_the_ledger_survives_a_restart(catalog, db, server):
+    name, key = new_key(db, budget=100.0)
+    usage = chat(sdk(server, key), max_tokens=3).usage
+    assert server.stop() == 0  # flushed on shutdown, not only by the periodic round
+    (row,) = ledger(db, name)
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, 3)
+    again = start_server(catalog, db)
+    try:
+        assert chat(sdk(again, key)).usage.completion_tokens == 2
+        assert len(wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 2 and rows)) == 2
+    finally:
+        assert again.stop() == 0
+    assert key not in again.log()
+
+
+def test_a_request_the_engine_failed_is_recorded_but_billed_nothing(catalog, db):
+    """Its client got a 503 and no usage. Before: the row billed the prompt and any tokens
+    made until the engine stopped, against the key's budget, and they stayed in its tpm."""
+    own = start_server(catalog, db)  # its engine is killed: not the module's server
+    try:
+        name, key = new_key(db, tpm=1000, budget=1.0)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 480, "ignore_eos": True}  # fmt: skip
+        replies = []
+        url = f"{own.url}/v1/chat/completions"
+        thread = threading.Thread(
+            target=lambda: replies.append(httpx.post(url, headers=auth, json=body, timeout=60))
+        )
+        # the engine stopped before the request, so that it cannot end before the kill (its
+        # prompt was billed before, tokens made or not)
+        engine_pid = own.engine_pid()
+        os.kill(engine_pid, signal.SIGSTOP)
+        thread.start()
+        time.sleep(1.0)  # admitted and sent to the engine
+        os.kill(engine_pid, signal.SIGKILL)
+        thread.join(60)
+        (reply,) = replies
+        assert reply.status_code == 503 and "usage" not in reply.json()
+        (row,) = wait_for(lambda: ledger(db, name))
+        assert (row["http_status"], row["outcome"]) == (503, "error")
+        assert (row["input_tokens"], row["output_tokens"], row["cost_usd"]) == (0, 0, 0.0)
+        models = httpx.get(f"{own.url}/v1/models", headers=auth)
+        assert models.headers["x-ratelimit-remaining-tokens"] == "1000"
+    finally:
+        own.stop()
+    engine = open_database(db)
+    assert store.get_key(engine, name)["spent_usd"] == 0.0
+    engine.dispose()
+
+
+def test_an_unreachable_database_fails_start_up(catalog):
+    srv = Server(["--catalog", str(catalog), "--database", "postgresql://nobody@127.0.0.1:1/x"])
+    assert srv.process.wait(120) == 1
+    srv.stop()
+    assert "cannot open the database postgresql+psycopg://nobody@127.0.0.1:1/x" in srv.log()
+
+
+def test_the_tokenizer_routes_keep_to_the_keys_models_and_count_against_its_rpm(
+    catalog, db, tiny_models, tmp_path
+):
+    """A key limited to one model tokenizes with that model's tokenizer only, and each
+    /tokenize, /detokenize and /tokenizer_info request counts against its rpm, as any request.
+    Before: they were not counted at all (a key with `--rpm 3` tokenized without end), and one
+    that named no model got the server's first model, one the key may not use: a 404 that
+    named a model the key is not to hear of."""
+    other = {"id": "test-org/other", "kind": "chat", "source": str(tiny_models["qwen2"]),
+             "max_model_len": 256, "engine": {"dtype": "float32"}}  # fmt: skip
+    entries = json.loads(catalog.read_text())["models"]
+    two = tmp_path / "models.yaml"
+    two.write_text(json.dumps({"models": [other, *entries]}))  # the other model first
+    own = start_server(two, db)
+    try:
+        name, key = new_key(db, models=[MODEL], rpm=4)
+        http = httpx.Client(base_url=own.url, headers={"Authorization": f"Bearer {key}"})
+        refused = http.post("/tokenize", json={"model": other["id"], "prompt": "a b"})
+        assert refused.status_code == 404
+        assert refused.json()["error"]["code"] == "model_not_found"
+        assert http.get("/tokenizer_info", params={"model": other["id"]}).status_code == 404
+        tokenized = http.post("/tokenize", json={"prompt": "a b"})  # the key's model
+        assert tokenized.status_code == 200, tokenized.text
+        assert tokenized.json()["max_model_len"] == 512
+        assert tokenized.headers["x-ratelimit-remaining-requests"] == "3"
+        tokens = tokenized.json()["tokens"]
+        detokenized = http.post("/detokenize", json={"tokens": tokens})
+        assert detokenized.json()["prompt"] == "a b"
+        assert detokenized.headers["x-ratelimit-remaining-requests"] == "2"
+        assert http.get("/tokenizer_info").headers["x-ratelimit-remaining-requests"] == "1"
+        assert http.post("/tokenize", json={"model": MODEL, "prompt": "c"}).status_code == 200
+        limited = http.post("/tokenize", json={"prompt": "a b"})
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "retry-after" in limited.headers
+        rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 4 and rows)
+        assert [r["endpoint"] for r in rows] == [
+            "/tokenize", "/detokenize", "/tokenizer_info", "/tokenize"
+        ]  # fmt: skip
+        assert {(r["model"], r["input_tokens"], r["cost_usd"]) for r in rows} == {(MODEL, 0, 0.0)}
+    finally:
+        assert own.stop() == 0, own.log()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.worker import keep_freed_memory, release_freed_memory
+from pagoda.engine.worker import exit_with_server, keep_freed_memory, release_freed_memory
 from pagoda.logs import LogSettings, current_settings, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -263,22 +263,16 @@ def start_leader(config: EngineConfig) -> Leader | None:
     return Leader(config)
 
 
-def _watch_parent() -> None:
-    parent = os.getppid()
-    while os.getppid() == parent:
-        time.sleep(WATCH_INTERVAL_S)
-    os._exit(1)
-
-
 def run_follower(
     config: EngineConfig, rank: int, local_rank: int, port: int, log_settings: LogSettings
 ) -> None:
     """A rank other than 0 (a spawn target): load its shard, then run what rank 0 sends."""
     from pagoda.engine.llm_engine import LLMEngine  # it imports this module
 
+    # its parent's sentinel, not its pid read now: the parent may have ended already
+    exit_with_server()
     setup_logging(log_settings)
     keep_freed_memory()
-    threading.Thread(target=_watch_parent, daemon=True, name="pagoda-tp-parent").start()
     try:
         _init_group(config, rank, local_rank, port)
         engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True))

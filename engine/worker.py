@@ -147,8 +147,9 @@ def run_worker(
 
 def exit_with_server() -> None:
     """End this process as soon as the server's ends: a server killed (the OOM killer, a
-    SIGKILL), or stopped while its models load, leaves no worker behind holding a GPU. A thread
-    waits on the server's sentinel, which turns readable when it ends. (The kernel's
+    SIGKILL), or stopped while its models load, leaves no worker behind holding a GPU (nor a
+    tensor-parallel rank: its parent is its engine core). A thread waits on the parent's
+    sentinel, which turns readable when it ends, even if it ended before. (The kernel's
     PR_SET_PDEATHSIG would follow the forkserver, whose end waits for its workers' own.)"""
     server = multiprocessing.parent_process()
     if server is None:

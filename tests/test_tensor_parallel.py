@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ from pagoda.engine.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.distributed import RankDiedError
 from tests.random_models import Draw, build
-from tests.serving import failed_start, free_port
+from tests.serving import failed_start, free_port, gone
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
@@ -208,6 +209,32 @@ def test_a_stopped_engine_core_stops_its_ranks(llama):
     assert rank.exitcode == 0
     time.sleep(2 * distributed.WATCH_INTERVAL_S)  # the watch would have ended this process
     assert distributed.world_size() == 1
+
+
+def test_a_rank_whose_engine_core_died_while_it_started_exits(llama):
+    """The engine core ended while its rank was still starting (a server stopped or killed
+    while its model loads, a failed start): the rank took the parent it found once started,
+    init's process, for its own, and waited for rank 0 through the whole distributed timeout
+    and torch's retries after it, an orphan for minutes."""
+    script = (
+        "import os\n"
+        "from pagoda.engine import distributed\n"
+        "from pagoda.engine.config import EngineConfig\n"
+        f"config = EngineConfig({str(llama)!r}, device='cpu', tensor_parallel_size=2,\n"
+        "                      distributed_timeout_s=600)\n"
+        f"(rank,) = distributed._spawn_ranks(config, range(1, 2), {free_port()})\n"
+        "print(rank.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    spawner = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    rank = psutil.Process(int(spawner.stdout))
+    try:
+        assert gone(rank, timeout=60)
+    finally:
+        if rank.is_running():
+            rank.kill()
 
 
 def test_a_dead_rank_fails_the_next_step(llama):

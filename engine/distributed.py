@@ -5,8 +5,8 @@ Rank 0 is the engine: it runs the scheduler and samples. Before each forward pas
 step's model inputs to the other ranks in one broadcast (plain lists, over a gloo group even
 beside NCCL), and every rank then runs the same forward pass on its shard of the weights
 (engine/tensor_parallel.py). Node k of `nnodes` holds ranks k*L .. k*L+L-1 (L ranks a node);
-rank 0 spawns the other ranks of node 0, `run_node` those of another node. The group meets by
-torch's env:// rendezvous at master_addr:master_port, as under torchrun.
+rank 0 spawns the other ranks of node 0, `run_node` those of another node. The group meets at
+a TCP store that rank 0 serves at master_addr:master_port, as under torchrun.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.2
 # the step channel waits as long as the engine idles: a server may see no request for days
 IDLE_TIMEOUT = timedelta(days=365)
+JOINED_KEY = "pagoda/joined"  # ranks other than 0 that reached the rendezvous store
+JOIN_POLL_S = 0.05
 
 
 class RankDiedError(RuntimeError):
@@ -98,21 +101,27 @@ def cpu_threads_per_rank(config: EngineConfig) -> int:
     return max(1, (os.cpu_count() or 1) // ranks_per_node(config))
 
 
-def _init_group(config: EngineConfig, rank: int, local_rank: int, port: int) -> None:
+def _init_group(
+    config: EngineConfig,
+    rank: int,
+    local_rank: int,
+    port: int,
+    local_ranks: Sequence[multiprocessing.Process] = (),
+) -> None:
+    """Join the group; rank 0 watches `local_ranks` (those it spawned) while it waits."""
     global _GROUP
     device = config.resolve_device()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device((device.index or 0) + local_rank)
-    os.environ["MASTER_ADDR"] = config.master_addr
-    os.environ["MASTER_PORT"] = str(port)
     size = config.tensor_parallel_size
     timeout = timedelta(seconds=config.distributed_timeout_s)
     start = time.monotonic()
     try:
-        dist.init_process_group(
-            backend, init_method="env://", rank=rank, world_size=size, timeout=timeout
-        )
+        store = _meet(config, rank, port, local_ranks)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    except RankDiedError:
+        raise
     except Exception as exc:  # DistStoreError, DistNetworkError, RuntimeError, ValueError
         # "within N s" only when that is what happened: a port in use fails at once
         waited = time.monotonic() - start >= 0.9 * config.distributed_timeout_s
@@ -126,6 +135,36 @@ def _init_group(config: EngineConfig, rank: int, local_rank: int, port: int) -> 
     # group of its own that waits through idle time (and carries CPU objects beside NCCL).
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     _GROUP = Group(rank, size, local_rank, control)
+
+
+def _meet(
+    config: EngineConfig, rank: int, port: int, local_ranks: Sequence[multiprocessing.Process]
+) -> dist.TCPStore:
+    """The rendezvous store at master_addr:port (rank 0 serves it), once every rank reached
+    it. Rank 0 waits here rather than in torch's rendezvous, so that a rank of its own that
+    dies first (a script without the __main__ guard, a GPU it cannot use) fails the start at
+    once instead of after the whole timeout."""
+    size = config.tensor_parallel_size
+    timeout = timedelta(seconds=config.distributed_timeout_s)
+    if rank != 0:
+        store = dist.TCPStore(config.master_addr, port, size, is_master=False, timeout=timeout)
+        store.add(JOINED_KEY, 1)
+        return store
+    store = dist.TCPStore(
+        config.master_addr, port, size, is_master=True, timeout=timeout, wait_for_workers=False
+    )
+    deadline = time.monotonic() + config.distributed_timeout_s
+    while (joined := store.add(JOINED_KEY, 0)) < size - 1:
+        if dead := next((p for p in local_ranks if not p.is_alive()), None):
+            raise RankDiedError(
+                f"tensor parallelism: {dead.name} exited (code {dead.exitcode}) before it "
+                "joined the process group; its error is above. A script that starts "
+                'tensor-parallel ranks needs the `if __name__ == "__main__":` guard'
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{joined + 1} of {size} ranks joined")
+        time.sleep(JOIN_POLL_S)
+    return store
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,7 +227,7 @@ class Leader:
         self.num_sends = 0
         self.closing = False  # the ranks end because they were told to: not a fault
         try:
-            _init_group(config, 0, 0, port)
+            _init_group(config, 0, 0, port, self.processes)
         except BaseException:
             self.close(stop=False)
             raise

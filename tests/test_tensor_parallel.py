@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,6 +167,27 @@ def test_a_rank_that_cannot_join_fails_the_start_after_the_timeout(tiny_models):
     )
     assert "rank 0 of 2 could not form the process group" in stderr
     assert "within 3 s" in stderr and "on 2 node(s)" in stderr
+    assert time.monotonic() - start < 60
+
+
+def test_a_rank_that_dies_before_joining_fails_the_start_at_once(llama, tmp_path):
+    """A script without the `if __name__ == "__main__":` guard (vLLM's users' usual slip): its
+    rank dies importing it. Rank 0 waited for it through the whole distributed timeout (120 s
+    by default), then blamed the network ("every rank must ... reach that address")."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pagoda.engine import LLM\n"
+        f"LLM({str(llama)!r}, device='cpu', skip_tokenizer_init=True, tensor_parallel_size=2,\n"
+        "    kv_cache_blocks=64, distributed_timeout_s=100)\n"
+    )
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=200,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},  # this checkout
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "pagoda-tp-rank1 exited (code 1) before it joined the process group" in run.stderr
+    assert 'if __name__ == "__main__":' in run.stderr.splitlines()[-1]
     assert time.monotonic() - start < 60
 
 

@@ -111,9 +111,10 @@ class EngineConfig:
         """`auto`: the first GPU, else the CPU (with a warning where torch was built for CUDA:
         a driver older than its CUDA makes the GPU invisible). An explicit `cuda` or `cuda:N`
         that cannot run is an error, never a silent fall-back to the CPU."""
+        ranks = self.tensor_parallel_size // self.nnodes  # this node's, one GPU each
         if self.device == "auto":
             if torch.cuda.is_available():
-                return torch.device("cuda", 0)
+                return _check_gpu(torch.device("cuda", 0), ranks, self.tensor_parallel_size)
             if torch.version.cuda is not None:
                 logger.warning(
                     "torch %s is built for CUDA %s but sees no GPU (no device visible, or a "
@@ -124,9 +125,7 @@ class EngineConfig:
             return torch.device("cpu")
         device = torch.device(self.device)
         if device.type == "cuda":
-            _check_gpu(device)
-            if device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
+            return _check_gpu(device, ranks, self.tensor_parallel_size)
         return device
 
     def resolve_dtype(
@@ -198,7 +197,9 @@ def _describe_gpu(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} ({device}, compute capability {major}.{minor})"
 
 
-def _check_gpu(device: torch.device) -> None:
+def _check_gpu(device: torch.device, ranks: int, tensor_parallel_size: int) -> torch.device:
+    """`device` with its index (`cuda`: the current GPU), once it can run, and so can the GPUs
+    after it that this node's other ranks take."""
     if torch.version.cuda is None:
         raise ValueError(
             f"device {str(device)!r}: this torch ({torch.__version__}) is a CPU-only build; "
@@ -210,8 +211,16 @@ def _check_gpu(device: torch.device) -> None:
             "no GPU: none is visible (CUDA_VISIBLE_DEVICES, docker --gpus) or the NVIDIA driver "
             f"is older than CUDA {torch.version.cuda} needs"
         )
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise ValueError(
-            f"device {str(device)!r}: only {count} GPU(s) visible (cuda:0-{count - 1})"
-        )
+    last = device.index + ranks - 1
+    if last < count:
+        return device
+    visible = f"only {count} GPU(s) visible (cuda:0-{count - 1})"
+    if ranks == 1:
+        raise ValueError(f"device {str(device)!r}: {visible}")
+    raise ValueError(
+        f"tensor_parallel_size {tensor_parallel_size} puts {ranks} ranks on this node, one GPU "
+        f"each from {str(device)!r}, on cuda:{device.index}-{last}: {visible}"
+    )

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 
+import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,16 +29,16 @@ MAX_PREFIXES = 65536  # first blocks remembered (least recently used go first)
 
 
 def replica_config(config: EngineConfig, index: int) -> EngineConfig:
-    """Replica `index` on its own GPUs (cuda:index*tp onwards); on the CPU they share cores.
-    Under tensor parallelism with a --master-port, each replica's ranks meet on a port of their
-    own, master_port + index: on one port, the second replica's ranks failed to start (the
-    port in use) or joined the first replica's group."""
+    """Replica `index` on its own GPUs, index*tp after the engine's device (`auto` included);
+    on the CPU they share cores. Under tensor parallelism with a --master-port, each replica's
+    ranks meet on a port of their own, master_port + index: on one port, the second replica's
+    ranks failed to start (the port in use) or joined the first replica's group."""
     if config.master_port and index:
         config = replace(config, master_port=config.master_port + index)
-    if not config.device.startswith("cuda"):
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return config
-    first = index * config.tensor_parallel_size
-    return replace(config, device=f"cuda:{first}")
+    first = 0 if config.device == "auto" else torch.device(config.device).index or 0
+    return replace(config, device=f"cuda:{first + index * config.tensor_parallel_size}")
 
 
 class EngineReplicas:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import EngineConfig
@@ -132,6 +133,41 @@ def test_each_replica_meets_its_ranks_on_a_port_of_its_own():
     assert [replica_config(config, i).master_port for i in range(3)] == [29500, 29501, 29502]
     free = EngineConfig(model="m", device="cpu", tensor_parallel_size=2)  # each a free port
     assert replica_config(free, 1).master_port is None
+
+
+def _two_gpus(monkeypatch) -> None:
+    """No GPU here: torch.cuda answers as a machine with two GPUs would."""
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_replicas_take_a_gpu_each_from_the_engines_device(monkeypatch):
+    """`--data-parallel-size 2` with the default device (auto) put both replicas on GPU 0, and
+    `--device cuda:1` put replica 0 on GPU 0: replica i starts i * tp GPUs after the device."""
+    _two_gpus(monkeypatch)
+    auto = EngineConfig(model="m")
+    assert [replica_config(auto, i).device for i in range(2)] == ["cuda:0", "cuda:1"]
+    one = EngineConfig(model="m", device="cuda:1")
+    assert replica_config(one, 0).device == "cuda:1"
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) visible"):
+        replica_config(one, 1).resolve_device()  # cuda:2
+    cpu = EngineConfig(model="m", device="cpu")
+    assert replica_config(cpu, 1).device == "cpu"
+
+
+def test_more_tensor_parallel_ranks_than_gpus_are_refused_before_anything_starts(monkeypatch):
+    """A rank on a GPU that is not there failed only once spawned (`invalid device ordinal`),
+    after rank 0 waited for it."""
+    _two_gpus(monkeypatch)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 4 .* cuda:0-3: only 2 GPU"):
+        EngineConfig(model="m", tensor_parallel_size=4).resolve_device()
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 .* cuda:1-2: only 2 GPU"):
+        EngineConfig(model="m", device="cuda:1", tensor_parallel_size=2).resolve_device()
+    # two nodes of two ranks each: each node needs its two GPUs only
+    two_nodes = EngineConfig(model="m", tensor_parallel_size=4, nnodes=2, master_port=29500)
+    assert two_nodes.resolve_device() == torch.device("cuda", 0)
 
 
 def test_data_parallelism_over_several_nodes_is_refused():

@@ -21,6 +21,9 @@ from pagoda.kernels.attention import AttentionMetadata
 PROMPT_LOGPROBS_ELEMENTS = 1 << 26
 
 DecodeGraphLimits = tuple[int, int]  # (max_model_len, max_num_seqs) for the captured sizes
+# prompt logprobs to compute: (batch entry, first row of the step's hidden states, first prompt
+# position, rows)
+PromptChunk = tuple[int, int, int, int]
 
 
 class ModelRunner:
@@ -70,7 +73,7 @@ class ModelRunner:
         """Compute the batch's new tokens; return the sampled token of each entry that
         reached its last token, keyed by its index in the batch. Prompt logprobs, where
         asked for, are appended to their sequences."""
-        host, sample_rows = self._host_inputs(batch)
+        host, sample_rows, prompt_chunks = self._host_inputs(batch)
         if self.leader is not None:  # tensor parallelism: the other ranks run the same pass
             self.leader.send(host)
         input_ids, positions, meta, logit_positions = self._device_inputs(host)
@@ -80,7 +83,7 @@ class ModelRunner:
         tensors = SamplingTensors.build(seqs, vocab, self.token_counts, self.sampling_staging)
         hidden = self._forward(input_ids, positions, meta)
         if any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
-            self._record_prompt_logprobs(batch, hidden, meta.query_lens_host)
+            self._record_prompt_logprobs(batch, hidden, prompt_chunks)
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[logit_positions]).float()
@@ -91,6 +94,8 @@ class ModelRunner:
         """A tensor-parallel rank other than 0: rank 0's forward pass on this rank's shard."""
         input_ids, positions, meta, logit_positions = self._device_inputs(host)
         hidden = self._forward(input_ids, positions, meta)
+        for _, row, _, count in host[-1]:  # rank 0's prompt logprobs gather these logits
+            self.model.compute_logits(hidden[row : row + count])
         if len(logit_positions):
             self.model.compute_logits(hidden[logit_positions])
 
@@ -105,31 +110,40 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _record_prompt_logprobs(
-        self, batch: ScheduledBatch, hidden: torch.Tensor, query_lens: list[int]
+        self, batch: ScheduledBatch, hidden: torch.Tensor, chunks: list[PromptChunk]
     ) -> None:
-        start = 0
-        for seq, num_new in zip(batch.seqs, query_lens):
+        for seq in batch.seqs:
+            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens == 0:
+                seq.prompt_logprobs.append(None)  # the first prompt token has none
+        for entry, row, first, count in chunks:
+            seq = batch.seqs[entry]
+            # the logits at prompt position p score the prompt's token p + 1
+            targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count])
+            logits = self.model.compute_logits(hidden[row : row + count])
             k = seq.params.prompt_logprobs
-            first = seq.num_computed_tokens
-            # positions whose next token is still a prompt token
-            count = min(first + num_new, seq.num_prompt_tokens - 1) - first
-            if k is not None and first == 0:
-                seq.prompt_logprobs.append(None)
-            if k is not None and count > 0:
-                targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count])
-                targets = targets.to(self.device, non_blocking=True)
-                # [rows x vocab] logits at a time: a whole 8k chunk at a 128k vocabulary is
-                # 4 GB per fp32 copy, and log-softmax, ranks and top-k make several
-                rows = max(1, PROMPT_LOGPROBS_ELEMENTS // self.model.config.vocab_size)
-                for lo in range(0, count, rows):
-                    n = min(rows, count - lo)
-                    logits = self.model.compute_logits(hidden[start + lo : start + lo + n])
-                    seq.prompt_logprobs += token_logprobs(logits, targets[lo : lo + n], [k] * n)
-            start += num_new
+            seq.prompt_logprobs += token_logprobs(logits, targets.to(self.device), [k] * count)
 
-    def _host_inputs(self, batch: ScheduledBatch) -> tuple[list, list[int]]:
-        """The step's model inputs as plain lists (what rank 0 sends the other ranks), and
-        the batch entries that sample."""
+    def _prompt_chunks(self, batch: ScheduledBatch) -> list[PromptChunk]:
+        """The prompt rows of this step whose logprobs are asked for, in slices of [rows x
+        vocab] logits at a time: a whole 8k chunk at a 128k vocabulary is 4 GB per fp32 copy,
+        and log-softmax, ranks and top-k make several."""
+        rows = max(1, PROMPT_LOGPROBS_ELEMENTS // self.model.config.vocab_size)
+        chunks: list[PromptChunk] = []
+        row = 0
+        for entry, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.params.prompt_logprobs is not None:
+                first = seq.num_computed_tokens
+                # positions whose next token is still a prompt token
+                count = min(first + num_new, seq.num_prompt_tokens - 1) - first
+                for lo in range(0, count, rows):
+                    chunks.append((entry, row + lo, first + lo, min(rows, count - lo)))
+            row += num_new
+        return chunks
+
+    def _host_inputs(self, batch: ScheduledBatch) -> tuple[list, list[int], list[PromptChunk]]:
+        """The step's model inputs as plain lists (what rank 0 sends the other ranks), the
+        batch entries that sample, and the prompt logprobs' slices of the hidden states (sent
+        too: the other ranks take part in gathering their logits)."""
         size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -153,10 +167,11 @@ class ModelRunner:
         ]
         logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
         lists = [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
-        return [lists, list(batch.num_new_tokens), width], sample_rows
+        chunks = self._prompt_chunks(batch)
+        return [lists, list(batch.num_new_tokens), width, chunks], sample_rows, chunks
 
     def _device_inputs(self, host: list):
-        lists, query_lens, width = host
+        lists, query_lens, width, _ = host
         seq_lens = lists[5]
         (ids, pos, slot_mapping, logit_rows, starts, lens, tables), _ = self.staging.send(lists)
         meta = AttentionMetadata(

@@ -140,6 +140,31 @@ def llama(tmp_path_factory):
     return folder
 
 
+def test_prompt_logprobs_under_tp2_equal_those_of_one_rank(llama):
+    """prompt_logprobs (and the completions API's echo with logprobs, as lm-eval-harness asks
+    a prompt's likelihood) were refused with tensor parallelism. In 8-token steps, a prompt's
+    logprobs span several steps, beside a request that asks none."""
+    kwargs = dict(dtype="float32", device="cpu", skip_tokenizer_init=True, kv_cache_blocks=64)
+    asked = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = [asked, GREEDY, asked]
+    got = {}
+    for tp in (1, 2):
+        with LLM(str(llama), tensor_parallel_size=tp, max_num_batched_tokens=8, **kwargs) as llm:
+            got[tp] = llm.generate(prompts, params)
+    for one, two in zip(got[1], got[2]):
+        assert two.outputs[0].token_ids == one.outputs[0].token_ids
+        assert (one.prompt_logprobs is None) == (two.prompt_logprobs is None)
+        for a, b in zip(one.prompt_logprobs or [], two.prompt_logprobs or []):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.keys() == b.keys()
+                for token in a:
+                    assert b[token].rank == a[token].rank
+                    assert abs(b[token].logprob - a[token].logprob) < 1e-5
+    assert [len(o.prompt_logprobs or []) for o in got[2]] == [len(PROMPTS[0]), 0, 20]
+
+
 def test_two_nodes_on_one_machine_give_the_tokens_of_one_rank(llama):
     """Node 1 is `pagoda serve --node-rank 1` in its own process (no HTTP), node 0 the LLM."""
     port = free_port()

@@ -13,6 +13,7 @@ from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.models import model_class
 from pagoda.engine.sampling_defaults import sampling_defaults
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
@@ -31,6 +32,7 @@ class LLMEngine:
         self.device = config.resolve_device()  # first: a device that cannot run fails fast
         source = loader.resolve_source(config.model)
         self.hf_config = loader.load_config(source)
+        model_class(self.hf_config.architectures)  # one the engine runs, before anything starts
         if config.tensor_parallel_size > 1:  # a size that does not split fails before the spawn
             tensor_parallel.Layout.of(self.hf_config, 0, config.tensor_parallel_size)
         # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)

@@ -62,9 +62,9 @@ class _Parser:
         self.schemas = schemas or {}  # each function's parameters schema, by name
 
 
-class HermesParser(_Parser):
-    """Qwen, Hermes and most ChatML models: `<tool_call>{"name": ..., "arguments": {...}}
-    </tool_call>`, one block per call (also the fallback prompt's format)."""
+class _ToolCallBlocks(_Parser):
+    """Calls in `<tool_call>...</tool_call>` blocks after the content (the last may be cut
+    short); `_calls` reads one block's body, None where it is not calls."""
 
     marker = "<tool_call>"
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -75,12 +75,24 @@ class HermesParser(_Parser):
             return text, []
         calls = []
         for body in self._block.findall(text[start:]):
-            values = _json_values(body)
-            parsed = [_call(v) for v in values or []]
-            if not values or None in parsed:
+            parsed = self._calls(body)
+            if parsed is None:
                 return text, []
             calls += parsed
         return text[:start].rstrip(), calls
+
+    def _calls(self, body: str) -> list[ParsedCall] | None:
+        raise NotImplementedError
+
+
+class HermesParser(_ToolCallBlocks):
+    """Qwen, Hermes and most ChatML models: `<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`, one block per call (also the fallback prompt's format)."""
+
+    def _calls(self, body: str) -> list[ParsedCall] | None:
+        values = _json_values(body)
+        parsed = [_call(v) for v in values or []]
+        return parsed if values and None not in parsed else None
 
 
 class Llama3JsonParser(_Parser):
@@ -151,32 +163,24 @@ def _python_call(node: ast.expr) -> ParsedCall | None:
     return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False))
 
 
-class Qwen3CoderParser(_Parser):
+class Qwen3CoderParser(_ToolCallBlocks):
     """Qwen3-Coder: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
     </tool_call>`, each value as plain text: it is read as JSON where the function's schema
     gives the parameter another type than string."""
 
-    marker = "<tool_call>"
-    _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
     _function = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
     _parameter = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
-    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
-        start = text.find(self.marker)
-        if start < 0:
-            return text, []
-        calls = []
-        for body in self._block.findall(text[start:]):
-            match = self._function.fullmatch(body.strip())
-            if match is None:
-                return text, []
-            name, inside = match.group(1).strip(), match.group(2)
-            arguments = {
-                key.strip(): self._value(name, key.strip(), value)
-                for key, value in self._parameter.findall(inside)
-            }
-            calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False)))
-        return text[:start].rstrip(), calls
+    def _calls(self, body: str) -> list[ParsedCall] | None:
+        match = self._function.fullmatch(body.strip())
+        if match is None:
+            return None
+        name, inside = match.group(1).strip(), match.group(2)
+        arguments = {
+            key.strip(): self._value(name, key.strip(), value)
+            for key, value in self._parameter.findall(inside)
+        }
+        return [ParsedCall(name, json.dumps(arguments, ensure_ascii=False))]
 
     def _value(self, function: str, key: str, text: str) -> object:
         schema = self.schemas.get(function, {}).get("properties", {}).get(key, {})

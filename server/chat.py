@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
+from pagoda.engine.sampling_params import StructuredOutputsParams
 from pagoda.engine.sequence import TokenLogprobs
 from pagoda.server.errors import invalid
 from pagoda.server.generation import (
@@ -63,9 +64,32 @@ def chat_prompt(
 async def chat_completion(
     model: ServedModel, req: ChatCompletionRequest, metrics: Metrics, meter: Meter
 ):
-    model.check_queue()
     tools = plan_tools(req, model.tool_call_parser, model.supports_tools)
-    kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools)}
+    output_format = ("response_format", response_format_constraint(req.response_format))
+    generation = await start_generation(
+        model, req, tools, output_format, metrics, meter, f"chatcmpl-{uuid.uuid4().hex}"
+    )
+    if tools is not None and tools.mode == "none":
+        tools = None
+    if req.stream:
+        return event_stream(_stream(generation, req, tools), meter)
+    return JSONResponse(await _complete(generation, req, tools))
+
+
+async def start_generation(
+    model: ServedModel,
+    req: ChatCompletionRequest,
+    tools: ToolPlan | None,
+    output_format: tuple[str, StructuredOutputsParams | None],
+    metrics: Metrics,
+    meter: Meter,
+    request_id: str,
+) -> Generation:
+    """The engine request for a conversation (admitted against the key's limits and tracked
+    for its usage): /v1/chat/completions' and /v1/responses'. `output_format` is the grammar
+    the request's own format field asks for, under that field's name."""
+    model.check_queue()
+    kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools, output_format)}
     if model.reasoning is not None and model.reasoning.tags_are_special:
         kwargs["skip_special_tokens"] = False  # the tags must reach the reasoning parser
     prompt = await model.tokenizing.run(chat_prompt, model, req, tools=tools)
@@ -75,15 +99,9 @@ async def chat_completion(
         )
     params = model.sampling_params(len(prompt), kwargs, param="messages")
     meter.admit(model.id, len(prompt), params.max_tokens * params.n)
-    generation = Generation(
-        model, f"chatcmpl-{uuid.uuid4().hex}", prompt, params, req.stop_strings(), metrics
-    )
+    generation = Generation(model, request_id, prompt, params, req.stop_strings(), metrics)
     meter.track(generation)
-    if tools is not None and tools.mode == "none":
-        tools = None
-    if req.stream:
-        return event_stream(_stream(generation, req, tools), meter)
-    return JSONResponse(await _complete(generation, req, tools))
+    return generation
 
 
 def _reasoning_streams(generation: Generation) -> list[ReasoningStream] | None:
@@ -98,12 +116,17 @@ def _reasoning_fields(reasoning: str) -> dict:
     return {"reasoning": reasoning, "reasoning_content": reasoning}
 
 
-def _constraint_kwargs(model: ServedModel, req: ChatCompletionRequest, tools) -> dict:
-    """The grammar that a forced tool call, `response_format` or vLLM's fields ask for (one
+def _constraint_kwargs(
+    model: ServedModel,
+    req: ChatCompletionRequest,
+    tools: ToolPlan | None,
+    output_format: tuple[str, StructuredOutputsParams | None],
+) -> dict:
+    """The grammar that a forced tool call, the output format or vLLM's fields ask for (one
     at most: a 400 naming them for more)."""
     given = {
         "tool_choice": tools.constraint if tools is not None else None,
-        "response_format": response_format_constraint(req.response_format),
+        output_format[0]: output_format[1],
         ", ".join(extra_fields(req)): extra_constraint(req),
     }
     given = {name: constraint for name, constraint in given.items() if constraint is not None}
@@ -141,7 +164,7 @@ async def _complete(
         if splits is None:
             texts[i] += delta.text
         else:
-            reasoning, text = _split_delta(splits[i], delta)
+            reasoning, text = split_delta(splits[i], delta)
             thoughts[i], texts[i] = thoughts[i] + reasoning, texts[i] + text
         finish[i] = delta.finish_reason or finish[i]
         if req.logprobs:
@@ -203,7 +226,7 @@ async def _stream(
         async for delta in deltas:
             text, thought = delta.text, {}
             if splits is not None:
-                reasoning, text = _split_delta(splits[delta.index], delta)
+                reasoning, text = split_delta(splits[delta.index], delta)
                 if reasoning and req.include_reasoning:
                     thought = _reasoning_fields(reasoning)
             if calls is None:
@@ -234,7 +257,7 @@ async def _stream(
     yield "[DONE]"
 
 
-def _split_delta(stream: ReasoningStream, delta: ChoiceDelta) -> tuple[str, str]:
+def split_delta(stream: ReasoningStream, delta: ChoiceDelta) -> tuple[str, str]:
     reasoning, content = stream.feed(delta.text, len(delta.token_ids))
     if delta.finish_reason is None:
         return reasoning, content

@@ -71,7 +71,7 @@ def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
     try:
         request = model_cls.model_validate(data)
     except ValidationError as exc:
-        raise _api_error(exc) from None
+        raise validation_error(exc) from None
     check_request_fields(model_cls, data)
     log_request(request)
     return request
@@ -172,7 +172,8 @@ class _FieldError(ValueError):
         self.field = field
 
 
-def _api_error(exc: ValidationError) -> APIError:
+def validation_error(exc: ValidationError) -> APIError:
+    """A pydantic error as a 400 naming the field to blame."""
     error = exc.errors(include_url=False)[0]
     path = [str(part) for part in error["loc"]]
     cause = error.get("ctx", {}).get("error")

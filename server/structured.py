@@ -31,43 +31,59 @@ def checked_constraint(params: StructuredOutputsParams, param: str) -> Structure
 
 
 def response_format_constraint(response_format: Any) -> StructuredOutputsParams | None:
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
+    """Chat's `response_format`: the json_schema's fields sit under `json_schema`."""
+    kind = _format_type(response_format, "response_format")
     if kind != "json_schema":
-        raise invalid(
-            "response_format.type must be 'text', 'json_object' or 'json_schema'",
-            param="response_format.type",
-        )
+        return _plain_format_constraint(kind)
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
         raise invalid(
             "response_format.json_schema: required with type 'json_schema'",
             param="response_format.json_schema",
         )
+    return _json_schema_constraint(spec, "response_format.json_schema")
+
+
+def text_format_constraint(text: Any) -> StructuredOutputsParams | None:
+    """The Responses API's `text.format`: the same formats, the json_schema's fields beside
+    its `type`."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise invalid("text must be an object", param="text")
+    kind = _format_type(text.get("format"), "text.format")
+    if kind != "json_schema":
+        return _plain_format_constraint(kind)
+    return _json_schema_constraint(text["format"], "text.format")
+
+
+def _format_type(value: Any, param: str) -> str | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise invalid(
+            f"{param}.type must be 'text', 'json_object' or 'json_schema'", param=f"{param}.type"
+        )
+    return kind
+
+
+def _plain_format_constraint(kind: str | None) -> StructuredOutputsParams | None:
+    return StructuredOutputsParams(json_object=True) if kind == "json_object" else None
+
+
+def _json_schema_constraint(spec: dict, param: str) -> StructuredOutputsParams:
     name = spec.get("name")
     if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
         raise invalid(
-            "response_format.json_schema.name: required, 1-64 letters, digits, '_' or '-'",
-            param="response_format.json_schema.name",
+            f"{param}.name: required, 1-64 letters, digits, '_' or '-'", param=f"{param}.name"
         )
     schema = spec.get("schema", {"type": "object"})
     if not isinstance(schema, dict):
-        raise invalid(
-            "response_format.json_schema.schema: must be a JSON schema object",
-            param="response_format.json_schema.schema",
-        )
+        raise invalid(f"{param}.schema: must be a JSON schema object", param=f"{param}.schema")
     if spec.get("strict") not in (None, True, False):
-        raise invalid(
-            "response_format.json_schema.strict: must be a boolean",
-            param="response_format.json_schema.strict",
-        )
-    params = StructuredOutputsParams(json=schema)
-    return checked_constraint(params, param="response_format.json_schema.schema")
+        raise invalid(f"{param}.strict: must be a boolean", param=f"{param}.strict")
+    return checked_constraint(StructuredOutputsParams(json=schema), param=f"{param}.schema")
 
 
 def extra_fields(body: Any) -> dict[str, Any]:

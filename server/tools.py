@@ -169,14 +169,16 @@ def _moved_ref(ref: str, name: str, prefixes: dict[str, str]) -> str:
     return f"#/$defs/{name}{ref.removeprefix('#')}"  # into the parameters themselves
 
 
-def plan_tools(req, parser_name: str, supports_tools: bool) -> ToolPlan | None:
-    """The request's tool plan, or None without tools; a 400 for anything malformed."""
+def plan_tools(req, parser_name: str, supports_tools: bool, flat: bool = False) -> ToolPlan | None:
+    """The request's tool plan, or None without tools; a 400 for anything malformed. `flat`:
+    the Responses API's shape, a function's fields beside its `type` (chat's sit under
+    `function`), in `tools` and in a named `tool_choice`."""
     if req.tools is None:
         if req.tool_choice is not None:
             raise invalid("tool_choice is only allowed when tools are given", param="tool_choice")
         return None
-    functions = _functions(req.tools)
-    mode, named = _choice(req.tool_choice, functions)
+    functions = _functions(req.tools, flat)
+    mode, named = _choice(req.tool_choice, functions, flat)
     if mode != "none" and not supports_tools:
         raise invalid(f"The model '{req.model}' does not support tools.", param="tools")
     plan = ToolPlan(functions, mode, named, req.parallel_tool_calls is not False)
@@ -187,28 +189,30 @@ def plan_tools(req, parser_name: str, supports_tools: bool) -> ToolPlan | None:
     return plan
 
 
-def _functions(tools: Any) -> list[Function]:
+def _functions(tools: Any, flat: bool) -> list[Function]:
     if not isinstance(tools, list) or not tools:
         raise invalid("tools must be a non-empty list of function tools", param="tools")
     functions = []
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            message = f"{where}.type: only 'function' tools are supported"
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            # a hosted tool (web_search, file_search, code_interpreter, mcp, ...) would need
+            # a service of OpenAI's: refused by name, never dropped
+            given = f"{kind!r} tools do not run here: " if isinstance(kind, str) else ""
+            message = f"{where}.type: {given}only 'function' tools are supported"
             raise invalid(message, param=f"{where}.type")
-        spec = tool.get("function")
+        spec = tool if flat else tool.get("function")
         if not isinstance(spec, dict):
             raise invalid(f"{where}.function: must be an object", param=f"{where}.function")
+        where = where if flat else f"{where}.function"
         name = spec.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise invalid(
-                f"{where}.function.name: must be 1-64 letters, digits, '_' or '-'",
-                param=f"{where}.function.name",
+                f"{where}.name: must be 1-64 letters, digits, '_' or '-'", param=f"{where}.name"
             )
-        parameters = _object_schema(spec.get("parameters"), name, f"{where}.function.parameters")
-        checked_constraint(
-            StructuredOutputsParams(json=parameters), param=f"{where}.function.parameters"
-        )
+        parameters = _object_schema(spec.get("parameters"), name, f"{where}.parameters")
+        checked_constraint(StructuredOutputsParams(json=parameters), param=f"{where}.parameters")
         description = spec.get("description")
         functions.append(Function(name, parameters, description))
     names = [f.name for f in functions]
@@ -236,23 +240,23 @@ def _object_schema(parameters: Any, name: str, param: str) -> dict:
     return parameters
 
 
+_NAMED_CHOICE = '{"type": "function", "function": {"name": ...}}'
 # root keywords that could allow a non-object without a "type" beside them
 _ROOTS_OF_ANY_TYPE = ("$ref", "anyOf", "oneOf", "enum", "const")
 
 
-def _choice(choice: Any, functions: list[Function]) -> tuple[str, str | None]:
+def _choice(choice: Any, functions: list[Function], flat: bool) -> tuple[str, str | None]:
     if choice is None:
         return "auto", None
     if choice in ("none", "auto", "required"):
         return choice, None
     name = None
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        name = choice.get("name") if flat else (choice.get("function") or {}).get("name")
     if not isinstance(name, str):
+        named = '{"type": "function", "name": ...}' if flat else _NAMED_CHOICE
         raise invalid(
-            "tool_choice must be 'none', 'auto', 'required' or "
-            '{"type": "function", "function": {"name": ...}}',
-            param="tool_choice",
+            f"tool_choice must be 'none', 'auto', 'required' or {named}", param="tool_choice"
         )
     if name not in {f.name for f in functions}:
         message = f"tool_choice names '{name}', which is not among the tools"

@@ -41,6 +41,9 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
+from pagoda.server.response_store import ResponseStore
+from pagoda.server.responses import create_response
+from pagoda.server.responses_request import ResponsesRequest
 from pagoda.server.tokenizer_info import tokenizer_info
 from pagoda.server.tools import plan_tools
 from pagoda.server.worker_client import RequestRejected, WorkerDeadError
@@ -48,7 +51,7 @@ from pagoda.server.worker_client import RequestRejected, WorkerDeadError
 logger = logging.getLogger(__name__)
 # what each kind of catalog entry serves, for the error that sends a client to the right one
 ENDPOINTS = {
-    "chat": "/v1/chat/completions and /v1/completions",
+    "chat": "/v1/chat/completions, /v1/completions and /v1/responses",
     "embedding": "/v1/embeddings",
     "image": "/v1/images/generations",
 }
@@ -77,9 +80,11 @@ def build_app(
     on_shutdown=None,
     image_store: ImageStore | None = None,
     public_url: str | None = None,
+    response_store: ResponseStore | None = None,
 ) -> Starlette:
     gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
     slots = ModelSlots(max_concurrent_requests)
+    responses_kept = response_store if response_store is not None else ResponseStore()
 
     async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type")
@@ -141,6 +146,26 @@ def build_app(
         meter = request_meter(request)
         work = completion(served(request, req.model), req, metrics, meter)
         return await unless_disconnected(request, work)
+
+    async def responses(request: Request) -> Response:
+        req = parse_body(ResponsesRequest, await read_body(request))
+        meter = request_meter(request)
+        model = served(request, req.model)
+        work = create_response(model, req, metrics, meter, responses_kept)
+        return await unless_disconnected(request, work)
+
+    def stored_response(request: Request):
+        meter = request_meter(request)
+        owner = meter.key.name if meter.key is not None else None
+        return request.path_params["response_id"], owner
+
+    async def get_response(request: Request) -> Response:
+        return JSONResponse(responses_kept.get(*stored_response(request)).body)
+
+    async def delete_response(request: Request) -> Response:
+        response_id, owner = stored_response(request)
+        responses_kept.delete(response_id, owner)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     def first_model(request: Request, kind: str = "chat") -> str:
         """The model a request without `model` gets (vLLM serves one; here the first that the
@@ -249,6 +274,9 @@ def build_app(
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
             Route("/v1/images/generations", images, methods=["POST"]),
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             *(Route(path, unserved_image_endpoint, methods=["POST"]) for path in UNSERVED_PATHS),

@@ -117,6 +117,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=defaults.MAX_FAILED_STARTS,
         help="restarts in a row that fail before a dead model's worker is given up",
     )
+    serve.add_argument(
+        "--max-stored-responses",
+        type=at_least(0),
+        default=defaults.MAX_STORED_RESPONSES,
+        help="/v1/responses kept in memory for previous_response_id and GET (the oldest go "
+        "first; lost on restart; 0 keeps none)",
+    )
     serve.add_argument("--image-dir", help="image files behind URLs (~/.cache/pagoda/images)")
     serve.add_argument(
         "--image-url-ttl", type=seconds, default=DEFAULT_TTL_S, help="seconds an image URL lives"

@@ -45,6 +45,7 @@ from pagoda.server.replicas import ReplicaStatsCollector
 from pagoda.server.request_fields import set_strict_request_fields
 from pagoda.server.request_ids import RequestIds
 from pagoda.server.request_log import set_log_requests
+from pagoda.server.response_store import ResponseStore
 from pagoda.server.worker_client import set_max_failed_starts, start_side_by_side
 from pagoda.server.worker_metrics import WorkerCollector
 
@@ -294,6 +295,7 @@ async def serve(args: argparse.Namespace) -> None:
         on_shutdown=stop_engines,
         image_store=store,
         public_url=args.public_url,
+        response_store=ResponseStore(args.max_stored_responses),
     )
     gate = DrainGate(app)
     # outermost, so that auth rejections, errors and the drain's 503s are counted too

@@ -1,0 +1,195 @@
+"""POST /v1/responses (OpenAI's Responses API), JSON and SSE, and GET/DELETE of the stored ones.
+
+A response is the chat completion of its conversation (server/chat.py's prompt, tools, grammar
+and engine request): previous_response_id's conversation, then the input, with the
+instructions as the system message. Its output items come from the same parsers as chat's
+message: the reasoning parser's thinking, the text, the tool parser's calls."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from starlette.responses import JSONResponse
+
+from pagoda.server.chat import split_delta, start_generation
+from pagoda.server.errors import invalid
+from pagoda.server.generation import Generation, ServedModel, event_stream
+from pagoda.server.keys.meter import Meter
+from pagoda.server.metrics import Metrics
+from pagoda.server.response_items import OutputItems
+from pagoda.server.response_store import ResponseStore, StoredResponse
+from pagoda.server.responses_request import ResponsesRequest, input_messages
+from pagoda.server.structured import text_format_constraint
+from pagoda.server.tools import ToolCallStream, ToolPlan, plan_tools
+
+
+async def create_response(
+    model: ServedModel,
+    req: ResponsesRequest,
+    metrics: Metrics,
+    meter: Meter,
+    store: ResponseStore,
+):
+    if (refused := req.refused_field()) is not None:
+        raise invalid(refused[1], param=refused[0])
+    owner = meter.key.name if meter.key is not None else None
+    history = []
+    if req.previous_response_id is not None:
+        history = store.get(req.previous_response_id, owner, "previous_response_id").messages
+    messages = [*history, *input_messages(req.input)]
+    tools = plan_tools(req, model.tool_call_parser, model.supports_tools, flat=True)
+    output_format = ("text.format", text_format_constraint(req.text))
+    generation = await start_generation(
+        model,
+        req.chat_request(messages),
+        tools,
+        output_format,
+        metrics,
+        meter,
+        f"resp_{uuid.uuid4().hex}",
+    )
+    response = _Response(generation, req, tools if tools and tools.mode != "none" else None)
+    saved = StoredResponse(response.body, messages, owner) if req.store and store.enabled else None
+    response.body["store"] = saved is not None
+
+    def keep() -> None:
+        if saved is not None:  # the output's items join the conversation a follow-up continues
+            saved.messages = [*messages, *input_messages(response.body["output"], "output")]
+            store.put(saved)
+
+    if req.stream:
+        return event_stream(_stream(response, meter, keep), meter)
+    async with aclosing(response.run()) as events:
+        async for _ in events:
+            pass
+    keep()
+    return JSONResponse(response.body)
+
+
+class _Response:
+    """The response object of one generation, made as its output comes."""
+
+    def __init__(self, generation: Generation, req: ResponsesRequest, tools: ToolPlan | None):
+        self.generation = generation
+        self.tools = tools
+        self.items = OutputItems()
+        self.reasoning_tokens = 0
+        params = generation.params
+        self.body = {
+            "id": generation.request_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "background": False,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "metadata": req.metadata or {},
+            "model": req.model,
+            "output": [],
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": None, "summary": None},
+            "temperature": params.temperature,
+            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": req.tool_choice or "auto",
+            "tools": req.tools or [],
+            "top_p": params.top_p,
+            "truncation": "disabled",
+            "usage": None,
+            "user": req.user,
+        }
+
+    async def run(self) -> AsyncIterator[dict]:
+        """The output's events, while the body's output and usage fill in."""
+        generation, items = self.generation, self.items
+        model = generation.model
+        thinking = model.reasoning.stream(generation.prompt_token_ids) if model.reasoning else None
+        calls = ToolCallStream(self.tools) if self.tools is not None else None
+        finish = None
+        async with aclosing(aiter(generation)) as deltas:
+            async for delta in deltas:
+                text, finish = delta.text, delta.finish_reason
+                if thinking is not None:
+                    was_thinking = thinking.thinking
+                    reasoning, text = split_delta(thinking, delta)
+                    if was_thinking or thinking.thinking:  # the closing tag's tokens count
+                        self.reasoning_tokens += len(delta.token_ids)
+                    items.reasoning(reasoning)
+                if calls is None:
+                    items.text(text)
+                else:
+                    self._tool_output(calls, text, finish is not None)
+                for event in items.take_events():
+                    yield event
+        self._finish(finish)
+        for event in items.take_events():
+            yield event
+
+    def _tool_output(self, calls: ToolCallStream, text: str, last: bool) -> None:
+        content, deltas = calls.feed(text)
+        if last:
+            rest, more = calls.finish()
+            content, deltas = content + rest, deltas + more
+        self.items.text(content)
+        for delta in deltas:
+            function = delta["function"]
+            if "id" in delta:
+                self.items.call(delta["id"], function["name"], function["arguments"])
+            else:
+                self.items.arguments(function["arguments"])
+
+    def _finish(self, finish: str | None) -> None:
+        body, generation = self.body, self.generation
+        if finish == "length":
+            body["status"] = "incomplete"
+            body["incomplete_details"] = {"reason": "max_output_tokens"}
+        elif finish in ("stop", "tool_calls"):
+            body["status"] = "completed"
+            body["completed_at"] = int(time.time())
+        else:  # the engine dropped it (a drain that ran out of time)
+            body["status"] = "failed"
+            body["error"] = {
+                "code": "server_error",
+                "message": "The server stopped generating before the response was complete.",
+            }
+        body["output"] = self.items.finish("completed" if finish != "length" else "incomplete")
+        body["usage"] = {
+            "input_tokens": generation.prompt_tokens,
+            "input_tokens_details": {
+                "cached_tokens": generation.cached_tokens,
+                "cache_write_tokens": 0,  # no cache writes are billed
+            },
+            "output_tokens": generation.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        }
+
+
+async def _stream(response: _Response, meter: Meter, keep) -> AsyncIterator[str | dict]:
+    """OpenAI's events, each named in its SSE `event:` and numbered; no `[DONE]` follows the
+    last (response.completed, or response.incomplete / response.failed), as OpenAI's."""
+    sequence = 0
+
+    def event(payload: dict) -> dict:
+        nonlocal sequence
+        payload["sequence_number"] = sequence
+        sequence += 1
+        return {"event": payload["type"], "data": json.dumps(payload, ensure_ascii=False)}
+
+    body = response.body
+    yield event({"type": "response.created", "response": dict(body)})
+    yield event({"type": "response.in_progress", "response": dict(body)})
+    async with aclosing(response.run()) as events:
+        async for payload in events:
+            yield event(payload)
+    keep()
+    kind = {"completed": "completed", "incomplete": "incomplete"}.get(body["status"], "failed")
+    last = event({"type": f"response.{kind}", "response": body})
+    meter.release_slot()  # a client may send its next request on reading the last event
+    yield last

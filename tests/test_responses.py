@@ -1,0 +1,489 @@
+"""POST /v1/responses (OpenAI's Responses API) through a real `pagoda serve`, driven by the
+openai SDK: a response is the chat completion of its conversation, so chat completions with
+the same messages and seed are the reference (same prompt tokens, same text, same calls).
+
+Model "m" is a tiny random llama; "think" is the same weights under the qwen3 reasoning parser,
+its tokenizer given <think> and </think> (a user text ending in <think> makes the prompt's last
+tag open the thinking, which the random model never closes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+from transformers import AutoTokenizer
+
+from pagoda.server.responses_request import input_messages
+from tests.serving import Server
+from tests.test_keys import ledger, new_key, wait_for
+
+STATIC = "sk-responses-static"
+PRICING = {"input_per_1m": 1000.0, "output_per_1m": 2000.0}
+SEED = 11
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+}
+TOOLS = [  # the Responses API's flat shape
+    {"type": "function", "name": "get_time", "parameters": TIME},
+    {"type": "function", "name": "get_weather", "description": "Weather", "parameters": WEATHER},
+]
+CHAT_TOOLS = [
+    {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS
+]
+ORDER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 999},
+        "status": {"enum": ["open", "paid"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+    },
+    "required": ["id", "status", "tags"],
+}
+
+
+@pytest.fixture(scope="module")
+def thinking_model(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("thinking") / "llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'keys.db'}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, thinking_model, tmp_path_factory, db):
+    catalog = tmp_path_factory.mktemp("catalog") / "models.yaml"
+    common = {"kind": "chat", "max_model_len": 1024, "engine": {"dtype": "float32"}}
+    entries = [
+        {
+            "id": "m",
+            "source": str(tiny_models["llama"]),
+            "capabilities": {"tools": True, "json": True},
+            "pricing": PRICING,
+            **common,
+        },
+        {
+            "id": "think",
+            "source": str(thinking_model),
+            "capabilities": {"tools": True, "json": True, "reasoning_parser": "qwen3"},
+            **common,
+        },
+    ]
+    catalog.write_text(json.dumps({"models": entries}))  # JSON is YAML
+    args = ["--catalog", str(catalog), "--database", db, "--api-key", STATIC]
+    srv = Server([*args, "--strict-request-fields"]).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=STATIC, max_retries=0)
+
+
+def respond(client, **kwargs):
+    body = {"model": "m", "max_output_tokens": 24, "extra_body": {"seed": SEED}, **kwargs}
+    return client.responses.create(**body)
+
+
+def chat(client, messages, **kwargs):
+    body = {"model": "m", "messages": messages, "max_tokens": 24, "seed": SEED, **kwargs}
+    return client.chat.completions.create(**body)
+
+
+def post(server, body: dict, key: str = STATIC) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{server.url}/v1/responses", json=body, headers=headers, timeout=60)
+
+
+def test_a_response_is_the_chat_completion_of_its_conversation(server, client):
+    """Before: 404 (no route)."""
+    items = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hi.", "annotations": []}],
+        },
+        {"role": "user", "content": "Tell me about the river"},
+    ]
+    response = respond(
+        client, instructions="You are terse.", input=items, metadata={"run": "7"}, user="u1"
+    )
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Tell me about the river"},
+    ]
+    reference = chat(client, messages)
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.created_at > 0 and response.model == "m"
+    assert response.output_text == reference.choices[0].message.content != ""
+    assert response.usage.input_tokens == reference.usage.prompt_tokens
+    assert response.usage.output_tokens == reference.usage.completion_tokens == 24
+    assert response.usage.total_tokens == response.usage.input_tokens + 24
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+    assert response.usage.input_tokens_details.cached_tokens >= 0
+    (message,) = response.output
+    assert message.type == "message" and message.role == "assistant"
+    assert message.id.startswith("msg_") and message.content[0].type == "output_text"
+    # cut by max_output_tokens, as chat's finish_reason "length"
+    assert reference.choices[0].finish_reason == "length"
+    assert response.status == "incomplete" and message.status == "incomplete"
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.instructions == "You are terse." and response.metadata == {"run": "7"}
+    assert response.user == "u1" and response.max_output_tokens == 24
+    assert response.tools == [] and response.tool_choice == "auto"
+    assert response.parallel_tool_calls is True and response.text.format.type == "text"
+
+
+def test_json_schema_format_is_enforced_as_chats_response_format(client):
+    text = {"format": {"type": "json_schema", "name": "order", "schema": ORDER, "strict": True}}
+    response = respond(client, input="An order", text=text, max_output_tokens=200)
+    jsonschema.validate(json.loads(response.output_text), ORDER)
+    assert response.status == "completed" and response.incomplete_details is None
+    assert response.output[0].status == "completed"
+    assert response.completed_at >= response.created_at
+    assert response.text.format.type == "json_schema" and response.text.format.name == "order"
+    reference = chat(
+        client,
+        [{"role": "user", "content": "An order"}],
+        max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER}},
+    )
+    assert response.output_text == reference.choices[0].message.content
+
+    obj = respond(client, input="An object", text={"format": {"type": "json_object"}})
+    assert obj.status == "incomplete" or isinstance(json.loads(obj.output_text), dict)
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=8)
+    legs: int = Field(ge=0, le=8)
+
+
+def test_sdk_parse_and_stream_with_a_pydantic_format(client):
+    parsed = client.responses.parse(
+        model="m", input="A pet", text_format=Pet, max_output_tokens=100
+    )
+    assert isinstance(parsed.output_parsed, Pet)
+    with client.responses.stream(
+        model="m", input="A pet", text_format=Pet, max_output_tokens=100
+    ) as stream:
+        final = stream.get_final_response()
+    assert isinstance(final.output_parsed, Pet)
+
+
+def _calls(response) -> list[tuple[str, str]]:
+    return [(item.name, item.arguments) for item in response.output if item.type == "function_call"]
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "chat_choice"),
+    [
+        ("required", "required"),
+        (
+            {"type": "function", "name": "get_weather"},
+            {"type": "function", "function": {"name": "get_weather"}},
+        ),
+    ],
+)
+def test_function_calls_and_their_round_trip(client, tool_choice, chat_choice):
+    question = [{"role": "user", "content": "Weather and time?"}]
+    response = respond(client, input=question, tools=TOOLS, tool_choice=tool_choice, **_long())
+    reference = chat(client, question, tools=CHAT_TOOLS, tool_choice=chat_choice, max_tokens=200)
+    expected = [
+        (c.function.name, c.function.arguments) for c in reference.choices[0].message.tool_calls
+    ]
+    assert _calls(response) == expected and expected
+    assert response.status == "completed" and response.output_text == ""
+    for item in response.output:
+        assert item.call_id.startswith("call_") and item.id.startswith("fc_")
+        assert item.status == "completed"
+    assert response.tool_choice == tool_choice or response.tool_choice.name == "get_weather"
+    assert [t.name for t in response.tools] == ["get_time", "get_weather"]
+
+    # the calls and their results sent back, as an agent loop does
+    results = [
+        {"type": "function_call_output", "call_id": item.call_id, "output": f"result {i}"}
+        for i, item in enumerate(response.output)
+    ]
+    follow_up = respond(client, input=[*question, *response.output, *results], tools=TOOLS)
+    calls = [
+        {"id": item.call_id, "type": "function", "function": {"name": n, "arguments": a}}
+        for item, (n, a) in zip(response.output, expected)
+    ]
+    history = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *({"role": "tool", "tool_call_id": r["call_id"], "content": r["output"]} for r in results),
+    ]
+    again = chat(client, history, tools=CHAT_TOOLS)
+    assert follow_up.usage.input_tokens == again.usage.prompt_tokens
+    assert follow_up.output_text == again.choices[0].message.content
+
+    # the same through previous_response_id
+    chained = respond(client, previous_response_id=response.id, input=results, tools=TOOLS)
+    assert chained.usage.input_tokens == again.usage.prompt_tokens
+    assert chained.output_text == again.choices[0].message.content
+
+
+def _long() -> dict:
+    return {"max_output_tokens": 200}
+
+
+def test_stream_events_rebuild_the_response(server, client):
+    body = dict(model="m", input="Tell me about the river", max_output_tokens=30)
+    whole = respond(client, **{k: v for k, v in body.items() if k != "model"})
+    with client.responses.stream(**body, extra_body={"seed": SEED}) as stream:
+        events = list(stream)  # get_final_response() wants response.completed, as OpenAI's
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",  # cut by max_output_tokens, as OpenAI's
+    ]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+
+    # a complete one ends with response.completed, which get_final_response reads
+    text = {"format": {"type": "json_schema", "name": "order", "schema": ORDER}}
+    whole = respond(client, input="An order", text=text, max_output_tokens=200)
+    with client.responses.stream(
+        model="m", input="An order", text=text, max_output_tokens=200, extra_body={"seed": SEED}
+    ) as stream:
+        final = stream.get_final_response()
+    assert final.status == whole.status == "completed"
+    assert final.output_text == whole.output_text
+
+    # on the wire: each event named in `event:`, and no [DONE] after the last
+    request = {**body, "stream": True, "seed": SEED}
+    headers = {"Authorization": f"Bearer {STATIC}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/responses", json=request, headers=headers, timeout=60
+    ) as r:
+        lines = [line for line in r.iter_lines() if line and not line.startswith(":")]
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert names == [d["type"] for d in data] and len(data) == len(lines) / 2
+
+
+def test_streamed_function_calls(client):
+    tool_choice = {"type": "function", "name": "get_weather"}
+    whole = respond(client, input="Weather?", tools=TOOLS, tool_choice=tool_choice, **_long())
+    with client.responses.stream(
+        model="m",
+        input="Weather?",
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        max_output_tokens=200,
+        extra_body={"seed": SEED},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    arguments = "".join(
+        e.delta for e in events if e.type == "response.function_call_arguments.delta"
+    )
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert arguments == done.arguments == whole.output[0].arguments
+    assert _calls(final) == _calls(whole)
+    assert events[-1].type == "response.completed"
+
+    required = dict(input="Weather and time?", tools=TOOLS, tool_choice="required", **_long())
+    whole = respond(client, **required)
+    with client.responses.stream(model="m", **required, extra_body={"seed": SEED}) as stream:
+        final = stream.get_final_response()
+    assert _calls(final) == _calls(whole) and len(_calls(whole)) >= 1
+
+
+def test_previous_response_id_store_and_get(server, client):
+    first = respond(client, instructions="Be terse.", input="Tell me about the river")
+    second = respond(client, previous_response_id=first.id, input="And the fox?")
+    assert second.previous_response_id == first.id
+    # the instructions are not carried over; the earlier output is
+    history = [
+        {"role": "user", "content": "Tell me about the river"},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And the fox?"},
+    ]
+    reference = chat(client, history)
+    assert second.usage.input_tokens == reference.usage.prompt_tokens
+    assert second.output_text == reference.choices[0].message.content
+
+    got = client.responses.retrieve(second.id)
+    assert got.model_dump() == second.model_dump()
+    streamed = client.responses.create(
+        model="m", input="Hi", max_output_tokens=5, stream=True, extra_body={"seed": SEED}
+    )
+    last = list(streamed)[-1].response
+    assert client.responses.retrieve(last.id).output_text == last.output_text
+
+    unstored = respond(client, input="Hi", store=False)
+    for refused in (
+        lambda: client.responses.retrieve(unstored.id),
+        lambda: respond(client, input="Hi", previous_response_id=unstored.id),
+        lambda: client.responses.retrieve("resp_unknown"),
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            refused()
+        assert caught.value.body["type"] == "not_found_error"
+    assert unstored.model_dump()["store"] is False
+    r = post(server, {"model": "m", "input": "Hi", "previous_response_id": "resp_x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_reasoning_items(client):
+    """The thinking becomes a reasoning item (a prompt ending in <think> opens it; the random
+    model never closes it), counted in reasoning_tokens; sent back, it reaches the template as
+    chat's reasoning does."""
+    question = [{"role": "user", "content": "think first <think>"}]
+    response = respond(client, model="think", input=question)
+    reference = chat(client, question, model="think")
+    (item,) = response.output
+    assert item.type == "reasoning" and item.id.startswith("rs_")
+    assert item.content[0].text == reference.choices[0].message.model_dump()["reasoning"]
+    assert response.output_text == "" and response.status == "incomplete"
+    assert response.usage.output_tokens_details.reasoning_tokens == 24
+
+    with client.responses.stream(
+        model="think", input=question, max_output_tokens=24, extra_body={"seed": SEED}
+    ) as stream:
+        events = list(stream)
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == item.content[0].text
+    assert events[-1].response.output[0].content[0].text == thought
+
+    answer = {"role": "assistant", "content": "ok"}
+    sent_back = input_messages([*question, item.model_dump(), answer])
+    assert sent_back[1] == {**answer, "reasoning": item.content[0].text}
+
+
+BAD = [
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "'web_search'"),
+    (
+        {"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]},
+        "tools.0.type",
+        "file_search",
+    ),
+    ({"tools": [{"type": "function", "name": "a b"}]}, "tools.0.name", ""),
+    (
+        {"tools": [{"type": "function", "name": "f", "parameters": {"type": "integer"}}]},
+        "tools.0.parameters",
+        "object",
+    ),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", ""),
+    ({"tools": TOOLS, "tool_choice": {"type": "web_search_preview"}}, "tool_choice", ""),
+    ({"tool_choice": "required"}, "tool_choice", "tools"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type", ""),
+    ({"text": {"format": {"type": "json_schema", "schema": ORDER}}}, "text.format.name", ""),
+    (
+        {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"allOf": [{}]}}}},
+        "text.format.schema",
+        "allOf",
+    ),
+    (
+        {
+            "tools": TOOLS,
+            "tool_choice": "required",
+            "text": {"format": {"type": "json_object"}},
+        },
+        "tool_choice, text.format",
+        "one structured output constraint",
+    ),
+    ({"input": []}, "input", ""),
+    ({"input": [{"type": "computer_call", "id": "c"}]}, "input.0.type", "computer_call"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type", "item_reference"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        "input.0.content.0.type",
+        "input_image",
+    ),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", ""),
+    ({"input": [{"type": "function_call", "name": "f"}]}, "input.0.call_id", ""),
+    ({"background": True}, "background", "background"),
+    ({"conversation": "conv_1"}, "conversation", "Conversations"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", ""),
+    ({"include": ["message.output_text.logprobs"]}, "include", "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs", ""),
+    ({"truncation": "auto"}, "truncation", "auto"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "16"),
+    ({"max_output_tokens": 0}, "max_output_tokens", ""),
+    ({"temperature": 3}, "temperature", ""),
+    ({"n": 2}, "n", "Unrecognized"),  # --strict-request-fields
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), BAD)
+def test_bad_input_is_an_openai_400_naming_the_param(server, extra, param, words):
+    for stream in (False, True):
+        r = post(server, {"model": "m", "input": "Hi", "stream": stream, **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+        assert words in error["message"]
+
+
+def test_unknown_model_and_context_length(server):
+    r = post(server, {"model": "nope", "input": "Hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = post(server, {"model": "m", "input": "word " * 2000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_keys_meter_bill_and_scope_responses(server, db):
+    name, key = new_key(db, max_concurrent=1)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    made = respond(client, input="Tell me about the river", max_output_tokens=3)
+    # the key's slot is free once the last event is read: the next request is not refused
+    for _ in range(4):
+        with client.responses.stream(model="m", input="Hi", max_output_tokens=2) as stream:
+            assert list(stream)[-1].response.usage.output_tokens == 2
+        assert respond(client, input="Hi", max_output_tokens=1).usage.output_tokens == 1
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) == 9 and rows)
+    assert {row["endpoint"] for row in rows} == {"/v1/responses"}
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (
+        made.usage.input_tokens,
+        made.usage.output_tokens,
+    )
+    assert rows[0]["cost_usd"] == pytest.approx(
+        made.usage.input_tokens * 0.001 + made.usage.output_tokens * 0.002
+    )
+    # another key sees none of this key's responses
+    _, other = new_key(db)
+    stranger = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        respond(stranger, input="Hi", previous_response_id=made.id)
+    assert client.responses.retrieve(made.id).id == made.id

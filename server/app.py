@@ -154,18 +154,15 @@ def build_app(
         work = create_response(model, req, metrics, meter, responses_kept)
         return await unless_disconnected(request, work)
 
-    def stored_response(request: Request):
+    async def stored_response(request: Request) -> Response:
+        """GET a stored response, or DELETE it (one route: a 405 lists both methods)."""
         meter = request_meter(request)
         owner = meter.key.name if meter.key is not None else None
-        return request.path_params["response_id"], owner
-
-    async def get_response(request: Request) -> Response:
-        return JSONResponse(responses_kept.get(*stored_response(request)).body)
-
-    async def delete_response(request: Request) -> Response:
-        response_id, owner = stored_response(request)
-        responses_kept.delete(response_id, owner)
-        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            responses_kept.delete(response_id, owner)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(responses_kept.get(response_id, owner).body)
 
     def first_model(request: Request, kind: str = "chat") -> str:
         """The model a request without `model` gets (vLLM serves one; here the first that the
@@ -275,8 +272,7 @@ def build_app(
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
-            Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
-            Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+            Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
             Route("/v1/images/generations", images, methods=["POST"]),
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             *(Route(path, unserved_image_endpoint, methods=["POST"]) for path in UNSERVED_PATHS),

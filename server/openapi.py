@@ -25,6 +25,7 @@ from pagoda.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pagoda.server.responses_request import ResponsesRequest
 
 REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {
@@ -46,6 +47,7 @@ class Operation:
     response: type[BaseModel] | None  # None: not JSON (see `media`)
     request: type[BaseModel] | None = None
     stream: type[BaseModel] | None = None  # the events of a `stream: true` answer
+    stream_end: str = ", then `data: [DONE]`"
     status: int = 200
     media: dict[str, Any] | None = None
     query: tuple[str, ...] = ()
@@ -72,6 +74,29 @@ OPERATIONS = (
         out.Completion,
         CompletionRequest,
         stream=out.Completion,
+    ),
+    Operation(
+        "post",
+        "/v1/responses",
+        "Create a response (OpenAI's Responses API)",
+        out.ResponseObject,
+        ResponsesRequest,
+        stream=out.ResponseStreamEvent,
+        stream_end=" named in `event:`; no `[DONE]` follows the last",
+    ),
+    Operation(
+        "get",
+        "/v1/responses/{response_id}",
+        "Retrieve a stored response",
+        out.ResponseObject,
+        errors=(401, 404),
+    ),
+    Operation(
+        "delete",
+        "/v1/responses/{response_id}",
+        "Delete a stored response",
+        out.ResponseDeleted,
+        errors=(401, 404),
     ),
     Operation("post", "/v1/embeddings", "Create embeddings", out.EmbeddingList, EmbeddingRequest),
     Operation(
@@ -194,7 +219,7 @@ def _operation(op: Operation, refs: dict, error_ref: dict) -> dict[str, Any]:
     else:
         content = dict(op.media or {})
     if op.stream is not None:
-        events = f"`data: <JSON>` events, each a {op.stream.__name__}, then `data: [DONE]`"
+        events = f"`data: <JSON>` events, each a {op.stream.__name__}{op.stream_end}"
         content["text/event-stream"] = {
             "schema": {"type": "string", "description": f"with `stream: true`: {events}"}
         }

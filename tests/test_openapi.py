@@ -49,6 +49,7 @@ models:
 MODEL_FOR = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": CHAT,
+    "/v1/responses": CHAT,
     "/tokenize": CHAT,
     "/detokenize": CHAT,
     "/v1/embeddings": EMBEDDING,
@@ -77,6 +78,8 @@ def test_served_document_is_valid_openapi_3_1(server):
     for route in [
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
+        ("/v1/responses", "post"),
+        ("/v1/responses/{response_id}", "get"),
         ("/v1/embeddings", "post"),
         ("/v1/images/generations", "post"),
         ("/v1/models", "get"),
@@ -144,3 +147,28 @@ def test_stream_events_conform_to_their_documented_schema(server, path, body, ev
     assert events[-1] == "[DONE]" and len(events) > 3
     for event in events[:-1]:
         validator.validate(json.loads(event))
+
+
+def test_response_stream_events_conform_to_their_documented_schema(server):
+    """/v1/responses' events, named in `event:`, with no `[DONE]` after the last; the stored
+    response that GET returns conforms too."""
+    document = openapi_document()
+
+    def validator(name: str) -> jsonschema.Draft202012Validator:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+        return jsonschema.Draft202012Validator(schema)
+
+    request = {"model": CHAT, "input": "hi", "max_output_tokens": 8, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/responses", json=request, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in lines]
+    assert len(events) > 5
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    for event in events:
+        validator("ResponseStreamEvent").validate(event)
+    stored = httpx.get(f"{server.url}/v1/responses/{events[-1]['response']['id']}", headers=headers)
+    validator("ResponseObject").validate(stored.json())

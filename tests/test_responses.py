@@ -15,6 +15,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 from transformers import AutoTokenizer
 
@@ -487,3 +489,39 @@ def test_keys_meter_bill_and_scope_responses(server, db):
     with pytest.raises(openai.NotFoundError):
         respond(stranger, input="Hi", previous_response_id=made.id)
     assert client.responses.retrieve(made.id).id == made.id
+
+
+class GetWeather(BaseModel):
+    """Weather in a city."""
+
+    city: str = Field(max_length=8)
+
+
+def test_langchain_use_responses_api(server):
+    """LangChain's ChatOpenAI(use_responses_api=True): tools, a tool round trip, structured
+    output, streaming."""
+
+    def llm(max_tokens: int) -> ChatOpenAI:
+        return ChatOpenAI(
+            model="m",
+            base_url=f"{server.url}/v1",
+            api_key=STATIC,
+            use_responses_api=True,
+            max_tokens=max_tokens,
+            max_retries=0,
+        )
+
+    bound = llm(100).bind_tools([GetWeather], tool_choice="GetWeather", parallel_tool_calls=False)
+    messages = [HumanMessage("Weather in Paris?")]
+    asked = bound.invoke(messages)
+    [call] = asked.tool_calls
+    assert call["name"] == "GetWeather"
+    GetWeather(**call["args"])
+    messages += [asked, ToolMessage("Sunny", tool_call_id=call["id"])]
+    answer = llm(6).invoke(messages)
+    assert answer.text and answer.usage_metadata["output_tokens"] == 6
+    chunks = list(llm(6).stream("Tell me about the river"))
+    streamed = sum(chunks[1:], chunks[0])
+    assert streamed.text and streamed.usage_metadata["output_tokens"] == 6
+    pet = llm(100).with_structured_output(Pet, method="json_schema").invoke("A pet")
+    assert isinstance(pet, Pet)

@@ -39,8 +39,12 @@ from pagoda.server.tools import (
 
 
 def chat_prompt(
-    model: ServedModel, req: ChatCompletionRequest | TokenizeRequest, tools: ToolPlan | None = None
+    model: ServedModel,
+    req: ChatCompletionRequest | TokenizeRequest,
+    tools: ToolPlan | None = None,
+    param: str = "messages",
 ) -> list[int]:
+    """The conversation's prompt tokens; `param` names the field it came from, for a 400."""
     messages, kwargs = messages_for_template(req), dict(req.chat_template_kwargs or {})
     offered = tools if tools is not None and tools.mode != "none" else None
     if template_supports_tools(model.tokenizer):
@@ -57,7 +61,7 @@ def chat_prompt(
             **kwargs,
         )
     except Exception as exc:  # a template that rejects the conversation (roles, order)
-        raise invalid(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        raise invalid(f"the chat template rejected the {param}: {exc}", param=param) from exc
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -84,20 +88,22 @@ async def start_generation(
     metrics: Metrics,
     meter: Meter,
     request_id: str,
+    prompt_param: str = "messages",
 ) -> Generation:
     """The engine request for a conversation (admitted against the key's limits and tracked
     for its usage): /v1/chat/completions' and /v1/responses'. `output_format` is the grammar
-    the request's own format field asks for, under that field's name."""
+    the request's own format field asks for, under that field's name; `prompt_param` names
+    the field the conversation came from (for the 400 of a prompt too long)."""
     model.check_queue()
     kwargs = {**req.sampling_kwargs(), **_constraint_kwargs(model, req, tools, output_format)}
     if model.reasoning is not None and model.reasoning.tags_are_special:
         kwargs["skip_special_tokens"] = False  # the tags must reach the reasoning parser
-    prompt = await model.tokenizing.run(chat_prompt, model, req, tools=tools)
+    prompt = await model.tokenizing.run(chat_prompt, model, req, tools, prompt_param)
     if model.reasoning is not None and "structured_outputs" in kwargs:
         kwargs["structured_outputs"] = model.reasoning.after_thinking(
             kwargs["structured_outputs"], prompt
         )
-    params = model.sampling_params(len(prompt), kwargs, param="messages")
+    params = model.sampling_params(len(prompt), kwargs, param=prompt_param)
     meter.admit(model.id, len(prompt), params.max_tokens * params.n)
     generation = Generation(model, request_id, prompt, params, req.stop_strings(), metrics)
     meter.track(generation)

@@ -51,6 +51,7 @@ async def create_response(
         metrics,
         meter,
         f"resp_{uuid.uuid4().hex}",
+        prompt_param="input",
     )
     response = _Response(generation, req, tools if tools and tools.mode != "none" else None)
     saved = StoredResponse(response.body, messages, owner) if req.store and store.enabled else None

@@ -166,6 +166,8 @@ def input_messages(items: str | list[Any], param: str = "input") -> list[dict]:
         if not isinstance(item, dict):
             raise invalid(f"{where}: must be an object (an input item)", param=where)
         kind = item.get("type", "message" if "role" in item else None)
+        if kind is None:
+            raise invalid(f"{where}: an item needs a type (or a role)", param=f"{where}.type")
         if kind == "reasoning":
             reasoning += _reasoning_texts(item, where)
             continue

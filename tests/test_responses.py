@@ -432,6 +432,7 @@ BAD = [
         "input_image",
     ),
     ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", ""),
+    ({"input": [{"content": "x"}]}, "input.0.type", "needs a type"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input.0.call_id", ""),
     ({"background": True}, "background", "background"),
     ({"conversation": "conv_1"}, "conversation", "Conversations"),
@@ -460,7 +461,9 @@ def test_unknown_model_and_context_length(server):
     r = post(server, {"model": "nope", "input": "Hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = post(server, {"model": "m", "input": "word " * 2000})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["param"] == "input" and "in the input" in error["message"]
 
 
 def test_keys_meter_bill_and_scope_responses(server, db):

@@ -21,6 +21,7 @@ from pagoda.server.protocol import (
     drop_nulls,
     validation_error,
 )
+from pagoda.server.structured import GUIDED_FIELDS
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 TEXT_PARTS = ("input_text", "output_text")
@@ -85,6 +86,12 @@ class ResponsesRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     chat_template_kwargs: dict[str, Any] | None = None
+    logit_bias: Any = None  # checked as chat's
+    structured_outputs: Any = None  # checked by server/structured.py, as on chat
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +151,8 @@ class ResponsesRequest(BaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "chat_template_kwargs": self.chat_template_kwargs,
+            "logit_bias": self.logit_bias,
+            **{name: getattr(self, name) for name in ("structured_outputs", *GUIDED_FIELDS)},
         }
         body = {"model": self.model, "messages": messages, "stream": self.stream, **fields}
         try:

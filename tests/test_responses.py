@@ -528,3 +528,83 @@ def test_langchain_use_responses_api(server):
     assert streamed.text and streamed.usage_metadata["output_tokens"] == 6
     pet = llm(100).with_structured_output(Pet, method="json_schema").invoke("A pet")
     assert isinstance(pet, Pet)
+
+
+# a grammar (vLLM's guided_grammar) makes the tiny model write what a tool-calling model would
+HERMES_ANSWER = (
+    'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+def test_calls_the_model_chose_follow_its_text(client):
+    """tool_choice auto: the parser's text and calls, a message item then a function_call
+    item, streamed in that order; sent back, they are one assistant turn, as in chat."""
+    grammar = {"seed": SEED, "guided_grammar": f"root ::= {json.dumps(HERMES_ANSWER)}"}
+    kwargs = dict(input="Time?", tools=TOOLS, max_output_tokens=200, extra_body=grammar)
+    response = respond(client, **kwargs)
+    message, call = response.output
+    assert message.type == "message" and response.output_text == "Let me check."
+    assert (call.type, call.name, json.loads(call.arguments)) == (
+        "function_call",
+        "get_time",
+        {"zone": "CET"},
+    )
+    with client.responses.stream(model="m", **kwargs) as stream:
+        kinds = [(e.type, getattr(e, "item", None)) for e in stream]
+        final = stream.get_final_response()
+    added = [item.type for kind, item in kinds if kind == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+    assert [item.type for item in final.output] == ["message", "function_call"]
+    assert final.output_text == "Let me check." and final.output[1].arguments == call.arguments
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+    follow_up = respond(client, input=[*response.output, result], tools=TOOLS)
+    history = [
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [_chat_call(call)]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "12:00"},
+    ]
+    reference = chat(client, history, tools=CHAT_TOOLS)
+    assert follow_up.usage.input_tokens == reference.usage.prompt_tokens
+
+
+def _chat_call(item) -> dict:
+    return {
+        "id": item.call_id,
+        "type": "function",
+        "function": {"name": item.name, "arguments": item.arguments},
+    }
+
+
+THOUGHT = "<think>[a-z]{3,8}</think>\n\n[a-z]{3,8}"
+START_ID = 499  # <think> in the thinking model's tokenizer: kept out, the regex spells it
+
+
+def test_thinking_then_answer(client):
+    extra = {"seed": SEED, "guided_regex": THOUGHT, "logit_bias": {str(START_ID): -100}}
+    kwargs = dict(model="think", input="think first", max_output_tokens=40, extra_body=extra)
+    response = client.responses.create(**kwargs)
+    reference = (
+        chat(
+            client,
+            [{"role": "user", "content": "think first"}],
+            model="think",
+            max_tokens=40,
+            logit_bias={str(START_ID): -100},
+            extra_body={"guided_regex": THOUGHT},
+        )
+        .choices[0]
+        .message.model_dump()
+    )
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.content[0].text == reference["reasoning"]
+    assert response.output_text == reference["content"]
+    assert response.status == "completed"
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    order = [e.type for e in events if e.type.endswith(".delta")]
+    assert order == sorted(
+        order, key=["response.reasoning_text.delta", "response.output_text.delta"].index
+    )
+    assert stream.get_final_response().output_text == response.output_text

@@ -41,7 +41,7 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
-from pagoda.server.response_store import ResponseStore
+from pagoda.server.response_store import ResponseStore, owner_of
 from pagoda.server.responses import create_response
 from pagoda.server.responses_request import ResponsesRequest
 from pagoda.server.tokenizer_info import tokenizer_info
@@ -156,8 +156,7 @@ def build_app(
 
     async def stored_response(request: Request) -> Response:
         """GET a stored response, or DELETE it (one route: a 405 lists both methods)."""
-        meter = request_meter(request)
-        owner = meter.key.name if meter.key is not None else None
+        owner = owner_of(request_meter(request))
         response_id = request.path_params["response_id"]
         if request.method == "DELETE":
             responses_kept.delete(response_id, owner)

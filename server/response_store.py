@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pagoda.server import defaults
 from pagoda.server.errors import APIError
+from pagoda.server.keys.meter import Meter
 
 
 @dataclass(slots=True)
@@ -17,7 +18,7 @@ class StoredResponse:
     # the conversation through this response's output, without its instructions (a follow-up
     # does not inherit them), as chat messages; a follow-up's list shares these dicts
     messages: list[dict]
-    owner: str | None  # the API key's name that made it (None: no managed key)
+    owner: int | None  # the id of the API key that made it (None: no managed key)
 
 
 class ResponseStore:
@@ -34,7 +35,7 @@ class ResponseStore:
         while len(self._responses) > self.capacity:
             self._responses.popitem(last=False)
 
-    def get(self, response_id: str, owner: str | None, param: str | None = None) -> StoredResponse:
+    def get(self, response_id: str, owner: int | None, param: str | None = None) -> StoredResponse:
         """The response, or a 404: unknown, evicted, or another key's (which is not told)."""
         stored = self._responses.get(response_id)
         if stored is None or stored.owner != owner:
@@ -46,6 +47,11 @@ class ResponseStore:
             )
         return stored
 
-    def delete(self, response_id: str, owner: str | None) -> None:
+    def delete(self, response_id: str, owner: int | None) -> None:
         self.get(response_id, owner)
         del self._responses[response_id]
+
+
+def owner_of(meter: Meter) -> int | None:
+    """Whose responses a request may read: its managed key's (None for the others)."""
+    return meter.key.id if meter.key is not None else None

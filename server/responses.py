@@ -21,7 +21,7 @@ from pagoda.server.generation import Generation, ServedModel, event_stream
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.response_items import OutputItems
-from pagoda.server.response_store import ResponseStore, StoredResponse
+from pagoda.server.response_store import ResponseStore, StoredResponse, owner_of
 from pagoda.server.responses_request import ResponsesRequest, input_messages
 from pagoda.server.structured import text_format_constraint
 from pagoda.server.tools import ToolCallStream, ToolPlan, plan_tools
@@ -36,7 +36,7 @@ async def create_response(
 ):
     if (refused := req.refused_field()) is not None:
         raise invalid(refused[1], param=refused[0])
-    owner = meter.key.name if meter.key is not None else None
+    owner = owner_of(meter)
     history = []
     if req.previous_response_id is not None:
         history = store.get(req.previous_response_id, owner, "previous_response_id").messages

@@ -105,6 +105,11 @@ class ResponsesRequest(BaseModel):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: Any) -> Any:
+        return None if value == [] else value  # OpenAI's Responses API takes it (chat's not)
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:

@@ -608,3 +608,12 @@ def test_thinking_then_answer(client):
         order, key=["response.reasoning_text.delta", "response.output_text.delta"].index
     )
     assert stream.get_final_response().output_text == response.output_text
+
+
+def test_an_empty_tools_list_is_no_tools(client):
+    """OpenAI's Responses API takes `tools: []` (the Agents SDK sends it for an agent without
+    tools); chat's refuses it, as OpenAI's chat does."""
+    response = respond(client, input="Hi", tools=[], max_output_tokens=4)
+    reference = chat(client, [{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert response.output_text == reference.choices[0].message.content
+    assert response.tools == []

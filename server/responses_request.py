@@ -35,6 +35,21 @@ REFUSED = {
 }
 
 
+# `include` entries with nothing to add: reasoning is sent in plain (nothing is encrypted),
+# and the others concern hosted tools' calls and image inputs, which cannot occur here
+NOTHING_TO_INCLUDE = frozenset(
+    {
+        "reasoning.encrypted_content",
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "code_interpreter_call.outputs",
+    }
+)
+
+
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     # accepted without effect: billing, caching and safety hints, a reasoning-effort control
@@ -130,8 +145,11 @@ class ResponsesRequest(BaseModel):
         for name, why in REFUSED.items():
             if getattr(self, name) not in (None, False):
                 return name, f"{name}: {why}"
-        if self.include:
-            return "include", f"include: {self.include[0]!r} is not available"
+        for entry in self.include or ():
+            if entry not in NOTHING_TO_INCLUDE:
+                logprobs = "logprobs" in entry
+                why = "no logprobs on /v1/responses yet" if logprobs else "not includable"
+                return "include", f"include: {entry!r}: {why}"
         if self.top_logprobs:
             return "top_logprobs", "top_logprobs: logprobs are not available on /v1/responses"
         if self.truncation == "auto":

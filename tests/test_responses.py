@@ -438,6 +438,7 @@ BAD = [
     ({"conversation": "conv_1"}, "conversation", "Conversations"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", ""),
     ({"include": ["message.output_text.logprobs"]}, "include", "logprobs"),
+    ({"include": ["reasoning.encrypted_content", "everything"]}, "include", "'everything'"),
     ({"top_logprobs": 3}, "top_logprobs", ""),
     ({"truncation": "auto"}, "truncation", "auto"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "16"),
@@ -617,3 +618,12 @@ def test_an_empty_tools_list_is_no_tools(client):
     reference = chat(client, [{"role": "user", "content": "Hi"}], max_tokens=4)
     assert response.output_text == reference.choices[0].message.content
     assert response.tools == []
+
+
+def test_include_entries_with_nothing_to_add_are_accepted(client):
+    """The Agents SDK sends include (reasoning.encrypted_content for stateless turns): the
+    reasoning item's content is sent in plain, and hosted tools' and images' entries concern
+    items that cannot occur here."""
+    include = ["reasoning.encrypted_content", "file_search_call.results"]
+    response = respond(client, input="Hi", include=include, max_output_tokens=4)
+    assert response.usage.output_tokens == 4

@@ -20,6 +20,8 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 from transformers import AutoTokenizer
 
+from pagoda.server.errors import APIError
+from pagoda.server.response_store import ResponseStore, StoredResponse
 from pagoda.server.responses_request import input_messages
 from tests.serving import Server
 from tests.test_keys import ledger, new_key, wait_for
@@ -627,3 +629,19 @@ def test_include_entries_with_nothing_to_add_are_accepted(client):
     include = ["reasoning.encrypted_content", "file_search_call.results"]
     response = respond(client, input="Hi", include=include, max_output_tokens=4)
     assert response.usage.output_tokens == 4
+
+
+def test_the_store_keeps_its_bound_and_each_keys_own():
+    store = ResponseStore(capacity=2)
+    for i, owner in enumerate((1, 1, 2)):
+        store.put(StoredResponse({"id": f"resp_{i}"}, [], owner))
+    with pytest.raises(APIError) as caught:  # the oldest went first
+        store.get("resp_0", 1)
+    assert caught.value.status == 404
+    assert store.get("resp_1", 1).owner == 1
+    with pytest.raises(APIError):  # another key's is not told apart from an unknown one
+        store.get("resp_2", 1, param="previous_response_id")
+    store.delete("resp_2", 2)
+    with pytest.raises(APIError):
+        store.get("resp_2", 2)
+    assert not ResponseStore(capacity=0).enabled

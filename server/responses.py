@@ -78,7 +78,8 @@ class _Response:
         self.generation = generation
         self.tools = tools
         self.items = OutputItems()
-        self.reasoning_tokens = 0
+        parser = generation.model.reasoning
+        self.thinking = parser.stream(generation.prompt_token_ids) if parser else None
         params = generation.params
         self.body = {
             "id": generation.request_id,
@@ -108,19 +109,14 @@ class _Response:
 
     async def run(self) -> AsyncIterator[dict]:
         """The output's events, while the body's output and usage fill in."""
-        generation, items = self.generation, self.items
-        model = generation.model
-        thinking = model.reasoning.stream(generation.prompt_token_ids) if model.reasoning else None
+        generation, items, thinking = self.generation, self.items, self.thinking
         calls = ToolCallStream(self.tools) if self.tools is not None else None
         finish = None
         async with aclosing(aiter(generation)) as deltas:
             async for delta in deltas:
                 text, finish = delta.text, delta.finish_reason
                 if thinking is not None:
-                    was_thinking = thinking.thinking
                     reasoning, text = split_delta(thinking, delta)
-                    if was_thinking or thinking.thinking:  # the closing tag's tokens count
-                        self.reasoning_tokens += len(delta.token_ids)
                     items.reasoning(reasoning)
                 if calls is None:
                     items.text(text)
@@ -167,7 +163,9 @@ class _Response:
                 "cache_write_tokens": 0,  # no cache writes are billed
             },
             "output_tokens": generation.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "output_tokens_details": {
+                "reasoning_tokens": self.thinking.reasoning_tokens if self.thinking else 0
+            },
             "total_tokens": generation.prompt_tokens + generation.completion_tokens,
         }
 
@@ -192,5 +190,5 @@ async def _stream(response: _Response, meter: Meter, keep) -> AsyncIterator[str 
     keep()
     kind = {"completed": "completed", "incomplete": "incomplete"}.get(body["status"], "failed")
     last = event({"type": f"response.{kind}", "response": body})
-    meter.release_slot()  # a client may send its next request on reading the last event
+    meter.release()  # a client may send its next request on reading the last event
     yield last

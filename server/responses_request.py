@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pagoda.server.errors import invalid
 from pagoda.server.protocol import (
     INT64_MAX,
     INT64_MIN,
     ChatCompletionRequest,
+    StructuredOutputFields,
     drop_nulls,
     validation_error,
 )
@@ -50,7 +51,7 @@ NOTHING_TO_INCLUDE = frozenset(
 )
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(StructuredOutputFields):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     # accepted without effect: billing, caching and safety hints, a reasoning-effort control
     # the served models lack (Qwen3's thinking switch is chat_template_kwargs), hosted tools'
@@ -102,11 +103,6 @@ class ResponsesRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     chat_template_kwargs: dict[str, Any] | None = None
     logit_bias: Any = None  # checked as chat's
-    structured_outputs: Any = None  # checked by server/structured.py, as on chat
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,27 @@ def tiny_models(tmp_path_factory) -> dict:
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
 
 
+# <think>, the first token added to the tiny tokenizer: a regex spells the tag where a test
+# keeps the token out (a random model would otherwise think freely from it, and never stop)
+THINK_START_ID = 499
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tiny_models, tmp_path_factory):
+    """The tiny llama with <think> and </think> tokens, as reasoning models have."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("thinking") / "llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(folder)
+    assert tokenizer.convert_tokens_to_ids("<think>") == THINK_START_ID
+    return folder
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server (Debian's `postgresql` package), started for the session."""

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from pagoda.server.protocol import ChatCompletionRequest, messages_for_template
 from pagoda.server.reasoning import ReasoningParser, ReasoningStream
+from tests.conftest import THINK_START_ID
 from tests.serving import Server, failed_start
 
 THOUGHT = "<think>[a-z]{3,8}</think>\n\n[a-z]{3,8}"
-START_ID = 499  # <think>, the first token added to tests/tiny_models.py's tokenizer
 MESSAGES = [{"role": "user", "content": "think first"}]
 
 
@@ -72,17 +70,6 @@ def test_reasoning_sent_back_reaches_the_template_as_reasoning_content():
 
 
 @pytest.fixture(scope="module")
-def thinking_model(tiny_models, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("thinking") / "llama"
-    shutil.copytree(tiny_models["llama"], folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.save_pretrained(folder)
-    assert tokenizer.convert_tokens_to_ids("<think>") == START_ID
-    return folder
-
-
-@pytest.fixture(scope="module")
 def client(thinking_model, tmp_path_factory):
     """Model "m" under the qwen3 parser, "r1" under deepseek_r1 (same weights)."""
     catalog = tmp_path_factory.mktemp("catalog") / "models.yaml"
@@ -102,7 +89,7 @@ def think(client, max_tokens=40, model="m", **kwargs):
     """A reasoning model's shape, spelled by the regex: the start tag's own token is kept out
     (else the model would think freely from it, and a random model never stops)."""
     extra = {"guided_regex": THOUGHT, **kwargs.pop("extra_body", {})}
-    bias = kwargs.pop("logit_bias", {str(START_ID): -100})
+    bias = kwargs.pop("logit_bias", {str(THINK_START_ID): -100})
     return client.chat.completions.create(
         model=model,
         messages=MESSAGES,
@@ -209,7 +196,7 @@ def test_a_grammar_holds_from_the_end_of_the_thinking(client):
     """deepseek_r1: the output starts in the thinking, which the regex does not constrain;
     once </think> comes, the answer follows the regex. Before: the regex held from the first
     token, so a reasoning model could not think under structured outputs."""
-    end = START_ID + 1
+    end = THINK_START_ID + 1
     digits = {"guided_regex": "[0-9]{3}"}
     free = think(client, 8, model="r1", extra_body=digits, logit_bias={})
     message = free.choices[0].message.model_dump()
@@ -220,7 +207,7 @@ def test_a_grammar_holds_from_the_end_of_the_thinking(client):
     message = closed.choices[0].message.model_dump()
     assert message["reasoning"] == "" and re.fullmatch("[0-9]{3}", message["content"])
     # qwen3: the output's first token may open the thinking, or start the answer
-    opened = think(client, 8, extra_body=digits, logit_bias={str(START_ID): 50, str(end): 60})
+    opened = think(client, 8, extra_body=digits, logit_bias={str(THINK_START_ID): 50, str(end): 60})
     message = opened.choices[0].message.model_dump()
     assert message["reasoning"] == "" and re.fullmatch("[0-9]{3}", message["content"])
 

@@ -9,7 +9,6 @@ tag open the thinking, which the random model never closes)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import jsonschema
@@ -18,11 +17,11 @@ import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer
 
 from pagoda.server.errors import APIError
 from pagoda.server.response_store import ResponseStore, StoredResponse
 from pagoda.server.responses_request import input_messages
+from tests.conftest import THINK_START_ID
 from tests.serving import Server
 from tests.test_keys import ledger, new_key, wait_for
 
@@ -51,16 +50,6 @@ ORDER = {
     },
     "required": ["id", "status", "tags"],
 }
-
-
-@pytest.fixture(scope="module")
-def thinking_model(tiny_models, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("thinking") / "llama"
-    shutil.copytree(tiny_models["llama"], folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -579,11 +568,10 @@ def _chat_call(item) -> dict:
 
 
 THOUGHT = "<think>[a-z]{3,8}</think>\n\n[a-z]{3,8}"
-START_ID = 499  # <think> in the thinking model's tokenizer: kept out, the regex spells it
 
 
 def test_thinking_then_answer(client):
-    extra = {"seed": SEED, "guided_regex": THOUGHT, "logit_bias": {str(START_ID): -100}}
+    extra = {"seed": SEED, "guided_regex": THOUGHT, "logit_bias": {str(THINK_START_ID): -100}}
     kwargs = dict(model="think", input="think first", max_output_tokens=40, extra_body=extra)
     response = client.responses.create(**kwargs)
     reference = (
@@ -592,7 +580,7 @@ def test_thinking_then_answer(client):
             [{"role": "user", "content": "think first"}],
             model="think",
             max_tokens=40,
-            logit_bias={str(START_ID): -100},
+            logit_bias={str(THINK_START_ID): -100},
             extra_body={"guided_regex": THOUGHT},
         )
         .choices[0]

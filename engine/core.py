@@ -16,7 +16,6 @@ from functools import partial
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
-from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.sequence import Logprob, SequenceDelta, TokenLogprobs
 from pagoda.engine.worker import run_worker
@@ -71,6 +70,10 @@ class EngineCore:
     """LLMEngine as a worker of the shared loop."""
 
     def __init__(self, config: EngineConfig) -> None:
+        # Imported here, in the engine's process: the server imports this module for the wire
+        # format and the process target, and has no use for the model code's imports.
+        from pagoda.engine.llm_engine import LLMEngine
+
         self.engine = LLMEngine(config)
         self.governor: ThreadGovernor | None = governor_for(self.engine.device, config.cpu_threads)
         if config.tensor_parallel_size > 1:

@@ -43,10 +43,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from pagoda.engine import embedding_bf16
 from pagoda.engine.config import DTYPES
 from pagoda.engine.cpu_threads import ThreadGovernor, governor_for
 from pagoda.engine.embedding_inputs import EmbeddingInputs
+from pagoda.engine.stats import Histogram
 from pagoda.engine.worker import BatchGather, Rejected, run_worker
 from pagoda.kernels.linear_bf16 import padded_rows
 from pagoda.logs import LogSettings
@@ -67,7 +67,7 @@ LAYOUT_LOG = {
     "rows": "inputs packed into rows",
     "padded": "padded batches",
 }
-# upper bounds of the batch-size histogram the worker keeps (its stats carry the counts)
+# upper bounds of the batch-size histogram the worker keeps (its stats carry it, bounds included)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -110,7 +110,10 @@ class EmbeddingWorker:
     governor: ThreadGovernor | None = field(init=False)
 
     def __post_init__(self) -> None:
-        from sentence_transformers import SentenceTransformer  # heavy: only in the worker
+        # heavy (transformers' modeling code): only in the worker, not in the server
+        from sentence_transformers import SentenceTransformer
+
+        from pagoda.engine import embedding_bf16
 
         config = self.config
         device = config.device
@@ -158,8 +161,7 @@ class EmbeddingWorker:
         self.failed: list[tuple[str, str]] = []  # (request id, why): batches that failed
         self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)
         self.batches = 0
-        self.batch_size_sum = 0
-        self.batch_size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         logger.info(
             "loaded %s on %s (%s): %d dimensions, max %d tokens, %s",
             config.model,
@@ -371,7 +373,9 @@ class EmbeddingWorker:
         tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
         restore = None
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:  # the kernel is bf16
-            restore = embedding_bf16.use_packed_attention(self.model[0].model)
+            from pagoda.engine.embedding_bf16 import use_packed_attention  # see __post_init__
+
+            restore = use_packed_attention(self.model[0].model)
         for layout in ("run", "rows") if restore else ("rows",):
             try:
                 packed = self._embed_packed(probe, run=layout == "run")
@@ -386,9 +390,7 @@ class EmbeddingWorker:
 
     def _count_batch(self, size: int) -> None:
         self.batches += 1
-        self.batch_size_sum += size
-        bucket = next((i for i, bound in enumerate(BATCH_SIZE_BUCKETS) if size <= bound), -1)
-        self.batch_size_counts[bucket] += 1
+        self.batch_sizes.observe(size)
 
     def take_rejected(self) -> list[tuple[str, str]]:
         return []  # every refusal happens at add
@@ -398,8 +400,7 @@ class EmbeddingWorker:
             "running": len(self.jobs),
             "waiting": len(self.queue),
             "batches": self.batches,
-            "batch_size_sum": self.batch_size_sum,
-            "batch_size_counts": self.batch_size_counts,
+            "batch_size": self.batch_sizes.encode(),
         }
 
 

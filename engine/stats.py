@@ -4,6 +4,7 @@ skipped message loses nothing (the frontend exposes the latest values at each sc
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 
 # seconds; a request waits for a free slot or KV blocks, from milliseconds to minutes
@@ -25,3 +26,11 @@ class Histogram:
 
     def encode(self) -> list:
         return [list(self.bounds), list(self.counts), self.total]
+
+
+def prometheus_buckets(encoded: list) -> tuple[list[tuple[str, int]], float]:
+    """An encoded histogram as Prometheus takes it: (le, cumulative count) pairs, and the sum.
+    Bounds are written as prometheus_client writes its own ("16.0")."""
+    bounds, counts, total = encoded
+    labels = [*(str(float(bound)) for bound in bounds), "+Inf"]
+    return list(zip(labels, itertools.accumulate(counts))), total

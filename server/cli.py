@@ -8,6 +8,7 @@ another core meanwhile."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing.forkserver
 import os
 import signal
@@ -234,11 +235,17 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
-# the module of each kind of worker's process entry point (tests/test_cli.py checks them)
-WORKER_MODULES = {
-    "chat": "pagoda.engine.core",
-    "embedding": "pagoda.engine.embedding_worker",
-    "image": "pagoda.engine.image_worker",
+# what each kind of worker imports, for the forkserver to import first: the module of its
+# process entry point (tests/test_cli.py checks them), then the heavy modules that it imports
+# only in the worker (the server imports the entry points, and has no use for these)
+WORKER_IMPORTS = {
+    "chat": ("pagoda.engine.core", "pagoda.engine.llm_engine"),
+    "embedding": (
+        "pagoda.engine.embedding_worker",
+        "pagoda.engine.embedding_bf16",
+        "sentence_transformers",
+    ),
+    "image": ("pagoda.engine.image_worker", "diffusers"),
 }
 
 
@@ -263,7 +270,9 @@ def start_forkserver(args: argparse.Namespace) -> None:
     # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
     # which torch uses when this is set, it does not.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    multiprocessing.forkserver.set_forkserver_preload([WORKER_MODULES[k] for k in sorted(kinds)])
+    multiprocessing.forkserver.set_forkserver_preload(
+        [module for kind in sorted(kinds) for module in WORKER_IMPORTS[kind]]
+    )
     # The forkserver ignores SIGTERM (and so do the workers it forks, which inherit it), as it
     # ignores SIGINT: a SIGTERM sent to the server's whole process group (systemd's default
     # KillMode=control-group, `kill -TERM -PGID`) ended it, and with it the server's view of every
@@ -276,6 +285,18 @@ def start_forkserver(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def stop_forkserver() -> None:
+    """End the forkserver of a start that failed or was stopped, at once. It may still be
+    importing the workers' modules (seconds), and would exit only then: until it did, whoever
+    read this process's output through a pipe waited for it, as it holds the same stdout. The
+    workers it forked have stopped by then (`start_all`). multiprocessing keeps its pid to
+    itself."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -286,4 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     start_forkserver(args)
     from pagoda.server import serve  # see the module's docstring
 
-    serve.run(args)
+    try:
+        serve.run(args)
+    except SystemExit:
+        stop_forkserver()
+        raise

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from pagoda.engine.embedding_worker import BATCH_SIZE_BUCKETS
+from pagoda.engine.stats import prometheus_buckets
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 
@@ -58,10 +58,6 @@ class EmbeddingStatsCollector(Collector):
         for model, stats in self._stats_by_model().items():
             running.add_metric([model], stats.get("running", 0))
             waiting.add_metric([model], stats.get("waiting", 0))
-            counts = stats.get("batch_size_counts", [0] * (len(BATCH_SIZE_BUCKETS) + 1))
-            cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, BATCH_SIZE_BUCKETS), "+Inf"], counts):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            batch_size.add_metric([model], buckets, stats.get("batch_size_sum", 0))
+            if "batch_size" in stats:
+                batch_size.add_metric([model], *prometheus_buckets(stats["batch_size"]))
         yield from (running, waiting, batch_size)

@@ -3,7 +3,6 @@ their meaning: docs/metrics.md)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
@@ -18,6 +17,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.engine.stats import prometheus_buckets
 from pagoda.server.embedding_metrics import EmbeddingMetrics
 from pagoda.server.image_metrics import ImageMetrics
 
@@ -81,9 +81,7 @@ class EngineStatsCollector(Collector):
                 gauge.add_metric([model], float(stats.get(key, 0)))
             preemptions.add_metric([model], float(stats.get("num_preemptions", 0)))
             if "queue_time" in stats:
-                bounds, counts, total = stats["queue_time"]
-                buckets = zip([*map(str, map(float, bounds)), "+Inf"], itertools.accumulate(counts))
-                queue_time.add_metric([model], list(buckets), total)
+                queue_time.add_metric([model], *prometheus_buckets(stats["queue_time"]))
         for model, stats in self._image_stats_by_model().items():
             for key in ("running", "waiting"):
                 gauges[key].add_metric([model], float(stats.get(key, 0)))

@@ -160,7 +160,7 @@ def test_2048_inputs_run_in_several_batches_and_come_back_in_order(server, clien
     np.testing.assert_allclose(got, reference.encode(texts), atol=EXACT, rtol=0)
     # batches of at most 8 inputs (this catalog's max_batch_size)
     assert metric(server, "pagoda:embedding_batch_size_count") - batches_before >= 2048 / 8
-    assert metric(server, "pagoda:embedding_batch_size_bucket", le="16") == metric(
+    assert metric(server, "pagoda:embedding_batch_size_bucket", le="16.0") == metric(
         server, "pagoda:embedding_batch_size_bucket", le="+Inf"
     )
 

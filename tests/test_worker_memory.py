@@ -110,7 +110,7 @@ import gc, weakref
 from pagoda.engine.worker import freeze_heap
 class Node:
     pass
-loaded = [{"i": i} for i in range(200_000)]
+loaded = [[i] for i in range(200_000)]  # lists are tracked (a dict of ints is not)
 left = Node()
 left.me = left
 gone = weakref.ref(left)

@@ -27,6 +27,22 @@ class EmbeddingInputs:
             return self._tokenize(inputs, limit)
         return [self._checked_ids(i, ids, limit) for i, ids in enumerate(inputs)]
 
+    def pair_token_ids(
+        self, pairs: list[list[str]]
+    ) -> tuple[list[list[int]], list[list[int]] | None]:
+        """A cross-encoder's pairs of texts as sentence-transformers' CrossEncoder tokenizes
+        them: one sequence each, cut to the model's limit by taking tokens off the longer text
+        first ("longest_first"); and their token type ids (None if the model has none)."""
+        encoded = self.tokenizer(
+            [first for first, _ in pairs],
+            [second for _, second in pairs],
+            truncation="longest_first",
+            max_length=self.max_model_len,
+            return_attention_mask=False,
+            verbose=False,
+        )
+        return encoded["input_ids"], encoded.get("token_type_ids")
+
     def truncation_limit(self, truncate: int | None) -> int | None:
         if truncate is None:
             return None

@@ -82,6 +82,7 @@ class EmbeddingConfig:
     max_batch_tokens: int | None = None
     max_batch_size: int = 64  # inputs per forward pass
     cpu_threads: int | None = None
+    cross_encoder: bool = False  # a reranker (engine/cross_encoder_worker.py)
 
 
 @dataclass(slots=True)
@@ -102,6 +103,7 @@ class Item:
     job: Job
     index: int
     token_ids: list[int]
+    token_type_ids: list[int] | None = None  # a pair's: which of its two texts a token is of
 
 
 @dataclass
@@ -110,11 +112,6 @@ class EmbeddingWorker:
     governor: ThreadGovernor | None = field(init=False)
 
     def __post_init__(self) -> None:
-        # heavy (transformers' modeling code): only in the worker, not in the server
-        from sentence_transformers import SentenceTransformer
-
-        from pagoda.engine import embedding_bf16
-
         config = self.config
         device = config.device
         if device == "auto":
@@ -123,10 +120,30 @@ class EmbeddingWorker:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
-        self.model = SentenceTransformer(config.model, device=device).to(self.dtype).eval()
+        self.max_batch_tokens = config.max_batch_tokens or (
+            CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
+        )
+        self._load()
+        self.governor = governor_for(self.device, config.cpu_threads)
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[Item] = deque()
+        self.failed: list[tuple[str, str]] = []  # (request id, why): batches that failed
+        self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)
+        self.batches = 0
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+
+    def _load(self) -> None:
+        # heavy (transformers' modeling code): only in the worker, not in the server
+        from sentence_transformers import SentenceTransformer
+
+        from pagoda.engine import embedding_bf16
+
+        config = self.config
+        self.model = SentenceTransformer(config.model, device=str(self.device))
+        self.model = self.model.to(self.dtype).eval()
         self.tokenizer = self.model.tokenizer
         transformer = self.model[0]
-        self.max_model_len = _max_model_len(config.max_model_len, self.model, transformer)
+        self.max_model_len = max_model_len_of(config.max_model_len, self.model, transformer)
         self.model.max_seq_length = self.max_model_len
         self.dim = self.model.get_embedding_dimension()
         self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
@@ -142,10 +159,6 @@ class EmbeddingWorker:
             self.fused_linears = embedding_bf16.fuse_linears(transformer)
             embedding_bf16.fuse_add_norms(transformer)
         self.layout = self._choose_layout()
-        self.governor = governor_for(self.device, config.cpu_threads)
-        self.max_batch_tokens = config.max_batch_tokens or (
-            CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
-        )
         if self.fused_linears and self.layout == "run":
             start = time.monotonic()
             longest_run = max(self.max_batch_tokens, self.max_model_len)
@@ -156,12 +169,6 @@ class EmbeddingWorker:
                 longest_run,
                 time.monotonic() - start,
             )
-        self.jobs: dict[str, Job] = {}
-        self.queue: deque[Item] = deque()
-        self.failed: list[tuple[str, str]] = []  # (request id, why): batches that failed
-        self.gather = BatchGather()  # counts requests (self.jobs: those with inputs to embed)
-        self.batches = 0
-        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         logger.info(
             "loaded %s on %s (%s): %d dimensions, max %d tokens, %s",
             config.model,
@@ -200,13 +207,27 @@ class EmbeddingWorker:
         truncate: int | None,
         dimensions: int | None,
     ) -> None:
-        if request_id in self.jobs:
-            raise Rejected(f"request id {request_id!r} is already in use")
-        token_ids = self.inputs.token_ids(inputs, truncate)
+        self._check_id(request_id)
+        self._enqueue(request_id, self.inputs.token_ids(inputs, truncate), dimensions)
+
+    def _enqueue(
+        self,
+        request_id: str,
+        token_ids: list[list[int]],
+        dimensions: int | None = None,
+        token_type_ids: list[list[int]] | None = None,
+    ) -> None:
         rows = torch.empty(len(token_ids), dimensions or self.dim)
         job = Job(request_id, rows, len(token_ids), sum(map(len, token_ids)), dimensions)
         self.jobs[request_id] = job
-        self.queue.extend(Item(job, i, ids) for i, ids in enumerate(token_ids))
+        types = token_type_ids or itertools.repeat(None)
+        self.queue.extend(
+            Item(job, i, ids, kinds) for i, (ids, kinds) in enumerate(zip(token_ids, types))
+        )
+
+    def _check_id(self, request_id: str) -> None:
+        if request_id in self.jobs:
+            raise Rejected(f"request id {request_id!r} is already in use")
 
     def abort(self, request_ids: list[str]) -> None:
         gone = {rid for rid in request_ids if self.jobs.pop(rid, None) is not None}
@@ -225,7 +246,7 @@ class EmbeddingWorker:
         start = time.monotonic()
         batch = self._next_batch()
         try:
-            embeddings = self._embed([item.token_ids for item in batch])
+            embeddings = self._run(batch)
         except Exception as exc:
             # a CUDA error may leave the device unusable: the process ends and is restarted
             if self.device.type == "cuda" and not isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -278,24 +299,35 @@ class EmbeddingWorker:
         self.queue = deque(item for item in self.queue if id(item) not in taken)
         return batch
 
+    def _run(self, batch: list[Item]) -> torch.Tensor:
+        """The rows of a batch's inputs, in its order."""
+        return self._embed([item.token_ids for item in batch])
+
     def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
         if self.layout == "padded":
             return self._embed_padded(token_ids)
         return self._embed_packed(token_ids, run=self.layout == "run")
 
     @torch.inference_mode()
-    def _embed_padded(self, token_ids: list[list[int]]) -> torch.Tensor:
+    def _embed_padded(
+        self, token_ids: list[list[int]], token_type_ids: list[list[int]] | None = None
+    ) -> torch.Tensor:
         """Embeddings (float32, on the CPU) of one padded batch, as sentence-transformers
         computes them: its modules do the pooling and the normalization."""
         width = max(map(len, token_ids))
         input_ids = torch.full((len(token_ids), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+        types = torch.zeros((len(token_ids), width), dtype=torch.long)
         for row, ids in enumerate(token_ids):
             span = slice(width - len(ids), width) if self.left_padding else slice(0, len(ids))
             input_ids[row, span] = torch.tensor(ids)
             attention_mask[row, span] = 1
-        features = self._inputs({"input_ids": input_ids, "attention_mask": attention_mask})
-        return _embeddings(_run_modules(features, list(self.model)))
+            if token_type_ids is not None:
+                types[row, span] = torch.tensor(token_type_ids[row])
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            features["token_type_ids"] = types
+        return self._outputs(_run_modules(self._inputs(features), list(self.model)))
 
     @torch.inference_mode()
     def _embed_packed(self, token_ids: list[list[int]], run: bool = False) -> torch.Tensor:
@@ -351,11 +383,14 @@ class EmbeddingWorker:
             "attention_mask": valid.long().to(self.device),
             "modality": "text",
         }
-        return _embeddings(_run_modules(per_input, pooling))
+        return self._outputs(_run_modules(per_input, pooling))
+
+    def _outputs(self, features: dict) -> torch.Tensor:
+        return features["sentence_embedding"].float().cpu()
 
     def _inputs(self, features: dict[str, torch.Tensor]) -> dict:
         """A batch's tensors as the model's first module takes them, on its device."""
-        if self.token_type_ids:
+        if self.token_type_ids and "token_type_ids" not in features:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         return {**{k: v.to(self.device) for k, v in features.items()}, "modality": "text"}
 
@@ -404,7 +439,7 @@ class EmbeddingWorker:
         }
 
 
-def _max_model_len(wanted: int | None, model, transformer) -> int:
+def max_model_len_of(wanted: int | None, model, transformer) -> int:
     """The catalog's max_model_len, which may only lower the model's own limit (the input
     length sentence-transformers uses, else its position embeddings' count): a longer input
     would index past the position embeddings and end the process (vLLM refuses it too)."""
@@ -424,10 +459,6 @@ def _run_modules(features: dict, modules: list) -> dict:
     for module in modules:
         features = module(features)
     return features
-
-
-def _embeddings(features: dict) -> torch.Tensor:
-    return features["sentence_embedding"].float().cpu()
 
 
 def _pack(lengths: list[int], width: int) -> list[list[int]]:

@@ -195,6 +195,48 @@ class EmbeddingList(BaseModel):
     usage: EmbeddingUsage
 
 
+class RerankDocumentText(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int  # the document's place in the request
+    relevance_score: float
+    document: RerankDocumentText | None = None  # absent with return_documents false
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]  # the best first, cut at top_n
+
+
+class Score(BaseModel):
+    object: Literal["score"]
+    index: int
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+
+
+class ScoreList(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Score]
+    usage: ScoreUsage
+
+
 class ImageData(BaseModel):
     seed: int  # an extension: the seed that remakes this image
     url: str | None = None

@@ -41,6 +41,14 @@ from pagoda.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
+from pagoda.server.rerank import (
+    RERANK_PATHS,
+    SCORE_PATHS,
+    RerankRequest,
+    ScoreRequest,
+    create_rerank,
+    create_score,
+)
 from pagoda.server.response_store import ResponseStore, owner_of
 from pagoda.server.responses import create_response
 from pagoda.server.responses_request import ResponsesRequest
@@ -53,6 +61,7 @@ logger = logging.getLogger(__name__)
 ENDPOINTS = {
     "chat": "/v1/chat/completions, /v1/completions and /v1/responses",
     "embedding": "/v1/embeddings",
+    "rerank": "/v1/rerank and /v1/score",
     "image": "/v1/images/generations",
 }
 
@@ -185,6 +194,18 @@ def build_app(
         model = served(request, req.model, "embedding")
         return await create_embeddings(model, req, request, metrics.embeddings, meter)
 
+    async def rerank(request: Request) -> Response:
+        req = parse_body(RerankRequest, await read_body(request))
+        meter = request_meter(request)
+        model = served(request, req.model, "rerank")
+        return await create_rerank(model, req, request, metrics.embeddings, meter)
+
+    async def score(request: Request) -> Response:
+        req = parse_body(ScoreRequest, await read_body(request))
+        meter = request_meter(request)
+        model = served(request, req.model, "rerank")
+        return await create_score(model, req, request, metrics.embeddings, meter)
+
     def tokenizer_of(request: Request, model_id: str | None) -> Any:
         """The model whose tokenizer /tokenize, /detokenize and /tokenizer_info use. A key's
         models apply, and its rpm and max_concurrent count the request as any other; it
@@ -276,6 +297,8 @@ def build_app(
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             *(Route(path, unserved_image_endpoint, methods=["POST"]) for path in UNSERVED_PATHS),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            *(Route(path, rerank, methods=["POST"]) for path in RERANK_PATHS),
+            *(Route(path, score, methods=["POST"]) for path in SCORE_PATHS),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),

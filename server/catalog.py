@@ -216,7 +216,7 @@ class ImageSettings(_Strict):
 
 class CatalogEntry(_Strict):
     id: str = Field(pattern=r"^\S+$")
-    kind: Literal["chat", "embedding", "image"]
+    kind: Literal["chat", "embedding", "rerank", "image"]
     source: str = Field(min_length=1)
     enabled: bool = True
     engine: EngineSettings | None = None
@@ -252,7 +252,9 @@ class CatalogEntry(_Strict):
     @classmethod
     def _chat_queue(cls, value: int, info: ValidationInfo) -> int:
         if info.data.get("kind") != "chat":
-            raise ValueError("only chat models (embedding: max_queued_requests, image: max_queue)")
+            raise ValueError(
+                "only chat models (embedding, rerank: max_queued_requests; image: max_queue)"
+            )
         return value
 
     @field_validator("engine")
@@ -260,7 +262,7 @@ class CatalogEntry(_Strict):
     def _worker_engine(cls, value: EngineSettings | None, info: ValidationInfo) -> Any:
         kind = info.data.get("kind")
         extra = sorted(value.model_fields_set - WORKER_ENGINE_FIELDS) if value is not None else []
-        if kind in ("embedding", "image") and extra:
+        if kind in ("embedding", "rerank", "image") and extra:
             article = "an" if kind[0] in "aeiou" else "a"
             raise ValueError(f"{article} {kind} model takes only dtype and device, not {extra[0]}")
         return value
@@ -281,8 +283,11 @@ class CatalogEntry(_Strict):
     def _embedding_settings(
         cls, value: EmbeddingSettings | None, info: ValidationInfo
     ) -> EmbeddingSettings | None:
-        if value is not None and info.data.get("kind") != "embedding":
-            raise ValueError("only embedding models have embedding settings")
+        kind = info.data.get("kind")
+        if value is not None and kind not in ("embedding", "rerank"):
+            raise ValueError("only embedding models (and rerank models) have embedding settings")
+        if value is not None and kind == "rerank" and value.matryoshka:
+            raise ValueError("matryoshka is for embedding models, not rerank models")
         return value
 
     def engine_kwargs(self) -> dict[str, Any]:

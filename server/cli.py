@@ -245,6 +245,11 @@ WORKER_IMPORTS = {
         "pagoda.engine.embedding_bf16",
         "sentence_transformers",
     ),
+    "rerank": (
+        "pagoda.engine.cross_encoder_worker",
+        "pagoda.engine.embedding_worker",
+        "sentence_transformers",
+    ),
     "image": ("pagoda.engine.image_worker", "diffusers"),
 }
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -131,10 +132,20 @@ async def create_embeddings(
     metrics: EmbeddingMetrics,
     meter: Meter,
 ) -> JSONResponse:
+    work = _embed(model, req, request, meter)
+    result = await counted(model.id, work, metrics, meter)
+    return JSONResponse(_response(model.id, result, req.encoding_format or "float"))
+
+
+async def counted(
+    model_id: str, work: Awaitable[Embeddings], metrics: EmbeddingMetrics, meter: Meter
+) -> Embeddings:
+    """The worker's answer to a request, counted in the metrics by outcome, and its tokens
+    in the key's usage."""
     start = time.monotonic()
     status = "failed"
     try:
-        result = await _embed(model, req, request, meter)
+        result = await work
         status = "ok"
     except RequestRejected:
         status = "rejected"
@@ -146,12 +157,12 @@ async def create_embeddings(
             status = "rejected"
         raise
     finally:
-        metrics.requests.labels(model.id, status).inc()
-    metrics.latency.labels(model.id).observe(time.monotonic() - start)
-    metrics.inputs.labels(model.id).inc(result.num_rows)
-    metrics.input_tokens.labels(model.id).inc(result.num_tokens)
+        metrics.requests.labels(model_id, status).inc()
+    metrics.latency.labels(model_id).observe(time.monotonic() - start)
+    metrics.inputs.labels(model_id).inc(result.num_rows)
+    metrics.input_tokens.labels(model_id).inc(result.num_tokens)
     meter.record(input_tokens=result.num_tokens)
-    return JSONResponse(_response(model.id, result, req.encoding_format or "float"))
+    return result
 
 
 async def _embed(
@@ -193,9 +204,16 @@ def _response(model_id: str, result: Embeddings, encoding_format: str) -> dict:
     }
 
 
+class ServedRerankModel(ServedEmbeddingModel):
+    """A cross-encoder: the embedding worker's queue, a score for a row (server/rerank.py)."""
+
+    kind: ClassVar[str] = "rerank"
+
+
 async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, ServedEmbeddingModel]:
-    """A worker for each enabled embedding entry; a failure stops those already started."""
-    entries = [e for e in entries if e.enabled and e.kind == "embedding"]
+    """A worker for each enabled embedding or rerank entry; a failure stops those already
+    started."""
+    entries = [e for e in entries if e.enabled and e.kind in ("embedding", "rerank")]
     clients = [EmbeddingClient(_worker_config(e), e.id) for e in entries]
     results = await asyncio.gather(*(c.start() for c in clients), return_exceptions=True)
     failed = [(e, r) for e, r in zip(entries, results) if isinstance(r, BaseException)]
@@ -209,7 +227,8 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
     for entry, client in zip(entries, clients):
         settings = entry.embedding or EmbeddingSettings()
         info = client.info
-        served[entry.id] = ServedEmbeddingModel(
+        served_class = ServedRerankModel if entry.kind == "rerank" else ServedEmbeddingModel
+        served[entry.id] = served_class(
             entry.id,
             client,
             settings.max_queued_requests,
@@ -219,9 +238,10 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
             owned_by=entry.owned_by,
         )
         logger.info(
-            "serving %s on %s (%s): %d dimensions, max %d tokens, batches of up to %d inputs "
-            "and %d padded tokens",
+            "serving %s (%s) on %s (%s): %d dimensions, max %d tokens, batches of up to %d "
+            "inputs and %d padded tokens",
             entry.id,
+            entry.kind,
             info["device"],
             info["dtype"],
             info["dimensions"],
@@ -247,4 +267,9 @@ def _worker_config(entry: CatalogEntry) -> EmbeddingConfig:
     kwargs = entry.engine.model_dump(include={"dtype", "device"}) if entry.engine else {}
     if entry.embedding is not None:
         kwargs.update(entry.embedding.worker_kwargs())
-    return EmbeddingConfig(resolve_source(entry), max_model_len=entry.max_model_len, **kwargs)
+    return EmbeddingConfig(
+        resolve_source(entry),
+        max_model_len=entry.max_model_len,
+        cross_encoder=entry.kind == "rerank",
+        **kwargs,
+    )

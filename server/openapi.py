@@ -25,6 +25,7 @@ from pagoda.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pagoda.server.rerank import RERANK_PATHS, SCORE_PATHS, RerankRequest, ScoreRequest
 from pagoda.server.responses_request import ResponsesRequest
 
 REF = "#/components/schemas/{model}"
@@ -99,6 +100,14 @@ OPERATIONS = (
         errors=(401, 404),
     ),
     Operation("post", "/v1/embeddings", "Create embeddings", out.EmbeddingList, EmbeddingRequest),
+    *(
+        Operation("post", path, "Rerank documents by a query", out.RerankResponse, RerankRequest)
+        for path in RERANK_PATHS
+    ),
+    *(
+        Operation("post", path, "Score text pairs", out.ScoreList, ScoreRequest)
+        for path in SCORE_PATHS
+    ),
     Operation(
         "post",
         "/v1/images/generations",

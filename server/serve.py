@@ -250,9 +250,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def of_kind(served: dict[str, Served], kind: str) -> Callable[[], dict[str, dict]]:
-    """The latest worker stats of the models of one kind, for the metrics collectors."""
-    return lambda: {name: m.client.stats for name, m in served.items() if m.kind == kind}
+def of_kind(served: dict[str, Served], *kinds: str) -> Callable[[], dict[str, dict]]:
+    """The latest worker stats of the models of these kinds, for the metrics collectors."""
+    return lambda: {name: m.client.stats for name, m in served.items() if m.kind in kinds}
 
 
 def _stop_while_starting(signum: int, _frame: object) -> None:
@@ -287,7 +287,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     metrics = Metrics(of_kind(served, "chat"), of_kind(served, "image"))
     metrics.start_series(name for name, model in served.items() if model.kind == "chat")
-    metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding")))
+    # a reranker's worker is an embedding worker: its series are the embedding models'
+    metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding", "rerank")))
     gateway.register_metrics(metrics.registry)
     register_process_metrics(metrics.registry)
     clients = {name: model.client for name, model in served.items()}  # each outlives restarts

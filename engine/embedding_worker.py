@@ -139,21 +139,10 @@ class EmbeddingWorker:
         from pagoda.engine import embedding_bf16
 
         config = self.config
-        self.model = SentenceTransformer(config.model, device=str(self.device))
-        self.model = self.model.to(self.dtype).eval()
-        self.tokenizer = self.model.tokenizer
-        transformer = self.model[0]
-        self.max_model_len = max_model_len_of(config.max_model_len, self.model, transformer)
-        self.model.max_seq_length = self.max_model_len
-        self.dim = self.model.get_embedding_dimension()
-        self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
-        self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.left_padding = self.tokenizer.padding_side == "left"
-        self.prompt = self.model.prompts.get(self.model.default_prompt_name or "", "")
-        self.inputs = EmbeddingInputs(
-            self.tokenizer, self.prompt, self.vocab_size, self.max_model_len
-        )
+        model = SentenceTransformer(config.model, device=str(self.device))
+        self._adopt(model, model.prompts.get(model.default_prompt_name or "", ""))
+        self.dim = model.get_embedding_dimension()
+        transformer = model[0]
         self.fused_linears = 0
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             self.fused_linears = embedding_bf16.fuse_linears(transformer)
@@ -199,6 +188,21 @@ class EmbeddingWorker:
         }
 
     # --- requests ----------------------------------------------------------------------
+
+    def _adopt(self, model, prompt: str) -> None:
+        """A loaded sentence-transformers model (either kind) in the worker's dtype, and what
+        the worker reads from it: its tokenizer and its input limit."""
+        self.model = model.to(self.dtype).eval()
+        self.tokenizer = model.tokenizer
+        transformer = model[0]
+        self.max_model_len = max_model_len_of(self.config.max_model_len, model, transformer)
+        model.max_seq_length = self.max_model_len
+        self.vocab_size = transformer.model.get_input_embeddings().num_embeddings
+        self.token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.left_padding = self.tokenizer.padding_side == "left"
+        self.prompt = prompt
+        self.inputs = EmbeddingInputs(self.tokenizer, prompt, self.vocab_size, self.max_model_len)
 
     def add(
         self,

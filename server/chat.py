@@ -174,7 +174,7 @@ async def _complete(
             thoughts[i], texts[i] = thoughts[i] + reasoning, texts[i] + text
         finish[i] = delta.finish_reason or finish[i]
         if req.logprobs:
-            logprobs[i] += _logprob_content(generation.model, delta, req.top_logprobs)
+            logprobs[i] += logprob_content(generation.model, delta, req.top_logprobs)
     choices = []
     for i in range(n):
         message, finish_reason = _message(texts[i], finish[i], tools)
@@ -245,7 +245,7 @@ async def _stream(
                     pieces = [({}, None)]  # the role, or the logprobs of held-back tokens
             logprobs = None
             if req.logprobs:  # not built for every delta of the streams that ask none
-                content = _logprob_content(generation.model, delta, req.top_logprobs)
+                content = logprob_content(generation.model, delta, req.top_logprobs)
                 logprobs = {"content": content, "refusal": None}
             for i, (message, finish) in enumerate(pieces):
                 if delta.index not in started:
@@ -303,7 +303,7 @@ def usage(generation: Generation, splits: list[ReasoningStream] | None = None) -
     return body
 
 
-def _logprob_content(model: ServedModel, delta: ChoiceDelta, top: int | None) -> list[dict]:
+def logprob_content(model: ServedModel, delta: ChoiceDelta, top: int | None) -> list[dict]:
     return [
         _token_entry(model, token, entry, top or 0)
         for token, entry in zip(delta.token_ids, delta.logprobs)

@@ -21,19 +21,22 @@ class OutputItems:
     def reasoning(self, text: str) -> None:
         if not text:
             return
-        if self._open_kind() != "reasoning":
+        if self.open_kind() != "reasoning":
             self._start(
                 {"id": _item_id("rs"), "type": "reasoning", "summary": [], "content": []},
                 {"type": "reasoning_text", "text": ""},
             )
         self._append_text(text, "response.reasoning_text.delta")
 
-    def text(self, text: str) -> None:
-        if not text:
+    def text(self, text: str, logprobs: list[dict] | None = None) -> None:
+        """Message text, with the logprobs of the tokens that wrote it (where asked for)."""
+        if not text and not logprobs:
             return
-        if self._open_kind() != "message":
+        if self.open_kind() != "message":
             self._start_message()
-        self._append_text(text, "response.output_text.delta", logprobs=[])
+        logprobs = logprobs or []
+        self.open["content"][0]["logprobs"] += logprobs
+        self._append_text(text, "response.output_text.delta", logprobs=logprobs)
 
     def call(self, call_id: str, name: str, arguments: str) -> None:
         """A function call begins (its arguments may follow in `arguments`)."""
@@ -77,18 +80,20 @@ class OutputItems:
         else:
             part = item["content"][0]
             if part["type"] == "output_text":
-                self._event("response.output_text.done", ids, text=part["text"], logprobs=[])
+                done = {"text": part["text"], "logprobs": part["logprobs"]}
+                self._event("response.output_text.done", ids, **done)
             else:
                 self._event("response.reasoning_text.done", ids, text=part["text"])
-            self._event("response.content_part.done", ids, part=dict(part))
+            self._event("response.content_part.done", ids, part=part)
         self._event("response.output_item.done", {"output_index": ids["output_index"]}, item=item)
 
-    def _open_kind(self) -> str | None:
+    def open_kind(self) -> str | None:
         return None if self.open is None else self.open["type"]
 
     def _start_message(self) -> None:
         message = {"id": _item_id("msg"), "type": "message", "role": "assistant", "content": []}
-        self._start(message, {"type": "output_text", "text": "", "annotations": []})
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self._start(message, part)
 
     def _start(self, item: dict, part: dict | None) -> None:
         self.close()
@@ -98,7 +103,7 @@ class OutputItems:
         self._event("response.output_item.added", {"output_index": len(self.items) - 1}, item=item)
         if part is not None:
             item["content"].append(part)
-            self._event("response.content_part.added", self._ids(), part=dict(part))
+            self._event("response.content_part.added", self._ids(), part=part)
 
     def _append_text(self, text: str, event: str, **extra) -> None:
         self.open["content"][0]["text"] += text
@@ -111,9 +116,12 @@ class OutputItems:
 
     def _event(self, kind: str, ids: dict, **fields) -> None:
         # an item is sent as it is now: later changes must not reach events not yet sent
-        fields = {k: (_snapshot(v) if isinstance(v, dict) else v) for k, v in fields.items()}
-        self.events.append({"type": kind, **ids, **fields})
+        self.events.append({"type": kind, **ids, **_snapshot(fields)})
 
 
-def _snapshot(item: dict) -> dict:
-    return {k: [dict(p) for p in v] if k == "content" else v for k, v in item.items()}
+def _snapshot(value):
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    return value

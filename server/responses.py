@@ -15,7 +15,7 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse
 
-from pagoda.server.chat import split_delta, start_generation
+from pagoda.server.chat import logprob_content, split_delta, start_generation
 from pagoda.server.errors import invalid
 from pagoda.server.generation import Generation, ServedModel, event_stream
 from pagoda.server.keys.meter import Meter
@@ -80,6 +80,8 @@ class _Response:
         self.items = OutputItems()
         parser = generation.model.reasoning
         self.thinking = parser.stream(generation.prompt_token_ids) if parser else None
+        # each token's top alternatives, where the output text carries logprobs
+        self.logprobs = (req.top_logprobs or 0) if req.output_logprobs else None
         params = generation.params
         self.body = {
             "id": generation.request_id,
@@ -101,6 +103,7 @@ class _Response:
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
+            "top_logprobs": req.top_logprobs or 0,
             "top_p": params.top_p,
             "truncation": "disabled",
             "usage": None,
@@ -108,38 +111,58 @@ class _Response:
         }
 
     async def run(self) -> AsyncIterator[dict]:
-        """The output's events, while the body's output and usage fill in."""
+        """The output's events, while the body's output and usage fill in.
+
+        With logprobs, each token's entry goes with the message text it wrote; a token whose
+        text is held back (a stop string's start, a tool call's) waits for the next text. The
+        entries of the thinking's tokens and of function calls' are dropped: OpenAI gives the
+        message text's only."""
         generation, items, thinking = self.generation, self.items, self.thinking
         calls = ToolCallStream(self.tools) if self.tools is not None else None
         finish = None
+        held: list[dict] = []
         async with aclosing(aiter(generation)) as deltas:
             async for delta in deltas:
                 text, finish = delta.text, delta.finish_reason
+                if self.logprobs is not None:
+                    held += logprob_content(generation.model, delta, self.logprobs)
                 if thinking is not None:
                     reasoning, text = split_delta(thinking, delta)
                     items.reasoning(reasoning)
-                if calls is None:
-                    items.text(text)
-                else:
-                    self._tool_output(calls, text, finish is not None)
+                    if reasoning and not text:
+                        held = []
+                if calls is not None:
+                    text, held = self._tool_output(calls, text, held, finish is not None)
+                if text:
+                    items.text(text, held)
+                    held = []
                 for event in items.take_events():
                     yield event
+        if held and items.open_kind() in (None, "message"):  # an EOS, a stop string
+            items.text("", held)
         self._finish(finish)
         for event in items.take_events():
             yield event
 
-    def _tool_output(self, calls: ToolCallStream, text: str, last: bool) -> None:
+    def _tool_output(
+        self, calls: ToolCallStream, text: str, held: list[dict], last: bool
+    ) -> tuple[str, list[dict]]:
+        """(the text that is the message's, the logprobs still held)."""
         content, deltas = calls.feed(text)
         if last:
             rest, more = calls.finish()
             content, deltas = content + rest, deltas + more
-        self.items.text(content)
+        if content:
+            self.items.text(content, held)
+            held = []
         for delta in deltas:
+            held = []  # the call's tokens
             function = delta["function"]
             if "id" in delta:
                 self.items.call(delta["id"], function["name"], function["arguments"])
             else:
                 self.items.arguments(function["arguments"])
+        return "", held
 
     def _finish(self, finish: str | None) -> None:
         body, generation = self.body, self.generation

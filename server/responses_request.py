@@ -36,6 +36,7 @@ REFUSED = {
 }
 
 
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for them
 # `include` entries with nothing to add: reasoning is sent in plain (nothing is encrypted),
 # and the others concern hosted tools' calls and image inputs, which cannot occur here
 NOTHING_TO_INCLUDE = frozenset(
@@ -142,18 +143,20 @@ class ResponsesRequest(StructuredOutputFields):
             if getattr(self, name) not in (None, False):
                 return name, f"{name}: {why}"
         for entry in self.include or ():
-            if entry not in NOTHING_TO_INCLUDE:
-                logprobs = "logprobs" in entry
-                why = "no logprobs on /v1/responses yet" if logprobs else "not includable"
-                return "include", f"include: {entry!r}: {why}"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs: logprobs are not available on /v1/responses"
+            if entry not in NOTHING_TO_INCLUDE and entry != OUTPUT_LOGPROBS:
+                return "include", f"include: {entry!r}: not includable"
         if self.truncation == "auto":
             return "truncation", (
                 "truncation: 'auto' (dropping the conversation's first items) is not "
                 "supported; a conversation longer than the context is a 400"
             )
         return None
+
+    @property
+    def output_logprobs(self) -> bool:
+        """Whether the output text carries its tokens' logprobs: `include` asks for them,
+        `top_logprobs` only says how many alternatives each has (as OpenAI's and vLLM's)."""
+        return OUTPUT_LOGPROBS in (self.include or ())
 
     def chat_request(self, messages: list[dict]) -> ChatCompletionRequest:
         """The chat completion request of the conversation `messages` (instructions first)."""
@@ -171,6 +174,8 @@ class ResponsesRequest(StructuredOutputFields):
             "frequency_penalty": self.frequency_penalty,
             "chat_template_kwargs": self.chat_template_kwargs,
             "logit_bias": self.logit_bias,
+            "logprobs": self.output_logprobs,
+            "top_logprobs": self.top_logprobs if self.output_logprobs else None,
             **{name: getattr(self, name) for name in ("structured_outputs", *GUIDED_FIELDS)},
         }
         body = {"model": self.model, "messages": messages, "stream": self.stream, **fields}

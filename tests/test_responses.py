@@ -428,9 +428,8 @@ BAD = [
     ({"background": True}, "background", "background"),
     ({"conversation": "conv_1"}, "conversation", "Conversations"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", ""),
-    ({"include": ["message.output_text.logprobs"]}, "include", "logprobs"),
     ({"include": ["reasoning.encrypted_content", "everything"]}, "include", "'everything'"),
-    ({"top_logprobs": 3}, "top_logprobs", ""),
+    ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs", ""),
     ({"truncation": "auto"}, "truncation", "auto"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "16"),
     ({"max_output_tokens": 0}, "max_output_tokens", ""),
@@ -599,6 +598,74 @@ def test_thinking_then_answer(client):
         order, key=["response.reasoning_text.delta", "response.output_text.delta"].index
     )
     assert stream.get_final_response().output_text == response.output_text
+
+
+def test_output_text_logprobs_are_chats(client):
+    """include message.output_text.logprobs gives the message's tokens the entries chat's
+    logprobs gives them (same seed, same tokens), top_logprobs alternatives each; streamed,
+    each text delta carries its tokens' and the done event all of them. Before: a 400."""
+    include = ["message.output_text.logprobs"]
+    response = respond(client, input="Tell me about the river", include=include, top_logprobs=3)
+    reference = chat(
+        client,
+        [{"role": "user", "content": "Tell me about the river"}],
+        logprobs=True,
+        top_logprobs=3,
+    )
+    part = response.output[0].content[0]
+    expected = [entry.model_dump() for entry in reference.choices[0].logprobs.content]
+    assert [entry.model_dump() for entry in part.logprobs] == expected
+    assert len(expected) == 24 and all(len(e["top_logprobs"]) == 3 for e in expected)
+    assert "".join(entry.token for entry in part.logprobs) == response.output_text
+    assert response.top_logprobs == 3
+
+    body = dict(model="m", input="Tell me about the river", max_output_tokens=24, top_logprobs=3)
+    with client.responses.stream(**body, include=include, extra_body={"seed": SEED}) as stream:
+        events = list(stream)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    streamed = [entry.model_dump() for e in deltas for entry in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert streamed == expected
+    assert [entry.model_dump() for entry in done.logprobs] == streamed
+    assert events[-1].response.output[0].content[0].model_dump()["logprobs"] == expected
+
+    # top_logprobs says how many alternatives; without the include entry, none is given
+    plain = respond(client, input="Tell me about the river", top_logprobs=3)
+    assert plain.output_text == response.output_text and plain.output[0].content[0].logprobs == []
+
+    # a forced call's tokens are the call's: no message, no logprobs
+    called = respond(
+        client, input="Hi", tools=TOOLS, tool_choice="required", include=include, **_long()
+    )
+    assert {item.type for item in called.output} == {"function_call"}
+
+
+def test_thinkings_tokens_have_no_logprobs(client):
+    """Only the message text's tokens carry logprobs (OpenAI's output_text.logprobs): the
+    thinking's are left out, so the entries are the tail of chat's for the same output. Before
+    this change: a 400."""
+    extra = {"seed": SEED, "guided_regex": THOUGHT, "logit_bias": {str(THINK_START_ID): -100}}
+    response = client.responses.create(
+        model="think",
+        input="think first",
+        max_output_tokens=40,
+        include=["message.output_text.logprobs"],
+        extra_body=extra,
+    )
+    reference = chat(
+        client,
+        [{"role": "user", "content": "think first"}],
+        model="think",
+        max_tokens=40,
+        logprobs=True,
+        logit_bias={str(THINK_START_ID): -100},
+        extra_body={"guided_regex": THOUGHT},
+    )
+    everything = [entry.model_dump() for entry in reference.choices[0].logprobs.content]
+    given = [entry.model_dump() for entry in response.output[1].content[0].logprobs]
+    assert 0 < len(given) < len(everything) and given == everything[-len(given) :]
+    # the closing tag's tokens wait for the text after it; the EOS ends the message
+    assert "".join(entry["token"] for entry in given) == f"</think>{response.output_text}</s>"
 
 
 def test_an_empty_tools_list_is_no_tools(client):

@@ -290,6 +290,8 @@ class OutputText(BaseModel):
     type: Literal["output_text"]
     text: str
     annotations: list[Any]
+    # with include message.output_text.logprobs: per token {token, logprob, bytes, top_logprobs}
+    logprobs: list[dict[str, Any]] = []
 
 
 class ReasoningText(BaseModel):
@@ -354,7 +356,7 @@ class ResponseObject(BaseModel):
     object: Literal["response"]
     created_at: int
     completed_at: int | None = None
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     background: bool
     error: dict[str, Any] | None
     incomplete_details: dict[str, str] | None
@@ -371,6 +373,7 @@ class ResponseObject(BaseModel):
     text: dict[str, Any]
     tool_choice: str | dict[str, Any]
     tools: list[dict[str, Any]]
+    top_logprobs: int
     top_p: float | None
     truncation: Literal["disabled"]
     usage: ResponseUsage | None
@@ -395,6 +398,17 @@ class ResponseStreamEvent(BaseModel):
     text: str | None = None
     arguments: str | None = None
     logprobs: list[Any] | None = None
+
+
+class InputItemList(BaseModel):
+    """A page of a stored response's input items: messages, function calls and their
+    outputs, reasoning items, each with its `id`."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class ResponseDeleted(BaseModel):

@@ -20,6 +20,7 @@ from pagoda.server.completions import completion
 from pagoda.server.disconnect import unless_disconnected
 from pagoda.server.embeddings import EmbeddingRequest, create_embeddings
 from pagoda.server.errors import APIError, invalid
+from pagoda.server.generation import event_stream
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH, ImageStore
 from pagoda.server.images import (
@@ -40,6 +41,7 @@ from pagoda.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     parse_body,
+    parse_query,
 )
 from pagoda.server.rerank import (
     RERANK_PATHS,
@@ -49,7 +51,13 @@ from pagoda.server.rerank import (
     create_rerank,
     create_score,
 )
-from pagoda.server.response_store import ResponseStore, owner_of
+from pagoda.server.response_store import (
+    InputItemsQuery,
+    ResponseStore,
+    RetrieveQuery,
+    StoredResponse,
+    owner_of,
+)
 from pagoda.server.responses import create_response
 from pagoda.server.responses_request import ResponsesRequest
 from pagoda.server.tokenizer_info import tokenizer_info
@@ -163,14 +171,43 @@ def build_app(
         work = create_response(model, req, metrics, meter, responses_kept)
         return await unless_disconnected(request, work)
 
-    async def stored_response(request: Request) -> Response:
-        """GET a stored response, or DELETE it (one route: a 405 lists both methods)."""
+    def kept_response(request: Request) -> StoredResponse:
         owner = owner_of(request_meter(request))
-        response_id = request.path_params["response_id"]
+        return responses_kept.get(request.path_params["response_id"], owner)
+
+    async def stored_response(request: Request) -> Response:
+        """GET a stored response (or a background one's events), or DELETE it (one route: a
+        405 lists both methods)."""
+        stored = kept_response(request)
+        response_id = stored.body["id"]
         if request.method == "DELETE":
-            responses_kept.delete(response_id, owner)
+            if stored.run is not None:
+                await stored.run.cancel()
+            responses_kept.delete(response_id, stored.owner)
             return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-        return JSONResponse(responses_kept.get(response_id, owner).body)
+        query = parse_query(RetrieveQuery, request.query_params)
+        if not query.stream:
+            return JSONResponse(stored.body)
+        if stored.run is None:
+            raise invalid(
+                "stream: only a background response's events are kept to be streamed again",
+                param="stream",
+            )
+        return event_stream(stored.run.follow(query.starting_after), request_meter(request))
+
+    async def response_input_items(request: Request) -> Response:
+        query = parse_query(InputItemsQuery, request.query_params)
+        return JSONResponse(kept_response(request).input_page(query))
+
+    async def cancel_response(request: Request) -> Response:
+        stored = kept_response(request)
+        status = stored.body["status"]
+        if stored.run is None:
+            raise invalid("Only a background response can be cancelled.")
+        if status not in ("queued", "in_progress", "cancelled"):
+            raise invalid(f"The response is {status}: it can no longer be cancelled.")
+        await stored.run.cancel()
+        return JSONResponse(stored.body)
 
     def first_model(request: Request, kind: str = "chat") -> str:
         """The model a request without `model` gets (vLLM serves one; here the first that the
@@ -293,6 +330,8 @@ def build_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", response_input_items),
+            Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
             Route("/v1/images/generations", images, methods=["POST"]),
             Route(URL_PATH + "{name}", image_files, methods=["GET"]),
             *(Route(path, unserved_image_endpoint, methods=["POST"]) for path in UNSERVED_PATHS),

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
+from starlette.background import BackgroundTask
 
 from pagoda.engine.sampling_params import (
     VOCABULARY_FIELDS,
@@ -51,13 +52,18 @@ class _EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             logger.warning("a stream client stopped reading for %g s: cut", self.send_timeout)
+            if self.background is not None:  # skipped by the error
+                await self.background()
 
 
-def event_stream(chunks: AsyncIterator[str], meter: Meter) -> EventSourceResponse:
+def event_stream(
+    chunks: AsyncIterator[str], meter: Meter, background: BackgroundTask | None = None
+) -> EventSourceResponse:
     """SSE response for a stream of JSON chunks. Validation happened before: once the 200 is
     sent, a failure can only be told in the stream itself, as an OpenAI error event. The key's
     slot and budget hold are released before `[DONE]` goes out: a client may send its next
-    request on reading it."""
+    request on reading it. `background` runs once the stream has ended, its client gone or
+    not."""
 
     async def guarded() -> AsyncIterator[str]:
         # sse-starlette closes this generator when its client leaves mid-send; each generator
@@ -76,7 +82,7 @@ def event_stream(chunks: AsyncIterator[str], meter: Meter) -> EventSourceRespons
             meter.release()
             yield "[DONE]"
 
-    return _EventStream(guarded(), ping=15, send_timeout=_send_timeout_s)
+    return _EventStream(guarded(), ping=15, send_timeout=_send_timeout_s, background=background)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -75,6 +76,15 @@ def parse_body(model_cls: type[RequestModel], body: bytes) -> RequestModel:
     check_request_fields(model_cls, data)
     log_request(request)
     return request
+
+
+def parse_query(model_cls: type[RequestModel], params: Mapping[str, str]) -> RequestModel:
+    """Validate a query string's parameters as `model_cls`, or raise `APIError` 400 naming the
+    parameter."""
+    try:
+        return model_cls.model_validate(dict(params))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 def _load_json(body: bytes) -> Any:

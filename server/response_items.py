@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 
-def _item_id(prefix: str) -> str:
+def item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -23,7 +23,7 @@ class OutputItems:
             return
         if self.open_kind() != "reasoning":
             self._start(
-                {"id": _item_id("rs"), "type": "reasoning", "summary": [], "content": []},
+                {"id": item_id("rs"), "type": "reasoning", "summary": [], "content": []},
                 {"type": "reasoning_text", "text": ""},
             )
         self._append_text(text, "response.reasoning_text.delta")
@@ -42,7 +42,7 @@ class OutputItems:
         """A function call begins (its arguments may follow in `arguments`)."""
         self.close()
         item = {
-            "id": _item_id("fc"),
+            "id": item_id("fc"),
             "type": "function_call",
             "call_id": call_id,
             "name": name,
@@ -91,7 +91,7 @@ class OutputItems:
         return None if self.open is None else self.open["type"]
 
     def _start_message(self) -> None:
-        message = {"id": _item_id("msg"), "type": "message", "role": "assistant", "content": []}
+        message = {"id": item_id("msg"), "type": "message", "role": "assistant", "content": []}
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self._start(message, part)
 

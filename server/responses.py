@@ -8,12 +8,14 @@ message: the reasoning parser's thinking, the text, the tool parser's calls."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from starlette.responses import JSONResponse
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response
 
 from pagoda.server.chat import logprob_content, split_delta, start_generation
 from pagoda.server.errors import invalid
@@ -21,10 +23,16 @@ from pagoda.server.generation import Generation, ServedModel, event_stream
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.response_items import OutputItems
+from pagoda.server.response_runs import BackgroundRun
 from pagoda.server.response_store import ResponseStore, StoredResponse, owner_of
-from pagoda.server.responses_request import ResponsesRequest, input_messages
+from pagoda.server.responses_request import ResponsesRequest, input_messages, listed_input
 from pagoda.server.structured import text_format_constraint
 from pagoda.server.tools import ToolCallStream, ToolPlan, plan_tools
+from pagoda.server.worker_client import WorkerDeadError
+
+logger = logging.getLogger("pagoda")
+DONE = ("stop", "tool_calls")  # the finish reasons of a complete output
+DROPPED = "The server stopped generating before the response was complete."
 
 
 async def create_response(
@@ -36,6 +44,13 @@ async def create_response(
 ):
     if (refused := req.refused_field()) is not None:
         raise invalid(refused[1], param=refused[0])
+    stored = req.store and store.enabled
+    if req.background and not stored:
+        raise invalid(
+            "background: a background response is stored to be read later: it needs store "
+            "true (and a server keeping responses: --max-stored-responses above 0)",
+            param="background",
+        )
     owner = owner_of(meter)
     history = []
     if req.previous_response_id is not None:
@@ -54,14 +69,18 @@ async def create_response(
         prompt_param="input",
     )
     response = _Response(generation, req, tools if tools and tools.mode != "none" else None)
-    saved = StoredResponse(response.body, messages, owner) if req.store and store.enabled else None
-    response.body["store"] = saved is not None
+    saved = (
+        StoredResponse(response.body, messages, owner, listed_input(req.input)) if stored else None
+    )
+    response.body["store"] = stored
 
     def keep() -> None:
         if saved is not None:  # the output's items join the conversation a follow-up continues
             saved.messages = [*messages, *input_messages(response.body["output"], "output")]
             store.put(saved)
 
+    if req.background:
+        return _start_background(response, saved, store, meter, keep)
     if req.stream:
         return event_stream(_stream(response, meter, keep), meter)
     async with aclosing(response.run()) as events:
@@ -71,11 +90,34 @@ async def create_response(
     return JSONResponse(response.body)
 
 
+def _start_background(
+    response: _Response, saved: StoredResponse, store: ResponseStore, meter: Meter, keep
+) -> Response:
+    """Answer at once (the response `queued`, or its events as they come) while a task of its
+    own makes it; the request lasts until it ends, so that the drain waits for it and its key
+    is billed for all of it, but its client may leave."""
+    body = response.body
+    body["background"], body["status"] = True, "queued"
+
+    def cancelled() -> None:
+        response.end("cancelled")
+        keep()
+        meter.release()
+
+    saved.run = run = BackgroundRun(_stream(response, meter, keep, background=True), cancelled)
+    store.put(saved)  # found by GET, cancel and previous_response_id while it runs
+    meter.detached = True  # the key's slot is held until the run ends, not the answer
+    if response.stream:
+        return event_stream(run.follow(), meter, BackgroundTask(run.wait))
+    return JSONResponse(body, background=BackgroundTask(run.wait))
+
+
 class _Response:
     """The response object of one generation, made as its output comes."""
 
     def __init__(self, generation: Generation, req: ResponsesRequest, tools: ToolPlan | None):
         self.generation = generation
+        self.stream = req.stream
         self.tools = tools
         self.items = OutputItems()
         parser = generation.model.reasoning
@@ -95,7 +137,7 @@ class _Response:
             "max_output_tokens": req.max_output_tokens,
             "metadata": req.metadata or {},
             "model": req.model,
-            "output": [],
+            "output": self.items.items,  # filled as the output comes (a background GET)
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
@@ -140,7 +182,7 @@ class _Response:
                     yield event
         if held and items.open_kind() in (None, "message"):  # an EOS, a stop string
             items.text("", held)
-        self._finish(finish)
+        self.end(finish)
         for event in items.take_events():
             yield event
 
@@ -164,7 +206,9 @@ class _Response:
                 self.items.arguments(function["arguments"])
         return "", held
 
-    def _finish(self, finish: str | None) -> None:
+    def end(self, finish: str | None, error: str = DROPPED) -> None:
+        """Complete the body: its status from the finish reason ("cancelled": a background
+        response's cancel; None: the engine dropped it or failed), its output and usage."""
         body, generation = self.body, self.generation
         if finish == "length":
             body["status"] = "incomplete"
@@ -172,13 +216,12 @@ class _Response:
         elif finish in ("stop", "tool_calls"):
             body["status"] = "completed"
             body["completed_at"] = int(time.time())
-        else:  # the engine dropped it (a drain that ran out of time)
+        elif finish == "cancelled":
+            body["status"] = "cancelled"
+        else:
             body["status"] = "failed"
-            body["error"] = {
-                "code": "server_error",
-                "message": "The server stopped generating before the response was complete.",
-            }
-        body["output"] = self.items.finish("completed" if finish != "length" else "incomplete")
+            body["error"] = {"code": "server_error", "message": error}
+        body["output"] = self.items.finish("completed" if finish in DONE else "incomplete")
         body["usage"] = {
             "input_tokens": generation.prompt_tokens,
             "input_tokens_details": {
@@ -193,9 +236,13 @@ class _Response:
         }
 
 
-async def _stream(response: _Response, meter: Meter, keep) -> AsyncIterator[str | dict]:
+async def _stream(
+    response: _Response, meter: Meter, keep, background: bool = False
+) -> AsyncIterator[str | dict]:
     """OpenAI's events, each named in its SSE `event:` and numbered; no `[DONE]` follows the
-    last (response.completed, or response.incomplete / response.failed), as OpenAI's."""
+    last (response.completed, or response.incomplete / response.failed), as OpenAI's. A
+    background response that fails says so in its last event (response.failed, with the error)
+    and is kept: a client may read it later; a client's own stream is told by event_stream."""
     sequence = 0
 
     def event(payload: dict) -> dict:
@@ -206,10 +253,19 @@ async def _stream(response: _Response, meter: Meter, keep) -> AsyncIterator[str 
 
     body = response.body
     yield event({"type": "response.created", "response": dict(body)})
+    if body["status"] == "queued":
+        yield event({"type": "response.queued", "response": dict(body)})
+        body["status"] = "in_progress"
     yield event({"type": "response.in_progress", "response": dict(body)})
-    async with aclosing(response.run()) as events:
-        async for payload in events:
-            yield event(payload)
+    try:
+        async with aclosing(response.run()) as events:
+            async for payload in events:
+                yield event(payload)
+    except (WorkerDeadError, ValueError) as exc:
+        if not background:
+            raise
+        logger.warning("background response %s failed: %s", body["id"], exc)
+        response.end(None, str(exc))
     keep()
     kind = {"completed": "completed", "incomplete": "incomplete"}.get(body["status"], "failed")
     last = event({"type": f"response.{kind}", "response": body})

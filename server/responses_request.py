@@ -22,13 +22,20 @@ from pagoda.server.protocol import (
     drop_nulls,
     validation_error,
 )
+from pagoda.server.response_items import item_id
 from pagoda.server.structured import GUIDED_FIELDS
 
+# the ids OpenAI's items have, by type
+ITEM_ID_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 TEXT_PARTS = ("input_text", "output_text")
 # fields that ask for what pagoda cannot do: refused by name when given (not null)
 REFUSED = {
-    "background": "background responses are not supported: send the request and wait, or stream",
     "conversation": "the Conversations API is not served: send previous_response_id or the items",
     "prompt": "saved prompts are not served: send instructions and input",
     "context_management": "server-side compaction is not supported",
@@ -226,6 +233,28 @@ def input_messages(items: str | list[Any], param: str = "input") -> list[dict]:
         turn = message if message["role"] == "assistant" else None
         messages.append(message)
     return messages
+
+
+def listed_input(value: str | list[Any]) -> list[dict]:
+    """`input` as GET /v1/responses/{id}/input_items lists it (checked by input_messages
+    first): each item with its type and an id (its own, or a new one), a message's string
+    content as one text part."""
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    return [_listed_item(dict(item)) for item in items]
+
+
+def _listed_item(item: dict) -> dict:
+    kind = item.setdefault("type", "message")
+    item.setdefault("id", item_id(ITEM_ID_PREFIXES[kind]))
+    if kind == "message" and isinstance(item["content"], str):
+        if item["role"] == "assistant":
+            part = {"type": "output_text", "text": item["content"], "annotations": []}
+        else:
+            part = {"type": "input_text", "text": item["content"]}
+        item["content"] = [part]
+    if kind != "reasoning":
+        item.setdefault("status", "completed")
+    return item
 
 
 def _text(value: Any, where: str, field: str) -> str:

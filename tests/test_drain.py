@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -135,3 +136,47 @@ def test_sigterm_to_every_process_still_drains(tiny_models, tmp_path):
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert server.stop() == 0
     assert "restarting" not in server.log()
+
+
+def _eos_id(model: str) -> int:
+    return json.loads((Path(model) / "config.json").read_text())["eos_token_id"]
+
+
+def test_a_background_response_is_drained_as_a_request(tiny_models, tmp_path):
+    """A background response (/v1/responses, background: true) runs after its answer began:
+    the drain counts it in flight, waits for it, and ends it with a response.failed event
+    saying why, as it ends a stream."""
+    model = _long_model(tiny_models, tmp_path)
+    server = Server(["--model", model, "--dtype", "float32", "--shutdown-timeout", "2"])
+    server.wait_ready()
+    body = {
+        "model": model,
+        "input": "go on",
+        "max_output_tokens": LONG,
+        "seed": 3,
+        "logit_bias": {str(_eos_id(model)): -100},  # it runs into the drain's end
+        "background": True,
+        "stream": True,
+    }
+    events: list[dict] = []
+    started = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/responses", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line.removeprefix("data: ")))
+                    started.set()
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    assert started.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    last = events[-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert "shutting down" in last["response"]["error"]["message"]
+    assert server.stop() == 0
+    log = server.log()
+    assert "draining: /health and new requests answer 503; 1 requests in flight" in log
+    assert "ending 1 requests still running with a 503" in log

@@ -22,7 +22,7 @@ from pagoda.server.errors import APIError
 from pagoda.server.response_store import ResponseStore, StoredResponse
 from pagoda.server.responses_request import input_messages
 from tests.conftest import THINK_START_ID
-from tests.serving import Server
+from tests.serving import Server, engines_stopped
 from tests.test_keys import ledger, new_key, wait_for
 
 STATIC = "sk-responses-static"
@@ -425,7 +425,7 @@ BAD = [
     ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", ""),
     ({"input": [{"content": "x"}]}, "input.0.type", "needs a type"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input.0.call_id", ""),
-    ({"background": True}, "background", "background"),
+    ({"background": True, "store": False}, "background", "store"),
     ({"conversation": "conv_1"}, "conversation", "Conversations"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", ""),
     ({"include": ["reasoning.encrypted_content", "everything"]}, "include", "'everything'"),
@@ -700,3 +700,174 @@ def test_the_store_keeps_its_bound_and_each_keys_own():
     with pytest.raises(APIError):
         store.get("resp_2", 2)
     assert not ResponseStore(capacity=0).enabled
+
+
+def engine_pid(server: Server, model: str = "m") -> int:
+    return httpx.get(f"{server.url}/health").json()["models"][model]["pid"]
+
+
+def get(server: Server, path: str, **params) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {STATIC}"}
+    return httpx.get(f"{server.url}/v1/responses/{path}", params=params, headers=headers)
+
+
+def test_input_items_list_the_requests_input(server, client):
+    """GET /v1/responses/{id}/input_items (the SDK's responses.input_items.list): the request's
+    input items, each with an id (its own kept), newest first unless order=asc, in pages of
+    `limit` after or before an item. Before: 404."""
+    items = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+        {"id": "msg_mine", "type": "message", "role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Tell me about the river"},
+    ]
+    response = respond(client, input=items, max_output_tokens=2)
+    listed = client.responses.input_items.list(response.id)
+    assert [item.role for item in listed.data] == ["user", "assistant", "user", "developer"]
+    assert listed.data[1].id == "msg_mine" and not listed.has_more
+    assert len({item.id for item in listed.data}) == 4
+    assert listed.data[0].content[0].type == "input_text"
+    assert listed.data[0].content[0].text == "Tell me about the river"
+    assert listed.data[1].content[0].type == "output_text"
+    assert {item.status for item in listed.data} == {"completed"}
+
+    ascending = [item.id for item in listed.data][::-1]
+    page = client.responses.input_items.list(response.id, order="asc", limit=3)
+    assert [item.id for item in page.data] == ascending[:3] and page.has_more
+    assert (page.first_id, page.last_id) == (ascending[0], ascending[2])
+    # the SDK follows the pages through `after`
+    every = client.responses.input_items.list(response.id, order="asc", limit=1)
+    assert [item.id for item in every] == ascending
+    before = get(server, f"{response.id}/input_items", order="asc", before=ascending[2]).json()
+    assert [item["id"] for item in before["data"]] == ascending[:2]
+
+    # a string input is one user message; previous_response_id's items are not this one's
+    follow_up = respond(client, input="And then?", previous_response_id=response.id)
+    (only,) = client.responses.input_items.list(follow_up.id).data
+    assert only.role == "user" and only.content[0].text == "And then?"
+
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+    for params, param in [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"order": "sideways"}, "order"),
+        ({"after": "msg_unknown"}, "after"),
+    ]:
+        r = get(server, f"{response.id}/input_items", **params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_background_response_is_queued_then_polled(server, client):
+    """background: true answers at once (status queued); the response is made meanwhile and
+    GET returns it as it is, then complete: the same output as the same request in the
+    foreground. Before: a 400."""
+    foreground = respond(client, input="Tell me about the river", max_output_tokens=40)
+    queued = respond(client, input="Tell me about the river", max_output_tokens=40, background=True)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    done = wait_for(
+        lambda: (
+            (r := client.responses.retrieve(queued.id)).status not in ("queued", "in_progress")
+            and r
+        )
+    )
+    assert done.status == foreground.status == "incomplete" and done.background
+    assert done.output_text == foreground.output_text != ""
+    assert done.usage.output_tokens == foreground.usage.output_tokens == 40
+
+    # a follow-up continues it, as any stored response
+    follow_up = respond(client, input="And then?", previous_response_id=queued.id)
+    assert follow_up.usage.input_tokens > done.usage.input_tokens + 40
+
+    # a completed one cannot be cancelled; a foreground one never
+    for made in (done, foreground):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.cancel(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
+
+
+def test_background_stream_outlives_its_client_and_resumes(server, client):
+    """A background stream goes on when its client leaves; GET ?stream=true&starting_after=N
+    (the SDK's retrieve(stream=True)) sends the events numbered above N, then follows them to
+    the end. Stitched together they are the response's whole stream."""
+    body = dict(model="m", input="Tell me about the river", max_output_tokens=40)
+    with client.responses.stream(**body, extra_body={"seed": SEED}) as stream:
+        foreground = list(stream)
+    first = []
+    with client.responses.create(
+        **body, background=True, stream=True, extra_body={"seed": SEED}
+    ) as events:
+        for event in events:
+            first.append(event)
+            if event.type == "response.output_text.delta":
+                break  # the client leaves mid-output
+    response_id = first[0].response.id
+    assert [e.type for e in first[:3]] == [
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+    ]
+    assert first[0].response.status == "queued" and first[0].response.background
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=len(first) - 1))
+    stitched = first + rest
+    assert [e.sequence_number for e in stitched] == list(range(len(stitched)))
+    deltas = "".join(e.delta for e in stitched if e.type == "response.output_text.delta")
+    expected = "".join(e.delta for e in foreground if e.type == "response.output_text.delta")
+    assert deltas == expected != ""
+    assert stitched[-1].type == "response.incomplete"
+    assert stitched[-1].response.output_text == expected
+    # from the start, once it has ended: the same events again
+    again = list(client.responses.retrieve(response_id, stream=True))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in stitched]
+
+    made = respond(client, input="Hi", max_output_tokens=2)
+    for params, param in [
+        ({"stream": "true"}, "stream"),
+        ({"starting_after": -2}, "starting_after"),
+    ]:
+        r = get(server, made.id, **params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_cancel_a_background_response(server, client):
+    """POST /v1/responses/{id}/cancel ends a background response where it is (its engine
+    request aborted): status cancelled, kept; cancelling again returns it. DELETE of a running
+    one cancels it too."""
+    with engines_stopped([engine_pid(server)]):  # nothing runs: it is still queued
+        queued = respond(client, input="Hi", max_output_tokens=500, background=True)
+        cancelled = client.responses.cancel(queued.id)
+        assert cancelled.status == "cancelled" and cancelled.usage.output_tokens == 0
+        assert client.responses.retrieve(queued.id).status == "cancelled"
+        assert client.responses.cancel(queued.id).status == "cancelled"
+        doomed = respond(client, input="Hi", max_output_tokens=500, background=True)
+        client.responses.delete(doomed.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(doomed.id)
+    wait_for(lambda: server.running("m") == 0)
+
+    # under way: it stops short of its max_output_tokens
+    running = respond(client, input="Hi", max_output_tokens=900, background=True)
+    wait_for(lambda: client.responses.retrieve(running.id).output_text)
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and 0 < cancelled.usage.output_tokens < 900
+    assert cancelled.output_text.startswith(client.responses.retrieve(running.id).output_text)
+    wait_for(lambda: server.running("m") == 0)
+
+
+def test_a_background_response_holds_its_keys_slot_and_is_billed_whole(server, db):
+    """A key's concurrency counts a background response until it ends (not only until its
+    answer, which comes at once), and the ledger bills all of its output."""
+    name, key = new_key(db, max_concurrent=1)
+    # a request let through would wait for the stopped engine: fail in seconds, not minutes
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
+    with engines_stopped([engine_pid(server)]):
+        queued = respond(client, input="Hi", max_output_tokens=30, background=True)
+        with pytest.raises(openai.RateLimitError):
+            respond(client, input="Hi", max_output_tokens=1)
+    done = wait_for(
+        lambda: (r := client.responses.retrieve(queued.id)).status == "incomplete" and r
+    )
+    assert respond(client, input="Hi", max_output_tokens=1).usage.output_tokens == 1
+    rows = wait_for(lambda: (rows := ledger(db, name)) and len(rows) >= 2 and rows)
+    assert rows[0]["output_tokens"] == done.usage.output_tokens == 30

@@ -301,7 +301,8 @@ class KeyAuth:
                 ]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 response["completed"] = True
-                meter.release()
+                if not meter.detached:
+                    meter.release()
             await send(message)
 
         try:

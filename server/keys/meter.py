@@ -50,6 +50,8 @@ class Meter:
     tracked: list[Counted] = field(default_factory=list)
     holds_slot: bool = False  # counted in the key's requests in flight
     held_usd: float = 0.0  # held against the key's budget while the request runs
+    # a background response's: its answer ends before its run, which releases the slot
+    detached: bool = False
 
     @property
     def admitted(self) -> bool:

@@ -54,7 +54,13 @@ async def create_response(
     owner = owner_of(meter)
     history = []
     if req.previous_response_id is not None:
-        history = store.get(req.previous_response_id, owner, "previous_response_id").messages
+        previous = store.get(req.previous_response_id, owner, "previous_response_id")
+        if previous.body["status"] in ("queued", "in_progress"):  # a background one
+            raise invalid(
+                "previous_response_id: that response is still being made: wait until it ends",
+                param="previous_response_id",
+            )
+        history = previous.messages
     messages = [*history, *input_messages(req.input)]
     tools = plan_tools(req, model.tool_call_parser, model.supports_tools, flat=True)
     output_format = ("text.format", text_format_constraint(req.text))

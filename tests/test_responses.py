@@ -836,6 +836,9 @@ def test_cancel_a_background_response(server, client):
     one cancels it too."""
     with engines_stopped([engine_pid(server)]):  # nothing runs: it is still queued
         queued = respond(client, input="Hi", max_output_tokens=500, background=True)
+        # its output is not there to be continued yet
+        with pytest.raises(openai.BadRequestError, match="still being made"):
+            respond(client, input="And then?", previous_response_id=queued.id)
         cancelled = client.responses.cancel(queued.id)
         assert cancelled.status == "cancelled" and cancelled.usage.output_tokens == 0
         assert client.responses.retrieve(queued.id).status == "cancelled"

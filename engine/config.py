@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     model: str
+    # a hub id's branch, tag or commit (None: its default branch); tokenizer_revision pins
+    # `tokenizer`, or the model's own tokenizer where none is given (tokenizer_source)
+    revision: str | None = None
     tokenizer: str | None = None
+    tokenizer_revision: str | None = None
     dtype: str | torch.dtype = "auto"
     device: str = "auto"
     load_format: str = "auto"
@@ -88,6 +92,16 @@ class EngineConfig:
             raise ValueError(
                 f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}"
             )
+
+    def tokenizer_source(self) -> tuple[str | None, str | None]:
+        """Where the tokenizer comes from: (None, None) for the model's own files, else a hub id
+        or folder and its revision. Unlike vLLM, a separate `tokenizer` does not take the
+        model's `revision` (a commit of one repository means nothing in another)."""
+        if self.tokenizer is not None:
+            return self.tokenizer, self.tokenizer_revision
+        if self.tokenizer_revision not in (None, self.revision):
+            return self.model, self.tokenizer_revision
+        return None, None
 
     def _check_parallel(self) -> None:
         size, nnodes = self.tensor_parallel_size, self.nnodes

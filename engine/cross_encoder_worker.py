@@ -22,7 +22,7 @@ from pagoda.engine.embedding_worker import (
     Item,
 )
 from pagoda.engine.worker import run_worker
-from pagoda.logs import LogSettings
+from pagoda.logs import LogSettings, at_revision
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class CrossEncoderWorker(EmbeddingWorker):
         from sentence_transformers import CrossEncoder
 
         config = self.config
-        model = CrossEncoder(config.model, device=str(self.device))
+        model = CrossEncoder(config.model, device=str(self.device), revision=config.revision)
         if model.num_labels != 1:
             raise ValueError(
                 f"{config.model} is a cross-encoder with {model.num_labels} labels: a reranker "
@@ -59,8 +59,9 @@ class CrossEncoderWorker(EmbeddingWorker):
         self.dim = 1
         self.layout = "padded"
         logger.info(
-            "loaded cross-encoder %s on %s (%s): activation %s, max %d tokens a pair",
+            "loaded cross-encoder %s%s on %s (%s): activation %s, max %d tokens a pair",
             config.model,
+            at_revision(config.revision),
             self.device,
             str(self.dtype).removeprefix("torch."),
             type(self.activation).__name__,

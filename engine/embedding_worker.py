@@ -49,7 +49,7 @@ from pagoda.engine.embedding_inputs import EmbeddingInputs
 from pagoda.engine.stats import Histogram
 from pagoda.engine.worker import BatchGather, Rejected, run_worker
 from pagoda.kernels.linear_bf16 import padded_rows
-from pagoda.logs import LogSettings
+from pagoda.logs import LogSettings, at_revision
 
 logger = logging.getLogger(__name__)
 WINDOW_BATCHES = 4
@@ -74,6 +74,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 @dataclass(slots=True)
 class EmbeddingConfig:
     model: str  # a sentence-transformers folder or hub id
+    revision: str | None = None  # a hub id's commit (server/catalog.py resolve_revision)
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, float16 on a GPU
     max_model_len: int | None = None  # default: the model's max_seq_length
@@ -139,7 +140,7 @@ class EmbeddingWorker:
         from pagoda.engine import embedding_bf16
 
         config = self.config
-        model = SentenceTransformer(config.model, device=str(self.device))
+        model = SentenceTransformer(config.model, device=str(self.device), revision=config.revision)
         self._adopt(model, model.prompts.get(model.default_prompt_name or "", ""))
         self.dim = model.get_embedding_dimension()
         transformer = model[0]
@@ -159,8 +160,9 @@ class EmbeddingWorker:
                 time.monotonic() - start,
             )
         logger.info(
-            "loaded %s on %s (%s): %d dimensions, max %d tokens, %s",
+            "loaded %s%s on %s (%s): %d dimensions, max %d tokens, %s",
             config.model,
+            at_revision(config.revision),
             self.device,
             str(self.dtype).removeprefix("torch."),
             self.dim,
@@ -178,6 +180,7 @@ class EmbeddingWorker:
             # and the tokenizer as sentence-transformers set it up (its do_lower_case adds a
             # normalizer that the folder's files do not have)
             "tokenizer": self.tokenizer.name_or_path,
+            "revision": self.config.revision,  # of a hub id's tokenizer files
             "tokenizer_json": self.tokenizer.backend_tokenizer.to_str(),
             "prompt": self.prompt,
             "dimensions": self.dim,

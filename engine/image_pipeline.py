@@ -33,6 +33,7 @@ OPTIONAL_FIELDS = {"guidance_scale", "negative_prompt", "true_cfg_scale"}
 @dataclass
 class ImageModelConfig:
     model: str  # a hub id or a local diffusers folder
+    revision: str | None = None  # a hub id's commit (server/catalog.py resolve_revision)
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     cpu_offload: bool = False  # enable_model_cpu_offload: one component on the GPU at a time
@@ -85,8 +86,10 @@ class ImagePipeline:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        pipeline_class = _pipeline_class(config.model)
-        self.pipe = pipeline_class.from_pretrained(config.model, dtype=self.dtype)
+        pipeline_class = _pipeline_class(config.model, config.revision)
+        self.pipe = pipeline_class.from_pretrained(
+            config.model, revision=config.revision, dtype=self.dtype
+        )
         if self.device.type == "cpu":
             make_batch_invariant(self.pipe)
         if config.cpu_offload and self.device.type != "cpu":
@@ -281,14 +284,14 @@ def _row_by_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
-def _pipeline_class(model: str) -> type[DiffusionPipeline]:
+def _pipeline_class(model: str, revision: str | None) -> type[DiffusionPipeline]:
     """FluxPipeline for FLUX.1 folders, whatever DiffusionPipeline picks for the others."""
     # imported here, in the worker: the server process never needs diffusers (seconds of
     # imports, and transformers' warnings before logging is set up)
     from diffusers import DiffusionPipeline, FluxPipeline
 
     route_diffusers_logs()
-    name = DiffusionPipeline.load_config(model).get("_class_name")
+    name = DiffusionPipeline.load_config(model, revision=revision).get("_class_name")
     return FluxPipeline if name == "FluxPipeline" else DiffusionPipeline
 
 

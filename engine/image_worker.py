@@ -36,7 +36,7 @@ from PIL.Image import Image
 from pagoda.engine.cpu_threads import governor_for
 from pagoda.engine.image_pipeline import BatchShape, ImageJob, ImageModelConfig, ImagePipeline
 from pagoda.engine.worker import BatchGather, run_worker
-from pagoda.logs import LogSettings
+from pagoda.logs import LogSettings, at_revision
 
 logger = logging.getLogger(__name__)
 WAIT_S = 0.05  # how long a step waits on a running batch before the loop reads its inbox
@@ -122,8 +122,9 @@ class ImageWorker:
         self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="pagoda-encode")
         self._rng = random.SystemRandom()
         logger.info(
-            "loaded %s (%s) on %s in %s in %.1f s",
+            "loaded %s%s (%s) on %s in %s in %.1f s",
             config.model,
+            at_revision(config.revision),
             type(self.pipeline.pipe).__name__,
             self.pipeline.device,
             self.pipeline.dtype,

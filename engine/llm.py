@@ -57,7 +57,9 @@ class LLM:
         self,
         model: str,
         *,
+        revision: str | None = None,
         tokenizer: str | None = None,
+        tokenizer_revision: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
         load_format: str = "auto",
@@ -81,7 +83,9 @@ class LLM:
     ) -> None:
         config = EngineConfig(
             model=model,
+            revision=revision,
             tokenizer=tokenizer,
+            tokenizer_revision=tokenizer_revision,
             dtype=dtype,
             device=device,
             load_format=load_format,

@@ -20,6 +20,7 @@ from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
 from pagoda.engine.structured_output import GrammarCompiler, attach, start_matcher
 from pagoda.kernels.rotary import context_length
+from pagoda.logs import at_revision
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -30,7 +31,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.resolve_device()  # first: a device that cannot run fails fast
-        source = loader.resolve_source(config.model)
+        source = loader.resolve_source(config.model, config.revision)
         self.hf_config = loader.load_config(source)
         model_class(self.hf_config.architectures)  # one the engine runs, before anything starts
         if config.tensor_parallel_size > 1:  # a size that does not split fails before the spawn
@@ -61,7 +62,9 @@ class LLMEngine:
             # Triton launches and CUDA graphs go to the current device, not to the tensors' one
             torch.cuda.set_device(self.device)
         self.tokenizer = (
-            None if config.skip_tokenizer_init else loader.load_tokenizer(source, config.tokenizer)
+            None
+            if config.skip_tokenizer_init
+            else loader.load_tokenizer(source, *config.tokenizer_source())
         )
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.sampling_defaults = sampling_defaults(
@@ -115,8 +118,9 @@ class LLMEngine:
         self._compiling: dict[str, list[Sequence]] = {}  # requests whose grammar is compiling
         self.rejected: list[tuple[str, str]] = []  # (request id, why): grammars that failed
         logger.info(
-            "loaded %s (%s) on %s in %s: max_model_len %d, KV cache %d blocks of %d tokens",
+            "loaded %s%s (%s) on %s in %s: max_model_len %d, KV cache %d blocks of %d tokens",
             config.model,
+            at_revision(source.commit),
             type(model).__name__,
             self.device,
             self.dtype,

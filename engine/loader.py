@@ -29,15 +29,18 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.
 class ModelSource:
     folder: Path
     gguf_file: str | None = None  # file name inside `folder`
+    commit: str | None = None  # a hub id's: the commit its snapshot folder is of
 
     @property
     def gguf_path(self) -> str:
         return str(self.folder / self.gguf_file)
 
 
-def resolve_source(model: str) -> ModelSource:
-    """Where the model is; a GGUF file's header is read (and kept in the cache) here, so that
-    a damaged file or an unsupported architecture fails before anything starts."""
+def resolve_source(model: str, revision: str | None = None) -> ModelSource:
+    """Where the model is (a hub id at `revision`: its snapshot, downloaded); a GGUF file's
+    header is read (and kept in the cache) here, so that a damaged file or an unsupported
+    architecture fails before anything starts."""
+    refuse_revision_of_path(model, revision, "revision")
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -52,22 +55,35 @@ def resolve_source(model: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise ValueError(f"model folder {model!r} has no config.json (nor a single .gguf file)")
         return ModelSource(path)
-    return ModelSource(Path(_download(model)))
+    folder = Path(_download(model, revision))
+    return ModelSource(folder, commit=folder.name)  # the hub cache's snapshots/<commit>
 
 
-def _download(repo_id: str) -> str:
+def refuse_revision_of_path(name: str, revision: str | None, field: str) -> None:
+    """A revision pins a hub repository's files: given for a local path, it would mean nothing."""
+    if revision is not None and Path(name).expanduser().exists():
+        raise ValueError(
+            f"{field} {revision!r} is for a hub id, and {name!r} is a local path (a revision "
+            "pins the files of a hub repository)"
+        )
+
+
+def _download(repo_id: str, revision: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
         if not _weight_files(Path(folder), SAFETENSORS):  # an older repository: .bin weights
-            folder = snapshot_download(repo_id, allow_patterns=[PYTORCH_BIN.pattern])
+            folder = snapshot_download(
+                repo_id, revision=revision, allow_patterns=[PYTORCH_BIN.pattern]
+            )
         return folder
-    except Exception as exc:  # offline, unknown repo, gated repo, ...
-        raise ValueError(
-            f"model {repo_id!r} is neither a local path nor a downloadable hub id: "
-            + describe_error(exc)
-        ) from exc
+    except Exception as exc:  # offline, unknown repo or revision, gated repo, ...
+        if revision is None:
+            what = f"model {repo_id!r} is neither a local path nor a downloadable hub id"
+        else:
+            what = f"model {repo_id!r} at revision {revision!r} cannot be downloaded"
+        raise ValueError(f"{what}: {describe_error(exc)}") from exc
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
@@ -96,9 +112,19 @@ def _refuse_unknown_model_type(folder: Path) -> None:
     ) from None
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None, revision: str | None = None):
+    """The model's own tokenizer, or `tokenizer`'s (a hub id at `revision`, or a folder)."""
     if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+        refuse_revision_of_path(tokenizer, revision, "tokenizer_revision")
+        try:
+            return AutoTokenizer.from_pretrained(
+                tokenizer, revision=revision, trust_remote_code=False
+            )
+        except OSError as exc:  # transformers' message names neither the tokenizer nor revision
+            at = f" at revision {revision!r}" if revision else ""
+            raise ValueError(
+                f"tokenizer {tokenizer!r}{at} cannot be loaded: {describe_error(exc)}"
+            ) from exc
     if source.gguf_file:
         return gguf_tokenizer(source.gguf_path)
     return AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)

@@ -162,6 +162,12 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(line for line in lines if line)}"
 
 
+def at_revision(commit: str | None) -> str:
+    """` at revision <commit>` for weights from the hub (what an operator compares with the
+    repository's history), nothing for a local folder: for the log line that names a model."""
+    return f" at revision {commit}" if commit else ""
+
+
 def progress(items: Iterable[T], desc: str, unit: str) -> Iterator[T]:
     """tqdm's bar on a terminal. Elsewhere (a log file, journald, `kubectl logs`), where a
     bar's carriage returns would glue lines together: a log line every PROGRESS_INTERVAL_S

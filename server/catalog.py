@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from pagoda.logs import describe_error
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.tool_parsers import PARSERS
 
@@ -218,6 +219,8 @@ class CatalogEntry(_Strict):
     id: str = Field(pattern=r"^\S+$")
     kind: Literal["chat", "embedding", "rerank", "image"]
     source: str = Field(min_length=1)
+    # a hub id's branch, tag or commit hash (default: the repository's default branch)
+    revision: str | None = Field(None, pattern=r"^\S+$")
     enabled: bool = True
     engine: EngineSettings | None = None
     embedding: EmbeddingSettings | None = None
@@ -239,6 +242,14 @@ class CatalogEntry(_Strict):
     def _package_source_form(cls, value: str) -> str:
         if value.startswith(PACKAGE_SCHEME):
             _split_package_source(value)
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_of_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if value is not None and source is not None and not _looks_like_hub_id(source):
+            raise ValueError(f"only for a hub id's source; {source!r} is {_local_kind(source)}")
         return value
 
     @field_validator("capabilities")
@@ -495,6 +506,38 @@ def resolve_source(entry: CatalogEntry, base_dir: Path | None = None) -> str:
 def _looks_like_hub_id(source: str) -> bool:
     explicit_path = source.startswith((".", "/", "~")) or source.endswith(".gguf")
     return not explicit_path and _HUB_ID.fullmatch(source) is not None
+
+
+def _local_kind(source: str) -> str:
+    return "a package's file" if source.startswith(PACKAGE_SCHEME) else "a local path"
+
+
+def resolve_revision(entry: CatalogEntry) -> str | None:
+    """The commit the entry's weights are served at: its `revision` (a branch, tag or commit
+    hash; default the repository's default branch) as the hub has it, or as the hub cache
+    recorded it where the hub cannot be reached (HF_HUB_OFFLINE). None for a local source.
+
+    Resolved once, in the server, so that every process loads that one commit, and the log says
+    which it is."""
+    source = resolve_source(entry)
+    if Path(source).is_absolute():
+        if entry.revision is not None:  # a hub-id-like source that is a folder by the catalog
+            message = f"only for a hub id's source; {source} is a folder"
+            raise entry_error(entry, message, "revision")
+        return None
+    from huggingface_hub import constants
+    from huggingface_hub import resolve_revision as resolve_on_hub
+
+    try:
+        # offline, straight from the cache (without: a warning that the hub cannot be reached)
+        offline = constants.HF_HUB_OFFLINE
+        return resolve_on_hub(source, revision=entry.revision, local_files_only=offline).resolved
+    except Exception as exc:  # offline and not cached, unknown repository or revision, ...
+        if entry.revision is None:
+            message = f"{source!r} is neither a local path nor a downloadable hub id"
+            raise entry_error(entry, f"{message}: {describe_error(exc)}") from None
+        message = f"no revision {entry.revision!r} of {source!r} on the hub or in its cache"
+        raise entry_error(entry, f"{message}: {describe_error(exc)}", "revision") from None
 
 
 def _package_path(entry: CatalogEntry, package: str, relative: str) -> Path:

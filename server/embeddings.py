@@ -19,7 +19,13 @@ from starlette.responses import JSONResponse
 from pagoda.engine.embedding_inputs import EmbeddingInputs
 from pagoda.engine.embedding_worker import EmbeddingConfig
 from pagoda.engine.worker import Rejected
-from pagoda.server.catalog import CatalogEntry, EmbeddingSettings, resolve_source
+from pagoda.logs import at_revision
+from pagoda.server.catalog import (
+    CatalogEntry,
+    EmbeddingSettings,
+    resolve_revision,
+    resolve_source,
+)
 from pagoda.server.disconnect import CLIENT_CLOSED, unless_disconnected
 from pagoda.server.embedding_client import EmbeddingClient, Embeddings
 from pagoda.server.embedding_metrics import EmbeddingMetrics
@@ -238,10 +244,11 @@ async def start_embedding_models(entries: list[CatalogEntry]) -> dict[str, Serve
             owned_by=entry.owned_by,
         )
         logger.info(
-            "serving %s (%s) on %s (%s): %d dimensions, max %d tokens, batches of up to %d "
+            "serving %s (%s)%s on %s (%s): %d dimensions, max %d tokens, batches of up to %d "
             "inputs and %d padded tokens",
             entry.id,
             entry.kind,
+            at_revision(info["revision"]),
             info["device"],
             info["dtype"],
             info["dimensions"],
@@ -259,7 +266,9 @@ def _inputs(info: dict) -> EmbeddingInputs:
     from transformers import AutoTokenizer
 
     pipeline = Tokenizer.from_str(info["tokenizer_json"])
-    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], tokenizer_object=pipeline)
+    tokenizer = AutoTokenizer.from_pretrained(
+        info["tokenizer"], revision=info["revision"], tokenizer_object=pipeline
+    )
     return EmbeddingInputs(tokenizer, info["prompt"], info["vocab_size"], info["max_model_len"])
 
 
@@ -269,6 +278,7 @@ def _worker_config(entry: CatalogEntry) -> EmbeddingConfig:
         kwargs.update(entry.embedding.worker_kwargs())
     return EmbeddingConfig(
         resolve_source(entry),
+        revision=resolve_revision(entry),
         max_model_len=entry.max_model_len,
         cross_encoder=entry.kind == "rerank",
         **kwargs,

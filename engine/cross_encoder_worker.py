@@ -2,11 +2,12 @@
 process, batched by the embedding worker's queue (engine/embedding_worker.py).
 
 An add's payload is `pairs, truncate, dimensions` (the embedding worker's, so that both share
-the client): `pairs` a list of [query, document] texts; the other two are unused. A pair is cut
-to the model's limit as `CrossEncoder.predict` cuts it. Each pair's output row is its one
-score, after the model's activation (sigmoid unless the model names another), as
-`CrossEncoder.predict` gives it. Batches are padded: the pair's two texts have token type ids
-of their own, which the packed layouts do not carry.
+the client): `pairs` a list of [query, document] texts, `truncate` None or a pair's most tokens
+(vLLM's truncate_prompt_tokens, -1 for the model's limit); `dimensions` is unused. A pair is cut
+to the model's limit, or to `truncate`, as `CrossEncoder.predict` cuts it to its max_length.
+Each pair's output row is its one score, after the model's activation (sigmoid unless the model
+names another), as `CrossEncoder.predict` gives it. Batches are padded: the pair's two texts
+have token type ids of their own, which the packed layouts do not carry.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ class CrossEncoderWorker(EmbeddingWorker):
         )
 
     def add(
-        self, request_id: str, pairs: list[list[str]], truncate: None, dimensions: None
+        self, request_id: str, pairs: list[list[str]], truncate: int | None, dimensions: None
     ) -> None:
         self._check_id(request_id)
-        token_ids, token_type_ids = self.inputs.pair_token_ids(pairs)
+        token_ids, token_type_ids = self.inputs.pair_token_ids(pairs, truncate)
         self._enqueue(request_id, token_ids, token_type_ids=token_type_ids)
 
     def _run(self, batch: list[Item]) -> torch.Tensor:

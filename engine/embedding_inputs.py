@@ -28,33 +28,54 @@ class EmbeddingInputs:
         return [self._checked_ids(i, ids, limit) for i, ids in enumerate(inputs)]
 
     def pair_token_ids(
-        self, pairs: list[list[str]]
+        self, pairs: list[list[str]], truncate: int | None = None
     ) -> tuple[list[list[int]], list[list[int]] | None]:
         """A cross-encoder's pairs of texts as sentence-transformers' CrossEncoder tokenizes
-        them: one sequence each, cut to the model's limit by taking tokens off the longer text
-        first ("longest_first"); and their token type ids (None if the model has none)."""
+        them: one sequence each, cut to the model's limit (or to `truncate` tokens, vLLM's
+        truncate_prompt_tokens) by taking tokens off the longer text first ("longest_first");
+        and their token type ids (None if the model has none)."""
         encoded = self.tokenizer(
             [first for first, _ in pairs],
             [second for _, second in pairs],
             truncation="longest_first",
-            max_length=self.max_model_len,
+            max_length=self.pair_truncation_limit(truncate),
             return_attention_mask=False,
             verbose=False,
         )
         return encoded["input_ids"], encoded.get("token_type_ids")
 
-    def truncation_limit(self, truncate: int | None) -> int | None:
+    def truncation_limit(self, truncate: int | None, smallest: int = 1) -> int | None:
         if truncate is None:
             return None
         if truncate == -1:
             return self.max_model_len
-        if not 1 <= truncate <= self.max_model_len:
+        if not smallest <= truncate <= self.max_model_len:
             raise Rejected(
-                f"truncate_prompt_tokens must be -1 or between 1 and the model's maximum "
+                f"truncate_prompt_tokens must be -1 or between {smallest} and the model's maximum "
                 f"context length ({self.max_model_len}), got {truncate}",
                 param="truncate_prompt_tokens",
             )
         return truncate
+
+    def pair_truncation_limit(self, truncate: int | None) -> int:
+        """A pair's most tokens: `truncate`, or the model's limit. A pair keeps its special
+        tokens, so fewer than those is refused (the tokenizer would not cut it at all)."""
+        special_tokens = self.tokenizer.num_special_tokens_to_add(pair=True)
+        return self.truncation_limit(truncate, special_tokens) or self.max_model_len
+
+    def leading_tokens(self, texts: list[str], count: int) -> list[str]:
+        """Each text up to the end of its `count`-th token (Cohere's max_tokens_per_doc)."""
+        spans = self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            verbose=False,
+        )["offset_mapping"]
+        return [
+            text if len(offsets) <= count else text[: offsets[count - 1][1]]
+            for text, offsets in zip(texts, spans)
+        ]
 
     def _tokenize(self, texts: list[str], limit: int | None) -> list[list[int]]:
         """Token ids as sentence-transformers makes them (special tokens, the model's default

@@ -8,11 +8,11 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pybase64
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -53,6 +53,17 @@ def _check_input(value: Any) -> Any:
     return value
 
 
+def _no_zero_tokens(value: int) -> int:
+    if value == 0:
+        raise ValueError("must be -1 (the model's limit) or a positive number of tokens")
+    return value
+
+
+# vLLM's extension: cut inputs (a cross-encoder's pairs) to this many tokens (-1: the model's
+# limit) instead of refusing (or cutting to the limit) those over it
+TruncatePromptTokens = Annotated[int, Field(ge=-1), AfterValidator(_no_zero_tokens)]
+
+
 class EmbeddingRequest(BaseModel):
     # null is taken as "not given" throughout: many clients send every field
     model_config = ConfigDict(extra="ignore")
@@ -62,21 +73,12 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    # vLLM's extension: cut inputs to this many tokens (-1: the model's limit) instead of
-    # refusing those over the limit
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def _input(cls, value: Any) -> Any:
         return _check_input(value)
-
-    @field_validator("truncate_prompt_tokens")
-    @classmethod
-    def _truncate(cls, value: int | None) -> int | None:
-        if value == 0:
-            raise ValueError("must be -1 (the model's limit) or a positive number of tokens")
-        return value
 
     def inputs(self) -> list[str] | list[list[int]]:
         if isinstance(self.input, str):

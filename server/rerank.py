@@ -14,12 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from pagoda.engine.worker import Rejected
 from pagoda.server.disconnect import unless_disconnected
 from pagoda.server.embedding_client import Embeddings
 from pagoda.server.embedding_metrics import EmbeddingMetrics
-from pagoda.server.embeddings import MAX_INPUTS, ServedRerankModel, counted
+from pagoda.server.embeddings import (
+    MAX_INPUTS,
+    ServedRerankModel,
+    TruncatePromptTokens,
+    counted,
+)
 from pagoda.server.errors import invalid
 from pagoda.server.keys.meter import Meter
+from pagoda.server.worker_client import RequestRejected
 
 # vLLM's paths: Jina's and Cohere's (v1, v2) shape, and its own score API
 RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
@@ -49,6 +56,9 @@ class RerankRequest(BaseModel):
     # null or absent: every document; more than there are: every document
     top_n: int | None = Field(None, ge=1)
     return_documents: bool | None = None  # default true, as vLLM's
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
+    # Cohere's (v2): each document cut to its first this many tokens, then paired
+    max_tokens_per_doc: int | None = Field(None, ge=1)
 
     @field_validator("documents")
     @classmethod
@@ -65,6 +75,7 @@ class ScoreRequest(BaseModel):
     model: str
     text_1: str | list[str]
     text_2: str | list[str]
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
 
     @field_validator("text_1", "text_2")
     @classmethod
@@ -95,9 +106,14 @@ async def create_rerank(
     metrics: EmbeddingMetrics,
     meter: Meter,
 ) -> JSONResponse:
-    texts = req.texts()
+    texts = documents = req.texts()
+    if req.max_tokens_per_doc is not None:  # off the event loop: long texts take a while
+        documents = await model.tokenizing.run(
+            model.inputs.leading_tokens, texts, req.max_tokens_per_doc
+        )
     request_id = f"rerank-{uuid.uuid4().hex}"
-    work = _score(model, request_id, [[req.query, text] for text in texts], request, meter)
+    pairs = [[req.query, document] for document in documents]
+    work = _score(model, request_id, pairs, req.truncate_prompt_tokens, request, meter)
     result = await counted(model.id, work, metrics, meter)
     scores = _scores(result)
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: req.top_n]
@@ -120,9 +136,8 @@ async def create_score(
     meter: Meter,
 ) -> JSONResponse:
     request_id = f"score-{uuid.uuid4().hex}"
-    result = await counted(
-        model.id, _score(model, request_id, req.pairs(), request, meter), metrics, meter
-    )
+    work = _score(model, request_id, req.pairs(), req.truncate_prompt_tokens, request, meter)
+    result = await counted(model.id, work, metrics, meter)
     data = [
         {"index": i, "object": "score", "score": score} for i, score in enumerate(_scores(result))
     ]
@@ -142,19 +157,25 @@ async def _score(
     model: ServedRerankModel,
     request_id: str,
     pairs: list[list[str]],
+    truncate: int | None,
     request: Request,
     meter: Meter,
 ) -> Embeddings:
-    """Admits the request and has the worker score its pairs. The pairs are tokenized here
-    only for a key whose tpm counts their tokens before admission (the worker tokenizes them
-    again: it takes texts)."""
+    """Admits the request and has the worker score its pairs, each cut to `truncate` tokens
+    (else to the model's limit). The pairs are tokenized here only for a key whose tpm counts
+    their tokens before admission (the worker tokenizes them again: it takes texts)."""
     model.check_queue()
     tokens = 0
-    if meter.limits_tokens:  # off the event loop: long texts take a while
-        token_ids, _ = await model.tokenizing.run(model.inputs.pair_token_ids, pairs)
-        tokens = sum(map(len, token_ids))
+    try:
+        model.inputs.pair_truncation_limit(truncate)
+        if meter.limits_tokens:  # off the event loop: long texts take a while
+            token_ids, _ = await model.tokenizing.run(model.inputs.pair_token_ids, pairs, truncate)
+            tokens = sum(map(len, token_ids))
+    except Rejected as exc:
+        raise RequestRejected(str(exc), exc.code, exc.param) from None
     meter.admit(model.id, tokens)
-    return await unless_disconnected(request, model.client.embed(request_id, pairs, None, None))
+    work = model.client.embed(request_id, pairs, truncate, None)
+    return await unless_disconnected(request, work)
 
 
 def _scores(result: Embeddings) -> list[float]:

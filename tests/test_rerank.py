@@ -103,9 +103,9 @@ def rerank(server: Server, key: str, path: str = "/v1/rerank", **body) -> dict:
     return response.json()
 
 
-def token_count(reference: CrossEncoder, pairs: list[list[str]]) -> int:
+def token_count(reference: CrossEncoder, pairs: list[list[str]], max_length: int = MAX_LEN) -> int:
     encoded = reference.tokenizer(
-        [a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=MAX_LEN
+        [a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=max_length
     )
     return sum(map(len, encoded["input_ids"]))
 
@@ -153,6 +153,71 @@ def test_a_pair_over_the_limit_is_cut_as_sentence_transformers_cuts_it(server, k
     assert body["results"][0]["relevance_score"] == pytest.approx(float(expected[0]), abs=EXACT)
     score = post(server, "/score", key, model=RERANKER, text_1=long, text_2="short").json()
     assert score["data"][0]["score"] == pytest.approx(float(expected[1]), abs=EXACT)
+
+
+def test_truncate_prompt_tokens_cuts_each_pair_as_predict_with_that_max_length(
+    server, key, db, tiny_reranker, reference
+):
+    """vLLM's truncate_prompt_tokens: each pair, special tokens included, cut to that many
+    tokens, the longer text first. Before: ignored (and warned about as unrecognized)."""
+    cut = 12
+    pairs = [[QUERY, d] for d in DOCUMENTS]
+    expected = CrossEncoder(str(tiny_reranker), device="cpu", max_length=cut).predict(pairs)
+    assert not np.allclose(expected, reference.predict(pairs), atol=0.01)  # the cut matters
+    body = rerank(server, key, truncate_prompt_tokens=cut)
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(DOCUMENTS))], expected, atol=EXACT)
+    cut_tokens = token_count(reference, pairs, max_length=cut)
+    assert body["usage"]["total_tokens"] == cut_tokens
+    score = post(
+        server,
+        "/v1/score",
+        key,
+        model=RERANKER,
+        text_1=QUERY,
+        text_2=DOCUMENTS,
+        truncate_prompt_tokens=cut,
+    ).json()
+    np.testing.assert_allclose([d["score"] for d in score["data"]], expected, atol=EXACT)
+    assert score["usage"]["prompt_tokens"] == cut_tokens
+    assert (
+        rerank(server, key, truncate_prompt_tokens=-1)["results"] == rerank(server, key)["results"]
+    )
+    _, limited = new_key(db, models=[RERANKER], tpm=10**6)  # counted before admission
+    assert (
+        rerank(server, limited, truncate_prompt_tokens=cut)["usage"]["total_tokens"] == cut_tokens
+    )
+
+
+def test_max_tokens_per_doc_cuts_each_document_before_it_is_paired(
+    server, key, tiny_reranker, reference
+):
+    """Cohere's max_tokens_per_doc: a document longer than that many tokens is scored as its
+    text up to the end of its last token kept; the response still shows the whole document.
+    Before: ignored."""
+    documents = [
+        "Paris is the capital of France and the tower stands by the river",
+        "bananas are yellow and sweet",
+        "a tower",
+    ]
+    kept = ["Paris is the capital", "bananas are yellow and", "a tower"]
+    tokens = reference.tokenizer(documents, add_special_tokens=False)["input_ids"]
+    for ids, cut in zip(tokens, kept):
+        assert reference.tokenizer(cut, add_special_tokens=False)["input_ids"] == ids[:4], cut
+    expected = reference.predict([[QUERY, cut] for cut in kept])
+    assert abs(expected[0] - reference.predict([[QUERY, documents[0]]])[0]) > 0.01
+    body = rerank(server, key, path="/v2/rerank", documents=documents, max_tokens_per_doc=4)
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(3)], expected, atol=EXACT)
+    assert {r["index"]: r["document"]["text"] for r in body["results"]} == dict(
+        enumerate(documents)
+    )
+    assert body["usage"]["total_tokens"] == token_count(reference, [[QUERY, c] for c in kept])
+    both = rerank(server, key, documents=documents, max_tokens_per_doc=4, truncate_prompt_tokens=9)
+    cut_pairs = CrossEncoder(str(tiny_reranker), device="cpu", max_length=9)
+    expected = cut_pairs.predict([[QUERY, cut] for cut in kept])
+    got = {r["index"]: r["relevance_score"] for r in both["results"]}
+    np.testing.assert_allclose([got[i] for i in range(3)], expected, atol=EXACT)
 
 
 def test_concurrent_requests_batched_together_get_their_own_scores(server, key, reference):
@@ -205,6 +270,14 @@ def test_score_pairs_one_text_1_with_each_text_2_or_in_order(server, key, refere
         ("/score", {"text_1": [], "text_2": "x"}, "text_1"),
         ("/score", {"text_1": ["a", "b"], "text_2": ["x", "y", "z"]}, "text_1"),
         ("/v1/score", {"text_1": "a", "text_2": ["x"] * 2049}, "text_2"),
+        ("/v1/rerank", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ("/rerank", {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ("/v2/rerank", {"truncate_prompt_tokens": "all"}, "truncate_prompt_tokens"),
+        ("/v1/rerank", {"truncate_prompt_tokens": MAX_LEN + 1}, "truncate_prompt_tokens"),
+        ("/score", {"truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),  # < [CLS] [SEP] [SEP]
+        ("/v1/score", {"truncate_prompt_tokens": 10**30}, "truncate_prompt_tokens"),
+        ("/v2/rerank", {"max_tokens_per_doc": 0}, "max_tokens_per_doc"),
+        ("/v2/rerank", {"max_tokens_per_doc": 1.5}, "max_tokens_per_doc"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(server, key, path, body, param):

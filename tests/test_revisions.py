@@ -13,10 +13,12 @@ import openai
 import pytest
 import torch
 from huggingface_hub import constants
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer
 from transformers import AutoTokenizer
 
 from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.cross_encoder_worker import CrossEncoderWorker
+from pagoda.engine.embedding_worker import EmbeddingConfig
 from pagoda.engine.image_pipeline import ImageModelConfig, ImagePipeline
 from pagoda.server.catalog import CatalogError, load_catalog, resolve_revision
 from pagoda.server.embeddings import _worker_config
@@ -24,13 +26,14 @@ from pagoda.server.images import image_model_config
 from pagoda.server.tokenizer_export import load_served_tokenizer, model_source
 from tests.serving import Server, failed_start
 from tests.test_image_pipelines import build_tiny_sd
-from tests.tiny_models import build_tiny_embedder, build_tiny_model
+from tests.tiny_models import build_tiny_embedder, build_tiny_model, build_tiny_reranker
 
 V1 = "1a" * 20  # the commit tagged v1
 MAIN = "2b" * 20  # the commit main points at
 LLAMA = "acme/tiny-llama"
 EMBEDDER = "acme/tiny-embedder"
 SD = "acme/tiny-sd"
+RERANKER = "acme/tiny-reranker"
 REFS = ("v1", "main")  # the two snapshots of each repository, in order
 V1_TOKEN = "<only-in-v1>"  # v1's tokenizer has it, main's has not
 PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40)]
@@ -269,3 +272,22 @@ def test_an_image_model_loads_its_entrys_revision(offline_hub, sd_repo, tmp_path
         local = unet_weights(ImageModelConfig(str(sd_repo[name]), device="cpu", dtype="float32"))
         weights = unet_weights(served[name])
         assert all(torch.equal(weights[key], local[key]) for key in local), name
+
+
+def test_a_reranker_loads_the_revision_it_is_given(offline_hub, tmp_path_factory):
+    """The cross-encoder worker, at v1 and at main, against CrossEncoder on each commit's
+    folder."""
+    root = tmp_path_factory.mktemp("rerankers")
+    folders = {name: build_tiny_reranker(root / name, seed=seed) for seed, name in enumerate(REFS)}
+    add_repo(offline_hub, RERANKER, folders["v1"], folders["main"])
+    pairs = [["Where is the tower?", "In Paris."], ["bananas", "They are yellow."]]
+    for name, commit in zip(REFS, (V1, MAIN)):
+        config = EmbeddingConfig(RERANKER, revision=commit, dtype="float32", cross_encoder=True)
+        worker = CrossEncoderWorker(config)
+        worker.add("r", pairs, None, None)
+        outputs = []
+        while worker.has_work():
+            outputs += worker.step()
+        ((_, rows, _, _, _),) = outputs
+        expected = CrossEncoder(str(folders[name]), device="cpu").predict(pairs)
+        np.testing.assert_allclose(np.frombuffer(rows, "<f4"), expected, atol=1e-5)

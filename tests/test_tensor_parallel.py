@@ -234,7 +234,7 @@ def test_an_engine_that_fails_to_load_stops_its_ranks(llama, tmp_path):
     """Rank 0 fails after its ranks started (here: no tokenizer, which rank 0 alone loads): the
     ranks and the group went on, so the process could never start another TP engine ("already
     runs a tensor-parallel engine: close() it first", with nothing to close)."""
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="cannot be loaded"):
         LLM(str(llama), dtype="float32", device="cpu", tokenizer=str(tmp_path / "none"),
             tensor_parallel_size=2, kv_cache_blocks=64)  # fmt: skip
     assert distributed.world_size() == 1

@@ -197,12 +197,12 @@ def catalog_tokenizer(model_id: str) -> Any | None:
     except ImportError:  # a peer benchmarked from an environment without pagoda
         return None
     try:
-        source, revision, _ = model_source(model_id, DEFAULT_CATALOG)
+        served = model_source(model_id, DEFAULT_CATALOG)
     except CatalogError as exc:  # in the catalog, but its weights are not installed
         sys.exit(f"tokenizer of {model_id!r}: {exc}")
     except ValueError:  # not in the catalog
         return None
-    return load_served_tokenizer(source, revision)
+    return load_served_tokenizer(served)
 
 
 def sample_lengths(rng: random.Random, mean: int, ratio: float, n: int) -> list[int]:

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from pagoda.logs import describe_error
+from pagoda.server.chat_template import ChatTemplate, read_chat_template
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.tool_parsers import PARSERS
 
@@ -228,6 +229,9 @@ class CatalogEntry(_Strict):
     # chat: requests waiting for a batch slot; more get 429 (--max-waiting-requests wins)
     max_waiting_requests: int = Field(DEFAULT_MAX_WAITING_REQUESTS, ge=1)
     capabilities: Capabilities = Capabilities()
+    # chat models: a Jinja file (a path, or package://) or the template itself, used instead
+    # of the tokenizer's (vLLM's --chat-template)
+    chat_template: str | None = Field(None, min_length=1)
     image: ImageSettings | None = None
     pricing: Pricing | None = None
     description: str | None = None
@@ -257,6 +261,15 @@ class CatalogEntry(_Strict):
     def _capabilities_for_chat(cls, value: Capabilities, info: ValidationInfo) -> Capabilities:
         if info.data.get("kind", "chat") != "chat" and value != Capabilities():
             raise ValueError("only chat models have capabilities")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_for_chat(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("kind", "chat") != "chat":
+            raise ValueError("only chat models have a chat template")
+        if value is not None and value.startswith(PACKAGE_SCHEME):
+            _split_package_source(value)
         return value
 
     @field_validator("max_waiting_requests")
@@ -540,21 +553,38 @@ def resolve_revision(entry: CatalogEntry) -> str | None:
         raise entry_error(entry, f"{message}: {describe_error(exc)}", "revision") from None
 
 
-def _package_path(entry: CatalogEntry, package: str, relative: str) -> Path:
+def resolve_chat_template(entry: CatalogEntry) -> ChatTemplate | None:
+    """The entry's chat_template, read and checked: a `package://` file, a file at a path (a
+    relative one from the catalog's folder), or the template itself (read_chat_template)."""
+    value = entry.chat_template
+    if value is None:
+        return None
+    if value.startswith(PACKAGE_SCHEME):
+        package, relative = _split_package_source(value)
+        value = str(_package_path(entry, package, relative, "chat_template"))
+    try:
+        return read_chat_template(value, entry._base_dir)
+    except ValueError as exc:
+        raise entry_error(entry, str(exc), "chat_template") from None
+
+
+def _package_path(entry: CatalogEntry, package: str, relative: str, field: str = "source") -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise entry_error(
             entry,
             f"Python package {package!r} is not installed "
             f"(pip install the distribution that provides it)",
+            field,
         )
     if spec.submodule_search_locations is None:
-        raise entry_error(entry, f"{package!r} is a module, not a package")
+        raise entry_error(entry, f"{package!r} is a module, not a package", field)
     folders = [Path(folder) for folder in spec.submodule_search_locations]
     for folder in folders:
         if (folder / relative).exists():
             return (folder / relative).resolve()
-    raise entry_error(entry, f"{relative!r} not found in package {package!r} ({folders[0]})")
+    message = f"{relative!r} not found in package {package!r} ({folders[0]})"
+    raise entry_error(entry, message, field)
 
 
 def entry_error(entry: CatalogEntry, message: str, field: str = "source") -> CatalogError:

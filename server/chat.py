@@ -45,6 +45,13 @@ def chat_prompt(
     param: str = "messages",
 ) -> list[int]:
     """The conversation's prompt tokens; `param` names the field it came from, for a 400."""
+    if model.tokenizer.chat_template is None:  # a base model's (transformers' error is vague)
+        raise invalid(
+            f"The model '{model.id}' has no chat template (its tokenizer has none) to render the "
+            f"{param} with: send a prompt to /v1/completions, or serve the model with a chat "
+            "template (the catalog's chat_template, pagoda serve --chat-template).",
+            param=param,
+        )
     messages, kwargs = messages_for_template(req), dict(req.chat_template_kwargs or {})
     offered = tools if tools is not None and tools.mode != "none" else None
     if template_supports_tools(model.tokenizer):

@@ -42,6 +42,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--model", help="serve this one model (hub id, folder or .gguf)")
     what.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to serve")
     serve.add_argument("--served-model-name", help="the id clients use for --model")
+    serve.add_argument(
+        "--chat-template",
+        help="--model's chat template instead of its tokenizer's: a Jinja file, or the "
+        "template itself (catalog entries set chat_template)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8000)
     serve.add_argument(
@@ -164,7 +169,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     key_commands.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "serve" and not args.model:
-        for option in ("served_model_name", "tool_call_parser", "reasoning_parser"):
+        for option in (
+            "served_model_name",
+            "chat_template",
+            "tool_call_parser",
+            "reasoning_parser",
+        ):
             if getattr(args, option) is not None:
                 flag = "--" + option.replace("_", "-")
                 serve.error(f"{flag} names how --model is served: give --model")

@@ -27,9 +27,11 @@ from pagoda.server.catalog import (
     CatalogError,
     entry_error,
     load_catalog,
+    resolve_chat_template,
     resolve_revision,
     resolve_source,
 )
+from pagoda.server.chat_template import ChatTemplate, chat_template_flag
 from pagoda.server.connections import uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
@@ -83,6 +85,7 @@ class ModelToServe:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     data_parallel_size: int = 1  # engine replicas (server/replicas.py)
     entry: CatalogEntry | None = None  # where it comes from, for errors (None: --model)
+    chat_template: ChatTemplate | None = None  # instead of the tokenizer's
 
 
 def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
@@ -106,6 +109,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
                 capabilities=capabilities,
                 max_waiting_requests=waiting,
                 data_parallel_size=dp,
+                chat_template=chat_template_flag(args.chat_template),
             )
         ]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
@@ -123,6 +127,7 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             args.max_waiting_requests or e.max_waiting_requests,
             dp,
             e,
+            resolve_chat_template(e),
         )
         for e in entries
     ]
@@ -162,13 +167,19 @@ def _reasoning_parser(model: ModelToServe, tokenizer) -> ReasoningParser | None:
 
 
 async def _tokenizer(model: ModelToServe, source: loader.ModelSource):
-    """The server's copy of the model's tokenizer; a failure names the model, on one line."""
+    """The server's copy of the model's tokenizer, with the model's chat template where one
+    overrides its own (everything that renders or reports the template reads it there); a
+    failure names the model, on one line."""
     try:
-        return await asyncio.to_thread(loader.load_tokenizer, source)
+        tokenizer = await asyncio.to_thread(loader.load_tokenizer, source)
     except Exception as exc:  # a missing or damaged file: OSError, ValueError, a library's own
         raise RuntimeError(
             f"model {model.id!r} failed to load its tokenizer: {describe_error(exc)}"
         ) from None
+    if model.chat_template is not None:
+        tokenizer.chat_template = model.chat_template.text
+        logger.info("%s: chat template overridden by %s", model.id, model.chat_template.origin)
+    return tokenizer
 
 
 async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from pagoda.server.catalog import (
     DEFAULT_CATALOG,
     CatalogError,
     load_catalog,
+    resolve_chat_template,
     resolve_revision,
     resolve_source,
 )
+from pagoda.server.chat_template import ChatTemplate, chat_template_flag
 from pagoda.server.tokenizer_info import LOCATION_KEYS
 
 # the name transformers 4 and 5 both map to a tokenizer built from tokenizer.json alone
@@ -46,14 +49,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=at_least(1),
         help="model_max_length to write (default: the catalog's, else the model's own)",
     )
+    export.add_argument(
+        "--chat-template",
+        help="the chat template to write instead (a Jinja file, or the template itself), as "
+        "pagoda serve --chat-template serves it (default: the catalog's, else the model's own)",
+    )
+
+
+@dataclass(frozen=True)
+class ServedModelSource:
+    """What a served model's tokenizer is made of: the weights' path, or their hub id and the
+    commit served, and the catalog's max_model_len and chat template."""
+
+    source: str
+    revision: str | None = None
+    max_model_len: int | None = None
+    chat_template: ChatTemplate | None = None
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        source, revision, max_model_len = model_source(args.model, args.catalog)
-        tokenizer = load_served_tokenizer(source, revision)
+        served = model_source(args.model, args.catalog)
+        if args.chat_template is not None:
+            served = replace(served, chat_template=chat_template_flag(args.chat_template))
+        tokenizer = load_served_tokenizer(served)
         max_model_len = (
-            args.max_model_len or max_model_len or model_context_length(source, revision)
+            args.max_model_len
+            or served.max_model_len
+            or model_context_length(served.source, served.revision)
         )
         files = save_tokenizer_folder(tokenizer, args.dir, max_model_len)
     except (CatalogError, OSError, ValueError) as exc:
@@ -63,26 +86,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_source(model: str, catalog: str | Path) -> tuple[str, str | None, int | None]:
-    """The weights' path (or hub id and the commit it is served at) for a catalog id or a path,
-    and the catalog's max_model_len."""
+def model_source(model: str, catalog: str | Path) -> ServedModelSource:
+    """How a catalog's chat model, or the model at a path, is served."""
     entries = [e for e in load_catalog(catalog) if e.kind == "chat"]
     for entry in entries:
         if entry.id == model:
-            return resolve_source(entry), resolve_revision(entry), entry.max_model_len
+            return ServedModelSource(
+                resolve_source(entry),
+                resolve_revision(entry),
+                entry.max_model_len,
+                resolve_chat_template(entry),
+            )
     if Path(model).expanduser().exists():
-        return str(Path(model).expanduser()), None, None
+        return ServedModelSource(str(Path(model).expanduser()))
     ids = ", ".join(e.id for e in entries)
     raise ValueError(
         f"{model!r} is neither a chat model id of {catalog} ({ids}) nor an existing path"
     )
 
 
-def load_served_tokenizer(source: str, revision: str | None = None) -> Any:
-    """The tokenizer `pagoda serve` loads for `source` (a path, or a hub id at `revision`)."""
+def load_served_tokenizer(served: ServedModelSource) -> Any:
+    """The tokenizer `pagoda serve` loads for the model, with its chat template."""
     from pagoda.engine import loader  # imports torch: only for this command
 
-    return loader.load_tokenizer(loader.resolve_source(source, revision))
+    tokenizer = loader.load_tokenizer(loader.resolve_source(served.source, served.revision))
+    if served.chat_template is not None:
+        tokenizer.chat_template = served.chat_template.text
+    return tokenizer
 
 
 def model_context_length(source: str, revision: str | None = None) -> int:

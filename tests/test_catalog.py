@@ -199,6 +199,14 @@ def test_capabilities_are_for_chat_models(tmp_path: Path) -> None:
     assert "models.yaml:5: entry 1 (id 'e'): capabilities: only chat models" in message
 
 
+@pytest.mark.parametrize("kind", ["embedding", "rerank", "image"])
+def test_a_chat_template_is_for_chat_models(tmp_path: Path, kind: str) -> None:
+    """Before: `chat_template: unknown field` for every kind."""
+    text = f"models:\n  - id: e\n    kind: {kind}\n    source: org/e\n"
+    message = catalog_error(tmp_path, text + "    chat_template: t.jinja\n")
+    assert "models.yaml:5: entry 1 (id 'e'): chat_template: only chat models have a" in message
+
+
 def test_uninstalled_package_source(tmp_path: Path) -> None:
     text = "models:\n  - id: m\n    kind: chat\n    source: package://no_such_pkg_xyz/m.gguf\n"
     (entry,) = load_catalog(write_catalog(tmp_path, text))

@@ -188,9 +188,9 @@ def test_the_exported_tokenizer_is_the_one_at_the_entrys_revision(offline_hub, t
     catalog.write_text(
         f"models:\n  - id: t\n    kind: chat\n    source: {LLAMA}\n    revision: v1\n"
     )
-    source, revision, _ = model_source("t", catalog)
-    assert (source, revision) == (LLAMA, V1)
-    assert V1_TOKEN in load_served_tokenizer(source, revision).get_vocab()
+    served = model_source("t", catalog)
+    assert (served.source, served.revision) == (LLAMA, V1)
+    assert V1_TOKEN in load_served_tokenizer(served).get_vocab()
 
 
 @pytest.mark.parametrize("kind", ["chat", "embedding"])

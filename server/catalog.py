@@ -526,17 +526,25 @@ def _local_kind(source: str) -> str:
 
 
 def resolve_revision(entry: CatalogEntry) -> str | None:
-    """The commit the entry's weights are served at: its `revision` (a branch, tag or commit
-    hash; default the repository's default branch) as the hub has it, or as the hub cache
-    recorded it where the hub cannot be reached (HF_HUB_OFFLINE). None for a local source.
+    """The commit the entry's weights are served at (hub_commit); None for a local source."""
+    source = resolve_source(entry)
+    try:
+        return hub_commit(source, entry.revision)
+    except ValueError as exc:
+        raise entry_error(entry, str(exc), "revision" if entry.revision else "source") from None
+
+
+def hub_commit(source: str, revision: str | None) -> str | None:
+    """The commit a hub id's weights are served at: `revision` (a branch, tag or commit hash;
+    default the repository's default branch) as the hub has it, or as the hub cache recorded it
+    where the hub cannot be reached (HF_HUB_OFFLINE). None for a local source (an absolute
+    path, as resolve_source gives one).
 
     Resolved once, in the server, so that every process loads that one commit, and the log says
     which it is."""
-    source = resolve_source(entry)
     if Path(source).is_absolute():
-        if entry.revision is not None:  # a hub-id-like source that is a folder by the catalog
-            message = f"only for a hub id's source; {source} is a folder"
-            raise entry_error(entry, message, "revision")
+        if revision is not None:  # a hub-id-like source that is a folder by the catalog
+            raise ValueError(f"only for a hub id's source; {source} is a local path")
         return None
     from huggingface_hub import constants
     from huggingface_hub import resolve_revision as resolve_on_hub
@@ -544,13 +552,13 @@ def resolve_revision(entry: CatalogEntry) -> str | None:
     try:
         # offline, straight from the cache (without: a warning that the hub cannot be reached)
         offline = constants.HF_HUB_OFFLINE
-        return resolve_on_hub(source, revision=entry.revision, local_files_only=offline).resolved
+        return resolve_on_hub(source, revision=revision, local_files_only=offline).resolved
     except Exception as exc:  # offline and not cached, unknown repository or revision, ...
-        if entry.revision is None:
+        if revision is None:
             message = f"{source!r} is neither a local path nor a downloadable hub id"
-            raise entry_error(entry, f"{message}: {describe_error(exc)}") from None
-        message = f"no revision {entry.revision!r} of {source!r} on the hub or in its cache"
-        raise entry_error(entry, f"{message}: {describe_error(exc)}", "revision") from None
+        else:
+            message = f"no revision {revision!r} of {source!r} on the hub or in its cache"
+        raise ValueError(f"{message}: {describe_error(exc)}") from None
 
 
 def resolve_chat_template(entry: CatalogEntry) -> ChatTemplate | None:

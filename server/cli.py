@@ -43,6 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="models.yaml to serve")
     serve.add_argument("--served-model-name", help="the id clients use for --model")
     serve.add_argument(
+        "--revision",
+        help="--model's branch, tag or commit hash on the hub (default: its default branch)",
+    )
+    serve.add_argument(
         "--chat-template",
         help="--model's chat template instead of its tokenizer's: a Jinja file, or the "
         "template itself (catalog entries set chat_template)",
@@ -171,6 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.command == "serve" and not args.model:
         for option in (
             "served_model_name",
+            "revision",
             "chat_template",
             "tool_call_parser",
             "reasoning_parser",

@@ -11,6 +11,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from sse_starlette.sse import AppStatus
@@ -26,6 +27,7 @@ from pagoda.server.catalog import (
     CatalogEntry,
     CatalogError,
     entry_error,
+    hub_commit,
     load_catalog,
     resolve_chat_template,
     resolve_revision,
@@ -100,7 +102,8 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             tool_call_parser=parser,
             reasoning_parser=args.reasoning_parser,
         )
-        config = EngineConfig(model=args.model, serving=True, **overrides)
+        source, revision = model_flag_source(args)
+        config = EngineConfig(model=source, revision=revision, serving=True, **overrides)
         waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
         return [
             ModelToServe(
@@ -131,6 +134,17 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
         )
         for e in entries
     ]
+
+
+def model_flag_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """--model's weights as a catalog entry's are found: a local path (made absolute), or a hub
+    id and the commit of its --revision (default: its default branch)."""
+    path = Path(args.model).expanduser()
+    source = str(path.resolve()) if path.exists() else args.model
+    try:
+        return source, hub_commit(source, args.revision)
+    except ValueError as exc:
+        raise ValueError(f"{'--revision' if args.revision else '--model'}: {exc}") from None
 
 
 def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:

@@ -167,6 +167,7 @@ def test_log_level_takes_any_case():
         (["--model", "m", "--catalog", "c.yaml"], "argument --catalog: not allowed with"),
         (["--served-model-name", "x"], "--served-model-name names how --model is served"),
         (["--tool-call-parser", "mistral"], "--tool-call-parser names how --model is served"),
+        (["--revision", "v1"], "--revision names how --model is served"),
         (["--chat-template", "t.jinja"], "--chat-template names how --model is served"),
     ],
 )

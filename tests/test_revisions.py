@@ -246,6 +246,36 @@ def test_a_server_serves_each_entry_at_its_revision(server, references, weights)
     assert f"serving embedder-latest (embedding) at revision {MAIN} on " in log
 
 
+def test_the_model_flag_serves_its_revision(hub_cache, references):
+    """`pagoda serve --model ID --revision R`, as vLLM's. Before: `unrecognized arguments:
+    --revision v1`; --model was always served at main."""
+    args = ["--model", LLAMA, "--revision", "v1", "--dtype", "float32", "--max-model-len", "256"]
+    server = Server(args, env={"HF_HUB_CACHE": str(hub_cache)}).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        for prompt, (_, text) in zip(PROMPTS, references["v1"]):
+            completion = client.completions.create(
+                model=LLAMA,
+                prompt=prompt["prompt_token_ids"],
+                max_tokens=GREEDY.max_tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            assert completion.choices[0].text == text
+        assert f"serving {LLAMA} at revision {V1} on " in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_a_revision_flag_that_cannot_serve_fails_the_start(offline_hub, weights):
+    unknown = failed_start("--model", LLAMA, "--revision", "v9", "--port", "1")
+    assert f"--revision: no revision 'v9' of '{LLAMA}' on the hub or in its cache: " in unknown
+    folder = weights["llama-main"]
+    local = failed_start("--model", str(folder), "--revision", "v1", "--port", "1")
+    assert f"--revision: only for a hub id's source; {folder} is a local path" in local
+    assert "Traceback" not in unknown + local
+
+
 @pytest.fixture(scope="module")
 def sd_repo(hub_cache, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd")

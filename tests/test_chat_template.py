@@ -146,7 +146,8 @@ def test_the_chat_template_flag_of_model(base_model, tmp_path):
     """`pagoda serve --model X --chat-template FILE`, a relative path from the working folder."""
     (tmp_path / "t.jinja").write_text(FILE_TEMPLATE)
     args = ["--model", str(base_model), "--chat-template", "t.jinja", "--dtype", "float32"]
-    server = Server([*args, "--max-model-len", "256"], cwd=tmp_path).wait_ready()
+    checkout = {"PYTHONPATH": str(Path(__file__).parents[1])}  # run from another folder
+    server = Server([*args, "--max-model-len", "256"], env=checkout, cwd=tmp_path).wait_ready()
     try:
         ids = tokenize(server, str(base_model), messages=MESSAGES).json()["tokens"]
         assert ids == rendered(base_model, FILE_TEMPLATE)

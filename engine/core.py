@@ -86,6 +86,7 @@ class EngineCore:
             "vocab_size": engine.vocab_size,
             "eos_token_ids": sorted(engine.eos_token_ids),
             "sampling_defaults": engine.sampling_defaults,
+            "max_tokens_cap": engine.max_tokens_cap,
             "num_kv_blocks": engine.block_manager.num_blocks,
             "block_size": engine.config.block_size,
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,

@@ -14,7 +14,7 @@ from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.models import model_class
-from pagoda.engine.sampling_defaults import sampling_defaults
+from pagoda.engine.sampling_defaults import max_tokens_cap, sampling_defaults
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.sequence import Sequence, SequenceDelta
@@ -72,6 +72,9 @@ class LLMEngine:
             config.generation_config,
             config.override_generation_config,
         )
+        self.max_tokens_cap = max_tokens_cap(
+            config.generation_config, config.override_generation_config
+        )
         if self.sampling_defaults:
             logger.info(
                 "sampling fields a request leaves unset default to %s (generation_config %s%s)",
@@ -79,6 +82,8 @@ class LLMEngine:
                 config.generation_config,
                 " and override_generation_config" if config.override_generation_config else "",
             )
+        if self.max_tokens_cap is not None:
+            logger.info("a served request gets at most %d tokens", self.max_tokens_cap)
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = self._resolve_max_model_len()
         if config.cpu_threads is not None:

@@ -146,6 +146,8 @@ class ServedModel:
         defaults = self.client.info["sampling_defaults"]
         if max_tokens is None:
             max_tokens = min(room, defaults.get("max_tokens", room))
+        if (cap := self.client.info.get("max_tokens_cap")) is not None:
+            max_tokens = min(max_tokens, cap)  # the operator's, over the request's (as vLLM)
             if kwargs.get("min_tokens", 0) > room:
                 raise invalid(
                     f"min_tokens ({kwargs['min_tokens']}) exceeds the {room} tokens that the "

@@ -115,3 +115,37 @@ def test_a_requests_own_values_win(client):
 def test_the_server_refuses_a_generation_config_folder_without_one(tmp_path, tiny_models):
     error = failed_start("--model", str(tiny_models["llama"]), "--generation-config", str(tmp_path))
     assert str(tmp_path) in error and "Traceback" not in error
+
+
+def test_an_operators_max_new_tokens_caps_what_a_request_asks(model_folder, tmp_path):
+    """As vLLM: override_generation_config's max_new_tokens, and that of a generation_config
+    folder, cap a served request's max_tokens (the model's own generation_config.json only
+    sets a default: test_a_requests_own_values_win asks 8 past its 5). Before: a default
+    only, so a request asking 8 got 8."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 6}))
+    common = {"kind": "chat", "source": str(model_folder), "max_model_len": 256}
+    entries = [
+        {
+            "id": "override",
+            **common,
+            "engine": {"override_generation_config": {"max_new_tokens": 4}},
+        },
+        {"id": "folder", **common, "engine": {"generation_config": str(folder)}},
+    ]
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(json.dumps({"models": entries}))
+    server = Server(["--catalog", str(catalog), "--dtype", "float32"]).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        for model, cap in (("override", 4), ("folder", 6)):
+            for asked, got in ((8, cap), (None, cap), (2, 2)):
+                choice = client.completions.create(
+                    model=model, prompt=PROMPT, max_tokens=asked, extra_body={"ignore_eos": True}
+                )
+                assert choice.usage.completion_tokens == got, (model, asked)
+                assert choice.choices[0].finish_reason == "length"
+        assert "a served request gets at most 4 tokens" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()

@@ -865,7 +865,8 @@ def test_admin_api_updates_a_key(server, db):
     assert "key" not in entry and "key_hash" not in entry
     assert admitted(server, key) == 200  # at once
     assert httpx.patch(f"{server.url}/admin/keys/{name}", json={"rpm": 1}).status_code == 401
-    for body, param in (({}, None), ({"rpm": 0}, "rpm"), ({"name": "x"}, "name")):
+    bad = [({}, None), ({"rpm": 0}, "rpm"), ({"name": "a b"}, "name"), ({"name": None}, "name")]
+    for body, param in bad:
         r = admin.patch(f"/keys/{name}", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert admin.patch("/keys/nobody", json={"rpm": 1}).status_code == 404
@@ -873,6 +874,36 @@ def test_admin_api_updates_a_key(server, db):
     assert admin.patch(f"/keys/{name}", json={"rpm": 1}).status_code == 409
     allowed = admin.request("PUT", f"/keys/{name}").headers["allow"]
     assert set(allowed.split(", ")) == {"PATCH", "DELETE"}  # Starlette's order is a set's
+
+
+def test_a_key_renamed_and_its_spend_reset(server, db, tmp_path):
+    """`pagoda keys update NAME --reset-spend` starts a new budget period: the key's spend is
+    0 and the server admits it again at once, the ledger keeps its rows; `--rename` (PATCH
+    `name`) gives it a new name, same secret. Before: neither existed (a spent budget could
+    only be raised, a name never changed)."""
+    name, key = new_key(db, budget=0.003)
+    client = sdk(server, key)
+    while admitted(server, key) == 200:
+        chat(client, max_tokens=2)
+    rows = wait_for(lambda: ledger(db, name))
+    reset = pagoda("keys", "update", name, "--reset-spend", "--database", db)
+    assert reset.returncode == 0, reset.stderr
+    assert "spent $0" in reset.stdout
+    wait_for(lambda: admitted(server, key) == 200)  # the server's next round reads it
+    assert len(ledger(db, name)) >= len(rows)  # the ledger keeps what was spent
+
+    renamed = pagoda("keys", "update", name, "--rename", f"{name}-2", "--database", db)
+    assert renamed.returncode == 0, renamed.stderr
+    assert ledger(db, f"{name}-2") and admitted(server, key) == 200
+    taken, _ = new_key(db)
+    clash = pagoda("keys", "update", f"{name}-2", "--rename", taken, "--database", db)
+    assert clash.returncode == 1 and "exists already" in clash.stderr
+    admin = httpx.Client(
+        base_url=f"{server.url}/admin", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    r = admin.patch(f"/keys/{name}-2", json={"name": name, "reset_spend": True})
+    assert r.status_code == 200 and r.json()["name"] == name, r.text
+    assert admin.patch(f"/keys/{name}", json={"name": taken}).status_code == 409
 
 
 def test_the_ledger_survives_a_restart(catalog, db, server):

@@ -51,10 +51,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True)
     add_limit_options(create)
     update = actions.add_parser(
-        "update", help="set a key's limits (`none` clears one); its secret and spend stay"
+        "update", help="set a key's limits (`none` clears one), rename it or reset its spend"
     )
     update.add_argument("name")
     add_limit_options(update, clearable=True)
+    update.add_argument("--rename", metavar="NEW_NAME", help="a new name (same secret and spend)")
+    update.add_argument(
+        "--reset-spend", action="store_true", help="spend back to 0: a new budget period"
+    )
     listing = actions.add_parser("list", help="the keys, without secrets")
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="refuse a key from now on")
@@ -108,7 +112,12 @@ def _run(engine: sa.Engine, args: argparse.Namespace) -> None:
         print("This is the only time the key is shown; only its hash is stored:")
         print(secret)
     elif args.action == "update":
-        row = store.update_key(engine, args.name, store.KeyUpdate(**_given(args, clear=True)))
+        given = _given(args, clear=True)
+        if args.rename is not None:
+            given["name"] = args.rename
+        if args.reset_spend:
+            given["reset_spend"] = True
+        row = store.update_key(engine, args.name, store.KeyUpdate(**given))
         print(f"updated key '{row['name']}' ({_limits(row)}; spent ${row['spent_usd']:g})")
     elif args.action == "list":
         rows = store.list_keys(engine)

@@ -47,21 +47,43 @@ class KeyLimits(BaseModel):
         return as_utc(value) if isinstance(value, datetime) else value
 
 
+NAME_PATTERN = r"^[\w.@:+-]{1,128}$"
+
+
 class KeySpec(KeyLimits):
     """What `pagoda keys create` and POST /admin/keys take."""
 
-    name: str = Field(pattern=r"^[\w.@:+-]{1,128}$")
+    name: str = Field(pattern=NAME_PATTERN)
 
 
 class KeyUpdate(KeyLimits):
     """What `pagoda keys update` and PATCH /admin/keys/{name} take: the limits given replace
-    the key's, null clears one; the others stay."""
+    the key's, null clears one; the others stay. `name` renames the key (its secret, spend and
+    ledger rows stay); `reset_spend` sets its spend back to 0, for a new budget period (the
+    ledger keeps every row)."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    reset_spend: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _kept(cls, value: str | None) -> str:
+        if value is None:  # given as null: it would clear the name
+            raise ValueError("a key keeps a name: give the new one")
+        return value
 
     @model_validator(mode="after")
     def _changes_something(self) -> KeyUpdate:
-        if not self.model_fields_set:
-            raise ValueError(f"nothing to change: give one of {', '.join(KeyLimits.model_fields)}")
+        if not self.model_fields_set - {"reset_spend"} and not self.reset_spend:
+            raise ValueError(f"nothing to change: give one of {', '.join(type(self).model_fields)}")
         return self
+
+    def columns(self) -> dict:
+        """The key's columns this update sets."""
+        values = {COLUMNS.get(f, f): getattr(self, f) for f in self.model_fields_set}
+        if values.pop("reset_spend", False):
+            values["spent_usd"] = 0.0
+        return values
 
 
 # the limits' columns, where their names differ
@@ -153,18 +175,21 @@ def revoke_key(engine: sa.Engine, name: str) -> dict:
 
 
 def update_key(engine: sa.Engine, name: str, change: KeyUpdate) -> dict:
-    """Set or clear the limits `change` gives; its secret and its spend stay."""
-    values = {COLUMNS.get(f, f): getattr(change, f) for f in change.model_fields_set}
-    with engine.begin() as c:
-        done = c.execute(
-            api_keys.update()
-            .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
-            .values(values)
-        )
+    """Set or clear the limits `change` gives, rename the key or reset its spend; its secret
+    stays."""
+    try:
+        with engine.begin() as c:
+            done = c.execute(
+                api_keys.update()
+                .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
+                .values(change.columns())
+            )
+    except sa.exc.IntegrityError as exc:  # the new name is taken
+        raise StoreError(f"a key named {change.name!r} exists already") from exc
     if done.rowcount == 0:
         get_key(engine, name)  # raises for an unknown name
         raise StoreError(f"the key {name!r} is revoked: create a new one")
-    return _public(get_key(engine, name))
+    return _public(get_key(engine, change.name or name))
 
 
 def write_usage(engine: sa.Engine, rows: list[dict]) -> None:

@@ -73,7 +73,7 @@ class LLMEngine:
             config.override_generation_config,
         )
         self.max_tokens_cap = max_tokens_cap(
-            config.generation_config, config.override_generation_config
+            self.sampling_defaults, config.generation_config, config.override_generation_config
         )
         if self.sampling_defaults:
             logger.info(

@@ -57,15 +57,16 @@ def sampling_defaults(
     return defaults
 
 
-def max_tokens_cap(generation_config: str, overrides: dict[str, Any] | None) -> int | None:
-    """The most tokens a served request may have, whatever it asks, as vLLM caps them: an
-    override's max_new_tokens, else that of a generation_config folder named; the model's own
-    generation_config.json ("auto") sets a default only."""
-    if (overrides or {}).get("max_new_tokens") is not None:
-        return int(overrides["max_new_tokens"])
-    if generation_config in ("auto", "vllm"):
-        return None
-    return _read(Path(generation_config)).get("max_new_tokens")
+def max_tokens_cap(
+    defaults: dict[str, Any], generation_config: str, overrides: dict[str, Any] | None
+) -> int | None:
+    """The most tokens a served request may have, whatever it asks, as vLLM caps them: the
+    default max_tokens where an operator set it (an override's max_new_tokens, or that of a
+    generation_config folder named); the model's own generation_config.json ("auto") sets a
+    default only."""
+    if "max_new_tokens" in (overrides or {}) or generation_config not in ("auto", "vllm"):
+        return defaults.get("max_tokens")
+    return None
 
 
 def _check_overrides(overrides: dict[str, Any] | None) -> None:

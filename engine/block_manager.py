@@ -23,6 +23,10 @@ class Block:
     hash: bytes | None = None
 
 
+def lora_salt(slot: int) -> bytes:
+    return b"" if slot < 0 else b"lora%d" % slot
+
+
 def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
@@ -120,5 +124,6 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> None:
         size = self.block_size
         for i in range(len(seq.block_hashes), seq.num_tokens // size):
-            parent = seq.block_hashes[i - 1] if i else b""
+            # a LoRA adapter's KV differs from the base model's: its chain starts elsewhere
+            parent = seq.block_hashes[i - 1] if i else lora_salt(seq.lora_slot)
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * size : (i + 1) * size]))

@@ -67,6 +67,10 @@ class EngineConfig:
     # the defaults of the sampling fields a request leaves unset (engine/sampling_defaults.py)
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
+    # LoRA adapters served beside the model (engine/lora.py): name -> a PEFT adapter's folder
+    # or hub id; max_lora_rank bounds their ranks (None: the largest adapter's)
+    lora_modules: dict[str, str] | None = None
+    max_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:  # drawn here, so that every tensor-parallel rank gets the same
@@ -88,6 +92,8 @@ class EngineConfig:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError("kv_cache_blocks must be at least 1")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
         if self.kernel_backend not in BACKENDS:
             raise ValueError(
                 f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}"

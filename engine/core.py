@@ -1,6 +1,6 @@
 """The engine core in its own process: LLMEngine driven by the shared worker loop
-(engine/worker.py). An add's payload is `prompt_token_ids, sampling_params_dict`; an output is
-an encoded SequenceDelta.
+(engine/worker.py). An add's payload is `prompt_token_ids, sampling_params_dict, lora` (a LoRA
+adapter's name or None, which it is when absent); an output is an encoded SequenceDelta.
 
 Its `stats` are a dict: "running", "waiting" (sequences now), "kv_cache_usage" (fraction of the
 blocks in use), "prefix_cache_blocks" (blocks holding a cached prefix, in use or free),
@@ -93,10 +93,15 @@ class EngineCore:
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "tensor_parallel_size": engine.config.tensor_parallel_size,
+            "lora_modules": {
+                name: str(engine.config.lora_modules[name]) for name in engine.lora_slots
+            },
         }
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:
-        self.engine.add_request(request_id, prompt_token_ids, SamplingParams(**params))
+    def add(
+        self, request_id: str, prompt_token_ids: list[int], params: dict, lora: str | None = None
+    ) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, SamplingParams(**params), lora)
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -79,6 +79,8 @@ class LLM:
         tensor_parallel_size: int = 1,
         generation_config: str = "auto",
         override_generation_config: dict | None = None,
+        lora_modules: dict[str, str] | None = None,
+        max_lora_rank: int | None = None,
         **parallel,  # nnodes, node_rank, master_addr, master_port, distributed_timeout_s
     ) -> None:
         config = EngineConfig(
@@ -105,6 +107,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            lora_modules=lora_modules,
+            max_lora_rank=max_lora_rank,
             **parallel,
         )
         self.engine = LLMEngine(config)
@@ -124,9 +128,19 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """`lora`: a LoRA adapter of `lora_modules` (by name) for every prompt, or one per
+        prompt (None: the base model), as vLLM's `lora_request`."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
+        adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} LoRA adapters given for {len(prompts)} prompts")
+        for name in set(adapters) - {None} - set(self.engine.lora_slots):
+            raise ValueError(
+                f"unknown LoRA adapter {name!r} (lora_modules: {self.engine.lora_slots})"
+            )
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -152,10 +166,10 @@ class LLM:
                 params.bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
         requests: list[tuple[RequestOutput, list[Sequence]]] = []
         try:
-            for (ids, text), params in zip(encoded, sampling_params):
+            for (ids, text), params, adapter in zip(encoded, sampling_params, adapters):
                 output = RequestOutput(str(next(self._ids)), text, ids)
                 requests.append((output, []))
-                self.engine.add_request(output.request_id, ids, params)
+                self.engine.add_request(output.request_id, ids, params, adapter)
                 requests[-1] = (output, self.engine.sequences(output.request_id))
             watched = self._watch_stop_strings(requests)
             self._run(sum(p.n for p in sampling_params), use_tqdm, watched)
@@ -176,6 +190,7 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a batch of them, each rendered by the chat
         template (the tokenizer's, or `chat_template`) and generated as `generate` does."""
@@ -199,7 +214,7 @@ class LLM:
             # the template wrote the special tokens (BOS) itself
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt_token_ids": ids, "prompt": text})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora)
 
     def close(self) -> None:
         """Stop the engine's other tensor-parallel ranks (with one rank: nothing to do).

@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
-from pagoda.engine import distributed, loader, profiling, tensor_parallel
+from pagoda.engine import distributed, loader, lora, profiling, tensor_parallel
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
@@ -91,9 +91,29 @@ class LLMEngine:
         elif config.tensor_parallel_size > 1 and self.device.type == "cpu":
             torch.set_num_threads(distributed.cpu_threads_per_rank(config))
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
+        adapters, max_lora_rank = [], 0
+        if config.lora_modules:  # read before the weights load: a bad adapter fails fast
+            adapters, max_lora_rank = lora.load_adapters(
+                config.lora_modules, config.max_lora_rank, self.hf_config.num_hidden_layers
+            )
+        self.lora_slots = {adapter.name: slot for slot, adapter in enumerate(adapters)}
         model = loader.build_model(
-            self.hf_config, source, config, self.device, self.dtype, self.max_model_len
+            self.hf_config,
+            source,
+            config,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            adapters,
+            max_lora_rank,
         )
+        if adapters:
+            logger.info(
+                "LoRA adapters, each on %s up to rank %d: %s",
+                ", ".join(sorted({proj for a in adapters for _, proj in a.weights})),
+                max_lora_rank,
+                ", ".join(f"{a.name} (rank {a.rank}, {a.folder})" for a in adapters),
+            )
         num_blocks = self._num_kv_blocks(model)
         use_graphs = self._use_graphs()
         self.runner = ModelRunner(
@@ -202,17 +222,28 @@ class LLMEngine:
         # CPU a graph replays the C++ kernels alone, and tensor parallelism adds collectives
         if self.config.enforce_eager or self.config.kernel_backend == "torch":
             return False
+        # and a CPU graph cannot replay the LoRA updates, which run in torch
         return self.device.type == "cuda" or (
-            self.device.type == "cpu" and self.config.tensor_parallel_size == 1
+            self.device.type == "cpu"
+            and self.config.tensor_parallel_size == 1
+            and not self.config.lora_modules
         )
 
     # -- the step API -----------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> None:
+        """`lora`: the name of one of `lora_modules`' adapters to run under, or None."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if lora is not None and lora not in self.lora_slots:
+            known = ", ".join(self.lora_slots) or "none are loaded"
+            raise ValueError(f"unknown LoRA adapter {lora!r} ({known})")
         self.validate_prompt(prompt_token_ids, generates=params.max_tokens != 0)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -228,6 +259,7 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 generator=_child_generator(params.seed, index, self.device),
                 shares_prompt_with=seqs[0] if seqs and self.config.enable_prefix_caching else None,
+                lora_slot=-1 if lora is None else self.lora_slots[lora],
             )
             seqs.append(seq)
         if params.structured_outputs is not None:

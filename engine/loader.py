@@ -13,8 +13,9 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from pagoda.engine import distributed, tensor_parallel
+from pagoda.engine import distributed, lora, tensor_parallel
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.gguf_weights import gguf_config, gguf_index, gguf_tokenizer, iter_gguf_weights
 from pagoda.engine.models import MODEL_REGISTRY, model_class, unsupported_architecture
 from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
@@ -156,6 +157,8 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int,
+    adapters: list[lora.Adapter] = (),
+    max_lora_rank: int = 0,
 ) -> nn.Module:
     cls = model_class(getattr(config, "architectures", None))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -185,8 +188,12 @@ def build_model(
             weights = tensor_parallel.shard_weights(weights, layout)
         model.load_weights(progress(weights, "Loading weights", "tensors"))
     model.init_rotary(device, max_model_len)
+    if adapters:
+        max_tokens = max(engine_config.resolve_max_num_batched_tokens(device), CAPTURE_SIZES[-1])
+        lora.attach(model, adapters, max_lora_rank, max_tokens, layout)
     if native_bf16:
-        packed = linear_bf16.pack_linears(model)
+        # an adapter's update goes between gate_up and the activation: no fused kernel then
+        packed = linear_bf16.pack_linears(model, fuse_gate_up=not adapters)
         logger.info(
             "bf16 CPU path (%s): %d linear layers packed, bf16 KV cache, fp32 "
             "activations and accumulation; weights and KV cache on %s",

@@ -148,6 +148,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        lora_slots: list[int] = []
         seq_lens: list[int] = []
         query_start = [0]
         sample_rows: list[int] = []
@@ -157,6 +158,7 @@ class ModelRunner:
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // size] * size + p % size for p in range(start, end)]
+            lora_slots += [seq.lora_slot] * num_new
             seq_lens.append(end)
             query_start.append(query_start[-1] + num_new)
             if batch.samples(i):
@@ -167,13 +169,18 @@ class ModelRunner:
         ]
         logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
         lists = [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
+        if getattr(self.model, "lora_batch", None) is not None:
+            lists.append(lora_slots)
         chunks = self._prompt_chunks(batch)
         return [lists, list(batch.num_new_tokens), width, chunks], sample_rows, chunks
 
     def _device_inputs(self, host: list):
         lists, query_lens, width, _ = host
         seq_lens = lists[5]
-        (ids, pos, slot_mapping, logit_rows, starts, lens, tables), _ = self.staging.send(lists)
+        tensors, _ = self.staging.send(lists)
+        ids, pos, slot_mapping, logit_rows, starts, lens, tables = tensors[:7]
+        if len(lists) > 7:  # the tokens' LoRA slots
+            self.model.lora_batch.set(tensors[7], active=max(lists[7]) >= 0)
         meta = AttentionMetadata(
             query_start_loc=starts.int(),
             seq_lens=lens.int(),

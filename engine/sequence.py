@@ -49,6 +49,7 @@ class Sequence:
     # A sibling whose prompt must be computed first, so that this one finds it in the prefix
     # cache instead of computing it again (n > 1).
     shares_prompt_with: Sequence | None = None
+    lora_slot: int = -1  # the LoRA adapter it runs under (engine/lora.py); -1: none
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission

@@ -139,14 +139,15 @@ def shard_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each checkpoint tensor (Hugging Face names) cut to this rank's part."""
     for name, tensor in weights:
-        yield name, _shard(name, tensor, layout)
+        yield name, shard_tensor(name, tensor, layout)
 
 
 def _rows(tensor: torch.Tensor, first: int, count: int) -> torch.Tensor:
     return tensor[first : first + count]
 
 
-def _shard(name: str, tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+def shard_tensor(name: str, tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """This rank's part of checkpoint tensor `name` (a LoRA matrix: as the weight it updates)."""
     r, d = layout.rank, layout.head_dim
     if ".q_proj." in name:
         return _rows(tensor, r * layout.num_heads * d, layout.num_heads * d)

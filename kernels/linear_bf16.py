@@ -297,11 +297,13 @@ def child_modules(
     ]
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, fuse_gate_up: bool = True) -> int:
     """Swap every `nn.Linear` of a loaded CPU model for a `Bf16Linear` (an MLP's gate_up, on
-    AMX, for a `Bf16GateUpSiluMul`), and give a model with tied embeddings a packed lm_head.
-    Returns how many were packed. The kernel's weights share one `cpu_native.Arena`."""
-    mlps = [m for m in model.modules() if Bf16GateUpSiluMul.fits(getattr(m, "gate_up_proj", 0))]
+    AMX and with `fuse_gate_up`, for a `Bf16GateUpSiluMul`), and give a model with tied
+    embeddings a packed lm_head. Returns how many were packed. The kernel's weights share one
+    `cpu_native.Arena`."""
+    fits = Bf16GateUpSiluMul.fits if fuse_gate_up else lambda linear: False
+    mlps = [m for m in model.modules() if fits(getattr(m, "gate_up_proj", 0))]
     gate_ups = {id(mlp.gate_up_proj) for mlp in mlps}
     swaps = child_modules(
         model, lambda child: type(child) is nn.Linear and id(child) not in gate_ups

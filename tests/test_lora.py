@@ -1,0 +1,194 @@
+"""LoRA adapters in the engine (engine/lora.py), against transformers with peft's adapter.
+
+Base-model and adapter requests share each step's batch; every one must give transformers +
+peft's greedy tokens on the same weights (fp32), for adapters of different ranks and targets
+(the smaller ranks padded up to the largest), with and without rsLoRA's scaling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pagoda.engine import LLM, SamplingParams
+from tests.lora_adapters import build_adapter, reference_model
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
+PROMPTS = [[5, 17, 300, 42, 7], list(range(100, 140)), [900, 3, 3, 512, 64, 8, 77, 41, 2, 9, 10]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory) -> dict[str, dict]:
+    """Per architecture: "wide" (rank 8, every projection) and "narrow" (rank 4, q and v
+    only, rsLoRA's alpha / sqrt(r))."""
+    root = tmp_path_factory.mktemp("lora")
+    made = {}
+    for arch in ("llama", "qwen2", "qwen3"):
+        base = tiny_models[arch]
+        made[arch] = {
+            "wide": build_adapter(base, root / arch / "wide", seed=1),
+            "narrow": build_adapter(
+                base,
+                root / arch / "narrow",
+                seed=2,
+                rank=4,
+                targets=("q_proj", "v_proj"),
+                use_rslora=True,
+            ),
+        }
+    return made
+
+
+def _reference(base, adapter, prompt: list[int]) -> tuple[list[int], float]:
+    """transformers + peft's greedy tokens, and the first token's logprob."""
+    model = reference_model(base, adapter)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    first = torch.log_softmax(out.logits[0][0].double(), -1)[out.sequences[0, len(prompt)]]
+    return out.sequences[0, len(prompt) :].tolist(), first.item()
+
+
+@pytest.mark.parametrize("kernel_backend", ["auto", "torch"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_mixed_batch_matches_transformers_with_peft(tiny_models, adapters, arch, kernel_backend):
+    base = tiny_models[arch]
+    names = [None, "wide", "narrow"]
+    llm = LLM(
+        str(base),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        kernel_backend=kernel_backend,
+        lora_modules={name: str(adapters[arch][name]) for name in ("wide", "narrow")},
+    )
+    try:
+        # every prompt under every adapter, in one call: one batch of nine sequences
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS for _ in names]
+        lora = [name for _ in PROMPTS for name in names]
+        outputs = llm.generate(prompts, GREEDY, lora=lora)
+    finally:
+        llm.close()
+    got = {}
+    for prompt, name, output in zip(prompts, lora, outputs):
+        completion = output.outputs[0]
+        first = completion.logprobs[0][completion.token_ids[0]].logprob
+        got[tuple(prompt["prompt_token_ids"]), name] = (completion.token_ids, first)
+    for prompt in PROMPTS:
+        for name in names:
+            adapter = None if name is None else adapters[arch][name]
+            want, want_first = _reference(base, adapter, prompt)
+            tokens, first = got[tuple(prompt), name]
+            assert tokens == want, f"{arch} {name} prompt of {len(prompt)}"
+            assert abs(first - want_first) < 1e-4
+        # each adapter changes what the base model says
+        outputs_by_adapter = {tuple(got[tuple(prompt), name][0]) for name in names}
+        assert len(outputs_by_adapter) == 3, f"{arch}: an adapter changed nothing"
+
+
+def test_prefix_cache_is_per_adapter(tiny_models, adapters):
+    """A prompt cached under the base model is not a hit for an adapter (its KV differs), and
+    one cached under an adapter is a hit for that adapter alone."""
+    base = tiny_models["llama"]
+    prompt = {"prompt_token_ids": list(range(200, 264))}  # 4 blocks of 16
+    llm = LLM(
+        str(base),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        lora_modules={name: str(folder) for name, folder in adapters["llama"].items()},
+    )
+    try:
+        cached = []
+        for name in (None, "wide", "wide", "narrow", None):
+            (output,) = llm.generate(prompt, GREEDY, lora=name)
+            cached.append((output.num_cached_tokens, output.outputs[0].token_ids))
+    finally:
+        llm.close()
+    assert [hits for hits, _ in cached] == [0, 0, 48, 0, 48]
+    want, _ = _reference(base, adapters["llama"]["wide"], prompt["prompt_token_ids"])
+    assert cached[1][1] == cached[2][1] == want
+
+
+def _engine(base, lora_modules: dict, **kwargs) -> LLM:
+    return LLM(
+        str(base), dtype="float32", skip_tokenizer_init=True, lora_modules=lora_modules, **kwargs
+    )
+
+
+def test_unknown_adapter_is_refused(tiny_models, adapters):
+    llm = _engine(tiny_models["llama"], {"wide": str(adapters["llama"]["wide"])})
+    try:
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'other'"):
+            llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, lora="other")
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'other'"):
+            llm.engine.add_request("r", [5, 6], GREEDY, lora="other")
+        assert llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, lora="wide")[0].finished
+    finally:
+        llm.close()
+
+
+def _edited(folder, tmp_path, config: dict | None = None, tensors=None):
+    """A copy of an adapter with its config updated and/or its tensors edited."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    settings = json.loads((folder / "adapter_config.json").read_text()) | (config or {})
+    (copy / "adapter_config.json").write_text(json.dumps(settings))
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file(tensors(weights) if tensors else weights, copy / "adapter_model.safetensors")
+    return copy
+
+
+def _truncate_one(weights: dict) -> dict:
+    key = next(k for k in weights if "q_proj.lora_A" in k)
+    weights[key] = weights[key][:, :-8].contiguous()
+    return weights
+
+
+def _embedding_lora(weights: dict) -> dict:
+    weights["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 1024)
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        ({"use_dora": True}, None, r"'bad': use_dora=True is not served"),
+        ({"modules_to_save": ["lm_head"]}, None, r"'bad': modules_to_save=\['lm_head'\]"),
+        ({"bias": "all"}, None, r"'bad': bias='all' is not served"),
+        ({"peft_type": "IA3"}, None, r"'bad': peft_type='IA3'"),
+        (None, _truncate_one, r"'bad': layer \d q_proj maps 120 to 128 features, the model's 128"),
+        (None, _embedding_lora, r"'bad': 'base_model.model.model.embed_tokens.lora_embedding_A' "),
+    ],
+    ids=["dora", "modules_to_save", "bias", "not-lora", "other-model", "embedding"],
+)
+def test_an_adapter_the_engine_cannot_apply_fails_the_start(
+    tiny_models, adapters, tmp_path, config, tensors, message
+):
+    folder = _edited(adapters["llama"]["wide"], tmp_path, config, tensors)
+    with pytest.raises(ValueError, match=message):
+        _engine(tiny_models["llama"], {"bad": str(folder)})
+
+
+def test_a_missing_adapter_or_a_rank_over_the_limit_fails_the_start(
+    tiny_models, adapters, tmp_path
+):
+    with pytest.raises(ValueError, match=r"'gone': .*neither a folder nor a downloadable hub id"):
+        _engine(tiny_models["llama"], {"gone": str(tmp_path / "nothing-here")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"'empty': no adapter_config.json in "):
+        _engine(tiny_models["llama"], {"empty": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match=r"'wide' has rank 8, above max_lora_rank=4"):
+        _engine(
+            tiny_models["llama"],
+            {name: str(folder) for name, folder in adapters["llama"].items()},
+            max_lora_rank=4,
+        )

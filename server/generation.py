@@ -265,7 +265,9 @@ class Generation:
         ]
         done = [False] * n
         clock = _Clock(self.metrics, self.model.id, n)
-        stream = self.model.client.generate(self.request_id, self.prompt_token_ids, self.params)
+        stream = self.model.client.generate(
+            self.request_id, self.prompt_token_ids, self.params, self.model.lora
+        )
         ran = True
         try:
             async with aclosing(stream) as deltas:

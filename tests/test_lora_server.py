@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from huggingface_hub import constants
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.server.catalog import CatalogError, load_catalog
@@ -20,6 +21,7 @@ from pagoda.server.lora import catalog_adapters, flag_adapters
 from tests.lora_adapters import build_adapter
 from tests.serving import Server, failed_start
 from tests.test_keys import ledger, new_key, wait_for
+from tests.test_revisions import MAIN, V1, add_repo
 
 BASE = "test-org/tiny-qwen2"
 KEY = "sk-lora-test-key"
@@ -29,15 +31,14 @@ PRICING = {"input_per_1m": 1000.0, "output_per_1m": 2000.0}
 A_PRICING = {"input_per_1m": 3000.0, "output_per_1m": 5000.0}
 
 
-def write_catalog(folder: Path, entries: list[dict]) -> Path:
+def write_catalog(folder: Path, text: str) -> Path:
     path = folder / "models.yaml"
-    path.write_text(json.dumps({"models": entries}, indent=1))  # JSON is YAML: one key a line
+    path.write_text(text)
     return path
 
 
 def catalog_error(folder: Path, text: str) -> str:
-    path = folder / "models.yaml"
-    path.write_text(text)
+    path = write_catalog(folder, text)
     with pytest.raises(CatalogError) as caught:
         load_catalog(path)
     return str(caught.value).replace(str(path), "models.yaml")
@@ -62,7 +63,7 @@ def test_a_chat_entry_takes_lora_modules_and_max_lora_rank(tmp_path: Path) -> No
             {"id": "tiny-b", "source": str(b)},
         ],
     )
-    path = write_catalog(tmp_path, [entry])
+    path = write_catalog(tmp_path, json.dumps({"models": [entry]}))  # JSON is YAML
     (loaded,) = load_catalog(path)
     assert loaded.engine_kwargs() == {"max_lora_rank": 16}
     adapters = catalog_adapters(loaded)  # a relative folder from the catalog's
@@ -148,6 +149,33 @@ models:
         "models.yaml:13: entry 1 (id 'm'): lora_modules[3].id: string should match pattern "
         "'^\\S+$', got 'has space'",
     ]
+
+
+def test_a_hub_adapter_is_served_at_its_revision(
+    adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id's adapter resolved as a model's weights are: its revision's snapshot (here from
+    the hub cache, offline), the default branch's without one."""
+    cache = tmp_path / "hub"
+    add_repo(cache, "acme/tiny-lora", adapters["tiny-a"], adapters["tiny-b"])  # v1, main
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    entry = "models:\n  - id: m\n    kind: chat\n    source: org/model\n    lora_modules:\n"
+    text = entry + (
+        "      - {id: at-v1, source: acme/tiny-lora, revision: v1}\n"
+        "      - {id: at-main, source: acme/tiny-lora}\n"
+    )
+    at_v1, at_main = catalog_adapters(load_catalog(write_catalog(tmp_path, text))[0])
+    snapshots = cache / "models--acme--tiny-lora" / "snapshots"
+    assert (at_v1.source, at_v1.folder) == ("acme/tiny-lora", str(snapshots / V1))
+    assert (at_main.source, at_main.folder) == ("acme/tiny-lora", str(snapshots / MAIN))
+    text = entry + "      - {id: at-v9, source: acme/tiny-lora, revision: v9}\n"
+    with pytest.raises(CatalogError) as caught:
+        catalog_adapters(load_catalog(write_catalog(tmp_path, text))[0])
+    assert str(caught.value).startswith(
+        f"{tmp_path / 'models.yaml'}:2: entry 1 (id 'm'): lora_modules[0].revision: no revision "
+        "'v9' of 'acme/tiny-lora' on the hub or in its cache"
+    )
 
 
 def test_a_missing_adapter_folder_fails_the_start_naming_it(tiny_models, tmp_path: Path) -> None:

@@ -222,11 +222,8 @@ class LLMEngine:
         # CPU a graph replays the C++ kernels alone, and tensor parallelism adds collectives
         if self.config.enforce_eager or self.config.kernel_backend == "torch":
             return False
-        # and a CPU graph cannot replay the LoRA updates, which run in torch
         return self.device.type == "cuda" or (
-            self.device.type == "cpu"
-            and self.config.tensor_parallel_size == 1
-            and not self.config.lora_modules
+            self.device.type == "cpu" and self.config.tensor_parallel_size == 1
         )
 
     # -- the step API -----------------------------------------------------------------------

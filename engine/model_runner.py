@@ -103,6 +103,11 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_seqs = len(meta.seq_lens_host)
+        lora = getattr(self.model, "lora_batch", None)
+        if lora is not None and lora.active and isinstance(self.graphs, CpuGraphs):
+            # a CPU graph replays the C++ kernels alone, not the LoRA updates (torch): it runs
+            # the steps without an adapter's token, those with one run eagerly
+            return self.model(input_ids, positions, self.kv_caches, meta)
         if self.graphs and meta.max_query_len == 1 and num_seqs <= self.graphs.max_batch:
             return self.graphs.run(input_ids, positions, meta)
         if isinstance(self.graphs, CpuGraphs) and len(input_ids) <= ONCE_MAX_TOKENS:

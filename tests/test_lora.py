@@ -60,14 +60,23 @@ def _reference(base, adapter, prompt: list[int]) -> tuple[list[int], float]:
 @pytest.mark.parametrize("kernel_backend", ["auto", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_mixed_batch_matches_transformers_with_peft(tiny_models, adapters, arch, kernel_backend):
-    base = tiny_models[arch]
+    _check_mixed_batch(tiny_models[arch], adapters[arch], kernel_backend=kernel_backend)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tensor_parallel_cuts_the_adapters_as_the_weights(tiny_models, adapters, arch):
+    """Two ranks (gloo): q/k/v and gate/up's B and o/down's A cut as their weights are."""
+    _check_mixed_batch(tiny_models[arch], adapters[arch], tensor_parallel_size=2)
+
+
+def _check_mixed_batch(base, adapters: dict, **engine) -> None:
     names = [None, "wide", "narrow"]
     llm = LLM(
         str(base),
         dtype="float32",
         skip_tokenizer_init=True,
-        kernel_backend=kernel_backend,
-        lora_modules={name: str(adapters[arch][name]) for name in ("wide", "narrow")},
+        lora_modules={name: str(folder) for name, folder in adapters.items()},
+        **engine,
     )
     try:
         # every prompt under every adapter, in one call: one batch of nine sequences
@@ -83,14 +92,13 @@ def test_mixed_batch_matches_transformers_with_peft(tiny_models, adapters, arch,
         got[tuple(prompt["prompt_token_ids"]), name] = (completion.token_ids, first)
     for prompt in PROMPTS:
         for name in names:
-            adapter = None if name is None else adapters[arch][name]
-            want, want_first = _reference(base, adapter, prompt)
+            want, want_first = _reference(base, None if name is None else adapters[name], prompt)
             tokens, first = got[tuple(prompt), name]
-            assert tokens == want, f"{arch} {name} prompt of {len(prompt)}"
+            assert tokens == want, f"{base.name} {name} prompt of {len(prompt)}"
             assert abs(first - want_first) < 1e-4
         # each adapter changes what the base model says
         outputs_by_adapter = {tuple(got[tuple(prompt), name][0]) for name in names}
-        assert len(outputs_by_adapter) == 3, f"{arch}: an adapter changed nothing"
+        assert len(outputs_by_adapter) == 3, f"{base.name}: an adapter changed nothing"
 
 
 def test_prefix_cache_is_per_adapter(tiny_models, adapters):
@@ -114,6 +122,9 @@ def test_prefix_cache_is_per_adapter(tiny_models, adapters):
     assert [hits for hits, _ in cached] == [0, 0, 48, 0, 48]
     want, _ = _reference(base, adapters["llama"]["wide"], prompt["prompt_token_ids"])
     assert cached[1][1] == cached[2][1] == want
+    # the base model's decode steps replay CPU graphs, the adapters' run eagerly
+    want, _ = _reference(base, None, prompt["prompt_token_ids"])
+    assert cached[0][1] == cached[4][1] == want
 
 
 def _engine(base, lora_modules: dict, **kwargs) -> LLM:

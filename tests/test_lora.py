@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
-from tests.lora_adapters import build_adapter, reference_model
+from tests.lora_adapters import ALL_TARGETS, build_adapter, reference_model
 
 NEW_TOKENS = 12
+TIE = 1e-4  # transformers' two best logits this close: either token is greedy
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
 PROMPTS = [[5, 17, 300, 42, 7], list(range(100, 140)), [900, 3, 3, 512, 64, 8, 77, 41, 2, 9, 10]]
 
@@ -203,3 +204,58 @@ def test_a_missing_adapter_or_a_rank_over_the_limit_fails_the_start(
             {name: str(folder) for name, folder in adapters["llama"].items()},
             max_lora_rank=4,
         )
+
+
+def test_smollm2_with_an_adapter_gives_transformers_peft_tokens(tmp_path):
+    """The real SmolLM2-135M (GGUF, dequantized to fp32) with a rank-16 adapter on every
+    projection: greedy tokens equal transformers + peft's, for the adapter and the base, where
+    transformers' two best logits are not within TIE of each other."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_smollm2 import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=16, lora_alpha=8, target_modules=list(ALL_TARGETS), init_lora_weights=False
+    )
+    reference = get_peft_model(model, config).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    llm = LLM(
+        str(gguf), dtype="float32", max_model_len=512, lora_modules={"a": str(tmp_path / "adapter")}
+    )
+    try:
+        prompts = ["The capital of France is", "def fibonacci(n):"]
+        ids = [llm.tokenizer(p)["input_ids"] for p in prompts]
+        params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)
+        texts = {}
+        for lora in ("a", None):
+            outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params, lora=lora)
+            texts[lora] = [output.outputs[0].text for output in outputs]
+            for prompt, output in zip(ids, outputs):
+                got = output.outputs[0].token_ids
+                if lora is None:
+                    with reference.disable_adapter():
+                        _assert_same_or_tie(reference, prompt, got)
+                else:
+                    _assert_same_or_tie(reference, prompt, got)
+    finally:
+        llm.close()
+    assert texts["a"] != texts[None]
+
+
+def _assert_same_or_tie(model, prompt: list[int], got: list[int]) -> None:
+    with torch.no_grad():
+        want = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False
+        )[0, len(prompt) :].tolist()
+        step = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if step is None:
+            return
+        logits = model(input_ids=torch.tensor([prompt + want[:step]])).logits[0, -1].double()
+    gap = (logits.topk(2).values[0] - logits.topk(2).values[1]).item()
+    assert gap <= TIE, f"token {step}: {got[step]}, transformers + peft's {want[step]} ({gap:.2e})"

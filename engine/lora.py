@@ -155,22 +155,26 @@ def _read_tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
 
 
 class LoraBatch:
-    """The slot of each token of the step (-1: the base model), filled by the runner before
-    the forward pass; one for the whole model, read by every LoraLinear."""
+    """Which slot each token of the step runs under, as a mask [tokens, slots, 1] (a token of
+    the base model: all zeros), filled by the runner before the forward pass. One for the
+    whole model, read by every LoraLinear; a static buffer, so that CUDA graphs read it too."""
 
-    def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
-        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+    def __init__(
+        self, num_slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.mask = torch.zeros(max_tokens, num_slots, 1, dtype=dtype, device=device)
         self.slot_ids = torch.arange(num_slots, device=device)
         # False: no token of this step runs under an adapter, and eager passes skip the update
-        # (a captured CUDA graph always computes it, reading token_slots)
+        # (a captured CUDA graph always computes it)
         self.active = True
 
-    def set(self, token_slots: torch.Tensor, active: bool) -> None:
-        self.token_slots[: len(token_slots)].copy_(token_slots, non_blocking=True)
-        self.active = active
+    @property
+    def num_slots(self) -> int:
+        return self.mask.shape[1]
 
-    def one_hot(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self.token_slots[:num_tokens, None] == self.slot_ids).to(dtype)
+    def set(self, token_slots: torch.Tensor, active: bool) -> None:
+        self.mask[: len(token_slots), :, 0] = token_slots[:, None] == self.slot_ids
+        self.active = active
 
 
 class LoraLinear(nn.Module):
@@ -182,7 +186,6 @@ class LoraLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.num_slots = len(batch.slot_ids)
         self.register_buffer("lora_a", lora_a)  # [in, S*R]
         self.register_buffer("lora_b", lora_b)  # [S*R, out]
         self.batch = batch
@@ -191,10 +194,12 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         if not self.batch.active:
             return y
-        rows = x.shape[0]
-        down = (x.to(self.lora_a.dtype) @ self.lora_a).view(rows, self.num_slots, -1)
-        down = down * self.batch.one_hot(rows, down.dtype).unsqueeze(-1)
-        return y + (down.view(rows, -1) @ self.lora_b).to(y.dtype)
+        rows, slots = x.shape[0], self.batch.num_slots
+        down = (x.to(self.lora_a.dtype) @ self.lora_a).view(rows, slots, -1)
+        down = (down * self.batch.mask[:rows]).view(rows, -1)
+        if y.dtype == down.dtype:
+            return y.addmm_(down, self.lora_b)
+        return y + (down @ self.lora_b).to(y.dtype)
 
 
 def attach(
@@ -209,14 +214,14 @@ def attach(
     from (`model.lora_batch`). Before the CPU kernels pack the model's linears: a LoraLinear's
     base is packed in its place."""
     device = next(model.parameters()).device
-    batch = LoraBatch(len(adapters), max_tokens, device)
+    dtype = next(model.parameters()).dtype
+    batch = LoraBatch(len(adapters), max_tokens, device, dtype)
     targeted = {(layer, proj) for adapter in adapters for layer, proj in adapter.weights}
     for layer, module_name in sorted({(layer, TARGETS[proj][0]) for layer, proj in targeted}):
         parent_name, child = module_name.rsplit(".", 1)
         parent = model.layers[layer].get_submodule(parent_name)
         base: nn.Linear = getattr(parent, child)
         lora_a, lora_b = _stack(adapters, layer, module_name, base, max_rank, layout)
-        dtype = base.weight.dtype
         setattr(
             parent,
             child,

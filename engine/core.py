@@ -93,9 +93,8 @@ class EngineCore:
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "tensor_parallel_size": engine.config.tensor_parallel_size,
-            "lora_modules": {
-                name: str(engine.config.lora_modules[name]) for name in engine.lora_slots
-            },
+            "lora_modules": {name: loaded.source for name, loaded in engine.loras.items()},
+            "max_loras": engine.max_loras,
         }
 
     def add(

@@ -103,7 +103,7 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_seqs = len(meta.seq_lens_host)
-        lora = getattr(self.model, "lora_batch", None)
+        lora = getattr(self.model, "lora", None)
         if lora is not None and lora.active and isinstance(self.graphs, CpuGraphs):
             # a CPU graph replays the C++ kernels alone, not the LoRA updates (torch): it runs
             # the steps without an adapter's token, those with one run eagerly
@@ -174,7 +174,7 @@ class ModelRunner:
         ]
         logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
         lists = [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
-        if getattr(self.model, "lora_batch", None) is not None:
+        if getattr(self.model, "lora", None) is not None:
             lists.append(lora_slots)
         chunks = self._prompt_chunks(batch)
         return [lists, list(batch.num_new_tokens), width, chunks], sample_rows, chunks
@@ -185,7 +185,7 @@ class ModelRunner:
         tensors, _ = self.staging.send(lists)
         ids, pos, slot_mapping, logit_rows, starts, lens, tables = tensors[:7]
         if len(lists) > 7:  # the tokens' LoRA slots
-            self.model.lora_batch.set(tensors[7], active=max(lists[7]) >= 0)
+            self.model.lora.set_step(tensors[7], active=max(lists[7]) >= 0)
         meta = AttentionMetadata(
             query_start_loc=starts.int(),
             seq_lens=lens.int(),

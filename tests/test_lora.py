@@ -259,3 +259,64 @@ def _assert_same_or_tie(model, prompt: list[int], got: list[int]) -> None:
         logits = model(input_ids=torch.tensor([prompt + want[:step]])).logits[0, -1].double()
     gap = (logits.topk(2).values[0] - logits.topk(2).values[1]).item()
     assert gap <= TIE, f"token {step}: {got[step]}, transformers + peft's {want[step]} ({gap:.2e})"
+
+
+def test_adapters_load_and_unload_while_the_engine_runs(tiny_models, adapters, tmp_path):
+    """Slots beyond those the start fills take adapters later; an unloaded adapter's slot is
+    reused, and its successor never meets its prefix cache."""
+    base = tiny_models["llama"]
+    other = build_adapter(base, tmp_path / "other", seed=3, rank=16, targets=("o_proj", "up_proj"))
+    too_big = build_adapter(base, tmp_path / "big", seed=4, rank=32)
+    prompt = {"prompt_token_ids": list(range(300, 340))}  # two full blocks: 32 cached tokens
+    llm = _engine(base, {"wide": str(adapters["llama"]["wide"])}, max_loras=2)
+    engine = llm.engine
+    try:
+
+        def run(name):
+            (output,) = llm.generate(prompt, GREEDY, lora=name)
+            return output.outputs[0].token_ids, output.num_cached_tokens
+
+        assert run("wide") == (
+            _reference(base, adapters["llama"]["wide"], prompt["prompt_token_ids"])[0],
+            0,
+        )
+        engine.load_lora("narrow", str(adapters["llama"]["narrow"]))
+        want = _reference(base, adapters["llama"]["narrow"], prompt["prompt_token_ids"])[0]
+        assert run("narrow") == (want, 0)
+        with pytest.raises(ValueError, match="no free LoRA slot: the 2 slots"):
+            engine.load_lora("other", str(other))
+        with pytest.raises(ValueError, match="'narrow' is already loaded"):
+            engine.load_lora("narrow", str(adapters["llama"]["narrow"]))
+        engine.unload_lora("wide")
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'wide'"):
+            run("wide")
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'wide'"):
+            engine.unload_lora("wide")
+        with pytest.raises(ValueError, match="'big' has rank 32, above max_lora_rank=16"):
+            engine.load_lora("big", str(too_big))
+        engine.load_lora("other", str(other))  # into wide's slot, whose KV blocks are cached
+        assert engine.loras["other"].slot == 0
+        want = _reference(base, other, prompt["prompt_token_ids"])[0]
+        assert run("other") == (want, 0)
+        assert run("other") == (want, 32)
+        assert (
+            run("narrow")[0]
+            == _reference(base, adapters["llama"]["narrow"], prompt["prompt_token_ids"])[0]
+        )
+    finally:
+        llm.close()
+
+
+def test_an_engine_with_slots_and_no_adapter_yet(tiny_models, adapters):
+    llm = _engine(tiny_models["qwen2"], {}, max_loras=1, max_lora_rank=8)
+    try:
+        prompt = PROMPTS[1]
+        base_tokens = llm.generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
+        assert base_tokens == _reference(tiny_models["qwen2"], None, prompt)[0]
+        llm.engine.load_lora("wide", str(adapters["qwen2"]["wide"]))
+        tokens = (
+            llm.generate({"prompt_token_ids": prompt}, GREEDY, lora="wide")[0].outputs[0].token_ids
+        )
+        assert tokens == _reference(tiny_models["qwen2"], adapters["qwen2"]["wide"], prompt)[0]
+    finally:
+        llm.close()

@@ -102,6 +102,15 @@ class EngineCore:
     ) -> None:
         self.engine.add_request(request_id, prompt_token_ids, SamplingParams(**params), lora)
 
+    def control(self, method: str, *args: str) -> None:
+        """An operator's change between steps: load_lora(name, source), unload_lora(name)."""
+        if method == "load_lora":
+            self.engine.load_lora(*args)
+        elif method == "unload_lora":
+            self.engine.unload_lora(*args)
+        else:
+            raise ValueError(f"the engine core has no control {method!r}")
+
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.engine.abort_request(request_id)

@@ -23,8 +23,8 @@ class Block:
     hash: bytes | None = None
 
 
-def lora_salt(slot: int) -> bytes:
-    return b"" if slot < 0 else b"lora%d" % slot
+def lora_salt(lora_id: int) -> bytes:
+    return b"" if lora_id < 0 else b"lora%d" % lora_id
 
 
 def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
@@ -125,5 +125,5 @@ class BlockManager:
         size = self.block_size
         for i in range(len(seq.block_hashes), seq.num_tokens // size):
             # a LoRA adapter's KV differs from the base model's: its chain starts elsewhere
-            parent = seq.block_hashes[i - 1] if i else lora_salt(seq.lora_slot)
+            parent = seq.block_hashes[i - 1] if i else lora_salt(seq.lora_id)
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * size : (i + 1) * size]))

@@ -68,8 +68,12 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
     # LoRA adapters served beside the model (engine/lora.py): name -> a PEFT adapter's folder
-    # or hub id; max_lora_rank bounds their ranks (None: the largest adapter's)
+    # or hub id, loaded at start; max_loras: adapter slots in all (None: one per lora_modules
+    # entry), those beyond lora_modules for adapters loaded later (LLMEngine.load_lora);
+    # max_lora_rank bounds their ranks (None: the largest adapter's, at least 16 where slots
+    # are left for later)
     lora_modules: dict[str, str] | None = None
+    max_loras: int | None = None
     max_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -94,6 +98,12 @@ class EngineConfig:
             raise ValueError("kv_cache_blocks must be at least 1")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        loaded = len(self.lora_modules or {})
+        if self.max_loras is not None and self.max_loras < max(loaded, 1):
+            raise ValueError(
+                f"max_loras must be at least 1 and hold the {loaded} lora_modules, "
+                f"got {self.max_loras}"
+            )
         if self.kernel_backend not in BACKENDS:
             raise ValueError(
                 f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}"

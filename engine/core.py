@@ -93,15 +93,23 @@ class EngineCore:
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "tensor_parallel_size": engine.config.tensor_parallel_size,
-            "lora_modules": {
-                name: str(engine.config.lora_modules[name]) for name in engine.lora_slots
-            },
+            "lora_modules": {name: loaded.source for name, loaded in engine.loras.items()},
+            "max_loras": engine.max_loras,
         }
 
     def add(
         self, request_id: str, prompt_token_ids: list[int], params: dict, lora: str | None = None
     ) -> None:
         self.engine.add_request(request_id, prompt_token_ids, SamplingParams(**params), lora)
+
+    def control(self, method: str, *args: str) -> None:
+        """An operator's change between steps: load_lora(name, source), unload_lora(name)."""
+        if method == "load_lora":
+            self.engine.load_lora(*args)
+        elif method == "unload_lora":
+            self.engine.unload_lora(*args)
+        else:
+            raise ValueError(f"the engine core has no control {method!r}")
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

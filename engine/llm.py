@@ -80,6 +80,7 @@ class LLM:
         generation_config: str = "auto",
         override_generation_config: dict | None = None,
         lora_modules: dict[str, str] | None = None,
+        max_loras: int | None = None,
         max_lora_rank: int | None = None,
         **parallel,  # nnodes, node_rank, master_addr, master_port, distributed_timeout_s
     ) -> None:
@@ -108,6 +109,7 @@ class LLM:
             generation_config=generation_config,
             override_generation_config=override_generation_config,
             lora_modules=lora_modules,
+            max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             **parallel,
         )
@@ -137,10 +139,8 @@ class LLM:
         adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(adapters)} LoRA adapters given for {len(prompts)} prompts")
-        for name in set(adapters) - {None} - set(self.engine.lora_slots):
-            raise ValueError(
-                f"unknown LoRA adapter {name!r} (lora_modules: {self.engine.lora_slots})"
-            )
+        for name in set(adapters) - {None} - set(self.engine.loras):
+            raise ValueError(f"unknown LoRA adapter {name!r} (loaded: {list(self.engine.loras)})")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import weakref
 from concurrent.futures import FIRST_COMPLETED, wait
+from itertools import count
 
 import torch
 
@@ -91,12 +92,15 @@ class LLMEngine:
         elif config.tensor_parallel_size > 1 and self.device.type == "cpu":
             torch.set_num_threads(distributed.cpu_threads_per_rank(config))
         self.dtype = config.resolve_dtype(self.device, loader.checkpoint_dtype(self.hf_config))
-        adapters, max_lora_rank = [], 0
-        if config.lora_modules:  # read before the weights load: a bad adapter fails fast
-            adapters, max_lora_rank = lora.load_adapters(
-                config.lora_modules, config.max_lora_rank, self.hf_config.num_hidden_layers
-            )
-        self.lora_slots = {adapter.name: slot for slot, adapter in enumerate(adapters)}
+        # read before the weights load: a bad adapter fails fast
+        adapters = lora.load_adapters(config.lora_modules or {}, self.hf_config.num_hidden_layers)
+        self.max_loras = len(adapters) if config.max_loras is None else config.max_loras
+        max_lora_rank = self._max_lora_rank(adapters)
+        self._lora_ids = count()
+        self.loras: dict[str, lora.Loaded] = {
+            adapter.name: lora.Loaded(slot, next(self._lora_ids), str(adapter.folder))
+            for slot, adapter in enumerate(adapters)
+        }
         model = loader.build_model(
             self.hf_config,
             source,
@@ -104,15 +108,15 @@ class LLMEngine:
             self.device,
             self.dtype,
             self.max_model_len,
-            adapters,
-            max_lora_rank,
+            (adapters, self.max_loras, max_lora_rank),
         )
-        if adapters:
+        if self.max_loras:
             logger.info(
-                "LoRA adapters, each on %s up to rank %d: %s",
-                ", ".join(sorted({proj for a in adapters for _, proj in a.weights})),
+                "LoRA: %d adapter slots of rank up to %d, %d loaded%s",
+                self.max_loras,
                 max_lora_rank,
-                ", ".join(f"{a.name} (rank {a.rank}, {a.folder})" for a in adapters),
+                len(adapters),
+                "".join(f"; {a.name}: rank {a.rank} from {a.folder}" for a in adapters),
             )
         num_blocks = self._num_kv_blocks(model)
         use_graphs = self._use_graphs()
@@ -153,6 +157,18 @@ class LLMEngine:
             num_blocks,
             config.block_size,
         )
+
+    def _max_lora_rank(self, adapters: list[lora.Adapter]) -> int:
+        largest = max((adapter.rank for adapter in adapters), default=0)
+        wanted = self.config.max_lora_rank
+        if wanted is None:  # vLLM's 16 for adapters to come
+            return max(largest, 16) if self.max_loras > len(adapters) else largest
+        if largest > wanted:
+            adapter = next(a for a in adapters if a.rank == largest)
+            raise ValueError(
+                f"LoRA adapter {adapter.name!r} has rank {largest}, above max_lora_rank={wanted}"
+            )
+        return wanted
 
     def _resolve_max_model_len(self) -> int:
         config = self.hf_config
@@ -222,11 +238,8 @@ class LLMEngine:
         # CPU a graph replays the C++ kernels alone, and tensor parallelism adds collectives
         if self.config.enforce_eager or self.config.kernel_backend == "torch":
             return False
-        # and a CPU graph cannot replay the LoRA updates, which run in torch
         return self.device.type == "cuda" or (
-            self.device.type == "cpu"
-            and self.config.tensor_parallel_size == 1
-            and not self.config.lora_modules
+            self.device.type == "cpu" and self.config.tensor_parallel_size == 1
         )
 
     # -- the step API -----------------------------------------------------------------------
@@ -241,8 +254,8 @@ class LLMEngine:
         """`lora`: the name of one of `lora_modules`' adapters to run under, or None."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if lora is not None and lora not in self.lora_slots:
-            known = ", ".join(self.lora_slots) or "none are loaded"
+        if lora is not None and lora not in self.loras:
+            known = ", ".join(self.loras) or "none are loaded"
             raise ValueError(f"unknown LoRA adapter {lora!r} ({known})")
         self.validate_prompt(prompt_token_ids, generates=params.max_tokens != 0)
         room = self.max_model_len - len(prompt_token_ids)
@@ -259,7 +272,8 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 generator=_child_generator(params.seed, index, self.device),
                 shares_prompt_with=seqs[0] if seqs and self.config.enable_prefix_caching else None,
-                lora_slot=-1 if lora is None else self.lora_slots[lora],
+                lora_slot=-1 if lora is None else self.loras[lora].slot,
+                lora_id=-1 if lora is None else self.loras[lora].id,
             )
             seqs.append(seq)
         if params.structured_outputs is not None:
@@ -267,6 +281,34 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
+
+    def load_lora(self, name: str, source: str) -> None:
+        """Serve one more adapter (a PEFT folder or hub id) from a free slot, between steps."""
+        if name in self.loras:
+            raise ValueError(f"LoRA adapter {name!r} is already loaded")
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters load at start under tensor parallelism")
+        # a slot is free once no adapter holds it and no request still runs under its last one
+        held = {loaded.slot for loaded in self.loras.values()}
+        held |= {seq.lora_slot for seqs in self._requests.values() for seq in seqs}
+        free = [slot for slot in range(self.max_loras) if slot not in held]
+        if not free:
+            raise ValueError(
+                f"no free LoRA slot: the {self.max_loras} slots (max_loras) hold adapters, "
+                "or requests still run under one unloaded"
+            )
+        folder = lora.adapter_folder(name, source)
+        adapter = lora.load_adapter(name, folder, self.hf_config.num_hidden_layers)
+        self.runner.model.lora.write(free[0], adapter)
+        self.loras[name] = lora.Loaded(free[0], next(self._lora_ids), str(folder))
+        logger.info("LoRA adapter %s loaded: rank %d from %s", name, adapter.rank, folder)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter: new requests naming it are refused, those running under it
+        finish under it, and its slot is free once they have."""
+        if self.loras.pop(name, None) is None:
+            raise ValueError(f"unknown LoRA adapter {name!r}")
+        logger.info("LoRA adapter %s unloaded", name)
 
     def _compile_grammar(self, request_id: str, seqs: list[Sequence], params) -> None:
         if self.grammars is None:

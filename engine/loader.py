@@ -157,9 +157,9 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int,
-    adapters: list[lora.Adapter] = (),
-    max_lora_rank: int = 0,
+    lora_slots: tuple[list[lora.Adapter], int, int] = ([], 0, 0),
 ) -> nn.Module:
+    """`lora_slots`: (adapters loaded at start, slots in all, their rank) for engine/lora.py."""
     cls = model_class(getattr(config, "architectures", None))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     ops = backends.select(
@@ -188,12 +188,13 @@ def build_model(
             weights = tensor_parallel.shard_weights(weights, layout)
         model.load_weights(progress(weights, "Loading weights", "tensors"))
     model.init_rotary(device, max_model_len)
-    if adapters:
+    adapters, num_slots, max_lora_rank = lora_slots
+    if num_slots:
         max_tokens = max(engine_config.resolve_max_num_batched_tokens(device), CAPTURE_SIZES[-1])
-        lora.attach(model, adapters, max_lora_rank, max_tokens, layout)
+        lora.attach(model, adapters, num_slots, max_lora_rank, max_tokens, layout)
     if native_bf16:
         # an adapter's update goes between gate_up and the activation: no fused kernel then
-        packed = linear_bf16.pack_linears(model, fuse_gate_up=not adapters)
+        packed = linear_bf16.pack_linears(model, fuse_gate_up=not num_slots)
         logger.info(
             "bf16 CPU path (%s): %d linear layers packed, bf16 KV cache, fp32 "
             "activations and accumulation; weights and KV cache on %s",

@@ -58,21 +58,21 @@ class Adapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_adapters(
-    lora_modules: dict[str, str], max_rank: int | None, num_layers: int
-) -> tuple[list[Adapter], int]:
-    """Every adapter (slot i is the i-th), and the rank each slot is given."""
-    adapters = [
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """An adapter the engine serves: its slot, its id (unique to each adapter loaded, as a
+    slot is reused: it keys the adapter's prefix cache) and where it came from."""
+
+    slot: int
+    id: int
+    source: str
+
+
+def load_adapters(lora_modules: dict[str, str], num_layers: int) -> list[Adapter]:
+    return [
         load_adapter(name, adapter_folder(name, source), num_layers)
         for name, source in lora_modules.items()
     ]
-    largest = max(adapter.rank for adapter in adapters)
-    if max_rank is not None and largest > max_rank:
-        adapter = next(a for a in adapters if a.rank == largest)
-        raise ValueError(
-            f"LoRA adapter {adapter.name!r} has rank {largest}, above max_lora_rank={max_rank}"
-        )
-    return adapters, max_rank or largest
 
 
 def adapter_folder(name: str, source: str) -> Path:
@@ -154,114 +154,163 @@ def _read_tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"LoRA adapter {name!r}: no adapter_model.safetensors or .bin in {folder}")
 
 
-class LoraBatch:
-    """The slot of each token of the step (-1: the base model), filled by the runner before
-    the forward pass; one for the whole model, read by every LoraLinear."""
+class LoraWeights:
+    """A model's adapter slots: every LoraLinear, keyed by (layer, module), and the step's
+    mask of which slot each token runs under ([tokens, slots, 1]; a token of the base model:
+    all zeros), which the runner fills before the forward pass. The mask and the matrices are
+    static buffers, updated in place, so that CUDA graphs read the new values."""
 
-    def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
-        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        layout: tensor_parallel.Layout | None,
+    ) -> None:
+        self.max_rank = max_rank
+        self.layout = layout
+        self.linears: dict[tuple[int, str], LoraLinear] = {}
+        self.mask = torch.zeros(max_tokens, num_slots, 1, dtype=dtype, device=device)
         self.slot_ids = torch.arange(num_slots, device=device)
         # False: no token of this step runs under an adapter, and eager passes skip the update
-        # (a captured CUDA graph always computes it, reading token_slots)
+        # (a captured CUDA graph always computes it)
         self.active = True
 
-    def set(self, token_slots: torch.Tensor, active: bool) -> None:
-        self.token_slots[: len(token_slots)].copy_(token_slots, non_blocking=True)
+    @property
+    def num_slots(self) -> int:
+        return self.mask.shape[1]
+
+    def set_step(self, token_slots: torch.Tensor, active: bool) -> None:
+        self.mask[: len(token_slots), :, 0] = token_slots[:, None] == self.slot_ids
         self.active = active
 
-    def one_hot(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self.token_slots[:num_tokens, None] == self.slot_ids).to(dtype)
+    def write(self, slot: int, adapter: Adapter) -> None:
+        """Put `adapter` in `slot` (zeros where it targets nothing); checked whole first, so
+        that an adapter that does not fit leaves the slot as it was."""
+        wrapped = {(layer, TARGETS[proj][0]) for layer, proj in adapter.weights}
+        if missing := wrapped - set(self.linears):
+            layer, module = min(missing)
+            raise ValueError(
+                f"LoRA adapter {adapter.name!r} targets layer {layer} {module}, which the "
+                "adapters loaded at start do not: load it at start, or with max_loras above "
+                "their number (every projection then takes adapters)"
+            )
+        if adapter.rank > self.max_rank:
+            raise ValueError(
+                f"LoRA adapter {adapter.name!r} has rank {adapter.rank}, above "
+                f"max_lora_rank={self.max_rank}"
+            )
+        matrices = {
+            key: _slot_matrices(adapter, *key, linear, self.max_rank, self.layout)
+            for key, linear in self.linears.items()
+        }
+        for key, (a, b) in matrices.items():
+            self.linears[key].write(slot, a, b)
 
 
 class LoraLinear(nn.Module):
     """A projection plus its adapters' updates; `base` stays whatever layer it was (nn.Linear,
     or a CPU kernel's packed one)."""
 
-    def __init__(
-        self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch
-    ) -> None:
+    def __init__(self, base: nn.Linear, lora: LoraWeights) -> None:
         super().__init__()
         self.base = base
-        self.num_slots = len(batch.slot_ids)
-        self.register_buffer("lora_a", lora_a)  # [in, S*R]
-        self.register_buffer("lora_b", lora_b)  # [S*R, out]
-        self.batch = batch
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.parts = getattr(base, "shard_sizes", None) or (base.out_features,)
+        width = lora.num_slots * len(self.parts) * lora.max_rank
+        device, dtype = base.weight.device, lora.mask.dtype
+        self.register_buffer(
+            "lora_a", torch.zeros(self.in_features, width, device=device, dtype=dtype)
+        )
+        self.register_buffer(
+            "lora_b", torch.zeros(width, self.out_features, device=device, dtype=dtype)
+        )
+        self.lora = lora
+
+    def write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """One slot's A [P*R, in] and B [out, P*R]."""
+        width = a.shape[0]
+        columns = slice(slot * width, (slot + 1) * width)
+        self.lora_a[:, columns] = a.t()
+        self.lora_b[columns] = b.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.batch.active:
+        if not self.lora.active:
             return y
-        rows = x.shape[0]
-        down = (x.to(self.lora_a.dtype) @ self.lora_a).view(rows, self.num_slots, -1)
-        down = down * self.batch.one_hot(rows, down.dtype).unsqueeze(-1)
-        return y + (down.view(rows, -1) @ self.lora_b).to(y.dtype)
+        rows, slots = x.shape[0], self.lora.num_slots
+        down = (x.to(self.lora_a.dtype) @ self.lora_a).view(rows, slots, -1)
+        down = (down * self.lora.mask[:rows]).view(rows, -1)
+        if y.dtype == down.dtype:
+            return y.addmm_(down, self.lora_b)
+        return y + (down @ self.lora_b).to(y.dtype)
 
 
 def attach(
     model: nn.Module,
     adapters: list[Adapter],
+    num_slots: int,
     max_rank: int,
     max_tokens: int,
     layout: tensor_parallel.Layout | None = None,
-) -> LoraBatch:
-    """Wrap every projection an adapter targets in a LoraLinear holding all adapters'
-    matrices, slot i being adapters[i], and give the model the batch they read their slots
-    from (`model.lora_batch`). Before the CPU kernels pack the model's linears: a LoraLinear's
-    base is packed in its place."""
-    device = next(model.parameters()).device
-    batch = LoraBatch(len(adapters), max_tokens, device)
-    targeted = {(layer, proj) for adapter in adapters for layer, proj in adapter.weights}
+) -> LoraWeights:
+    """Wrap projections in LoraLinears of `num_slots` slots, slot i holding adapters[i], and
+    give the model their `LoraWeights` (`model.lora`). The projections: those the adapters
+    target, or all of them where slots are left for adapters loaded later. Before the CPU
+    kernels pack the model's linears: a LoraLinear's base is packed in its place."""
+    param = next(model.parameters())
+    lora = LoraWeights(num_slots, max_rank, max_tokens, param.device, param.dtype, layout)
+    if num_slots > len(adapters):
+        targeted = {(layer, proj) for layer in range(len(model.layers)) for proj in TARGETS}
+    else:
+        targeted = {(layer, proj) for adapter in adapters for layer, proj in adapter.weights}
     for layer, module_name in sorted({(layer, TARGETS[proj][0]) for layer, proj in targeted}):
         parent_name, child = module_name.rsplit(".", 1)
         parent = model.layers[layer].get_submodule(parent_name)
-        base: nn.Linear = getattr(parent, child)
-        lora_a, lora_b = _stack(adapters, layer, module_name, base, max_rank, layout)
-        dtype = base.weight.dtype
-        setattr(
-            parent,
-            child,
-            LoraLinear(base, lora_a.to(device, dtype), lora_b.to(device, dtype), batch),
-        )
-    model.lora_batch = batch
-    return batch
+        base = getattr(parent, child, None)
+        if isinstance(base, nn.Linear):  # a mixture of experts' MLP has no gate_up_proj
+            lora.linears[layer, module_name] = LoraLinear(base, lora)
+            setattr(parent, child, lora.linears[layer, module_name])
+    for slot, adapter in enumerate(adapters):
+        lora.write(slot, adapter)
+    model.lora = lora
+    return lora
 
 
-def _stack(
-    adapters: list[Adapter],
+def _slot_matrices(
+    adapter: Adapter,
     layer: int,
     module_name: str,
-    base: nn.Linear,
+    linear: LoraLinear,
     max_rank: int,
     layout: tensor_parallel.Layout | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One module's A [in, S*P*R] and B [S*P*R, out] over S slots of P parts of R columns."""
-    parts = getattr(base, "shard_sizes", None) or (base.out_features,)
-    projections = [p for p, (module, _) in TARGETS.items() if module == module_name]
+    """One module's A [P*R, in] and B [out, P*R] for one adapter: P parts of R columns."""
+    parts = linear.parts
     width = len(parts) * max_rank
-    a_all = torch.zeros(len(adapters), width, base.in_features)
-    b_all = torch.zeros(len(adapters), base.out_features, width)
-    for slot, adapter in enumerate(adapters):
-        for proj in projections:
-            if (layer, proj) not in adapter.weights:
-                continue
-            a, b = adapter.weights[layer, proj]
-            if layout is not None:  # this rank's part, as tensor_parallel cuts the weight
-                name = f"model.layers.{layer}.{module_name.split('.')[0]}.{proj}.weight"
-                if proj in ROW_PARALLEL:
-                    a = tensor_parallel.shard_tensor(name, a, layout)
-                else:
-                    b = tensor_parallel.shard_tensor(name, b, layout)
-            part = TARGETS[proj][1]
-            rank, first_row = a.shape[0], sum(parts[:part])
-            if a.shape[1] != base.in_features or b.shape[0] != parts[part]:
-                raise ValueError(
-                    f"LoRA adapter {adapter.name!r}: layer {layer} {proj} maps "
-                    f"{a.shape[1]} to {b.shape[0]} features, the model's {base.in_features} to "
-                    f"{parts[part]}: an adapter of another model"
-                )
-            columns = slice(part * max_rank, part * max_rank + rank)
-            a_all[slot, columns] = a
-            b_all[slot, first_row : first_row + parts[part], columns] = b
-    lora_a = a_all.reshape(-1, base.in_features).t().contiguous()
-    lora_b = b_all.transpose(1, 2).reshape(-1, base.out_features).contiguous()
-    return lora_a, lora_b
+    a_all = torch.zeros(width, linear.in_features)
+    b_all = torch.zeros(linear.out_features, width)
+    for proj in [p for p, (module, _) in TARGETS.items() if module == module_name]:
+        if (layer, proj) not in adapter.weights:
+            continue
+        a, b = adapter.weights[layer, proj]
+        if layout is not None:  # this rank's part, as tensor_parallel cuts the weight
+            name = f"model.layers.{layer}.{module_name.split('.')[0]}.{proj}.weight"
+            if proj in ROW_PARALLEL:
+                a = tensor_parallel.shard_tensor(name, a, layout)
+            else:
+                b = tensor_parallel.shard_tensor(name, b, layout)
+        part = TARGETS[proj][1]
+        rank, first_row = a.shape[0], sum(parts[:part])
+        if a.shape[1] != linear.in_features or b.shape[0] != parts[part]:
+            raise ValueError(
+                f"LoRA adapter {adapter.name!r}: layer {layer} {proj} maps "
+                f"{a.shape[1]} to {b.shape[0]} features, the model's {linear.in_features} to "
+                f"{parts[part]}: an adapter of another model"
+            )
+        columns = slice(part * max_rank, part * max_rank + rank)
+        a_all[columns] = a
+        b_all[first_row : first_row + parts[part], columns] = b
+    return a_all, b_all

@@ -103,6 +103,11 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_seqs = len(meta.seq_lens_host)
+        lora = getattr(self.model, "lora", None)
+        if lora is not None and lora.active and isinstance(self.graphs, CpuGraphs):
+            # a CPU graph replays the C++ kernels alone, not the LoRA updates (torch): it runs
+            # the steps without an adapter's token, those with one run eagerly
+            return self.model(input_ids, positions, self.kv_caches, meta)
         if self.graphs and meta.max_query_len == 1 and num_seqs <= self.graphs.max_batch:
             return self.graphs.run(input_ids, positions, meta)
         if isinstance(self.graphs, CpuGraphs) and len(input_ids) <= ONCE_MAX_TOKENS:
@@ -169,7 +174,7 @@ class ModelRunner:
         ]
         logit_positions = [query_start[i + 1] - 1 for i in sample_rows]
         lists = [input_ids, positions, slots, logit_positions, query_start, seq_lens, flat_tables]
-        if getattr(self.model, "lora_batch", None) is not None:
+        if getattr(self.model, "lora", None) is not None:
             lists.append(lora_slots)
         chunks = self._prompt_chunks(batch)
         return [lists, list(batch.num_new_tokens), width, chunks], sample_rows, chunks
@@ -180,7 +185,7 @@ class ModelRunner:
         tensors, _ = self.staging.send(lists)
         ids, pos, slot_mapping, logit_rows, starts, lens, tables = tensors[:7]
         if len(lists) > 7:  # the tokens' LoRA slots
-            self.model.lora_batch.set(tensors[7], active=max(lists[7]) >= 0)
+            self.model.lora.set_step(tensors[7], active=max(lists[7]) >= 0)
         meta = AttentionMetadata(
             query_start_loc=starts.int(),
             seq_lens=lens.int(),

@@ -49,7 +49,10 @@ class Sequence:
     # A sibling whose prompt must be computed first, so that this one finds it in the prefix
     # cache instead of computing it again (n > 1).
     shares_prompt_with: Sequence | None = None
-    lora_slot: int = -1  # the LoRA adapter it runs under (engine/lora.py); -1: none
+    # the LoRA adapter it runs under (engine/lora.py): its slot, and its id, unique to each
+    # adapter loaded (a slot is reused), which keys its prefix cache; -1: the base model
+    lora_slot: int = -1
+    lora_id: int = -1
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission

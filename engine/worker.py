@@ -8,6 +8,10 @@ msgpack-encoded lists whose first element names them:
                        ["abort", [request_id, ...]]
                        ["finish", request_id, index]   one choice of a request ends (the
                                                 engine core's); answered by "outputs"
+                       ["control", request_id, method, *args]  an operator's change to the
+                                                running worker (the engine core's load_lora,
+                                                unload_lora); answered by "accepted" or
+                                                "rejected"
                        ["shutdown"]
     worker -> server   ["ready", info]          once the model is loaded
                        ["failed", message]      the model could not be loaded
@@ -96,7 +100,7 @@ class Worker(Protocol):
 
     # optional: take_failed() -> [(request id, message)], requests whose batch failed;
     # close(), called once the server said shutdown (the engine core stops its ranks);
-    # finish(request_id, index) -> outputs, the engine core's
+    # finish(request_id, index) -> outputs, and control(method, *args), the engine core's
 
 
 def run_worker(
@@ -291,6 +295,14 @@ def _handle(worker: Worker, message: list, outbox: zmq.Socket) -> bool:
         else:
             if getattr(worker, "acknowledges_adds", False):
                 outbox.send(pack(["accepted", request_id]))
+    elif kind == "control":
+        request_id = message[1]
+        try:
+            worker.control(*message[2:])
+        except ValueError as exc:
+            outbox.send(pack(["rejected", request_id, str(exc), None, None]))
+        else:
+            outbox.send(pack(["accepted", request_id]))
     elif kind == "abort":
         worker.abort(message[1])
     elif kind == "finish":

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
-from tests.lora_adapters import build_adapter, reference_model
+from tests.lora_adapters import ALL_TARGETS, build_adapter, reference_model
 
 NEW_TOKENS = 12
+TIE = 1e-4  # transformers' two best logits this close: either token is greedy
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
 PROMPTS = [[5, 17, 300, 42, 7], list(range(100, 140)), [900, 3, 3, 512, 64, 8, 77, 41, 2, 9, 10]]
 
@@ -60,14 +61,23 @@ def _reference(base, adapter, prompt: list[int]) -> tuple[list[int], float]:
 @pytest.mark.parametrize("kernel_backend", ["auto", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_mixed_batch_matches_transformers_with_peft(tiny_models, adapters, arch, kernel_backend):
-    base = tiny_models[arch]
+    _check_mixed_batch(tiny_models[arch], adapters[arch], kernel_backend=kernel_backend)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tensor_parallel_cuts_the_adapters_as_the_weights(tiny_models, adapters, arch):
+    """Two ranks (gloo): q/k/v and gate/up's B and o/down's A cut as their weights are."""
+    _check_mixed_batch(tiny_models[arch], adapters[arch], tensor_parallel_size=2)
+
+
+def _check_mixed_batch(base, adapters: dict, **engine) -> None:
     names = [None, "wide", "narrow"]
     llm = LLM(
         str(base),
         dtype="float32",
         skip_tokenizer_init=True,
-        kernel_backend=kernel_backend,
-        lora_modules={name: str(adapters[arch][name]) for name in ("wide", "narrow")},
+        lora_modules={name: str(folder) for name, folder in adapters.items()},
+        **engine,
     )
     try:
         # every prompt under every adapter, in one call: one batch of nine sequences
@@ -83,14 +93,13 @@ def test_mixed_batch_matches_transformers_with_peft(tiny_models, adapters, arch,
         got[tuple(prompt["prompt_token_ids"]), name] = (completion.token_ids, first)
     for prompt in PROMPTS:
         for name in names:
-            adapter = None if name is None else adapters[arch][name]
-            want, want_first = _reference(base, adapter, prompt)
+            want, want_first = _reference(base, None if name is None else adapters[name], prompt)
             tokens, first = got[tuple(prompt), name]
-            assert tokens == want, f"{arch} {name} prompt of {len(prompt)}"
+            assert tokens == want, f"{base.name} {name} prompt of {len(prompt)}"
             assert abs(first - want_first) < 1e-4
         # each adapter changes what the base model says
         outputs_by_adapter = {tuple(got[tuple(prompt), name][0]) for name in names}
-        assert len(outputs_by_adapter) == 3, f"{arch}: an adapter changed nothing"
+        assert len(outputs_by_adapter) == 3, f"{base.name}: an adapter changed nothing"
 
 
 def test_prefix_cache_is_per_adapter(tiny_models, adapters):
@@ -114,6 +123,9 @@ def test_prefix_cache_is_per_adapter(tiny_models, adapters):
     assert [hits for hits, _ in cached] == [0, 0, 48, 0, 48]
     want, _ = _reference(base, adapters["llama"]["wide"], prompt["prompt_token_ids"])
     assert cached[1][1] == cached[2][1] == want
+    # the base model's decode steps replay CPU graphs, the adapters' run eagerly
+    want, _ = _reference(base, None, prompt["prompt_token_ids"])
+    assert cached[0][1] == cached[4][1] == want
 
 
 def _engine(base, lora_modules: dict, **kwargs) -> LLM:
@@ -192,3 +204,119 @@ def test_a_missing_adapter_or_a_rank_over_the_limit_fails_the_start(
             {name: str(folder) for name, folder in adapters["llama"].items()},
             max_lora_rank=4,
         )
+
+
+def test_smollm2_with_an_adapter_gives_transformers_peft_tokens(tmp_path):
+    """The real SmolLM2-135M (GGUF, dequantized to fp32) with a rank-16 adapter on every
+    projection: greedy tokens equal transformers + peft's, for the adapter and the base, where
+    transformers' two best logits are not within TIE of each other."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_smollm2 import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=16, lora_alpha=8, target_modules=list(ALL_TARGETS), init_lora_weights=False
+    )
+    reference = get_peft_model(model, config).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    llm = LLM(
+        str(gguf), dtype="float32", max_model_len=512, lora_modules={"a": str(tmp_path / "adapter")}
+    )
+    try:
+        prompts = ["The capital of France is", "def fibonacci(n):"]
+        ids = [llm.tokenizer(p)["input_ids"] for p in prompts]
+        params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)
+        texts = {}
+        for lora in ("a", None):
+            outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params, lora=lora)
+            texts[lora] = [output.outputs[0].text for output in outputs]
+            for prompt, output in zip(ids, outputs):
+                got = output.outputs[0].token_ids
+                if lora is None:
+                    with reference.disable_adapter():
+                        _assert_same_or_tie(reference, prompt, got)
+                else:
+                    _assert_same_or_tie(reference, prompt, got)
+    finally:
+        llm.close()
+    assert texts["a"] != texts[None]
+
+
+def _assert_same_or_tie(model, prompt: list[int], got: list[int]) -> None:
+    with torch.no_grad():
+        want = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False
+        )[0, len(prompt) :].tolist()
+        step = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if step is None:
+            return
+        logits = model(input_ids=torch.tensor([prompt + want[:step]])).logits[0, -1].double()
+    gap = (logits.topk(2).values[0] - logits.topk(2).values[1]).item()
+    assert gap <= TIE, f"token {step}: {got[step]}, transformers + peft's {want[step]} ({gap:.2e})"
+
+
+def test_adapters_load_and_unload_while_the_engine_runs(tiny_models, adapters, tmp_path):
+    """Slots beyond those the start fills take adapters later; an unloaded adapter's slot is
+    reused, and its successor never meets its prefix cache."""
+    base = tiny_models["llama"]
+    other = build_adapter(base, tmp_path / "other", seed=3, rank=16, targets=("o_proj", "up_proj"))
+    too_big = build_adapter(base, tmp_path / "big", seed=4, rank=32)
+    prompt = {"prompt_token_ids": list(range(300, 340))}  # two full blocks: 32 cached tokens
+    llm = _engine(base, {"wide": str(adapters["llama"]["wide"])}, max_loras=2)
+    engine = llm.engine
+    try:
+
+        def run(name):
+            (output,) = llm.generate(prompt, GREEDY, lora=name)
+            return output.outputs[0].token_ids, output.num_cached_tokens
+
+        assert run("wide") == (
+            _reference(base, adapters["llama"]["wide"], prompt["prompt_token_ids"])[0],
+            0,
+        )
+        engine.load_lora("narrow", str(adapters["llama"]["narrow"]))
+        want = _reference(base, adapters["llama"]["narrow"], prompt["prompt_token_ids"])[0]
+        assert run("narrow") == (want, 0)
+        with pytest.raises(ValueError, match="no free LoRA slot: the 2 slots"):
+            engine.load_lora("other", str(other))
+        with pytest.raises(ValueError, match="'narrow' is already loaded"):
+            engine.load_lora("narrow", str(adapters["llama"]["narrow"]))
+        engine.unload_lora("wide")
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'wide'"):
+            run("wide")
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'wide'"):
+            engine.unload_lora("wide")
+        with pytest.raises(ValueError, match="'big' has rank 32, above max_lora_rank=16"):
+            engine.load_lora("big", str(too_big))
+        engine.load_lora("other", str(other))  # into wide's slot, whose KV blocks are cached
+        assert engine.loras["other"].slot == 0
+        want = _reference(base, other, prompt["prompt_token_ids"])[0]
+        assert run("other") == (want, 0)
+        assert run("other") == (want, 32)
+        assert (
+            run("narrow")[0]
+            == _reference(base, adapters["llama"]["narrow"], prompt["prompt_token_ids"])[0]
+        )
+    finally:
+        llm.close()
+
+
+def test_an_engine_with_slots_and_no_adapter_yet(tiny_models, adapters):
+    llm = _engine(tiny_models["qwen2"], {}, max_loras=1, max_lora_rank=8)
+    try:
+        prompt = PROMPTS[1]
+        base_tokens = llm.generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
+        assert base_tokens == _reference(tiny_models["qwen2"], None, prompt)[0]
+        llm.engine.load_lora("wide", str(adapters["qwen2"]["wide"]))
+        tokens = (
+            llm.generate({"prompt_token_ids": prompt}, GREEDY, lora="wide")[0].outputs[0].token_ids
+        )
+        assert tokens == _reference(tiny_models["qwen2"], adapters["qwen2"]["wide"], prompt)[0]
+    finally:
+        llm.close()

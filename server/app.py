@@ -100,6 +100,9 @@ def build_app(
     response_store: ResponseStore | None = None,
 ) -> Starlette:
     gateway = gateway or Gateway(api_keys)  # static keys only, as without a database
+    # LoRA adapters: models of their own, served by their parent's engine
+    adapters = {a.id: a for m in models.values() if m.kind == "chat" for a in m.adapters}
+    named = {**models, **adapters}  # every id a request may name
     slots = ModelSlots(max_concurrent_requests)
     responses_kept = response_store if response_store is not None else ResponseStore()
 
@@ -125,7 +128,7 @@ def build_app(
 
     def served(request: Request, model_id: str, kind: str = "chat") -> Any:
         meter = request_meter(request)
-        model = models.get(model_id)
+        model = named.get(model_id)
         if model is None or not meter.allows(model_id):
             raise APIError(
                 404,
@@ -149,7 +152,7 @@ def build_app(
                 f"The engine serving '{model_id}' is not running{why}.",
                 headers={"x-should-retry": "false"} if given_up else {"Retry-After": "5"},
             )
-        slots.take(request.scope, model_id)
+        slots.take(request.scope, adapters[model_id].parent if model_id in adapters else model_id)
         return model
 
     async def chat(request: Request) -> Response:
@@ -213,7 +216,7 @@ def build_app(
         """The model a request without `model` gets (vLLM serves one; here the first that the
         request's key may use: a key limited to some models never hears of the others)."""
         meter = request_meter(request)
-        return next((m.id for m in models.values() if m.kind == kind and meter.allows(m.id)), "")
+        return next((m.id for m in named.values() if m.kind == kind and meter.allows(m.id)), "")
 
     async def images(request: Request) -> Response:
         req = parse_body(ImageGenerationRequest, await read_body(request))
@@ -276,14 +279,14 @@ def build_app(
 
     async def list_models(request: Request) -> Response:
         meter = request_meter(request)
-        cards = [_model_card(m) for m in models.values() if meter.allows(m.id)]
+        cards = [_model_card(m) for m in named.values() if meter.allows(m.id)]
         return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        if model_id not in models or not request_meter(request).allows(model_id):
+        if model_id not in named or not request_meter(request).allows(model_id):
             raise _unknown_model(model_id)
-        return JSONResponse(_model_card(models[model_id]))
+        return JSONResponse(_model_card(named[model_id]))
 
     async def get_tokenizer_info(request: Request) -> Response:
         model = tokenizer_of(request, request.query_params.get("model"))
@@ -294,6 +297,8 @@ def build_app(
         503 when none does; ?model= asks about one (docs/reliability.md)."""
         states = {m.id: m.client.health() for m in models.values()}
         model_id = request.query_params.get("model")
+        if model_id in adapters:  # its parent's engine serves it
+            model_id = adapters[model_id].parent
         if model_id is not None:
             if model_id not in states:
                 raise _unknown_model(model_id)
@@ -370,14 +375,16 @@ def _unknown_model(model_id: str) -> APIError:
 
 
 def _model_card(model: Served) -> dict:
-    # root, parent and permission as vLLM's cards have them (`vllm bench serve` reads root)
+    # root, parent and permission as vLLM's cards have them (`vllm bench serve` reads root); an
+    # adapter's root is where it comes from, its parent the model it runs on
+    parent = getattr(model, "parent", None)
     return {
         "id": model.id,
         "object": "model",
         "created": model.created,
         "owned_by": model.owned_by,
-        "root": model.id,
-        "parent": None,
+        "root": model.root if parent else model.id,
+        "parent": parent,
         "max_model_len": model.max_model_len,
         "permission": [_permission(model)],
     }

@@ -8,6 +8,7 @@ import json
 import math
 import urllib.parse
 from collections.abc import Callable
+from typing import NamedTuple
 
 from pagoda.server.catalog import DEVICE_PATTERN, parse_bytes
 
@@ -82,3 +83,39 @@ def generation_overrides(text: str) -> dict:
             f"expected a JSON object such as '{{\"temperature\": 0.7}}', got {text!r}"
         )
     return value
+
+
+class LoraFlag(NamedTuple):
+    name: str
+    path: str  # a folder or a hub id
+    base_model_name: str | None = None  # the model it is for (vLLM's JSON form)
+
+
+def lora_module(text: str) -> LoraFlag:
+    """A --lora-modules value, as vLLM takes it: NAME=PATH, or a JSON object with "name",
+    "path" and optionally "base_model_name"."""
+    if text.lstrip().startswith("{"):
+        return _lora_module_json(text)
+    name, equals, path = text.partition("=")
+    if not (equals and name.strip() and path.strip()) or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH or a JSON object with name and path, got {text!r}"
+        )
+    return LoraFlag(name, path)
+
+
+def _lora_module_json(text: str) -> LoraFlag:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({exc.msg}): {text!r}") from None
+    fields = {"name", "path", "base_model_name"}
+    strings = isinstance(value, dict) and all(isinstance(v, str) and v for v in value.values())
+    if not strings or not {"name", "path"} <= value.keys() <= fields:
+        raise argparse.ArgumentTypeError(
+            'expected {"name": ..., "path": ...} (and optionally "base_model_name"), '
+            f"all non-empty strings, got {text!r}"
+        )
+    if any(c.isspace() for c in value["name"]):
+        raise argparse.ArgumentTypeError(f"an adapter's name has no spaces, got {value['name']!r}")
+    return LoraFlag(value["name"], value["path"], value.get("base_model_name"))

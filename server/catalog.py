@@ -60,6 +60,10 @@ _IMAGE_SIZE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+# where in an entry: keys, and list indices ("lora_modules", 0, "id")
+Location = tuple[str | int, ...]
+
+
 class CatalogError(ValueError):
     """A catalog that cannot be read, or an entry that is invalid or cannot be resolved."""
 
@@ -103,6 +107,7 @@ class EngineSettings(_Strict):
     tensor_parallel_size: int | None = Field(None, ge=1)
     generation_config: str | None = None  # auto, vllm or a folder (engine/sampling_defaults.py)
     override_generation_config: dict[str, float | int] | None = None
+    max_lora_rank: int | None = Field(None, ge=1)  # default: the largest adapter's rank
 
     @field_validator("block_size")
     @classmethod
@@ -216,6 +221,28 @@ class ImageSettings(_Strict):
         return width <= max_width and height <= max_height and width * height <= self.pixel_limit()
 
 
+class LoraModule(_Strict):
+    """A chat entry's LoRA adapter (a PEFT folder): served as a model of its own, `id`, on the
+    entry's engine."""
+
+    id: str = Field(pattern=r"^\S+$")
+    source: str = Field(min_length=1)  # as the entry's: a folder, package://... or a hub id
+    revision: str | None = Field(None, pattern=r"^\S+$")
+    pricing: Pricing | None = None  # default: the entry's
+
+    @field_validator("source")
+    @classmethod
+    def _package_source_form(cls, value: str) -> str:
+        if value.startswith(PACKAGE_SCHEME):
+            _split_package_source(value)
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_of_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_revision(value, info.data.get("source"))
+
+
 class CatalogEntry(_Strict):
     id: str = Field(pattern=r"^\S+$")
     kind: Literal["chat", "embedding", "rerank", "image"]
@@ -232,6 +259,8 @@ class CatalogEntry(_Strict):
     # chat models: a Jinja file (a path, or package://) or the template itself, used instead
     # of the tokenizer's (vLLM's --chat-template)
     chat_template: str | None = Field(None, min_length=1)
+    # chat models: LoRA adapters served on this entry's engine, each under an id of its own
+    lora_modules: list[LoraModule] | None = None
     image: ImageSettings | None = None
     pricing: Pricing | None = None
     description: str | None = None
@@ -251,10 +280,7 @@ class CatalogEntry(_Strict):
     @field_validator("revision")
     @classmethod
     def _revision_of_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
-        source = info.data.get("source")
-        if value is not None and source is not None and not _looks_like_hub_id(source):
-            raise ValueError(f"only for a hub id's source; {source!r} is {_local_kind(source)}")
-        return value
+        return _check_revision(value, info.data.get("source"))
 
     @field_validator("capabilities")
     @classmethod
@@ -270,6 +296,13 @@ class CatalogEntry(_Strict):
             raise ValueError("only chat models have a chat template")
         if value is not None and value.startswith(PACKAGE_SCHEME):
             _split_package_source(value)
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_for_chat(cls, value: list[LoraModule] | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("kind", "chat") != "chat":
+            raise ValueError("only chat models take LoRA adapters")
         return value
 
     @field_validator("max_waiting_requests")
@@ -325,6 +358,12 @@ class CatalogEntry(_Strict):
         return kwargs
 
 
+def _check_revision(revision: str | None, source: str | None) -> str | None:
+    if revision is not None and source is not None and not _looks_like_hub_id(source):
+        raise ValueError(f"only for a hub id's source; {source!r} is {_local_kind(source)}")
+    return revision
+
+
 def _split_package_source(source: str) -> tuple[str, str]:
     match = _PACKAGE_SOURCE.fullmatch(source)
     parts = match.group(2).split("/") if match else []
@@ -361,15 +400,18 @@ def load_catalog(path: str | Path) -> list[CatalogEntry]:
     items, item_nodes = _models_list(path, data, root)
     entries: list[CatalogEntry] = []
     errors: list[str] = []
-    first_index: dict[str, int] = {}
+    first_use: dict[str, str] = {}  # a served id (a model's, an adapter's) -> where it is given
     for index, (item, node) in enumerate(zip(items, item_nodes)):
         entry, entry_errors = _validate_entry(path, index, item, node)
         errors += entry_errors
         if entry is None:
             continue
-        if entry.id in first_index:
-            errors.append(f"{entry._where}: id: duplicate of entry {first_index[entry.id] + 1}")
-        first_index.setdefault(entry.id, index)
+        for loc, served_id in _served_ids(entry):
+            if served_id in first_use:
+                where = f"{path}:{_line_of(node, loc)}: {_label(index, item)}"
+                errors.append(f"{where}: {_dotted(loc)}: duplicate of {first_use[served_id]}")
+            owner = f"entry {index + 1}"
+            first_use.setdefault(served_id, owner if loc == ("id",) else f"{owner}'s {loc[0]}")
         entries.append(entry)
     if errors:
         raise CatalogError("\n".join(errors))
@@ -425,8 +467,7 @@ def _models_list(path: Path, data: Any, root: yaml.Node) -> tuple[list, list[yam
 def _validate_entry(
     path: Path, index: int, item: Any, node: yaml.Node
 ) -> tuple[CatalogEntry | None, list[str]]:
-    entry_id = item.get("id") if isinstance(item, dict) else None
-    label = f"entry {index + 1}" + (f" (id {entry_id!r})" if isinstance(entry_id, str) else "")
+    label = _label(index, item)
     if not isinstance(item, dict):
         return None, [f"{path}:{_line_of(node, ())}: {label}: expected a mapping"]
     try:
@@ -440,9 +481,22 @@ def _validate_entry(
     return entry, []
 
 
-def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
+def _label(index: int, item: Any) -> str:
+    entry_id = item.get("id") if isinstance(item, dict) else None
+    return f"entry {index + 1}" + (f" (id {entry_id!r})" if isinstance(entry_id, str) else "")
+
+
+def _served_ids(entry: CatalogEntry) -> list[tuple[Location, str]]:
+    """The ids clients send for the entry (its own, its adapters'), and where each is given."""
+    adapters = entry.lora_modules or []
+    return [(("id",), entry.id)] + [
+        (("lora_modules", i, "id"), a.id) for i, a in enumerate(adapters)
+    ]
+
+
+def _describe_error(err: ErrorDetails) -> tuple[Location, str]:
     """The error's location in the entry, and "field.path: message"."""
-    loc = tuple(part for part in err["loc"] if isinstance(part, str))
+    loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         message = "unknown field" + _suggestion(loc)
@@ -452,7 +506,15 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[str, ...], str]:
         message = str(err["ctx"]["error"])
     else:
         message = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}"
-    return loc, f"{'.'.join(loc)}: {message}" if loc else message
+    return loc, f"{_dotted(loc)}: {message}" if loc else message
+
+
+def _dotted(loc: Location) -> str:
+    """("lora_modules", 0, "id") -> "lora_modules[0].id"."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
@@ -461,10 +523,12 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "capabilities": Capabilities,
     "image": ImageSettings,
     "pricing": Pricing,
+    "lora_modules": LoraModule,
 }
 
 
-def _suggestion(loc: tuple[str, ...]) -> str:
+def _suggestion(loc: Location) -> str:
+    loc = tuple(part for part in loc if isinstance(part, str))  # a list's item is its section
     model = CatalogEntry if len(loc) == 1 else _SECTIONS.get(loc[0])
     if model is None:
         return ""
@@ -482,11 +546,19 @@ def _find_key(node: yaml.Node, key: str) -> tuple[yaml.Node | None, yaml.Node | 
     return None, None
 
 
-def _line_of(node: yaml.Node, loc: tuple[str, ...]) -> int:
-    """The 1-based line of the deepest key along `loc` present in the YAML (else of `node`)."""
+def _line_of(node: yaml.Node, loc: Location) -> int:
+    """The 1-based line of the deepest key (or list item) along `loc` present in the YAML
+    (else of `node`)."""
     line = node.start_mark.line + 1
-    for key in loc:
-        key_node, node = _find_key(node, key)
+    for part in loc:
+        if isinstance(part, int):
+            items = node.value if isinstance(node, yaml.SequenceNode) else []
+            if part >= len(items):
+                break
+            node = items[part]
+            line = node.start_mark.line + 1
+            continue
+        key_node, node = _find_key(node, part)
         if key_node is None or node is None:
             break
         line = key_node.start_mark.line + 1
@@ -504,16 +576,21 @@ def resolve_source(entry: CatalogEntry, base_dir: Path | None = None) -> str:
     `base_dir`, by default the folder of the catalog the entry came from); anything else of
     the form `org/name` is a hub id, returned as is.
     """
+    return resolve_path(entry, entry.source, "source", base_dir)
+
+
+def resolve_path(entry: CatalogEntry, source: str, field: str, base_dir: Path | None = None) -> str:
+    """A source of the entry's (its own, an adapter's) resolved as resolve_source says; an
+    error names the entry and `field`."""
     base_dir = Path(base_dir) if base_dir is not None else entry._base_dir
-    source = entry.source
     if source.startswith(PACKAGE_SCHEME):
-        return str(_package_path(entry, *_split_package_source(source)))
+        return str(_package_path(entry, *_split_package_source(source), field))
     path = (base_dir / Path(source).expanduser()).resolve()
     if path.exists():
         return str(path)
     if _looks_like_hub_id(source):
         return source
-    raise entry_error(entry, f"{path} does not exist")
+    raise entry_error(entry, f"{path} does not exist", field)
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -21,6 +21,7 @@ from pagoda.server.arg_types import (
     at_least,
     device,
     generation_overrides,
+    lora_module,
     port,
     public_url,
     seconds,
@@ -50,6 +51,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--chat-template",
         help="--model's chat template instead of its tokenizer's: a Jinja file, or the "
         "template itself (catalog entries set chat_template)",
+    )
+    serve.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module,
+        metavar="NAME=PATH",
+        help="LoRA adapters served on --model, each under its own model id: NAME=PATH (a PEFT "
+        'folder or a hub id), or \'{"name": ..., "path": ..., "base_model_name": ...}\' '
+        "(catalog entries set lora_modules)",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=at_least(1),
+        help="the largest adapter rank the engine takes (default: its largest adapter's)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8000)
@@ -179,6 +194,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "chat_template",
             "tool_call_parser",
             "reasoning_parser",
+            "lora_modules",
         ):
             if getattr(args, option) is not None:
                 flag = "--" + option.replace("_", "-")

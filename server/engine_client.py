@@ -39,9 +39,14 @@ class EngineClient(WorkerClient):
         return self.info["max_model_len"]
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> AsyncIterator[SequenceDelta]:
-        """Stream the request's deltas until all its choices finish."""
+        """Stream the request's deltas until all its choices finish; `lora` names the adapter
+        (of the engine's lora_modules) it runs with."""
         unfinished = params.n
         self.num_sequences_in_flight += unfinished
 
@@ -52,7 +57,7 @@ class EngineClient(WorkerClient):
                 self.num_sequences_in_flight -= 1
             return unfinished == 0
 
-        payload = [prompt_token_ids, encode_params(params)]
+        payload = [prompt_token_ids, encode_params(params), lora]
         try:
             # closed with this generator, not when collected: its close aborts the request
             async with aclosing(self.stream(request_id, payload, finished)) as deltas:

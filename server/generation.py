@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import ClassVar
 
@@ -102,6 +102,16 @@ class ServedModel:
     reasoning: ReasoningParser | None = None  # --reasoning-parser
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     tokenizing: TokenizerThread = field(default_factory=TokenizerThread)
+    # a LoRA adapter served on the engine of `parent` (its model id) is a model of its own;
+    # it shares its parent's engine, tokenizer and settings
+    lora: str | None = None  # the adapter's name in the engine
+    parent: str | None = None
+    root: str | None = None  # where the adapter comes from (a folder or a hub id)
+    adapters: list[ServedModel] = field(default_factory=list)  # a base model's
+
+    def adapter(self, name: str, root: str) -> ServedModel:
+        """The adapter `name` of this model's engine, served as the model `name`."""
+        return replace(self, id=name, lora=name, parent=self.id, root=root, adapters=[])
 
     def check_queue(self) -> None:
         """429 at once when the engine has its limit of sequences waiting for a batch slot."""
@@ -255,7 +265,9 @@ class Generation:
         ]
         done = [False] * n
         clock = _Clock(self.metrics, self.model.id, n)
-        stream = self.model.client.generate(self.request_id, self.prompt_token_ids, self.params)
+        stream = self.model.client.generate(
+            self.request_id, self.prompt_token_ids, self.params, self.model.lora
+        )
         ran = True
         try:
             async with aclosing(stream) as deltas:

@@ -112,13 +112,14 @@ class EngineReplicas:
     def stats(self) -> dict:
         return merge_stats([r.stats for r in self.replicas])
 
-    def route(self, prompt_token_ids: list[int]) -> int:
+    def route(self, prompt_token_ids: list[int], lora: str | None = None) -> int:
         live = [i for i, r in enumerate(self.replicas) if r.healthy] or [0]
         load = [r.num_sequences_in_flight for r in self.replicas]
         chosen = min(live, key=lambda i: load[i])
         block = self.config.block_size
         if len(prompt_token_ids) >= block:
-            key = hash(tuple(prompt_token_ids[:block]))
+            # an adapter's KV blocks are its own: the same prompt under another is not cached
+            key = hash((lora, *prompt_token_ids[:block]))
             owner = self._owners.get(key)
             if owner in live and load[owner] <= load[chosen] + PREFIX_SLACK:
                 chosen = owner
@@ -130,10 +131,14 @@ class EngineReplicas:
         return chosen
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> AsyncIterator[SequenceDelta]:
-        replica = self.replicas[self.route(prompt_token_ids)]
-        return replica.generate(request_id, prompt_token_ids, params)
+        replica = self.replicas[self.route(prompt_token_ids, lora)]
+        return replica.generate(request_id, prompt_token_ids, params, lora)
 
     async def finish(self, request_id: str, index: int) -> None:
         """EngineClient.finish, sent to every replica: the others have no such request."""

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -42,6 +42,7 @@ from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import ImageStore
 from pagoda.server.images import start_image_models
 from pagoda.server.keys import commands as key_commands
+from pagoda.server.lora import LoraAdapter, catalog_adapters, flag_adapters
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.process_metrics import register_process_metrics
@@ -74,6 +75,7 @@ ENGINE_FLAGS = (
     "distributed_timeout_s",
     "generation_config",
     "override_generation_config",
+    "max_lora_rank",
 )
 
 
@@ -88,6 +90,7 @@ class ModelToServe:
     data_parallel_size: int = 1  # engine replicas (server/replicas.py)
     entry: CatalogEntry | None = None  # where it comes from, for errors (None: --model)
     chat_template: ChatTemplate | None = None  # instead of the tokenizer's
+    adapters: list[LoraAdapter] = field(default_factory=list)  # served on its engine
 
 
 def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
@@ -103,7 +106,10 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
             reasoning_parser=args.reasoning_parser,
         )
         source, revision = model_flag_source(args)
-        config = EngineConfig(model=source, revision=revision, serving=True, **overrides)
+        adapters = flag_adapters(args.lora_modules or [], name)
+        config = EngineConfig(
+            model=source, revision=revision, serving=True, **lora_kwargs(adapters), **overrides
+        )
         waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
         return [
             ModelToServe(
@@ -113,27 +119,40 @@ def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
                 max_waiting_requests=waiting,
                 data_parallel_size=dp,
                 chat_template=chat_template_flag(args.chat_template),
+                adapters=adapters,
             )
         ]
     entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
-    return [
-        ModelToServe(
-            e.id,
-            EngineConfig(
-                model=resolve_source(e),
-                revision=resolve_revision(e),
-                serving=True,
-                **{**e.engine_kwargs(), **overrides},
-            ),
-            e.owned_by,
-            e.capabilities,
-            args.max_waiting_requests or e.max_waiting_requests,
-            dp,
-            e,
-            resolve_chat_template(e),
-        )
-        for e in entries
-    ]
+    return [_catalog_model(e, overrides, args.max_waiting_requests, dp) for e in entries]
+
+
+def _catalog_model(
+    entry: CatalogEntry, overrides: dict, max_waiting_requests: int | None, dp: int
+) -> ModelToServe:
+    adapters = catalog_adapters(entry)
+    config = EngineConfig(
+        model=resolve_source(entry),
+        revision=resolve_revision(entry),
+        serving=True,
+        **lora_kwargs(adapters),
+        **{**entry.engine_kwargs(), **overrides},
+    )
+    return ModelToServe(
+        entry.id,
+        config,
+        entry.owned_by,
+        entry.capabilities,
+        max_waiting_requests or entry.max_waiting_requests,
+        dp,
+        entry,
+        resolve_chat_template(entry),
+        adapters,
+    )
+
+
+def lora_kwargs(adapters: list[LoraAdapter]) -> dict:
+    """EngineConfig's lora_modules (name -> folder), for a model with adapters."""
+    return {"lora_modules": {a.name: a.folder for a in adapters}} if adapters else {}
 
 
 def model_flag_source(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -214,7 +233,7 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
         models, sources, clients, tokenizers, reasoning
     ):
         capabilities = model.capabilities or Capabilities()
-        served[model.id] = ServedModel(
+        base = ServedModel(
             model.id,
             client,
             tokenizer,
@@ -226,6 +245,8 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
             reasoning=parser,
             max_waiting_requests=model.max_waiting_requests,
         )
+        base.adapters = [base.adapter(a.name, a.source) for a in model.adapters]
+        served[model.id] = base
         info = client.info
         kv_tokens = info["num_kv_blocks"] * info["block_size"]
         logger.info(
@@ -240,6 +261,8 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
             kv_tokens,
             info["max_num_batched_tokens"],
         )
+        for adapter in model.adapters:
+            logger.info("serving %s: LoRA adapter %s on %s", adapter.name, adapter.folder, model.id)
     return served
 
 
@@ -318,7 +341,9 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.gather(*(m.client.shutdown() for m in served.values()))
 
     metrics = Metrics(of_kind(served, "chat"), of_kind(served, "image"))
-    metrics.start_series(name for name, model in served.items() if model.kind == "chat")
+    # requests to an adapter are counted under its id; its engine's gauges under its parent's
+    chat = [model for model in served.values() if model.kind == "chat"]
+    metrics.start_series(m.id for model in chat for m in (model, *model.adapters))
     # a reranker's worker is an embedding worker: its series are the embedding models'
     metrics.registry.register(EmbeddingStatsCollector(of_kind(served, "embedding", "rerank")))
     gateway.register_metrics(metrics.registry)

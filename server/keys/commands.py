@@ -164,7 +164,13 @@ def open_gateway(args: argparse.Namespace, api_keys: list[str]) -> Gateway:
 
 
 def _prices(catalog: str) -> dict:
-    return {e.id: e.pricing for e in load_catalog(catalog) if e.pricing is not None}
+    """Each served id's pricing; a LoRA adapter's is its entry's unless it sets its own."""
+    prices = {}
+    for entry in load_catalog(catalog):
+        prices[entry.id] = entry.pricing
+        for adapter in entry.lora_modules or []:
+            prices[adapter.id] = adapter.pricing or entry.pricing
+    return {served_id: price for served_id, price in prices.items() if price is not None}
 
 
 def _limits(row: dict) -> str:

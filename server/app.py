@@ -32,6 +32,7 @@ from pagoda.server.images import (
 from pagoda.server.keys.admin import admin_routes
 from pagoda.server.keys.gateway import Gateway, KeyAuth
 from pagoda.server.keys.meter import request_meter
+from pagoda.server.lora_routes import lora_routes
 from pagoda.server.metrics import Metrics
 from pagoda.server.model_slots import GiveBackSlots, ModelSlots
 from pagoda.server.openapi import openapi_json
@@ -346,6 +347,7 @@ def build_app(
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
+            *lora_routes(models, adapters, named),
             *admin_routes(gateway),
         ],
         exception_handlers={

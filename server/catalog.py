@@ -108,6 +108,8 @@ class EngineSettings(_Strict):
     generation_config: str | None = None  # auto, vllm or a folder (engine/sampling_defaults.py)
     override_generation_config: dict[str, float | int] | None = None
     max_lora_rank: int | None = Field(None, ge=1)  # default: the largest adapter's rank
+    # adapter slots in all: those beyond lora_modules take adapters loaded at run time
+    max_loras: int | None = Field(None, ge=1)
 
     @field_validator("block_size")
     @classmethod
@@ -303,6 +305,9 @@ class CatalogEntry(_Strict):
     def _lora_for_chat(cls, value: list[LoraModule] | None, info: ValidationInfo) -> Any:
         if value is not None and info.data.get("kind", "chat") != "chat":
             raise ValueError("only chat models take LoRA adapters")
+        slots = getattr(info.data.get("engine"), "max_loras", None)
+        if value is not None and slots is not None and slots < len(value):
+            raise ValueError(f"{len(value)} adapters and engine.max_loras {slots}: raise it")
         return value
 
     @field_validator("max_waiting_requests")

@@ -62,9 +62,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(catalog entries set lora_modules)",
     )
     serve.add_argument(
+        "--max-loras",
+        type=at_least(1),
+        help="LoRA adapter slots per engine; those beyond the adapters given at start take "
+        "adapters loaded at run time (POST /v1/load_lora_adapter); catalog: engine.max_loras",
+    )
+    serve.add_argument(
         "--max-lora-rank",
         type=at_least(1),
-        help="the largest adapter rank the engine takes (default: its largest adapter's)",
+        help="the largest adapter rank the engine takes (default: its largest adapter's, at "
+        "least 16 with --max-loras above the adapters given)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -30,6 +31,21 @@ class EngineClient(WorkerClient):
         for a burst that arrives between two stats)."""
         beyond_batch = self.num_sequences_in_flight - self.config.max_num_seqs
         return max(self.stats.get("waiting", 0), beyond_batch)
+
+    async def load_lora(self, name: str, source: str) -> None:
+        await self.control("load_lora", name, source)
+        self._restart_with_adapters({**(self.config.lora_modules or {}), name: source})
+
+    async def unload_lora(self, name: str) -> None:
+        await self.control("unload_lora", name)
+        adapters = dict(self.config.lora_modules or {})
+        adapters.pop(name, None)
+        self._restart_with_adapters(adapters)
+
+    def _restart_with_adapters(self, adapters: dict[str, str]) -> None:
+        # an engine restarted after a crash serves the adapters of now, not those of its start
+        self.config = dataclasses.replace(self.config, lora_modules=adapters or None)
+        self._args = (self.config,)
 
     def decode_output(self, fields: list) -> SequenceDelta:
         return decode_delta(fields)

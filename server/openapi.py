@@ -19,6 +19,7 @@ from pagoda.server.embeddings import EmbeddingRequest
 from pagoda.server.image_request import ImageGenerationRequest
 from pagoda.server.image_store import URL_PATH
 from pagoda.server.keys.store import KeySpec, KeyUpdate
+from pagoda.server.lora_routes import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from pagoda.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,6 +33,7 @@ REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {
     400: "Invalid request (the `param` names the field at fault)",
     401: "Missing or unknown API key",
+    403: "The key may not use this route",
     404: "Unknown model or route",
     408: "The request body did not arrive in time",
     413: "The request body is over the size limit",
@@ -158,6 +160,26 @@ OPERATIONS = (
         out.TokenizerInfo,
         query=("model",),
         errors=(400, 401, 404, 503),
+    ),
+    Operation(
+        "post",
+        "/v1/load_lora_adapter",
+        "Load a LoRA adapter into a free slot (vLLM's; the static --api-key only)",
+        None,
+        LoadLoraAdapterRequest,
+        media={"text/plain": {"schema": {"type": "string"}}},
+        errors=(400, 401, 403, 413, 503),
+        tags=("lora",),
+    ),
+    Operation(
+        "post",
+        "/v1/unload_lora_adapter",
+        "Unload a LoRA adapter (vLLM's; the static --api-key only)",
+        None,
+        UnloadLoraAdapterRequest,
+        media={"text/plain": {"schema": {"type": "string"}}},
+        errors=(400, 401, 403, 404, 413, 503),
+        tags=("lora",),
     ),
     Operation(
         "get",

@@ -10,6 +10,7 @@ series (label `replica`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
@@ -58,6 +59,23 @@ class EngineReplicas:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         await asyncio.gather(*(r.shutdown(timeout) for r in self.replicas))
+
+    async def load_lora(self, name: str, source: str) -> None:
+        """Into every replica, or none: one that refuses unloads it from those that took it."""
+        loaded = []
+        try:
+            for replica in self.replicas:
+                await replica.load_lora(name, source)
+                loaded.append(replica)
+        except BaseException:
+            for replica in loaded:
+                with contextlib.suppress(Exception):
+                    await replica.unload_lora(name)
+            raise
+
+    async def unload_lora(self, name: str) -> None:
+        for replica in self.replicas:
+            await replica.unload_lora(name)
 
     @property
     def info(self) -> dict:

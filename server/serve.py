@@ -76,6 +76,7 @@ ENGINE_FLAGS = (
     "generation_config",
     "override_generation_config",
     "max_lora_rank",
+    "max_loras",
 )
 
 

@@ -12,6 +12,7 @@ import multiprocessing
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -276,9 +277,7 @@ class WorkerClient:
         """Send ["add", request_id, *payload] and yield the request's outputs until
         `finished(output)`. Leaving the iteration early (a client that disconnected) aborts
         the request in the worker at once."""
-        if not self.healthy:
-            why = f" ({self.reason})" if self.reason else ""
-            raise WorkerDeadError(f"the {self.kind} for {self.name!r} is not running{why}")
+        self._check_running()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         done = False
@@ -295,6 +294,26 @@ class WorkerClient:
             del self._queues[request_id]
             if not done and self.healthy:
                 await self.abort([request_id])
+
+    def _check_running(self) -> None:
+        if not self.healthy:
+            why = f" ({self.reason})" if self.reason else ""
+            raise WorkerDeadError(f"the {self.kind} for {self.name!r} is not running{why}")
+
+    async def control(self, method: str, *args: Any) -> None:
+        """An operator's change to the running worker (engine/worker.py's "control"): returns
+        once the worker made it; raises RequestRejected where it refused."""
+        self._check_running()
+        request_id = f"control-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        try:
+            await self._send(["control", request_id, method, *args])
+            answer = await queue.get()
+        finally:
+            del self._queues[request_id]
+        if isinstance(answer, Exception):
+            raise answer
 
     async def call(self, request_id: str, payload: list) -> Any:
         """A request answered by one output. Cancelling the call aborts the request."""

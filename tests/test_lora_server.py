@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -599,3 +601,157 @@ def test_an_adapter_the_engine_cannot_load_fails_the_start_in_one_line(
     errors = [line for line in stderr.splitlines() if " ERROR " in line]
     assert errors and "tiny-x" in errors[-1] and "adapter_config.json" in errors[-1], stderr
     assert "Traceback" not in stderr
+
+
+# -- runtime loading: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter ---------------
+
+
+@pytest.fixture(scope="module")
+def loading_server(tiny_models, adapters, db):
+    """--model with tiny-a from the start and one slot left for run time (--max-loras 2)."""
+    srv = Server(
+        [
+            "--model",
+            str(tiny_models["qwen2"]),
+            "--served-model-name",
+            BASE,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--lora-modules",
+            f"tiny-a={adapters['tiny-a']}",
+            "--max-loras",
+            "2",
+            "--database",
+            db,
+            "--api-key",
+            KEY,
+        ]
+    ).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def _post(server: Server, route: str, body: dict, key: str = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{server.url}/v1/{route}", json=body, headers=headers, timeout=60)
+
+
+def _complete(server: Server, model: str, prompt: list[int]) -> str:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"ignore_eos": True},
+    )
+    assert response.model == model
+    return response.choices[0].text
+
+
+def _served(server: Server) -> list[tuple[str, str | None]]:
+    cards = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    return [(card["id"], card["parent"]) for card in cards.json()["data"]]
+
+
+def _error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    return response.json()["error"]["message"]
+
+
+def test_adapters_load_and_unload_at_run_time(loading_server, adapters, offline, tmp_path) -> None:
+    srv = loading_server
+    prompt = offline.tokenizer.encode("Once upon a time")
+    expected = expected_texts(offline, prompt)
+    loaded = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-b", "lora_path": str(adapters["tiny-b"])}
+    )
+    assert (
+        loaded.status_code == 200
+        and loaded.text == "Success: LoRA adapter 'tiny-b' added successfully."
+    )
+    assert _served(srv) == [(BASE, None), ("tiny-a", BASE), ("tiny-b", BASE)]
+    assert _complete(srv, "tiny-b", prompt) == expected["tiny-b"]
+    again = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-b", "lora_path": str(adapters["tiny-b"])}
+    )
+    assert "'tiny-b' has already been loaded" in _error(again, 400)
+    full = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-c", "lora_path": str(adapters["tiny-a"])}
+    )
+    assert "no free LoRA slot: the 2 slots (max_loras) hold adapters" in _error(full, 400)
+
+    assert _post(srv, "unload_lora_adapter", {"lora_name": "tiny-a"}).status_code == 200
+    assert _served(srv) == [(BASE, None), ("tiny-b", BASE)]
+    gone = httpx.post(
+        f"{srv.url}/v1/completions",
+        json={"model": "tiny-a", "prompt": "Hi"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert "'tiny-a' cannot be found" in _error(
+        _post(srv, "unload_lora_adapter", {"lora_name": "tiny-a"}), 404
+    )
+
+    # a folder the engine cannot read leaves the slot free
+    (tmp_path / "broken").mkdir()
+    broken = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-c", "lora_path": str(tmp_path / "broken")}
+    )
+    assert "LoRA adapter 'tiny-c': no adapter_config.json in" in _error(broken, 400)
+    missing = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-c", "lora_path": "/no/such/folder"}
+    )
+    assert "lora_path: /no/such/folder does not exist" in _error(missing, 400)
+    # tiny-a's weights again, under another name, into tiny-a's old slot
+    c = _post(
+        srv, "load_lora_adapter", {"lora_name": "tiny-c", "lora_path": str(adapters["tiny-a"])}
+    )
+    assert c.status_code == 200, c.text
+    assert _complete(srv, "tiny-c", prompt) == expected["tiny-a"]
+    assert _complete(srv, BASE, prompt) == expected[BASE]
+
+    # an engine restarted after a crash serves the adapters of now
+    pid = httpx.get(f"{srv.url}/health?model={BASE}").json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: httpx.get(f"{srv.url}/health?model={BASE}").json()["pid"] not in (pid, None), 120
+    )
+    assert _complete(srv, "tiny-c", prompt) == expected["tiny-a"]
+    assert _complete(srv, "tiny-b", prompt) == expected["tiny-b"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"lora_path": "/x"}, 400, "lora_name"),
+        ({"lora_name": "x"}, 400, "lora_path"),
+        ({"lora_name": BASE, "lora_path": "/x"}, 400, f"'{BASE}' is the id of a served model"),
+        (
+            {"lora_name": "x", "lora_path": "/x", "base_model_name": "nope"},
+            400,
+            "'nope' is not a served chat model",
+        ),
+    ],
+)
+def test_a_bad_load_request_is_a_400(loading_server, body, status, message) -> None:
+    assert message in _error(_post(loading_server, "load_lora_adapter", body), status)
+
+
+def test_a_managed_key_may_not_load_adapters(loading_server, db, adapters) -> None:
+    _, secret = new_key(db)
+    body = {"lora_name": "tiny-z", "lora_path": str(adapters["tiny-b"])}
+    refused = _post(loading_server, "load_lora_adapter", body, key=secret)
+    assert "needs the server's --api-key" in _error(refused, 403)
+    assert "needs the server's --api-key" in _error(
+        _post(loading_server, "unload_lora_adapter", {"lora_name": "tiny-b"}, key=secret), 403
+    )
+    assert "tiny-z" not in dict(_served(loading_server))
+
+
+def test_a_server_without_free_slots_says_how_to_get_one(server, adapters) -> None:
+    body = {"lora_name": "tiny-z", "lora_path": str(adapters["tiny-b"])}
+    message = _error(_post(server, "load_lora_adapter", body), 400)
+    assert "No served model takes LoRA adapters at run time" in message

@@ -721,6 +721,10 @@ def test_adapters_load_and_unload_at_run_time(loading_server, adapters, offline,
     )
     assert _complete(srv, "tiny-c", prompt) == expected["tiny-a"]
     assert _complete(srv, "tiny-b", prompt) == expected["tiny-b"]
+    # vLLM's load_inplace: the name stays, its weights are another adapter's
+    body = {"lora_name": "tiny-b", "lora_path": str(adapters["tiny-a"]), "load_inplace": True}
+    assert _post(srv, "load_lora_adapter", body).status_code == 200
+    assert _complete(srv, "tiny-b", prompt) == expected["tiny-a"]
 
 
 @pytest.mark.parametrize(

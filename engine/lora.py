@@ -174,17 +174,21 @@ class LoraWeights:
         self.linears: dict[tuple[int, str], LoraLinear] = {}
         self.mask = torch.zeros(max_tokens, num_slots, 1, dtype=dtype, device=device)
         self.slot_ids = torch.arange(num_slots, device=device)
-        # False: no token of this step runs under an adapter, and eager passes skip the update
-        # (a captured CUDA graph always computes it)
+        # what eager passes read (a captured CUDA graph always takes the masked path): False,
+        # no token of this step runs under an adapter, and the update is skipped; a slot,
+        # every token runs under that one, and its columns alone are multiplied
         self.active = True
+        self.single_slot: int | None = None
 
     @property
     def num_slots(self) -> int:
         return self.mask.shape[1]
 
-    def set_step(self, token_slots: torch.Tensor, active: bool) -> None:
+    def set_step(self, token_slots: torch.Tensor, used: set[int]) -> None:
+        """`token_slots` on the device, and the set of them (-1: the base model)."""
         self.mask[: len(token_slots), :, 0] = token_slots[:, None] == self.slot_ids
-        self.active = active
+        self.active = max(used) >= 0
+        self.single_slot = next(iter(used)) if len(used) == 1 and self.active else None
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Put `adapter` in `slot` (zeros where it targets nothing); checked whole first, so
@@ -240,12 +244,18 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         if not self.lora.active:
             return y
-        rows, slots = x.shape[0], self.lora.num_slots
-        down = (x.to(self.lora_a.dtype) @ self.lora_a).view(rows, slots, -1)
-        down = (down * self.lora.mask[:rows]).view(rows, -1)
+        x = x.to(self.lora_a.dtype)
+        if self.lora.single_slot is not None:  # one adapter's tokens only: its columns alone
+            width = self.lora_b.shape[0] // self.lora.num_slots
+            columns = slice(self.lora.single_slot * width, (self.lora.single_slot + 1) * width)
+            down, up = x @ self.lora_a[:, columns], self.lora_b[columns]
+        else:
+            rows, slots = x.shape[0], self.lora.num_slots
+            down = (x @ self.lora_a).view(rows, slots, -1)
+            down, up = (down * self.lora.mask[:rows]).view(rows, -1), self.lora_b
         if y.dtype == down.dtype:
-            return y.addmm_(down, self.lora_b)
-        return y + (down @ self.lora_b).to(y.dtype)
+            return y.addmm_(down, up)
+        return y + (down @ up).to(y.dtype)
 
 
 def attach(

@@ -185,7 +185,7 @@ class ModelRunner:
         tensors, _ = self.staging.send(lists)
         ids, pos, slot_mapping, logit_rows, starts, lens, tables = tensors[:7]
         if len(lists) > 7:  # the tokens' LoRA slots
-            self.model.lora.set_step(tensors[7], active=max(lists[7]) >= 0)
+            self.model.lora.set_step(tensors[7], set(lists[7]))
         meta = AttentionMetadata(
             query_start_loc=starts.int(),
             seq_lens=lens.int(),

@@ -20,8 +20,10 @@ from pagoda.server.catalog import CatalogError, load_catalog
 from pagoda.server.cli import parse_args
 from pagoda.server.keys.commands import _prices
 from pagoda.server.lora import catalog_adapters, flag_adapters
+from tests import test_catalog
 from tests.lora_adapters import build_adapter
 from tests.serving import Server, failed_start
+from tests.test_catalog import write_catalog
 from tests.test_keys import ledger, new_key, wait_for
 from tests.test_revisions import MAIN, V1, add_repo
 
@@ -33,17 +35,9 @@ PRICING = {"input_per_1m": 1000.0, "output_per_1m": 2000.0}
 A_PRICING = {"input_per_1m": 3000.0, "output_per_1m": 5000.0}
 
 
-def write_catalog(folder: Path, text: str) -> Path:
-    path = folder / "models.yaml"
-    path.write_text(text)
-    return path
-
-
 def catalog_error(folder: Path, text: str) -> str:
-    path = write_catalog(folder, text)
-    with pytest.raises(CatalogError) as caught:
-        load_catalog(path)
-    return str(caught.value).replace(str(path), "models.yaml")
+    message = test_catalog.catalog_error(folder, text)
+    return message.replace(str(folder / "models.yaml"), "models.yaml")
 
 
 def chat_entry(model_id: str = BASE, **fields) -> dict:
@@ -284,6 +278,21 @@ def test_a_missing_adapter_path_fails_the_start_naming_it(tiny_models, tmp_path:
         "--lora-modules: adapter 'a': './missing' is neither a local path nor a downloadable"
         in (stderr)
     )
+
+
+def served_tiny_qwen2(tiny_models) -> list[str]:
+    """`pagoda serve` arguments: the tiny qwen2 as BASE, in fp32, 256 tokens of context."""
+    model = str(tiny_models["qwen2"])
+    return [
+        "--model",
+        model,
+        "--served-model-name",
+        BASE,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+    ]
 
 
 def _json(name: str, path: str, base: str) -> list[str]:
@@ -537,14 +546,7 @@ def test_command_line_adapters_on_data_parallel_replicas(tiny_models, adapters, 
     b = json.dumps({"name": "tiny-b", "path": str(adapters["tiny-b"]), "base_model_name": BASE})
     srv = Server(
         [
-            "--model",
-            str(tiny_models["qwen2"]),
-            "--served-model-name",
-            BASE,
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
+            *served_tiny_qwen2(tiny_models),
             "--data-parallel-size",
             "2",
             "--lora-modules",
@@ -611,14 +613,7 @@ def loading_server(tiny_models, adapters, db):
     """--model with tiny-a from the start and one slot left for run time (--max-loras 2)."""
     srv = Server(
         [
-            "--model",
-            str(tiny_models["qwen2"]),
-            "--served-model-name",
-            BASE,
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
+            *served_tiny_qwen2(tiny_models),
             "--lora-modules",
             f"tiny-a={adapters['tiny-a']}",
             "--max-loras",

@@ -1,20 +1,22 @@
 """LoRA adapters in PEFT's format, served beside their base model, any mix of them in one batch.
 
-Every adapter is loaded at start and keeps a slot (0, 1, ...) for the engine's life; a
-sequence runs under one slot, or -1 for the base model. Each projection an adapter targets
-becomes a `LoraLinear`: the base layer plus every slot's low-rank update, in two matmuls
-over the whole batch:
+The engine has `max_loras` slots; each adapter it serves holds one (those given at start
+first, others loaded and unloaded while it runs), and a sequence runs under one slot, or -1
+for the base model. Each projection an adapter targets (every projection, where slots are left
+for later) becomes a `LoraLinear`: the base layer plus every slot's low-rank update, in two
+matmuls over the whole batch:
 
     x [T, in] @ A [in, S*R]       every slot's rank-R down-projection (S slots)
-    * onehot(token's slot) [T, S] each token keeps its own slot's R columns, the others zeroed
+    * mask [T, S, 1]              each token keeps its own slot's R columns, the others zeroed
     @ B [S*R, out]                the up-projections (scaled by alpha / r), summed: the update
 
 A fused projection (q/k/v, gate/up) gives each part R = max_lora_rank columns of its own
-within a slot, and B maps them to that part's rows alone. The batch's slots are one tensor the
-runner fills each step (`LoraBatch`), so a CUDA graph captures the whole thing, and no step
+within a slot, and B maps them to that part's rows alone. The mask is a buffer the runner
+fills each step (`LoraWeights.set_step`), so a CUDA graph captures the whole thing, and no step
 loops over adapters. The price: every token pays S*R*(in + out) multiply-adds per projection,
-all slots' whether it uses them or not (with 4 adapters of rank 16 on a 4096-wide projection,
-about 3% of its own cost per part).
+all slots' whether it uses them or not (with 4 slots of rank 16 on a 4096-wide projection,
+about 3% of its own cost per part). An eager step whose tokens all run under one adapter
+multiplies that slot's columns alone; one of the base model alone skips the update.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def load_adapter(name: str, folder: Path, num_layers: int) -> Adapter:
         if layer >= num_layers:
             raise ValueError(f"LoRA adapter {name!r}: {key!r} names a layer the model lacks")
         pairs.setdefault((layer, match[3]), {})[match[4]] = tensor
-    alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+    alpha, rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))  # peft's
     weights = {}
     for (layer, proj), pair in pairs.items():
         if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
@@ -131,7 +133,8 @@ def _read_config(name: str, folder: Path) -> dict:
     refused = {
         "peft_type": config.get("peft_type", "LORA") != "LORA",
         "use_dora": bool(config.get("use_dora")),
-        "bias": config.get("bias", "none") != "none" or bool(config.get("lora_bias")),
+        "bias": config.get("bias", "none") != "none",
+        "lora_bias": bool(config.get("lora_bias")),
         "modules_to_save": bool(config.get("modules_to_save")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "alpha_pattern": bool(config.get("alpha_pattern")),

@@ -191,7 +191,7 @@ def test_schema_is_versioned_and_migrated_on_first_use(tmp_path):
     url = f"sqlite:///{tmp_path / 'new' / 'keys.db'}"
     engine = open_database(url)
     current, head = schema_version(engine)
-    assert current == head == "0001"
+    assert current == head == "0002"
     assert {"api_keys", "usage", "alembic_version"} <= set(sa.inspect(engine).get_table_names())
     engine.dispose()
     open_database(url).dispose()  # a second start finds it migrated
@@ -904,6 +904,156 @@ def test_a_key_renamed_and_its_spend_reset(server, db, tmp_path):
     r = admin.patch(f"/keys/{name}-2", json={"name": name, "reset_spend": True})
     assert r.status_code == 200 and r.json()["name"] == name, r.text
     assert admin.patch(f"/keys/{name}", json={"name": taken}).status_code == 409
+
+
+def _set_period_end(url: str, name: str, when: datetime) -> None:
+    """As if the key's budget period had ended at `when`."""
+    engine = open_database(url)
+    try:
+        with engine.begin() as c:
+            c.execute(
+                store.api_keys.update()
+                .where(store.api_keys.c.name == name)
+                .values(budget_reset_at=when)
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_budget_period_ends_and_the_server_admits_the_key_again(server, db):
+    """`--budget-period`: once the period ends, the server's next round starts the next one,
+    spend 0, the ledger kept. Before: only `--reset-spend` (a cron job) did."""
+    name, key = new_key(db, budget=0.003, budget_period="1h")
+    client = sdk(server, key)
+    while admitted(server, key) == 200:
+        chat(client, max_tokens=2)
+    refused = client.with_options(max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(refused)
+    assert caught.value.code == "insufficient_quota"
+    assert "has used its budget of $0.003. It starts again at 20" in caught.value.message
+    rows = wait_for(lambda: ledger(db, name))
+    ended = datetime.now(timezone.utc) - timedelta(hours=2, minutes=30)
+    _set_period_end(db, name, ended)
+    wait_for(lambda: admitted(server, key) == 200)
+    engine = open_database(db)
+    try:
+        row = store.get_key(engine, name)
+    finally:
+        engine.dispose()
+    # the periods that passed are skipped: the next end is the first past now
+    assert store.as_utc(row["budget_reset_at"]) == store.as_utc(ended) + timedelta(hours=3)
+    assert row["spent_usd"] < 0.003 and len(ledger(db, name)) >= len(rows)
+
+
+def test_budget_periods_reset_a_key_once_and_end_on_the_calendar(tmp_path):
+    def at(*when: int) -> datetime:
+        return datetime(*when, tzinfo=timezone.utc)
+
+    assert store.period_end(at(2026, 1, 31, 10), "1mo") == at(2026, 2, 28, 10)
+    assert store.period_end(at(2028, 1, 31), "1mo") == at(2028, 2, 29)
+    assert store.period_end(at(2026, 12, 15), "13mo") == at(2028, 1, 15)
+    assert store.period_end(at(2026, 12, 15), "12h") == at(2026, 12, 15, 12)
+    assert store.period_end(at(2026, 12, 15), "2w") == at(2026, 12, 29)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    engine = open_database(url)
+    try:
+        row, _ = store.create_key(engine, store.KeySpec(name="p", budget=1.0, budget_period="1d"))
+        ends = store.as_utc(datetime.fromisoformat(row["budget_reset_at"]))
+        assert abs(ends - (datetime.now(timezone.utc) + timedelta(days=1))) < timedelta(minutes=1)
+        store.create_key(engine, store.KeySpec(name="q", budget=1.0))  # no period: kept
+        store.write_usage(engine, [_usage_row(engine, "p", 0.5), _usage_row(engine, "q", 0.5)])
+        now = datetime.now(timezone.utc)
+        _set_period_end(url, "p", now - timedelta(days=2, hours=1))
+        # two servers' rounds: the first resets it, the second finds nothing due
+        assert store.reset_budgets(engine, now) == 1
+        assert store.reset_budgets(engine, now) == 0
+        p, q = store.get_key(engine, "p"), store.get_key(engine, "q")
+        assert (p["spent_usd"], q["spent_usd"]) == (0.0, 0.5)
+        assert store.as_utc(p["budget_reset_at"]) == now - timedelta(days=2, hours=1) + timedelta(
+            days=3
+        )
+        cleared = store.update_key(engine, "p", store.KeyUpdate(budget_period=None))
+        assert cleared["budget_period"] is None and cleared["budget_reset_at"] is None
+    finally:
+        engine.dispose()
+
+
+def _usage_row(engine: sa.Engine, name: str, cost: float) -> dict:
+    return {
+        "key_id": store.get_key(engine, name)["id"],
+        "model": MODEL,
+        "endpoint": "/v1/chat/completions",
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "images": 0,
+        "cost_usd": cost,
+        "http_status": 200,
+        "outcome": "completed",
+        "latency_ms": 1.0,
+        "created_at": datetime.now(timezone.utc),
+    }
+
+
+def test_the_budget_period_on_the_command_line_and_the_admin_api(server, db):
+    created = pagoda(
+        "keys",
+        "create",
+        "--name",
+        "monthly",
+        "--budget",
+        "5",
+        "--budget-period",
+        "1mo",
+        "--database",
+        db,
+    )
+    assert created.returncode == 0, created.stderr
+    assert "budget $5; period 1mo, next from 20" in created.stdout
+    listed = pagoda("keys", "list", "--json", "--database", db)
+    (row,) = [r for r in json.loads(listed.stdout) if r["name"] == "monthly"]
+    assert row["budget_period"] == "1mo" and row["budget_reset_at"].endswith("+00:00")
+    bad = pagoda("keys", "update", "monthly", "--budget-period", "3x", "--database", db)
+    assert bad.returncode == 1 and "budget_period" in bad.stderr
+    cleared = pagoda("keys", "update", "monthly", "--budget-period", "none", "--database", db)
+    assert cleared.returncode == 0 and "period" not in cleared.stdout
+    admin = httpx.Client(
+        base_url=f"{server.url}/admin", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    r = admin.patch("/keys/monthly", json={"budget_period": "1y"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "budget_period", r.text
+    r = admin.patch("/keys/monthly", json={"budget_period": "7d"})
+    assert r.status_code == 200 and r.json()["budget_period"] == "7d", r.text
+
+
+def test_a_database_of_the_first_schema_gets_the_budget_period_columns(tmp_path):
+    """A database made before budget periods (revision 0001) is migrated with its keys."""
+    from alembic import command
+
+    from pagoda.server.keys.database import _alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    config = _alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.exec_driver_sql(
+            "INSERT INTO api_keys (name, key_hash, fingerprint, spent_usd, created_at) "
+            "VALUES ('old', 'h', 'h', 0.25, '2026-01-01 00:00:00')"
+        )
+    engine.dispose()
+    engine = open_database(url)
+    try:
+        assert schema_version(engine) == ("0002", "0002")
+        old = store.get_key(engine, "old")
+        assert (old["spent_usd"], old["budget_period"], old["budget_reset_at"]) == (
+            0.25,
+            None,
+            None,
+        )
+    finally:
+        engine.dispose()
 
 
 def test_the_ledger_survives_a_restart(catalog, db, server):

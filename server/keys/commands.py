@@ -80,6 +80,11 @@ def add_limit_options(parser: argparse.ArgumentParser, clearable: bool = False) 
     parser.add_argument("--tpm", help=f"tokens per minute (prompt + max_tokens){clears}")
     parser.add_argument("--max-concurrent", help=f"requests in flight at once{clears}")
     parser.add_argument("--budget", help=f"USD, priced from the catalog{clears}")
+    parser.add_argument(
+        "--budget-period",
+        help="the spend starts again at 0 every period, the first from now: 12h, 1d, 7d, 2w, "
+        f"1mo, ...{clears}",
+    )
     never = "; `none`: never" if clearable else ""
     parser.add_argument("--expires", help=f"date or ISO time (UTC unless it says){never}")
 
@@ -180,6 +185,9 @@ def _limits(row: dict) -> str:
         f"{row['tpm']} tokens/min" if row["tpm"] else None,
         f"{row['max_concurrent']} at once" if row["max_concurrent"] else None,
         f"budget ${row['budget_usd']:g}" if row["budget_usd"] is not None else None,
+        f"period {row['budget_period']}, next from {row['budget_reset_at']}"
+        if row["budget_period"]
+        else None,
         f"expires {row['expires_at']}" if row["expires_at"] else None,
     ]
     return "; ".join(p for p in parts if p)
@@ -194,6 +202,8 @@ KEY_COLUMNS = {
     "max_concurrent": "CONCURRENT",
     "budget_usd": "BUDGET",
     "spent_usd": "SPENT",
+    "budget_period": "PERIOD",
+    "budget_reset_at": "PERIOD ENDS",
     "expires_at": "EXPIRES",
     "revoked_at": "REVOKED",
 }

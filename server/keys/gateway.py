@@ -246,6 +246,7 @@ class Gateway:
                 store.write_usage(self.engine, rows)  # one transaction: all or nothing
             except sa.exc.SQLAlchemyError as exc:
                 unwritten = exc
+        store.reset_budgets(self.engine, store.now())  # keys whose budget period ended
         return store.load_keys(self.engine), unwritten
 
     def _apply(self, rows: list[dict]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pagoda.server.errors import APIError
-from pagoda.server.keys.store import utc
+from pagoda.server.keys.store import as_utc, utc
 
 WINDOW_S = 60.0
 # a 429 that waiting cannot cure: the OpenAI SDK (and LangChain over it) would otherwise retry
@@ -83,6 +83,7 @@ class KeyState:
     models: frozenset[str] | None
     max_concurrent: int | None
     budget_usd: float | None
+    budget_reset_at: str | None  # when its budget period ends, ISO 8601
     expires_at: float | None  # epoch seconds
     revoked: bool
     spent_usd: float  # in the database, as of the last refresh
@@ -94,7 +95,7 @@ class KeyState:
 
     @classmethod
     def from_row(cls, row: dict) -> KeyState:
-        state = cls(row["id"], row["name"], None, None, None, None, False, 0.0,
+        state = cls(row["id"], row["name"], None, None, None, None, None, False, 0.0,
                     Window(None), Window(None))  # fmt: skip
         state.update(row)
         return state
@@ -107,6 +108,8 @@ class KeyState:
         self.tokens.limit = row["tpm"]
         self.max_concurrent = row["max_concurrent"]
         self.budget_usd = row["budget_usd"]
+        reset_at = row.get("budget_reset_at")
+        self.budget_reset_at = None if reset_at is None else as_utc(reset_at).isoformat()
         self.expires_at = _epoch(row["expires_at"])
         self.revoked = row["revoked_at"] is not None
         self.spent_usd = row["spent_usd"]
@@ -123,9 +126,10 @@ class KeyState:
         self.tokens.expire(now)
         committed = self.spent_usd + self.pending_usd + self.held_usd
         if self.budget_usd is not None and committed >= self.budget_usd:
+            again = f" It starts again at {self.budget_reset_at}." if self.budget_reset_at else ""
             raise APIError(
                 429,
-                f"Key '{self.name}' has used its budget of ${self.budget_usd:g}.",
+                f"Key '{self.name}' has used its budget of ${self.budget_usd:g}.{again}",
                 code="insufficient_quota",
                 error_type="insufficient_quota",
                 headers=NO_RETRY,

@@ -23,6 +23,10 @@ api_keys = sa.Table(
     sa.Column("tpm", sa.Integer, nullable=True),
     sa.Column("max_concurrent", sa.Integer, nullable=True),
     sa.Column("budget_usd", sa.Float, nullable=True),
+    # the budget's period (1h, 7d, 1mo, ...: store.period_end), and when the current one ends:
+    # the spend is 0 again from then on
+    sa.Column("budget_period", sa.String(8), nullable=True),
+    sa.Column("budget_reset_at", sa.DateTime(timezone=True), nullable=True),
     # the ledger's total for this key, kept in the ledger's transactions
     sa.Column("spent_usd", sa.Float, nullable=False, server_default="0"),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),

@@ -3,10 +3,11 @@ Synchronous SQLAlchemy Core; the server calls these from a worker thread."""
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import secrets
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +28,11 @@ class UnknownKey(StoreError):
     status = 404
 
 
+# a budget period: a count of hours, days, weeks or calendar months
+PERIOD_PATTERN = r"^[1-9][0-9]{0,3}(h|d|w|mo)$"
+PERIOD_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
 class KeyLimits(BaseModel):
     """A key's limits: None is no limit (every model, for `models`)."""
 
@@ -37,6 +43,11 @@ class KeyLimits(BaseModel):
     tpm: int | None = Field(None, ge=1, le=INT32)
     max_concurrent: int | None = Field(None, ge=1, le=INT32)
     budget: float | None = Field(None, ge=0, description="USD")
+    budget_period: str | None = Field(
+        None,
+        pattern=PERIOD_PATTERN,
+        description="the spend starts again at 0 every period: 12h, 1d, 7d, 2w, 1mo, ...",
+    )
     expires: datetime | None = None
 
     @field_validator("expires", mode="before")
@@ -79,15 +90,57 @@ class KeyUpdate(KeyLimits):
         return self
 
     def columns(self) -> dict:
-        """The key's columns this update sets."""
+        """The key's columns this update sets. A period given starts now."""
         values = {COLUMNS.get(f, f): getattr(self, f) for f in self.model_fields_set}
         if values.pop("reset_spend", False):
             values["spent_usd"] = 0.0
+        if "budget_period" in values:
+            values["budget_reset_at"] = first_period_end(values["budget_period"])
         return values
 
 
 # the limits' columns, where their names differ
 COLUMNS = {"budget": "budget_usd", "expires": "expires_at"}
+
+
+def period_end(start: datetime, period: str) -> datetime:
+    """The end of a budget period that starts at `start`; months are calendar months (from
+    Jan 31, one month ends on the last of February)."""
+    count, unit = int(period.rstrip("hdwmo")), period.lstrip("0123456789")
+    if unit != "mo":
+        return start + count * PERIOD_UNITS[unit]
+    month = start.month - 1 + count
+    year, month = start.year + month // 12, month % 12 + 1
+    last_day = calendar.monthrange(year, month)[1]
+    return start.replace(year=year, month=month, day=min(start.day, last_day))
+
+
+def first_period_end(period: str | None) -> datetime | None:
+    return None if period is None else period_end(now(), period)
+
+
+def reset_budgets(engine: sa.Engine, when: datetime) -> int:
+    """Start the next period of every key whose budget period ended by `when`: its spend is 0
+    again (the ledger keeps its rows), its next end the first past `when`. Each update names
+    the end it read, so that servers sharing the database reset a key once. Returns how many
+    were reset."""
+    due_now = api_keys.c.budget_reset_at <= when
+    with engine.begin() as c:
+        due = c.execute(
+            sa.select(api_keys.c.id, api_keys.c.budget_period, api_keys.c.budget_reset_at).where(
+                due_now, api_keys.c.revoked_at.is_(None)
+            )
+        ).all()
+        for key_id, period, ended in due:
+            end = as_utc(ended)
+            while end <= when:  # periods that passed while no server ran are skipped
+                end = period_end(end, period)
+            c.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.budget_reset_at == ended)
+                .values(spent_usd=0.0, budget_reset_at=end)
+            )
+    return len(due)
 
 
 def parse_when(text: str) -> datetime:
@@ -132,6 +185,8 @@ def create_key(engine: sa.Engine, spec: KeySpec) -> tuple[dict, str]:
         "tpm": spec.tpm,
         "max_concurrent": spec.max_concurrent,
         "budget_usd": spec.budget,
+        "budget_period": spec.budget_period,
+        "budget_reset_at": first_period_end(spec.budget_period),
         "expires_at": spec.expires,
         "created_at": now(),
     }
@@ -238,7 +293,7 @@ def usage_report(
 def _public(row: dict) -> dict:
     """A key's row without its hash, times as ISO strings: what lists and admins see."""
     shown = {k: v for k, v in row.items() if k not in ("id", "key_hash")}
-    for field in ("expires_at", "created_at", "revoked_at"):
+    for field in ("budget_reset_at", "expires_at", "created_at", "revoked_at"):
         when = utc(shown[field])
         shown[field] = when.isoformat() if when else None
     return shown

@@ -3,6 +3,8 @@ and a server that keeps its promises while that database goes away and comes bac
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import httpx
 import openai
 import pytest
@@ -30,7 +32,7 @@ def pg_url(postgres) -> str:
 def test_schema_and_operations_on_postgres(postgres):
     url = postgres.create_database("pagoda_store")
     engine = open_database(url)
-    assert schema_version(engine) == ("0001", "0001")
+    assert schema_version(engine) == ("0002", "0002")
     row, secret = store.create_key(engine, store.KeySpec(name="a", models=["m"], budget=1.0))
     assert row["models"] == ["m"] and "key_hash" not in row
     assert store.get_key(engine, "a")["key_hash"] == store.key_hash(secret)
@@ -47,6 +49,16 @@ def test_schema_and_operations_on_postgres(postgres):
     assert (row["models"], row["rpm"], row["budget_usd"]) == (None, 7, None)
     assert row["spent_usd"] == pytest.approx(0.75)
     assert store.get_key(engine, "a")["key_hash"] == store.key_hash(secret)
+    # a budget period that ended: reset once (timestamptz read back and matched exactly)
+    row = store.update_key(engine, "a", store.KeyUpdate(budget=1.0, budget_period="1d"))
+    now = store.now()
+    with engine.begin() as c:
+        ended = store.api_keys.update().where(store.api_keys.c.name == "a")
+        c.execute(ended.values(budget_reset_at=now - timedelta(hours=30)))
+    assert store.reset_budgets(engine, now) == 1
+    assert store.reset_budgets(engine, now) == 0
+    row = store.get_key(engine, "a")
+    assert row["spent_usd"] == 0 and row["budget_reset_at"] == now + timedelta(hours=18)
     store.revoke_key(engine, "a")
     with pytest.raises(store.StoreError, match="revoked"):
         store.update_key(engine, "a", change)

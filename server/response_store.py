@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,9 +79,19 @@ class ResponseStore:
         return self.capacity > 0
 
     def put(self, stored: StoredResponse) -> None:
+        """Keep `stored`, dropping the oldest beyond the capacity; a background response still
+        running is never dropped (its client could no longer read or cancel it): the oldest
+        that has ended goes in its place."""
         self._responses[stored.body["id"]] = stored
-        while len(self._responses) > self.capacity:
-            self._responses.popitem(last=False)
+        over = len(self._responses) - self.capacity
+        if over > 0:
+            ended = (
+                response_id
+                for response_id, kept in self._responses.items()
+                if kept.run is None or kept.run.ended
+            )
+            for response_id in list(islice(ended, over)):  # the oldest first
+                del self._responses[response_id]
 
     def get(self, response_id: str, owner: int | None, param: str | None = None) -> StoredResponse:
         """The response, or a 404: unknown, evicted, or another key's (which is not told)."""

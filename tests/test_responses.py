@@ -8,6 +8,7 @@ tag open the thinking, which the random model never closes)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -19,6 +20,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from pagoda.server.errors import APIError
+from pagoda.server.response_runs import BackgroundRun
 from pagoda.server.response_store import ResponseStore, StoredResponse
 from pagoda.server.responses_request import input_messages
 from tests.conftest import THINK_START_ID
@@ -700,6 +702,37 @@ def test_the_store_keeps_its_bound_and_each_keys_own():
     with pytest.raises(APIError):
         store.get("resp_2", 2)
     assert not ResponseStore(capacity=0).enabled
+
+
+def test_a_background_response_is_not_evicted_while_it_runs():
+    """Before: a full store dropped the oldest response even while it ran, and its client
+    could no longer read, follow or cancel it."""
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def events():
+            yield {"type": "response.created"}
+            await release.wait()
+
+        store = ResponseStore(capacity=2)
+        run = BackgroundRun(events(), on_cancel=lambda: None)
+        store.put(StoredResponse({"id": "resp_running"}, [], None, run=run))
+        for i in range(3):
+            store.put(StoredResponse({"id": f"resp_{i}"}, [], None))
+        assert store.get("resp_running", None).run is run  # the oldest, kept
+        assert store.get("resp_2", None)
+        for evicted in ("resp_0", "resp_1"):  # the oldest that had ended went instead
+            with pytest.raises(APIError):
+                store.get(evicted, None)
+        release.set()
+        await run.wait()
+        store.put(StoredResponse({"id": "resp_3"}, [], None))  # ended: the oldest goes now
+        with pytest.raises(APIError):
+            store.get("resp_running", None)
+        assert store.get("resp_3", None) and store.get("resp_2", None)
+
+    asyncio.run(scenario())
 
 
 def engine_pid(server: Server, model: str = "m") -> int:

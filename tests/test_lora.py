@@ -320,3 +320,24 @@ def test_an_engine_with_slots_and_no_adapter_yet(tiny_models, adapters):
         assert tokens == _reference(tiny_models["qwen2"], adapters["qwen2"]["wide"], prompt)[0]
     finally:
         llm.close()
+
+
+def test_the_update_reads_nothing_back_to_the_host(tiny_models, adapters):
+    """What a decode CUDA graph captures of a LoRA projection (the masked path, any mix of
+    slots): no op whose output size or result depends on the device's data."""
+    from tests.test_moe_triton import _SyncingOps
+
+    llm = _engine(tiny_models["llama"], {n: str(f) for n, f in adapters["llama"].items()})
+    try:
+        lora = llm.engine.runner.model.lora
+        projection = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+        x = torch.randn(5, projection.in_features)
+        with _SyncingOps() as spy:
+            lora.set_step(torch.tensor([-1, 0, 1, 1, 0]), {-1, 0, 1})
+            mixed = projection(x)
+        assert spy.seen == set() and lora.single_slot is None
+        lora.set_step(torch.tensor([1] * 5), {1})  # the eager one-adapter path: the same rows
+        assert lora.single_slot == 1
+        torch.testing.assert_close(projection(x)[2:4], mixed[2:4], rtol=1e-6, atol=1e-6)
+    finally:
+        llm.close()

@@ -331,12 +331,13 @@ def test_the_update_reads_nothing_back_to_the_host(tiny_models, adapters):
     try:
         lora = llm.engine.runner.model.lora
         projection = llm.engine.runner.model.layers[0].self_attn.qkv_proj
-        x = torch.randn(5, projection.in_features)
+        device = projection.lora_a.device  # a GPU's, where gpu_check.sh runs this
+        x = torch.randn(5, projection.in_features, device=device)
         with _SyncingOps() as spy:
-            lora.set_step(torch.tensor([-1, 0, 1, 1, 0]), {-1, 0, 1})
+            lora.set_step(torch.tensor([-1, 0, 1, 1, 0], device=device), {-1, 0, 1})
             mixed = projection(x)
         assert spy.seen == set() and lora.single_slot is None
-        lora.set_step(torch.tensor([1] * 5), {1})  # the eager one-adapter path: the same rows
+        lora.set_step(torch.tensor([1] * 5, device=device), {1})  # one adapter: the same rows
         assert lora.single_slot == 1
         torch.testing.assert_close(projection(x)[2:4], mixed[2:4], rtol=1e-6, atol=1e-6)
     finally:

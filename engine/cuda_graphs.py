@@ -67,6 +67,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if getattr(self.model, "lora", None) is not None:  # the KV cache profile left its flags
+            self.model.lora.for_graphs()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller ones reuse its memory
             meta = self._meta(size)

@@ -193,6 +193,11 @@ class LoraWeights:
         self.active = max(used) >= 0
         self.single_slot = next(iter(used)) if len(used) == 1 and self.active else None
 
+    def for_graphs(self) -> None:
+        """Before a CUDA graph's capture: the masked path, which replays then compute for any
+        mix of slots (the flags an eager step left would be frozen into the graph)."""
+        self.active, self.single_slot = True, None
+
     def write(self, slot: int, adapter: Adapter) -> None:
         """Put `adapter` in `slot` (zeros where it targets nothing); checked whole first, so
         that an adapter that does not fit leaves the slot as it was."""

@@ -366,6 +366,17 @@ models:
     assert srv.stop() == 0, srv.log()
 
 
+def greedy_completion(model: str, prompt: list[int]) -> dict:
+    """A /v1/completions request of MAX_TOKENS greedy tokens, as the SDK's arguments."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "extra_body": {"ignore_eos": True},
+    }
+
+
 def async_client(server: Server, key: str = KEY) -> openai.AsyncOpenAI:
     """A client for one asyncio.run: its connections belong to that run's event loop."""
     return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
@@ -417,13 +428,7 @@ def test_completions_run_under_the_adapter_named(server, offline) -> None:
     expected = expected_texts(offline, prompt)
 
     async def complete(client: openai.AsyncOpenAI, model: str) -> str:
-        response = await client.completions.create(
-            model=model,
-            prompt=prompt,
-            temperature=0,
-            max_tokens=MAX_TOKENS,
-            extra_body={"ignore_eos": True},
-        )
+        response = await client.completions.create(**greedy_completion(model, prompt))
         assert response.model == model
         return response.choices[0].text
 
@@ -565,13 +570,7 @@ def test_command_line_adapters_on_data_parallel_replicas(tiny_models, adapters, 
         expected = expected_texts(offline, prompt)["tiny-b"]
 
         async def complete(client: openai.AsyncOpenAI) -> str:
-            response = await client.completions.create(
-                model="tiny-b",
-                prompt=prompt,
-                temperature=0,
-                max_tokens=MAX_TOKENS,
-                extra_body={"ignore_eos": True},
-            )
+            response = await client.completions.create(**greedy_completion("tiny-b", prompt))
             return response.choices[0].text
 
         async def four() -> list[str]:
@@ -635,13 +634,7 @@ def _post(server: Server, route: str, body: dict, key: str = KEY) -> httpx.Respo
 
 def _complete(server: Server, model: str, prompt: list[int]) -> str:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-    response = client.completions.create(
-        model=model,
-        prompt=prompt,
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        extra_body={"ignore_eos": True},
-    )
+    response = client.completions.create(**greedy_completion(model, prompt))
     assert response.model == model
     return response.choices[0].text
 

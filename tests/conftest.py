@@ -17,6 +17,31 @@ from tests.tiny_models import (  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def smollm2_fp32(tmp_path_factory):
+    """SmolLM2-135M as transformers reads the GGUF (Q4_1 dequantized to fp32: 20-40 s here),
+    saved once per run as a plain folder that each test file's process then loads in about a
+    second."""
+    import transformers
+    from filelock import FileLock
+
+    from tests.test_smollm2 import smollm2_gguf
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's own
+    folder = shared / "smollm2-fp32"
+    with FileLock(str(shared / "smollm2-fp32.lock")):
+        if not (folder / "config.json").exists():
+            gguf = smollm2_gguf()
+            read = transformers.AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            plain = type(read)(read.config)  # a model read from GGUF refuses save_pretrained
+            plain.load_state_dict(read.state_dict())
+            plain.save_pretrained(folder)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """arch name -> folder of a tiny random model of that architecture."""
     root = tmp_path_factory.mktemp("tiny_models")

@@ -69,12 +69,11 @@ def runs() -> list[tuple[list[int], list[int], list[float]]]:
 
 
 @pytest.fixture(scope="module")
-def hf_models() -> dict[torch.dtype, transformers.PreTrainedModel]:
-    path = smollm2_gguf()
-    fp32 = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    return {torch.float32: fp32, torch.bfloat16: copy.deepcopy(fp32).to(torch.bfloat16)}
+def hf_models(smollm2_fp32) -> dict[torch.dtype, transformers.PreTrainedModel]:
+    return {
+        torch.float32: smollm2_fp32,
+        torch.bfloat16: copy.deepcopy(smollm2_fp32).to(torch.bfloat16),
+    }
 
 
 def hf_logprobs(model, prompt: list[int], generated: list[int]) -> torch.Tensor:

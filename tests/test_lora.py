@@ -6,13 +6,16 @@ peft's greedy tokens on the same weights (fp32), for adapters of different ranks
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from pagoda.engine import LLM, SamplingParams
 from tests.lora_adapters import ALL_TARGETS, build_adapter, reference_model
+from tests.test_smollm2 import smollm2_gguf
 
 NEW_TOKENS = 12
 TIE = 1e-4  # transformers' two best logits this close: either token is greedy
@@ -206,19 +209,12 @@ def test_a_missing_adapter_or_a_rank_over_the_limit_fails_the_start(
         )
 
 
-def test_smollm2_with_an_adapter_gives_transformers_peft_tokens(tmp_path):
+def test_smollm2_with_an_adapter_gives_transformers_peft_tokens(smollm2_fp32, tmp_path):
     """The real SmolLM2-135M (GGUF, dequantized to fp32) with a rank-16 adapter on every
     projection: greedy tokens equal transformers + peft's, for the adapter and the base, where
     transformers' two best logits are not within TIE of each other."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from tests.test_smollm2 import smollm2_gguf
-
     gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = copy.deepcopy(smollm2_fp32)  # peft adds its layers in place
     torch.manual_seed(0)
     config = LoraConfig(
         r=16, lora_alpha=8, target_modules=list(ALL_TARGETS), init_lora_weights=False

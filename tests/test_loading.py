@@ -1,6 +1,7 @@
 """Weight formats: sharded safetensors, dummy weights; a hub id that cannot be had."""
 
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -243,13 +244,15 @@ def _damaged(kind: str, tiny_models, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
+        # the server's tokenizer and the engine's process load side by side: whichever fails
+        # first is the one line (the server's tokenizer nearly always; under load the engine)
         (
             "config-not-json",
-            "model 'x' failed to load its tokenizer: OSError: It looks like the config file",
+            r"model 'x' failed to load( its tokenizer)?: OSError: It looks like the config file",
         ),
-        ("no-tokenizer", "model 'x' failed to load its tokenizer: ValueError: Couldn't"),
-        ("gguf-cut-short", "(id 'x'): source: /"),
-        ("gguf-gemma2", "(id 'x'): source: unsupported GGUF architecture 'gemma2'; supported: "),
+        ("no-tokenizer", r"model 'x' failed to load( its tokenizer)?: ValueError: Couldn't"),
+        ("gguf-cut-short", r"\(id 'x'\): source: /"),
+        ("gguf-gemma2", r"\(id 'x'\): source: unsupported GGUF architecture 'gemma2'; supported: "),
     ],
 )
 def test_damaged_or_unsupported_weights_fail_the_start_in_one_line(
@@ -264,7 +267,7 @@ def test_damaged_or_unsupported_weights_fail_the_start_in_one_line(
     catalog.write_text(f"models:\n  - id: x\n    kind: chat\n    source: {source}\n")
     stderr = failed_start("--catalog", str(catalog), "--port", "1")
     errors = [line for line in stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and expected in errors[0], stderr
+    assert len(errors) == 1 and re.search(expected, errors[0]), stderr
     assert "Traceback" not in stderr
     if kind == "gguf-cut-short":
         assert "is not a readable GGUF file (cut short?)" in errors[0]

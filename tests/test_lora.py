@@ -7,6 +7,7 @@ peft's greedy tokens on the same weights (fp32), for adapters of different ranks
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -47,6 +48,12 @@ def adapters(tiny_models, tmp_path_factory) -> dict[str, dict]:
 
 def _reference(base, adapter, prompt: list[int]) -> tuple[list[int], float]:
     """transformers + peft's greedy tokens, and the first token's logprob."""
+    return _cached_reference(base, adapter, tuple(prompt))
+
+
+@functools.cache  # each backend's run, and the two-rank one, check against the same answers
+def _cached_reference(base, adapter, prompt: tuple[int, ...]) -> tuple[list[int], float]:
+    prompt = list(prompt)
     model = reference_model(base, adapter)
     with torch.no_grad():
         out = model.generate(

@@ -52,8 +52,10 @@ def current_settings() -> LogSettings:
     return _current
 
 
-def setup_logging(settings: LogSettings) -> None:
-    """Route every log record of this process (libraries' included) to one stderr handler."""
+def setup_logging(settings: LogSettings, libraries: bool = True) -> None:
+    """Route every log record of this process (libraries' included) to one stderr handler.
+    `libraries=False` leaves transformers' own handler for `route_library_logs` to take over
+    later: importing it takes 1-2 s, which a start that fails on its arguments need not pay."""
     global _current
     if settings.format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {settings.format!r}")
@@ -67,7 +69,8 @@ def setup_logging(settings: LogSettings) -> None:
     root.handlers = [handler]
     root.setLevel(settings.level.upper())
     logging.captureWarnings(True)
-    _route_library_logs()
+    if libraries:
+        route_library_logs()
     _current = settings
 
 
@@ -130,7 +133,7 @@ def _not_a_probe(record: logging.LogRecord) -> bool:
     return access is None or str(access["path"]).partition("?")[0] not in PROBE_PATHS
 
 
-def _route_library_logs() -> None:
+def route_library_logs() -> None:
     """transformers logs through a handler of its own; send its records to ours instead.
     Progress bars (downloads, shards) only where someone watches a terminal."""
     from huggingface_hub.utils import disable_progress_bars

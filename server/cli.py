@@ -2,8 +2,8 @@
 
 Only `serve` needs the server's modules (torch, transformers, uvicorn: seconds of imports), so
 they are imported when it runs (server/serve.py), not for parsing or the other commands. Before
-it imports them, `serve` starts the process its workers fork from, which imports theirs on
-another core meanwhile."""
+it imports them, `serve` checks what it can without them (server/preflight.py), then starts the
+process its workers fork from, which imports theirs on another core meanwhile."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES, CatalogError, lo
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+from pagoda.server.preflight import preflight
 from pagoda.server.tool_parsers import PARSERS
 
 
@@ -307,7 +308,7 @@ def start_forkserver(args: argparse.Namespace) -> None:
         try:
             kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
         except CatalogError:
-            return  # the server reports it, once logging is set up
+            return  # preflight read it: changed since, the server reports it
     # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).
     # Asked through the CUDA runtime, that poisons every fork of the forkserver for CUDA (a GPU
     # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
@@ -347,11 +348,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(tokenizer_export.run(args))
     if args.command != "serve":
         sys.exit(key_commands.run(args))
+    checked = preflight(args)
     start_forkserver(args)
     from pagoda.server import serve  # see the module's docstring
 
     try:
-        serve.run(args)
+        serve.run(args, checked)
     except SystemExit:
         stop_forkserver()
         raise

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 
@@ -13,16 +12,6 @@ from pagoda.server.engine_client import EngineClient
 from pagoda.server.replicas import EngineReplicas
 
 logger = logging.getLogger("pagoda")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.data_parallel_size > 1 and (args.nnodes or 1) > 1:
-        raise ValueError(
-            "--data-parallel-size runs its replicas on one machine: --nnodes must be 1 with it"
-        )
-    several_nodes = (args.nnodes or 1) > 1 or args.master_port is not None
-    if several_nodes and not args.model:
-        raise ValueError("--nnodes and --master-port serve one model: give it with --model")
 
 
 def engine_client(config: EngineConfig, name: str, data_parallel_size: int):
@@ -36,10 +25,6 @@ def replicas_of(served: dict) -> Callable[[], dict[str, EngineReplicas]]:
     return lambda: {
         name: m.client for name, m in served.items() if isinstance(m.client, EngineReplicas)
     }
-
-
-def is_rank_node(args: argparse.Namespace) -> bool:
-    return (args.node_rank or 0) > 0
 
 
 def serve_ranks(config: EngineConfig) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from sse_starlette.sse import AppStatus
 from pagoda.engine import loader
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.worker import freeze_heap
-from pagoda.logs import LogSettings, at_revision, describe_error, setup_logging
+from pagoda.logs import at_revision, describe_error, route_library_logs
 from pagoda.server import parallel
 from pagoda.server.app import Served, build_app
 from pagoda.server.catalog import (
@@ -41,10 +39,10 @@ from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import ImageStore
 from pagoda.server.images import start_image_models
-from pagoda.server.keys import commands as key_commands
 from pagoda.server.lora import LoraAdapter, catalog_adapters, flag_adapters
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
+from pagoda.server.preflight import Preflight
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.reasoning import ReasoningParser, reasoning_parser
 from pagoda.server.replicas import ReplicaStatsCollector
@@ -173,11 +171,6 @@ def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:
     return [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "image"]
 
 
-def api_keys(args: argparse.Namespace) -> list[str]:
-    from_env = [k.strip() for k in os.environ.get("PAGODA_API_KEYS", "").split(",")]
-    return [k for k in [*args.api_key, *from_env] if k]
-
-
 def _weights(model: ModelToServe) -> loader.ModelSource:
     """The model's weights, found (a hub id's downloaded); an error names the catalog entry."""
     try:
@@ -292,20 +285,6 @@ async def start_all(args: argparse.Namespace) -> dict[str, Served]:
     return served
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the models load, so that a port in use or an address
-    this machine does not have fails the start at once, not minutes later. It listens (uvicorn
-    makes it) only once they have: until then a connection is refused, not left waiting."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
 def of_kind(served: dict[str, Served], *kinds: str) -> Callable[[], dict[str, dict]]:
     """The latest worker stats of the models of these kinds, for the metrics collectors."""
     return lambda: {name: m.client.stats for name, m in served.items() if m.kind in kinds}
@@ -320,7 +299,7 @@ def _stop_while_starting(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, checked: Preflight) -> None:
     # until the server listens, a signal stops the start-up, as uvicorn's drain does after
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop_while_starting)
@@ -328,8 +307,7 @@ async def serve(args: argparse.Namespace) -> None:
     set_max_failed_starts(args.max_failed_starts)
     set_log_requests(args.log_requests)
     set_stream_send_timeout(args.stream_send_timeout)
-    gateway = key_commands.open_gateway(args, api_keys(args))
-    sock = bind(args.host, args.port)
+    gateway, sock = checked.gateway, checked.sock
     # only a server with image models keeps an image folder; taken before the models load, so
     # that a folder another server holds fails the start at once
     store = None
@@ -402,15 +380,15 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run(args: argparse.Namespace) -> None:
-    """The `serve` command, its arguments parsed (server/cli.py)."""
-    setup_logging(LogSettings(args.log_format, args.log_level, args.log_probe_requests))
+def run(args: argparse.Namespace, checked: Preflight | None) -> None:
+    """The `serve` command, its arguments parsed and checked (server/cli.py); `checked` is None
+    on a node that runs only tensor-parallel ranks."""
+    route_library_logs()
     try:
-        parallel.check_args(args)
-        if parallel.is_rank_node(args):
+        if checked is None:
             sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(args))
+            runner.run(serve(args, checked))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -39,6 +39,34 @@ def test_parsing_and_the_keys_command_do_not_import_torch():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--database", "bogus://x"], "cannot open the database bogus://x"),
+        (["--catalog", "no-such.yaml"], "no-such.yaml"),
+        (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid"),
+        (["--nnodes", "2"], "--nnodes and --master-port serve one model"),
+    ],
+)
+def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error):
+    """A typo in the catalog, the database or the address fails before the server's imports
+    (torch, transformers: 5-8 s on two cores) and before the workers' forkserver starts."""
+    code = (
+        "import multiprocessing.forkserver, sys\n"
+        "from pagoda.server import cli\n"
+        "try:\n"
+        f"    cli.main(['serve', *{flags!r}])\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'uvicorn') if m in sys.modules))\n"
+        "print(multiprocessing.forkserver._forkserver._forkserver_pid)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.splitlines() == ["1", "[]", "None"], result.stderr
+    (line,) = result.stderr.splitlines()
+    assert " ERROR pagoda: " in line and error in line
+
+
 def test_the_server_leaves_the_workers_heavy_imports_to_the_workers():
     """The HTTP server imports the workers' entry points and the engine's light modules, not
     the model code: transformers' modeling code alone took 3 s of a 6 s start-up import."""

@@ -15,7 +15,7 @@ import torch
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import EngineConfig
-from pagoda.server import parallel
+from pagoda.server.preflight import check_parallel_args
 from pagoda.server.replicas import merge_stats, replica_config
 from tests.serving import Server, engines_stopped, held_streams
 
@@ -173,8 +173,8 @@ def test_more_tensor_parallel_ranks_than_gpus_are_refused_before_anything_starts
 def test_data_parallelism_over_several_nodes_is_refused():
     args = argparse.Namespace(data_parallel_size=2, nnodes=2, master_port=29500, model="m")
     with pytest.raises(ValueError, match="--nnodes must be 1"):
-        parallel.check_args(args)
-    parallel.check_args(argparse.Namespace(data_parallel_size=2, nnodes=None, master_port=None))
+        check_parallel_args(args)
+    check_parallel_args(argparse.Namespace(data_parallel_size=2, nnodes=None, master_port=None))
 
 
 def test_a_master_port_out_of_range_is_refused():

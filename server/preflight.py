@@ -1,0 +1,76 @@
+"""What `pagoda serve` checks before it imports the server's modules (torch, transformers,
+xgrammar: 5-8 s on two cores) and starts its workers' forkserver: the catalog parses, the key
+database opens and the port binds. A typo in any of them fails the start in about a second."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from pagoda.logs import LogSettings, setup_logging
+from pagoda.server.catalog import CatalogError, load_catalog
+from pagoda.server.keys import commands as key_commands
+from pagoda.server.keys.gateway import Gateway
+
+logger = logging.getLogger("pagoda")
+
+
+@dataclass(slots=True)
+class Preflight:
+    gateway: Gateway
+    sock: socket.socket
+
+
+def preflight(args: argparse.Namespace) -> Preflight | None:
+    """Logging set up, then the checks; an error is logged on one line and exits 1. None on a
+    node that runs only tensor-parallel ranks: it has no catalog, keys or port of its own."""
+    settings = LogSettings(args.log_format, args.log_level, args.log_probe_requests)
+    setup_logging(settings, libraries=False)  # serve.run routes them, as it imports them
+    try:
+        check_parallel_args(args)
+        if is_rank_node(args):
+            return None
+        if not args.model:
+            load_catalog(args.catalog)
+        sock = bind(args.host, args.port)
+        return Preflight(key_commands.open_gateway(args, api_keys(args)), sock)
+    except (CatalogError, RuntimeError, ValueError) as exc:
+        logger.error("%s", exc)
+        sys.exit(1)
+
+
+def check_parallel_args(args: argparse.Namespace) -> None:
+    if args.data_parallel_size > 1 and (args.nnodes or 1) > 1:
+        raise ValueError(
+            "--data-parallel-size runs its replicas on one machine: --nnodes must be 1 with it"
+        )
+    several_nodes = (args.nnodes or 1) > 1 or args.master_port is not None
+    if several_nodes and not args.model:
+        raise ValueError("--nnodes and --master-port serve one model: give it with --model")
+
+
+def is_rank_node(args: argparse.Namespace) -> bool:
+    return (args.node_rank or 0) > 0
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    from_env = [k.strip() for k in os.environ.get("PAGODA_API_KEYS", "").split(",")]
+    return [k for k in [*args.api_key, *from_env] if k]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the models load, so that a port in use or an address
+    this machine does not have fails the start at once, not minutes later. It listens (uvicorn
+    makes it) only once they have: until then a connection is refused, not left waiting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock

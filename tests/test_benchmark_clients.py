@@ -1,4 +1,4 @@
-"""Benchmark clients offline against `pagoda serve` with the default catalog (SmolLM2 on CPU):
+"""Benchmark clients offline against `pagoda serve` with the default catalog's SmolLM2 (on CPU):
 vLLM's /tokenizer_info, `pagoda tokenizer export`, benchmarks/serve.py and guidellm."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from pagoda.engine import loader
 from pagoda.server import cli
-from tests.serving import Server
+from tests.serving import Server, default_chat_catalog
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default catalog's CPU model
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,8 +53,9 @@ def export(capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = Server(["--api-key", KEY])
+def server(tmp_path_factory):
+    catalog = default_chat_catalog(tmp_path_factory.mktemp("catalog"))
+    server = Server(["--catalog", str(catalog), "--api-key", KEY])
     try:
         yield server.wait_ready()
     finally:
@@ -240,7 +242,20 @@ def test_benchmark_serve_offline(server, exported, tmp_path, tokenizer):
         assert request["output_tokens"] == 4
 
 
-def test_guidellm_offline(server, exported, tmp_path):
+def completions_answered(http) -> float:
+    """How many /v1/completions requests the server has answered 200 (its own count)."""
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "pagoda:http_responses_total" and sample.labels == {
+                "route": "/v1/completions",
+                "status": "200",
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_guidellm_offline(server, http, exported, tmp_path):
+    answered = completions_answered(http)
     report_path = tmp_path / "guidellm.json"
     command = [
         str(Path(sys.executable).parent / "guidellm"),
@@ -259,8 +274,13 @@ def test_guidellm_offline(server, exported, tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (benchmark,) = json.loads(report_path.read_text())["benchmarks"]
+    # guidellm sent its 4 requests and the server answered each
+    assert completions_answered(http) - answered == 4
+    # guidellm 0.8.1 can leave the last one out of its report, when its stop races that
+    # request's end (seen once on two busy cores: 3 of 3): it records no failure either way
     totals = benchmark["metrics"]["request_totals"]
-    assert totals == {"successful": 4, "errored": 0, "incomplete": 0, "total": 4}
+    assert totals["errored"] == totals["incomplete"] == 0
+    assert totals["successful"] == totals["total"] >= 3
     for request in benchmark["requests"]["successful"]:
         # the server counts the 16 tokens guidellm made with the exported tokenizer
         assert request["input_metrics"]["text_tokens"] == 16

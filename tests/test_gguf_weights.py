@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from pagoda.engine.gguf_weights import (
     _LAYER_NAMES,
@@ -60,10 +60,9 @@ def gguf_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
-    folder, name = os.path.split(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.config, model.state_dict()
+def reference(smollm2_fp32) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    """transformers' own read of the GGUF (saved once per run by conftest)."""
+    return smollm2_fp32.config, smollm2_fp32.state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from lm_eval.models.openai_completions import LocalCompletionsAPI
 from lm_eval.tasks import TaskManager
 from transformers import AutoTokenizer
 
-from tests.serving import Server
+from tests.serving import Server, default_chat_catalog
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the catalog's CPU model, served by default
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,12 +68,13 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     # fp32: the scores of a prompt must not depend on what it was batched with. In bf16 (the
     # CPU default where the CPU has it) a score moved by 0.010 nats between a lone and a
     # batched run (oneDNN's bf16 GEMMs are not batch-invariant, and the bf16 KV cache rounds
     # what they give).
-    server = Server(["--dtype", "float32"])
+    catalog = default_chat_catalog(tmp_path_factory.mktemp("catalog"))
+    server = Server(["--catalog", str(catalog), "--dtype", "float32"])
     try:
         yield server.wait_ready()
     finally:

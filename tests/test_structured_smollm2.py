@@ -11,7 +11,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from tests.serving import Server
+from tests.serving import Server, default_chat_catalog
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WEATHER_TOOL = {
@@ -40,8 +40,9 @@ class Capital(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = Server([]).wait_ready(300)  # the default catalog
+def server(tmp_path_factory):
+    catalog = default_chat_catalog(tmp_path_factory.mktemp("catalog"))
+    srv = Server(["--catalog", str(catalog)]).wait_ready(300)
     yield srv
     assert srv.stop() == 0, srv.log()
 

@@ -131,8 +131,14 @@ class WorkerClient:
         self._died = asyncio.get_running_loop().create_future()
         try:
             self.info = await self._wait_ready()
-        except BaseException:
+        except RuntimeError:  # it failed to load, and exits by itself
             await self._stop_process(timeout=5.0)
+            raise
+        except BaseException:
+            # stopped while loading (a signal, another model's failure): the worker reads no
+            # message until it has loaded, so asking it to exit only waited out the timeout
+            # (a Ctrl-C during a load took 5-10 s)
+            await self._stop_process(timeout=0)
             raise
         self._reader = asyncio.create_task(self._read_outputs())
         self._started_at = time.monotonic()

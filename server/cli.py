@@ -27,7 +27,7 @@ from pagoda.server.arg_types import (
     seconds,
     size,
 )
-from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES, CatalogError, load_catalog
+from pagoda.server.catalog import DEFAULT_CATALOG, DTYPE_NAMES
 from pagoda.server.image_store import DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
@@ -293,22 +293,13 @@ WORKER_IMPORTS = {
 }
 
 
-def start_forkserver(args: argparse.Namespace) -> None:
+def start_forkserver(kinds: set[str]) -> None:
     """Start multiprocessing's forkserver, importing the modules of the workers this server will
     start, while this process imports the server's. Spawned, each worker imported torch and
     transformers again (sentence-transformers too: 4-7 s each on two cores), side by side with
     the others, after the server had: the default catalog took 29-32 s from start to ready on
     two cores, and 20 s this way. The forkserver has only imported modules (no thread, no CUDA
-    context), so its forks are safe."""
-    if (args.node_rank or 0) > 0:  # a rank node starts no workers
-        return
-    if args.model:
-        kinds = {"chat"}
-    else:
-        try:
-            kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
-        except CatalogError:
-            return  # preflight read it: changed since, the server reports it
+    context), so its forks are safe. `kinds`: those of the models it serves."""
     # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).
     # Asked through the CUDA runtime, that poisons every fork of the forkserver for CUDA (a GPU
     # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
@@ -349,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command != "serve":
         sys.exit(key_commands.run(args))
     checked = preflight(args)
-    start_forkserver(args)
+    if checked is not None:  # a rank node starts no workers
+        start_forkserver(checked.worker_kinds)
     from pagoda.server import serve  # see the module's docstring
 
     try:

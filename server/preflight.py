@@ -23,6 +23,7 @@ logger = logging.getLogger("pagoda")
 class Preflight:
     gateway: Gateway
     sock: socket.socket
+    worker_kinds: set[str]  # of the models served: what the workers' forkserver imports
 
 
 def preflight(args: argparse.Namespace) -> Preflight | None:
@@ -34,10 +35,12 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
         check_parallel_args(args)
         if is_rank_node(args):
             return None
-        if not args.model:
-            load_catalog(args.catalog)
+        if args.model:
+            kinds = {"chat"}
+        else:
+            kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
         sock = bind(args.host, args.port)
-        return Preflight(key_commands.open_gateway(args, api_keys(args)), sock)
+        return Preflight(key_commands.open_gateway(args, api_keys(args)), sock, kinds)
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

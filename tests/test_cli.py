@@ -97,7 +97,7 @@ def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
         "torch.cuda._device_count_nvml = lambda: 1\n"
         "torch._C._cuda_getDeviceCount = lambda: calls.append('cudaGetDeviceCount') or 1\n"
         "forkserver.ensure_running = lambda: None\n"
-        "cli.start_forkserver(cli.parse_args(['serve', '--model', 'unused']))\n"
+        "cli.start_forkserver({'chat'})\n"
         "for module in (m for modules in cli.WORKER_IMPORTS.values() for m in modules):\n"
         "    importlib.import_module(module)\n"
         "assert torch.cuda.is_available()\n"

@@ -133,7 +133,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # given a weight, no random init: the load overwrites it, and normal_ on the meta device
+        # imports torch._dynamo, sympy and triton (2-3 s of CPU in every engine process)
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(
             DecoderLayer(config, qkv_bias, self.qk_norm, ops, self.make_mlp(config, i, ops))
             for i in range(config.num_hidden_layers)

@@ -276,9 +276,11 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
 
 # what each kind of worker imports, for the forkserver to import first: the module of its
 # process entry point (tests/test_cli.py checks them), then the heavy modules that it imports
-# only in the worker (the server imports the entry points, and has no use for these)
+# only in the worker (the server imports the entry points, and has no use for these).
+# transformers.activations: what transformers imports on reading a model's config (accelerate,
+# torch.distributed.tensor, sympy: 1.5 s), else in every engine process.
 WORKER_IMPORTS = {
-    "chat": ("pagoda.engine.core", "pagoda.engine.llm_engine"),
+    "chat": ("pagoda.engine.core", "pagoda.engine.llm_engine", "transformers.activations"),
     "embedding": (
         "pagoda.engine.embedding_worker",
         "pagoda.engine.embedding_bf16",

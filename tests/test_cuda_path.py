@@ -210,8 +210,8 @@ def test_a_step_sends_its_host_data_in_two_copies(tiny_models):
         SamplingParams(temperature=0.5, logit_bias={5: 2.0, 9: -3.0, 11: 1.0}, max_tokens=6),
     ]
     # six sequences, each on its own sampling path: a copy per sequence would be six
-    for i, p in enumerate(params):
-        engine.add_request(f"r{i}", list(range(10 + i, 30 + 3 * i)), p)
+    for i, p in enumerate(params):  # short prompts: each Triton program is interpreted
+        engine.add_request(f"r{i}", list(range(10 + i, 14 + 2 * i)), p)
     runner = engine.runner
     steps = 0
     while engine.has_unfinished_requests():
@@ -287,13 +287,14 @@ def test_the_profiled_step_runs_on_a_one_block_cache(tiny_models, backend):
     the real one exists; here it runs on the CPU (Triton interpreted) with both kernel sets."""
     llm = LLM(str(tiny_models["qwen3"]), dtype="float32", kernel_backend=backend)
     engine = llm.engine
-    # a prefill of 89 tokens over six blocks beside eleven single-token rows
-    batch = profiling.dummy_batch(100, 12, 16)
-    assert sum(batch.num_new_tokens) == 100 and len(batch.seqs) == 12
-    assert len(batch.seqs[0].block_table) == 6
+    # a prefill of 37 tokens over three blocks beside three single-token rows (a small batch:
+    # each Triton program is interpreted)
+    batch = profiling.dummy_batch(40, 4, 16)
+    assert sum(batch.num_new_tokens) == 40 and len(batch.seqs) == 4
+    assert len(batch.seqs[0].block_table) == 3
     assert all(set(s.block_table) == {0} for s in batch.seqs)
     model = engine.runner.model
-    profiling.run_dummy_step(model, 100, 12, 16, engine.device, engine.dtype)
+    profiling.run_dummy_step(model, 40, 4, 16, engine.device, engine.dtype)
     # the engine's own cache is untouched, and it still answers as before
     out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].outputs[0].token_ids) == 4

@@ -2,21 +2,18 @@
 
 Only `serve` needs the server's modules (torch, transformers, uvicorn: seconds of imports), so
 they are imported when it runs (server/serve.py), not for parsing or the other commands. Before
-it imports them, `serve` checks what it can without them (server/preflight.py), then starts the
-process its workers fork from, which imports theirs on another core meanwhile."""
+it imports them, `serve` checks what it can without them (server/preflight.py), then imports
+torch and transformers and forks the process its workers fork from (server/forkserver.py),
+which imports theirs on another core while this one imports its own."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import multiprocessing.forkserver
-import os
-import signal
 import sys
 
 from pagoda import __version__
 from pagoda.logs import LOG_FORMATS, LOG_LEVELS
-from pagoda.server import defaults, tokenizer_export
+from pagoda.server import defaults, forkserver, tokenizer_export
 from pagoda.server.arg_types import (
     at_least,
     device,
@@ -274,66 +271,6 @@ def add_connection_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
-# what each kind of worker imports, for the forkserver to import first: the module of its
-# process entry point (tests/test_cli.py checks them), then the heavy modules that it imports
-# only in the worker (the server imports the entry points, and has no use for these).
-# transformers.activations: what transformers imports on reading a model's config (accelerate,
-# torch.distributed.tensor, sympy: 1.5 s), else in every engine process.
-WORKER_IMPORTS = {
-    "chat": ("pagoda.engine.core", "pagoda.engine.llm_engine", "transformers.activations"),
-    "embedding": (
-        "pagoda.engine.embedding_worker",
-        "pagoda.engine.embedding_bf16",
-        "sentence_transformers",
-    ),
-    "rerank": (
-        "pagoda.engine.cross_encoder_worker",
-        "pagoda.engine.embedding_worker",
-        "sentence_transformers",
-    ),
-    "image": ("pagoda.engine.image_worker", "diffusers"),
-}
-
-
-def start_forkserver(kinds: set[str]) -> None:
-    """Start multiprocessing's forkserver, importing the modules of the workers this server will
-    start, while this process imports the server's. Spawned, each worker imported torch and
-    transformers again (sentence-transformers too: 4-7 s each on two cores), side by side with
-    the others, after the server had: the default catalog took 29-32 s from start to ready on
-    two cores, and 20 s this way. The forkserver has only imported modules (no thread, no CUDA
-    context), so its forks are safe. `kinds`: those of the models it serves."""
-    # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).
-    # Asked through the CUDA runtime, that poisons every fork of the forkserver for CUDA (a GPU
-    # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
-    # which torch uses when this is set, it does not.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    multiprocessing.forkserver.set_forkserver_preload(
-        [module for kind in sorted(kinds) for module in WORKER_IMPORTS[kind]]
-    )
-    # The forkserver ignores SIGTERM (and so do the workers it forks, which inherit it), as it
-    # ignores SIGINT: a SIGTERM sent to the server's whole process group (systemd's default
-    # KillMode=control-group, `kill -TERM -PGID`) ended it, and with it the server's view of every
-    # worker (each one's end is read from the forkserver), so that the drain failed the requests
-    # in flight instead of finishing them. The server stops both itself.
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop_forkserver() -> None:
-    """End the forkserver of a start that failed or was stopped, at once. It may still be
-    importing the workers' modules (seconds), and would exit only then: until it did, whoever
-    read this process's output through a pipe waited for it, as it holds the same stdout. The
-    workers it forked have stopped by then (`start_all`). multiprocessing keeps its pid to
-    itself."""
-    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -343,11 +280,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(key_commands.run(args))
     checked = preflight(args)
     if checked is not None:  # a rank node starts no workers
-        start_forkserver(checked.worker_kinds)
+        forkserver.start(checked.worker_kinds, release=checked.sock.close)
     from pagoda.server import serve  # see the module's docstring
 
     try:
         serve.run(args, checked)
     except SystemExit:
-        stop_forkserver()
+        forkserver.stop()
         raise

@@ -1,5 +1,5 @@
 """What `pagoda serve` checks before it imports the server's modules (torch, transformers,
-xgrammar: 5-8 s on two cores) and starts its workers' forkserver: the catalog parses, the key
+xgrammar: 5-8 s on two cores) and forks its workers' forkserver: the catalog parses, the key
 database opens and the port binds. A typo in any of them fails the start in about a second."""
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
         else:
             kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
         sock = bind(args.host, args.port)
-        return Preflight(key_commands.open_gateway(args, api_keys(args)), sock, kinds)
+        gateway = key_commands.open_gateway(args, api_keys(args))
+        if gateway.engine is not None:
+            # no connection stays open across the fork of the workers' forkserver (a fork must
+            # not use its parent's): the server opens a new one at its first query
+            gateway.engine.dispose()
+        return Preflight(gateway, sock, kinds)
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -26,8 +26,8 @@ from pagoda.server import defaults
 from pagoda.server.errors import APIError
 
 logger = logging.getLogger(__name__)
-# Workers fork from multiprocessing's forkserver, which `pagoda serve` starts first thing with
-# the workers' modules to import (server/cli.py); started here instead, it imports nothing first.
+# Workers fork from multiprocessing's forkserver, which `pagoda serve` forks from itself as it
+# starts (server/forkserver.py); started here instead, it would import nothing first.
 _processes = multiprocessing.get_context("forkserver")
 LOAD_POLL_S = 0.5
 RESTART_BACKOFF_S = 1.0  # the first restart's delay, doubled after each crash in a row

@@ -1,5 +1,5 @@
-"""The `pagoda` command line: it parses without the server's imports, and `serve` starts the
-forkserver its workers come from with their modules."""
+"""The `pagoda` command line: it parses without the server's imports, and `serve` forks the
+forkserver its workers come from, which imports their modules."""
 
 import subprocess
 import sys
@@ -11,7 +11,8 @@ from pagoda.engine.core import run_engine_core
 from pagoda.engine.cross_encoder_worker import run_cross_encoder_worker
 from pagoda.engine.embedding_worker import run_embedding_worker
 from pagoda.engine.image_worker import run_image_worker
-from pagoda.server.cli import WORKER_IMPORTS, parse_args
+from pagoda.server.cli import parse_args
+from pagoda.server.forkserver import WORKER_IMPORTS
 
 
 def test_worker_modules_are_those_of_the_workers_entry_points():
@@ -85,20 +86,20 @@ def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
     """Workers fork from a process that imported their modules: had an import initialised
     CUDA there (xgrammar's tvm_ffi asks torch.cuda.is_available() as it loads), every GPU
     worker would fail to start. Here torch is made to look like a CUDA build on a node with
-    one GPU, the server prepares the forkserver's environment, and the workers' modules are
-    imported: none may reach the CUDA runtime."""
+    one GPU, and the server's imports before the fork (`start`'s) and then the workers' modules
+    are imported: none may reach the CUDA runtime."""
     code = (
-        "import importlib, multiprocessing.forkserver as forkserver, sys, torch, torch.cuda\n"
-        "from pagoda.server import cli\n"
+        "import importlib, sys, torch, torch.cuda\n"
+        "from pagoda.server import forkserver\n"
         "calls = []\n"
         "# a CUDA build to the availability check only (elsewhere torch would import CUDA's)\n"
         "answers = ('is_available', 'device_count')\n"
         "torch.cuda._is_compiled = lambda: sys._getframe(1).f_code.co_name in answers\n"
         "torch.cuda._device_count_nvml = lambda: 1\n"
         "torch._C._cuda_getDeviceCount = lambda: calls.append('cudaGetDeviceCount') or 1\n"
-        "forkserver.ensure_running = lambda: None\n"
-        "cli.start_forkserver({'chat'})\n"
-        "for module in (m for modules in cli.WORKER_IMPORTS.values() for m in modules):\n"
+        "forkserver._fork = lambda preload, release: None\n"
+        "forkserver.start({'chat'}, release=lambda: None)\n"
+        "for module in (m for modules in forkserver.WORKER_IMPORTS.values() for m in modules):\n"
         "    importlib.import_module(module)\n"
         "assert torch.cuda.is_available()\n"
         "print(calls)\n"
@@ -106,6 +107,35 @@ def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "spawned"])
+def test_the_forkserver_forks_workers_without_the_servers_socket(forked):
+    """The forkserver is a fork of the server (its command line is the server's), or, on a
+    Python whose forkserver protocol differs, multiprocessing's spawned one; either forks
+    workers that run, and neither holds the socket the server had bound."""
+    code = (
+        "import multiprocessing, socket, sys, psutil\n"
+        "from pagoda.server import forkserver\n"
+        f"if not {forked}:\n"
+        "    forkserver._KNOWN_PROTOCOL = ()\n"
+        "sock = socket.socket()\n"
+        "sock.bind(('127.0.0.1', 0))\n"
+        "port = sock.getsockname()[1]\n"
+        "forkserver.start({'chat'}, release=sock.close)\n"
+        "sock.listen()  # as uvicorn does once the models have loaded\n"
+        "worker = multiprocessing.get_context('forkserver').Process(target=sys.exit, args=(7,))\n"
+        "worker.start()\n"
+        "worker.join()\n"
+        "server = psutil.Process(multiprocessing.forkserver._forkserver._forkserver_pid)\n"
+        "print(worker.exitcode, server.ppid() == psutil.Process().pid,\n"
+        "      server.cmdline() == psutil.Process().cmdline(),\n"
+        "      [c for c in server.net_connections() if c.laddr and c.laddr.port == port])\n"
+        "forkserver.stop()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7", "True", str(forked), "[]"], result.stderr
 
 
 @pytest.mark.parametrize(

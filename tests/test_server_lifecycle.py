@@ -184,10 +184,18 @@ def workers_of(server: Server) -> list[psutil.Process]:
     return [worker for forkserver in forkservers for worker in forkserver.children()]
 
 
-def test_a_killed_server_leaves_no_worker_behind(tiny_models):
-    server = Server(["--model", str(tiny_models["llama"]), "--dtype", "float32"]).wait_ready()
+def test_a_killed_server_leaves_no_worker_behind(tiny_models, tmp_path):
+    database = tmp_path / "keys.db"
+    flags = ["--dtype", "float32", "--database", f"sqlite:///{database}"]
+    server = Server(["--model", str(tiny_models["llama"]), *flags]).wait_ready()
     try:
         (engine,) = workers_of(server)
+        # the forkserver, a fork of the server, let go of its port and its database (a worker
+        # left behind would hold them)
+        (forkserver,) = [p for p in psutil.Process(server.process.pid).children() if p.children()]
+        for process in (forkserver, engine):
+            assert not [c for c in process.net_connections() if c.laddr.port == server.port]
+            assert not [f for f in process.open_files() if f.path.startswith(str(database))]
         server.process.kill()  # no drain, no shutdown: as the OOM killer ends it
         server.process.wait()
         assert gone(engine)  # it watches the server, and ends with it

@@ -1,5 +1,6 @@
 """What `pagoda serve` checks before it imports the server's modules (torch, transformers,
-xgrammar: 5-8 s on two cores) and forks its workers' forkserver: the catalog parses, the key
+xgrammar: 5-8 s on two cores) and forks its workers' forkserver: the catalog parses, the chat
+models' sources, revisions, templates and adapters are found (server/chat_models.py), the key
 database opens and the port binds. A typo in any of them fails the start in about a second."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from dataclasses import dataclass
 
 from pagoda.logs import LogSettings, setup_logging
-from pagoda.server.catalog import CatalogError, load_catalog
+from pagoda.server.catalog import CatalogEntry, CatalogError, load_catalog
+from pagoda.server.chat_models import ChatModel, chat_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.keys.gateway import Gateway
 
@@ -23,7 +25,9 @@ logger = logging.getLogger("pagoda")
 class Preflight:
     gateway: Gateway
     sock: socket.socket
+    entries: list[CatalogEntry]  # the catalog's, read once ([] with --model)
     worker_kinds: set[str]  # of the models served: what the workers' forkserver imports
+    chat_models: list[ChatModel]
 
 
 def preflight(args: argparse.Namespace) -> Preflight | None:
@@ -35,17 +39,16 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
         check_parallel_args(args)
         if is_rank_node(args):
             return None
-        if args.model:
-            kinds = {"chat"}
-        else:
-            kinds = {entry.kind for entry in load_catalog(args.catalog) if entry.enabled}
+        entries = [] if args.model else load_catalog(args.catalog)
+        kinds = {"chat"} if args.model else {entry.kind for entry in entries if entry.enabled}
         sock = bind(args.host, args.port)
-        gateway = key_commands.open_gateway(args, api_keys(args))
+        gateway = key_commands.open_gateway(args, api_keys(args), entries)
         if gateway.engine is not None:
             # no connection stays open across the fork of the workers' forkserver (a fork must
             # not use its parent's): the server opens a new one at its first query
             gateway.engine.dispose()
-        return Preflight(gateway, sock, kinds)
+        # last: it may ask the hub, and download adapters
+        return Preflight(gateway, sock, entries, kinds, chat_models(args, entries))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -8,8 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import uvicorn
 from sse_starlette.sse import AppStatus
@@ -25,13 +23,8 @@ from pagoda.server.catalog import (
     CatalogEntry,
     CatalogError,
     entry_error,
-    hub_commit,
-    load_catalog,
-    resolve_chat_template,
-    resolve_revision,
-    resolve_source,
 )
-from pagoda.server.chat_template import ChatTemplate, chat_template_flag
+from pagoda.server.chat_models import ChatModel, chat_models
 from pagoda.server.connections import uvicorn_limits
 from pagoda.server.drain import FLUSH_S, DrainGate, DrainingServer
 from pagoda.server.embedding_metrics import EmbeddingStatsCollector
@@ -39,9 +32,7 @@ from pagoda.server.embeddings import start_embedding_models
 from pagoda.server.generation import ServedModel, set_stream_send_timeout
 from pagoda.server.image_store import ImageStore
 from pagoda.server.images import start_image_models
-from pagoda.server.lora import LoraAdapter, catalog_adapters, flag_adapters
 from pagoda.server.metrics import HTTPResponseCounter, Metrics
-from pagoda.server.overload import DEFAULT_MAX_WAITING_REQUESTS
 from pagoda.server.preflight import Preflight
 from pagoda.server.process_metrics import register_process_metrics
 from pagoda.server.reasoning import ReasoningParser, reasoning_parser
@@ -55,133 +46,32 @@ from pagoda.server.worker_metrics import WorkerCollector
 
 logger = logging.getLogger("pagoda")
 
-# flags that mean what they mean for `vllm serve`, and override the catalog's settings
-ENGINE_FLAGS = (
-    "max_model_len",
-    "dtype",
-    "device",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "kv_cache_memory",
-    "enforce_eager",
-    "cpu_threads",
-    "tensor_parallel_size",
-    "nnodes",
-    "node_rank",
-    "master_addr",
-    "master_port",
-    "distributed_timeout_s",
-    "generation_config",
-    "override_generation_config",
-    "max_lora_rank",
-    "max_loras",
-)
 
-
-@dataclass
-class ModelToServe:
-    id: str
-    config: EngineConfig
-    owned_by: str = "pagoda"
-    # --model: tools and structured outputs on, auto tool calls read by --tool-call-parser
-    capabilities: Capabilities | None = None
-    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
-    data_parallel_size: int = 1  # engine replicas (server/replicas.py)
-    entry: CatalogEntry | None = None  # where it comes from, for errors (None: --model)
-    chat_template: ChatTemplate | None = None  # instead of the tokenizer's
-    adapters: list[LoraAdapter] = field(default_factory=list)  # served on its engine
-
-
-def models_to_serve(args: argparse.Namespace) -> list[ModelToServe]:
-    overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
-    dp = args.data_parallel_size
-    if args.model:
-        name = args.served_model_name or args.model
-        parser = args.tool_call_parser or "hermes"
-        capabilities = Capabilities(
-            tools=True,
-            json=True,
-            tool_call_parser=parser,
-            reasoning_parser=args.reasoning_parser,
-        )
-        source, revision = model_flag_source(args)
-        adapters = flag_adapters(args.lora_modules or [], name)
-        config = EngineConfig(
-            model=source, revision=revision, serving=True, **lora_kwargs(adapters), **overrides
-        )
-        waiting = args.max_waiting_requests or DEFAULT_MAX_WAITING_REQUESTS
-        return [
-            ModelToServe(
-                name,
-                config,
-                capabilities=capabilities,
-                max_waiting_requests=waiting,
-                data_parallel_size=dp,
-                chat_template=chat_template_flag(args.chat_template),
-                adapters=adapters,
-            )
-        ]
-    entries = [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "chat"]
-    return [_catalog_model(e, overrides, args.max_waiting_requests, dp) for e in entries]
-
-
-def _catalog_model(
-    entry: CatalogEntry, overrides: dict, max_waiting_requests: int | None, dp: int
-) -> ModelToServe:
-    adapters = catalog_adapters(entry)
-    config = EngineConfig(
-        model=resolve_source(entry),
-        revision=resolve_revision(entry),
+def engine_config(model: ChatModel) -> EngineConfig:
+    return EngineConfig(
+        model=model.source,
+        revision=model.revision,
         serving=True,
-        **lora_kwargs(adapters),
-        **{**entry.engine_kwargs(), **overrides},
-    )
-    return ModelToServe(
-        entry.id,
-        config,
-        entry.owned_by,
-        entry.capabilities,
-        max_waiting_requests or entry.max_waiting_requests,
-        dp,
-        entry,
-        resolve_chat_template(entry),
-        adapters,
+        lora_modules=model.lora_modules,
+        **model.engine_kwargs,
     )
 
 
-def lora_kwargs(adapters: list[LoraAdapter]) -> dict:
-    """EngineConfig's lora_modules (name -> folder), for a model with adapters."""
-    return {"lora_modules": {a.name: a.folder for a in adapters}} if adapters else {}
+def image_entries(entries: list[CatalogEntry]) -> list[CatalogEntry]:
+    return [e for e in entries if e.enabled and e.kind == "image"]
 
 
-def model_flag_source(args: argparse.Namespace) -> tuple[str, str | None]:
-    """--model's weights as a catalog entry's are found: a local path (made absolute), or a hub
-    id and the commit of its --revision (default: its default branch)."""
-    path = Path(args.model).expanduser()
-    source = str(path.resolve()) if path.exists() else args.model
-    try:
-        return source, hub_commit(source, args.revision)
-    except ValueError as exc:
-        raise ValueError(f"{'--revision' if args.revision else '--model'}: {exc}") from None
-
-
-def image_entries(args: argparse.Namespace) -> list[CatalogEntry]:
-    if args.model:
-        return []
-    return [e for e in load_catalog(args.catalog) if e.enabled and e.kind == "image"]
-
-
-def _weights(model: ModelToServe) -> loader.ModelSource:
+def _weights(model: ChatModel) -> loader.ModelSource:
     """The model's weights, found (a hub id's downloaded); an error names the catalog entry."""
     try:
-        return loader.resolve_source(model.config.model, model.config.revision)
+        return loader.resolve_source(model.source, model.revision)
     except ValueError as exc:
         if model.entry is None:
             raise
         raise entry_error(model.entry, str(exc)) from None
 
 
-def _reasoning_parser(model: ModelToServe, tokenizer) -> ReasoningParser | None:
+def _reasoning_parser(model: ChatModel, tokenizer) -> ReasoningParser | None:
     name = model.capabilities.reasoning_parser if model.capabilities else None
     if name is None:
         return None
@@ -193,7 +83,7 @@ def _reasoning_parser(model: ModelToServe, tokenizer) -> ReasoningParser | None:
         raise entry_error(model.entry, str(exc), "capabilities.reasoning_parser") from None
 
 
-async def _tokenizer(model: ModelToServe, source: loader.ModelSource):
+async def _tokenizer(model: ChatModel, source: loader.ModelSource):
     """The server's copy of the model's tokenizer, with the model's chat template where one
     overrides its own (everything that renders or reports the template reads it there); a
     failure names the model, on one line."""
@@ -209,11 +99,11 @@ async def _tokenizer(model: ModelToServe, source: loader.ModelSource):
     return tokenizer
 
 
-async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
+async def start_models(models: list[ChatModel]) -> dict[str, ServedModel]:
     if not models:
         return {}
     sources = [_weights(m) for m in models]  # before a worker starts
-    clients = [parallel.engine_client(m.config, m.id, m.data_parallel_size) for m in models]
+    clients = [parallel.engine_client(engine_config(m), m.id, m.data_parallel_size) for m in models]
     tokenizers = [_tokenizer(m, source) for m, source in zip(models, sources)]
     try:
         started = await start_side_by_side([*(c.start() for c in clients), *tokenizers])
@@ -260,12 +150,13 @@ async def start_models(models: list[ModelToServe]) -> dict[str, ServedModel]:
     return served
 
 
-async def start_all(args: argparse.Namespace) -> dict[str, Served]:
+async def start_all(args: argparse.Namespace, checked: Preflight) -> dict[str, Served]:
     """Every model's worker, started side by side; if one fails, the others are stopped."""
-    starts = [start_models(models_to_serve(args))]
-    if not args.model:
-        starts.append(start_embedding_models(load_catalog(args.catalog)))
-        starts.append(start_image_models(image_entries(args), args.cpu_threads))
+    starts = [
+        start_models(checked.chat_models),
+        start_embedding_models(checked.entries),
+        start_image_models(image_entries(checked.entries), args.cpu_threads),
+    ]
     tasks = [asyncio.ensure_future(start) for start in starts]
     failure: BaseException | None = None
     try:
@@ -311,9 +202,9 @@ async def serve(args: argparse.Namespace, checked: Preflight) -> None:
     # only a server with image models keeps an image folder; taken before the models load, so
     # that a folder another server holds fails the start at once
     store = None
-    if image_entries(args):
+    if image_entries(checked.entries):
         store = ImageStore(args.image_dir, args.image_url_ttl, args.image_cache_bytes)
-    served = await start_all(args)
+    served = await start_all(args, checked)
 
     async def stop_engines() -> None:
         logger.info("stopping the engines")
@@ -354,6 +245,8 @@ async def serve(args: argparse.Namespace, checked: Preflight) -> None:
         timeout_graceful_shutdown=FLUSH_S,  # after the drain: for what it could not end
         **uvicorn_limits(args),
     )
+    if not gateway.closed:
+        logger.warning("no API key configured: anyone who can reach this port can use it")
     logger.info(
         "listening on http://%s:%d/v1 (models: %s)", args.host, args.port, ", ".join(served)
     )
@@ -386,7 +279,7 @@ def run(args: argparse.Namespace, checked: Preflight | None) -> None:
     route_library_logs()
     try:
         if checked is None:
-            sys.exit(parallel.serve_ranks(models_to_serve(args)[0].config))
+            sys.exit(parallel.serve_ranks(engine_config(chat_models(args, [])[0])))
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(args, checked))
     except (CatalogError, RuntimeError, ValueError) as exc:

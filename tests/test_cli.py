@@ -47,11 +47,19 @@ def test_parsing_and_the_keys_command_do_not_import_torch():
         (["--catalog", "no-such.yaml"], "no-such.yaml"),
         (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid"),
         (["--nnodes", "2"], "--nnodes and --master-port serve one model"),
+        (["--model", ".", "--chat-template", "{% if %}"], "--chat-template: not a Jinja template"),
+        (["--model", ".", "--revision", "v1"], "--revision: only for a hub id's source"),
+        (
+            ["--model", ".", "--lora-modules", "a=/no/such/adapter"],
+            "--lora-modules: adapter 'a': /no/such/adapter does not exist",
+        ),
     ],
 )
 def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error):
-    """A typo in the catalog, the database or the address fails before the server's imports
-    (torch, transformers: 5-8 s on two cores) and before the workers' forkserver starts."""
+    """A typo in the catalog, the database, the address or a chat model's template, revision
+    or adapter fails before the server's imports (torch, uvicorn, the routes: 5-8 s on two
+    cores; a template is compiled by transformers' own Jinja environment) and before the
+    workers' forkserver starts."""
     code = (
         "import multiprocessing.forkserver, sys\n"
         "from pagoda.server import cli\n"
@@ -59,7 +67,8 @@ def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error):
         f"    cli.main(['serve', *{flags!r}])\n"
         "except SystemExit as exc:\n"
         "    print(exc.code)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'uvicorn') if m in sys.modules))\n"
+        "heavy = ('torch', 'pagoda.server.serve', 'uvicorn')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(multiprocessing.forkserver._forkserver._forkserver_pid)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -68,7 +68,7 @@ def test_a_chat_entry_takes_lora_modules_and_max_lora_rank(tmp_path: Path) -> No
         ("tiny-b", str(b)),
     ]
     # a key's budget: the adapter's own pricing, else its entry's
-    prices = {name: price.model_dump() for name, price in _prices(str(path)).items()}
+    prices = {name: price.model_dump() for name, price in _prices(load_catalog(path)).items()}
     per_image = {"per_image": 0.0}
     assert prices == {
         BASE: {**PRICING, **per_image},

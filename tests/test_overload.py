@@ -246,8 +246,8 @@ def test_log_requests_logs_prompts_but_not_keys(server, http):
 
 def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
     from pagoda.server.catalog import CatalogError, load_catalog
+    from pagoda.server.chat_models import chat_models
     from pagoda.server.cli import parse_args
-    from pagoda.server.serve import models_to_serve
 
     catalog = tmp_path / "models.yaml"
     (tmp_path / "c").mkdir()
@@ -255,9 +255,9 @@ def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
     catalog.write_text(f"models:\n{chat}    max_waiting_requests: 7\n")
     assert load_catalog(catalog)[0].max_waiting_requests == 7
     args = parse_args(["serve", "--catalog", str(catalog)])
-    assert models_to_serve(args)[0].max_waiting_requests == 7
+    assert chat_models(args, load_catalog(catalog))[0].max_waiting_requests == 7
     args = parse_args(["serve", "--catalog", str(catalog), "--max-waiting-requests", "3"])
-    assert models_to_serve(args)[0].max_waiting_requests == 3  # the flag wins
+    assert chat_models(args, load_catalog(catalog))[0].max_waiting_requests == 3  # flag wins
     catalog.write_text(
         "models:\n  - id: e\n    kind: embedding\n    source: ./e\n    max_waiting_requests: 7\n"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from pagoda.server.catalog import load_catalog
+from pagoda.server.catalog import CatalogEntry
 from pagoda.server.keys import store
 from pagoda.server.keys.database import (
     DATABASE_ENV,
@@ -150,10 +150,13 @@ def _given(args: argparse.Namespace, clear: bool = False) -> dict:
     return given
 
 
-def open_gateway(args: argparse.Namespace, api_keys: list[str]) -> Gateway:
+def open_gateway(
+    args: argparse.Namespace, api_keys: list[str], entries: list[CatalogEntry]
+) -> Gateway:
     """The server's gateway: static keys, and the database's keys when there is a database
     (--database, $PAGODA_DATABASE_URL, or the default file once it exists or with an admin
-    key). Raises DatabaseError if it cannot be opened."""
+    key), the prices of the catalog's `entries`. Raises DatabaseError if it cannot be
+    opened."""
     admin_key = args.admin_key or os.environ.get(ADMIN_ENV) or None
     url = database_url(args.database)
     if url is None and (admin_key or Path(normalize(default_url()).database).exists()):
@@ -161,17 +164,14 @@ def open_gateway(args: argparse.Namespace, api_keys: list[str]) -> Gateway:
     engine = open_database(url) if url else None
     if engine is not None:
         logger.info("keys and usage in %s", shown(engine.url))
-    prices = {} if args.model else _prices(args.catalog)
-    gateway = Gateway(api_keys, engine, prices=prices, admin_key=admin_key)
-    if not gateway.closed:
-        logger.warning("no API key configured: anyone who can reach this port can use it")
-    return gateway
+    prices = _prices(entries)
+    return Gateway(api_keys, engine, prices=prices, admin_key=admin_key)
 
 
-def _prices(catalog: str) -> dict:
+def _prices(entries: list[CatalogEntry]) -> dict:
     """Each served id's pricing; a LoRA adapter's is its entry's unless it sets its own."""
     prices = {}
-    for entry in load_catalog(catalog):
+    for entry in entries:
         prices[entry.id] = entry.pricing
         for adapter in entry.lora_modules or []:
             prices[adapter.id] = adapter.pricing or entry.pricing

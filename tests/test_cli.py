@@ -15,6 +15,13 @@ from pagoda.server.cli import parse_args
 from pagoda.server.forkserver import WORKER_IMPORTS
 
 
+def run_python(code: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter: the imports a command makes are its own there."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
 def test_worker_modules_are_those_of_the_workers_entry_points():
     targets = {
         "chat": run_engine_core,
@@ -35,8 +42,7 @@ def test_parsing_and_the_keys_command_do_not_import_torch():
         "parse_args(['serve', '--port', '1'])\n"
         "print(sorted(m for m in ('torch', 'transformers', 'uvicorn') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_python(code)
     assert result.stdout.strip() == "[]"
 
 
@@ -71,7 +77,7 @@ def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error):
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(multiprocessing.forkserver._forkserver._forkserver_pid)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_python(code, check=False)
     assert result.stdout.splitlines() == ["1", "[]", "None"], result.stderr
     (line,) = result.stderr.splitlines()
     assert " ERROR pagoda: " in line and error in line
@@ -86,8 +92,7 @@ def test_the_server_leaves_the_workers_heavy_imports_to_the_workers():
         "import pagoda.server.serve\n"
         f"print(sorted(m for m in {heavy!r} + ('diffusers',) if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_python(code)
     assert result.stdout.strip() == "[]"
 
 
@@ -113,8 +118,7 @@ def test_the_workers_imports_leave_cuda_uninitialised_in_the_forkserver():
         "assert torch.cuda.is_available()\n"
         "print(calls)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_python(code)
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -142,8 +146,7 @@ def test_the_forkserver_forks_workers_without_the_servers_socket(forked):
         "      [c for c in server.net_connections() if c.laddr and c.laddr.port == port])\n"
         "forkserver.stop()\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_python(code)
     assert result.stdout.split() == ["7", "True", str(forked), "[]"], result.stderr
 
 

@@ -62,7 +62,7 @@ _KNOWN_PROTOCOL = ("listener_fd", "alive_r", "preload", "main_path", "sys_path")
 def start(kinds: set[str], release: Callable[[], None]) -> None:
     """Import SHARED_IMPORTS here, then fork the forkserver, which imports the workers' modules
     of `kinds` (those of the models served). `release`, called in the fork, lets go of what is
-    the server's alone (its socket, its database connections), so that no worker holds them.
+    the server's alone (its socket), so that no worker holds it.
     The server is one thread here (with numpy's idle BLAS pool, which the forkserver has too),
     and no CUDA context: its forks are safe."""
     # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).

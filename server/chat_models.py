@@ -71,11 +71,10 @@ def chat_models(args: argparse.Namespace, entries: list[CatalogEntry]) -> list[C
     """--model's, or those of the catalog's `entries` that are enabled chat models. Raises
     ValueError (CatalogError for an entry, naming it) where one cannot be served."""
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
-    dp = args.data_parallel_size
     if args.model:
         return [_flag_model(args, overrides)]
     chat = [e for e in entries if e.enabled and e.kind == "chat"]
-    return [_catalog_model(e, overrides, args.max_waiting_requests, dp) for e in chat]
+    return [_catalog_model(e, args, overrides) for e in chat]
 
 
 def _flag_model(args: argparse.Namespace, overrides: dict) -> ChatModel:
@@ -99,9 +98,7 @@ def _flag_model(args: argparse.Namespace, overrides: dict) -> ChatModel:
     )
 
 
-def _catalog_model(
-    entry: CatalogEntry, overrides: dict, max_waiting_requests: int | None, dp: int
-) -> ChatModel:
+def _catalog_model(entry: CatalogEntry, args: argparse.Namespace, overrides: dict) -> ChatModel:
     return ChatModel(
         entry.id,
         resolve_source(entry),
@@ -109,8 +106,8 @@ def _catalog_model(
         {**entry.engine_kwargs(), **overrides},
         entry.owned_by,
         entry.capabilities,
-        max_waiting_requests or entry.max_waiting_requests,
-        dp,
+        args.max_waiting_requests or entry.max_waiting_requests,
+        args.data_parallel_size,
         entry,
         resolve_chat_template(entry),
         catalog_adapters(entry),

@@ -27,6 +27,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 # what the server imports in any case and every worker needs, imported before the fork: the
 # engine modules the server uses (they import torch, transformers' config and tokenizer classes,
@@ -113,7 +114,9 @@ def _fork(preload: list[str], release: Callable[[], None]) -> None:
     server._forkserver_pid = pid
 
 
-def _run(listener_fd: int, alive_r: int, preload: list[str], release: Callable[[], None]):
+def _run(
+    listener_fd: int, alive_r: int, preload: list[str], release: Callable[[], None]
+) -> NoReturn:
     """The forkserver's whole life; it never returns into the server's code."""
     code = 1
     try:

@@ -26,8 +26,13 @@ class Preflight:
     gateway: Gateway
     sock: socket.socket
     entries: list[CatalogEntry]  # the catalog's, read once ([] with --model)
-    worker_kinds: set[str]  # of the models served: what the workers' forkserver imports
     chat_models: list[ChatModel]
+
+    @property
+    def worker_kinds(self) -> set[str]:
+        """Those of the models served: what the workers' forkserver imports."""
+        kinds = {entry.kind for entry in self.entries if entry.enabled}
+        return (kinds | {"chat"}) if self.chat_models else kinds
 
 
 def preflight(args: argparse.Namespace) -> Preflight | None:
@@ -40,7 +45,6 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
         if is_rank_node(args):
             return None
         entries = [] if args.model else load_catalog(args.catalog)
-        kinds = {"chat"} if args.model else {entry.kind for entry in entries if entry.enabled}
         sock = bind(args.host, args.port)
         gateway = key_commands.open_gateway(args, api_keys(args), entries)
         if gateway.engine is not None:
@@ -48,7 +52,7 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
             # not use its parent's): the server opens a new one at its first query
             gateway.engine.dispose()
         # last: it may ask the hub, and download adapters
-        return Preflight(gateway, sock, entries, kinds, chat_models(args, entries))
+        return Preflight(gateway, sock, entries, chat_models(args, entries))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

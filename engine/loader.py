@@ -17,7 +17,8 @@ from pagoda.engine import distributed, lora, tensor_parallel
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.cuda_graphs import CAPTURE_SIZES
 from pagoda.engine.gguf_weights import gguf_config, gguf_index, gguf_tokenizer, iter_gguf_weights
-from pagoda.engine.models import MODEL_REGISTRY, model_class, unsupported_architecture
+from pagoda.engine.model_folder import gguf_file_of
+from pagoda.engine.models import model_class
 from pagoda.kernels import backends, cpu_native, linear_bf16, linear_cpu
 from pagoda.logs import describe_error, progress
 
@@ -48,16 +49,12 @@ def resolve_source(model: str, revision: str | None = None) -> ModelSource:
             raise ValueError(f"model file {model!r} is not a .gguf file")
         gguf_index(str(path))
         return ModelSource(path.parent, path.name)
-    if path.is_dir():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            gguf_index(str(path / ggufs[0]))
-            return ModelSource(path, ggufs[0])
-        if not (path / "config.json").exists():
-            raise ValueError(f"model folder {model!r} has no config.json (nor a single .gguf file)")
-        return ModelSource(path)
-    folder = Path(_download(model, revision))
-    return ModelSource(folder, commit=folder.name)  # the hub cache's snapshots/<commit>
+    folder = path if path.is_dir() else Path(_download(model, revision))
+    gguf_file = gguf_file_of(folder)
+    if gguf_file is not None:
+        gguf_index(str(folder / gguf_file))
+    # a hub id's folder is the hub cache's snapshots/<commit>
+    return ModelSource(folder, gguf_file, commit=None if path.is_dir() else folder.name)
 
 
 def refuse_revision_of_path(name: str, revision: str | None, field: str) -> None:
@@ -90,27 +87,8 @@ def _download(repo_id: str, revision: str | None) -> str:
 def load_config(source: ModelSource) -> PretrainedConfig:
     if source.gguf_file:
         return gguf_config(source.gguf_path)
-    try:
-        # never a model's own code: left to transformers, a terminal would be asked whether
-        # to run it
-        return AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
-    except ValueError:
-        _refuse_unknown_model_type(source.folder)
-        raise
-
-
-def _refuse_unknown_model_type(folder: Path) -> None:
-    """A config transformers cannot read names a model pagoda does not run: say so, with what
-    it does run, rather than transformers' advice to pass trust_remote_code=True."""
-    raw = json.loads((folder / "config.json").read_text())
-    architectures = raw.get("architectures")
-    if any(arch in MODEL_REGISTRY for arch in architectures or []):
-        return  # a supported architecture with a config transformers refuses: its own error
-    own_code = " (its own code, config.json's auto_map, which pagoda never runs)"
-    raise ValueError(
-        f"{unsupported_architecture(architectures)}; model_type {raw.get('model_type')!r}"
-        + (own_code if "auto_map" in raw else "")
-    ) from None
+    # a model of its own code never runs (resolve_source refused it): transformers is told so
+    return AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None, revision: str | None = None):

@@ -1,8 +1,8 @@
 """The chat models `pagoda serve` runs (the catalog's enabled chat entries, or --model), each
-with its weights' source and commit, chat template and LoRA adapters found and checked. This
-needs none of the server's heavy imports, so that `serve` does it before them
-(server/preflight.py): a typo in a source, a revision, a template or an adapter fails the start
-in a second, not after the imports."""
+with its weights' source and commit, chat template and LoRA adapters found and checked, and a
+local folder's config.json read. This needs none of the server's heavy imports, so that `serve`
+does it before them (server/preflight.py): a typo in a source, a revision, a template or an
+adapter, or a model the engine does not run, fails the start in a second, not after them."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagoda.engine.model_folder import gguf_file_of
 from pagoda.server.catalog import (
     Capabilities,
     CatalogEntry,
+    entry_error,
     hub_commit,
     resolve_chat_template,
     resolve_revision,
@@ -72,9 +74,13 @@ def chat_models(args: argparse.Namespace, entries: list[CatalogEntry]) -> list[C
     ValueError (CatalogError for an entry, naming it) where one cannot be served."""
     overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     if args.model:
-        return [_flag_model(args, overrides)]
-    chat = [e for e in entries if e.enabled and e.kind == "chat"]
-    return [_catalog_model(e, args, overrides) for e in chat]
+        models = [_flag_model(args, overrides)]
+    else:
+        chat = [e for e in entries if e.enabled and e.kind == "chat"]
+        models = [_catalog_model(e, args, overrides) for e in chat]
+    for model in models:
+        _check_folder(model)
+    return models
 
 
 def _flag_model(args: argparse.Namespace, overrides: dict) -> ChatModel:
@@ -123,3 +129,17 @@ def model_flag_source(args: argparse.Namespace) -> tuple[str, str | None]:
         return source, hub_commit(source, args.revision)
     except ValueError as exc:
         raise ValueError(f"{'--revision' if args.revision else '--model'}: {exc}") from None
+
+
+def _check_folder(model: ChatModel) -> None:
+    """A local folder's files, as the engine's loader checks them (engine/model_folder.py), so
+    that a folder it would refuse fails the start before the server's imports. A hub id's are
+    checked as they are downloaded, and a .gguf file's as its header is read."""
+    if not Path(model.source).is_dir():
+        return
+    try:
+        gguf_file_of(Path(model.source))
+    except ValueError as exc:
+        if model.entry is None:
+            raise ValueError(f"--model: {exc}") from None
+        raise entry_error(model.entry, str(exc)) from None

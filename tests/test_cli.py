@@ -1,6 +1,7 @@
 """The `pagoda` command line: it parses without the server's imports, and `serve` forks the
 forkserver its workers come from, which imports their modules."""
 
+import json
 import subprocess
 import sys
 
@@ -59,13 +60,26 @@ def test_parsing_and_the_keys_command_do_not_import_torch():
             ["--model", ".", "--lora-modules", "a=/no/such/adapter"],
             "--lora-modules: adapter 'a': /no/such/adapter does not exist",
         ),
+        (["--model", "{empty}"], "has no config.json (nor one .gguf file)"),
+        (["--model", "{not_json}"], "/config.json is not JSON: "),
+        (
+            ["--model", "{gpt2}"],
+            "--model: unsupported model architecture ['GPT2LMHeadModel']; supported: Llama",
+        ),
     ],
 )
-def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error):
+def test_a_start_that_fails_its_checks_imports_no_server_module(flags, error, tmp_path):
     """A typo in the catalog, the database, the address or a chat model's template, revision
-    or adapter fails before the server's imports (torch, uvicorn, the routes: 5-8 s on two
-    cores; a template is compiled by transformers' own Jinja environment) and before the
-    workers' forkserver starts."""
+    or adapter, or a model folder the engine would refuse, fails before the server's imports
+    (torch, uvicorn, the routes: 5-8 s on two cores; a template is compiled by transformers' own
+    Jinja environment) and before the workers' forkserver starts."""
+    folders = {name: tmp_path / name for name in ("empty", "not_json", "gpt2")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["not_json"] / "config.json").write_text('{"architectures": ')
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    (folders["gpt2"] / "config.json").write_text(json.dumps(gpt2))
+    flags = [str(folders[flag[1:-1]]) if flag[1:-1] in folders else flag for flag in flags]
     code = (
         "import multiprocessing.forkserver, sys\n"
         "from pagoda.server import cli\n"

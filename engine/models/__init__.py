@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from pagoda.engine.model_folder import unsupported_architecture
 from pagoda.engine.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -28,10 +29,3 @@ def model_class(architectures: list[str] | None) -> type[nn.Module]:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(unsupported_architecture(architectures))
-
-
-def unsupported_architecture(architectures: list[str] | None) -> str:
-    return (
-        f"unsupported model architecture {architectures}; "
-        f"supported: {', '.join(sorted(MODEL_REGISTRY))}"
-    )

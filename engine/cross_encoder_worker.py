@@ -22,6 +22,7 @@ from pagoda.engine.embedding_worker import (
     EmbeddingWorker,
     Item,
 )
+from pagoda.engine.model_folder import cross_encoder_problem
 from pagoda.engine.worker import run_worker
 from pagoda.logs import LogSettings, at_revision
 
@@ -35,18 +36,10 @@ class CrossEncoderWorker(EmbeddingWorker):
 
         config = self.config
         model = CrossEncoder(config.model, device=str(self.device), revision=config.revision)
-        if model.num_labels != 1:
-            raise ValueError(
-                f"{config.model} is a cross-encoder with {model.num_labels} labels: a reranker "
-                "gives one score per pair (num_labels 1)"
-            )
         trained_as = getattr(model[0].model.config, "architectures", None) or []
-        if trained_as and not any(a.endswith("ForSequenceClassification") for a in trained_as):
-            # CrossEncoder would put a random head on it (an embedding model, say)
-            raise ValueError(
-                f"{config.model} was saved as {', '.join(trained_as)}, not a sequence "
-                "classifier: it is no cross-encoder (an embedding model is kind: embedding)"
-            )
+        problem = cross_encoder_problem(config.model, trained_as, model.num_labels)
+        if problem is not None:
+            raise ValueError(problem)
         task = getattr(model[0], "transformer_task", None)
         if len(model) != 1 or task != "sequence-classification" or model.prompts:
             # a causal LM scored through a template (LogitScore, e.g. Qwen3-Reranker), or a

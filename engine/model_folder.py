@@ -1,6 +1,7 @@
-"""What a folder of weights must hold for the engine to run it, read from its files alone (no
-torch, no transformers): `pagoda serve` checks its chat models' folders with this before its
-imports (server/chat_models.py), and the engine's loader checks every folder with it."""
+"""What a folder of weights must hold for the engine, or an embedding or reranking worker, to
+run it, read from its files alone (no torch, no transformers): `pagoda serve` checks its local
+folders with this before its imports (server/preflight.py), and the engine's loader and the
+reranking worker check theirs with it too."""
 
 from __future__ import annotations
 
@@ -40,12 +41,7 @@ def check_config(path: Path) -> None:
     """A config.json the engine runs. Left to transformers, a model of its own code would have
     it ask on the terminal whether to run that code, and an unknown model type would get its
     advice to pass trust_remote_code=True, an option pagoda does not have."""
-    try:
-        raw = json.loads(path.read_bytes())
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a JSON object")
+    raw = _read_config(path)
     architectures = raw.get("architectures")
     if any(arch in ARCHITECTURES for arch in architectures or []):
         return
@@ -54,3 +50,51 @@ def check_config(path: Path) -> None:
         f"{unsupported_architecture(architectures)}; model_type {raw.get('model_type')!r}"
         + (own_code if "auto_map" in raw else "")
     )
+
+
+def check_sentence_transformers_folder(folder: Path, cross_encoder: bool) -> None:
+    """A folder an embedding (or, `cross_encoder`, a reranking) worker can load: a config.json
+    (an embedding model may have modules.json instead, its modules' folders holding theirs), and
+    for a reranker one that cross_encoder_problem finds nothing in."""
+    path = folder / "config.json"
+    if not path.exists():
+        if not cross_encoder and (folder / "modules.json").exists():
+            return
+        what = "config.json" if cross_encoder else "config.json nor modules.json"
+        raise ValueError(f"model folder {str(folder)!r} has no {what}")
+    raw = _read_config(path)
+    if cross_encoder:
+        labels = raw.get("id2label")
+        num_labels = len(labels) if isinstance(labels, dict) else None
+        problem = cross_encoder_problem(str(folder), raw.get("architectures") or [], num_labels)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def cross_encoder_problem(
+    name: str, architectures: list[str], num_labels: int | None
+) -> str | None:
+    """Why a model is no reranker that pagoda serves, from the architectures it was saved as and
+    its number of labels (None: unknown); None where neither says so."""
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        # sentence-transformers' CrossEncoder would put a random head on it (an embedding model)
+        return (
+            f"{name} was saved as {', '.join(architectures)}, not a sequence classifier: it is "
+            "no cross-encoder (an embedding model is kind: embedding)"
+        )
+    if num_labels is not None and num_labels != 1:
+        return (
+            f"{name} is a cross-encoder with {num_labels} labels: a reranker gives one score per "
+            "pair (num_labels 1)"
+        )
+    return None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return raw

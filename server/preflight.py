@@ -1,7 +1,8 @@
 """What `pagoda serve` checks before it imports the server's modules (torch, transformers,
 xgrammar: 5-8 s on two cores) and forks its workers' forkserver: the catalog parses, the chat
-models' sources, revisions, templates and adapters are found (server/chat_models.py), the key
-database opens and the port binds. A typo in any of them fails the start in about a second."""
+models' sources, revisions, templates and adapters are found (server/chat_models.py), the local
+model folders hold what their workers load (engine/model_folder.py), the key database opens and
+the port binds. A typo in any of them fails the start in about a second."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from pagoda.engine.model_folder import check_sentence_transformers_folder
 from pagoda.logs import LogSettings, setup_logging
-from pagoda.server.catalog import CatalogEntry, CatalogError, load_catalog
+from pagoda.server.catalog import (
+    CatalogEntry,
+    CatalogError,
+    entry_error,
+    load_catalog,
+    resolve_source,
+)
 from pagoda.server.chat_models import ChatModel, chat_models
 from pagoda.server.keys import commands as key_commands
 from pagoda.server.keys.gateway import Gateway
@@ -51,11 +60,26 @@ def preflight(args: argparse.Namespace) -> Preflight | None:
             # no connection stays open across the fork of the workers' forkserver (a fork must
             # not use its parent's): the server opens a new one at its first query
             gateway.engine.dispose()
+        check_worker_folders(entries)
         # last: it may ask the hub, and download adapters
         return Preflight(gateway, sock, entries, chat_models(args, entries))
     except (CatalogError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         sys.exit(1)
+
+
+def check_worker_folders(entries: list[CatalogEntry]) -> None:
+    """The enabled embedding and rerank entries' local folders, read as their workers would
+    load them (a hub id's files are checked as they are downloaded)."""
+    for entry in entries:
+        if not entry.enabled or entry.kind not in ("embedding", "rerank"):
+            continue
+        source = Path(resolve_source(entry))
+        if source.is_dir():
+            try:
+                check_sentence_transformers_folder(source, cross_encoder=entry.kind == "rerank")
+            except ValueError as exc:
+                raise entry_error(entry, str(exc)) from None
 
 
 def check_parallel_args(args: argparse.Namespace) -> None:

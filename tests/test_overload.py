@@ -251,6 +251,7 @@ def test_catalog_max_waiting_requests_is_for_chat_models(tmp_path):
 
     catalog = tmp_path / "models.yaml"
     (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     chat = "  - id: c\n    kind: chat\n    source: ./c\n"
     catalog.write_text(f"models:\n{chat}    max_waiting_requests: 7\n")
     assert load_catalog(catalog)[0].max_waiting_requests == 7

@@ -5,8 +5,14 @@ Rank 0 is the engine: it runs the scheduler and samples. Before each forward pas
 step's model inputs to the other ranks in one broadcast (plain lists, over a gloo group even
 beside NCCL), and every rank then runs the same forward pass on its shard of the weights
 (engine/tensor_parallel.py). Node k of `nnodes` holds ranks k*L .. k*L+L-1 (L ranks a node);
-rank 0 spawns the other ranks of node 0, `run_node` those of another node. The group meets at
+rank 0 starts the other ranks of node 0, `run_node` those of another node. The group meets at
 a TCP store that rank 0 serves at master_addr:master_port, as under torchrun.
+
+The ranks fork from a forkserver (multiprocessing's, one per process that starts ranks) that
+imported the engine once: each spawned rank imported torch, transformers and the engine itself
+(5-6 s of CPU here, 8 ranks at once on a GPU node). The forkserver is a new interpreter, so no
+CUDA context and no OpenMP pool is forked, and it takes the environment of the moment it
+starts, at the first rank.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.worker import exit_with_server, keep_freed_memory, release_freed_memory
+from pagoda.engine.worker import (
+    check_cuda_through_nvml,
+    exit_with_server,
+    keep_freed_memory,
+    release_freed_memory,
+)
 from pagoda.logs import LogSettings, current_settings, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,7 @@ WATCH_INTERVAL_S = 0.2
 IDLE_TIMEOUT = timedelta(days=365)
 JOINED_KEY = "pagoda/joined"  # ranks other than 0 that reached the rendezvous store
 JOIN_POLL_S = 0.05
+RANK_IMPORTS = ["pagoda.engine.llm_engine"]  # what a rank runs: the forkserver imports it once
 
 
 class RankDiedError(RuntimeError):
@@ -108,7 +120,7 @@ def _init_group(
     port: int,
     local_ranks: Sequence[multiprocessing.Process] = (),
 ) -> None:
-    """Join the group; rank 0 watches `local_ranks` (those it spawned) while it waits."""
+    """Join the group; rank 0 watches `local_ranks` (those it started) while it waits."""
     global _GROUP
     device = config.resolve_device()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -186,8 +198,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
-    context = torch_mp.get_context("spawn")
+def _start_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
+    check_cuda_through_nvml()  # before the forkserver starts: it imports the engine
+    context = torch_mp.get_context("forkserver")
+    context.set_forkserver_preload(RANK_IMPORTS)
     me = multiprocessing.current_process()
     # A server's engine core is itself a daemon process, which multiprocessing forbids to
     # have children; its ranks are watched (and end with it) by the code below instead.
@@ -214,7 +228,7 @@ class Leader:
 
     def __init__(self, config: EngineConfig) -> None:
         port = config.master_port or _free_port()
-        self.processes = _spawn_ranks(config, range(1, ranks_per_node(config)), port)
+        self.processes = _start_ranks(config, range(1, ranks_per_node(config)), port)
         # A process that exits joins its children after a SIGTERM each, which a server's ranks
         # ignore (they inherit it from the engine core: see engine/worker.py): an engine core
         # that ends otherwise than by close() (a failed step) would wait on them for good.
@@ -305,7 +319,7 @@ def start_leader(config: EngineConfig) -> Leader | None:
 def run_follower(
     config: EngineConfig, rank: int, local_rank: int, port: int, log_settings: LogSettings
 ) -> None:
-    """A rank other than 0 (a spawn target): load its shard, then run what rank 0 sends."""
+    """A rank other than 0 (a process target): load its shard, then run what rank 0 sends."""
     from pagoda.engine.llm_engine import LLMEngine  # it imports this module
 
     # its parent's sentinel, not its pid read now: the parent may have ended already
@@ -340,7 +354,7 @@ def run_node(config: EngineConfig) -> int:
     """Node `config.node_rank` > 0: run its ranks until one ends; return its exit code."""
     first = config.node_rank * ranks_per_node(config)
     ranks = range(first, first + ranks_per_node(config))
-    processes = _spawn_ranks(config, ranks, config.master_port)
+    processes = _start_ranks(config, ranks, config.master_port)
     while all(p.is_alive() for p in processes):
         time.sleep(WATCH_INTERVAL_S)
     code = next(p.exitcode for p in processes if not p.is_alive())

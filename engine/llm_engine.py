@@ -35,7 +35,7 @@ class LLMEngine:
         source = loader.resolve_source(config.model, config.revision)
         self.hf_config = loader.load_config(source)
         model_class(self.hf_config.architectures)  # one the engine runs, before anything starts
-        if config.tensor_parallel_size > 1:  # a size that does not split fails before the spawn
+        if config.tensor_parallel_size > 1:  # a size that does not split: before any rank starts
             tensor_parallel.Layout.of(self.hf_config, 0, config.tensor_parallel_size)
         # tensor parallelism: rank 0 starts the other ranks (None on them, and with one rank)
         self.leader = distributed.start_leader(config)

@@ -149,6 +149,14 @@ def run_worker(
     context.destroy(linger=1000)
 
 
+def check_cuda_through_nvml() -> None:
+    """Have torch ask NVML, not the CUDA runtime, whether CUDA is there, in this process and
+    those it starts. A module may ask as it is imported (xgrammar's tvm_ffi does); asked
+    through the runtime, that poisons every fork of the process that asked for CUDA (a GPU
+    worker failed to load: "Cannot re-initialize CUDA in forked subprocess")."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
 def exit_with_server() -> None:
     """End this process as soon as the server's ends: a server killed (the OOM killer, a
     SIGKILL), or stopped while its models load, leaves no worker behind holding a GPU (nor a

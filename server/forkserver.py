@@ -66,11 +66,9 @@ def start(kinds: set[str], release: Callable[[], None]) -> None:
     the server's alone (its socket), so that no worker holds it.
     The server is one thread here (with numpy's idle BLAS pool, which the forkserver has too),
     and no CUDA context: its forks are safe."""
-    # A module may ask torch whether CUDA is there as it is imported (xgrammar's tvm_ffi does).
-    # Asked through the CUDA runtime, that poisons every fork of this process for CUDA (a GPU
-    # worker failed to load: "Cannot re-initialize CUDA in forked subprocess"); through NVML,
-    # which torch uses when this is set, it does not.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from pagoda.engine.worker import check_cuda_through_nvml  # torch: imported here, not in the CLI
+
+    check_cuda_through_nvml()
     preload = [*SHARED_IMPORTS, *(m for kind in sorted(kinds) for m in WORKER_IMPORTS[kind])]
     # multiprocessing spawns a new forkserver with these if this one dies
     multiprocessing.forkserver.set_forkserver_preload(preload)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -23,13 +21,13 @@ PROMPT = [1, 57, 300, 12, 9, 845, 33]
 
 
 def _rank_pids(engine_pid: int) -> list[int]:
-    """The engine core's tensor-parallel ranks (its spawned children)."""
-    children = subprocess.run(
-        ["pgrep", "-P", str(engine_pid)], capture_output=True, text=True
-    ).stdout.split()
-    return [
-        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    """The engine core's tensor-parallel ranks: the forks of the forkserver it started."""
+    forkservers = [
+        child
+        for child in psutil.Process(engine_pid).children()
+        if "multiprocessing.forkserver" in " ".join(child.cmdline())
     ]
+    return [rank.pid for forkserver in forkservers for rank in forkserver.children()]
 
 
 def test_tp2_server_serves_the_tokens_of_one_rank_and_reports_a_dead_rank(tiny_models):

@@ -9,12 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 import yaml
+
+from tests.zygote import Zygote
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "models.yaml"
 
@@ -39,14 +42,32 @@ def free_port() -> int:
 
 def failed_start(*args: str, timeout: float = 300) -> str:
     """`pagoda serve ARGS` that must fail to start (exit 1): what it wrote to stderr."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pagoda", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 1, result.stderr
-    return result.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        stderr = Path(folder) / "stderr"
+        argv = ["serve", *args]
+        process = _zygote(env).start(argv, env, Path.cwd(), Path(os.devnull), stderr)
+        try:
+            code = process.wait(timeout)
+        finally:
+            process.kill()
+        assert code == 1, stderr.read_text()
+        return stderr.read_text()
+
+
+_ZYGOTES: list[Zygote] = []
+
+
+def _zygote(env: dict[str, str]) -> Zygote:
+    """This test process's zygote for `env`: started at its first server, and again after a
+    test changed the process's environment (an in-process tensor-parallel engine sets
+    PYTORCH_NVML_BASED_CUDA_CHECK for good; lm-eval's tests set HF_DATASETS_OFFLINE). One
+    started before lives on: it reports the exit of the servers it forked."""
+    zygote = next((z for z in _ZYGOTES if z.serves(env)), None)
+    if zygote is None:
+        zygote = Zygote(env)
+        _ZYGOTES.append(zygote)
+    return zygote
 
 
 class Server:
@@ -64,13 +85,20 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-test-{self.port}.log"
         self._log = self.log_path.open("w")
+        argv = ["serve", "--port", str(self.port), *args]
+        if env is None and command is None:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            log = self.log_path
+            self.process = _zygote(env).start(argv, env, cwd or Path.cwd(), log, log, new_session)
+            return
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         command = command or [sys.executable, "-m", "pagoda"]
         self.process = subprocess.Popen(
-            [*command, "serve", "--port", str(self.port), *args],
+            [*command, *argv],
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            env=env,
             start_new_session=new_session,
         )
 

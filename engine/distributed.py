@@ -198,10 +198,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
+def rank_context() -> multiprocessing.context.ForkServerContext:
+    """What the ranks start from: the forkserver, which imports RANK_IMPORTS when it starts."""
     check_cuda_through_nvml()  # before the forkserver starts: it imports the engine
     context = torch_mp.get_context("forkserver")
     context.set_forkserver_preload(RANK_IMPORTS)
+    return context
+
+
+def _start_ranks(config: EngineConfig, ranks: range, port: int) -> list[multiprocessing.Process]:
+    context = rank_context()
     me = multiprocessing.current_process()
     # A server's engine core is itself a daemon process, which multiprocessing forbids to
     # have children; its ranks are watched (and end with it) by the code below instead.

@@ -76,6 +76,27 @@ def _pretend_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.d
     return torch.device("cuda", 0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_process_forked_from_the_ranks_forkserver_initialises_cuda():
+    """Tensor-parallel ranks fork from a forkserver that has imported the engine: had an
+    import reached the CUDA runtime there (xgrammar asks torch whether CUDA is there), every
+    rank would fail with "Cannot re-initialize CUDA in forked subprocess". A fresh
+    interpreter, as an engine core is."""
+    code = (
+        "import torch\n"
+        "from pagoda.engine import distributed\n"
+        "if __name__ == '__main__':\n"
+        "    rank = distributed.rank_context().Process(target=torch.cuda.init)\n"
+        "    rank.start()\n"
+        "    rank.join(120)\n"
+        "    print(rank.exitcode)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert result.stdout.split() == ["0"], result.stderr
+
+
 @pytest.mark.parametrize(
     "name,capability,checkpoint,served",
     [

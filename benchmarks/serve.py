@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +43,7 @@ WARMUP_OUTPUT_LEN = 4
 PROMPT_FIT_TRIES = 16
 SLO_METRICS = ("ttft", "tpot", "e2e")
 ERROR_TEXT_LIMIT = 300
+SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 READ_TIMEOUT_S = 600.0  # the longest wait for the server's next bytes
 # what vLLM's CPU install guide has its users preload (Debian: libtcmalloc-minimal4)
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
@@ -344,6 +346,23 @@ class SSEEvent:
     event: str = "message"
 
 
+async def sse_lines(texts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream's lines as SSE ends them: at CRLF, LF or CR alone. Not httpx's aiter_lines,
+    which splits like str.splitlines, also at U+0085, U+2028 and U+2029: JSON may carry those
+    raw in a string (a sampled token's text can hold one), and the event would be cut in two."""
+    pending = ""
+    async for text in texts:
+        pending += text
+        held = pending.endswith("\r")  # maybe the first half of a CRLF the next text ends
+        *lines, pending = SSE_LINE_END.split(pending[:-1] if held else pending)
+        pending += "\r" if held else ""
+        for line in lines:
+            yield line
+    *lines, rest = SSE_LINE_END.split(pending)
+    for line in [*lines, rest] if rest else lines:
+        yield line
+
+
 async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
     """Server-sent events as the spec frames them: `data:` lines (one optional space after the
     colon) join with newlines until a blank line ends the event; comments (`:`), `id:` and
@@ -399,7 +418,7 @@ async def read_stream(
     content chunks."""
     last = send_time
     chunks = 0
-    async for event in sse_events(response.aiter_lines()):
+    async for event in sse_events(sse_lines(response.aiter_text())):
         if event.data.strip() == "[DONE]":
             if not result.usage_reported:
                 result.output_tokens = chunks

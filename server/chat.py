@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from pagoda.server.generation import (
     event_stream,
     json_logprob,
     prompt_logprobs,
+    sse_json,
 )
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
@@ -233,7 +233,7 @@ async def _stream(
             **({"usage": usage(generation, splits) if every_chunk else None} if at_end else {}),
             **extra,
         }
-        return json.dumps(body, ensure_ascii=False)
+        return sse_json(body)
 
     async with aclosing(aiter(generation)) as deltas:
         async for delta in deltas:

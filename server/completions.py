@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from pagoda.server.generation import (
     event_stream,
     json_logprob,
     prompt_logprobs,
+    sse_json,
     top_and_chosen,
 )
 from pagoda.server.keys.meter import Meter
@@ -246,7 +246,7 @@ async def _stream(
             **({"usage": _total_usage(generations) if every_chunk else None} if at_end else {}),
             **extra,
         }
-        return json.dumps(body, ensure_ascii=False)
+        return sse_json(body)
 
     async with aclosing(_merged(generations)) as merged:
         async for i, delta in merged:

@@ -42,6 +42,18 @@ def set_stream_send_timeout(seconds: float) -> None:
     _send_timeout_s = seconds
 
 
+# JSON leaves these raw, and SSE does not end a line at them, but str.splitlines does: a client
+# reading the stream with httpx's aiter_lines (or any splitlines) would cut the event in two
+_SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(body: dict) -> str:
+    """A streamed event's JSON, UTF-8 as sent (ensure_ascii=False) but for the three line
+    breaks above, escaped, which any JSON parser reads back the same."""
+    text = json.dumps(body, ensure_ascii=False)
+    return text if text.isascii() else text.translate(_SPLITLINES_BREAKS)
+
+
 class _EventStream(EventSourceResponse):
     """An SSE response that cuts a client which stops reading: once the socket's buffers are
     full, a send that waits `send_timeout` seconds ends the stream (its request is aborted in

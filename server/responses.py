@@ -7,7 +7,6 @@ message: the reasoning parser's thinking, the text, the tool parser's calls."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -19,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagoda.server.chat import logprob_content, split_delta, start_generation
 from pagoda.server.errors import invalid
-from pagoda.server.generation import Generation, ServedModel, event_stream
+from pagoda.server.generation import Generation, ServedModel, event_stream, sse_json
 from pagoda.server.keys.meter import Meter
 from pagoda.server.metrics import Metrics
 from pagoda.server.response_items import OutputItems
@@ -255,7 +254,7 @@ async def _stream(
         nonlocal sequence
         payload["sequence_number"] = sequence
         sequence += 1
-        return {"event": payload["type"], "data": json.dumps(payload, ensure_ascii=False)}
+        return {"event": payload["type"], "data": sse_json(payload)}
 
     body = response.body
     yield event({"type": "response.created", "response": dict(body)})

@@ -357,6 +357,36 @@ def test_serve_reads_chat_deltas_and_reports_a_missing_done():
     assert result.output_tokens == 2 and not result.usage_reported  # chunks, until counted
 
 
+def test_serve_splits_lines_where_sse_does_and_nowhere_else():
+    """serve.py reads a stream's lines as SSE ends them (CRLF, LF, CR), whatever the pieces the
+    text arrives in; U+0085, U+2028 and U+2029, which JSON may carry raw (vLLM sends them so)
+    and str.splitlines would split at, stay in their line."""
+    import asyncio
+
+    serve = _serve_module()
+
+    async def lines(*pieces: str) -> list[str]:
+        async def texts():
+            for piece in pieces:
+                yield piece
+
+        return [line async for line in serve.sse_lines(texts())]
+
+    assert asyncio.run(lines("data: a\r", "\ndata: b\rdata: c\n", "\r\n", "tail")) == [
+        "data: a",
+        "data: b",
+        "data: c",
+        "",
+        "tail",
+    ]
+    assert asyncio.run(lines("x\r", "\r", "\n")) == ["x", ""]  # CR, then CRLF
+    text = "one\x85two\u2028three\u2029four"
+    chunk = json.dumps({"choices": [{"index": 0, "text": text}]}, ensure_ascii=False)
+    assert asyncio.run(lines(f"data: {chunk}\n\n")) == [f"data: {chunk}", ""]
+    done, result = _read(serve, _sse(chunk, "[DONE]"))
+    assert done and result.text == text
+
+
 def test_serve_raises_on_an_error_event():
     serve = _serve_module()
     with pytest.raises(serve.StreamError, match="overloaded"):

@@ -747,6 +747,21 @@ def test_every_response_carries_an_x_request_id(server, client):
             assert re.fullmatch(r"req_[0-9a-f]{32}", answer.headers["x-request-id"])
 
 
+def test_a_streamed_text_with_unicode_line_separators_keeps_each_event_on_one_line(http):
+    """JSON leaves U+0085, U+2028 and U+2029 raw, and SSE does not end a line at them, but
+    str.splitlines does, and with it httpx's iter_lines, what many clients read a stream with
+    (a sampled token's text can hold one: seen under load at temperature 1). The events escape
+    them. Before: the echo's event came cut in two at each, and its first part was no JSON."""
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": MODEL, "prompt": prompt, "echo": True, "max_tokens": 2, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
+
+
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(http):
     """vLLM's stream_options.continuous_usage_stats (with include_usage, as vLLM). Before: an
     unrecognized field, and only the last chunk had usage."""

@@ -40,9 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A test server's environment: this process's, offline, with `extra` on top."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **(extra or {})}
+
+
 def failed_start(*args: str, timeout: float = 300) -> str:
     """`pagoda serve ARGS` that must fail to start (exit 1): what it wrote to stderr."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = _server_env()
     with tempfile.TemporaryDirectory() as folder:
         stderr = Path(folder) / "stderr"
         argv = ["serve", *args]
@@ -86,12 +91,12 @@ class Server:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-test-{self.port}.log"
         self._log = self.log_path.open("w")
         argv = ["serve", "--port", str(self.port), *args]
-        if env is None and command is None:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        forked = env is None and command is None
+        env = _server_env(env)
+        if forked:
             log = self.log_path
             self.process = _zygote(env).start(argv, env, cwd or Path.cwd(), log, log, new_session)
             return
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         command = command or [sys.executable, "-m", "pagoda"]
         self.process = subprocess.Popen(
             [*command, *argv],
